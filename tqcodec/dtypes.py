@@ -43,7 +43,7 @@ def name_of_torch(dtype: torch.dtype) -> str:
 def tensor_to_storage(t: torch.Tensor) -> tuple[str, np.ndarray]:
     """(dtype name, contiguous numpy storage array) of a CPU tensor; copies only when needed."""
     name = name_of_torch(t.dtype)
-    t = t.detach().to("cpu").contiguous()
+    t = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()  # lazy neg/conj views: real values
     if name == "bfloat16":
         arr = t.view(torch.int16).numpy().view(np.uint16)
     elif name in ("uint16", "uint32", "uint64"):
@@ -79,8 +79,13 @@ def storage_to_float64(name: str, arr: np.ndarray) -> np.ndarray:
 def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """Round float32 to bfloat16 (nearest, ties to even) and return the uint16 bits."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
+    # in place on one temporary (the decoder's peak memory): (bits + 0x7FFF + lsb) >> 16, mod 2^32
+    rounded = bits >> np.uint32(16)
+    rounded &= np.uint32(1)
+    rounded += np.uint32(0x7FFF)
+    rounded += bits
+    rounded >>= np.uint32(16)
+    return rounded.astype(np.uint16)
 
 
 def round_exact_float32(name: str, values: np.ndarray) -> np.ndarray:
@@ -90,7 +95,8 @@ def round_exact_float32(name: str, values: np.ndarray) -> np.ndarray:
     if name == "float64":
         return values.astype(np.float64)
     if name == "float16":
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow to +-inf is the spec's rounding, not a fault
+            return values.astype(np.float16)
     if name == "bfloat16":
         return float32_to_bfloat16_bits(values)
     raise ValueError(f"not a float dtype: {name}")

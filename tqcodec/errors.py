@@ -15,7 +15,7 @@ ERROR_CODES: dict[str, str] = {
     "BAD_MAGIC": "the file does not start with the .tqz magic (not a .tqz file)",
     "UNSUPPORTED_VERSION": "major version 0 or a major version this reader does not know",
     "UNKNOWN_REQUIRED_FEATURE": "a required feature bit this reader does not know is set",
-    "RESERVED_NONZERO": "a reserved field or padding is not zero",
+    "RESERVED_NONZERO": "a reserved field is not zero (v1.0 has none; kept for later versions)",
     "CHECKSUM_MISMATCH": "a CRC-32 does not match the bytes it covers",
     "BAD_MANIFEST": "the manifest is not canonical msgpack of the form §5 defines",
     "BAD_TENSOR_RECORD": "a tensor record is malformed (name, dtype, shape, mode parameters)",
@@ -23,7 +23,7 @@ ERROR_CODES: dict[str, str] = {
     "BAD_CHUNK": "a chunk header is malformed, out of order, or does not match the manifest",
     "UNKNOWN_CHUNK": "a critical chunk type this reader does not know",
     "BAD_INDEX": "the index or footer does not match the chunks it describes",
-    "TRAILING_DATA": "bytes after the footer, or bytes not covered by any structure",
+    "TRAILING_DATA": "bytes after the footer",
     "UNKNOWN_MODE": "a coding mode this reader does not know",
     "BAD_TABLE": "a frequency table is malformed (length, zero entry, sum not 2^24)",
     "BAD_STEP": "a step code outside the allowed range",
@@ -53,6 +53,9 @@ class TqzError(Exception):
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
         return f"{where}{self.message} [{self.code}]"
+
+    def __reduce__(self):  # picklable: errors raised in worker processes (tqcodec.parallel) arrive whole
+        return (type(self), (self.code, self.message, self.path))
 
     def with_path(self, path: Union[str, os.PathLike]) -> "TqzError":
         """Return the same error naming ``path`` (kept if one is already named)."""

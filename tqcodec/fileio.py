@@ -21,29 +21,90 @@ PathLike = Union[str, os.PathLike]
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 
 
+TEMP_SUFFIX = ".part"
+
+
+def temp_name_prefix(path: PathLike) -> str:
+    """Temporary files for ``path`` are ``.<name>.<random>.part`` in the same directory."""
+    return f".{Path(path).name}."
+
+
+def _new_file_mode() -> int:
+    """0o666 less the umask: the mode ``open()`` would give a new file (mkstemp gives 0o600)."""
+    try:
+        with open("/proc/self/status", "rb") as f:  # Linux: read without changing the umask
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (POSIX); silently skipped where directories cannot be fsynced."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
-    """Yield a binary file that becomes ``path`` only if the block completes."""
+    """Yield a binary file that becomes ``path`` only if the block completes.
+
+    The bytes go to ``.<name>.<random>.part`` in the target directory, are flushed and
+    fsynced, and the file is then renamed over ``path`` (or, without ``overwrite``, hard-linked
+    to ``path``, which fails if ``path`` appeared meanwhile: no check-then-write race). Any
+    exception, including ENOSPC and KeyboardInterrupt, removes the temporary file and leaves a
+    previous ``path`` untouched. Only a process killed outright (SIGKILL, power loss) can leave
+    the ``.part`` file behind; ``path`` is then still the old file or absent, never partial.
+    """
     path = Path(path)
     if not overwrite and path.exists():
         raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path)
     directory = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TEMP_SUFFIX, dir=directory)
     except OSError as exc:
         raise fail("IO_ERROR", f"cannot create a file in {directory}: {exc.strerror or exc}", path) from None
     try:
+        with contextlib.suppress(OSError, AttributeError):
+            os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+        _fsync_directory(directory)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise fail("IO_ERROR", f"cannot write: {exc.strerror or exc}", path) from None
         raise
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` only if no such name exists (then remove ``tmp``)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path) from None
+        os.replace(tmp, path)
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def same_file(a: PathLike, b: PathLike) -> bool:
@@ -70,17 +131,40 @@ def _plain_tensors(obj: object, path: PathLike) -> dict[str, torch.Tensor]:
     raise fail("BAD_INPUT", f"not a state_dict: the file holds a {type(obj).__name__}", path)
 
 
+def check_tensor(name: object, value: object, path: PathLike | None = None) -> None:
+    """Encoder input rules (issue 8): ``name`` a valid tensor name (spec §5.4), ``value`` a plain,
+    dense tensor with data, of a dtype the format has (spec §5.5). Else BAD_INPUT, naming why."""
+    from .dtypes import name_of_torch
+    from .format.manifest import check_name
+
+    if not isinstance(name, str):
+        raise fail("BAD_INPUT", f"tensor name {name!r} is not a string", path)
+    try:
+        check_name(name)
+    except TqzError as exc:
+        raise fail("BAD_INPUT", exc.message, path) from None
+    if not isinstance(value, torch.Tensor):
+        raise fail("BAD_INPUT", f"{name!r} is a {type(value).__name__}, not a tensor", path)
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+        raise fail("BAD_INPUT", f"{name!r} is a {type(value).__name__}, a tensor subclass tqcodec does not "
+                                "store (store value.as_subclass(torch.Tensor) for its plain values)", path)
+    if value.is_complex():
+        raise fail("BAD_INPUT", f"{name!r} has complex dtype {value.dtype}, which tqcodec refuses", path)
+    if value.layout != torch.strided or value.is_quantized:
+        raise fail("BAD_INPUT", f"{name!r} is a sparse or quantized tensor ({value.layout}, {value.dtype}); "
+                                "store its dense values", path)
+    if value.device.type == "meta":
+        raise fail("BAD_INPUT", f"{name!r} is a meta tensor: it has no values to store", path)
+    try:
+        name_of_torch(value.dtype)
+    except TqzError as exc:
+        raise fail("BAD_INPUT", f"{name!r}: {exc.message}", path) from None
+
+
 def _checked(sd: Mapping, path: PathLike) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
-        if not isinstance(k, str):
-            raise fail("BAD_INPUT", f"tensor name {k!r} is not a string", path)
-        if type(v) not in (torch.Tensor, torch.nn.Parameter):
-            raise fail("BAD_INPUT", f"{k!r} is a {type(v).__name__}, a tensor subclass tqcodec does not store", path)
-        if v.is_complex():
-            raise fail("BAD_INPUT", f"{k!r} has complex dtype {v.dtype}, which tqcodec refuses", path)
-        if v.layout != torch.strided:
-            raise fail("BAD_INPUT", f"{k!r} is a sparse or quantized tensor ({v.layout})", path)
+        check_tensor(k, v, path)
         out[k] = v.detach()
     return out
 
@@ -111,6 +195,24 @@ def read_model(path: PathLike) -> dict[str, torch.Tensor]:
                             ".safetensors", path)
 
 
+class _KeepOSError:
+    """A file's ``write`` that remembers the OSError it raised (torch.save hides it)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def write_model(tensors: Mapping[str, torch.Tensor], path: PathLike, overwrite: bool,
                 metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` as ``.safetensors`` or ``.pt`` by the suffix of ``path``, atomically."""
@@ -130,6 +232,13 @@ def write_model(tensors: Mapping[str, torch.Tensor], path: PathLike, overwrite: 
             f.write(data)
     elif suffix in (".pt", ".pth", ".bin"):
         with atomic_output(path, overwrite) as f:
-            torch.save(dict(tensors), f)
+            sink = _KeepOSError(f)
+            try:
+                torch.save(dict(tensors), sink)
+            except RuntimeError:
+                # torch's C++ writer turns a failed write (ENOSPC, EIO) into a RuntimeError
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
     else:
         raise fail("BAD_OPTION", f"cannot write {suffix or '(no suffix)'}: use .pt or .safetensors", path)

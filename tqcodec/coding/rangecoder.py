@@ -31,6 +31,16 @@ def _check_table(freqs: np.ndarray) -> np.ndarray:
     return f
 
 
+class Model:
+    """A checked frequency table and its constriction model, built once and used for every chunk
+    of a tensor: building the model costs ~200 us for a 65536-symbol table, so building it per
+    chunk let a file of many tiny chunks cost ~6 us of CPU per file byte."""
+
+    def __init__(self, freqs: np.ndarray):
+        self.freqs = _check_table(freqs)
+        self.model = _model(self.freqs)
+
+
 def encode_symbols(symbols: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     """Spec §8.3: range-code ``symbols`` (ints in [0, len(freqs))) with one categorical model.
 
@@ -51,7 +61,7 @@ def encode_symbols(symbols: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     return encoder.get_compressed().astype(np.uint32, copy=False)
 
 
-def decode_symbols(words: np.ndarray, freqs: np.ndarray, count: int) -> np.ndarray:
+def decode_symbols(words: np.ndarray, freqs: "np.ndarray | Model", count: int) -> np.ndarray:
     """Spec §8.4: decode ``count`` symbols from ``words`` with the model ``freqs``.
 
     Applies §8.5's rejection rule: the payload must decode (no quantile outside the model) and
@@ -62,12 +72,12 @@ def decode_symbols(words: np.ndarray, freqs: np.ndarray, count: int) -> np.ndarr
     """
     import constriction
 
-    f = _check_table(freqs)
+    prepared = freqs if isinstance(freqs, Model) else Model(freqs)
     w = np.ascontiguousarray(words, dtype=np.uint32)
     if count < 1 or w.size < 1:
         raise fail("BAD_PAYLOAD", f"range-coded payload of {w.size} words for {count} symbols")
     try:
-        model = _model(f)
+        model = prepared.model
         out = constriction.stream.queue.RangeDecoder(w).decode(model, int(count))
         encoder = constriction.stream.queue.RangeEncoder()
         encoder.encode(out, model)

@@ -6,9 +6,11 @@ This module knows bytes, not numerics: a mode is visible to it only through
 """
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Optional, Sequence
@@ -244,7 +246,20 @@ class _ChunkOrder:
 
 
 def _layouts(manifest: Manifest, layout: StreamLayout) -> list[tuple[int, ...]]:
-    return [layout(i, r, manifest.tensors) for i, r in enumerate(manifest.tensors)]
+    """Each tensor's stream item counts (spec §10.1 step 2: the mode's parameters).
+
+    A mode that trips over hostile parameters with a Python or numpy exception instead of a
+    TqzError still gives a TqzError (BAD_TENSOR_RECORD), never a traceback.
+    """
+    out = []
+    for i, r in enumerate(manifest.tensors):
+        try:
+            out.append(layout(i, r, manifest.tensors))
+        except (ValueError, TypeError, OverflowError, IndexError, KeyError, ArithmeticError,
+                RecursionError) as exc:
+            raise fail("BAD_TENSOR_RECORD", f"tensor {r.name!r}: parameters of mode {r.mode!r} are not "
+                                            f"valid (unexpected {type(exc).__name__}: {exc})") from None
+    return out
 
 
 # --- spec §10.1 front to back ----------------------------------------------------------------
@@ -276,10 +291,15 @@ class _Stream:
         return data
 
 
-def read_header_and_manifest(read: Callable[[int], bytes]) -> tuple[Header, Manifest, bytes]:
-    """Spec §10.1 steps 1-2 (without mode parameters)."""
+def read_header_and_manifest(read: Callable[[int], bytes], max_manifest_length: int = L.MAX_MANIFEST_LENGTH,
+                             ) -> tuple[Header, Manifest, bytes]:
+    """Spec §10.1 steps 1-2 (without mode parameters). ``max_manifest_length``: this reader's own
+    limit (spec §12 allows a lower one), checked before the manifest is read."""
     head = read(HEADER_SIZE)
     header = parse_header(head)
+    if header.manifest_length > max_manifest_length:
+        raise fail("LIMIT_EXCEEDED", f"Manifest_Length {header.manifest_length} is over this reader's limit "
+                                     f"of {max_manifest_length} bytes")
     manifest_bytes = read(header.manifest_length)
     if len(manifest_bytes) < header.manifest_length:
         raise fail("TRUNCATED", "file ends inside the manifest")
@@ -290,6 +310,7 @@ def read_header_and_manifest(read: Callable[[int], bytes]) -> tuple[Header, Mani
 
 def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,
                               on_manifest: Optional[Callable[[Header, Manifest], None]] = None,
+                              max_manifest_length: int = L.MAX_MANIFEST_LENGTH,
                               ) -> Iterator[TensorChunks]:
     """Spec §10.1: read a whole file front to back, yielding each tensor once complete.
 
@@ -301,7 +322,7 @@ def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,
     def read_start(n: int) -> bytes:
         return src.read(n)
 
-    header, manifest, _ = read_header_and_manifest(read_start)
+    header, manifest, _ = read_header_and_manifest(read_start, max_manifest_length)
     layouts = _layouts(manifest, layout)
     if on_manifest is not None:
         on_manifest(header, manifest)
@@ -329,6 +350,9 @@ def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,
             raise fail("BAD_CHUNK", f"expected a chunk or the index at byte {pos}, found {tag!r}")
         h = parse_chunk_header(tag + src.read_exact(CHUNK_HEADER_SIZE - 4, "a chunk header"))
         if h.ancillary:
+            if current is not None:  # spec §6.2: never inside a tensor's group of DATA chunks
+                raise fail("BAD_CHUNK", f"ancillary chunk at byte {pos} inside the chunks of tensor "
+                                        f"{current.index} ({current.record.name!r})")
             payload = src.read_exact(h.payload_length, "a chunk payload")
             check_payload(h, payload)
             continue
@@ -381,7 +405,8 @@ class RandomAccessReader:
     ``read_at(offset, length)`` returns up to ``length`` bytes; ``size`` is the file's length.
     """
 
-    def __init__(self, read_at: Callable[[int, int], bytes], size: int, layout: StreamLayout):
+    def __init__(self, read_at: Callable[[int, int], bytes], size: int, layout: StreamLayout,
+                 max_manifest_length: int = L.MAX_MANIFEST_LENGTH):
         self._read_at = read_at
         self.size = size
         if size < HEADER_SIZE + FOOTER_SIZE:
@@ -400,6 +425,9 @@ class RandomAccessReader:
         self.spans = parse_index(index, footer.tensor_count, footer.index_crc)
         if footer.manifest_length > L.MAX_MANIFEST_LENGTH or HEADER_SIZE + footer.manifest_length > size:
             raise fail("BAD_INDEX", "footer Manifest_Length does not fit the file")
+        if footer.manifest_length > max_manifest_length:
+            raise fail("LIMIT_EXCEEDED", f"Manifest_Length {footer.manifest_length} is over this reader's "
+                                         f"limit of {max_manifest_length} bytes")
         start = read_at(0, HEADER_SIZE + footer.manifest_length)
         pos = [0]
 
@@ -408,7 +436,7 @@ class RandomAccessReader:
             pos[0] += n
             return b
 
-        self.header, self.manifest, _ = read_header_and_manifest(read_start)
+        self.header, self.manifest, _ = read_header_and_manifest(read_start, max_manifest_length)
         self.layouts = _layouts(self.manifest, layout)
         data_start = HEADER_SIZE + self.header.manifest_length
         _check_footer(footer, self.header, self.manifest, footer.index_offset)
@@ -474,6 +502,21 @@ class ContainerWriter:
         self._records: list[TensorRecord] = []
         self._spans: list[tuple[int, int]] = []
 
+    def close(self) -> None:
+        """Drop the spooled chunks (``finish`` does this; an encoder that fails midway may too)."""
+        self._spool.close()
+
+    def __enter__(self) -> "ContainerWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # an encoder that raised: no ResourceWarning, no spool file left
+        spool = getattr(self, "_spool", None)
+        if spool is not None:
+            spool.close()
+
     def add_tensor(self, record: TensorRecord, streams: Sequence[Sequence[tuple[int, bytes]]]) -> int:
         """Append a tensor; ``streams[s]`` is its chunks as (Item_Count, payload). Returns its index."""
         index = len(self._records)
@@ -514,10 +557,34 @@ def bytes_reader(data: bytes) -> Callable[[int, int], bytes]:
 
 
 def file_reader(f: BinaryIO) -> Callable[[int, int], bytes]:
-    """``read_at`` over a seekable binary file."""
+    """``read_at`` over a seekable binary file, safe to call from several threads at once.
+
+    Positional reads (``os.pread``) share no file position between threads; where there is
+    no ``pread`` (or no file descriptor), a lock keeps each seek and read together.
+    """
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is not None and hasattr(os, "pread"):
+        def pread_at(off: int, n: int) -> bytes:
+            parts = []
+            while n > 0:
+                b = os.pread(fd, min(n, 1 << 30), off)
+                if not b:
+                    break
+                parts.append(b)
+                off += len(b)
+                n -= len(b)
+            return b"".join(parts)
+        return pread_at
+
+    lock = threading.Lock()
+
     def read_at(off: int, n: int) -> bytes:
-        f.seek(off)
-        return f.read(n)
+        with lock:
+            f.seek(off)
+            return f.read(n)
     return read_at
 
 

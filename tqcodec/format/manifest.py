@@ -58,12 +58,21 @@ def _check_packable(value: Any, depth: int) -> None:
         raise fail("BAD_OPTION", f"value of type {type(value).__name__} cannot be stored in the manifest")
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 1
+def _check_structure(value: Any, limit: int = L.MAX_MSGPACK_DEPTH) -> None:
+    """Spec §5.1: nesting depth at most ``limit`` and every map key a string (msgpack also
+    accepts binary keys). Iterative, stopping as soon as the depth passes ``limit``: msgpack
+    accepts up to ~1000 levels, more than Python's recursion limit."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            raise fail("BAD_MANIFEST", f"manifest nested deeper than {limit} levels")
+        if isinstance(v, dict):
+            if not all(isinstance(k, str) for k in v):
+                raise fail("BAD_MANIFEST", "manifest map with a key that is not a string")
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
 
 
 def unpack_canonical(data: bytes) -> Any:
@@ -76,8 +85,7 @@ def unpack_canonical(data: bytes) -> Any:
         )
     except Exception as exc:  # msgpack raises many types on bad input; all mean the same here
         raise fail("BAD_MANIFEST", f"manifest is not valid MessagePack ({type(exc).__name__}: {exc})") from None
-    if _depth(value) > L.MAX_MSGPACK_DEPTH:
-        raise fail("BAD_MANIFEST", "manifest nested deeper than 16 levels")
+    _check_structure(value)
     try:
         again = msgpack.packb(_canonical(value), use_bin_type=True)
     except Exception as exc:
@@ -171,11 +179,12 @@ def parse_record(value: Any, index: int) -> TensorRecord:
         raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: {len(shape)} dimensions (limit {L.MAX_NDIM})")
     if any(d > L.MAX_DIM for d in shape):
         raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: dimension over 2^40 in shape {shape}")
-    numel = 1
+    extent = 1  # spec §5.3: for the element limit a dimension of 0 counts as 1
     for d in shape:
-        numel *= d
-    if numel > L.MAX_NUMEL:
-        raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: {numel} elements (limit 2^36)")
+        extent *= max(d, 1)
+    if extent > L.MAX_NUMEL:
+        raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: shape {shape} is over the element limit 2^36 "
+                                     "(0 dimensions counted as 1)")
     mode = value["mode"]
     if not isinstance(mode, str):
         raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: mode is not a string")

@@ -51,6 +51,10 @@ def _decompress(payload: bytes, count: int, name: str) -> bytes:
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, count):
         raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame declares {params.content_size} bytes, "
                                   f"chunk declares {count}")
+    if params.window_size > 1 << 27:
+        # spec §7.2 / §12: a window over 2^27 (also libzstd's default decoder limit)
+        raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: zstd frame declares a {params.window_size}-byte "
+                                     "window (the limit is 2^27)")
     try:
         # the frame's declared size was checked above, so max_output_size bounds every case
         out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=count,

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import limits as L
-from ..coding.rangecoder import decode_symbols, encode_symbols
+from ..coding.rangecoder import Model, decode_symbols, encode_symbols
 from ..coding.tables import frequencies_from_counts
 from ..dtypes import FLOAT_NAMES, round_exact_float32
 from ..errors import fail
@@ -37,12 +37,16 @@ def _parse(record: TensorRecord) -> tuple[str, np.ndarray, int, np.ndarray]:
     want = 1 if gran == "tensor" else (record.shape[0] if record.shape else -1)
     if want < 1 or len(p["steps"]) != want:
         raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: {len(p['steps'])} steps for granularity {gran!r}")
-    codes = p["steps"]
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
+    steps = p["steps"]
+    # exact type test: msgpack gives plain ints; a bool (numpy would make True a 1), a float or a
+    # nested array is not a step code (conformance: uniform_step_bool_among_ints, uniform_steps_nested)
+    if not all(type(c) is int for c in steps):
         raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: steps must be integers")
-    codes_arr = np.array(codes, dtype=np.int64)
-    if codes_arr.min() < STEP_CODE_MIN or codes_arr.max() > STEP_CODE_MAX:
+    # range test on Python ints: any integer msgpack holds (-2^63 .. 2^64-1) is BAD_STEP when out of
+    # range, even mixed with negatives (conformance: uniform_step_codes_mixed_extremes)
+    if min(steps) < STEP_CODE_MIN or max(steps) > STEP_CODE_MAX:
         raise fail("BAD_STEP", f"tensor {name!r}: step code outside [{STEP_CODE_MIN}, {STEP_CODE_MAX}]")
+    codes_arr = np.array(steps, dtype=np.int64)
     freqs = unpack_freqs(p["freqs"], name)
     q_min = p["q_min"]
     if q_min < -L.MAX_LEVEL or q_min + len(freqs) - 1 > L.MAX_LEVEL:
@@ -64,12 +68,13 @@ def decode(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -> np.n
         levels.fill(q_min)
     else:
         pos = 0
+        model = Model(freqs)  # once per tensor, not per chunk
         for count, payload in streams[0]:
             if len(payload) % 4 or not payload:
                 raise fail("BAD_CHUNK", f"tensor {record.name!r}: range-coded payload of {len(payload)} bytes "
                                         "is not a positive multiple of 4")
             words = np.frombuffer(payload, dtype="<u4")
-            sym = decode_symbols(words, freqs, count)
+            sym = decode_symbols(words, model, count)
             np.add(sym, q_min, out=levels[pos:pos + count], casting="unsafe")
             pos += count
     steps = steps_from_codes(codes).astype(np.float32)  # exact: 3 significant bits

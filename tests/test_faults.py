@@ -1,0 +1,415 @@
+"""Faults while writing (issue 8): nothing a user had is lost, nothing partial is left.
+
+Outputs are written to ``.<name>.<random>.part`` in the target directory, flushed, fsynced and
+renamed over the output (``tqcodec.fileio.atomic_output``). These tests check that, and that:
+
+- ENOSPC (simulated in ``write`` and in ``fsync``), a real ``EFBIG`` from ``RLIMIT_FSIZE`` and a
+  KeyboardInterrupt mid-write leave the previous output byte-identical and no temporary file;
+- a process killed with SIGKILL mid-write leaves the previous output byte-identical; it can leave
+  its ``.<name>.<random>.part`` file (no code runs after SIGKILL), and never a partial output;
+- the input is never opened for writing; ``tqz decode``/``encode`` refuse to write over their input;
+- without ``--force`` an output that appears while encoding is not overwritten (no check-then-write race).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tqcodec
+from tqcodec.cli import app
+from tests.conftest import small_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tqz(*args) -> "object":
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+@pytest.fixture
+def existing(tmp_path) -> tuple[Path, bytes]:
+    """An output file from an earlier run, which no failed run may damage."""
+    out = tmp_path / "model.tqz"
+    tqcodec.save(small_state_dict(7), out)
+    return out, out.read_bytes()
+
+
+class FailingFile:
+    """Wraps the temporary output file: after ``limit`` bytes a write fails like a full disk."""
+
+    def __init__(self, f, limit: int, exc: BaseException):
+        self._f, self._left, self._exc = f, limit, exc
+
+    def write(self, b) -> int:
+        b = bytes(b)
+        if len(b) > self._left:
+            self._f.write(b[:self._left])  # a real disk takes what fits, then fails
+            self._left = 0
+            raise self._exc
+        self._left -= len(b)
+        return self._f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def fail_writes_after(monkeypatch, limit: int, exc: BaseException) -> None:
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FailingFile(real_fdopen(fd, *a, **k), limit, exc))
+
+
+# --- the atomic-output protocol ---------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="names fsynced files through /proc")
+def test_output_is_written_to_a_temp_file_fsynced_then_renamed(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a), str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "m.tqz"
+    tqcodec.save(small_state_dict(), out)
+    file_fsyncs = [e for e in events if e[0] == "fsync" and str(e[1]).endswith(".part")]
+    replaces = [e for e in events if e[0] == "replace"]
+    assert len(file_fsyncs) == 1 and len(replaces) == 1
+    tmp = replaces[0][1]
+    assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".m.tqz.") and tmp.endswith(".part")
+    assert replaces[0][2] == str(out)
+    assert events.index(file_fsyncs[0]) < events.index(replaces[0])  # data durable before the rename
+    assert listing(tmp_path) == ["m.tqz"]
+    assert tqcodec.load(out).keys() == small_state_dict().keys()
+
+
+def test_new_outputs_get_the_umask_mode_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tqcodec.save(small_state_dict(), tmp_path / "a.tqz")
+        tqcodec.fileio.write_model(small_state_dict(), tmp_path / "a.safetensors", overwrite=False)
+    finally:
+        os.umask(old)
+    for name in ("a.tqz", "a.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+# --- failures mid-write --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limit", [0, 100, 5000])
+def test_enospc_mid_write_keeps_the_old_file(existing, monkeypatch, limit):
+    out, before = existing
+    fail_writes_after(monkeypatch, limit, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(tqcodec.TqzError) as e:
+        tqcodec.save(small_state_dict(8), out)
+    assert e.value.code == "IO_ERROR" and "No space left" in str(e.value) and str(out) in str(e.value)
+    assert out.read_bytes() == before
+    assert listing(out.parent) == [out.name]
+
+
+def test_enospc_on_fsync_keeps_the_old_file(existing, monkeypatch):
+    out, before = existing
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(tqcodec.TqzError) as e:
+        tqcodec.save(small_state_dict(8), out)
+    assert e.value.code == "IO_ERROR"
+    assert out.read_bytes() == before and listing(out.parent) == [out.name]
+
+
+def test_keyboard_interrupt_mid_write_keeps_the_old_file(existing, monkeypatch):
+    out, before = existing
+    fail_writes_after(monkeypatch, 1000, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        tqcodec.save(small_state_dict(8), out)
+    assert out.read_bytes() == before and listing(out.parent) == [out.name]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_enospc_while_decoding_to_a_model_file(tmp_path, monkeypatch, suffix):
+    src = tmp_path / "m.tqz"
+    tqcodec.save(small_state_dict(), src)
+    out = tmp_path / f"back{suffix}"
+    out.write_bytes(b"previous contents")
+    fail_writes_after(monkeypatch, 64, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    r = tqz("decode", src, "-o", out, "--force")
+    assert r.exit_code == 1 and "IO_ERROR" in r.output and "No space left" in r.output
+    assert out.read_bytes() == b"previous contents"
+    assert listing(tmp_path) == sorted(["m.tqz", out.name])
+
+
+def test_missing_output_directory(tmp_path):
+    with pytest.raises(tqcodec.TqzError) as e:
+        tqcodec.save(small_state_dict(), tmp_path / "no" / "such" / "m.tqz")
+    assert e.value.code == "IO_ERROR"
+    assert listing(tmp_path) == []
+
+
+def _child(code: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_real_write_error_from_the_os_keeps_the_old_file(existing):
+    """RLIMIT_FSIZE makes the kernel fail the write (EFBIG) part-way, as a full disk would."""
+    out, before = existing
+    code = f"""
+        import resource, signal, sys, torch, tqcodec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        g = torch.Generator().manual_seed(0)
+        tensors = {{"w": torch.randn(512, 1024, generator=g)}}  # 2 MiB, stored raw
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            tqcodec.save(tensors, {str(out)!r}, lossless=True)
+        except tqcodec.TqzError as e:
+            print(e.code, e.message)
+            sys.exit(3)
+    """
+    p = _child(code)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 3, stderr
+    assert stdout.startswith("IO_ERROR") and "too large" in stdout.lower()
+    assert out.read_bytes() == before and listing(out.parent) == [out.name]
+
+
+KILL_CHILD = """
+    import os, sys, time, torch, tqcodec
+    out = sys.argv[1] if len(sys.argv) > 1 else {out!r}
+    g = torch.Generator().manual_seed(0)
+    tensors = {{f"layer{{i}}.weight": torch.randn(1024, 1024, generator=g) for i in range(12)}}  # 48 MiB
+    real_fdopen = os.fdopen
+    class Slow:
+        def __init__(self, f): self.f, self.n = f, 0
+        def write(self, b):
+            r = self.f.write(b)
+            self.n += len(b)
+            if self.n > (4 << 20) and {pause}:  # well inside the file: tell the parent, wait to be killed
+                self.f.flush()
+                print("MIDWRITE", flush=True)
+                time.sleep(600)
+            return r
+        def __getattr__(self, k): return getattr(self.f, k)
+        def __enter__(self): return self
+        def __exit__(self, *e): self.f.close()
+    os.fdopen = lambda fd, *a, **k: Slow(real_fdopen(fd, *a, **k))
+    print("START", flush=True)
+    tqcodec.save(tensors, out, lossless=True)
+    print("DONE", flush=True)
+"""
+
+
+def test_sigkill_mid_write_keeps_the_old_file(existing):
+    out, before = existing
+    p = _child(KILL_CHILD.format(out=str(out), pause=True))
+    try:
+        assert p.stdout.readline().strip() == "START"
+        assert p.stdout.readline().strip() == "MIDWRITE"
+        parts = [n for n in listing(out.parent) if n != out.name]
+        assert len(parts) == 1 and os.path.getsize(out.parent / parts[0]) > (4 << 20)  # really mid-write
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+        p.stdout.close()
+        p.stderr.close()
+    assert p.returncode == -signal.SIGKILL
+    assert out.read_bytes() == before
+    assert tqcodec.load(out).keys() == small_state_dict(7).keys()
+    # what SIGKILL can leave: the temporary file, named so it is never taken for the output
+    left = [n for n in listing(out.parent) if n != out.name]
+    assert len(left) == 1 and left[0].startswith(".model.tqz.") and left[0].endswith(".part")
+    # a later run is not disturbed by it
+    tqcodec.save(small_state_dict(9), out)
+    assert tqcodec.load(out).keys() == small_state_dict(9).keys()
+
+
+def test_sigkill_at_an_unplanned_moment(existing):
+    """Kill as soon as the temporary file has bytes: the output is the old file or the whole new one."""
+    out, before = existing
+    p = _child(KILL_CHILD.format(out=str(out), pause=False))
+    try:
+        assert p.stdout.readline().strip() == "START"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            parts = [q for q in out.parent.iterdir() if q.name.endswith(".part")]
+            if any(q.exists() and q.stat().st_size > 0 for q in parts):
+                break
+            time.sleep(0.001)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+        p.stdout.close()
+        p.stderr.close()
+    after = out.read_bytes()
+    if after != before:  # the child finished first: then the output is complete
+        assert len(tqcodec.load(out)) == 12
+    assert all(n == out.name or (n.startswith(".model.tqz.") and n.endswith(".part")) for n in listing(out.parent))
+
+
+# --- the input is never written ----------------------------------------------------------------------
+
+AUDIT = """
+    import json, os, sys
+    watched = {os.path.realpath(p) for p in json.loads(sys.argv[1])}
+    commands = json.loads(sys.argv[2])
+    writes = []
+    def is_watched(p):
+        try:
+            return isinstance(p, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(p)) in watched
+        except Exception:
+            return False
+    def hook(event, args):
+        if event == "open" and args and is_watched(args[0]):
+            mode, flags = (args[1] if len(args) > 1 else None), (args[2] if len(args) > 2 else 0)
+            if (mode and any(c in str(mode) for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+                writes.append((event, str(args[0])))
+        if event in ("os.truncate", "os.remove", "os.rename", "os.replace", "os.chmod", "os.link") and args \
+                and any(is_watched(a) for a in args[:2]):
+            writes.append((event, str(args[0])))
+    sys.addaudithook(hook)
+    from tqcodec.cli import app
+    for cmd in commands:
+        try:
+            app(cmd, standalone_mode=False)
+        except SystemExit:
+            pass
+        except Exception as e:
+            print("ERR", type(e).__name__, e)
+    print("WRITES", json.dumps(writes))
+    open(sorted(watched)[0], "ab").close()  # positive control: the hook sees a write-mode open
+    print("CONTROL", len(writes))
+"""
+
+
+def test_input_is_never_opened_for_writing(tmp_path):
+    """Encode (.pt and .safetensors inputs) and decode under an audit hook that records every
+    Python-level open of an input in a writing mode (and renames/removals of it)."""
+    import json
+    pt, st = tmp_path / "model.pt", tmp_path / "other.safetensors"
+    tqcodec.fileio.write_model(small_state_dict(), pt, overwrite=False)
+    tqcodec.fileio.write_model(small_state_dict(1), st, overwrite=False)
+    tz = tmp_path / "third.tqz"
+    tqcodec.save(small_state_dict(2), tz)
+    inputs = [pt, st, tz]
+    before = {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in inputs}
+    commands = [["encode", str(pt), "--force"], ["encode", str(st), "--force"],
+                ["decode", str(tz), "-o", str(tmp_path / "back.pt")],
+                ["decode", str(tz), "-o", str(tmp_path / "back.safetensors")]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(AUDIT), json.dumps([str(p) for p in inputs]),
+                        json.dumps(commands)], capture_output=True, text=True, timeout=120, env=env)
+    assert "WRITES []" in r.stdout and "CONTROL 1" in r.stdout, r.stdout + r.stderr
+    assert "ERR" not in r.stdout, r.stdout
+    for p in inputs:
+        assert (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) == before[p], p
+    for out in ("model.tqz", "other.tqz", "back.pt", "back.safetensors"):
+        assert (tmp_path / out).exists(), out
+
+
+# --- refusing to write over the input ------------------------------------------------------------------
+
+@pytest.fixture
+def model_files(tmp_path):
+    pt = tmp_path / "m.pt"
+    torch.save(small_state_dict(), pt)
+    tz = tmp_path / "m.tqz"
+    tqcodec.save(small_state_dict(), tz)
+    return pt, tz
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_decode_refuses_to_write_over_its_input(tmp_path, model_files, force):
+    _, tz = model_files
+    before = tz.read_bytes()
+    r = tqz("decode", tz, "-o", tz, *force)
+    assert r.exit_code == 1 and "BAD_OPTION" in r.output
+    disguised = tmp_path / "m2.pt"          # a .tqz file under a model-file name
+    disguised.write_bytes(before)
+    for out in (disguised,):
+        r = tqz("decode", disguised, "-o", out, *force)
+        assert r.exit_code == 1 and "overwrite the input" in r.output
+        assert out.read_bytes() == before
+    link = tmp_path / "link.pt"               # a symlink to the input as the output
+    link.symlink_to(disguised)
+    r = tqz("decode", disguised, "-o", link, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert tz.read_bytes() == before and disguised.read_bytes() == before and link.is_symlink()
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_encode_refuses_to_write_over_its_input(tmp_path, model_files, force):
+    pt, _ = model_files
+    before = pt.read_bytes()
+    r = tqz("encode", pt, "-o", pt, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    hard = tmp_path / "hard.tqz"
+    os.link(pt, hard)
+    r = tqz("encode", pt, "-o", hard, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    soft = tmp_path / "soft.tqz"
+    soft.symlink_to(pt)
+    r = tqz("encode", pt, "-o", soft, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert pt.read_bytes() == before and soft.is_symlink()
+
+
+def test_no_force_never_overwrites_an_output_that_appears_meanwhile(tmp_path, monkeypatch):
+    out = tmp_path / "race.tqz"
+    real_fdopen = os.fdopen
+
+    class Racer:
+        """While the encoder writes, another program creates the output."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            if not out.exists():
+                out.write_bytes(b"someone else's file")
+            return self.f.write(b)
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *e):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Racer(real_fdopen(fd, *a, **k)))
+    with pytest.raises(tqcodec.TqzError) as e:
+        tqcodec.save(small_state_dict(), out, overwrite=False)
+    assert e.value.code == "OUTPUT_EXISTS"
+    assert out.read_bytes() == b"someone else's file"
+    assert listing(tmp_path) == ["race.tqz"]
