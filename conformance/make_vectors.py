@@ -1,0 +1,1784 @@
+#!/usr/bin/env python3
+"""(Re)generate the .tqz conformance vectors of the current spec version, deterministically.
+
+    python conformance/make_vectors.py                 # rewrite conformance/valid, invalid, README.md
+    python conformance/make_vectors.py --out DIR       # write the same tree under DIR instead
+    python conformance/make_vectors.py --init-fixtures # write conformance/fixtures/v<major.minor>/ once;
+                                                       # refuses if that folder exists
+
+Running it twice gives identical bytes. Valid vectors are built with tqcodec's encoder where it
+can make them (``encoder_*``, and every range-coded / zstd payload of the others) and field by
+field with ``craft.py`` where it cannot. Their expected tensors are computed from the spec
+(levels x exact steps, rounded by numpy/torch), not by tqcodec's decoder, except for the
+``encoder_*`` vectors (see their vector.json). Invalid vectors are a valid base file with exactly
+one defect, every CRC and length correct except the one under test.
+
+Bytes that depend on a library: zstd frames made by the ``zstandard`` package (the ``raw_zstd_*``
+dtype vectors, ``encoder_*``) and the ``tqz.encoder`` metadata of the ``encoder_*`` vectors (it
+names tqcodec's version). A new libzstd or tqcodec version may change those files; the
+reproducibility test then says which, and the vectors are regenerated and reviewed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import struct
+import sys
+import warnings
+from contextlib import contextmanager
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import tqcodec  # noqa: E402
+from tqcodec.coding.rangecoder import encode_symbols  # noqa: E402
+from tqcodec.coding.tables import frequencies_from_counts  # noqa: E402
+from tqcodec.dtypes import tensor_to_storage  # noqa: E402
+from tqcodec.modes import raw as raw_mode  # noqa: E402
+from tqcodec.modes import uniform as uniform_mode  # noqa: E402
+
+from craft import (ST_DTYPES, Chunk, Pairs, Raw, TqzFile, crc32, leb128, mp, parse_valid, rc_decode, step,  # noqa: E402
+                   unleb128, write_safetensors, zstd_frame)
+
+SPEC_VERSION = "1.1"
+SPEC_MODES = ("raw", "uniform", "alias", "tq")
+TOTAL = 1 << 24
+NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
+      "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
+      "uint8": "u1", "bool": "u1"}
+ALL_DTYPES = list(NP)
+
+
+# --- tensors for crafted files -------------------------------------------------------------------
+
+class T:
+    """One tensor of a crafted file: its manifest record, its chunks and its expected value."""
+
+    def __init__(self, name, dtype, shape, mode, params, chunks, expected):
+        self.record = {"name": name, "dtype": dtype, "shape": list(shape), "mode": mode, "params": params}
+        self.chunks = chunks          # list of Chunk (tensor_index/sequence filled by assemble)
+        self.expected = expected      # raw little-endian bytes, or ("alias", j)
+
+    @property
+    def name(self):
+        return self.record["name"]
+
+
+def _split(n: int, sizes):
+    """Chunk item counts: ``sizes`` None -> one chunk; int -> chunks of that size; list -> as given."""
+    if n == 0:
+        return []
+    if sizes is None:
+        return [n]
+    if isinstance(sizes, int):
+        return [min(sizes, n - i) for i in range(0, n, sizes)]
+    assert sum(sizes) == n
+    return list(sizes)
+
+
+def raw_t(name, dtype, arr, codec="none", chunks=None, frame=None) -> T:
+    """Mode raw. ``arr``: numpy array of the storage dtype (bfloat16: uint16 bits; bool: uint8)."""
+    arr = np.ascontiguousarray(np.asarray(arr, dtype=NP[dtype]))
+    data = arr.tobytes()
+    out = []
+    pos = 0
+    for n in _split(len(data), chunks):
+        piece = data[pos:pos + n]
+        pos += n
+        if codec == "none":
+            payload = piece
+        elif frame is not None:
+            payload = frame(piece)
+        else:  # tqcodec's encoder makes the frame
+            _, streams = raw_mode.encode(np.frombuffer(piece, np.uint8), "zstd")
+            (count, payload), = streams[0]
+        out.append(Chunk(payload, item_count=n))
+    return T(name, dtype, arr.shape, "raw", {"codec": codec}, out, data)
+
+
+def round_to(dtype: str, v64: np.ndarray) -> bytes:
+    """Spec §7.3.2: exact values (float64 holds them) rounded to ``dtype`` (nearest even)."""
+    f32 = v64.astype(np.float32)
+    assert np.array_equal(f32.astype(np.float64), v64), "value not exact in binary32"
+    if dtype == "float64":
+        return v64.astype("<f8").tobytes()
+    if dtype == "float32":
+        return f32.astype("<f4").tobytes()
+    if dtype == "float16":
+        a = torch.from_numpy(f32.copy()).to(torch.float16).view(torch.int16).numpy().view("<u2")
+        with np.errstate(over="ignore"):
+            assert np.array_equal(a, v64.astype(np.float16).view("<u2")), "numpy and torch disagree on f16"
+        return a.tobytes()
+    if dtype == "bfloat16":
+        return torch.from_numpy(f32.copy()).to(torch.bfloat16).view(torch.int16).numpy().view("<u2").tobytes()
+    raise ValueError(dtype)
+
+
+def uniform_t(name, dtype, shape, levels, codes, granularity="tensor", chunks=None, freqs=None,
+              q_min=None) -> T:
+    """Mode uniform from integer ``levels`` (C order) and step ``codes``; payloads by tqcodec's
+    range coder (spec §8), expected values computed here from the spec."""
+    levels = np.asarray(levels, dtype=np.int64).reshape(shape)
+    flat = levels.reshape(-1)
+    if q_min is None:
+        q_min = int(flat.min())
+    sym = (flat - q_min).astype(np.int64)
+    if freqs is None:
+        a = int(sym.max()) + 1
+        freqs = [TOTAL] if a == 1 else frequencies_from_counts(np.bincount(sym, minlength=a)).tolist()
+    freqs = [int(f) for f in freqs]
+    assert sum(freqs) == TOTAL and sym.max() < len(freqs)
+    out = []
+    if len(freqs) > 1:
+        pos = 0
+        for n in _split(sym.size, chunks):
+            words = encode_symbols(sym[pos:pos + n].astype(np.int32), np.array(freqs, dtype=np.uint32))
+            out.append(Chunk(np.asarray(words, dtype="<u4").tobytes(), item_count=n))
+            pos += n
+    codes = [int(c) for c in codes]
+    steps = np.array([step(c) for c in codes], dtype=np.float64)
+    if granularity == "tensor":
+        v = flat.astype(np.float64) * steps[0]
+    else:
+        v = (levels.reshape(shape[0], -1).astype(np.float64) * steps[:, None]).reshape(-1)
+    v = v + 0.0  # no -0 (spec: q = 0 gives +0)
+    v[v == 0] = 0.0
+    params = {"granularity": granularity, "steps": codes, "q_min": int(q_min), "freqs": leb128(freqs)}
+    return T(name, dtype, shape, "uniform", params, out, round_to(dtype, v))
+
+
+def alias_t(name, of: int, like: T) -> T:
+    return T(name, like.record["dtype"], like.record["shape"], "alias", {"of": of}, [], ("alias", of))
+
+
+def manifest_value(ts, metadata=None, extra=None):
+    v = {"metadata": {} if metadata is None else metadata, "tensors": [t.record for t in ts]}
+    if extra:
+        v.update(extra)
+    return v
+
+
+def assemble(ts, metadata=None, extra=None, ancillary=(), manifest=None) -> TqzFile:
+    """A TqzFile of tensors ``ts`` in order. ``ancillary``: (before tensor k, Chunk) pairs, k may be
+    len(ts) for after the last."""
+    chunks = []
+    anc = sorted(ancillary, key=lambda a: a[0])
+    for i, t in enumerate(ts):
+        chunks += [c for k, c in anc if k == i]
+        per_stream: dict = {}
+        for c in t.chunks:
+            c.tensor_index = i
+            c.sequence = per_stream.get(c.stream, 0)
+            per_stream[c.stream] = c.sequence + 1
+            chunks.append(c)
+    chunks += [c for k, c in anc if k >= len(ts)]
+    mbytes = mp(manifest_value(ts, metadata, extra)) if manifest is None else manifest
+    f = TqzFile(mbytes, len(ts), chunks)
+    if any(t.record.get("mode") == "tq" for t in ts):
+        f.minor = 1  # mode tq is format 1.1 (spec §13: the lowest minor version defining what the file uses)
+    return f
+
+
+def expected_list(ts):
+    """(name, dtype, shape, bytes) for the expected safetensors file."""
+    out = []
+    for t in ts:
+        e = t.expected
+        if isinstance(e, tuple):
+            e = ts[e[1]].expected
+        out.append((t.name, t.record["dtype"], t.record["shape"], e))
+    return out
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+# --- mode tq (spec 1.1, spec/mode-tq.md §7.5) -------------------------------------------------------
+
+TQ_REL = {"float32": 2.0 ** -23, "float64": 2.0 ** -23, "float16": 2.0 ** -10 + 2.0 ** -23,
+          "bfloat16": 2.0 ** -7 + 2.0 ** -23}   # one ulp of the dtype (and of the binary32 rounding)
+TQ_ABS = {"float32": 2.0 ** -149, "float64": 2.0 ** -149, "float16": 2.0 ** -24, "bfloat16": 2.0 ** -133}
+
+
+def table_from_counts(counts) -> list:
+    """Spec §8.6 in plain Python integers (normative for mode tq, spec/mode-tq.md §7.5.1)."""
+    A, K = len(counts), sum(counts)
+    free = TOTAL - A
+    shares = [k * free for k in counts]
+    f = [1 + s // K for s in shares]
+    left = free - sum(s // K for s in shares)
+    for s in sorted(range(A), key=lambda s: (-(shares[s] % K), s))[:left]:
+        f[s] += 1
+    return f
+
+
+def round_f32_to(dtype: str, f32: np.ndarray) -> bytes:
+    """Spec §7.5.3 step 4: binary32 values rounded to ``dtype`` (nearest even, f16 overflow to inf)."""
+    f32 = np.ascontiguousarray(f32, dtype=np.float32)
+    if dtype == "float64":
+        return f32.astype("<f8").tobytes()
+    return round_to(dtype, f32.astype(np.float64))
+
+
+def tq_reconstruct(dtype, shape, layout, coeff: np.ndarray, S):
+    """Spec §7.5.3 from the coefficient matrix C [k, c] (float64, exact) and S [m, k] (float64 or None):
+    (tensor bytes, per-element tolerance bound as float64 array or None). With a transform the sums are
+    computed correctly rounded in binary64 (math.fsum: the products are exact), then rounded to binary32."""
+    import math
+    numel = int(np.prod(shape, dtype=object))
+    n = shape[0] if layout == "out_in" else shape[1]
+    m = numel // n
+    if S is None:
+        R = coeff.astype(np.float32)
+        assert np.array_equal(R.astype(np.float64), coeff) and R.shape == (n, m)
+        bound = None
+    else:
+        k = S.shape[1]
+        R64 = np.empty((n, m))
+        bound = np.empty((n, m))
+        for i in range(n):
+            for j in range(m):
+                terms = [float(S[j, r]) * float(coeff[r, i]) for r in range(k)]
+                R64[i, j] = math.fsum(terms)
+                bound[i, j] = 2.0 ** -20 * math.fsum(abs(t) for t in terms)
+        with np.errstate(over="ignore"):
+            R = R64.astype(np.float32)
+    if layout == "in_out":
+        R = R.T
+        bound = None if bound is None else bound.T
+    return round_f32_to(dtype, R.reshape(-1)), (None if bound is None else np.ascontiguousarray(bound).reshape(shape))
+
+
+def tq_t(name, dtype, shape, bands, layout="out_in", S=None, chunks=None, s_chunks=None, explicit=False,
+         check=True) -> T:
+    """Mode tq. ``bands``: [(levels [rows, c] ints, step code)]; ``S``: synthesis [m, k] (rounded to
+    float16 here); ``chunks``: per band, as ``_split``; ``s_chunks``: stream 0's split (bytes)."""
+    out = []
+    if S is not None:
+        S = np.asarray(S, dtype=np.float16)
+        data = np.ascontiguousarray(S, dtype="<f2").tobytes()
+        pos = 0
+        for n in _split(len(data), s_chunks):
+            out.append(Chunk(data[pos:pos + n], stream=0, item_count=n))
+            pos += n
+    rows, steps, qmins, blobs, coeff = [], [], [], [], []
+    for b, (lv, code) in enumerate(bands):
+        lv = np.asarray(lv, dtype=np.int64)
+        q_min = int(lv.min())
+        counts = np.bincount((lv.reshape(-1) - q_min), minlength=int(lv.max()) - q_min + 1)
+        rows.append(int(lv.shape[0]))
+        steps.append(int(code))
+        qmins.append(q_min)
+        blobs.append(leb128(counts))
+        if len(counts) > 1:
+            freqs = frequencies_from_counts(counts)
+            assert freqs.tolist() == table_from_counts(counts.tolist()), "tqcodec's §8.6 table differs"
+            sym = (lv.reshape(-1) - q_min).astype(np.int32)
+            pos = 0
+            for n in _split(sym.size, None if chunks is None else chunks[b]):
+                words = encode_symbols(sym[pos:pos + n], freqs)
+                out.append(Chunk(np.asarray(words, dtype="<u4").tobytes(), stream=1 + b, item_count=n))
+                pos += n
+        coeff.append(lv.astype(np.float64) * step(int(code)))
+    params = {"band_rows": rows, "steps": steps, "q_min": qmins, "counts": blobs}
+    if layout != "out_in" or explicit:
+        params["layout"] = layout
+    if S is not None or explicit:
+        params["transform"] = "none" if S is None else "float16"
+    t = T(name, dtype, shape, "tq", params, out, b"")
+    t.bounds = None
+    if check:
+        c = np.concatenate(coeff)
+        c[c == 0] = 0.0
+        t.expected, t.bounds = tq_reconstruct(dtype, list(shape), layout, c,
+                                              None if S is None else S.astype(np.float64))
+    return t
+
+
+def tq_by_spec(r, parts):
+    """Spec §7.5 (decode of a valid tq tensor): (bytes, bound or None)."""
+    p, shape = r["params"], r["shape"]
+    assert set(p) <= {"band_rows", "steps", "q_min", "counts", "layout", "transform"}
+    layout, transform = p.get("layout", "out_in"), p.get("transform", "none")
+    numel = int(np.prod(shape, dtype=object))
+    n = shape[0] if layout == "out_in" else shape[1]
+    m = numel // n
+    c = m if transform == "none" else n
+    rows_c = []
+    for b, rows in enumerate(p["band_rows"]):
+        counts = unleb128(p["counts"][b])
+        assert sum(counts) == rows * c and counts[0] and counts[-1]
+        pl = [(cnt, x) for s, cnt, x in parts if s == 1 + b]
+        if len(counts) == 1:
+            sym = [0] * (rows * c)
+            assert not pl
+        else:
+            freqs = table_from_counts(counts)
+            sym = [s for cnt, x in pl for s in rc_decode(list(struct.unpack(f"<{len(x) // 4}I", x)), freqs, cnt)]
+        assert len(sym) == rows * c
+        rows_c.append((np.array(sym, dtype=np.int64) + p["q_min"][b]).astype(np.float64).reshape(rows, c)
+                      * step(p["steps"][b]))
+    coeff = np.concatenate(rows_c)
+    coeff[coeff == 0] = 0.0
+    S = None
+    if transform == "float16":
+        data = b"".join(x for s, _, x in parts if s == 0)
+        S = np.frombuffer(data, "<f2").astype(np.float64).reshape(m, coeff.shape[0])
+        assert np.isfinite(S).all()
+    return tq_reconstruct(r["dtype"], shape, layout, coeff, S)
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+class Out:
+    def __init__(self, root: Path):
+        self.root = root
+        self.names: set = set()
+
+    def _dir(self, group, name):
+        assert name not in self.names, name
+        self.names.add(name)
+        d = self.root / group / name
+        d.mkdir(parents=True)
+        return d
+
+    def valid(self, name, what, spec, data: bytes, expected, tolerance=0, notes=None, may_reject_with=None):
+        d = self._dir("valid" if may_reject_with is None else "may_reject", name)
+        bounds: dict = {}
+        by_spec = expected_by_spec(data, bounds)
+        assert [(n, t, list(s), b) for n, t, s, b in by_spec] == [(n, t, list(s), b) for n, t, s, b in expected], \
+            f"{name}: the spec decoder of make_vectors.py disagrees with the expected tensors"
+        if bounds:  # tq tensors with a float16 transform: spec/mode-tq.md §7.5.3's tolerance, not bit-exact
+            dts = {t for n, t, s, b in expected if n in bounds}
+            tolerance = {"abs": max(TQ_ABS[t] for t in dts), "rel": max(TQ_REL[t] for t in dts),
+                         "abs_per_element": "tolerance.safetensors"}
+            notes = notes or ("tq tensors with a float16 transform: compare within spec/mode-tq.md §7.5.3's "
+                              "tolerance: |got - want| <= bound + abs + rel*|want|, bound per element from "
+                              "tolerance.safetensors (2^-20 * sum_r |S[j,r] C[r,i]|, float64, each tensor's "
+                              "shape; 0 for tensors without a transform), rel one ulp of the dtype plus the "
+                              "binary32 rounding; expected values: sums correctly rounded in binary64, then "
+                              "rounded once to binary32 and to the dtype")
+            write_safetensors([(n, "float64", s, bounds[n] if n in bounds else np.zeros(s, "<f8").tobytes())
+                               for n, t, s, b in expected], d / "tolerance.safetensors")
+        if may_reject_with is None:
+            got = expected_from_tqcodec(data)
+            want = [(n, t, list(s), b) for n, t, s, b in expected]
+            if bounds:
+                import run as runner
+                tol_b = {n: np.frombuffer(b, "<f8") for n, b in bounds.items()}
+                why = runner.compare({n: (ST_DTYPES[t], s, b) for n, t, s, b in want},
+                                     {n: (ST_DTYPES[t], s, b) for n, t, s, b in got}, tolerance, tol_b)
+                if why:
+                    print(f"WARNING {name}: tqcodec decodes this vector outside the tolerance: {why}",
+                          file=sys.stderr)
+            elif got != want:
+                print(f"WARNING {name}: tqcodec decodes this vector differently (a tqcodec bug?)", file=sys.stderr)
+        (d / "in.tqz").write_bytes(data)
+        write_safetensors(expected, d / "expected.safetensors")
+        info = {"what": what, "spec": spec, "tolerance": tolerance,
+                "dtype notes": notes or "expected.safetensors holds every tensor in its own dtype "
+                                        "(BF16 as safetensors BF16); compare bit for bit"}
+        if may_reject_with is not None:
+            info["may_reject_with"] = may_reject_with
+        (d / "vector.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+
+    def invalid(self, name, what, spec, data: bytes, code):
+        d = self._dir("invalid", name)
+        (d / "in.tqz").write_bytes(data)
+        info = {"what": what, "spec": spec, "expect_error": code}
+        (d / "vector.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+
+
+# --- values for raw vectors ----------------------------------------------------------------------
+
+def raw_values(dtype):
+    if dtype == "float64":
+        a = np.array([0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, 5e-324, 1.7976931348623157e308, 1e-300, 3.0],
+                     dtype="<f8")
+        bits = a.view("<u8").copy()
+        bits[-1] = 0x7FF8000000000123  # a quiet NaN with payload
+        return bits.view("<f8").reshape(2, 5)
+    if dtype == "float32":
+        return np.array([0x00000000, 0x80000000, 0x3F800000, 0xC0100000, 0x7F800000, 0xFF800000, 0x00000001,
+                         0x7F7FFFFF, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x3EAAAAAB], dtype="<u4").view("<f4").reshape(3, 4)
+    if dtype == "float16":
+        return np.array([0x0000, 0x8000, 0x3C00, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x0001, 0x7BFF, 0x3555],
+                        dtype="<u2").view("<f2").reshape(5, 2)
+    if dtype == "bfloat16":
+        return np.array([0x0000, 0x8000, 0x3F80, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x0001, 0x7F7F, 0x3EAB, 0xC2F7],
+                        dtype="<u2")
+    if dtype == "bool":
+        return np.array([[1, 0, 1], [1, 1, 0]], dtype="u1")
+    info = np.iinfo(NP[dtype])
+    vals = [info.min, info.max, 0, 1, info.max - 1, info.min + 1, 2, 3]
+    if info.min < 0:
+        vals += [-1, -2]
+    return np.array(vals, dtype=NP[dtype]).reshape(2, -1)
+
+
+# --- instrumented §8 encoder to find payloads with pending words, carries and the extra seal word ----
+
+def rc_trace(symbols, freqs):
+    """Spec §8.3 (as tests/reference_rangecoder.py), returning (words, max pending, carried, extra_zero)."""
+    M = (1 << 64) - 1
+    c = [0]
+    for f in freqs:
+        c.append(c[-1] + f)
+    lower, rng_, out, N, P = 0, M, [], 0, 0
+    maxn, carried = 0, False
+    for s in symbols:
+        scale = rng_ >> 24
+        rng_ = scale * freqs[s]
+        nl = (lower + scale * c[s]) & M
+        if N and nl + rng_ <= M:
+            if nl < lower:
+                out += [(P + 1) & 0xFFFFFFFF] + [0] * (N - 1)
+                carried = True
+            else:
+                out += [P] + [0xFFFFFFFF] * (N - 1)
+            N = 0
+        lower = nl
+        if rng_ < (1 << 32):
+            rng_ <<= 32
+            w = lower >> 32
+            lower = (lower << 32) & M
+            if N:
+                N += 1
+            elif lower + rng_ <= M:
+                out.append(w)
+            else:
+                N, P = 1, w
+            maxn = max(maxn, N)
+    point = (lower + (1 << 32) - 1) & M
+    if N:
+        if point >= lower:
+            out += [P] + [0xFFFFFFFF] * (N - 1)
+        else:
+            out += [(P + 1) & 0xFFFFFFFF] + [0] * (N - 1)
+            carried = True
+    out.append(point >> 32)
+    extra = False
+    if ((lower + rng_) & M) >> 32 == point >> 32:
+        out.append(0)
+        extra = True
+    return out, maxn, carried, extra
+
+
+def find_rc_cases():
+    """Deterministic search for symbol strings that exercise §8.3's rare branches."""
+    r = random.Random(1234)
+    found = {}
+    tables = [[TOTAL - 3, 1, 1, 1], [1 << 23, (1 << 23) - 1, 1], [3, TOTAL - 6, 3], [TOTAL // 2, TOTAL // 2]]
+    for trial in range(200000):
+        f = tables[trial % len(tables)]
+        n = r.randint(1, 40)
+        if f[0] == 3:
+            syms = [r.choice([0, 2, 1, 1, 1, 1]) for _ in range(n)]
+        elif f[0] == TOTAL - 3:
+            syms = [r.choice([0, 0, 0, 1, 2, 3]) for _ in range(n)]
+        else:
+            syms = [r.randrange(len(f)) for _ in range(n)]
+        words, maxn, carried, extra = rc_trace(syms, f)
+        if maxn >= 2 and carried and "carry" not in found:
+            found["carry"] = (syms, f, words)
+        if maxn >= 2 and not carried and "pending" not in found:
+            found["pending"] = (syms, f, words)
+        if extra and "extra" not in found:
+            found["extra"] = (syms, f, words)
+        if len(found) == 3:
+            break
+    return found
+
+
+# --- the valid vectors ---------------------------------------------------------------------------
+
+def encode_with_tqcodec(tensors: dict, **opts) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tqcodec.encode_bytes(tensors, **opts)
+
+
+def expected_from_tqcodec(data: bytes):
+    out = []
+    for name, t in tqcodec.load(data).items():
+        dtype, arr = tensor_to_storage(t)
+        out.append((name, dtype, list(t.shape), np.ascontiguousarray(arr).tobytes()))
+    return out
+
+
+def expected_by_spec(data: bytes, bounds: dict | None = None):
+    """The tensors of a valid file, computed from the spec by this script (plain-Python range decoder of
+    §8.4, levels x exact steps rounded by numpy/torch), independently of tqcodec's decoder."""
+    import zstandard
+    manifest, chunks = parse_valid(data)
+    out = []
+    for i, r in enumerate(manifest["tensors"]):
+        mode, p, shape = r["mode"], r["params"], r["shape"]
+        # a vector of this spec version may use only its modes (an encoder default that starts writing a
+        # mode of a later version must not slip into these vectors)
+        assert mode in SPEC_MODES, f"tensor {r['name']!r}: mode {mode!r} is not a mode of spec {SPEC_VERSION}"
+        numel = int(np.prod(shape, dtype=object)) if shape else 1
+        parts = chunks.get(i, [])
+        if mode == "alias":
+            raw = out[p["of"]][3]
+        elif mode == "tq":
+            raw, bound = tq_by_spec(r, parts)
+            if bound is not None and bounds is not None:
+                bounds[r["name"]] = bound.astype("<f8").tobytes()
+        elif mode == "raw":
+            raw = b"".join(pl if p["codec"] == "none" else
+                           zstandard.ZstdDecompressor(max_window_size=1 << 31).decompress(pl, max_output_size=n)
+                           for _, n, pl in parts)
+        else:
+            freqs = unleb128(p["freqs"])
+            sym = [0] * numel if len(freqs) == 1 else [
+                s for _, n, pl in parts for s in rc_decode(list(struct.unpack(f"<{len(pl) // 4}I", pl)), freqs, n)]
+            levels = np.array(sym, dtype=np.int64) + p["q_min"]
+            steps = np.array([step(c) for c in p["steps"]])
+            per = 1 if p["granularity"] == "tensor" else numel // shape[0]
+            v = levels.astype(np.float64) * np.repeat(steps, per if p["granularity"] == "channel" else numel)
+            v[v == 0] = 0.0
+            raw = round_to(r["dtype"], v)
+        out.append((r["name"], r["dtype"], shape, raw))
+    return out
+
+
+@contextmanager
+def small_chunks(symbols: int, nbytes: int):
+    old = uniform_mode.CHUNK_SYMBOLS, raw_mode.CHUNK_BYTES
+    uniform_mode.CHUNK_SYMBOLS, raw_mode.CHUNK_BYTES = symbols, nbytes
+    try:
+        yield
+    finally:
+        uniform_mode.CHUNK_SYMBOLS, raw_mode.CHUNK_BYTES = old
+
+
+def model_state(seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv.weight": torch.randn(8, 4, 3, 3, generator=g) * 0.2,
+        "conv.bias": torch.randn(8, generator=g) * 0.01,
+        "bn.running_var": torch.rand(8, generator=g) + 1e-6,
+        "bn.num_batches_tracked": torch.tensor(1234),
+        "fc.weight": torch.randn(16, 72, generator=g) * 0.1,
+        "fc.bias": torch.zeros(16),
+        "emb.weight": (torch.randn(50, 12, generator=g) * 0.5).to(torch.bfloat16),
+        "half.weight": torch.randn(20, 20, generator=g).to(torch.float16),
+        "double.weight": torch.randn(30, 10, generator=g, dtype=torch.float64),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(-5, 5, dtype=torch.int32),
+        "bytes": torch.arange(0, 250, 7, dtype=torch.uint8),
+        "u16": torch.arange(0, 60000, 999, dtype=torch.int32).to(torch.uint16),
+        "u32": torch.tensor([0, 1, 2**32 - 1], dtype=torch.int64).to(torch.uint32),
+        "u64": torch.tensor([0, 1, 2**63 - 1], dtype=torch.int64).to(torch.uint64),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "i16": torch.tensor([-32768, 0, 32767], dtype=torch.int16),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+        "one": torch.tensor([7.0]),
+    }
+
+
+ENC_NOTE = ("file written by tqcodec's encoder; expected tensors computed from the file by make_vectors.py's "
+            "own spec decoder (not tqcodec's); bit-exact")
+
+
+def make_valid(out: Out):
+    V = out.valid
+
+    def simple(name, what, spec, ts, **kw):
+        f = assemble(ts, **{k: v for k, v in kw.items() if k in ("metadata", "extra", "ancillary")})
+        V(name, what, spec, f.build(), expected_list(ts), notes=kw.get("notes"))
+        return f
+
+    # raw, every dtype, with and without zstd
+    for dt in ALL_DTYPES:
+        vals = raw_values(dt)
+        simple(f"raw_none_{dt}", f"mode raw, codec none, dtype {dt}: extreme values, NaN payloads, "
+               "signed zeros, subnormals kept bit for bit", "§7.2 §5.5", [raw_t("x", dt, vals)])
+        simple(f"raw_zstd_{dt}", f"mode raw, codec zstd (frame by tqcodec's encoder), dtype {dt}", "§7.2 §5.5",
+               [raw_t("x", dt, np.tile(vals.reshape(-1), 20), codec="zstd")])
+    base = np.arange(3000, dtype="<u2")
+    simple("raw_zstd_raw_blocks_no_content_size", "zstd frame without Frame_Content_Size (window descriptor), "
+           "Raw blocks of 1000 bytes: the decoder must bound output by Item_Count itself", "§7.2",
+           [raw_t("x", "uint16", base, codec="zstd", frame=lambda b: zstd_frame(b, False, max_block=1000))])
+    simple("raw_zstd_rle_block", "zstd frame of one RLE block", "§7.2",
+           [raw_t("x", "uint8", np.full(500, 7), codec="zstd", frame=lambda b: zstd_frame(b, True, "rle"))])
+    simple("raw_zstd_content_size_4_byte_field", "zstd frame with a 4-byte Frame_Content_Size field and Raw blocks",
+           "§7.2", [raw_t("x", "int32", np.arange(-20000, 20000), codec="zstd", frame=lambda b: zstd_frame(b))])
+
+    def checksum_frame(b):
+        import zstandard
+        return zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(b)
+    simple("raw_zstd_with_checksum", "zstd frame with a content checksum", "§7.2",
+           [raw_t("x", "float32", np.linspace(-1, 1, 400), codec="zstd", frame=checksum_frame)])
+    simple("raw_none_multichunk", "raw none split into chunks of 1, 7 and 92 bytes (chunk boundaries inside "
+           "elements)", "§6.2 §7.2", [raw_t("x", "float64", np.linspace(0, 1, 25).reshape(5, 5), chunks=[1, 7, 192])])
+    simple("raw_zstd_multichunk", "raw zstd, one frame per chunk, uneven chunks", "§6.2 §7.2",
+           [raw_t("x", "int64", np.arange(300) * 1234567, codec="zstd", chunks=[800, 3, 1597])])
+    simple("raw_0d", "0-d tensors (shape [], one element) of several dtypes", "§5.3",
+           [raw_t("f", "float32", np.array(2.5)), raw_t("i", "int64", np.array(-7)),
+            raw_t("b", "bool", np.array(1)), raw_t("h", "bfloat16", np.array(0x4049, dtype="<u2"))])
+    simple("raw_one_element", "1-element tensors", "§5.3",
+           [raw_t("a", "float16", np.array([0x3C00], dtype="<u2")), raw_t("b", "uint64", np.array([[2**64 - 1]]))])
+    simple("empty_tensors", "tensors with 0 elements: no chunks, index entry (0, 0)", "§5.3 §6.2 §9.1",
+           [raw_t("a", "float32", np.zeros((0, 3))), raw_t("b", "int8", np.zeros((4, 0, 2))),
+            raw_t("c", "bool", np.zeros(0), codec="zstd"), raw_t("d", "uint8", np.arange(3))])
+    simple("empty_dim_at_element_limit", "shape [2^36, 0]: 0 elements; with the 0 counted as 1, exactly §12's "
+           "element limit", "§5.3 §12", [T("x", "uint8", [1 << 36, 0], "raw", {"codec": "none"}, [], b"")])
+    simple("ndim_8", "8 dimensions (the limit)", "§12", [raw_t("x", "int16", np.arange(256).reshape((2,) * 8))])
+    simple("no_tensors", "a file with no tensors (index is the tag alone)", "§9", [])
+
+    # uniform
+    r = rng(1)
+    simple("uniform_tensor_float32", "uniform, one step for the tensor, float32", "§7.3",
+           [uniform_t("w", "float32", (8, 16), r.integers(-7, 8, 128), [-20])])
+    simple("uniform_channel_float32", "uniform, one step per output channel (shape[0] = 4), float32", "§7.3",
+           [uniform_t("w", "float32", (4, 3, 5), r.integers(-9, 10, 60), [-30, 0, 7, 12], "channel")])
+    for dt, g, codes in (("float64", "tensor", [-41]), ("float64", "channel", [-3, -60, 9]),
+                         ("float16", "tensor", [-17]), ("float16", "channel", [-10, -11, -12]),
+                         ("bfloat16", "tensor", [-5]), ("bfloat16", "channel", [-33, 2, 40])):
+        shape = (len(codes), 11) if g == "channel" else (6, 7)
+        n = shape[0] * shape[1]
+        simple(f"uniform_{g}_{dt}", f"uniform, granularity {g}, dtype {dt} (levels x step rounded to {dt})",
+               "§7.3 §7.3.2", [uniform_t("w", dt, shape, r.integers(-300, 301, n), codes, g)])
+    simple("uniform_0d", "uniform 0-d tensor (A = 1, no chunk)", "§7.3",
+           [uniform_t("s", "float32", (), [5], [-4])])
+    simple("uniform_one_element_A2", "1 element coded with a 2-symbol table (one chunk, one symbol)", "§7.3 §8",
+           [uniform_t("x", "float32", (1,), [1], [0], freqs=[1 << 23, 1 << 23], q_min=0)])
+    simple("uniform_single_symbol", "A = 1: constant tensor, no chunks, q_min = -3", "§7.3.1 §7.3.2",
+           [uniform_t("c", "bfloat16", (3, 4), np.full(12, -3), [5]),
+            uniform_t("z", "float16", (2, 2), np.zeros(4), [0, 0], "channel")])
+    lv = np.concatenate([np.arange(65536), rng(2).integers(0, 65536, 256)]) - (1 << 20)
+    simple("uniform_max_alphabet", "A = 65536 (the limit), q_min = -2^20 (the lowest level), every symbol used",
+           "§7.3.1 §12", [uniform_t("x", "float32", (257, 256), lv, [-160])])
+    lv = (1 << 20) - rng(3).integers(0, 65536, 4096)
+    lv[0], lv[1] = 1 << 20, (1 << 20) - 65535
+    simple("uniform_max_level_f16_subnormals", "levels up to 2^20 (the highest), step 2^-40 (code -160), "
+           "float16: results rounded into the subnormal range", "§7.1 §7.3.2 §12",
+           [uniform_t("x", "float16", (64, 64), lv, [-160])])
+    simple("uniform_step_code_max_overflow", "step code 103 (the largest): float16 overflows to +-inf, "
+           "bfloat16 and float32 exact or rounded", "§7.1 §7.3.2",
+           [uniform_t("h", "float16", (5,), [-2, -1, 0, 1, 2], [103]),
+            uniform_t("b", "bfloat16", (5,), [-2, -1, 0, 1, 2], [103]),
+            uniform_t("f", "float32", (5,), [-2, -1, 0, 1, 2], [103]),
+            uniform_t("g", "float32", (3,), [(1 << 20) - 2, (1 << 20) - 1, 1 << 20], [103])])
+    simple("uniform_every_step_code", "every step code -160..103 once (one channel each)", "§7.1",
+           [uniform_t("x", "float32", (264, 3), rng(4).integers(-3, 4, 792), list(range(-160, 104)), "channel")])
+    simple("uniform_rounding_ties_f16", "float16 round-to-nearest-even ties (2049 -> 2048, 2051 -> 2052, "
+           "65520 -> inf) and the largest finite value", "§7.3.2",
+           [uniform_t("x", "float16", (2, 6), [2049, 2051, -2049, 1025, 2050, 4097,
+                                              16376, 16379, 16380, -16380, 0, 1], [0, 8], "channel")])
+    simple("uniform_rounding_ties_bf16", "bfloat16 round-to-nearest-even ties (257 -> 256, 259 -> 260) and "
+           "23-bit values", "§7.3.2",
+           [uniform_t("x", "bfloat16", (6,), [257, 259, -257, 258, 1, 0], [0]),
+            uniform_t("y", "bfloat16", (5,), [1048575, 1048573, 1048574, 999999, 1000001], [-7])])
+    simple("uniform_multichunk", "uniform symbols in chunks of 1000, 1 and 1999 symbols (a fresh range coder "
+           "per chunk)", "§6.2 §7.3.2 §8",
+           [uniform_t("x", "float32", (3000,), rng(5).integers(-40, 41, 3000), [-12], chunks=[1000, 1, 1999])])
+    simple("uniform_channel_multichunk", "per-channel steps with chunk boundaries inside channels", "§7.3.2",
+           [uniform_t("x", "bfloat16", (7, 13), rng(6).integers(-5, 6, 91), [-8, -7, -6, -5, -4, -3, -2],
+                      "channel", chunks=[10, 50, 31])])
+    f3 = [1 << 23, 1 << 22, 1 << 22]
+    wv = [uniform_t("a", "float32", (4,), [0, 1, 2, 0], [0], freqs=f3),
+          uniform_t("b", "float32", (1,), [2], [0], freqs=f3, q_min=0),
+          uniform_t("c", "float32", (10,), [0] * 10, [0], freqs=[TOTAL - 1, 1], q_min=0)]
+    for t, want in zip(wv, ([0x58000000], [0xC0000000], [0])):
+        assert np.frombuffer(t.chunks[0].payload, "<u4").tolist() == want, "§8.7 worked vector differs"
+    simple("rangecoder_worked_vectors", "the worked vectors of §8.7: [0,1,2,0] -> word 0x58000000; [2] -> "
+           "0xC0000000; ten 0s with [2^24-1, 1] -> word 0", "§8.7", wv)
+    cases = find_rc_cases()
+    assert set(cases) == {"carry", "pending", "extra"}, sorted(cases)
+    ts = []
+    for k, (syms, f, words) in sorted(cases.items()):
+        t = uniform_t(f"rc_{k}", "float32", (len(syms),), syms, [0], freqs=f, q_min=0)
+        assert np.frombuffer(t.chunks[0].payload, "<u4").tolist() == words, "tqcodec's coder differs from §8.3"
+        ts.append(t)
+    simple("rangecoder_rare_branches", "payloads that exercise §8.3's pending words resolved without and with "
+           "a carry, and the seal's extra 0 word", "§8.3", ts)
+    skew = [1] * 255 + [TOTAL - 255]
+    simple("rangecoder_skewed_table", "a 256-symbol table with 255 frequencies of 1 (renormalisation on "
+           "nearly every rare symbol)", "§8",
+           [uniform_t("x", "float32", (2000,), rng(7).choice([0, 17, 254, 255, 255, 255, 255, 255], 2000), [-2],
+                      freqs=skew, q_min=0)])
+
+    # alias
+    w = uniform_t("w", "float32", (4, 8), rng(8).integers(-3, 4, 32), [-6, -5, -4, -3], "channel")
+    b = raw_t("b", "bfloat16", np.arange(0x3F00, 0x3F10, dtype="<u2"))
+    s = raw_t("s", "int32", np.array(99))
+    e = raw_t("e", "float32", np.zeros((0, 2)))
+    ts = [w, b, s, e]
+    ts += [alias_t("w_tied", 0, w), alias_t("b_tied", 1, b), alias_t("s_tied", 2, s), alias_t("e_tied", 3, e),
+           alias_t("w_tied_again", 0, w)]
+    simple("alias", "tied tensors: aliases of a uniform, a raw bf16, a 0-d and an empty tensor; two aliases of "
+           "one tensor", "§7.4", ts)
+
+    # manifest, names, metadata
+    meta = {"ints": [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, -32, -33, -128, -129,
+                     -32768, -32769, -2**31, -2**31 - 1, -2**63],
+            "floats": [0.5, -0.0, float("inf"), float("-inf"), 1e300],
+            "nan": float("nan"), "nil": None, "t": True, "f": False, "bin": b"\x00\x01\xff", "bin16": bytes(300),
+            "str8": "x" * 32, "str16": "y" * 300, "str32": "z" * 65536, "arr16": list(range(16)),
+            "map16": {f"k{i:02d}": i for i in range(16)}, "empty": {}, "emptyarr": [], "": "empty key",
+            "Z": 1, "a": 2, "\u00e9": 3, "\uffff": 4, "\U0001F600": 5, "tqz.note": "reserved prefix, readable"}
+    deep = "leaf"
+    for _ in range(14):
+        deep = [deep]
+    meta["deep"] = deep[0]  # depth: manifest 1, metadata 2, "deep" arrays 3..15, leaf 16
+    simple("metadata_all_types", "metadata with every MessagePack type and length form, keys sorted by UTF-8 "
+           "bytes (U+FFFF before U+1F600), nesting depth exactly 16", "§5.1 §5.2",
+           [raw_t("x", "uint8", np.arange(4))], metadata=meta)
+    simple("metadata_max_entries", "4096 metadata entries (the limit)", "§12",
+           [raw_t("x", "uint8", np.arange(4))], metadata={f"key{i:05d}": i for i in range(4096)})
+    t = raw_t("x", "int8", np.arange(-3, 3))
+    t.record["zz_future_record_key"] = {"ignored": True}
+    simple("manifest_unknown_keys", "unknown top-level manifest key and unknown tensor-record key (both "
+           "reserved for later minor versions): ignored", "§5.2 §5.3",
+           [t], extra={"a_future_key": [1, 2, 3], "zzz": None})
+    f = assemble([raw_t("x", "float32", np.arange(6.0))])
+    f.minor, f.optional = 9, 0xFFFFFFFF
+    V("future_minor_and_optional_features", "minor version 9 and every optional feature bit set: read as 1.0",
+      "§4 §13", f.build(), expected_list([raw_t("x", "float32", np.arange(6.0))]))
+    names = ["a.b", "layer.0.weight", "dense/kernel:0", "..a", "a..", ".hidden", "a/b/c", "\u00e9/\u00fc",
+             "sp ace", "\U0001F600", "x" * 1022 + "\u00e9", "~!@#$%^&*()[]{}|;'\",<>?", "a//b", "a/",
+             "c1\u0085control", "rtl\u202eoverride"]
+    simple("tensor_names", "names allowed by §5.4 (dots inside segments, ':', unicode, 1024 UTF-8 bytes, empty "
+           "segments 'a//b' and 'a/', C1 control U+0085 and U+202E, which §5.4 does not forbid)", "§5.4",
+           [raw_t(n, "uint8", np.array([i])) for i, n in enumerate(names)])
+    ts = []
+    r = rng(9)
+    for i in range(1000):
+        k = i % 4
+        if k == 0:
+            ts.append(raw_t(f"t{i:04d}", "float32", r.standard_normal(3)))
+        elif k == 1:
+            ts.append(uniform_t(f"t{i:04d}", "float16", (2, 3), r.integers(-2, 3, 6), [-3]))
+        elif k == 2:
+            ts.append(uniform_t(f"t{i:04d}", "float32", (2,), [i, i], [0]))
+        else:
+            ts.append(alias_t(f"t{i:04d}", i - 3, ts[i - 3]))
+    simple("many_tensors", "1000 tensors: raw, uniform, constant uniform and aliases", "§5.2 §9", ts)
+
+    # ancillary chunks
+    ts = [raw_t("a", "float32", np.arange(4.0), chunks=[8, 8]), uniform_t("b", "float32", (10,), np.arange(10), [0]),
+          uniform_t("c", "float32", (2,), [3, 3], [0])]
+    anc = [(0, Chunk(b"before everything", chunk_type=0x8000)),
+           (1, Chunk(b"", chunk_type=0xFFFF, stream=7, tensor_index=99, sequence=5, item_count=0)),
+           (1, Chunk(b"two in a row", chunk_type=0x8001, stream=65535, tensor_index=0xFFFFFFFF,
+                     sequence=0xFFFFFFFF, item_count=0xFFFFFFFF)),
+           (2, Chunk(b"\x00" * 100, chunk_type=0xC001)),
+           (3, Chunk(b"after the last tensor", chunk_type=0x8002))]
+    f = assemble(ts, ancillary=anc)
+    # assemble sets fields only on DATA chunks of tensors; ancillary fields stay as given
+    V("ancillary_chunks", "ancillary chunks (bit 15 of Chunk_Type) before the first tensor, between tensors, "
+      "after the last; empty payload; unused fields non-zero: all skipped", "§6.1 §6.2", f.build(), expected_list(ts))
+
+    # made by tqcodec's encoder
+    enc = [("encoder_default", "tqcodec.save defaults (mode auto: uniform for 2-d+ floats, raw zstd/none "
+            "for the rest)", {}),
+           ("encoder_mode_uniform_tensor_snr60", "mode uniform for every float tensor, granularity tensor, "
+            "snr_db 60", {"mode": "uniform", "granularity": "tensor", "snr_db": 60.0}),
+           ("encoder_mode_uniform_channel_snr12", "mode uniform, granularity channel, snr_db 12",
+            {"mode": "uniform", "granularity": "channel", "snr_db": 12.0}),
+           ("encoder_mode_raw", "mode raw (everything exact)", {"mode": "raw"}),
+           ("encoder_lossless_metadata", "lossless=True and user metadata", {"lossless": True,
+            "metadata": {"model": "test", "layers": 3, "lr": 1e-3, "tags": ["a", "b"], "cfg": {"d": 16}}})]
+    for name, what, opts in enc:
+        data = encode_with_tqcodec(model_state(), **opts)
+        V(name, what, "§7 (all modes the encoder writes)", data, expected_by_spec(data),
+          notes=ENC_NOTE)
+    sd = model_state(1)
+    sd["tied.a"] = sd["fc.weight"]
+    sd["tied.b"] = sd["emb.weight"]
+    sd["tied.c"] = sd["ids"]
+    with small_chunks(100, 64):
+        data = encode_with_tqcodec(sd, metadata={"note": "tied and multi-chunk"})
+    V("encoder_tied_multichunk", "tqcodec.save with shared-storage tensors (alias) and small chunks (100 "
+      "symbols, 64 bytes) so most tensors span several chunks", "§6.2 §7.4", data, expected_by_spec(data),
+      notes=ENC_NOTE)
+    sd = model_state(2)
+    sd["tied.fc"] = sd["fc.weight"]
+    with small_chunks(64, 32):
+        data = encode_with_tqcodec(sd, mode="uniform", granularity="tensor", snr_db=25.5, lossless=False,
+                                   metadata={"every": "option", "n": [1, 2.5, None, True, b"\x00"]})
+    V("encoder_every_option", "tqcodec.save with every option at once: mode uniform, granularity tensor, "
+      "snr_db 25.5, metadata, a tied tensor, chunks of 64 symbols / 32 bytes", "§6.2 §7", data,
+      expected_by_spec(data), notes=ENC_NOTE)
+    sd = {"nan": torch.tensor([[1.0, float("nan")], [float("inf"), -0.0]]).repeat(10, 10),
+          "ok": torch.randn(16, 16, generator=torch.Generator().manual_seed(3))}
+    data = encode_with_tqcodec(sd, mode="uniform")
+    V("encoder_nonfinite_fallback", "mode uniform with a tensor holding NaN/inf: the encoder stores it raw",
+      "§7.2", data, expected_by_spec(data), notes=ENC_NOTE)
+
+
+def with_minor_1(data: bytes) -> bytes:
+    """Header Minor_Version 1 (files with tq tensors are format 1.1, spec §13) with its Header_CRC32.
+    tqcodec 0.x's writer still puts 0 there; once it writes 1 this is the identity."""
+    if struct.unpack_from("<H", data, 10)[0] >= 1:
+        return data
+    h = bytearray(data[:32])
+    struct.pack_into("<H", h, 10, 1)
+    struct.pack_into("<I", h, 28, crc32(bytes(h[:28])))
+    return bytes(h) + data[32:]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 4 * 4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def tq_encoder_file(seed: int, stats: bool, bits: float) -> bytes:
+    """tqcodec.save(mode="tq") of a tiny seeded model, with stats from tqcodec.calibrate or without."""
+    m = tiny_model(seed)
+    st = None
+    if stats:
+        g = torch.Generator().manual_seed(seed + 1)
+        st = tqcodec.calibrate(m, [torch.randn(4, 3, 6, 6, generator=g) for _ in range(3)], seed=0)
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return with_minor_1(encode_with_tqcodec(sd, mode="tq", bits=bits, stats=st))
+
+
+def make_tq_invalid(out: Out):
+    pass
+
+
+def make_tq_valid(out: Out):
+    V = out.valid
+
+    def simple(name, what, spec, ts):
+        V(name, what, spec, assemble(ts).build(), expected_list(ts))
+
+    r = rng(200)
+    simple("tq_none_one_band", "tq, transform none, one band, float32 [6, 10] (exact)", "§7.5",
+           [tq_t("w", "float32", (6, 10), [(r.integers(-7, 8, (6, 10)), -12)])])
+    simple("tq_none_bands", "tq, transform none, 4 bands of 1, 3, 2 and 6 rows with their own steps, q_min and "
+           "tables", "§7.5.1 §7.5.3",
+           [tq_t("w", "float32", (12, 9), [(r.integers(-3, 4, (1, 9)), -20), (r.integers(0, 40, (3, 9)), -8),
+                                           (r.integers(-100, -90, (2, 9)), 3), (r.integers(-1, 2, (6, 9)), -30)])])
+    simple("tq_single_symbol_bands", "tq bands with A_b = 1 (counts one varint, no chunks, every level q_min) "
+           "between coded bands, and a tensor whose every band has A_b = 1 (no chunks at all)", "§7.5.2",
+           [tq_t("a", "float32", (7, 4), [(np.full((2, 4), -5), -4), (r.integers(-2, 3, (3, 4)), -4),
+                                          (np.full((2, 4), 9), 0)]),
+            tq_t("b", "bfloat16", (3, 5), [(np.zeros((1, 5)), 7), (np.full((2, 5), -1), 7)])])
+    lv = np.concatenate([np.arange(65536), rng(201).integers(0, 65536, 256)]) - (1 << 20)
+    lv2 = (1 << 20) - rng(202).integers(0, 65536, 256 * 3)
+    lv2[0], lv2[1] = 1 << 20, (1 << 20) - 65535
+    simple("tq_max_alphabet_band", "tq band with A_b = 65536 (every symbol used) and q_min = -2^20; a second "
+           "band whose levels reach 2^20 with A_b = 65536", "§7.5.1 §12",
+           [tq_t("x", "float32", (260, 256), [(lv.reshape(257, 256), -160), (lv2.reshape(3, 256), -150)])])
+    simple("tq_extreme_steps", "tq step codes -160 and 103 (the range ends): float16 overflows to +-inf and "
+           "rounds into subnormals, bfloat16 and float32 exact or rounded", "§7.1 §7.5.3",
+           [tq_t("h", "float16", (4, 3), [(np.array([[-2, -1, 0], [1, 2, 0]]), 103),
+                                          (np.array([[1, 2, 3], [16384, 49152, 65535]]), -160)]),
+            tq_t("b", "bfloat16", (2, 3), [(np.array([[-2, -1, 0]]), 103), (np.array([[1, 3, 65536]]), -160)]),
+            tq_t("f", "float32", (2, 3), [(np.array([[-2, 1, 65530]]), 103),
+                                          (np.array([[1, 3, -65530]]), -160)])])
+    simple("tq_layout_in_out", "tq layout in_out: a [10, 6] tensor stored as R^T (n = shape[1] = 6 rows of "
+           "m = 10), 2 bands", "§7.5.1 §7.5.3",
+           [tq_t("w", "float32", (10, 6), [(r.integers(-9, 10, (2, 10)), -10), (r.integers(-9, 10, (4, 10)), -6)],
+                 layout="in_out")])
+    simple("tq_explicit_defaults", "tq params with the optional keys at their defaults written out (layout "
+           "out_in, transform none)", "§7.5.1",
+           [tq_t("w", "float32", (3, 4), [(r.integers(-4, 5, (3, 4)), -3)], explicit=True)])
+    simple("tq_bias_m1", "tq 1-D tensors (m = 1, bias-like): float32 [16] in two bands, float16 [5]", "§7.5",
+           [tq_t("b", "float32", (16,), [(r.integers(-50, 50, (10, 1)), -14), (r.integers(-5, 5, (6, 1)), -18)]),
+            tq_t("c", "float16", (5,), [(r.integers(-50, 50, (5, 1)), -9)])])
+    simple("tq_conv_4d", "tq conv weight [8, 3, 3, 3] (out_in: n = 8, m = 27), 3 bands", "§7.5.3",
+           [tq_t("conv", "float32", (8, 3, 3, 3), [(r.integers(-6, 7, (2, 27)), -7), (r.integers(-6, 7, (3, 27)), -9),
+                                                   (r.integers(-6, 7, (3, 27)), -11)])])
+    for dt, code in (("float16", -14), ("bfloat16", -9), ("float64", -40)):
+        simple(f"tq_dtype_{dt}", f"tq with dtype {dt} (levels x step rounded to {dt}), 2 bands", "§7.5.3",
+               [tq_t("w", dt, (5, 7), [(r.integers(-300, 301, (2, 7)), code),
+                                       (r.integers(-3000, 3001, (3, 7)), code - 3)])])
+    simple("tq_multichunk", "tq bands split into several chunks (400 + 1 + 399 symbols, 7 + 33, one chunk)",
+           "§6.2 §7.5.2",
+           [tq_t("w", "float32", (30, 40), [(r.integers(-40, 41, (20, 40)), -12), (r.integers(-2, 3, (1, 40)), -5),
+                                            (r.integers(-9, 9, (9, 40)), -4)],
+                 chunks=[[400, 1, 399], [7, 33], None])])
+    # float16 transform
+    S = rng(203).standard_normal((12, 4)) * 0.3
+    simple("tq_transform_reduced", "tq transform float16, k = 4 < min(m, n) = 8 (dimensionality reduction): "
+           "[8, 12] tensor, R = (S C)^T, 2 bands", "§7.5.2 §7.5.3",
+           [tq_t("w", "float32", (8, 12), [(r.integers(-20, 21, (1, 8)), -6), (r.integers(-20, 21, (3, 8)), -8)],
+                 S=S)])
+    S = rng(204).standard_normal((6, 6)) * 0.5
+    simple("tq_transform_full_tall", "tq transform float16, k = min(m, n) = m = 6 for a [10, 6] tensor "
+           "(n > m), stream 0 split into chunks of 7, 50 and 15 bytes (inside float16 values)", "§7.5.2 §7.5.3",
+           [tq_t("w", "float32", (10, 6), [(r.integers(-30, 31, (6, 10)), -7)], S=S, s_chunks=[7, 50, 15])])
+    S = rng(205).standard_normal((27, 8)) * 0.2
+    simple("tq_transform_conv", "tq transform float16 on a conv weight [8, 3, 3, 3]: k = min(27, 8) = 8, "
+           "3 bands, float16 dtype", "§7.5.3",
+           [tq_t("conv", "float16", (8, 3, 3, 3), [(r.integers(-9, 10, (2, 8)), -5), (r.integers(-9, 10, (3, 8)), -6),
+                                                   (np.full((3, 8), 2), -9)], S=S)])
+    S = rng(206).standard_normal((9, 3)) * 0.4
+    simple("tq_transform_in_out_bf16", "tq transform float16 with layout in_out, bfloat16 [9, 5] (n = 5, m = 9, "
+           "k = 3)", "§7.5.3",
+           [tq_t("w", "bfloat16", (9, 5), [(r.integers(-15, 16, (3, 5)), -4)], layout="in_out", S=S)])
+    S = rng(207).standard_normal((4, 2))
+    simple("tq_transform_float64", "tq transform float16 with dtype float64 (the binary32 result widened)",
+           "§7.5.3", [tq_t("w", "float64", (6, 4), [(r.integers(-99, 100, (2, 6)), -10)], S=S)])
+    # alias of a tq tensor
+    w = tq_t("w", "float32", (4, 6), [(r.integers(-5, 6, (1, 6)), -3), (r.integers(-5, 6, (3, 6)), -2)])
+    t = tq_t("t", "float32", (6, 4), [(r.integers(-5, 6, (2, 6)), -3)], S=rng(208).standard_normal((4, 2)))
+    simple("tq_alias", "tq tensors aliased: an alias of a tq tensor without transform and of one with a "
+           "float16 transform, next to a uniform tensor", "§7.4 §7.5",
+           [w, uniform_t("u", "float32", (3, 3), r.integers(-2, 3, 9), [-4]), t, alias_t("w_tied", 0, w),
+            alias_t("t_tied", 2, t)])
+    # tqcodec's encoder
+    for name, what, seed, st, bits in (
+            ("encoder_tq_bits4", "tqcodec.save(mode='tq', bits=4) of a tiny seeded conv+MLP model, no calibration "
+             "statistics", 0, False, 4.0),
+            ("encoder_tq_stats", "tqcodec.save(mode='tq', bits=3, stats=tqcodec.calibrate(...)) of a tiny seeded "
+             "conv+MLP model (biases as tq m = 1 tensors)", 1, True, 3.0)):
+        data = tq_encoder_file(seed, st, bits)
+        V(name, what + "; header minor version 1", "§7.5 §13", data, expected_by_spec(data), notes=ENC_NOTE)
+
+
+# --- the invalid vectors ---------------------------------------------------------------------------
+
+def base_tensors():
+    """The base file of the invalid vectors: every mode, multi-chunk streams, tensors without chunks."""
+    r = rng(100)
+    return [
+        uniform_t("w", "float32", (4, 8), r.integers(-5, 6, 32), [-8, -7, -6, -5], "channel", chunks=[16, 16]),
+        raw_t("b", "float32", np.linspace(-1, 1, 8), chunks=[12, 20]),
+        raw_t("z", "int16", np.arange(-20, 20), codec="zstd"),
+        uniform_t("c", "bfloat16", (2, 2), [4, 4, 4, 4], [1]),
+    ]
+
+
+def base():
+    ts = base_tensors()
+    ts += [alias_t("w_tied", 0, ts[0]), raw_t("e", "float32", np.zeros(0)),
+           raw_t("m", "bool", np.array([1, 0, 0, 1, 1]))]
+    return ts
+
+
+# tensor indices in the base file
+W, B, Z, C, WT, E, M = range(7)
+
+
+def make_invalid(out: Out):
+    X = out.invalid
+
+    def good() -> TqzFile:
+        return assemble(base())
+
+    g = good().build()
+    f0 = good()
+    f0.build()
+    mlen = len(f0.manifest)
+    chunk_starts = []
+    pos = 32 + mlen
+    for c in f0.chunks:
+        chunk_starts.append((pos, c))
+        pos += len(c.to_bytes())
+    index_off = pos
+    footer_off = len(g) - 32
+
+    def hdr(name, what, code, **fields):
+        f = good()
+        for k, v in fields.items():
+            setattr(f, k, v)
+        X(name, what, "§3", f.build(), code)
+
+    # --- not a .tqz file / header (§3, §4)
+    X("empty_file", "0 bytes", "§3", b"", "TRUNCATED")
+    X("magic_prefix_1", "1 byte, a prefix of the magic", "§3", g[:1], "TRUNCATED")
+    X("magic_prefix_7", "7 bytes, a prefix of the magic", "§3", g[:7], "TRUNCATED")
+    X("short_not_magic", "3 bytes that are not a prefix of the magic", "§3", b"PK\x03", "BAD_MAGIC")
+    X("magic_only", "the 8 magic bytes alone", "§3", g[:8], "TRUNCATED")
+    X("header_truncated", "31 of the header's 32 bytes", "§3", g[:31], "TRUNCATED")
+    X("html_page", "an HTML error page saved as .tqz", "§3",
+      b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n",
+      "BAD_MAGIC")
+    X("magic_crlf_to_lf", "magic with its \\r\\n rewritten to \\n (text-mode transfer)", "§3",
+      g[:4] + b"\n" + g[6:], "BAD_MAGIC")
+    X("magic_first_byte", "magic with the high bit of byte 0 cleared (7-bit transfer)", "§3",
+      bytes([g[0] & 0x7F]) + g[1:], "BAD_MAGIC")
+    X("safetensors_file", "a safetensors file", "§3",
+      struct.pack("<Q", 16) + b'{"__metadata__":' + b"{}}", "BAD_MAGIC")
+    X("footer_magic_at_start", "the footer magic where the header magic belongs", "§3",
+      b"\x89TQZEND\n" + g[8:], "BAD_MAGIC")
+    hdr("version_0", "Major_Version 0", "UNSUPPORTED_VERSION", major=0)
+    hdr("version_2", "Major_Version 2 (a future major version)", "UNSUPPORTED_VERSION", major=2)
+    hdr("version_65535", "Major_Version 65535", "UNSUPPORTED_VERSION", major=65535)
+    f = good()
+    hb = bytearray(f.header_bytes())
+    hb[8:32] = b"".join(hb[i:i + 2][::-1] if i < 12 else hb[i:i + 4][::-1] for i in
+                        (8, 10, 12, 16, 20, 24, 28))
+    X("header_byte_swapped", "header fields written big-endian (Major_Version reads 256)", "§3",
+      bytes(hb) + g[32:], "UNSUPPORTED_VERSION")
+    hdr("header_crc", "Header_CRC32 off by one", "CHECKSUM_MISMATCH", header_crc=crc32(g[:28]) ^ 1)
+    hdr("header_crc_version_changed", "Minor_Version changed without updating Header_CRC32",
+        "CHECKSUM_MISMATCH", minor=1, header_crc=struct.unpack_from("<I", g, 28)[0])
+    hdr("required_feature_bit0", "Required_Features bit 0 set", "UNKNOWN_REQUIRED_FEATURE", required=1)
+    hdr("required_feature_bit31", "Required_Features bit 31 set", "UNKNOWN_REQUIRED_FEATURE", required=1 << 31)
+    hdr("manifest_length_0", "Manifest_Length 0", "LIMIT_EXCEEDED", manifest_length=0)
+    hdr("manifest_length_over_limit", "Manifest_Length 2^26 + 1", "LIMIT_EXCEEDED", manifest_length=(1 << 26) + 1)
+    hdr("manifest_length_max_u32", "Manifest_Length 2^32 - 1", "LIMIT_EXCEEDED", manifest_length=0xFFFFFFFF)
+    hdr("manifest_length_at_limit_past_eof", "Manifest_Length 2^26 (allowed) in a small file", "TRUNCATED",
+        manifest_length=1 << 26)
+    hdr("manifest_length_too_short", "Manifest_Length one byte short (CRC over the shorter bytes)", "BAD_MANIFEST",
+        manifest_length=mlen - 1, manifest_crc=crc32(f0.manifest[:-1]), footer_manifest_length=mlen - 1)
+
+    # --- manifest (§5)
+    hdr("manifest_crc", "Manifest_CRC32 wrong", "CHECKSUM_MISMATCH", manifest_crc=crc32(f0.manifest) ^ 0x80000000)
+    f = good()
+    bad = bytearray(f.manifest)
+    bad[len(bad) // 2] ^= 0x20
+    f.manifest_crc = crc32(f.manifest)
+    f.manifest = bytes(bad)
+    f.manifest_length = mlen
+    X("manifest_byte_flipped", "a manifest byte changed, Manifest_CRC32 of the original", "§5",
+      f.build(), "CHECKSUM_MISMATCH")
+
+    def man(name, what, spec, manifest_bytes, code, tensor_count=7, keep_chunks=True):
+        f = good()
+        f.manifest = manifest_bytes
+        f.tensor_count = tensor_count
+        if not keep_chunks:
+            f.chunks = []
+        X(name, what, spec, f.build(), code)
+
+    mv = manifest_value(base())
+    mbytes = mp(mv)
+    man("manifest_not_msgpack", "manifest is the byte c1 (never used in MessagePack)", "§5.1", b"\xc1",
+        "BAD_MANIFEST")
+    man("manifest_trailing_bytes", "a valid manifest followed by one more byte inside Manifest_Length", "§5.1",
+        mbytes + b"\xc0", "BAD_MANIFEST")
+    man("manifest_truncated_value", "the manifest's last byte cut (Manifest_Length matches the shorter bytes)",
+        "§5.1", mbytes[:-1], "BAD_MANIFEST")
+    man("manifest_json", "a JSON manifest", "§5.1", json.dumps({"metadata": {}, "tensors": []}).encode(),
+        "BAD_MANIFEST", tensor_count=0, keep_chunks=False)
+
+    def man_v(name, what, spec, value, code, **kw):
+        man(name, what, spec, mp(value), code, **kw)
+
+    tv = mv["tensors"]
+    man_v("manifest_keys_unsorted", "top-level keys in the wrong order (tensors before metadata)", "§5.1",
+          Pairs([("tensors", tv), ("metadata", {})]), "BAD_MANIFEST")
+    man_v("manifest_duplicate_key", "top-level key 'metadata' twice", "§5.1",
+          Pairs([("metadata", {}), ("metadata", {}), ("tensors", tv)]), "BAD_MANIFEST")
+    man_v("metadata_duplicate_key", "a metadata key twice", "§5.1",
+          {"metadata": Pairs([("a", 1), ("a", 1)]), "tensors": tv}, "BAD_MANIFEST")
+    man_v("metadata_nested_map_unsorted", "a map nested in metadata with keys out of order", "§5.1",
+          {"metadata": {"cfg": Pairs([("b", 1), ("a", 2)])}, "tensors": tv}, "BAD_MANIFEST")
+    tv_unsorted = deepcopy(tv)
+    tv_unsorted[B] = Pairs([(k, tv[B][k]) for k in ("name", "dtype", "mode", "params", "shape")])
+    man_v("record_keys_unsorted", "a tensor record with its keys out of order (name first)", "§5.1",
+          {"metadata": {}, "tensors": tv_unsorted}, "BAD_MANIFEST")
+    man_v("tensors_count_past_end", "'tensors' as an array 32 declaring 2^20 + 1 records with 7 present (the "
+          "declared length exceeds the bytes left: §5.1 before the §12 count)", "§5.1 §10.1",
+          {"metadata": {}, "tensors": Raw(b"\xdd" + struct.pack(">I", (1 << 20) + 1) + b"".join(mp(r) for r in tv))},
+          "BAD_MANIFEST")
+    man_v("metadata_keys_utf16_order", "metadata keys sorted by UTF-16 code units (U+1F600 before U+FFFF), "
+          "not by UTF-8 bytes", "§5.1",
+          {"metadata": Pairs([("\U0001F600", 1), ("\uffff", 2)]), "tensors": tv}, "BAD_MANIFEST")
+    for label, raw_bytes, what in (
+            ("int_not_shortest", b"\xcd\x00\x05", "integer 5 as uint 16"),
+            ("neg_int_not_shortest", b"\xd0\xff", "integer -1 as int 8"),
+            ("uint_for_negative_range", b"\xd1\x00\x05", "integer 5 as int 16"),
+            ("float32", b"\xca\x3f\x80\x00\x00", "a float 32"),
+            ("str8_short", b"\xd9\x02ab", "a 2-byte string as str 8"),
+            ("bin16_short", b"\xc5\x00\x02ab", "2 bytes as bin 16"),
+            ("array16_short", b"\xdc\x00\x01\x01", "a 1-element array as array 16"),
+            ("map16_short", b"\xde\x00\x01\xa1a\x01", "a 1-entry map as map 16"),
+            ("ext_type", b"\xd4\x01\x00", "an extension type (fixext 1)"),
+            ("timestamp_ext", b"\xd6\xff\x00\x00\x00\x00", "the timestamp extension"),
+            ("invalid_utf8", b"\xa2\xc3\x28", "a string that is not UTF-8"),
+            ("surrogate_utf8", b"\xa3\xed\xa0\x80", "a string holding a UTF-8-encoded surrogate"),
+            ("str_past_end", b"\xdb\xff\xff\xff\xff", "a str 32 declaring 2^32-1 bytes (more than remain)"),
+            ("array_past_end", b"\xdd\xff\xff\xff\xff", "an array 32 declaring 2^32-1 elements (more than remain)"),
+            ("map_past_end", b"\xdf\x7f\xff\xff\xff", "a map 32 declaring 2^31-1 entries (more than remain)"),
+            ("bin_past_end", b"\xc6\x10\x00\x00\x00", "a bin 32 declaring 2^28 bytes (more than remain)")):
+        man_v(f"msgpack_{label}", f"metadata value is {what}", "§5.1",
+              {"metadata": {"k": Raw(raw_bytes)}, "tensors": tv}, "BAD_MANIFEST")
+    man_v("msgpack_int_key", "a metadata key that is an integer", "§5.1",
+          {"metadata": Pairs([(1, 1)]), "tensors": tv}, "BAD_MANIFEST")
+    man_v("msgpack_bin_key", "a metadata key that is binary", "§5.1",
+          {"metadata": Pairs([(b"k", 1)]), "tensors": tv}, "BAD_MANIFEST")
+    deep = "leaf"
+    for _ in range(14):
+        deep = [deep]
+    man_v("msgpack_depth_17", "nesting depth 17 (manifest 1, metadata 2, 14 arrays, leaf 17)",
+          "§5.1 §12", {"metadata": {"deep": deep}, "tensors": tv}, "BAD_MANIFEST")
+    deep = Raw(b"\x91" * 2000 + b"\x00")
+    man_v("msgpack_depth_2000", "nesting depth 2000 (stack exhaustion in naive decoders)", "§5.1",
+          {"metadata": {"deep": deep}, "tensors": tv}, "BAD_MANIFEST")
+    man_v("manifest_not_map", "manifest is an array", "§5.2", [{}, tv], "BAD_MANIFEST")
+    man_v("manifest_no_metadata", "manifest without 'metadata'", "§5.2", {"tensors": tv}, "BAD_MANIFEST")
+    man_v("manifest_no_tensors", "manifest without 'tensors'", "§5.2", {"metadata": {}}, "BAD_MANIFEST",
+          tensor_count=0, keep_chunks=False)
+    man_v("metadata_not_map", "'metadata' is an array", "§5.2", {"metadata": [], "tensors": tv}, "BAD_MANIFEST")
+    man_v("tensors_not_array", "'tensors' is a map", "§5.2", {"metadata": {}, "tensors": {"w": tv[0]}},
+          "BAD_MANIFEST", tensor_count=0, keep_chunks=False)
+    man_v("metadata_too_many_entries", "4097 metadata entries", "§12",
+          {"metadata": {f"key{i:05d}": i for i in range(4097)}, "tensors": tv}, "LIMIT_EXCEEDED")
+    # 2^20 + 1 tensor records (empty maps, 1 byte each): the count is over the limit before any record
+    many = Raw(b"\xdd" + struct.pack(">I", (1 << 20) + 1) + b"\x80" * ((1 << 20) + 1))
+    f = good()
+    f.manifest = mp({"metadata": {}, "tensors": many})
+    f.tensor_count = (1 << 20) + 1
+    f.chunks = []
+    f.spans = []
+    X("too_many_tensors", "2^20 + 1 tensor records (the index is left out: decoding stops at the manifest)",
+      "§12", f.build(), "LIMIT_EXCEEDED")
+
+    # --- tensor records (§5.3-§5.5)
+    def rec(name, what, spec, code, i, change):
+        ts = base()
+        change(ts[i].record)
+        X(name, what, spec, assemble(ts).build(), code)
+
+    def setk(k, v):
+        return lambda r: r.__setitem__(k, v)
+
+    def delk(k):
+        return lambda r: r.pop(k)
+
+    man_v("record_not_map", "a tensor record that is an array", "§5.3",
+          {"metadata": {}, "tensors": tv[:6] + [["m", "bool"]]}, "BAD_TENSOR_RECORD")
+    for k in ("name", "dtype", "shape", "mode", "params"):
+        rec(f"record_missing_{k}", f"a tensor record without '{k}'", "§5.3", "BAD_TENSOR_RECORD", B, delk(k))
+    rec("name_not_string", "name is binary", "§5.3", "BAD_TENSOR_RECORD", B, setk("name", b"b"))
+    rec("name_empty", "empty name", "§5.4", "BAD_TENSOR_RECORD", B, setk("name", ""))
+    rec("name_1025_bytes", "a name of 1025 UTF-8 bytes", "§5.4 §12", "BAD_TENSOR_RECORD", B,
+        setk("name", "x" * 1023 + "\u00e9"))
+    for label, bad_name in (("nul", "a\x00b"), ("newline", "a\nb"), ("unit_separator", "a\x1fb"),
+                            ("del", "a\x7fb"), ("backslash", "a\\b"), ("leading_slash", "/etc/passwd"),
+                            ("dot_segment", "a/./b"), ("dotdot_start", "../x"), ("dotdot_end", "a/.."),
+                            ("dot", "."), ("dotdot", "..")):
+        rec(f"name_{label}", f"name {bad_name!r}", "§5.4", "BAD_TENSOR_RECORD", B, setk("name", bad_name))
+    tv_bad = deepcopy(tv)
+    tv_bad[B]["name"] = Raw(b"\xa1\xff")
+    man_v("name_invalid_utf8", "a tensor name whose bytes are not UTF-8 (ff)", "§5.1 §5.4",
+          {"metadata": {}, "tensors": tv_bad}, "BAD_MANIFEST")
+    rec("name_duplicate", "two tensors named 'w'", "§5.4", "BAD_TENSOR_RECORD", B, setk("name", "w"))
+    rec("dtype_unknown", "dtype 'complex64'", "§5.5", "BAD_TENSOR_RECORD", B, setk("dtype", "complex64"))
+    rec("dtype_float8", "dtype 'float8_e4m3fn'", "§5.5", "BAD_TENSOR_RECORD", B, setk("dtype", "float8_e4m3fn"))
+    rec("dtype_case", "dtype 'Float32'", "§5.5", "BAD_TENSOR_RECORD", B, setk("dtype", "Float32"))
+    rec("dtype_not_string", "dtype is an integer", "§5.3", "BAD_TENSOR_RECORD", B, setk("dtype", 4))
+    rec("shape_not_array", "shape is an integer", "§5.3", "BAD_TENSOR_RECORD", B, setk("shape", 8))
+    rec("shape_negative", "shape [-8] instead of [8]", "§5.3",
+        "BAD_TENSOR_RECORD", B, setk("shape", [-8]))
+    rec("shape_negative_pair", "shape [-2, -4] (product 8)", "§5.3", "BAD_TENSOR_RECORD", B, setk("shape", [-2, -4]))
+    rec("shape_float", "a dimension that is a float", "§5.3", "BAD_TENSOR_RECORD", B, setk("shape", [8.0]))
+    rec("shape_bool", "a dimension that is true", "§5.3", "BAD_TENSOR_RECORD", B, setk("shape", [True] * 8))
+    rec("ndim_9", "9 dimensions", "§12", "LIMIT_EXCEEDED", B, setk("shape", [1] * 8 + [8]))
+    rec("dim_over_limit", "a dimension of 2^40 + 1 (with a 0 dimension: no elements)", "§12", "LIMIT_EXCEEDED", E,
+        setk("shape", [(1 << 40) + 1, 0]))
+    rec("numel_over_limit", "2^36 + 2 elements (two dimensions within limits)", "§12", "LIMIT_EXCEEDED", C,
+        setk("shape", [2, (1 << 35) + 1]))
+    rec("numel_wraps_to_0_u64", "shape [2^40, 2^24]: numel 2^64, which is 0 in 64-bit arithmetic", "§12",
+        "LIMIT_EXCEEDED", B, setk("shape", [1 << 40, 1 << 24]))
+    rec("numel_wraps_negative_i64", "shape [2^32, 2^31]: numel 2^63, negative in signed 64-bit arithmetic", "§12",
+        "LIMIT_EXCEEDED", B, setk("shape", [1 << 32, 1 << 31]))
+    rec("dim_u64_max", "a dimension of 2^64 - 1", "§12", "LIMIT_EXCEEDED", E, setk("shape", [2**64 - 1, 0]))
+    rec("mode_unknown", "mode 'lzma'", "§7", "UNKNOWN_MODE", B, setk("mode", "lzma"))
+    rec("mode_unknown_future", "mode 'transform' (a later version's mode)", "§7 §13", "UNKNOWN_MODE", W,
+        setk("mode", "transform"))
+    rec("mode_not_string", "mode is an integer", "§5.3", "BAD_TENSOR_RECORD", B, setk("mode", 1))
+    rec("params_not_map", "params is an array", "§5.3", "BAD_TENSOR_RECORD", B, setk("params", ["none"]))
+
+    def par(name, what, spec, code, i, change):
+        rec(name, what, spec, code, i, lambda r: change(r["params"]))
+
+    # raw
+    par("raw_codec_missing", "raw params without 'codec'", "§7.2", "BAD_TENSOR_RECORD", B, lambda p: p.pop("codec"))
+    par("raw_codec_unknown", "raw codec 'lz4'", "§7.2", "BAD_TENSOR_RECORD", B, lambda p: p.update(codec="lz4"))
+    par("raw_codec_case", "raw codec 'ZSTD'", "§7.2", "BAD_TENSOR_RECORD", B, lambda p: p.update(codec="ZSTD"))
+    par("raw_codec_not_string", "raw codec is an integer", "§7.2", "BAD_TENSOR_RECORD", B,
+        lambda p: p.update(codec=0))
+    par("raw_params_extra_key", "raw params with an extra key", "§7.2", "BAD_TENSOR_RECORD", B,
+        lambda p: p.update(level=3))
+    # uniform
+    rec("uniform_int_dtype", "uniform with dtype int32", "§7.3", "BAD_TENSOR_RECORD", W, setk("dtype", "int32"))
+    rec("uniform_bool_dtype", "uniform with dtype bool", "§7.3", "BAD_TENSOR_RECORD", C, setk("dtype", "bool"))
+    rec("uniform_empty_tensor", "uniform with 0 elements (A = 1, no chunks)", "§7.3", "BAD_TENSOR_RECORD", C,
+        setk("shape", [0, 2]))
+    rec("uniform_channel_0d", "granularity channel on a 0-d tensor", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda r: (r.update(shape=[]), r["params"].update(granularity="channel")))
+    par("uniform_granularity_unknown", "granularity 'row'", "§7.3", "BAD_TENSOR_RECORD", W,
+        lambda p: p.update(granularity="row"))
+    par("uniform_steps_too_many_tensor", "granularity tensor with 2 step codes", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(steps=[1, 1]))
+    par("uniform_steps_empty", "granularity tensor with no step code", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(steps=[]))
+    par("uniform_steps_too_few_channel", "granularity channel with shape[0] - 1 step codes", "§7.3",
+        "BAD_TENSOR_RECORD", W, lambda p: p.update(steps=p["steps"][:3]))
+    par("uniform_steps_too_many_channel", "granularity channel with shape[0] + 1 step codes", "§7.3",
+        "BAD_TENSOR_RECORD", W, lambda p: p.update(steps=p["steps"] + [0]))
+    par("uniform_step_float", "a step code that is a float (0.5)", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(steps=[0.5]))
+    par("uniform_step_nan", "a step given as a float NaN", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(steps=[float("nan")]))
+    par("uniform_step_inf", "a step given as a float infinity", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(steps=[float("inf")]))
+    par("uniform_step_zero_float", "a step given as float 0.0", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(steps=[0.0]))
+    par("uniform_steps_not_array", "steps is an integer", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(steps=1))
+    par("uniform_step_code_below", "step code -161", "§7.1", "BAD_STEP", C, lambda p: p.update(steps=[-161]))
+    par("uniform_step_code_above", "step code 104", "§7.1", "BAD_STEP", C, lambda p: p.update(steps=[104]))
+    par("uniform_step_code_huge", "step code 2^64 - 1", "§7.1", "BAD_STEP", C, lambda p: p.update(steps=[2**64 - 1]))
+    par("uniform_step_code_min_i64", "step code -2^63", "§7.1", "BAD_STEP", C, lambda p: p.update(steps=[-2**63]))
+    par("uniform_step_codes_mixed_extremes", "per-channel step codes 2^64 - 1 and -1 (one out of range)", "§7.1",
+        "BAD_STEP", W, lambda p: p.update(steps=[2**64 - 1, -1, -1, -1]))
+    par("uniform_step_bool_among_ints", "per-channel step codes with one 'true' among integers", "§7.3",
+        "BAD_TENSOR_RECORD", W, lambda p: p.update(steps=[-8, True, -6, -5]))
+    par("uniform_steps_nested", "per-channel step codes as one-element arrays [[-8], [-7], [-6], [-5]]", "§7.3",
+        "BAD_TENSOR_RECORD", W, lambda p: p.update(steps=[[c] for c in p["steps"]]))
+    par("uniform_step_code_out_channel", "one channel's step code 104, the others valid", "§7.1", "BAD_STEP", W,
+        lambda p: p.update(steps=[-8, -7, 104, -5]))
+    par("uniform_q_min_bool", "q_min is false (not an integer)", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(q_min=False))
+    par("uniform_q_min_float", "q_min is a float", "§7.3", "BAD_TENSOR_RECORD", C, lambda p: p.update(q_min=4.0))
+    par("uniform_freqs_not_binary", "freqs is a string", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(freqs="\x80\x80\x80\x08"))
+    par("uniform_freqs_array", "freqs is an array of integers", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(freqs=[1 << 24]))
+    par("uniform_params_missing_q_min", "uniform params without q_min", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.pop("q_min"))
+    par("uniform_params_extra_key", "uniform params with an extra key", "§7.3", "BAD_TENSOR_RECORD", C,
+        lambda p: p.update(extra=1))
+    for label, table, what in (
+            ("empty", b"", "an empty table"),
+            ("varint_5_bytes", b"\x80\x80\x80\x88\x00", "a varint of 5 bytes"),
+            ("overlong_zero", b"\x80\x80\x80\x08\x80\x00", "2^24 then an overlong 0 (80 00)"),
+            ("overlong_nonzero", leb128([TOTAL - 1]) + b"\x81\x00", "2^24 - 1 then 1 written overlong (81 00)"),
+            ("zero", leb128([TOTAL, 0]), "a frequency 0 (after 2^24)"),
+            ("zero_first", leb128([0, TOTAL]), "a frequency 0 first"),
+            ("sum_low", leb128([TOTAL - 1]), "sum 2^24 - 1"),
+            ("sum_high", leb128([TOTAL, 1]), "sum 2^24 + 1"),
+            ("sum_high_two", leb128([1 << 23, (1 << 23) + 1]), "sum 2^24 + 1 over two entries"),
+            ("sum_overflow_u32", leb128([(1 << 28) - 1] * 16 + [TOTAL + 16]),
+             "16 x (2^28 - 1) + 2^24 + 16: sum 2^32 + 2^24, which is 2^24 modulo 2^32"),
+            ("truncated_varint", leb128([TOTAL])[:-1], "the last varint cut (high bit set on the last byte)"),
+            ("A_65537", leb128([256] * 65535 + [255, 1]), "65537 entries (sum 2^24)")):
+        par(f"table_{label}", f"frequency table: {what}", "§7.3.1", "BAD_TABLE", C,
+            lambda p, t=table: p.update(freqs=t))
+    par("table_varint_5_bytes_value", "frequency table: 2^23 then 2^23 written in 5 bytes (80 80 80 84 00)",
+        "§7.3.1", "BAD_TABLE", C, lambda p: p.update(freqs=leb128([1 << 23]) + b"\x80\x80\x80\x84\x00"))
+    par("table_varint_4_bytes_over", "frequency table: a 4-byte varint of 2^28 - 1 (fits 4 bytes but sum wrong)",
+        "§7.3.1", "BAD_TABLE", C, lambda p: p.update(freqs=b"\xff\xff\xff\x7f"))
+    par("q_min_below_limit", "q_min = -2^20 - 1", "§7.3 §12", "LIMIT_EXCEEDED", W,
+        lambda p: p.update(q_min=-(1 << 20) - 1))
+    par("q_max_above_limit", "q_min + A - 1 = 2^20 + 1 (A = 1, q_min = 2^20 + 1)", "§7.3 §12", "LIMIT_EXCEEDED",
+        C, lambda p: p.update(q_min=(1 << 20) + 1))
+    par("q_max_above_limit_by_A", "q_min = 2^20 - 9 with A = 11 (top level 2^20 + 1)", "§7.3 §12",
+        "LIMIT_EXCEEDED", W, lambda p: p.update(q_min=(1 << 20) - 9))
+    par("q_min_u64_max", "q_min = 2^64 - 1", "§7.3 §12", "LIMIT_EXCEEDED", C, lambda p: p.update(q_min=2**64 - 1))
+    par("q_min_i64_min", "q_min = -2^63", "§7.3 §12", "LIMIT_EXCEEDED", C, lambda p: p.update(q_min=-2**63))
+    # alias
+    par("alias_self", "alias of itself", "§7.4", "BAD_TENSOR_RECORD", WT, lambda p: p.update(of=WT))
+    par("alias_forward", "alias of a later tensor", "§7.4", "BAD_TENSOR_RECORD", WT, lambda p: p.update(of=E))
+    par("alias_negative", "alias of -1", "§7.4", "BAD_TENSOR_RECORD", WT, lambda p: p.update(of=-1))
+    par("alias_out_of_range", "alias of 2^32", "§7.4", "BAD_TENSOR_RECORD", WT, lambda p: p.update(of=2**32))
+    par("alias_not_int", "alias 'of' is the name 'w'", "§7.4", "BAD_TENSOR_RECORD", WT, lambda p: p.update(of="w"))
+    par("alias_of_true", "alias 'of' is true (not an integer)", "§7.4", "BAD_TENSOR_RECORD", WT,
+        lambda p: p.update(of=True))
+    par("alias_missing_of", "alias params without 'of'", "§7.4", "BAD_TENSOR_RECORD", WT, lambda p: p.pop("of"))
+    par("alias_extra_key", "alias params with an extra key", "§7.4", "BAD_TENSOR_RECORD", WT,
+        lambda p: p.update(name="w"))
+    rec("alias_dtype_differs", "alias with another dtype than its target", "§7.4", "BAD_TENSOR_RECORD", WT,
+        setk("dtype", "float16"))
+    rec("alias_shape_differs", "alias with another shape than its target", "§7.4", "BAD_TENSOR_RECORD", WT,
+        setk("shape", [8, 4]))
+    ts = base()
+    ts.append(alias_t("tied_tied", WT, ts[WT]))
+    X("alias_of_alias", "an alias of an alias", "§7.4", assemble(ts).build(), "BAD_TENSOR_RECORD")
+
+    # --- chunks (§6)
+    def chunk(name, what, spec, code, k, **fields):
+        f = good()
+        c = f.chunks[k]
+        for key, v in fields.items():
+            setattr(c, key, v)
+        X(name, what, spec, f.build(), code)
+
+    # chunk positions in the base: 0,1 = w; 2,3 = b; 4 = z; 5 = m
+    chunk("chunk_header_crc", "a chunk's Header_CRC32 wrong", "§6", "CHECKSUM_MISMATCH", 2,
+          header_crc=crc32(f0.chunks[2].header()[:28]) ^ 0x10000)
+    chunk("chunk_payload_crc_uniform", "a range-coded chunk's Payload_CRC32 wrong", "§6", "CHECKSUM_MISMATCH", 1,
+          payload_crc=crc32(f0.chunks[1].payload) ^ 1)
+    chunk("chunk_payload_crc_raw", "a raw chunk's payload changed, CRC of the original", "§6", "CHECKSUM_MISMATCH",
+          3, payload=b"\x00" * len(f0.chunks[3].payload), payload_crc=crc32(f0.chunks[3].payload))
+    chunk("chunk_payload_crc_zstd", "a zstd chunk's Payload_CRC32 wrong", "§6", "CHECKSUM_MISMATCH", 4,
+          payload_crc=0)
+    chunk("chunk_tag_wrong", "a chunk tag 'TQCk'", "§10.1", "BAD_CHUNK", 2, tag=b"TQCk")
+    chunk("chunk_type_0", "Chunk_Type 0", "§6.1", "UNKNOWN_CHUNK", 2, chunk_type=0)
+    chunk("chunk_type_2", "Chunk_Type 2 (a critical type of a later version)", "§6.1", "UNKNOWN_CHUNK", 2,
+          chunk_type=2)
+    chunk("chunk_type_7fff", "Chunk_Type 0x7FFF (critical)", "§6.1", "UNKNOWN_CHUNK", 0, chunk_type=0x7FFF)
+    chunk("chunk_tensor_index_out_of_range", "Tensor_Index = Tensor_Count", "§6.2", "BAD_CHUNK", 5, tensor_index=7)
+    chunk("chunk_tensor_index_huge", "Tensor_Index 2^32 - 1", "§6.2", "BAD_CHUNK", 0, tensor_index=0xFFFFFFFF)
+    chunk("chunk_stream_1", "Stream 1 for a mode with 1 stream", "§6.2", "BAD_CHUNK", 2, stream=1)
+    chunk("chunk_item_count_0", "Item_Count 0 (payload empty)", "§6.2", "BAD_CHUNK", 5, item_count=0, payload=b"")
+    chunk("chunk_item_count_over_limit", "Item_Count 2^26 + 1", "§6.2 §12", "LIMIT_EXCEEDED", 5,
+          item_count=(1 << 26) + 1)
+    chunk("chunk_payload_length_over_limit", "Payload_Length 2^28 + 1 (checked before the file's end)",
+          "§6.2 §12", "LIMIT_EXCEEDED", 5, payload_length=(1 << 28) + 1)
+    chunk("chunk_payload_length_u32_max", "Payload_Length 2^32 - 1", "§6.2 §12", "LIMIT_EXCEEDED", 0,
+          payload_length=0xFFFFFFFF)
+    chunk("chunk_payload_past_eof", "a zstd chunk's Payload_Length reaches 1 byte past the end of the file",
+          "§10.1", "TRUNCATED", 4,
+          payload_length=len(f0.chunks[4].payload) + 32 + len(f0.chunks[5].payload) + 4 + 16 * 7 + 32 + 1)
+    chunk("chunk_sequence_starts_at_1", "first chunk of a stream has Sequence 1", "§6.2", "BAD_CHUNK", 2, sequence=1)
+    chunk("chunk_sequence_gap", "Sequence 0 then 2", "§6.2", "BAD_CHUNK", 3, sequence=2)
+    chunk("chunk_sequence_repeated", "Sequence 0 then 0", "§6.2", "BAD_CHUNK", 3, sequence=0)
+    f = good()
+    f.chunks[2], f.chunks[3] = f.chunks[3], f.chunks[2]
+    X("chunks_swapped_within_stream", "a stream's chunks in the order Sequence 1, 0", "§6.2", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks = f.chunks[2:4] + f.chunks[0:2] + f.chunks[4:]
+    X("chunks_tensor_order", "tensor 1's chunks before tensor 0's", "§6.2", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks = f.chunks[:1] + f.chunks[2:3] + f.chunks[1:2] + f.chunks[3:]
+    X("chunks_interleaved", "tensor 1's first chunk inside tensor 0's chunks", "§6.2", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks.insert(3, deepcopy(f.chunks[2]))
+    f.chunks[3].sequence = 1
+    f.chunks[4].sequence = 2
+    X("chunk_duplicated", "a chunk repeated (its items counted twice)", "§6.2", f.build(), "BAD_CHUNK")
+    f = good()
+    del f.chunks[3]
+    X("chunk_missing_last_of_stream", "a stream's last chunk missing (items short when the next tensor starts)",
+      "§6.2", f.build(), "BAD_CHUNK")
+    f = good()
+    del f.chunks[5]
+    X("chunk_missing_last_of_file", "the last tensor's chunk missing (index starts with the tensor incomplete)",
+      "§6.2 §10.1", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks.append(Chunk(b"\x01", tensor_index=M, sequence=1, item_count=1))
+    X("chunk_after_complete", "an extra chunk after its tensor is complete", "§6.2", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks.insert(5, Chunk(b"\x00" * 4, tensor_index=E, item_count=4))
+    X("chunk_for_empty_tensor", "a chunk for a tensor with 0 elements", "§6.2", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks.insert(5, Chunk(b"\x00" * 4, tensor_index=WT, item_count=1))
+    X("chunk_for_alias", "a chunk for an alias (0 streams)", "§6.2 §7.4", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks.insert(5, Chunk(b"\x00" * 4, tensor_index=C, item_count=4))
+    X("chunk_for_single_symbol", "a chunk for a uniform tensor with A = 1 (its stream has no chunks)",
+      "§7.3.2", f.build(), "BAD_CHUNK")
+    chunk("chunk_items_more_than_declared", "a stream's chunks hold 1 item more than numel x itemsize "
+          "(raw none, payload matches)", "§6.2", "BAD_CHUNK", 3, payload=f0.chunks[3].payload + b"\x00",
+          item_count=21)
+    chunk("chunk_items_fewer_raw", "a raw stream's chunks hold 1 byte fewer (index follows)", "§6.2", "BAD_CHUNK",
+          5, payload=f0.chunks[5].payload[:-1], item_count=4)
+    chunk("chunk_symbols_more_uniform", "a uniform chunk's Item_Count 1 too high", "§6.2", "BAD_CHUNK", 1,
+          item_count=17)
+    chunk("chunk_symbols_fewer_uniform", "a uniform stream's chunks declare 1 symbol fewer than numel", "§6.2",
+          "BAD_CHUNK", 1, item_count=15)
+    f = good()
+    # symbols 16 + 16: declare 15 + 17 (sum right); chunk 0 then decodes 15 symbols from a 16-symbol payload
+    f.chunks[0].item_count, f.chunks[1].item_count = 15, 17
+    X("chunk_item_counts_shifted", "Item_Counts 15 + 17 for payloads of 16 + 16 symbols (sum right; each "
+      "payload is not the coding of its declared count)", "§7.3.2 §8.5", f.build(), "BAD_PAYLOAD")
+    f = good()
+    f.chunks[2].item_count, f.chunks[3].item_count = 13, 19
+    X("raw_none_counts_shifted", "raw none: Item_Counts 13 + 19 for payloads of 12 + 20 bytes (sum right)",
+      "§7.2", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks.insert(2, b"\x00" * 8)
+    X("garbage_between_chunks", "8 zero bytes between two tensors' chunks", "§10.1", f.build(), "BAD_CHUNK")
+    f = good()
+    f.chunks.insert(6, b"JUNK")
+    X("garbage_before_index", "4 bytes 'JUNK' between the last chunk and the index", "§10.1", f.build(), "BAD_CHUNK")
+    # ancillary
+    f = good()
+    f.chunks.insert(1, Chunk(b"inside", chunk_type=0x8000))
+    X("ancillary_inside_tensor", "an ancillary chunk between two chunks of one tensor", "§6.2", f.build(),
+      "BAD_CHUNK")
+    f = good()
+    f.chunks.insert(2, Chunk(b"anc", chunk_type=0x8000, header_crc=0))
+    X("ancillary_header_crc", "an ancillary chunk with a wrong Header_CRC32", "§6 §6.1", f.build(),
+      "CHECKSUM_MISMATCH")
+    f = good()
+    f.chunks.insert(2, Chunk(b"anc", chunk_type=0x8000, payload_crc=0))
+    X("ancillary_payload_crc", "an ancillary chunk with a wrong Payload_CRC32 (CRCs checked before skipping)",
+      "§6.1", f.build(), "CHECKSUM_MISMATCH")
+    f = good()
+    f.chunks.insert(2, Chunk(b"anc", chunk_type=0x8000, payload_length=(1 << 28) + 1))
+    X("ancillary_payload_length_over_limit", "an ancillary chunk with Payload_Length 2^28 + 1", "§12",
+      f.build(), "LIMIT_EXCEEDED")
+    f = good()
+    f.chunks.append(Chunk(b"anc" * 100, chunk_type=0x8000, payload_length=1000))
+    X("ancillary_past_eof", "an ancillary chunk whose payload runs past the end of the file", "§10.1",
+      f.build(), "TRUNCATED")
+
+    # --- payloads (§7, §8)
+    import zstandard
+    zdata = np.arange(-20, 20, dtype="<i2").tobytes()
+
+    def zchunk(name, what, payload, code="BAD_PAYLOAD", item_count=None):
+        f = good()
+        f.chunks[4].payload = payload
+        if item_count is not None:
+            f.chunks[4].item_count = item_count
+        X(name, what, "§7.2", f.build(), code)
+
+    cc = zstandard.ZstdCompressor(level=3, write_content_size=True)
+    zchunk("zstd_larger_than_declared", "zstd frame with Frame_Content_Size 81 (and 81 bytes of content) in a chunk declaring 80 items",
+           cc.compress(zdata + b"\x00"))
+    zchunk("zstd_larger_no_content_size", "zstd frame without content size that decompresses to 81 bytes, "
+           "chunk declares 80", zstd_frame(zdata + b"\x00", content_size=False))
+    zchunk("zstd_smaller_than_declared", "zstd frame of 79 bytes, chunk declares 80",
+           zstd_frame(zdata[:-1], content_size=False))
+    zchunk("zstd_content_size_lies", "zstd frame whose Frame_Content_Size says 80 but whose blocks hold 81 bytes",
+           zstd_frame(zdata + b"\x00")[:5] + bytes([80]) + zstd_frame(zdata + b"\x00")[6:])
+    zchunk("zstd_bomb", "a 40-byte zstd frame (RLE blocks, no content size) that expands to 4 MiB, chunk "
+           "declares 80 items", b"\x28\xb5\x2f\xfd\x00\x58" + b"".join(
+               struct.pack("<I", (1 if i == 31 else 0) | (1 << 1) | ((1 << 17) << 3))[:3] + b"\x00"
+               for i in range(32)))
+    zchunk("zstd_trailing_bytes", "a valid frame followed by one more payload byte",
+           cc.compress(zdata) + b"\x00")
+    zchunk("zstd_two_frames", "two frames of 40 bytes each", cc.compress(zdata[:40]) + cc.compress(zdata[40:]))
+    zchunk("zstd_skippable_frame", "a skippable frame followed by the data frame",
+           b"\x50\x2a\x4d\x18" + struct.pack("<I", 4) + b"skip" + cc.compress(zdata))
+    zchunk("zstd_not_a_frame", "the raw bytes, not a zstd frame", zdata)
+    fr = bytearray(cc.compress(zdata))
+    fr[-2] ^= 0xFF
+    zchunk("zstd_corrupt_block", "a frame with a damaged compressed block", bytes(fr))
+    ck = bytearray(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(zdata))
+    ck[-1] ^= 0xFF
+    zchunk("zstd_bad_checksum", "a frame whose content checksum does not match", bytes(ck))
+    zchunk("zstd_reserved_bit", "a frame header with the reserved bit set", zstd_frame(zdata)[:4] +
+           bytes([zstd_frame(zdata)[4] | 0x08]) + zstd_frame(zdata)[5:])
+    zchunk("zstd_needs_dictionary", "a frame whose header names dictionary 7", b"\x28\xb5\x2f\xfd\x21\x07"
+           + zstd_frame(zdata)[5:])
+    zchunk("zstd_truncated", "a frame cut inside its last block", zstd_frame(zdata)[:-3])
+    f = good()
+    f.chunks[5].payload = b"\x01\x00\x02\x01\x01"
+    X("bool_byte_2", "a bool tensor holding the byte 2 (raw none)", "§5.5", f.build(), "BAD_PAYLOAD")
+    ts = base()
+    ts[M] = raw_t("m", "bool", np.array([1, 0, 255, 1, 1]), codec="zstd")
+    X("bool_byte_255_zstd", "a bool tensor holding the byte 255 (raw zstd)", "§5.5", assemble(ts).build(),
+      "BAD_PAYLOAD")
+
+    def uchunk(name, what, spec, payload, code="BAD_PAYLOAD", k=1):
+        f = good()
+        f.chunks[k].payload = payload
+        X(name, what, spec, f.build(), code)
+
+    p1 = f0.chunks[1].payload
+    uchunk("rc_append_word", "a range-coded payload with one more word (0)", "§8.5", p1 + b"\x00" * 4)
+    uchunk("rc_append_word_ff", "a range-coded payload with one more word (0xFFFFFFFF)", "§8.5", p1 + b"\xff" * 4)
+    uchunk("rc_drop_word", "a range-coded payload without its last word", "§8.5", p1[:-4])
+    last = struct.unpack("<I", p1[-4:])[0]
+    uchunk("rc_last_word_plus_1", "the seal word + 1 (still decodes the same symbols, not canonical)", "§8.5",
+           p1[:-4] + struct.pack("<I", (last + 1) & 0xFFFFFFFF))
+    uchunk("rc_first_word_changed", "a range-coded payload with its first word changed", "§8.5",
+           struct.pack("<I", struct.unpack("<I", p1[:4])[0] ^ 0x00010000) + p1[4:])
+    uchunk("rc_quantile_out_of_range", "payload FF FF FF FF FF FF FF FF...: first quantile >= 2^24", "§8.4 §8.5",
+           b"\xff" * len(p1))
+    uchunk("rc_length_not_multiple_of_4", "a range-coded payload of 4n + 1 bytes", "§7.3.2", p1 + b"\x00",
+           "BAD_CHUNK")
+    uchunk("rc_length_0", "a range-coded payload of 0 bytes", "§7.3.2", b"", "BAD_CHUNK")
+    uchunk("rc_length_3", "a range-coded payload of 3 bytes", "§7.3.2", p1[:3], "BAD_CHUNK")
+    ts = base()
+    p = ts[W].record["params"]
+    A = len([1 for b_ in p["freqs"] if not b_ & 0x80])
+    other = frequencies_from_counts(np.arange(1, A + 1)).tolist()
+    p["freqs"] = leb128(other)
+    X("rc_other_table", "uniform params' table replaced by another valid table of the same length (payloads "
+      "coded with the first)", "§8.5", assemble(ts).build(), "BAD_PAYLOAD")
+    ts = base()
+    f1 = ts[W].chunks[1]
+    freqs_w = []
+    cur = shift = 0
+    for b_ in ts[W].record["params"]["freqs"]:
+        cur |= (b_ & 0x7F) << shift
+        shift += 7
+        if not b_ & 0x80:
+            freqs_w.append(cur)
+            cur = shift = 0
+    sym_w = np.array([1, 2, 3, 4] * 5, dtype=np.int32)
+    words = np.asarray(encode_symbols(sym_w, np.array(freqs_w, dtype=np.uint32)), "<u4").tobytes()
+    f1.payload = words
+    X("rc_payload_for_more_symbols", "a payload coding 20 symbols in a chunk declaring 16", "§8.5",
+      assemble(ts).build(), "BAD_PAYLOAD")
+
+    # --- index and footer (§9)
+    def foot(name, what, code, **fields):
+        f = good()
+        for k, v in fields.items():
+            setattr(f, k, v)
+        X(name, what, "§9", f.build(), code)
+
+    spans = f0.computed_spans()
+
+    def spans_with(i, v):
+        s = list(spans)
+        s[i] = v
+        return s
+
+    foot("index_crc", "Index_CRC32 wrong", "CHECKSUM_MISMATCH", index_crc=0)
+    f = good()
+    f.index_crc = crc32(b"TQIX" + b"".join(struct.pack("<QQ", *s) for s in spans))
+    f.spans = spans_with(B, (spans[B][0] + 1, spans[B][1]))
+    X("index_entry_changed_crc_of_original", "an index entry changed, Index_CRC32 of the original", "§9",
+      f.build(), "CHECKSUM_MISMATCH")
+    foot("index_tag_wrong", "index tag 'TQIY' (front to back it is neither a chunk nor the index)", "BAD_CHUNK",
+         index_tag=b"TQIY")
+    foot("index_span_offset_wrong", "a span offset off by 32 (CRCs updated)", "BAD_INDEX",
+         spans=spans_with(B, (spans[B][0] + 32, spans[B][1])))
+    foot("index_span_length_short", "a span length 1 short", "BAD_INDEX", spans=spans_with(B, (spans[B][0],
+                                                                                              spans[B][1] - 1)))
+    foot("index_span_length_long", "a span length covering the next tensor's chunk too", "BAD_INDEX",
+         spans=spans_with(B, (spans[B][0], spans[B][1] + spans[Z][1])))
+    foot("index_span_zero_for_tensor_with_chunks", "(0, 0) for a tensor with chunks", "BAD_INDEX",
+         spans=spans_with(Z, (0, 0)))
+    foot("index_span_for_tensor_without_chunks", "a non-zero span for an alias (no chunks)", "BAD_INDEX",
+         spans=spans_with(WT, spans[Z]))
+    foot("index_span_offset_nonzero_length_0", "(offset, 0) with a non-zero offset for an empty tensor",
+         "BAD_INDEX", spans=spans_with(E, (spans[M][0], 0)))
+    foot("index_span_overflow_u64", "a span whose offset + length overflows 64 bits", "BAD_INDEX",
+         spans=spans_with(B, (spans[B][0], 2**64 - spans[B][0] + 8)))
+    foot("index_span_u64_max", "a span offset of 2^64 - 1", "BAD_INDEX", spans=spans_with(B, (2**64 - 1, spans[B][1])))
+    foot("index_spans_swapped", "two tensors' index entries swapped", "BAD_INDEX",
+         spans=spans_with(B, spans[Z])[:Z] + [spans[B]] + spans[Z + 1:])
+    foot("footer_magic", "Footer_Magic wrong in its last byte", "BAD_INDEX", footer_magic=b"\x89TQZEND\r")
+    foot("footer_crc", "Footer_CRC32 wrong", "CHECKSUM_MISMATCH", footer_crc=1)
+    foot("footer_index_offset_wrong", "Index_Offset off by 4", "BAD_INDEX", index_offset=index_off - 4)
+    foot("footer_index_offset_u64_max", "Index_Offset 2^64 - 1 (offset + index + footer overflow 64 bits)",
+         "BAD_INDEX", index_offset=2**64 - 1)
+    foot("footer_index_offset_0", "Index_Offset 0", "BAD_INDEX", index_offset=0)
+    foot("footer_tensor_count_plus_1", "footer Tensor_Count one more than the manifest's", "BAD_INDEX",
+         footer_tensor_count=8)
+    foot("footer_tensor_count_minus_1", "footer Tensor_Count one less than the manifest's", "BAD_INDEX",
+         footer_tensor_count=6)
+    foot("footer_tensor_count_u32_max", "footer Tensor_Count 2^32 - 1", "BAD_INDEX",
+         footer_tensor_count=0xFFFFFFFF)
+    foot("footer_manifest_length", "footer Manifest_Length differs from the header's", "BAD_INDEX",
+         footer_manifest_length=mlen + 1)
+
+    # --- truncation at each structure boundary, and trailing bytes (§10.1)
+    cuts = [("after_header", 32), ("inside_manifest", 32 + mlen // 2), ("after_manifest", 32 + mlen)]
+    for k, (p, c) in enumerate(chunk_starts):
+        cuts += [(f"chunk{k}_inside_tag", p + 2), (f"chunk{k}_inside_header", p + 17),
+                 (f"chunk{k}_after_header", p + 32), (f"chunk{k}_inside_payload", p + 32 + len(c.payload) // 2)]
+        if k + 1 < len(chunk_starts):
+            cuts.append((f"after_chunk{k}", p + 32 + len(c.payload)))
+    cuts += [("before_index", index_off), ("inside_index_tag", index_off + 2), ("after_index_tag", index_off + 4),
+             ("inside_index", index_off + 4 + 16 * 3 + 5), ("before_footer", footer_off),
+             ("inside_footer", footer_off + 16), ("last_byte_missing", len(g) - 1)]
+    for label, c in cuts:
+        X(f"truncated_{label}", f"the base file cut at byte {c} ({label.replace('_', ' ')})", "§10.1", g[:c],
+          "TRUNCATED")
+    X("trailing_one_zero_byte", "one 0 byte after the footer", "§10.1", g + b"\x00", "TRAILING_DATA")
+    X("trailing_text", "text after the footer", "§10.1", g + b"appended junk\n", "TRAILING_DATA")
+    X("trailing_whole_file", "the file twice in a row", "§10.1", g + g, "TRAILING_DATA")
+    X("trailing_footer_copy", "a copy of the footer after the footer", "§10.1", g + g[-32:], "TRAILING_DATA")
+
+
+# --- README ------------------------------------------------------------------------------------------
+
+README_HEAD = """# .tqz conformance vectors
+
+Test files for decoders of the `.tqz` format, spec version {ver} ([`spec/tqz.md`](../spec/tqz.md) and its §8
+[`spec/range-coder.md`](../spec/range-coder.md)).
+
+**Generated file**: this README's tables are written by `conformance/make_vectors.py` from the
+`vector.json` files; do not edit them by hand.
+
+## Layout
+
+- `valid/NAME/`: `in.tqz`, `expected.safetensors` (the decoded tensors, each in its own dtype;
+  bfloat16 as safetensors `BF16`), `vector.json` (`what`, `spec`, `tolerance`, `dtype notes`).
+  Every valid vector is bit-exact (`tolerance` 0): compare dtype, shape and bytes. A
+  `tolerance` of `{{"abs": a, "rel": r}}` (none so far) would allow |got − want| <= a + r·|want|.
+- `invalid/NAME/`: `in.tqz` and `vector.json` (`what`, `spec`, `expect_error`). Each file is a valid
+  base file with exactly one defect (every other CRC and length is correct), so a decoder that follows
+  spec §10.1's order of checks reports exactly `expect_error`.
+- `may_reject/NAME/`: like `valid/`, plus `may_reject_with` in `vector.json`: valid files a decoder
+  may refuse as over its own resource limits (spec §12, last paragraph), as FLAC's test bench has
+  files a decoder may refuse but must refuse cleanly. A decoder passes by decoding them exactly or by
+  rejecting them with exactly that code.
+- `fixtures/v1.0/NAME/`: files written once by the v1.0 encoder (tqcodec {tq}), with their decoded
+  tensors. They are never regenerated (`make_vectors.py --init-fixtures` refuses to overwrite); every
+  later version must decode them identically. `vector.json` holds the SHA-256 of `in.tqz`.
+- `craft.py`: field-by-field builder of .tqz files used by `make_vectors.py`; `run.py`: the runner.
+
+## Decoder protocol
+
+An external decoder is a command run as
+
+    DECODER decode IN.tqz OUT.safetensors
+
+- success: exit status 0 and `OUT.safetensors` holds every tensor of the file (names as in the
+  file, dtype and shape as in the manifest, bfloat16 as `BF16`);
+- rejection: non-zero exit status, and the last line of stderr ends with the spec §11 error code
+  in brackets, e.g. `model.tqz: footer CRC32 does not match [CHECKSUM_MISMATCH]`. A non-zero exit
+  without a code (a crash, a traceback) never passes.
+
+Tensors are compared by name, so file order is not checked. A tensor named `__metadata__` could
+not be written to safetensors; no vector uses that name. Each run of an external decoder has a
+120-second limit.
+
+A valid vector passes when the decoder succeeds and every tensor matches `expected.safetensors`
+(same names, dtype, shape and bytes). An invalid vector passes when the decoder rejects it with
+exactly `expect_error`; accepting the file or naming another code fails.
+
+    .venv/bin/python conformance/run.py                          # every available decoder
+    .venv/bin/python conformance/run.py --decoder tqcodec        # in process, several ways (below)
+    .venv/bin/python conformance/run.py --decoder refdec         # conformance/refdec/refdec.py
+    .venv/bin/python conformance/run.py --decoder "mytool" -v    # any command following the protocol
+    .venv/bin/python conformance/run.py --decoder tqz-cli -j 4   # tqcodec's CLI (tqz decode IN -o OUT)
+
+The built-in `tqcodec` decoder decodes each vector several ways: front to back from the path
+(`tqcodec.iter_tensors(path)`, as `tqcodec.load` does), front to back from a non-seekable stream (`tqcodec.iter_tensors` over a pipe-like
+object), and by random access (`tqcodec.open(...).get_tensor` for every tensor); valid vectors are
+also read by random access from 4 threads sharing one open file, last tensor first. Valid vectors must
+pass every way. For invalid vectors the two front-to-back ways must give `expect_error`; random
+access must reject the file or may miss a defect it never reads (spec §10.2: a seeking decoder
+checks only what it reads), and a different code there is reported as a note, not a failure.
+
+## Regenerating
+
+    .venv/bin/python conformance/make_vectors.py
+
+rewrites `valid/`, `invalid/`, `may_reject/` and this README (deterministically: twice gives identical bytes;
+`tests/test_conformance.py` checks this). Bytes that depend on a library: zstd frames made by the
+`zstandard` package and the `tqz.encoder` metadata (tqcodec's version) of the `encoder_*` vectors.
+A changed vector must be reviewed, never just regenerated to make a test pass. Fixtures are made once
+per format version with `--init-fixtures`. To add a vector, add it to `make_valid`, `make_invalid` or
+`make_resource_limits` in `make_vectors.py`; the expected tensors of every valid vector are checked
+against `make_vectors.py`'s own small spec decoder (plain-Python range decoder of §8.4) when written,
+and a warning is printed if tqcodec decodes one differently.
+
+Not covered by vectors: `RESERVED_NONZERO` (v1.0 has no reserved field, see `SPEC_ISSUES.md`);
+files that only a decoder with huge memory could decode (e.g. a constant tensor of 2^36 elements):
+their expected output cannot be stored here. Open questions found while writing the vectors are in
+[`SPEC_ISSUES.md`](SPEC_ISSUES.md).
+"""
+
+
+def write_readme(root: Path, fixtures_root: Path) -> None:
+    lines = [README_HEAD.format(ver=SPEC_VERSION, tq=tqcodec.__version__)]
+    for group, col in (("valid", None), ("invalid", "expect_error"), ("may_reject", None)):
+        rows = []
+        for d in (sorted((root / group).iterdir()) if (root / group).is_dir() else []):
+            info = json.loads((d / "vector.json").read_text())
+            exp = (f"`{info['expect_error']}`" if col else
+                   ("decodes bit-exact" if info["tolerance"] == 0 else f"decodes within {info['tolerance']}"))
+            if "may_reject_with" in info:
+                exp += f", or `{info['may_reject_with']}`"
+            rows.append(f"| `{group}/{d.name}` | {info['what'].replace('|', '/')} ({info['spec']}) | {exp} |")
+        lines.append(f"\n## {group} ({len(rows)} vectors)\n\n| vector | what it tests | expectation |\n|---|---|---|")
+        lines += rows
+    fx = sorted(p for p in fixtures_root.glob("v*/*") if p.is_dir()) if fixtures_root.exists() else []
+    lines.append(f"\n## fixtures ({len(fx)} files)\n\n| vector | what it tests | expectation |\n|---|---|---|")
+    for d in fx:
+        info = json.loads((d / "vector.json").read_text())
+        lines.append(f"| `fixtures/{d.parent.name}/{d.name}` | {info['what']} | decodes bit-exact, forever |")
+    (root / "README.md").write_text("\n".join(lines) + "\n")
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+def init_fixtures(root: Path) -> None:
+    import hashlib
+    vdir = root / "fixtures" / f"v{SPEC_VERSION}"
+    if vdir.exists():
+        sys.exit(f"{vdir} exists: fixtures are written once and never regenerated")
+    tmp = vdir.with_name(vdir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    items = [
+        ("default", "tqcodec.save defaults on a small model", model_state(10), {}),
+        ("uniform_tensor", "mode uniform, granularity tensor, snr_db 30", model_state(11),
+         {"mode": "uniform", "granularity": "tensor", "snr_db": 30.0}),
+        ("lossless_metadata", "lossless with metadata", model_state(12), {"lossless": True,
+                                                                          "metadata": {"fixture": True}}),
+    ]
+    sd = model_state(13)
+    sd["tied"] = sd["fc.weight"]
+    items.append(("tied_multichunk", "tied tensors, chunks of 100 symbols / 64 bytes", sd, {"_small": True}))
+    for name, what, sd, opts in items:
+        d = tmp / name
+        d.mkdir(parents=True)
+        small = opts.pop("_small", False)
+        if small:
+            with small_chunks(100, 64):
+                data = encode_with_tqcodec(sd, **opts)
+        else:
+            data = encode_with_tqcodec(sd, **opts)
+        (d / "in.tqz").write_bytes(data)
+        expected = expected_by_spec(data)
+        assert expected == expected_from_tqcodec(data), f"fixture {name}: tqcodec and the spec decoder disagree"
+        write_safetensors(expected, d / "expected.safetensors")
+        info = {"what": what, "spec": "§7", "tolerance": 0, "encoder": f"tqcodec {tqcodec.__version__}",
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "dtype notes": "expected tensors computed by make_vectors.py's own spec decoder and equal to "
+                               "tqcodec's decode when written; bit-exact"}
+        (d / "vector.json").write_text(json.dumps(info, indent=1) + "\n")
+    tmp.rename(vdir)
+    print(f"wrote {len(items)} fixtures to {vdir}")
+
+
+def make_resource_limits(out: Out):
+    """Files at the edge of the limits every decoder needs to bound its memory (spec §5.3, §7.2, §12).
+
+    These were once "may reject" vectors; spec 1.0's clarifications made each one definite, so the
+    `may_reject/` group is empty for now (it stays for files a decoder may refuse as its own limit).
+    """
+    t = T("x", "float32", [1 << 40, 1 << 40, 0], "raw", {"codec": "none"}, [], b"")
+    f = assemble([t, raw_t("y", "uint8", np.arange(3))])
+    out.invalid("empty_tensor_huge_dims", "shape [2^40, 2^40, 0]: 0 elements, but with the 0 counted as 1 the "
+                "shape is over §12's element limit (2^80)", "§5.3 §12", f.build(), "LIMIT_EXCEEDED")
+    data = np.arange(1000, dtype="<u2")
+    for log in (27, 31):
+        def frame(b, log=log):
+            return b"\x28\xb5\x2f\xfd\x00" + bytes([(log - 10) << 3]) + zstd_frame(b, False)[6:]
+        ts = [raw_t("x", "uint16", data, codec="zstd", frame=frame)]
+        if log == 27:
+            out.valid("zstd_window_2e27", "a zstd frame (no content size) declaring a 2^27-byte window, §12's "
+                      "limit, for 2000 bytes of content", "§7.2 §12", assemble(ts).build(), expected_list(ts))
+        else:
+            out.invalid("zstd_window_2e31", "a zstd frame (no content size) declaring a 2^31-byte window, over "
+                        "§12's limit of 2^27", "§7.2 §12", assemble(ts).build(), "LIMIT_EXCEEDED")
+
+
+def generate(root: Path, fixtures_root: Path) -> tuple[int, int, int]:
+    for group in ("valid", "invalid", "may_reject"):
+        shutil.rmtree(root / group, ignore_errors=True)
+    out = Out(root)
+    make_valid(out)
+    make_tq_valid(out)
+    make_invalid(out)
+    make_tq_invalid(out)
+    make_resource_limits(out)
+    write_readme(root, fixtures_root)
+    return tuple(len(list((root / g).iterdir())) if (root / g).is_dir() else 0 for g in ("valid", "invalid", "may_reject"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE, help="root to write valid/, invalid/, README.md under")
+    ap.add_argument("--init-fixtures", action="store_true", help="write fixtures/v<version>/ once")
+    a = ap.parse_args(argv)
+    if a.init_fixtures:
+        init_fixtures(HERE)
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    nv, ni, nm = generate(a.out, HERE / "fixtures")
+    print(f"wrote {nv} valid, {ni} invalid and {nm} may-reject vectors under {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1275 @@
+#!/usr/bin/env python3
+"""Independent reference decoder for the .tqz format, written from spec/ alone.
+
+Spec files used: spec/tqz.md (sections cited as "§N"), spec/range-coder.md (its §8) and
+spec/mode-tq.md (its §7.5).  Only numpy is imported at start; the `zstandard` package is
+imported lazily, and only when a raw tensor with codec "zstd" is met (writing a Zstandard
+decoder is out of scope; the frame *structure* is checked here, the blocks are decoded by
+zstandard with bounded output).
+
+Usage:
+    refdec.py decode IN.tqz OUT.safetensors   exit 0, or exit 1 with "... [CODE]" on stderr
+    refdec.py info IN.tqz                     print header + manifest as JSON (exit 0/1)
+Usage errors exit 2.
+
+The decoder reads the whole file and decodes front to back in the reference order of
+checks of §10.1.  Nothing is written when the file is rejected.
+"""
+
+import bisect
+import json
+import math
+import os
+import signal
+import struct
+import sys
+import tempfile
+import zlib
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------
+# §11 Error codes
+# ----------------------------------------------------------------------------------------------
+
+ERROR_CODES = {
+    "TRUNCATED", "BAD_MAGIC", "UNSUPPORTED_VERSION", "UNKNOWN_REQUIRED_FEATURE",
+    "RESERVED_NONZERO", "CHECKSUM_MISMATCH", "BAD_MANIFEST", "BAD_TENSOR_RECORD",
+    "LIMIT_EXCEEDED", "BAD_CHUNK", "UNKNOWN_CHUNK", "BAD_INDEX", "TRAILING_DATA",
+    "UNKNOWN_MODE", "BAD_TABLE", "BAD_STEP", "BAD_PAYLOAD",
+}
+
+
+class TqzError(Exception):
+    """A rejection: §1 "reject with CODE"."""
+
+    def __init__(self, code, message):
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def fail(code, message):
+    raise TqzError(code, message)
+
+
+# ----------------------------------------------------------------------------------------------
+# §1 Conventions: little-endian integers, CRC32 (ISO-HDLC, as zlib)
+# ----------------------------------------------------------------------------------------------
+
+def crc32(b):
+    return zlib.crc32(b) & 0xFFFFFFFF
+
+
+assert crc32(b"123456789") == 0xCBF43926  # §1
+
+
+def u16(b, o):
+    return struct.unpack_from("<H", b, o)[0]
+
+
+def u32(b, o):
+    return struct.unpack_from("<I", b, o)[0]
+
+
+def u64(b, o):
+    return struct.unpack_from("<Q", b, o)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# §12 Limits
+# ----------------------------------------------------------------------------------------------
+
+MAX_MANIFEST_LENGTH = 1 << 26
+MAX_TENSORS = 1 << 20
+MAX_METADATA_ENTRIES = 4096
+MAX_DEPTH = 16
+MAX_NAME_BYTES = 1024
+MAX_NDIM = 8
+MAX_DIM = 1 << 40
+MAX_NUMEL = 1 << 36
+MAX_ITEM_COUNT = 1 << 26
+MAX_PAYLOAD_LENGTH = 1 << 28
+MAX_ZSTD_WINDOW = 1 << 27
+MAX_TABLE_LENGTH = 65536
+MIN_LEVEL, MAX_LEVEL = -(1 << 20), 1 << 20
+MIN_STEP_CODE, MAX_STEP_CODE = -160, 103
+# §12 last paragraph: this decoder's own resource limit (bytes of one decoded tensor).
+MAX_TENSOR_BYTES = 1 << 32
+
+
+# ----------------------------------------------------------------------------------------------
+# §3 Header
+# ----------------------------------------------------------------------------------------------
+
+MAGIC = b"\x89TQZ\r\n\x1a\n"
+HEADER_SIZE = 32
+
+
+def parse_header(data):
+    """§3, checks in the order given there."""
+    n = len(data)
+    if n < 8:
+        if data == MAGIC[:n]:
+            fail("TRUNCATED", "file of %d bytes is a prefix of the magic" % n)
+        fail("BAD_MAGIC", "not a .tqz file (magic does not match)")
+    if data[:8] != MAGIC:
+        fail("BAD_MAGIC", "not a .tqz file (magic does not match)")
+    if n < HEADER_SIZE:
+        fail("TRUNCATED", "file ends inside the 32-byte header")
+    major, minor = u16(data, 8), u16(data, 10)
+    if major != 1:
+        fail("UNSUPPORTED_VERSION", "major version %d (this decoder implements 1)" % major)
+    if crc32(data[0:28]) != u32(data, 28):
+        fail("CHECKSUM_MISMATCH", "header CRC32 does not match")
+    required, optional = u32(data, 12), u32(data, 16)
+    # §4 Feature bits: version 1.x defines no required bit; every set bit is unknown.
+    if required != 0:
+        bit = (required & -required).bit_length() - 1
+        fail("UNKNOWN_REQUIRED_FEATURE", "required feature bit %d is set" % bit)
+    # Optional_Features: unknown bits are ignored (§4).
+    manifest_length = u32(data, 20)
+    if not (1 <= manifest_length <= MAX_MANIFEST_LENGTH):
+        fail("LIMIT_EXCEEDED", "Manifest_Length %d outside 1..2^26" % manifest_length)
+    return {
+        "Major_Version": major, "Minor_Version": minor,
+        "Required_Features": required, "Optional_Features": optional,
+        "Manifest_Length": manifest_length, "Manifest_CRC32": u32(data, 24),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.1 Canonical MessagePack (strict parser)
+# ----------------------------------------------------------------------------------------------
+
+class MsgpackCanonicalParser:
+    """Parses exactly the subset of §5.1 and enforces its canonical rules.
+
+    Values: None, bool, int (Python int; test with `type(x) is int`, bools are not integers),
+    float (from float 64 only), str, bytes (binary), list, dict (insertion order = file order).
+    """
+
+    def __init__(self, buf):
+        self.b = buf
+        self.pos = 0
+        self.end = len(buf)
+
+    def bad(self, msg):
+        fail("BAD_MANIFEST", "manifest: " + msg)
+
+    def need(self, k):
+        if k > self.end - self.pos:
+            self.bad("value runs past the end of the manifest")
+
+    def parse_document(self):
+        v = self.value(1)
+        if self.pos != self.end:
+            self.bad("%d bytes after the manifest value" % (self.end - self.pos))
+        return v
+
+    def _len(self, size):
+        self.need(size)
+        p = self.pos
+        self.pos += size
+        if size == 1:
+            return self.b[p]
+        return int.from_bytes(self.b[p:p + size], "big")    # msgpack lengths are big-endian
+
+    def value(self, depth):
+        if depth > MAX_DEPTH:
+            self.bad("nesting depth over %d" % MAX_DEPTH)
+        self.need(1)
+        t = self.b[self.pos]
+        self.pos += 1
+        b = self.b
+        if t <= 0x7F:                                   # positive fixint
+            return t
+        if t >= 0xE0:                                   # negative fixint
+            return t - 0x100
+        if 0x80 <= t <= 0x8F:                           # fixmap
+            return self.map_body(t & 0x0F, depth)
+        if 0x90 <= t <= 0x9F:                           # fixarray
+            return self.array_body(t & 0x0F, depth)
+        if 0xA0 <= t <= 0xBF:                           # fixstr
+            return self.str_body(t & 0x1F)
+        if t == 0xC0:
+            return None
+        if t == 0xC2:
+            return False
+        if t == 0xC3:
+            return True
+        if t in (0xC4, 0xC5, 0xC6):                     # bin 8/16/32
+            size = {0xC4: 1, 0xC5: 2, 0xC6: 4}[t]
+            n = self._len(size)
+            if (size == 2 and n < 0x100) or (size == 4 and n < 0x10000):
+                self.bad("binary length %d not in the shortest header" % n)
+            self.need(n)
+            v = bytes(b[self.pos:self.pos + n])
+            self.pos += n
+            return v
+        if t == 0xCB:                                   # float 64
+            self.need(8)
+            v = struct.unpack_from(">d", b, self.pos)[0]
+            self.pos += 8
+            return v
+        if t in (0xCC, 0xCD, 0xCE, 0xCF):               # uint 8/16/32/64 (big-endian, msgpack)
+            size = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}[t]
+            self.need(size)
+            v = int.from_bytes(b[self.pos:self.pos + size], "big")
+            self.pos += size
+            lo = {1: 0x80, 2: 0x100, 4: 0x10000, 8: 0x100000000}[size]
+            if v < lo:
+                self.bad("integer %d not in its shortest encoding" % v)
+            return v
+        if t in (0xD0, 0xD1, 0xD2, 0xD3):               # int 8/16/32/64
+            size = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}[t]
+            self.need(size)
+            v = int.from_bytes(b[self.pos:self.pos + size], "big", signed=True)
+            self.pos += size
+            # negative values only, and only those the next shorter form cannot hold
+            hi = {1: -33, 2: -129, 4: -(1 << 15) - 1, 8: -(1 << 31) - 1}[size]
+            if v > hi:
+                self.bad("integer %d not in its shortest encoding" % v)
+            return v
+        if t in (0xD9, 0xDA, 0xDB):                     # str 8/16/32
+            size = {0xD9: 1, 0xDA: 2, 0xDB: 4}[t]
+            n = self._len(size)
+            lo = {1: 32, 2: 0x100, 4: 0x10000}[size]
+            if n < lo:
+                self.bad("string length %d not in the shortest header" % n)
+            return self.str_body(n)
+        if t in (0xDC, 0xDD):                           # array 16/32
+            size = 2 if t == 0xDC else 4
+            n = self._len(size)
+            if n < (16 if size == 2 else 0x10000):
+                self.bad("array length %d not in the shortest header" % n)
+            return self.array_body(n, depth)
+        if t in (0xDE, 0xDF):                           # map 16/32
+            size = 2 if t == 0xDE else 4
+            n = self._len(size)
+            if n < (16 if size == 2 else 0x10000):
+                self.bad("map length %d not in the shortest header" % n)
+            return self.map_body(n, depth)
+        # c1 (never used), c7-c9 / d4-d8 (extensions), ca (float 32)
+        self.bad("type byte 0x%02x not allowed" % t)
+
+    def str_body(self, n):
+        self.need(n)
+        raw = bytes(self.b[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8", errors="strict")  # rejects overlongs and surrogates
+        except UnicodeDecodeError:
+            self.bad("string is not valid UTF-8")
+
+    def array_body(self, n, depth):
+        # each element takes at least one byte: check before building anything
+        self.need(n)
+        return [self.value(depth + 1) for _ in range(n)]
+
+    def map_body(self, n, depth):
+        self.need(2 * n)
+        out = {}
+        prev = None
+        for _ in range(n):
+            k = self.value(depth + 1)
+            if type(k) is not str:
+                self.bad("map key is not a string")
+            kb = k.encode("utf-8")
+            if prev is not None and not kb > prev:
+                self.bad("map keys not strictly increasing in UTF-8 byte order (%r)" % k)
+            prev = kb
+            out[k] = self.value(depth + 1)
+        return out
+
+
+def is_int(x):
+    """§5.1: only the integer encodings qualify (bool is not an integer)."""
+    return type(x) is int
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.5 Data types
+# ----------------------------------------------------------------------------------------------
+
+DTYPES = {
+    # name: (itemsize, numpy dtype for the stored little-endian bytes, safetensors name)
+    "float64": (8, "<f8", "F64"), "float32": (4, "<f4", "F32"), "float16": (2, "<f2", "F16"),
+    "bfloat16": (2, "<u2", "BF16"),
+    "int64": (8, "<i8", "I64"), "int32": (4, "<i4", "I32"), "int16": (2, "<i2", "I16"),
+    "int8": (1, "i1", "I8"),
+    "uint64": (8, "<u8", "U64"), "uint32": (4, "<u4", "U32"), "uint16": (2, "<u2", "U16"),
+    "uint8": (1, "u1", "U8"),
+    "bool": (1, "u1", "BOOL"),
+}
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+# ----------------------------------------------------------------------------------------------
+# §7.1 Step codes
+# ----------------------------------------------------------------------------------------------
+
+def step_value(s):
+    """step(s) = (4 + (s & 3)) * 2^((s >> 2) - 2), exact (a Python float is exact here)."""
+    return math.ldexp(4 + (s & 3), (s >> 2) - 2)
+
+
+def check_step_code(s):
+    if not (MIN_STEP_CODE <= s <= MAX_STEP_CODE):
+        fail("BAD_STEP", "step code %d outside [-160, 103]" % s)
+
+
+# ----------------------------------------------------------------------------------------------
+# §7.3.1 Frequency table (and §7.5.1 counts): unsigned LEB128 lists
+# ----------------------------------------------------------------------------------------------
+
+def parse_leb128_list(blob, max_bytes, what):
+    """Parse a concatenation of unsigned LEB128 integers; BAD_TABLE on any defect of form."""
+    vals = []
+    i, n = 0, len(blob)
+    while i < n:
+        v, shift, start = 0, 0, i
+        while True:
+            if i >= n:
+                fail("BAD_TABLE", "%s: truncated last varint" % what)
+            byte = blob[i]
+            i += 1
+            if i - start > max_bytes:
+                fail("BAD_TABLE", "%s: varint longer than %d bytes" % (what, max_bytes))
+            v |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if byte == 0 and i - start > 1:
+            fail("BAD_TABLE", "%s: overlong varint" % what)
+        vals.append(v)
+        if len(vals) > MAX_TABLE_LENGTH:
+            fail("BAD_TABLE", "%s: more than %d entries" % (what, MAX_TABLE_LENGTH))
+    return vals
+
+
+def parse_freq_table(blob):
+    """§7.3.1"""
+    f = parse_leb128_list(blob, 4, "frequency table")
+    if any(x == 0 for x in f):
+        fail("BAD_TABLE", "frequency table: a frequency is 0")
+    if sum(f) != 1 << 24:
+        fail("BAD_TABLE", "frequency table: sum %d is not 2^24" % sum(f))
+    return f
+
+
+def table_from_counts(k):
+    """range-coder.md §8.6 (normative for mode tq, §7.5.1)."""
+    A = len(k)
+    K = sum(k)
+    if K == 0:
+        k = [1] * A
+        K = A
+    free = (1 << 24) - A
+    prods = [ks * free for ks in k]
+    f = [1 + p // K for p in prods]
+    left = free - sum(p // K for p in prods)
+    if left:
+        order = sorted(range(A), key=lambda s: (-(prods[s] % K), s))
+        for s in order[:left]:
+            f[s] += 1
+    assert sum(f) == 1 << 24
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# §8 Range coding (range-coder.md)
+# ----------------------------------------------------------------------------------------------
+
+M64 = (1 << 64) - 1
+M32 = (1 << 32) - 1
+TOTAL = 1 << 24   # §8.1
+
+
+class Model:
+    """§8.2: frequency table and cumulative table."""
+
+    def __init__(self, f):
+        assert len(f) >= 2 and sum(f) == TOTAL
+        self.f = list(f)
+        self.c = [0]
+        for x in f:
+            self.c.append(self.c[-1] + x)
+
+
+def rc_decode(words, count, model):
+    """§8.4 decoder; returns `count` symbols or rejects (§8.5 rule 1)."""
+    n = len(words)
+    if n == 0:
+        fail("BAD_PAYLOAD", "empty range-coded payload")
+    f, c = model.f, model.c
+    w = words + [0, 0]          # reading at or past the end returns 0
+    pos = 2
+    lower = 0
+    rng = M64
+    point = (w[0] << 32) + (w[1] if n > 1 else 0)
+    out = [0] * count
+    br = bisect.bisect_right
+    for i in range(count):
+        scale = rng >> 24
+        q = ((point - lower) & M64) // scale
+        if q >= TOTAL:
+            fail("BAD_PAYLOAD", "range decoder: quantile out of range (§8.5)")
+        s = br(c, q) - 1
+        out[i] = s
+        lower = (lower + scale * c[s]) & M64
+        rng = scale * f[s]
+        if rng < (1 << 32):
+            lower = (lower << 32) & M64
+            rng <<= 32
+            point = ((point << 32) & M64) + (w[pos] if pos < n else 0)
+            pos += 1
+    return out
+
+
+def rc_encode(symbols, model):
+    """§8.3 encoder (used for §8.5 rule 2)."""
+    f, c = model.f, model.c
+    lower, rng = 0, M64
+    out = []
+    N, P = 0, 0
+    for s in symbols:
+        # §8.3.1 interval update
+        scale = rng >> 24
+        rng = scale * f[s]
+        new_lower = (lower + scale * c[s]) & M64
+        if N > 0 and new_lower + rng < (1 << 64):
+            if new_lower < lower:
+                out.append((P + 1) & M32)
+                out.extend([0] * (N - 1))
+            else:
+                out.append(P)
+                out.extend([M32] * (N - 1))
+            N = 0
+        lower = new_lower
+        # §8.3.2 renormalisation
+        if rng < (1 << 32):
+            rng <<= 32
+            word = lower >> 32
+            lower = (lower << 32) & M64
+            if N > 0:
+                N += 1
+            elif lower + rng < (1 << 64):
+                out.append(word)
+            else:
+                N, P = 1, word
+    # §8.3.3 seal
+    if rng == M64:
+        return out
+    point = (lower + M32) & M64
+    if N > 0:
+        if point >= lower:
+            out.append(P)
+            out.extend([M32] * (N - 1))
+        else:
+            out.append((P + 1) & M32)
+            out.extend([0] * (N - 1))
+    out.append(point >> 32)
+    if ((lower + rng) & M64) >> 32 == point >> 32:
+        out.append(0)
+    return out
+
+
+def rc_decode_payload(payload, count, model):
+    """A range-coded chunk payload: words (LE u32), decode, then §8.5 rule 2."""
+    words = np.frombuffer(payload, dtype="<u4").tolist()
+    syms = rc_decode(words, count, model)
+    if rc_encode(syms, model) != words:
+        fail("BAD_PAYLOAD", "range-coded payload is not the canonical coding of its "
+                            "%d symbols (§8.5)" % count)
+    return syms
+
+
+# Self-check against the worked vectors of range-coder.md §8.7.
+def _selftest_rc():
+    m = Model([1 << 23, 1 << 22, 1 << 22])
+    assert rc_encode([0, 1, 2, 0], m) == [1476395008]
+    assert rc_encode([2], m) == [3221225472]
+    assert rc_encode([0] * 10, Model([(1 << 24) - 1, 1])) == [0]
+    assert rc_decode([1476395008], 4, m) == [0, 1, 2, 0]
+
+
+_selftest_rc()
+
+
+# ----------------------------------------------------------------------------------------------
+# §7.2 zstd frames (structure checked here; blocks decoded by the `zstandard` package)
+# ----------------------------------------------------------------------------------------------
+
+ZSTD_MAGIC = 0xFD2FB528
+
+
+def zstd_frame_length(p):
+    """Walk one Zstandard frame (RFC 8878 §3.1.1) and return (frame length, window size,
+    content size or None).  BAD_PAYLOAD for what §7.2 calls not a valid frame,
+    LIMIT_EXCEEDED for a window over 2^27."""
+    def bad(msg):
+        fail("BAD_PAYLOAD", "zstd: " + msg)
+    n = len(p)
+    if n < 4:
+        bad("payload too short for a frame")
+    magic = u32(p, 0)
+    if (magic & 0xFFFFFFF0) == 0x184D2A50:
+        bad("skippable frame")
+    if magic != ZSTD_MAGIC:
+        bad("not a Zstandard frame (magic)")
+    if n < 5:
+        bad("truncated frame header")
+    fhd = p[4]
+    fcs_flag = fhd >> 6
+    single = (fhd >> 5) & 1
+    if (fhd >> 3) & 1:
+        bad("reserved bit of the frame header descriptor is set")
+    has_checksum = (fhd >> 2) & 1
+    did_flag = fhd & 3
+    pos = 5
+    window = None
+    if not single:
+        if pos >= n:
+            bad("truncated frame header")
+        wd = p[pos]
+        pos += 1
+        exponent, mantissa = wd >> 3, wd & 7
+        window_log = 10 + exponent
+        base = 1 << window_log
+        window = base + (base // 8) * mantissa
+    did_size = (0, 1, 2, 4)[did_flag]
+    if pos + did_size > n:
+        bad("truncated frame header")
+    did = int.from_bytes(p[pos:pos + did_size], "little")
+    pos += did_size
+    if did != 0:
+        bad("frame needs dictionary %d" % did)
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    content_size = None
+    if fcs_size:
+        if pos + fcs_size > n:
+            bad("truncated frame header")
+        content_size = int.from_bytes(p[pos:pos + fcs_size], "little")
+        if fcs_size == 2:
+            content_size += 256
+        pos += fcs_size
+    if single:
+        window = content_size
+    if window > MAX_ZSTD_WINDOW:
+        fail("LIMIT_EXCEEDED", "zstd Window_Size %d over 2^27" % window)
+    block_max = min(window, 128 * 1024)
+    while True:
+        if pos + 3 > n:
+            bad("truncated block header")
+        bh = int.from_bytes(p[pos:pos + 3], "little")
+        pos += 3
+        last = bh & 1
+        btype = (bh >> 1) & 3
+        bsize = bh >> 3
+        if btype == 3:
+            bad("reserved block type")
+        if bsize > block_max:
+            bad("block size over Block_Maximum_Size")
+        adv = 1 if btype == 1 else bsize
+        if pos + adv > n:
+            bad("truncated block")
+        pos += adv
+        if last:
+            break
+    if has_checksum:
+        if pos + 4 > n:
+            bad("truncated content checksum")
+        pos += 4
+    return pos, window, content_size
+
+
+def zstd_decode(payload, item_count):
+    """§7.2 codec "zstd": exactly one frame, exactly item_count bytes, bounded output."""
+    flen, window, content_size = zstd_frame_length(payload)
+    if flen != len(payload):
+        fail("BAD_PAYLOAD", "zstd: %d payload bytes after the frame" % (len(payload) - flen))
+    if content_size is not None and content_size != item_count:
+        fail("BAD_PAYLOAD", "zstd: Frame_Content_Size %d but the chunk declares %d bytes"
+             % (content_size, item_count))
+    import zstandard  # lazily: only files with zstd tensors need it
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+    parts = []
+    total = 0
+    try:
+        reader = dctx.stream_reader(bytes(payload), read_across_frames=False)
+        while total <= item_count:
+            b = reader.read(item_count + 1 - total)   # never more than item_count + 1 bytes
+            if not b:
+                break
+            parts.append(b)
+            total += len(b)
+    except zstandard.ZstdError as e:
+        fail("BAD_PAYLOAD", "zstd: %s" % e)
+    if total != item_count:
+        fail("BAD_PAYLOAD", "zstd: frame decompresses to %s bytes, the chunk declares %d"
+             % ("more than %d" % item_count if total > item_count else total, item_count))
+    return b"".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.2 - §5.5 and §7: manifest and tensor records
+# ----------------------------------------------------------------------------------------------
+
+def check_name(name, seen):
+    """§5.4"""
+    if type(name) is not str:
+        fail("BAD_TENSOR_RECORD", "name is not a string")
+    nb = name.encode("utf-8")
+    if not nb:
+        fail("BAD_TENSOR_RECORD", "empty tensor name")
+    if len(nb) > MAX_NAME_BYTES:
+        fail("BAD_TENSOR_RECORD", "tensor name of %d UTF-8 bytes (over 1024)" % len(nb))
+    for ch in name:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            fail("BAD_TENSOR_RECORD", "tensor name %r holds a control character" % name)
+    if "\\" in name:
+        fail("BAD_TENSOR_RECORD", "tensor name %r holds a backslash" % name)
+    if name.startswith("/"):
+        fail("BAD_TENSOR_RECORD", "tensor name %r starts with '/'" % name)
+    if any(seg in (".", "..") for seg in name.split("/")):
+        fail("BAD_TENSOR_RECORD", "tensor name %r has a '.' or '..' segment" % name)
+    if nb in seen:
+        fail("BAD_TENSOR_RECORD", "tensor name %r used twice" % name)
+    seen.add(nb)
+
+
+def check_shape(shape):
+    """§5.3 shape, then §12 ndim / dimension / element-count limits."""
+    if type(shape) is not list:
+        fail("BAD_TENSOR_RECORD", "shape is not an array")
+    for d in shape:
+        if not is_int(d):
+            fail("BAD_TENSOR_RECORD", "a dimension is not an integer")
+        if d < 0:
+            fail("BAD_TENSOR_RECORD", "negative dimension %d" % d)
+    if len(shape) > MAX_NDIM:
+        fail("LIMIT_EXCEEDED", "ndim %d over 8" % len(shape))
+    for d in shape:
+        if d > MAX_DIM:
+            fail("LIMIT_EXCEEDED", "dimension %d over 2^40" % d)
+    counted = 1
+    for d in shape:
+        counted *= max(d, 1)      # §5.3: a dimension of 0 counts as 1 for the limit
+        if counted > MAX_NUMEL:
+            fail("LIMIT_EXCEEDED", "element count over 2^36")
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
+
+
+MODES = ("raw", "uniform", "alias", "tq")  # §7 registry (tq since 1.1, mode-tq.md)
+
+
+def check_keys(params, required, optional=()):
+    for k in required:
+        if k not in params:
+            fail("BAD_TENSOR_RECORD", "params lack %r" % k)
+    for k in params:
+        if k not in required and k not in optional:
+            fail("BAD_TENSOR_RECORD", "params have an unknown key %r" % k)
+
+
+def check_params_raw(rec):
+    """§7.2"""
+    p = rec["params"]
+    check_keys(p, ("codec",))
+    codec = p["codec"]
+    if type(codec) is not str or codec not in ("none", "zstd"):
+        fail("BAD_TENSOR_RECORD", "raw codec %r is not 'none' or 'zstd'" % (codec,))
+    rec["codec"] = codec
+    rec["streams"] = [rec["numel"] * DTYPES[rec["dtype"]][0]]
+
+
+def check_params_uniform(rec):
+    """§7.3 (rules in the order listed there)."""
+    p = rec["params"]
+    check_keys(p, ("granularity", "steps", "q_min", "freqs"))
+    g, steps, q_min, freqs = p["granularity"], p["steps"], p["q_min"], p["freqs"]
+    # types
+    if type(g) is not str or g not in ("tensor", "channel"):
+        fail("BAD_TENSOR_RECORD", "granularity %r is not 'tensor' or 'channel'" % (g,))
+    if type(steps) is not list or not all(is_int(s) for s in steps):
+        fail("BAD_TENSOR_RECORD", "steps is not an array of integers")
+    if not is_int(q_min):
+        fail("BAD_TENSOR_RECORD", "q_min is not an integer")
+    if type(freqs) is not bytes:
+        fail("BAD_TENSOR_RECORD", "freqs is not binary")
+    # rules
+    if rec["dtype"] not in FLOAT_DTYPES:
+        fail("BAD_TENSOR_RECORD", "uniform needs a float dtype, not %s" % rec["dtype"])
+    if rec["numel"] < 1:
+        fail("BAD_TENSOR_RECORD", "uniform tensor with no element")
+    shape = rec["shape"]
+    if g == "channel":
+        if len(shape) < 1 or shape[0] < 1:
+            fail("BAD_TENSOR_RECORD", "granularity channel needs ndim >= 1 and shape[0] >= 1")
+        want = shape[0]
+    else:
+        want = 1
+    if len(steps) != want:
+        fail("BAD_TENSOR_RECORD", "%d step codes, %d expected" % (len(steps), want))
+    for s in steps:
+        check_step_code(s)
+    f = parse_freq_table(freqs)
+    A = len(f)
+    if q_min < MIN_LEVEL or q_min + A - 1 > MAX_LEVEL:
+        fail("LIMIT_EXCEEDED", "levels %d..%d outside -2^20..2^20" % (q_min, q_min + A - 1))
+    rec["granularity"] = g
+    rec["step_codes"] = steps
+    rec["q_min"] = q_min
+    rec["model"] = Model(f) if A > 1 else None
+    rec["A"] = A
+    rec["streams"] = [rec["numel"] if A > 1 else 0]
+
+
+def check_params_alias(rec, index, records):
+    """§7.4"""
+    p = rec["params"]
+    check_keys(p, ("of",))
+    j = p["of"]
+    if not is_int(j):
+        fail("BAD_TENSOR_RECORD", "alias 'of' is not an integer")
+    if not (0 <= j < index):
+        fail("BAD_TENSOR_RECORD", "alias of %d, not an earlier tensor" % j)
+    t = records[j]
+    if t["mode"] == "alias":
+        fail("BAD_TENSOR_RECORD", "alias of an alias")
+    if t["dtype"] != rec["dtype"] or t["shape"] != rec["shape"]:
+        fail("BAD_TENSOR_RECORD", "alias target has another dtype or shape")
+    rec["of"] = j
+    rec["streams"] = []
+
+
+def check_params_tq(rec):
+    """mode-tq.md §7.5.1, checks 1-7 in their order."""
+    p = rec["params"]
+    # 1. keys and types
+    check_keys(p, ("band_rows", "steps", "q_min", "counts"), ("layout", "transform"))
+    for key in ("band_rows", "steps", "q_min"):
+        v = p[key]
+        if type(v) is not list or not all(is_int(x) for x in v):
+            fail("BAD_TENSOR_RECORD", "tq %s is not an array of integers" % key)
+    counts = p["counts"]
+    if type(counts) is not list or not all(type(x) is bytes for x in counts):
+        fail("BAD_TENSOR_RECORD", "tq counts is not an array of binaries")
+    layout = p.get("layout", "out_in")
+    transform = p.get("transform", "none")
+    if type(layout) is not str or type(transform) is not str:
+        fail("BAD_TENSOR_RECORD", "tq layout/transform is not a string")
+    # 2. dtype, ndim, numel
+    shape = rec["shape"]
+    if rec["dtype"] not in FLOAT_DTYPES:
+        fail("BAD_TENSOR_RECORD", "tq needs a float dtype, not %s" % rec["dtype"])
+    if len(shape) < 1 or rec["numel"] < 1:
+        fail("BAD_TENSOR_RECORD", "tq needs at least one dimension and one element")
+    # 3. layout, transform
+    if layout not in ("out_in", "in_out"):
+        fail("BAD_TENSOR_RECORD", "tq layout %r" % layout)
+    if layout == "in_out" and len(shape) != 2:
+        fail("BAD_TENSOR_RECORD", "tq layout in_out needs a 2-d tensor")
+    if transform not in ("none", "float16"):
+        fail("BAD_TENSOR_RECORD", "tq transform %r" % transform)
+    # 4. dimensions
+    n = shape[0] if layout == "out_in" else shape[1]
+    m = rec["numel"] // n
+    # 5. bands
+    band_rows, steps, q_mins = p["band_rows"], p["steps"], p["q_min"]
+    B = len(band_rows)
+    if not (1 <= B <= 4096):
+        fail("BAD_TENSOR_RECORD", "tq has %d bands (1..4096 allowed)" % B)
+    if len(steps) != B or len(q_mins) != B or len(counts) != B:
+        fail("BAD_TENSOR_RECORD", "tq steps/q_min/counts do not have B=%d entries" % B)
+    if any(r < 1 for r in band_rows):
+        fail("BAD_TENSOR_RECORD", "tq band with fewer than 1 row")
+    k = sum(band_rows)
+    if transform == "none":
+        if k != n:
+            fail("BAD_TENSOR_RECORD", "tq band rows add up to %d, not n=%d" % (k, n))
+    elif k > min(m, n):
+        fail("BAD_TENSOR_RECORD", "tq band rows add up to %d > min(m, n)" % k)
+    c = m if transform == "none" else n
+    # 6. step codes
+    for s in steps:
+        check_step_code(s)
+    # 7. counts tables, then level limits
+    tables = []
+    for b in range(B):
+        kk = parse_leb128_list(counts[b], 6, "tq counts[%d]" % b)
+        if not kk:
+            fail("BAD_TABLE", "tq counts[%d] is empty" % b)
+        if kk[0] == 0 or kk[-1] == 0:
+            fail("BAD_TABLE", "tq counts[%d]: first or last count is 0" % b)
+        if sum(kk) != band_rows[b] * c:
+            fail("BAD_TABLE", "tq counts[%d] add up to %d, not %d"
+                 % (b, sum(kk), band_rows[b] * c))
+        tables.append(kk)
+    for b in range(B):
+        A = len(tables[b])
+        if q_mins[b] < MIN_LEVEL or q_mins[b] + A - 1 > MAX_LEVEL:
+            fail("LIMIT_EXCEEDED", "tq band %d levels outside -2^20..2^20" % b)
+    rec.update(layout=layout, transform=transform, n=n, m=m, k=k, c=c,
+               band_rows=band_rows, step_codes=steps, q_mins=q_mins,
+               A_list=[len(t) for t in tables],
+               models=[Model(table_from_counts(t)) if len(t) > 1 else None for t in tables])
+    # §7.5.2 streams
+    rec["streams"] = [2 * m * k if transform == "float16" else 0] + \
+        [band_rows[b] * c if len(tables[b]) > 1 else 0 for b in range(B)]
+
+
+def check_manifest(doc):
+    """§5.2 then §5.3 record by record (§10.1 step 2)."""
+    if type(doc) is not dict:
+        fail("BAD_MANIFEST", "manifest is not a map")
+    for key, typ in (("metadata", dict), ("tensors", list)):
+        if key not in doc:
+            fail("BAD_MANIFEST", "manifest has no %r" % key)
+        if type(doc[key]) is not typ:
+            fail("BAD_MANIFEST", "manifest %r has the wrong type" % key)
+    if len(doc["metadata"]) > MAX_METADATA_ENTRIES:
+        fail("LIMIT_EXCEEDED", "%d metadata entries (over 4096)" % len(doc["metadata"]))
+    if len(doc["tensors"]) > MAX_TENSORS:
+        fail("LIMIT_EXCEEDED", "%d tensors (over 2^20)" % len(doc["tensors"]))
+    records = []
+    seen = set()
+    for index, r in enumerate(doc["tensors"]):
+        if type(r) is not dict:
+            fail("BAD_TENSOR_RECORD", "tensor record %d is not a map" % index)
+        # order of §10.1 step 2: name, dtype, shape and limits, mode, the mode's parameters
+        def need(key):
+            if key not in r:
+                fail("BAD_TENSOR_RECORD", "tensor record %d has no %r" % (index, key))
+            return r[key]
+        check_name(need("name"), seen)
+        dtype = need("dtype")
+        if type(dtype) is not str or dtype not in DTYPES:
+            fail("BAD_TENSOR_RECORD", "dtype %r not in §5.5" % (dtype,))
+        numel = check_shape(need("shape"))
+        mode = need("mode")
+        if type(mode) is not str:
+            fail("BAD_TENSOR_RECORD", "mode is not a string")
+        if mode not in MODES:
+            fail("UNKNOWN_MODE", "tensor %r: unknown coding mode %r" % (r["name"], mode))
+        if type(need("params")) is not dict:
+            fail("BAD_TENSOR_RECORD", "params is not a map")
+        rec = {"name": r["name"], "dtype": dtype, "shape": list(r["shape"]), "numel": numel,
+               "mode": mode, "params": r["params"]}
+        if mode == "raw":
+            check_params_raw(rec)
+        elif mode == "uniform":
+            check_params_uniform(rec)
+        elif mode == "alias":
+            check_params_alias(rec, index, records)
+        else:
+            check_params_tq(rec)
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction (§7.3.2, §7.5.3) and dtype rounding
+# ----------------------------------------------------------------------------------------------
+
+def f32_to_bf16_bits(a32):
+    """bfloat16 = top 16 bits of binary32, rounded to nearest, ties to even (no NaN here)."""
+    u = a32.astype("<f4").view("<u4").astype(np.uint64)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return r.astype("<u2")
+
+
+def round_from_f32(a32, dtype):
+    """Round exact binary32 values to the record's float dtype (RNE, overflow to inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype == "float32":
+            return a32.astype("<f4")
+        if dtype == "float64":
+            return a32.astype("<f8")
+        if dtype == "float16":
+            return a32.astype("<f2")
+        return f32_to_bf16_bits(a32)
+
+
+def reconstruct_uniform(rec, symbols):
+    """§7.3.2: v_i = (q_min + sym_i) * step(steps[c]) exactly, then rounded to the dtype."""
+    numel = rec["numel"]
+    if rec["A"] == 1:
+        sym = np.zeros(numel, dtype=np.int64)
+    else:
+        sym = np.asarray(symbols, dtype=np.int64)
+    q = (sym + rec["q_min"]).astype(np.float64)
+    if rec["granularity"] == "tensor":
+        v = q * step_value(rec["step_codes"][0])
+    else:
+        per = numel // rec["shape"][0]
+        steps = np.array([step_value(s) for s in rec["step_codes"]], dtype=np.float64)
+        v = q * np.repeat(steps, per)
+    v = v + 0.0                                       # q = 0 gives +0 (no -0)
+    # v is exact in float64 and representable in binary32 (§7.3.2), so this cast is exact
+    v32 = v.astype(np.float32)
+    assert np.array_equal(v32.astype(np.float64), v)
+    return round_from_f32(v32, rec["dtype"]).tobytes()
+
+
+def check_tq_transform(raw):
+    """mode-tq.md §7.5.3 step 3: S as binary16, widened exactly; NaN/inf -> BAD_PAYLOAD."""
+    S = np.frombuffer(raw, dtype="<f2").astype(np.float64)
+    if not np.all(np.isfinite(S)):
+        fail("BAD_PAYLOAD", "tq transform holds NaN or infinity")
+    return S
+
+
+def reconstruct_tq(rec, stream_data):
+    """mode-tq.md §7.5.3"""
+    k, c, n, m = rec["k"], rec["c"], rec["n"], rec["m"]
+    C = np.empty((k, c), dtype=np.float64)
+    r0 = 0
+    for b, rows in enumerate(rec["band_rows"]):
+        if rec["A_list"][b] == 1:
+            sym = np.zeros(rows * c, dtype=np.int64)
+        else:
+            sym = np.asarray(stream_data[1 + b], dtype=np.int64)
+        lv = (sym + rec["q_mins"][b]).astype(np.float64)
+        C[r0:r0 + rows, :] = (lv * step_value(rec["step_codes"][b])).reshape(rows, c) + 0.0
+        r0 += rows
+    if rec["transform"] == "none":
+        R32 = C.astype(np.float32)                    # exact (§7.5.3 step 2)
+    else:
+        S = check_tq_transform(b"".join(stream_data[0]))
+        S = S.reshape(m, k)
+        with np.errstate(over="ignore", invalid="ignore"):
+            R = (S @ C).T                             # R[i, j] = sum_r S[j, r] C[r, i]
+            R32 = R.astype(np.float32)                # rounded once to binary32
+    # R32 is n x m
+    if rec["layout"] == "in_out":
+        T = R32.T                                     # shape [m, n]
+    else:
+        T = R32
+    T = np.ascontiguousarray(T).reshape(rec["shape"])
+    return round_from_f32(T, rec["dtype"]).tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# §6 Chunks, §9 Index and footer, §10.1 front-to-back decoding
+# ----------------------------------------------------------------------------------------------
+
+CHUNK_TAG = b"TQCK"
+INDEX_TAG = b"TQIX"
+FOOTER_MAGIC = b"\x89TQZEND\n"
+CHUNK_HEADER_SIZE = 32
+FOOTER_SIZE = 32
+
+
+def decode_file(data, want_tensors=True):
+    """Decode a whole file by §10.1; returns (header, manifest doc, records, tensor bytes)."""
+    # §10.1 step 1: header (§3)
+    header = parse_header(data)
+    ml = header["Manifest_Length"]
+    # §10.1 step 2: manifest
+    if len(data) < HEADER_SIZE + ml:
+        fail("TRUNCATED", "file ends inside the manifest")
+    mbytes = data[HEADER_SIZE:HEADER_SIZE + ml]
+    if crc32(mbytes) != header["Manifest_CRC32"]:
+        fail("CHECKSUM_MISMATCH", "manifest CRC32 does not match")
+    doc = MsgpackCanonicalParser(mbytes).parse_document()       # §5.1
+    records = check_manifest(doc)                                 # §5.2, §5.3 (§5.4, §5.5, §7)
+    T = len(records)
+
+    # The required (tensor, stream) sequence of §6.2: streams with items, in order.
+    required = []
+    for t, rec in enumerate(records):
+        for s, cnt in enumerate(rec["streams"]):
+            if cnt > 0:
+                required.append((t, s, cnt))
+    cur = -1          # index into `required` of the stream being filled (-1: none yet)
+    acc = 0           # items of required[cur] seen so far
+    next_seq = 0
+    span_start = [None] * T
+    span_end = [None] * T
+    # decoded stream contents: per tensor, per stream, list of parts
+    streams = [[[] for _ in rec["streams"]] for rec in records]
+
+    def cur_complete():
+        return cur == -1 or acc == required[cur][2]
+
+    # §10.1 step 3: chunks
+    pos = HEADER_SIZE + ml
+    size = len(data)
+    while True:
+        if size - pos < 4:
+            fail("TRUNCATED", "file ends at offset %d where a chunk or the index is due" % pos)
+        tag = data[pos:pos + 4]
+        if tag == INDEX_TAG:
+            if not (cur_complete() and cur == len(required) - 1):
+                fail("BAD_CHUNK", "index reached with a tensor's streams incomplete")
+            break
+        if tag != CHUNK_TAG:
+            fail("BAD_CHUNK", "offset %d: neither a chunk nor the index" % pos)
+        if size - pos < CHUNK_HEADER_SIZE:
+            fail("TRUNCATED", "file ends inside a chunk header")
+        h = data[pos:pos + CHUNK_HEADER_SIZE]
+        if crc32(h[:28]) != u32(h, 28):                                        # §6
+            fail("CHECKSUM_MISMATCH", "chunk at %d: header CRC32 does not match" % pos)
+        ctype, stream, tindex = u16(h, 4), u16(h, 6), u32(h, 8)
+        seq, items, plen, pcrc = u32(h, 12), u32(h, 16), u32(h, 20), u32(h, 24)
+        ancillary = bool(ctype & 0x8000)                                       # §6.1
+        if not ancillary and ctype != 0x0001:
+            fail("UNKNOWN_CHUNK", "chunk at %d: unknown critical type 0x%04x" % (pos, ctype))
+        if ancillary:
+            if plen > MAX_PAYLOAD_LENGTH:                                      # §12
+                fail("LIMIT_EXCEEDED", "ancillary chunk Payload_Length %d over 2^28" % plen)
+            # §6.2: never inside a tensor's group of DATA chunks
+            if not cur_complete() or (cur + 1 < len(required) and cur >= 0 and
+                                      required[cur + 1][0] == required[cur][0]):
+                fail("BAD_CHUNK", "ancillary chunk inside a tensor's chunks")
+        else:
+            # §6.2 field rules
+            if tindex >= T:
+                fail("BAD_CHUNK", "chunk Tensor_Index %d >= %d tensors" % (tindex, T))
+            rec = records[tindex]
+            if stream >= len(rec["streams"]):
+                fail("BAD_CHUNK", "chunk Stream %d for a mode with %d streams"
+                     % (stream, len(rec["streams"])))
+            if items < 1:
+                fail("BAD_CHUNK", "chunk Item_Count 0")
+            if items > MAX_ITEM_COUNT:
+                fail("LIMIT_EXCEEDED", "chunk Item_Count %d over 2^26" % items)
+            if plen > MAX_PAYLOAD_LENGTH:
+                fail("LIMIT_EXCEEDED", "chunk Payload_Length %d over 2^28" % plen)
+            # §6.2 order and counts
+            if cur >= 0 and required[cur][:2] == (tindex, stream) and not cur_complete():
+                if seq != next_seq:
+                    fail("BAD_CHUNK", "chunk Sequence %d, %d expected" % (seq, next_seq))
+            else:
+                if not cur_complete():
+                    fail("BAD_CHUNK", "chunk of tensor %d stream %d while tensor %d stream %d "
+                         "is incomplete" % (tindex, stream, *required[cur][:2]))
+                if cur + 1 >= len(required) or required[cur + 1][:2] != (tindex, stream):
+                    fail("BAD_CHUNK", "chunk of tensor %d stream %d out of order (or for a "
+                         "stream without items)" % (tindex, stream))
+                if seq != 0:
+                    fail("BAD_CHUNK", "first chunk of a stream has Sequence %d" % seq)
+                cur += 1
+                acc = 0
+                next_seq = 0
+            if acc + items > required[cur][2]:
+                fail("BAD_CHUNK", "stream's chunks hold more than its %d items"
+                     % required[cur][2])
+        if plen > size - pos - CHUNK_HEADER_SIZE:
+            fail("TRUNCATED", "chunk payload runs past the end of the file")
+        payload = data[pos + CHUNK_HEADER_SIZE:pos + CHUNK_HEADER_SIZE + plen]
+        if crc32(payload) != pcrc:
+            fail("CHECKSUM_MISMATCH", "chunk at %d: payload CRC32 does not match" % pos)
+        chunk_end = pos + CHUNK_HEADER_SIZE + plen
+        if not ancillary:
+            decode_payload(records[tindex], stream, items, payload, streams[tindex][stream])
+            acc += items
+            next_seq += 1
+            if acc == required[cur][2] and records[tindex]["mode"] == "tq" and stream == 0:
+                # mode-tq.md §7.5.3 step 3: S checked as soon as stream 0 is complete
+                check_tq_transform(b"".join(streams[tindex][0]))
+            if span_start[tindex] is None:
+                span_start[tindex] = pos
+            span_end[tindex] = chunk_end
+        pos = chunk_end
+
+    # §10.1 step 4: index
+    index_offset = pos
+    index_len = 4 + 16 * T
+    if size - pos < index_len:
+        fail("TRUNCATED", "file ends inside the index")
+    index = data[pos:pos + index_len]
+    pos += index_len
+    # §10.1 step 5: footer
+    if size - pos < FOOTER_SIZE:
+        fail("TRUNCATED", "file ends inside the footer")
+    footer = data[pos:pos + FOOTER_SIZE]
+    if footer[24:32] != FOOTER_MAGIC:
+        fail("BAD_INDEX", "footer magic does not match")
+    if crc32(footer[:20]) != u32(footer, 20):
+        fail("CHECKSUM_MISMATCH", "footer CRC32 does not match")
+    if crc32(index) != u32(footer, 12):
+        fail("CHECKSUM_MISMATCH", "index CRC32 does not match")
+    f_index_offset, f_count, f_ml = u64(footer, 0), u32(footer, 8), u32(footer, 16)
+    # §9.2 equalities.  "equals the file's length" is taken as "ends where this footer ends";
+    # bytes after it are TRAILING_DATA (step 6) -- see SPEC_FINDINGS.md F1.
+    if f_count != T:
+        fail("BAD_INDEX", "footer Tensor_Count %d, the manifest has %d" % (f_count, T))
+    if f_index_offset != index_offset:
+        fail("BAD_INDEX", "footer Index_Offset %d, the index is at %d"
+             % (f_index_offset, index_offset))
+    if f_index_offset + 4 + 16 * f_count + FOOTER_SIZE != pos + FOOTER_SIZE:
+        fail("BAD_INDEX", "footer does not end the file")
+    if f_ml != ml:
+        fail("BAD_INDEX", "footer Manifest_Length differs from the header's")
+    # §9.1 entries against the chunks seen
+    for t in range(T):
+        off, ln = u64(index, 4 + 16 * t), u64(index, 12 + 16 * t)
+        if span_start[t] is None:
+            want = (0, 0)
+        else:
+            want = (span_start[t], span_end[t] - span_start[t])
+        if (off, ln) != want:
+            fail("BAD_INDEX", "index entry %d is (%d, %d), the chunks give (%d, %d)"
+                 % (t, off, ln, *want))
+    pos += FOOTER_SIZE
+    # §10.1 step 6
+    if pos != size:
+        fail("TRAILING_DATA", "%d bytes after the footer" % (size - pos))
+
+    tensors = None
+    if want_tensors:
+        tensors = []
+        for t, rec in enumerate(records):
+            tensors.append(finish_tensor(rec, streams[t], tensors))
+    return header, doc, records, tensors
+
+
+def decode_payload(rec, stream, items, payload, out):
+    """§7: decode one chunk's payload; append its items to `out`."""
+    mode = rec["mode"]
+    if mode == "raw":                                                          # §7.2
+        if rec["codec"] == "none":
+            if len(payload) != items:
+                fail("BAD_CHUNK", "raw none chunk: Payload_Length %d != Item_Count %d"
+                     % (len(payload), items))
+            b = bytes(payload)
+        else:
+            b = zstd_decode(payload, items)
+        if rec["dtype"] == "bool":                                             # §5.5
+            if b.translate(None, b"\x00\x01"):
+                fail("BAD_PAYLOAD", "bool tensor holds a byte other than 0 and 1")
+        out.append(b)
+    elif mode == "uniform":                                                    # §7.3.2
+        if len(payload) < 4 or len(payload) % 4:
+            fail("BAD_CHUNK", "range-coded payload of %d bytes" % len(payload))
+        out.extend(rc_decode_payload(payload, items, rec["model"]))
+    elif mode == "tq":                                                         # §7.5.2
+        if stream == 0:
+            out.append(bytes(payload))
+            if len(payload) != items:
+                fail("BAD_CHUNK", "tq transform chunk: Payload_Length %d != Item_Count %d"
+                     % (len(payload), items))
+        else:
+            if len(payload) < 4 or len(payload) % 4:
+                fail("BAD_CHUNK", "range-coded payload of %d bytes" % len(payload))
+            out.extend(rc_decode_payload(payload, items, rec["models"][stream - 1]))
+    else:
+        raise AssertionError("alias has no streams")
+
+
+def finish_tensor(rec, stream_data, done):
+    itemsize = DTYPES[rec["dtype"]][0]
+    nbytes = rec["numel"] * itemsize
+    if nbytes > MAX_TENSOR_BYTES:                     # §12 last paragraph: own resource limit
+        fail("LIMIT_EXCEEDED", "tensor %r of %d bytes is over this decoder's limit"
+             % (rec["name"], nbytes))
+    mode = rec["mode"]
+    if mode == "raw":
+        return b"".join(stream_data[0])
+    if mode == "uniform":
+        return reconstruct_uniform(rec, stream_data[0])
+    if mode == "alias":
+        return done[rec["of"]]
+    return reconstruct_tq(rec, stream_data)
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors output
+# ----------------------------------------------------------------------------------------------
+
+def safetensors_bytes(records, tensors):
+    hdr = {}
+    off = 0
+    for rec, b in zip(records, tensors):
+        hdr[rec["name"]] = {"dtype": DTYPES[rec["dtype"]][2], "shape": rec["shape"],
+                            "data_offsets": [off, off + len(b)]}
+        off += len(b)
+    h = json.dumps(hdr, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h, tensors
+
+
+def write_output(path, records, tensors):
+    head, blobs = safetensors_bytes(records, tensors)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".refdec-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            for b in blobs:
+                f.write(b)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+def jsonable(v):
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [jsonable(x) for x in v]
+    if isinstance(v, bytes):
+        return {"bin": v.hex()}
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"float": repr(v)}
+    return v
+
+
+USAGE = "usage: refdec.py decode IN.tqz OUT.safetensors | refdec.py info IN.tqz"
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in ("decode", "info"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    cmd = argv[1]
+    if (cmd == "decode" and len(argv) != 4) or (cmd == "info" and len(argv) != 3):
+        print(USAGE, file=sys.stderr)
+        return 2
+    src = argv[2]
+    try:
+        with open(src, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        print("%s: cannot read: %s" % (src, e), file=sys.stderr)
+        return 2
+    try:
+        header, doc, records, tensors = decode_file(data, want_tensors=(cmd == "decode"))
+    except TqzError as e:
+        print("%s: %s [%s]" % (src, e.message, e.code), file=sys.stderr)
+        return 1
+    except RecursionError:
+        print("%s: manifest nesting too deep [BAD_MANIFEST]" % src, file=sys.stderr)
+        return 1
+    if cmd == "info":
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        json.dump({"header": header, "manifest": jsonable(doc)}, sys.stdout,
+                  ensure_ascii=False, indent=1)
+        print()
+        return 0
+    try:
+        write_output(argv[3], records, tensors)
+    except OSError as e:
+        print("%s: cannot write: %s" % (argv[3], e), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

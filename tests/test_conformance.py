@@ -1,0 +1,154 @@
+"""The conformance vectors (conformance/): tqcodec passes every one, the vectors are reproducible,
+and the frozen fixtures still decode to what they decoded to when they were written."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conformance"
+sys.path.insert(0, str(CONF))
+
+run = importlib.import_module("run")
+craft = importlib.import_module("craft")
+
+VECTORS = run.find_vectors(CONF)
+_DECODER = None
+
+
+def decoder():
+    global _DECODER
+    if _DECODER is None:
+        _DECODER = run.TqcodecDecoder()
+    return _DECODER
+
+
+def _id(v):
+    return f"{v[0]}/{v[1].name}"
+
+
+def test_vectors_exist():
+    groups = {g for g, _, _ in VECTORS}
+    assert {"valid", "invalid", "fixture"} <= groups, "run conformance/make_vectors.py"
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=_id)
+def test_tqcodec_passes(vector):
+    group, folder, info = vector
+    r = decoder().check(group, folder, info)
+    assert r.ok, r.detail
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in (CONF / "fixtures").glob("v*/*") if p.is_dir()),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_fixture_is_frozen(folder):
+    """A fixture's bytes never change (it is the file an old encoder wrote)."""
+    info = json.loads((folder / "vector.json").read_text())
+    assert hashlib.sha256((folder / "in.tqz").read_bytes()).hexdigest() == info["sha256"], \
+        f"{folder} was modified: fixtures are never regenerated"
+
+
+def test_make_vectors_is_reproducible(tmp_path):
+    """Regenerating gives the committed bytes (valid/, invalid/, may_reject/, README.md)."""
+    mv = importlib.import_module("make_vectors")
+    mv.generate(tmp_path, CONF / "fixtures")
+    diffs = []
+    for group in ("valid", "invalid", "may_reject"):
+        new = {p.relative_to(tmp_path) for p in (tmp_path / group).rglob("*") if p.is_file()}
+        old = {p.relative_to(CONF) for p in (CONF / group).rglob("*") if p.is_file()}
+        diffs += [f"only in a fresh run: {p}" for p in sorted(new - old)]
+        diffs += [f"not made any more: {p}" for p in sorted(old - new)]
+        diffs += [f"bytes differ: {p}" for p in sorted(new & old)
+                  if (tmp_path / p).read_bytes() != (CONF / p).read_bytes()]
+    if (tmp_path / "README.md").read_bytes() != (CONF / "README.md").read_bytes():
+        diffs.append("README.md differs")
+    assert not diffs, "conformance vectors are stale (review, then run conformance/make_vectors.py):\n" + \
+        "\n".join(diffs[:40])
+
+
+def test_every_vector_is_in_the_readme():
+    readme = (CONF / "README.md").read_text()
+    for group, folder, _ in VECTORS:
+        label = f"{group}/{folder.name}" if group != "fixture" else f"fixtures/{folder.parent.name}/{folder.name}"
+        assert f"`{label}`" in readme, label
+
+
+def test_vector_json_fields():
+    codes = set(importlib.import_module("tqcodec.errors").ERROR_CODES)
+    for group, folder, info in VECTORS:
+        assert info["what"] and info["spec"].startswith("§"), folder
+        if group == "invalid":
+            assert info["expect_error"] in codes, folder
+            assert not (folder / "expected.safetensors").exists(), folder
+        else:
+            assert "tolerance" in info and (folder / "expected.safetensors").exists(), folder
+            assert (group == "may_reject") == ("may_reject_with" in info), folder
+
+
+def test_expected_files_are_standard_safetensors():
+    """The expected outputs read with the safetensors library itself (bf16 as BF16, uint16..64, bool)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    for group, folder, _ in VECTORS:
+        if group == "invalid":
+            continue
+        ours = craft.read_safetensors(folder / "expected.safetensors")
+        if folder.name == "empty_tensor_huge_dims":  # torch has no shape [2^40, 2^40, 0] either
+            continue
+        theirs = load_file(str(folder / "expected.safetensors"))
+        assert set(ours) == set(theirs), folder
+        for name, (dt, shape, raw) in ours.items():
+            t = theirs[name]
+            assert tuple(t.shape) == shape, (folder, name)
+            assert craft.ST_DTYPES[str(t.dtype).replace("torch.", "")] == dt, (folder, name)
+            assert t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() == raw, (folder, name)
+
+
+def test_every_error_code_of_the_spec_has_a_vector():
+    have = {info["expect_error"] for g, _, info in VECTORS if g == "invalid"}
+    file_codes = {"TRUNCATED", "BAD_MAGIC", "UNSUPPORTED_VERSION", "UNKNOWN_REQUIRED_FEATURE",
+                  "CHECKSUM_MISMATCH", "BAD_MANIFEST", "BAD_TENSOR_RECORD", "LIMIT_EXCEEDED", "BAD_CHUNK",
+                  "UNKNOWN_CHUNK", "BAD_INDEX", "TRAILING_DATA", "UNKNOWN_MODE", "BAD_TABLE", "BAD_STEP",
+                  "BAD_PAYLOAD"}
+    # RESERVED_NONZERO: spec v1.0 defines no reserved field (conformance/SPEC_ISSUES.md)
+    assert file_codes <= have, file_codes - have
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(CONF / "run.py"), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_run_py_protocol_with_external_commands(tmp_path):
+    """run.py drives a command by the protocol: a decoder that rejects everything with one code fails
+    the valid vectors and the invalid ones expecting another code, and the run exits non-zero."""
+    fake = tmp_path / "fake.py"
+    fake.write_text("import sys\nprint('nope', file=sys.stderr)\nprint(sys.argv[2] + ': no [BAD_MAGIC]', "
+                    "file=sys.stderr)\nsys.exit(3)\n")
+    p = _run("--decoder", f"{sys.executable} {fake}", "-k", "magic")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "| FAIL |" in p.stdout
+    p = _run("--decoder", f"{sys.executable} {fake}", "-k", "invalid/html_page")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "| 1 | 0 |" in p.stdout
+
+
+def test_run_py_tqcodec_subset():
+    p = _run("--decoder", "tqcodec", "-k", "raw_none")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "| tqcodec |" in p.stdout and "PASS" in p.stdout
+
+
+def test_missing_refdec_is_skipped_not_passed():
+    p = _run("--decoder", "refdec", "-k", "invalid/html_page")
+    if run.REFDEC.exists():
+        assert "| refdec |" in p.stdout
+    else:
+        assert "SKIPPED" in p.stdout and p.returncode == 0, p.stdout
+        assert _run("--decoder", "refdec", "-k", "invalid/html_page", "--require").returncode == 1
