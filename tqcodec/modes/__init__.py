@@ -17,9 +17,9 @@ import numpy as np
 
 from ..errors import fail
 from ..format.manifest import TensorRecord
-from . import alias, raw, uniform
+from . import alias, raw, tq, uniform
 
-MODES: dict[str, ModuleType] = {"raw": raw, "uniform": uniform, "alias": alias}
+MODES: dict[str, ModuleType] = {"raw": raw, "uniform": uniform, "alias": alias, "tq": tq}
 
 
 def mode_of(record: TensorRecord) -> ModuleType:

@@ -1,0 +1,118 @@
+"""tqcodec.calibrate and Stats: hooks, im2col statistics, embeddings, save/load, from_activations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tqcodec
+from tqcodec.calibrate import Stats, calibrate
+
+
+def _batches(x: torch.Tensor, size: int):
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def test_linear_second_moment_matches_numpy():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(40, 5)
+    st = calibrate(m, _batches(x, 16), sensitivity=False)
+    xd = x.double().numpy()
+    np.testing.assert_allclose(st.get("0.weight").h[0], xd.T @ xd / 40, rtol=1e-12, atol=1e-12)
+    hidden = torch.relu(m[0](x)).detach().double().numpy()
+    np.testing.assert_allclose(st.get("2.weight").h[0], hidden.T @ hidden / 40, rtol=1e-10, atol=1e-12)
+    assert st.get("0.weight").rows == 40
+
+
+def test_max_samples_caps_rows():
+    m = nn.Linear(4, 2)
+    st = calibrate(m, _batches(torch.randn(100, 4), 30), max_samples=50, sensitivity=False)
+    assert st.get("weight").rows == 50
+
+
+def test_conv_stats_predict_output_error():
+    """tr(E H E^T) from im2col statistics equals the conv's measured output error (linearity)."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 8, 3, padding=1, stride=2, groups=2, bias=False)
+    x = torch.randn(10, 6, 9, 9, dtype=torch.float64)
+    conv = conv.double()
+    st = calibrate(conv, [x], sensitivity=False)
+    s = st.get("weight")
+    assert s.kind == "conv" and s.h.shape == (2, 27, 27)
+    e = torch.randn_like(conv.weight) * 0.1
+    y = F.conv2d(x, e, stride=2, padding=1, groups=2)  # output error of weight error e
+    measured = float(y.pow(2).sum()) / (y.shape[0] * y.shape[2] * y.shape[3])
+    from tqcodec.calibrate import local_distortion
+    predicted = local_distortion(e.reshape(8, -1).numpy(), s)
+    assert predicted == pytest.approx(measured, rel=1e-9)
+
+
+def test_depthwise_and_conv1d_and_same_padding():
+    m = nn.Sequential(nn.Conv1d(4, 4, 3, padding="same", groups=4), nn.Conv1d(4, 2, 2))
+    st = calibrate(m, [torch.randn(3, 4, 11)], sensitivity=False)
+    assert st.get("0.weight").h.shape == (4, 3, 3)
+    assert st.get("1.weight").h.shape == (1, 8, 8)
+
+
+def test_embedding_counts_and_dict_batches():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, ids, scale=1.0):
+            return self.fc(self.emb(ids) * scale)
+
+    m = M()
+    ids = torch.tensor([[1, 2, 2], [3, 3, 3]])
+    st = calibrate(m, [{"ids": ids, "scale": 2.0}, (ids,)], sensitivity=True)
+    np.testing.assert_array_equal(st.get("emb.weight").counts[:4], [0, 2, 4, 6])
+    assert st.get("fc.weight").rows == 12
+    assert st.get("fc.bias").kind == "plain" and st.get("fc.bias").gain > 0
+    assert st.output_power > 0
+
+
+def test_sensitivity_gain_reflects_downstream_scaling():
+    """A layer followed by a x10 gain is ~100x more sensitive per unit of local error."""
+    torch.manual_seed(2)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            return torch.cat([self.a(x) * 10.0, self.b(x)], dim=1)
+
+    st = calibrate(M(), [torch.randn(64, 6)], sensitivity=True)
+    assert st.get("a.weight").gain / st.get("b.weight").gain == pytest.approx(100.0, rel=1e-4)  # float32 forward
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, groups=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    st = calibrate(m, [torch.randn(4, 2, 6, 6)])
+    p = tmp_path / "s.safetensors"
+    st.save(str(p))
+    back = tqcodec.Stats.load(str(p))
+    assert back.keys() == st.keys() or sorted(back.keys()) == sorted(st.keys())
+    for k in st.keys():
+        a, b = st.get(k), back.get(k)
+        assert (a.kind, a.rows, a.layout, a.gain) == (b.kind, b.rows, b.layout, b.gain)
+        if a.h is not None:
+            np.testing.assert_array_equal(a.h, b.h)
+    assert back.output_power == st.output_power
+    assert b"pickle" not in p.read_bytes()[:64]
+
+
+def test_from_activations_layouts():
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    st = Stats.from_activations({"w": x, "v": torch.from_numpy(x)}, layouts={"v": "in_out"})
+    np.testing.assert_allclose(st.get("w").h[0], x.T @ x / 20)
+    assert st.get("v").layout == "in_out"
+    with pytest.raises(ValueError):
+        Stats.from_activations({"w": x}, layouts={"w": "sideways"})

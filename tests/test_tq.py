@@ -1,0 +1,338 @@
+"""Mode tq (spec §7.5) and its encoder: error-feedback rounding, one-lambda allocation, rate
+control on whole files, determinism, exact round trips, convs, transforms in the decoder."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import tqcodec
+from tqcodec.errors import TqzError
+from tqcodec.format.manifest import TensorRecord
+from tqcodec.modes import tq as tq_mode
+from tqcodec.steps import steps_from_codes
+from tqcodec.tq.allocation import Unit
+from tqcodec.tq.encoder import Item, make_units, reconstruction
+from tqcodec.tq.rounding import gptq_round, round_nearest
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 6 * 6, 48)
+        self.fc2 = nn.Linear(48, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = self.bn(self.dw(x))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+@pytest.fixture(scope="module")
+def model_and_stats():
+    torch.manual_seed(0)
+    m = Small()
+    m.bn.running_var.copy_(torch.rand(8) * 1e-3)  # tiny variances must survive
+    m.eval()
+    x = torch.randn(48, 3, 6, 6)
+    st = tqcodec.calibrate(m, [x[i:i + 16] for i in range(0, 48, 16)])
+    return m, st, x
+
+
+def _params(sd):
+    return sum(t.numel() for t in sd.values())
+
+
+# --- rounding ---------------------------------------------------------------------------------
+
+def test_gptq_beats_nearest_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    m, n = 32, 16
+    mix = rng.normal(size=(m, m))
+    x = rng.normal(size=(2000, m)) @ mix * 0.3 + rng.normal(size=(2000, 1))  # strongly correlated
+    h = x.T @ x / len(x)
+    w = rng.normal(size=(n, m)) * 0.1
+    step = 0.05
+    out_err = lambda q: float(np.einsum("ij,jk,ik->", w - q * step, h, w - q * step))  # noqa: E731
+    e_rtn = out_err(round_nearest(w, step, -1000, 1000))
+    e_gptq = out_err(gptq_round(w, h, step, -1000, 1000))
+    assert e_gptq < 0.7 * e_rtn
+    # deterministic
+    np.testing.assert_array_equal(gptq_round(w, h, step, -1000, 1000), gptq_round(w, h, step, -1000, 1000))
+
+
+def test_gptq_respects_level_range_and_identity_h_is_nearest():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 10))
+    q = gptq_round(w, np.eye(10), 0.25, -2, 1)
+    assert q.min() >= -2 and q.max() <= 1
+    np.testing.assert_array_equal(gptq_round(w, np.eye(10), 0.1, -99, 99, act_order=False),
+                                  round_nearest(w, 0.1, -99, 99))
+
+
+# --- whole-file rate control, determinism, round trip ------------------------------------------
+
+@pytest.mark.parametrize("bits", [2.0, 3.0, 4.0, 6.0])
+def test_bits_target_whole_file(model_and_stats, bits):
+    m, st, _ = model_and_stats
+    sd = m.state_dict()
+    data = tqcodec.encode_bytes(sd, stats=st, bits=bits)
+    got = 8 * len(data) / _params(sd)
+    assert abs(got / bits - 1) <= 0.03, got
+
+
+def test_deterministic_and_decodes(model_and_stats):
+    m, st, x = model_and_stats
+    sd = m.state_dict()
+    a = tqcodec.encode_bytes(sd, stats=st, bits=4.0)
+    b = tqcodec.encode_bytes(sd, stats=st, bits=4.0)
+    assert a == b
+    dec = tqcodec.load(a)
+    assert list(dec) == list(sd)
+    for k, v in sd.items():
+        assert dec[k].dtype == v.dtype and dec[k].shape == v.shape
+    with tqcodec.open(a) as f:
+        assert f.info("fc1.weight").mode == "tq"
+        assert f.info("c2.weight").mode == "tq"
+    assert torch.equal(dec["bn.running_var"], sd["bn.running_var"])  # stored exactly
+    assert torch.equal(dec["bn.num_batches_tracked"], sd["bn.num_batches_tracked"])
+    m2 = Small()
+    m2.load_state_dict(dec)
+    m2.eval()
+    with torch.no_grad():
+        y, y2 = m(x), m2(x)
+    snr = 10 * torch.log10(y.pow(2).mean() / (y - y2).pow(2).mean())
+    assert snr > 15  # 4 bits/param keeps the outputs close
+
+
+def test_stats_make_smaller_output_error_than_data_free(model_and_stats):
+    m, st, x = model_and_stats
+    sd = m.state_dict()
+
+    def out_err(data):
+        m2 = Small()
+        m2.load_state_dict(tqcodec.load(data))
+        m2.eval()
+        with torch.no_grad():
+            return float((m(x) - m2(x)).pow(2).mean())
+
+    with_stats = tqcodec.encode_bytes(sd, stats=st, bits=3.0)
+    data_free = tqcodec.encode_bytes(sd, mode="tq", bits=3.0)
+    assert abs(len(with_stats) / len(data_free) - 1) < 0.05
+    assert out_err(with_stats) < out_err(data_free)
+
+
+def test_quality_target_is_monotonic(model_and_stats):
+    m, st, _ = model_and_stats
+    sd = m.state_dict()
+    sizes = [len(tqcodec.encode_bytes(sd, stats=st, quality=q)) for q in (15, 30, 45)]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_decoder_rebuilds_encoder_reconstruction_exactly(model_and_stats):
+    m, st, _ = model_and_stats
+    sd = m.state_dict()
+    items = [Item(k, "float32", v.double().numpy()) for k, v in sd.items() if v.is_floating_point()]
+    units, layouts = make_units(items, st)
+    by_name = {}
+    for u in units:
+        by_name.setdefault(u.name.split("\x00")[0], []).append(u)
+    for name, bands in by_name.items():
+        codes = [max(-100, int(np.floor(4 * np.log2(np.sqrt(np.mean(u.w ** 2)) + 1e-12))) - 4) for u in bands]
+        params, streams = tq_mode.encode([u.quantize(c, True) for u, c in zip(bands, codes)], codes,
+                                         layout=layouts[name])
+        shape = tuple(sd[name].shape)
+        rec = TensorRecord(name, "float32", shape, "tq", params)
+        assert tq_mode.stream_items(0, rec, [rec])[1:] == tuple(
+            sum(c for c, _ in s) for s in streams[1:])
+        got = tq_mode.decode(rec, streams)
+        want = np.concatenate([reconstruction(u, c) for u, c in zip(bands, codes)]).astype(np.float32)
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+def test_grouped_conv_units_use_per_group_statistics(model_and_stats):
+    _, st, _ = model_and_stats
+    assert st.get("c2.weight").h.shape == (4, 18, 18)
+    assert st.get("dw.weight").h.shape == (8, 9, 9)
+    sd = model_and_stats[0].state_dict()
+    items = [Item(k, "float32", sd[k].double().numpy()) for k in ("c2.weight", "dw.weight")]
+    units, _ = make_units(items, st)
+    assert all(u.h is not None and u.h.shape[0] in (4, 8) for u in units)
+
+
+def test_tied_weights_stored_once():
+    torch.manual_seed(3)
+    w = torch.randn(64, 32)
+    sd = {"a.weight": w, "b.weight": w, "c.weight": torch.randn(40, 32)}
+    data = tqcodec.encode_bytes(sd, mode="tq", bits=4.0)
+    with tqcodec.open(data) as f:
+        assert f.info("b.weight").mode == "alias"
+        assert f.info("a.weight").mode == "tq"
+    dec = tqcodec.load(data)
+    assert torch.equal(dec["a.weight"], dec["b.weight"])
+
+
+def test_in_out_layout_from_activations():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(500, 24)) @ rng.normal(size=(24, 24))
+    w_in_out = torch.from_numpy(rng.normal(size=(24, 40)).astype(np.float32))
+    st = tqcodec.Stats.from_activations({"mm": x}, layouts={"mm": "in_out"})
+    data = tqcodec.encode_bytes({"mm": w_in_out}, stats=st, quality=30)
+    with tqcodec.open(data) as f:
+        assert f.info("mm").params["layout"] == "in_out"
+        back = f.get_tensor("mm")
+    assert back.shape == w_in_out.shape
+    err = (back - w_in_out).double().numpy()
+    rel = np.einsum("ji,jk,ki->", err, x.T @ x, err) / np.einsum("ji,jk,ki->", w_in_out.double().numpy(),
+                                                                x.T @ x, w_in_out.double().numpy())
+    assert rel < 10 ** (-2.5)
+
+
+# --- mode tq decoder rules ---------------------------------------------------------------------
+
+def _rec(params, shape=(4, 6), dtype="float32"):
+    return TensorRecord("t", dtype, shape, "tq", params)
+
+
+def test_transform_decode_matches_reference():
+    rng = np.random.default_rng(5)
+    n, m, k = 6, 5, 3
+    s = rng.normal(size=(m, k)).astype(np.float16)
+    lv = rng.integers(-7, 8, size=(k, n))
+    params, streams = tq_mode.encode([lv[:2], lv[2:]], [-8, -12], transform=s)
+    rec = _rec(params, shape=(n, m))
+    assert tq_mode.stream_items(0, rec, [rec]) == (2 * m * k, 2 * n, n)
+    got = tq_mode.decode(rec, streams)
+    c = np.concatenate([lv[:2] * steps_from_codes([-8])[0], lv[2:] * steps_from_codes([-12])[0]])
+    want = (s.astype(np.float64) @ c).T
+    bound = 2.0 ** -20 * (np.abs(s.astype(np.float64)) @ np.abs(c)).T + np.spacing(np.abs(want).astype(np.float32))
+    assert np.all(np.abs(got - want) <= bound)
+
+
+def test_single_symbol_band_has_no_stream_items():
+    params, streams = tq_mode.encode([np.zeros((4, 6), dtype=np.int64)], [0])
+    rec = _rec(params)
+    assert tq_mode.stream_items(0, rec, [rec]) == (0, 0)
+    assert not streams[1]
+    assert np.all(tq_mode.decode(rec, streams) == 0)
+
+
+@pytest.mark.parametrize("change,code", [
+    ({"layout": "sideways"}, "BAD_TENSOR_RECORD"),
+    ({"transform": "float8"}, "BAD_TENSOR_RECORD"),
+    ({"band_rows": [3]}, "BAD_TENSOR_RECORD"),
+    ({"band_rows": [True, 3]}, "BAD_TENSOR_RECORD"),
+    ({"steps": [999]}, "BAD_STEP"),
+    ({"steps": [1.0]}, "BAD_TENSOR_RECORD"),
+    ({"counts": [b"\x00"]}, "BAD_TABLE"),
+    ({"counts": [b"\x05"]}, "BAD_TABLE"),
+    ({"counts": [b"\x80\x00"]}, "BAD_TABLE"),
+    ({"q_min": [-(1 << 21)]}, "LIMIT_EXCEEDED"),
+    ({"extra": 1}, "BAD_TENSOR_RECORD"),
+    ({"layout": 3}, "BAD_TENSOR_RECORD"),
+])
+def test_bad_params_rejected(change, code):
+    params, _ = tq_mode.encode([np.arange(24).reshape(4, 6) % 5], [-4])
+    params = {**params, **change}
+    rec = _rec(params)
+    with pytest.raises(TqzError) as ei:
+        tq_mode.stream_items(0, rec, [rec])
+    assert ei.value.code == code
+
+
+def test_transform_rows_bounded_by_min_dimension():
+    s = np.ones((6, 5), dtype=np.float16)
+    params, _ = tq_mode.encode([np.zeros((5, 4), dtype=np.int64)], [0], transform=s)
+    rec = _rec(params, shape=(4, 6))  # k = 5 > n = 4
+    with pytest.raises(TqzError) as ei:
+        tq_mode.stream_items(0, rec, [rec])
+    assert ei.value.code == "BAD_TENSOR_RECORD"
+
+
+def test_cli_encode_with_stats_and_bits(tmp_path, model_and_stats):
+    from typer.testing import CliRunner
+
+    from tqcodec.cli import app
+    m, st, _ = model_and_stats
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.save(sd, tmp_path / "m.pt")
+    st.save(str(tmp_path / "s.safetensors"))
+    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--stats", str(tmp_path / "s.safetensors"),
+                                 "--bits", "3", "-o", str(tmp_path / "m.tqz")])
+    assert r.exit_code == 0, r.output
+    size = (tmp_path / "m.tqz").stat().st_size
+    assert abs(8 * size / _params(sd) / 3 - 1) <= 0.03
+    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--quality", "30", "--mode", "tq",
+                                 "-o", str(tmp_path / "q.tqz")])
+    assert r.exit_code == 0, r.output
+    assert tqcodec.load(str(tmp_path / "q.tqz")).keys() == sd.keys()
+
+
+def test_bias_correction_removes_mean_output_error():
+    """Before its own rounding, the corrected bias cancels the mean output shift of the
+    quantized weight: (W_hat - W) E[x] + (b' - b) = 0."""
+    from tqcodec.tq.encoder import _bias_pairs, _correct_biases
+    torch.manual_seed(6)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(256, 16) * 0.1 + 1.0
+    st = tqcodec.calibrate(lin, [x], sensitivity=True)
+    assert st.get("weight").mean.shape == (1, 16)
+    sd = lin.state_dict()
+    items = [Item(k, "float32", v.double().numpy()) for k, v in sd.items()]
+    units, layouts = make_units(items, st)
+    pairs = _bias_pairs(units, st, layouts)
+    assert len(pairs) == 1
+    bands, bias = pairs[0]
+    pick = {u.name: -12 for u in units}
+    orig = {id(b): b.w.copy() for b in bias}
+    _correct_biases(pairs, orig, pick)
+    w_hat = np.concatenate([reconstruction(u, -12) for u in bands])
+    mu = x.double().mean(0).numpy()
+    new_bias = np.concatenate([b.w.reshape(-1) for b in bias])
+    shift = (w_hat - sd["weight"].double().numpy()) @ mu + new_bias - sd["bias"].double().numpy()
+    assert np.abs(shift).max() < 1e-9
+
+
+def test_options_rejected():
+    with pytest.raises(TqzError):
+        tqcodec.EncodeOptions(bits=-1)
+    with pytest.raises(TqzError):
+        tqcodec.EncodeOptions(bits=2, quality=30)
+
+
+# --- transforms (numerics; the encoder does not use them yet) ----------------------------------
+
+def test_transforms_are_deterministic_and_invert():
+    from tqcodec.tq import transforms as T
+    rng = np.random.default_rng(7)
+    mat = rng.normal(size=(6, 40))
+    x = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    h = x.T @ x / 300
+    a, s, _ = T.aat(mat, h)
+    np.testing.assert_allclose(s @ (a @ mat), mat, atol=1e-9)
+    a2, s2, _ = T.aat(mat.copy(), h.copy())
+    np.testing.assert_array_equal(a, a2)
+    ak, sk, w = T.klt(mat)
+    np.testing.assert_allclose(sk @ ak, np.eye(6), atol=1e-12)
+    assert np.all(np.diff(w) <= 1e-12)
+
+
+def test_transform_chosen_only_when_it_pays():
+    from tqcodec.tq import transforms as T
+    rng = np.random.default_rng(8)
+    # a conv-like tall matrix (m = 8 inputs, p = 4096 columns) with strongly correlated inputs
+    basis = rng.normal(size=(8, 8)) * np.array([10, 5, 2, 1, 0.1, 0.05, 0.01, 0.01])
+    tall = basis @ rng.normal(size=(8, 4096))
+    assert T.pays(tall)
+    # a square random projection: decorrelated already, the transform cannot pay its m*m*16 bits
+    square = rng.normal(size=(64, 64))
+    assert not T.pays(square)
