@@ -1,0 +1,390 @@
+"""Rate-distortion sweep: tqcodec's lossy options against NNCodec on the two benchmark models.
+
+    python benchmarks/rd.py [--nncodec-python /work/nnc-venv/bin/python] [--models digits,minilm]
+                            [--codecs nncodec,uniform-channel,uniform-tensor] [--minilm-quick]
+
+For each model (``benchmarks/zoo``) and each codec in ``CODECS``, every setting of the codec's
+sweep is encoded from the reference weights, decoded, and evaluated with the model's fixed
+evaluation. Rate is the size of the whole file (the .tqz file, or NNCodec's whole bitstream)
+over the number of parameters. For each codec the smallest transparent point is reported
+(digits: top-1 >= 0.990; MiniLM: mean cosine >= 0.995); the metric need not be monotonic in
+the setting, so every point is listed.
+
+Writes ``benchmarks/results/rd.json`` (every point), ``rd.md`` (tables) and ``rd.png``
+(bits/param vs metric). Intermediate files go to ``benchmarks/results/tmp/`` (git-ignored).
+
+NNCodec runs in its own venv (see ``benchmarks/nncodec_runner.py``); without
+``--nncodec-python`` it is skipped. A codec is one entry of ``CODECS``: a name, the parameter it
+sweeps, its default sweep per model, and a function that encodes and decodes a list of settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import tqcodec  # noqa: E402
+from benchmarks.zoo import digits, minilm  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {"digits": digits, "minilm": minilm}
+
+
+# --- context: one model ----------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What a codec needs to know about the model being swept."""
+
+    model: str  # key of MODELS
+    zoo: Any  # the benchmarks.zoo module
+    reference: dict  # the reference state_dict
+    reference_path: Path  # the same, saved as .pt (for codecs run in another process)
+    workdir: Path
+    args: argparse.Namespace
+    _stats: Any = None
+
+    @property
+    def parameters(self) -> int:
+        return sum(v.numel() for v in self.reference.values())
+
+    def calibration_batches(self) -> list:
+        """Calibration inputs (disjoint from the evaluation inputs), as a list of batches:
+        tensors for digits (call ``module(batch)``), dicts for MiniLM (``module(**batch)``)."""
+        if self.model == "digits":
+            x = digits.calibration_inputs(256)
+            return [x[i:i + 64] for i in range(0, len(x), 64)]
+        sents = minilm.sentences()["calibration"]
+        return [minilm.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+
+    def stats(self):
+        """``tqcodec.calibrate(module, batches)`` on the reference weights, computed once."""
+        if self._stats is None:
+            module = self.zoo.build_module()
+            module.load_state_dict(self.reference, strict=True)
+            module.eval()
+            t0 = time.perf_counter()
+            self._stats = tqcodec.calibrate(module, self.calibration_batches())
+            print(f"  calibrated in {time.perf_counter() - t0:.1f} s", flush=True)
+        return self._stats
+
+
+# --- codecs -----------------------------------------------------------------------------------
+
+@dataclass
+class Codec:
+    """One entry of the sweep.
+
+    ``run(ctx, values)`` yields, for each setting, a dict with ``value``, ``bytes`` (the whole
+    file), ``encode_s``, ``decode_s`` and ``decoded`` (the decoded state_dict).
+    """
+
+    name: str
+    label: str
+    param: str
+    sweeps: dict  # model -> default list of settings
+    run: Callable[[Context, list], Any]
+    available: Callable[[argparse.Namespace], Optional[str]] = lambda args: None  # None or why not
+    extra: dict = field(default_factory=dict)
+
+
+def tqcodec_codec(name: str, label: str, param: str, sweeps: dict, options: Callable[[Any], dict],
+                  calibrated: bool = False, available=lambda args: None) -> Codec:
+    """A codec that is a call of ``tqcodec.save(sd, path, **options(value))``; with
+    ``calibrated``, ``stats=ctx.stats()`` is passed too."""
+
+    def run(ctx: Context, values: list):
+        for v in values:
+            path = ctx.workdir / f"{ctx.model}-{name}-{v}.tqz"
+            opts = dict(options(v))
+            if calibrated:
+                opts["stats"] = ctx.stats()
+            t0 = time.perf_counter()
+            size = tqcodec.save(ctx.reference, path, **opts)
+            enc_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            decoded = tqcodec.load(path)
+            dec_s = time.perf_counter() - t0
+            assert size == path.stat().st_size
+            yield {"value": v, "bytes": size, "encode_s": enc_s, "decode_s": dec_s, "decoded": decoded,
+                   "options": {k: o for k, o in opts.items() if k != "stats"}}
+
+    return Codec(name, label, param, sweeps, run, available, {"calibrated": calibrated})
+
+
+def _nncodec_run(ctx: Context, values: list):
+    """All qp values in one process of NNCodec's venv (the input is loaded once)."""
+    cmd = [ctx.args.nncodec_python, str(ROOT / "benchmarks" / "nncodec_runner.py"), str(ctx.reference_path),
+           "--qp", *map(str, values),
+           "--bitstream", str(ctx.workdir / f"{ctx.model}-nncodec-{{qp}}.nnc"),
+           "--decoded", str(ctx.workdir / f"{ctx.model}-nncodec-{{qp}}.pt")]
+    log = open(ctx.workdir / f"{ctx.model}-nncodec.log", "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        for line in proc.stdout:
+            r = json.loads(line)
+            decoded = torch.load(r["decoded"], map_location="cpu", weights_only=True)
+            os.remove(r["decoded"])  # 90 MB each on MiniLM; the bitstream stays
+            yield {"value": r["qp"], "bytes": r["bytes"], "encode_s": r["encode_s"], "decode_s": r["decode_s"],
+                   "decoded": decoded, "options": {"qp": r["qp"]}}
+    finally:
+        rc = proc.wait()
+        log.close()
+    if rc != 0:
+        raise RuntimeError(f"nncodec_runner failed ({rc}); see {log.name}")
+
+
+def _nncodec_available(args) -> Optional[str]:
+    if not args.nncodec_python:
+        return "no --nncodec-python given"
+    if not Path(args.nncodec_python).exists():
+        return f"{args.nncodec_python} does not exist"
+    return None
+
+
+def _tq_available(args) -> Optional[str]:
+    return None if hasattr(tqcodec, "calibrate") else "this tqcodec has no calibrate()/mode 'tq' yet"
+
+
+# Sweeps: digits is cheap (fine steps); MiniLM costs ~15-20 s per point for the evaluation
+# alone (NNCodec: +20-25 s to encode), so its sweeps are short and centred on the threshold.
+CODECS: list[Codec] = [
+    Codec("nncodec", "NNCodec 2.1.3 (qp)", "qp",
+          {"digits": list(range(-32, -13)), "minilm": [-36, -34, -33, -32, -30]},
+          _nncodec_run, _nncodec_available),
+    tqcodec_codec("uniform-channel", "tqcodec uniform, per channel (snr_db)", "snr_db",
+                  {"digits": list(range(14, 41)), "minilm": [26, 28, 29, 30, 32]},
+                  lambda v: {"mode": "auto", "granularity": "channel", "snr_db": v}),
+    tqcodec_codec("uniform-tensor", "tqcodec uniform, per tensor (snr_db)", "snr_db",
+                  {"digits": list(range(14, 41)), "minilm": [26, 28, 29, 30, 32]},
+                  lambda v: {"mode": "auto", "granularity": "tensor", "snr_db": v}),
+    # The calibrated transform-quantization mode (not in every tqcodec yet: skipped when absent).
+    tqcodec_codec("tq", "tqcodec tq, calibrated (bits)", "bits",
+                  {"digits": [0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0], "minilm": [3.0, 3.5, 4.0, 4.5]},
+                  lambda v: {"mode": "tq", "bits": v}, calibrated=True, available=_tq_available),
+]
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+def sweep_model(model: str, codecs: list[Codec], args) -> dict:
+    zoo = MODELS[model]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if model == "digits":
+        reference = digits.reference_state_dict(workdir / "digits-cnn.pt")
+    else:
+        reference = minilm.original_state_dict()
+    ref_path = workdir / f"{model}-reference.pt"
+    torch.save(reference, ref_path)
+    ctx = Context(model, zoo, reference, ref_path, workdir, args)
+    params = ctx.parameters
+    ref_eval = zoo.evaluate(reference, reference)
+    print(f"{model}: {params} parameters, reference {zoo.METRIC} {ref_eval['value']:.4f} "
+          f"(transparent: >= {zoo.TRANSPARENT}) [{time.perf_counter() - t0:.1f} s]", flush=True)
+    out = {"model": zoo.NAME, "parameters": params, "metric": zoo.METRIC, "transparent_at": zoo.TRANSPARENT,
+           "reference_metric": ref_eval["value"], "reference_fp32_bytes": 4 * params, "codecs": {}}
+    for codec in codecs:
+        why = codec.available(args)
+        if why:
+            print(f"  {codec.name}: skipped ({why})", flush=True)
+            out["codecs"][codec.name] = {"label": codec.label, "skipped": why}
+            continue
+        values = getattr(args, f"{model}_{codec.param}", None) or codec.sweeps[model]
+        if args.minilm_quick and model == "minilm":
+            values = values[1:-1] if len(values) > 3 else values
+        points = []
+        t_codec = time.perf_counter()
+        for r in codec.run(ctx, values):
+            t_eval = time.perf_counter()
+            ev = zoo.evaluate(r.pop("decoded"), reference)
+            eval_s = time.perf_counter() - t_eval
+            p = {codec.param: r["value"], "bytes": r["bytes"], "bits_per_param": 8 * r["bytes"] / params,
+                 "metric": ev["value"], "transparent": zoo.is_transparent(ev),
+                 "encode_s": round(r["encode_s"], 3), "decode_s": round(r["decode_s"], 3),
+                 "eval_s": round(eval_s, 2), "options": r["options"],
+                 "eval": {k: v for k, v in ev.items() if k not in ("model", "metric", "value", "n")}}
+            points.append(p)
+            print(f"  {codec.name:16} {codec.param}={r['value']!s:>6}  {r['bytes']:>10} B  "
+                  f"{p['bits_per_param']:6.3f} b/p  {zoo.METRIC} {ev['value']:.4f}"
+                  f"{'  T' if p['transparent'] else ''}", flush=True)
+        entry = {"label": codec.label, "param": codec.param, "points": points,
+                 "seconds": round(time.perf_counter() - t_codec, 1)}
+        entry.update(summarize(points))
+        out["codecs"][codec.name] = entry
+    return out
+
+
+def summarize(points: list[dict]) -> dict:
+    """The smallest transparent point; whether some larger point failed (non-monotonic); and the
+    smallest *stable* transparent point: the smallest from which every larger point of the sweep
+    is transparent too (on digits one test image is 0.2 points, so single points are noisy)."""
+    ok = [p for p in points if p["transparent"]]
+    if not ok:
+        return {"smallest_transparent": None, "smallest_stable_transparent": None}
+    best = min(ok, key=lambda p: p["bytes"])
+    failing_larger = [p for p in points if not p["transparent"] and p["bytes"] > best["bytes"]]
+    largest_failing = max((p["bytes"] for p in points if not p["transparent"]), default=-1)
+    stable = [p for p in ok if p["bytes"] > largest_failing]
+    return {"smallest_transparent": best, "non_monotonic": bool(failing_larger),
+            "failing_points_larger_than_smallest_transparent": len(failing_larger),
+            "smallest_stable_transparent": min(stable, key=lambda p: p["bytes"]) if stable else None}
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = ["# Rate-distortion: tqcodec vs NNCodec", "",
+             "Generated by `benchmarks/rd.py` (see `benchmarks/README.md`). Rate = whole file "
+             "(.tqz, or NNCodec's whole bitstream) in bits per parameter. Transparent: digits top-1 "
+             ">= 0.990, MiniLM mean cosine >= 0.995.", "",
+             f"Machine: {result['machine']}. Last run {result['started']} UTC, {result.get('seconds', 0):.0f} s"
+             + (f"; 1-min load average at start {result['loadavg_start']}" if "loadavg_start" in result else "")
+             + ". Encode/decode seconds are wall-clock (NNCodec single-threaded); on a shared machine they "
+             "move with the load.", ""]
+    if result.get("merged_into"):
+        lines += [f"This file merges runs: the first started {result['merged_into']} UTC, the last "
+                  f"{result['started']} UTC (`--merge`).", ""]
+    for note in result.get("notes", []):
+        lines += [f"- {note}"]
+    if result.get("notes"):
+        lines.append("")
+    for m in result["models"].values():
+        fp32 = m["reference_fp32_bytes"]
+        lines += [f"## {m['model']} ({m['parameters']:,} parameters, reference {m['metric']} "
+                  f"{m['reference_metric']:.4f})", "",
+                  "Smallest transparent point of each codec (*stable*: the smallest point from which every "
+                  "larger point of the sweep is transparent too; differs from the smallest when the metric "
+                  "is not monotonic):", "",
+                  "| codec | which | setting | bytes | bits/param | vs fp32 | " + m["metric"]
+                  + " | encode s | decode s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in m["codecs"].values():
+            if "skipped" in c:
+                lines.append(f"| {c['label']} | skipped: {c['skipped']} | | | | | | | |")
+                continue
+            shown = []
+            for which, key in (("smallest", "smallest_transparent"), ("stable", "smallest_stable_transparent")):
+                b = c.get(key)
+                if b is None:
+                    lines.append(f"| {c['label']} | {which} | none transparent in the sweep | | | | | | |")
+                    continue
+                if shown and b == shown[-1]:
+                    lines[-1] = lines[-1].replace("| smallest |", "| smallest = stable |", 1)
+                    continue
+                shown.append(b)
+                lines.append(f"| {c['label']} | {which} | {c['param']}={b[c['param']]} | {b['bytes']:,} | "
+                             f"{b['bits_per_param']:.3f} | {fp32 / b['bytes']:.1f}x | {b['metric']:.4f} | "
+                             f"{b['encode_s']:.2f} | {b['decode_s']:.2f} |")
+        lines += ["", "All points:", ""]
+        for c in m["codecs"].values():
+            if "skipped" in c:
+                continue
+            lines += [f"{c['label']}:", "", f"| {c['param']} | bytes | bits/param | {m['metric']} | transparent |",
+                      "|---|---|---|---|---|"]
+            for p in sorted(c["points"], key=lambda p: p["bytes"]):
+                lines.append(f"| {p[c['param']]} | {p['bytes']:,} | {p['bits_per_param']:.3f} | "
+                             f"{p['metric']:.4f} | {'yes' if p['transparent'] else 'no'} |")
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(result["models"].values())
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        thr = m["transparent_at"]
+        lo = thr - 4 * (1.0 - thr)
+        for c in m["codecs"].values():
+            if "skipped" in c or not c["points"]:
+                continue
+            pts = sorted(c["points"], key=lambda p: p["bits_per_param"])
+            ax.plot([p["bits_per_param"] for p in pts], [max(p["metric"], lo) for p in pts], "o-",
+                    ms=3.5, lw=1.2, label=c["label"])
+        ax.axhline(thr, color="k", ls="--", lw=0.8, label=f"transparent ({thr})")
+        ax.set_ylim(lo - 0.2 * (1.0 - thr), 1.0 + 0.2 * (1.0 - thr))
+        ax.set_xlabel("bits per parameter (whole file)")
+        ax.set_ylabel(f"{m['metric']} (points below {lo:.3f} drawn at {lo:.3f})")
+        ax.set_title(f"{m['model']} ({m['parameters']:,} params)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nncodec-python", help="python of the venv where nncodec is installed")
+    ap.add_argument("--models", default="digits,minilm")
+    ap.add_argument("--codecs", default=",".join(c.name for c in CODECS),
+                    help="comma-separated names from: " + ", ".join(c.name for c in CODECS))
+    ap.add_argument("--workdir", default=str(RESULTS / "tmp"))
+    ap.add_argument("--out", default=str(RESULTS), help="folder for rd.json, rd.md, rd.png")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other codecs' results already in OUT/rd.json (e.g. add one codec)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite rd.md and rd.png from OUT/rd.json")
+    ap.add_argument("--minilm-quick", action="store_true", help="MiniLM: drop the first and last point of each sweep")
+    for model in MODELS:
+        for param, typ in (("qp", int), ("snr_db", float), ("bits", float)):
+            ap.add_argument(f"--{model}-{param.replace('_', '-')}", type=typ, nargs="+",
+                            help=f"override the {param} sweep on {model}")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    wanted = args.codecs.split(",")
+    unknown = set(wanted) - {c.name for c in CODECS}
+    if unknown:
+        ap.error(f"unknown codecs: {', '.join(sorted(unknown))}")
+    codecs = [c for c in CODECS if c.name in wanted]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = {"started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, tqcodec {tqcodec.__version__}, "
+                         f"{args.threads} torch threads",
+              "loadavg_start": round(os.getloadavg()[0], 2), "models": {}}
+    json_path = out_dir / "rd.json"
+    if args.report_only:
+        result = json.loads(json_path.read_text())
+        for m in result["models"].values():
+            for c in m["codecs"].values():
+                if "points" in c:
+                    c.update(summarize(c["points"]))
+        json_path.write_text(json.dumps(result, indent=1))
+    else:
+        previous = json.loads(json_path.read_text()) if args.merge and json_path.exists() else None
+        for model in args.models.split(","):
+            entry = sweep_model(model, codecs, args)
+            if previous and model in previous["models"]:  # keep the other codecs' earlier results
+                merged = previous["models"][model]
+                merged["codecs"].update(entry["codecs"])
+                entry = merged
+            result["models"][model] = entry
+            result["seconds"] = time.perf_counter() - t0
+            if previous:
+                for k, v in previous["models"].items():
+                    result["models"].setdefault(k, v)
+                result["merged_into"] = previous.get("started")
+            json_path.write_text(json.dumps(result, indent=1))  # after each model: partial results survive
+    write_markdown(result, out_dir / "rd.md")
+    write_plot(result, out_dir / "rd.png")
+    print(f"wrote {json_path}, rd.md, rd.png ({result.get('seconds', 0):.0f} s of sweeps)")
+
+
+if __name__ == "__main__":
+    main()
