@@ -150,3 +150,14 @@ def test_subprocess_roundtrip(tmp_path, model_pt):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert set(torch.load(tmp_path / "d.pt", weights_only=True)) == set(small_state_dict())
+
+
+def test_info_escapes_names_a_terminal_would_interpret(tmp_path):
+    # spec §5.4 allows U+202E (right-to-left override) and C1 controls in names; printed raw they
+    # would reorder or hijack the terminal line.
+    path = tmp_path / "m.tqz"
+    tqcodec.save({"evil\u202eabc\u0085x": torch.ones(3)}, path)
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "evil\\u202eabc\\u0085x" in result.output
+    assert "\u202e" not in result.output and "\u0085" not in result.output

@@ -13,7 +13,9 @@ from .errors import TqzError  # noqa: E402
 from .limits import Limits  # noqa: E402
 from .api import (EncodeOptions, TensorInfo, TqzFile, VerifyReport, encode_bytes,  # noqa: E402
                   iter_tensors, load, open, save, verify)
+from .calibrate import Stats, calibrate  # noqa: E402
+from .nn import load_module  # noqa: E402
 
 __all__ = ["TqzError", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport",
            "encode_bytes", "iter_tensors", "load", "open", "save", "verify", "__version__",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "Stats", "calibrate", "load_module"]

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from . import __version__ as _version
-from . import modes
+from . import modes, remote
 from .dtypes import FLOAT_NAMES, name_of_torch, storage_to_float64, storage_to_tensor, tensor_to_storage
 from .errors import TqzError, fail
-from .fileio import atomic_output
+from .fileio import atomic_output, check_tensor
 from .format.container import (ContainerWriter, RandomAccessReader, TensorChunks, file_reader,
-                               iter_chunks_front_to_back)
+                               iter_chunks_front_to_back, parse_header)
 from .format.manifest import TensorRecord, check_name, pack_canonical
 from .limits import DEFAULT_LIMITS, Limits
 from .modes import alias, raw, uniform
@@ -31,7 +31,7 @@ PathLike = Union[str, os.PathLike]
 Progress = Optional[Callable[[str, int, int], None]]
 """progress(tensor_name, done, total): called after each tensor."""
 
-ENCODE_MODES = ("auto", "raw", "uniform")
+ENCODE_MODES = ("auto", "raw", "uniform", "tq")
 MIN_UNIFORM_ELEMENTS = 256  # smaller float tensors: raw (side data would outweigh the gain)
 
 
@@ -43,6 +43,15 @@ def _layout(limits: Limits):
             raise fail("LIMIT_EXCEEDED", f"tensor {record.name!r} would decode to "
                                          f"{record.numel * record.itemsize} bytes (this reader's limit is "
                                          f"{limits.max_tensor_bytes})")
+        # an empty tensor whose other dimensions multiply past 2^63 bytes (e.g. [2^40, 2^40, 0]) is
+        # valid but has no numpy/torch shape: refuse it as this reader's resource limit (spec §12),
+        # not as BAD_PAYLOAD (conformance/may_reject/empty_tensor_huge_dims)
+        span = record.itemsize
+        for d in record.shape:
+            span *= max(d, 1)
+        if span >= 1 << 63:
+            raise fail("LIMIT_EXCEEDED", f"tensor {record.name!r}: shape {list(record.shape)} cannot be "
+                                         "represented by this reader (dimensions multiply past 2^63 bytes)")
         return modes.stream_items(index, record, records)
     return layout
 
@@ -52,7 +61,9 @@ def _decode_chunks(tc: TensorChunks) -> torch.Tensor:
         arr = modes.decode(tc.record, tc.streams)
     except TqzError:
         raise
-    except (ValueError, OverflowError, TypeError, IndexError, MemoryError) as exc:
+    except MemoryError:  # spec §12: a resource limit of this reader, not a fault of the file
+        raise fail("LIMIT_EXCEEDED", f"tensor {tc.record.name!r}: out of memory while decoding") from None
+    except (ValueError, OverflowError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
         raise fail("BAD_PAYLOAD", f"tensor {tc.record.name!r} does not decode ({type(exc).__name__}: {exc})") from None
     return storage_to_tensor(tc.record.dtype, arr)
 
@@ -73,33 +84,44 @@ def iter_tensors(source: Union[PathLike, BinaryIO, bytes], *,
     """Decode front to back (spec §10.1), yielding ``(name, tensor)`` as each completes.
 
     ``source`` may be a path, bytes, or any readable binary file object, seekable or not
-    (a pipe, a socket, an HTTP response body). Every check of the spec is made; an error
+    (a pipe, a socket, an HTTP response body), or a URL (``http(s)://``, or any scheme fsspec has
+    a plugin for; needs ``tqcodec[remote]``), read with one request as it arrives. Memory: the
+    tensor being decoded and its chunks, not the file. Every check of the spec is made; an error
     may therefore come after some tensors were yielded.
     """
     path = source if isinstance(source, (str, os.PathLike)) else None
     with _naming(path), contextlib.ExitStack() as stack:
         if isinstance(source, (bytes, bytearray, memoryview)):
             f: BinaryIO = io.BytesIO(bytes(source))
+        elif path is not None and remote.is_url(path):
+            f = stack.enter_context(remote.open_stream(path))  # one GET, decoded as it arrives
         elif path is not None:
             f = stack.enter_context(builtins.open(path, "rb"))
         else:
             f = source  # type: ignore[assignment]
         done: dict[int, torch.Tensor] = {}
-        records: list[TensorRecord] = []
-        for tc in iter_chunks_front_to_back(f, _layout(limits),
-                                            on_manifest=lambda h, m: records.extend(m.tensors)):
+        targets: set = set()  # indices some alias refers to (a set: one pass, not one per tensor)
+        for tc in iter_chunks_front_to_back(f, _layout(limits), on_manifest=lambda h, m: targets.update(
+                r.params.get("of") for r in m.tensors if r.mode == "alias"),
+                max_manifest_length=limits.max_manifest_bytes):
             if tc.record.mode == "alias":
                 tensor = done[tc.record.params["of"]]
             else:
                 tensor = _decode_chunks(tc)
-            if any(r.mode == "alias" and r.params.get("of") == tc.index for r in records):
+            if tc.index in targets:
                 done[tc.index] = tensor
             yield tc.record.name, tensor
+            del tc, tensor  # hold no finished tensor (or its chunks) while the next one arrives
 
 
-def load(path: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
-    """Decode a whole .tqz file into ``{name: tensor}`` in file order (tied tensors shared)."""
-    return dict(iter_tensors(path, limits=limits))
+def load(path: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT_LIMITS,
+         jobs: int = 1) -> dict[str, torch.Tensor]:
+    """Decode a whole .tqz file into ``{name: tensor}`` in file order (tied tensors shared).
+
+    ``jobs`` > 1 (0: every core; a local file only): tensors decode in a process pool by random
+    access (``tqcodec.parallel.iter_decoded``); the tensors are the same for every ``jobs``."""
+    from . import parallel
+    return dict(parallel.iter_decoded(path, parallel.check_jobs(jobs), limits))
 
 
 @dataclass(frozen=True)
@@ -128,22 +150,31 @@ class TqzFile:
     def __init__(self, source: Union[PathLike, bytes], *, limits: Limits = DEFAULT_LIMITS):
         self.path = None if isinstance(source, (bytes, bytearray)) else os.fspath(source)
         self._file: Optional[BinaryIO] = None
+        self.remote: Optional[remote.RangeSource] = None  # URL: requests and bytes read so far
         with _naming(self.path):
             if self.path is None:
                 data = bytes(source)  # type: ignore[arg-type]
                 read_at = lambda off, n: data[off:off + n]  # noqa: E731
                 size = len(data)
+            elif remote.is_url(self.path):
+                self.remote = remote.open_range(self.path)
+                size, read_at = self.remote.size, self.remote.read_at
             else:
                 self._file = builtins.open(self.path, "rb")
                 size = os.fstat(self._file.fileno()).st_size
                 read_at = file_reader(self._file)
             try:
-                self._reader = RandomAccessReader(read_at, size, _layout(limits))
+                self._reader = RandomAccessReader(read_at, size, _layout(limits),
+                                                  max_manifest_length=limits.max_manifest_bytes)
             except TqzError as exc:
                 # spec §10.2: a file without a valid footer may be truncated or extended;
                 # the front-to-back order names what is wrong
-                if exc.code in ("BAD_INDEX", "TRUNCATED", "CHECKSUM_MISMATCH"):
+                # (remote: only if the first request read it all, so the requests stay bounded)
+                if exc.code in ("BAD_INDEX", "TRUNCATED", "CHECKSUM_MISMATCH") and (
+                        self.remote is None or self.remote.fully_cached):
                     self._diagnose(read_at, size, limits)
+                elif exc.code in ("BAD_INDEX", "TRUNCATED", "CHECKSUM_MISMATCH"):
+                    parse_header(read_at(0, 32))  # one more request: name a file that is no .tqz at all
                 self.close()
                 raise
         m = self._reader.manifest
@@ -163,7 +194,8 @@ class TqzFile:
                 self.pos += len(data)
                 return len(data)
 
-        for _ in iter_chunks_front_to_back(io.BufferedReader(_Seq(), 1 << 20), _layout(limits)):
+        for _ in iter_chunks_front_to_back(io.BufferedReader(_Seq(), 1 << 20), _layout(limits),
+                                           max_manifest_length=limits.max_manifest_bytes):
             pass
 
     # mapping-like surface
@@ -207,6 +239,25 @@ class TqzFile:
         with _naming(self.path):
             return _decode_chunks(self._reader.tensor_chunks(i))
 
+    def get_parts(self, name: str) -> Optional[dict]:
+        """A ``tq`` tensor's integer stage (levels per band, steps, transform; see
+        ``tqcodec.modes.tq.decode_parts``), reading only its span; None for other modes."""
+        i = self._index(name)
+        record = self._reader.manifest.tensors[i]
+        if record.mode == "alias":
+            return self.get_parts(self._reader.manifest.tensors[record.params["of"]].name)
+        if record.mode != "tq":
+            return None
+        from .modes import tq as tq_mode
+        with _naming(self.path):
+            tc = self._reader.tensor_chunks(i)
+            try:
+                return tq_mode.decode_parts(tc.record, tc.streams)
+            except TqzError:
+                raise
+            except (ValueError, OverflowError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
+                raise fail("BAD_PAYLOAD", f"tensor {name!r} does not decode ({type(exc).__name__}: {exc})") from None
+
     @property
     def file_size(self) -> int:
         return self._reader.size
@@ -215,6 +266,8 @@ class TqzFile:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.remote is not None:
+            self.remote.close()
 
     def __enter__(self) -> "TqzFile":
         return self
@@ -224,7 +277,10 @@ class TqzFile:
 
 
 def open(path: Union[PathLike, bytes], *, limits: Limits = DEFAULT_LIMITS) -> TqzFile:  # noqa: A001
-    """Open a .tqz file for random access; see :class:`TqzFile`."""
+    """Open a .tqz file (a path, bytes, or a URL: ``http(s)://``, ``s3://``, ... with
+    ``tqcodec[remote]``) for random access; see :class:`TqzFile`. Over HTTP: at most 3 range
+    requests for footer, index, header and manifest (2 when the index fits in the last 64 KiB),
+    then one per tensor read."""
     return TqzFile(path, limits=limits)
 
 
@@ -257,12 +313,30 @@ class EncodeOptions:
     lossless: everything exact (same as mode ``raw``).
     snr_db: weight signal-to-quantization-noise ratio each uniform step aims at.
     granularity: ``channel`` (one step per output channel) or ``tensor``.
+    stats: ``tqcodec.Stats`` from ``tqcodec.calibrate`` (mode ``tq``; with ``auto`` it selects tq).
+    bits: mode ``tq``: whole-file bits per parameter (the file lands within ±3%).
+    quality: mode ``tq``: predicted output SNR in dB (output power over the estimated output
+    error, spec-free encoder choice); without stats, weight SNR. Default 40 when neither is given.
+    tq_scope: mode ``tq``: ``model`` (one allocation over the whole model: every tensor in memory)
+    or ``tensor`` (each tensor on its own to ``bits``/``quality``: streams tensor by tensor and
+    runs with ``jobs``; ``tqcodec.parallel``).
     """
 
     mode: str = "auto"
     lossless: bool = False
     snr_db: float = 40.0
     granularity: str = "channel"
+    stats: Any = None
+    bits: Optional[float] = None
+    quality: Optional[float] = None
+    tq_scope: str = "model"
+
+    @property
+    def uses_tq(self) -> bool:
+        """Mode ``tq`` explicitly, or ``auto`` with stats, bits or quality given."""
+        if self.lossless or self.mode in ("raw", "uniform"):
+            return False
+        return self.mode == "tq" or any(v is not None for v in (self.stats, self.bits, self.quality))
 
     def __post_init__(self) -> None:
         if self.mode not in ENCODE_MODES:
@@ -271,6 +345,14 @@ class EncodeOptions:
             raise fail("BAD_OPTION", f"snr_db must be in (0, 200], got {self.snr_db!r}")
         if self.granularity not in uniform.GRANULARITIES:
             raise fail("BAD_OPTION", f"granularity {self.granularity!r} is not one of tensor, channel")
+        if self.bits is not None and not (isinstance(self.bits, (int, float)) and 0.05 <= self.bits <= 32):
+            raise fail("BAD_OPTION", f"bits must be in [0.05, 32], got {self.bits!r}")
+        if self.quality is not None and not (isinstance(self.quality, (int, float)) and 0 < self.quality <= 200):
+            raise fail("BAD_OPTION", f"quality must be in (0, 200] dB, got {self.quality!r}")
+        if self.bits is not None and self.quality is not None:
+            raise fail("BAD_OPTION", "give bits or quality, not both")
+        if self.tq_scope not in ("model", "tensor"):
+            raise fail("BAD_OPTION", f"tq_scope must be 'model' or 'tensor', got {self.tq_scope!r}")
 
 
 def _alias_key(t: torch.Tensor) -> Optional[tuple]:
@@ -306,33 +388,57 @@ def _encode_one(name: str, t: torch.Tensor, opts: EncodeOptions) -> tuple[str, d
 def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *,
          mode: str = "auto", lossless: bool = False, snr_db: float = 40.0, granularity: str = "channel",
          metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = True,
-         progress: Progress = None) -> int:
+         progress: Progress = None, stats: Any = None, bits: Optional[float] = None,
+         quality: Optional[float] = None, jobs: int = 1, files: Optional[Mapping[str, bytes]] = None,
+         tq_scope: str = "model", executor: Any = None) -> int:
     """Encode ``tensors`` into a .tqz file at ``path`` (or a writable binary file object).
 
     Deterministic: the same tensors and options give the same bytes. Tensors that share
     storage (tied weights) are stored once. Returns the number of bytes written. The file
     appears only when complete (temporary file, fsync, rename).
+
+    ``tensors`` may be lazy (``tqcodec.hf.LazyTensors``: values loaded one at a time), and
+    ``jobs`` > 1 (0: every core) encodes tensors in a process pool (``tqcodec.parallel``); both
+    stream tensor by tensor and give the same bytes as ``jobs=1`` (mode tq with ``tq_scope``
+    ``model`` allocates over the whole model: it loads every tensor and runs in this process;
+    ``tensor`` streams). ``executor``: a ``concurrent.futures.Executor`` to run the tensor
+    encodes on instead of a local pool (e.g. dask's ``client.get_executor()``; same bytes).
+    ``files``: small non-weight files (name -> bytes) carried in metadata ``tqz.files``
+    (spec §5.2.1).
     """
-    opts = EncodeOptions(mode, lossless, snr_db, granularity)
+    opts = EncodeOptions(mode, lossless, snr_db, granularity, stats, bits, quality, tq_scope)
     meta = {"tqz.encoder": f"tqcodec {_version}"}
     if metadata:
         for k in metadata:
             if not isinstance(k, str) or k.startswith("tqz."):
                 raise fail("BAD_OPTION", f"metadata key {k!r} must be a string not starting with 'tqz.'")
         meta.update(metadata)
+    if files:
+        from .hf import check_files
+        meta["tqz.files"] = check_files(files, "BAD_OPTION")
     pack_canonical(meta)  # raises BAD_OPTION for values the manifest cannot hold
+    from . import parallel
+    jobs = parallel.check_jobs(jobs)
+    lazy = callable(getattr(tensors, "refs", None))
+    streaming = jobs != 1 or lazy or executor is not None
+    if (streaming and not opts.uses_tq) or (opts.uses_tq and opts.tq_scope == "tensor"):
+        entries = parallel.plan_entries(tensors)
+
+        def stream(out: BinaryIO) -> int:
+            with ContainerWriter(out) as writer:
+                parallel.write_entries(writer, entries, opts, jobs, progress, executor)
+                return writer.finish(meta)
+        if isinstance(path, (str, os.PathLike)):
+            with atomic_output(path, overwrite) as f:
+                return stream(f)
+        return stream(path)
     items = list(tensors.items())
     for name, t in items:
-        try:
-            check_name(name)
-        except TqzError as exc:
-            raise fail("BAD_INPUT", exc.message) from None
-        if not isinstance(t, torch.Tensor):
-            raise fail("BAD_INPUT", f"{name!r} is a {type(t).__name__}, not a tensor")
-        if t.is_complex():
-            raise fail("BAD_INPUT", f"{name!r} has complex dtype {t.dtype}, which tqcodec refuses")
+        check_tensor(name, t)  # BAD_INPUT: bad name, not a plain dense tensor, dtype not in spec §5.5
 
-    def write(out: BinaryIO) -> int:
+    done: dict[str, tuple[str, dict, list]] = {}  # data-free results, kept across tq's trial writes
+
+    def write(out: BinaryIO, pre: Mapping[str, tuple[str, dict, list]]) -> int:
         writer = ContainerWriter(out)
         first_of: dict[tuple, int] = {}
         for i, (name, t) in enumerate(items):
@@ -344,16 +450,46 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
             else:
                 if key is not None:
                     first_of[key] = i
-                mode_name, params, streams = _encode_one(name, t, opts)
+                if name in pre:
+                    mode_name, params, streams = pre[name]
+                else:
+                    if name not in done:
+                        done[name] = _encode_one(name, t, opts)
+                    mode_name, params, streams = done[name]
                 writer.add_tensor(TensorRecord(name, dtype, tuple(t.shape), mode_name, params), streams)
             if progress:
                 progress(name, i + 1, len(items))
         return writer.finish(meta)
 
+    pre = _encode_tq(items, opts, lambda enc: write(io.BytesIO(), enc)) if opts.uses_tq else {}
     if isinstance(path, (str, os.PathLike)):
         with atomic_output(path, overwrite) as f:
-            return write(f)
-    return write(path)
+            return write(f, pre)
+    return write(path, pre)
+
+
+def _encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
+               size_of: Callable[[Mapping[str, tuple[str, dict, list]]], int]) -> dict:
+    """Mode tq (spec §7.5) for the tensors it takes (the rest: data-free path of ``_encode_one``)."""
+    from .tq.encoder import Item, encode_model
+
+    seen: set = set()
+    tq_items = []
+    total = 0
+    for name, t in items:
+        total += t.numel()
+        key = _alias_key(t)
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        dtype, arr = tensor_to_storage(t)
+        if dtype in FLOAT_NAMES and arr.size:
+            values = storage_to_float64(dtype, arr)
+            if np.isfinite(values).all():
+                tq_items.append(Item(name, dtype, values))
+    return encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
+                        size_of=size_of)
 
 
 def encode_bytes(tensors: Mapping[str, torch.Tensor], **options: Any) -> bytes:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import urllib.parse
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 import typer
 
 from . import api
 from .errors import TqzError, fail
 from .fileio import read_model, same_file, write_model
+from .remote import is_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress neural-network weights into .tqz files and back.")
@@ -43,14 +46,52 @@ def _progress(label: str) -> Iterator[Optional[Callable[[str, int, int], None]]]
     if not sys.stderr.isatty():
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    # on stderr: rich's default console is stdout, which may be the .tqz file (encode -o -)
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  transient=True, console=None) as bar:
+                  transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("", total=None)
 
         def update(name: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total or None, description=name[-40:])
         yield update
+
+
+def _stdout_binary() -> BinaryIO:
+    return sys.stdout.buffer
+
+
+def _quiet_stdout() -> None:
+    """After a failed write to stdout (a closed pipe), stop Python retrying it at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _decode_source(input: str) -> Union[str, BinaryIO]:
+    """A path or URL as given, or standard input for ``-``."""
+    if input != "-":
+        return input
+    if sys.stdin.isatty():
+        raise fail("BAD_OPTION", "standard input is a terminal: pipe a .tqz file into it")
+    return sys.stdin.buffer
+
+
+def _default_output(input: str, suffix: str) -> Path:
+    if input == "-":
+        raise fail("BAD_OPTION", "give -o/--output when reading standard input")
+    if is_url(input):
+        name = Path(urllib.parse.urlsplit(input).path).name
+        if not name:
+            raise fail("BAD_OPTION", "give -o/--output: the URL names no file")
+        return Path(name).with_suffix(suffix)
+    return Path(input).with_suffix(suffix)
+
+
+def _printable(name: str) -> str:
+    """A tensor name safe to print on a terminal (spec §5.4: escape what is not printable)."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in name)
 
 
 def _human(n: float) -> str:
@@ -63,63 +104,115 @@ def _human(n: float) -> str:
 
 @app.command()
 def encode(
-    input: Path = typer.Argument(..., help="model file: .pt/.pth (plain tensors only) or .safetensors"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .tqz (default: INPUT with .tqz)"),
+    input: Path = typer.Argument(..., help="model file: .pt/.pth (plain tensors only) or .safetensors, or a "
+                                 "Hugging Face folder (config.json + model*.safetensors [+ index])"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="output .tqz, or - for standard output (default: INPUT with .tqz)"),
     lossless: bool = typer.Option(False, "--lossless", help="store every tensor exactly"),
-    mode: str = typer.Option("auto", "--mode", help="auto, raw or uniform"),
+    mode: str = typer.Option("auto", "--mode", help="auto, raw, uniform or tq"),
+    stats_path: Optional[Path] = typer.Option(None, "--stats", help="calibration statistics (.safetensors from "
+                                              "tqcodec.Stats.save); selects mode tq"),
+    bits: Optional[float] = typer.Option(None, "--bits", help="tq: whole-file bits per parameter (within ±3%)"),
+    quality: Optional[float] = typer.Option(None, "--quality", help="tq: predicted output SNR in dB (output power "
+                                            "over estimated output error; without --stats, weight SNR)"),
     snr: float = typer.Option(40.0, "--snr", help="weight SQNR in dB that uniform steps aim at"),
     granularity: str = typer.Option("channel", "--granularity", help="uniform steps per 'channel' or 'tensor'"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="encode tensors in N processes (0: every core); "
+                             "same bytes for every N"),
 ) -> None:
-    """Encode a model file into a .tqz file."""
+    """Encode a model file (or a Hugging Face folder) into a .tqz file."""
     with _errors():
-        out = output or input.with_suffix(".tqz")
-        if same_file(out, input):
+        to_stdout = output is not None and str(output) == "-"
+        folder = input.is_dir()
+        out = output or (input.parent / (input.name + ".tqz") if folder else input.with_suffix(".tqz"))
+        if to_stdout and sys.stdout.isatty():
+            raise fail("BAD_OPTION", "refusing to write a .tqz file to a terminal (redirect standard output)")
+        if not to_stdout and same_file(out, input):
             raise fail("BAD_OPTION", "output would overwrite the input", out)
-        api.EncodeOptions(mode, lossless, snr, granularity)  # options are checked before any work
-        tensors = read_model(input)
+        api.EncodeOptions(mode, lossless, snr, granularity, None, bits, quality)  # checked before any work
+        stats = None
+        if stats_path is not None:
+            from .calibrate import Stats
+            try:
+                stats = Stats.load(str(stats_path))
+            except (OSError, ValueError, KeyError) as exc:
+                raise fail("BAD_OPTION", f"cannot read statistics: {exc}", stats_path) from None
+        files = None
+        if folder:
+            from .hf import read_folder
+            tensors, files = read_folder(input)  # lazy: one tensor at a time
+        else:
+            tensors = read_model(input)
         with _progress("encoding") as progress:
-            size = api.save(tensors, out, mode=mode, lossless=lossless, snr_db=snr, granularity=granularity,
-                            overwrite=force, progress=progress)
-        params = sum(t.numel() for t in tensors.values())
+            # to standard output: the container writer spools every chunk and writes nothing
+            # before the whole file is encoded, so an encoding error leaves the stream empty
+            try:
+                size = api.save(tensors, _stdout_binary() if to_stdout else out, mode=mode, lossless=lossless,
+                                snr_db=snr, granularity=granularity, overwrite=force, progress=progress,
+                                stats=stats, bits=bits, quality=quality, jobs=jobs, files=files)
+                if to_stdout:
+                    sys.stdout.buffer.flush()
+            except OSError as exc:  # a file output turns its own OS errors into IO_ERROR
+                _quiet_stdout()
+                raise fail("IO_ERROR", f"cannot write to standard output: {exc.strerror or exc}") from None
+        params = tensors.numel() if folder else sum(t.numel() for t in tensors.values())
         bpp = 8 * size / params if params else 0.0
         ratio = (4 * params / size) if size else 0.0
-        typer.echo(f"{out}: {len(tensors)} tensors, {params} parameters, {size} bytes "
-                   f"({bpp:.3f} bits/param, {ratio:.2f}x smaller than fp32)")
+        typer.echo(f"{'<stdout>' if to_stdout else out}: {len(tensors)} tensors, {params} parameters, "
+                   f"{size} bytes ({bpp:.3f} bits/param, {ratio:.2f}x smaller than fp32)", err=to_stdout)
 
 
 @app.command()
 def decode(
-    input: Path = typer.Argument(..., help=".tqz file"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .pt or .safetensors (default: INPUT with .pt)"),
+    input: str = typer.Argument(..., help=".tqz file, URL (http(s)://, s3://, ...; streamed), or - for standard input"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .pt or .safetensors, or a folder "
+                                          "(any other name): a Hugging Face folder (default: INPUT with .pt)"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output"),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="folder output: largest shard (5GB, 500MB, 2GiB)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="decode tensors in N processes (0: every core; a file, "
+                             "not standard input)"),
 ) -> None:
-    """Decode a .tqz file into a .pt or .safetensors file."""
+    """Decode a .tqz file into a .pt or .safetensors file, or a Hugging Face folder."""
     with _errors():
-        out = output or input.with_suffix(".pt")
-        if out.suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors"):
-            raise fail("BAD_OPTION", "output must end in .pt, .pth, .bin or .safetensors", out)
-        if same_file(out, input):
+        source = _decode_source(input)
+        out = output or _default_output(input, ".pt")
+        if isinstance(source, str) and same_file(out, input):
             raise fail("BAD_OPTION", "output would overwrite the input", out)
+        if out.suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors"):
+            from .hf import decode_folder, parse_size
+            if not isinstance(source, str):
+                raise fail("BAD_OPTION", "a folder output needs a .tqz file or URL, not standard input")
+            size = parse_size(shard_size)
+            with _progress("decoding") as progress:
+                shards = decode_folder(source, out, shard_size=size, overwrite=force, jobs=jobs, progress=progress)
+            typer.echo(f"{out}/: {len(shards)} shard{'s' if len(shards) > 1 else ''}")
+            return
         if out.exists() and not force:
             raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", out)
         tensors = {}
         with _progress("decoding") as progress:
-            for name, t in api.iter_tensors(input):
-                tensors[name] = t
-                if progress:
-                    progress(name, len(tensors), 0)
+            from .parallel import check_jobs, iter_decoded
+            try:
+                for name, t in iter_decoded(source, check_jobs(jobs)):
+                    tensors[name] = t
+                    if progress:
+                        progress(name, len(tensors), 0)
+            except TqzError as exc:
+                raise exc.with_path("<stdin>") if input == "-" else exc
         write_model(tensors, out, overwrite=force)
         typer.echo(f"{out}: {len(tensors)} tensors")
 
 
 @app.command()
 def info(
-    input: Path = typer.Argument(..., help=".tqz file"),
+    input: str = typer.Argument(..., help=".tqz file or URL (http(s)://, s3://, ...; read by ranges)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Show the version, and each tensor's mode, shape, bytes and bits per weight."""
     with _errors():
+        if input == "-":
+            raise fail("BAD_OPTION", "info reads the end of the file first: give a file or URL, not -")
         with api.open(input) as f:
             rows = []
             for name in f.keys():
@@ -138,11 +231,12 @@ def info(
         typer.echo(f"{input}: .tqz format {total['format_version']}, {total['tensors']} tensors, "
                    f"{params} parameters, {total['file_bytes']} bytes ({_human(total['file_bytes'])}), "
                    f"{total['bits_per_param']:.3f} bits/param")
-        width = max([len(r["name"]) for r in rows] + [4])
+        names = [_printable(r["name"]) for r in rows]
+        width = max([len(n) for n in names] + [4])
         typer.echo(f"{'name':<{width}}  {'mode':<8} {'dtype':<9} {'shape':<18} {'bytes':>10} {'bits/w':>7}")
-        for r in rows:
+        for r, name in zip(rows, names):
             shape = "x".join(map(str, r["shape"])) or "()"
-            typer.echo(f"{r['name']:<{width}}  {r['mode']:<8} {r['dtype']:<9} {shape:<18} {r['bytes']:>10} "
+            typer.echo(f"{name:<{width}}  {r['mode']:<8} {r['dtype']:<9} {shape:<18} {r['bytes']:>10} "
                        f"{r['bits_per_weight']:>7.3f}")
 
 
