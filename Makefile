@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# CPU torch first: later requirements must not pull a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test,demo,plot,remote]'
+	$(PIP) install --quiet -e '.[test,demo,plot,remote,distributed]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -54,6 +54,7 @@ class Context:
     workdir: Path
     args: argparse.Namespace
     _stats: Any = None
+    calibration_s: float = 0.0
 
     @property
     def parameters(self) -> int:
@@ -63,7 +64,7 @@ class Context:
         """Calibration inputs (disjoint from the evaluation inputs), as a list of batches:
         tensors for digits (call ``module(batch)``), dicts for MiniLM (``module(**batch)``)."""
         if self.model == "digits":
-            x = digits.calibration_inputs(256)
+            x = digits.calibration_inputs(1024)
             return [x[i:i + 64] for i in range(0, len(x), 64)]
         sents = minilm.sentences()["calibration"]
         return [minilm.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
@@ -76,7 +77,8 @@ class Context:
             module.eval()
             t0 = time.perf_counter()
             self._stats = tqcodec.calibrate(module, self.calibration_batches())
-            print(f"  calibrated in {time.perf_counter() - t0:.1f} s", flush=True)
+            self.calibration_s = time.perf_counter() - t0
+            print(f"  calibrated in {self.calibration_s:.1f} s", flush=True)
         return self._stats
 
 
@@ -100,19 +102,22 @@ class Codec:
 
 
 def tqcodec_codec(name: str, label: str, param: str, sweeps: dict, options: Callable[[Any], dict],
-                  calibrated: bool = False, available=lambda args: None) -> Codec:
-    """A codec that is a call of ``tqcodec.save(sd, path, **options(value))``; with
-    ``calibrated``, ``stats=ctx.stats()`` is passed too."""
+                  calibrated: bool = False, available=lambda args: None,
+                  prepare: Callable[[dict], dict] = lambda sd: sd) -> Codec:
+    """A codec that is a call of ``tqcodec.save(prepare(sd), path, **options(value))``; with
+    ``calibrated``, ``stats=ctx.stats()`` is passed too and ``encode_s`` includes the
+    calibration (computed once per model, its time added to every point)."""
 
     def run(ctx: Context, values: list):
+        source = prepare(ctx.reference)
         for v in values:
             path = ctx.workdir / f"{ctx.model}-{name}-{v}.tqz"
             opts = dict(options(v))
             if calibrated:
                 opts["stats"] = ctx.stats()
             t0 = time.perf_counter()
-            size = tqcodec.save(ctx.reference, path, **opts)
-            enc_s = time.perf_counter() - t0
+            size = tqcodec.save(source, path, **opts)
+            enc_s = time.perf_counter() - t0 + (ctx.calibration_s if calibrated else 0.0)
             t0 = time.perf_counter()
             decoded = tqcodec.load(path)
             dec_s = time.perf_counter() - t0
@@ -170,9 +175,16 @@ CODECS: list[Codec] = [
                   {"digits": list(range(14, 41)), "minilm": [26, 28, 29, 30, 32]},
                   lambda v: {"mode": "auto", "granularity": "tensor", "snr_db": v}),
     # The calibrated transform-quantization mode (not in every tqcodec yet: skipped when absent).
-    tqcodec_codec("tq", "tqcodec tq, calibrated (bits)", "bits",
-                  {"digits": [0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0], "minilm": [3.0, 3.5, 4.0, 4.5]},
+    tqcodec_codec("tq", "tqcodec tq, calibrated (bits; encode s include calibration)", "bits",
+                  {"digits": [0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0], "minilm": [3.5, 3.7, 3.8, 4.0, 4.5]},
                   lambda v: {"mode": "tq", "bits": v}, calibrated=True, available=_tq_available),
+    tqcodec_codec("tq-datafree", "tqcodec tq, data-free (bits)", "bits",
+                  {"digits": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0], "minilm": [4.0, 4.5, 5.0, 5.5]},
+                  lambda v: {"mode": "tq", "bits": v}, available=_tq_available),
+    # the simple lossless-storage baseline: weights cast to fp16, then zstd (tqcodec raw mode)
+    tqcodec_codec("fp16-zstd", "fp16 + zstd (tqcodec --lossless of the fp16 cast)", "variant",
+                  {"digits": ["fp16"], "minilm": ["fp16"]}, lambda v: {"lossless": True},
+                  prepare=lambda sd: {k: (t.half() if t.is_floating_point() else t) for k, t in sd.items()}),
 ]
 
 

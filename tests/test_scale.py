@@ -74,7 +74,7 @@ def hf_src(tmp_path_factory) -> Path:
 
 def test_folder_round_trip_lossless_sharded(hf_src, tmp_path):
     out = tmp_path / "toy.tqz"
-    res = runner.invoke(app, ["encode", str(hf_src), "-o", str(out), "--lossless"])
+    res = runner.invoke(app, ["encode", str(hf_src), "-o", str(out), "--lossless", "-j", "2"])
     assert res.exit_code == 0, res.output
     with tqcodec.open(out) as f:
         assert set(f.metadata["tqz.files"]) == set(FILES)  # not big.bin, not .hidden.json
@@ -141,7 +141,7 @@ def test_untrusted_file_names_rejected(tmp_path, bad):
         w.finish({"tqz.files": {bad: b"pwned"}})
     with pytest.raises(TqzError) as e:
         hf.decode_folder(buf, tmp_path / "out")
-    assert e.value.code == "BAD_PAYLOAD"
+    assert e.value.code == "BAD_INPUT"  # spec §5.2.1: the file is valid, the folder cannot be made
     assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.tqz"]
 
@@ -318,3 +318,14 @@ def test_worker_errors_arrive_as_tqz_errors(tmp_path):
         api.save(sd, tmp_path / "x.tqz", jobs=2)
     assert e.value.code == "BAD_INPUT" and "complex" in e.value.message
     assert list(tmp_path.iterdir()) == []  # no partial output
+
+
+def test_cli_tq_scope_tensor_jobs(hf_src, tmp_path):
+    a, b = tmp_path / "a.tqz", tmp_path / "b.tqz"
+    for out, j in ((a, "1"), (b, "2")):
+        res = runner.invoke(app, ["encode", str(hf_src), "-o", str(out), "--mode", "tq", "--bits", "4",
+                                  "--tq-scope", "tensor", "-j", j])
+        assert res.exit_code == 0, res.output
+    assert a.read_bytes() == b.read_bytes()
+    res = runner.invoke(app, ["encode", str(hf_src), "-o", str(a), "--tq-scope", "layer", "-f"])
+    assert res.exit_code == 1 and "BAD_OPTION" in res.output

@@ -336,3 +336,39 @@ def test_transform_chosen_only_when_it_pays():
     # a square random projection: decorrelated already, the transform cannot pay its m*m*16 bits
     square = rng.normal(size=(64, 64))
     assert not T.pays(square)
+
+
+def test_header_names_the_lowest_minor_version_a_file_needs():
+    # spec §13: tq arrived in 1.1, so only files holding a tq tensor say 1.1
+    g = torch.Generator().manual_seed(3)
+    sd = {"w": torch.randn(32, 64, generator=g), "b": torch.randn(32, generator=g)}
+    with_tq = tqcodec.encode_bytes(sd, mode="tq", bits=4)
+    without = tqcodec.encode_bytes(sd, mode="uniform")
+    assert with_tq[8:12] == bytes([1, 0, 1, 0])
+    assert without[8:12] == bytes([1, 0, 0, 0])
+    with tqcodec.open(with_tq) as f:
+        assert f.version == (1, 1) and f.info("w").mode == "tq"
+
+
+def test_info_plot_draws_the_bit_depth_map(tmp_path):
+    from typer.testing import CliRunner
+
+    from tqcodec.cli import app
+    from tqcodec.plot import allocation_rows
+
+    g = torch.Generator().manual_seed(5)
+    sd = {"a.weight": torch.randn(64, 96, generator=g), "b.weight": torch.randn(32, 64, generator=g) * 0.1,
+          "b.bias": torch.randn(32, generator=g)}
+    path = tmp_path / "m.tqz"
+    tqcodec.save(sd, path, mode="tq", bits=3)
+    with tqcodec.open(path) as f:
+        rows = allocation_rows(f)
+    by_name = {r["name"]: r for r in rows}
+    for name in ("a.weight", "b.weight"):
+        bands = by_name[name]["bands"]
+        assert by_name[name]["mode"] == "tq" and abs(sum(fr for fr, _ in bands) - 1.0) < 1e-9
+        assert all(0.0 <= bits <= 20.0 for _, bits in bands)
+    png = tmp_path / "alloc.png"
+    result = CliRunner().invoke(app, ["info", str(path), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@
         w = f.get_tensor("fc1.weight")
 """
 __version__ = "0.1.0"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 
 from .errors import TqzError  # noqa: E402
 from .limits import Limits  # noqa: E402

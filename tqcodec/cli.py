@@ -118,6 +118,8 @@ def encode(
     snr: float = typer.Option(40.0, "--snr", help="weight SQNR in dB that uniform steps aim at"),
     granularity: str = typer.Option("channel", "--granularity", help="uniform steps per 'channel' or 'tensor'"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output"),
+    tq_scope: str = typer.Option("model", "--tq-scope", help="tq: 'model' (one allocation over the whole model, "
+                                 "all in memory) or 'tensor' (each tensor on its own: streams, runs with -j)"),
     jobs: int = typer.Option(1, "--jobs", "-j", help="encode tensors in N processes (0: every core); "
                              "same bytes for every N"),
 ) -> None:
@@ -130,7 +132,7 @@ def encode(
             raise fail("BAD_OPTION", "refusing to write a .tqz file to a terminal (redirect standard output)")
         if not to_stdout and same_file(out, input):
             raise fail("BAD_OPTION", "output would overwrite the input", out)
-        api.EncodeOptions(mode, lossless, snr, granularity, None, bits, quality)  # checked before any work
+        api.EncodeOptions(mode, lossless, snr, granularity, None, bits, quality, tq_scope)  # checked before any work
         stats = None
         if stats_path is not None:
             from .calibrate import Stats
@@ -150,7 +152,7 @@ def encode(
             try:
                 size = api.save(tensors, _stdout_binary() if to_stdout else out, mode=mode, lossless=lossless,
                                 snr_db=snr, granularity=granularity, overwrite=force, progress=progress,
-                                stats=stats, bits=bits, quality=quality, jobs=jobs, files=files)
+                                stats=stats, bits=bits, quality=quality, jobs=jobs, files=files, tq_scope=tq_scope)
                 if to_stdout:
                     sys.stdout.buffer.flush()
             except OSError as exc:  # a file output turns its own OS errors into IO_ERROR
@@ -208,6 +210,8 @@ def decode(
 def info(
     input: str = typer.Argument(..., help=".tqz file or URL (http(s)://, s3://, ...; read by ranges)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the bit-depth map (bits per band, "
+                                        "tensor by tensor, dropped bands and transforms marked) as a PNG"),
 ) -> None:
     """Show the version, and each tensor's mode, shape, bytes and bits per weight."""
     with _errors():
@@ -225,6 +229,9 @@ def info(
                      "bits_per_param": 8 * f.file_size / params if params else 0.0,
                      "format_version": "%d.%d" % f.version}
             metadata = {k: v for k, v in f.metadata.items() if isinstance(v, (str, int, float, bool))}
+            if plot is not None:
+                from .plot import plot_allocation
+                plot_allocation(f, plot)
         if as_json:
             typer.echo(json.dumps({"total": total, "metadata": metadata, "tensors": rows}, indent=1))
             return

@@ -53,7 +53,7 @@ ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
 
 # --- carried files ------------------------------------------------------------------------------
 
-def check_file_name(name: Any, code: str = "BAD_PAYLOAD") -> str:
+def check_file_name(name: Any, code: str = "BAD_INPUT") -> str:
     """A carried file's name (from a file: untrusted) must be a plain file name: a non-empty
     string without ``/``, ``\\``, control characters, not ``.``/``..``, not starting with ``.``
     and not one of the weight files the folder writer makes. Else TqzError ``code``."""
@@ -68,7 +68,7 @@ def check_file_name(name: Any, code: str = "BAD_PAYLOAD") -> str:
     return name
 
 
-def check_files(files: Mapping[str, Any], code: str = "BAD_PAYLOAD") -> dict[str, bytes]:
+def check_files(files: Mapping[str, Any], code: str = "BAD_INPUT") -> dict[str, bytes]:
     """Spec §5.2.1: a map of plain file names to binary values."""
     if not isinstance(files, Mapping):
         raise fail(code, f"metadata {FILES_KEY!r} is not a map")
@@ -406,7 +406,7 @@ def decode_folder(source: PathLike, out: PathLike, *, shard_size: int = DEFAULT_
     with api.open(source, limits=limits) as f:
         records = [(n, f.info(n).dtype, tuple(f.info(n).shape)) for n in f.keys()]
         files = f.metadata.get(FILES_KEY, {})
-        files = check_files(files)  # BAD_PAYLOAD for a path-like or non-binary entry
+        files = check_files(files)  # BAD_INPUT (spec §5.2.1): the file is valid, the folder cannot be made
     from .remote import is_url
     local = isinstance(source, (str, os.PathLike)) and not is_url(os.fspath(source))
     # a local file: random access, large tq tensors in row blocks (bounded memory); a URL: streamed

@@ -24,7 +24,10 @@ FOOTER_MAGIC = b"\x89TQZEND\n"
 CHUNK_TAG = b"TQCK"
 INDEX_TAG = b"TQIX"
 MAJOR_VERSION = 1
-MINOR_VERSION = 0
+MINOR_VERSION = 1  # the newest minor version this reader and writer implement
+# Spec §13: a writer puts the lowest minor version that defines everything a file uses. Modes not
+# listed here are from 1.0.
+MODE_SINCE_MINOR = {"tq": 1}
 HEADER_SIZE = 32
 CHUNK_HEADER_SIZE = 32
 FOOTER_SIZE = 32
@@ -57,8 +60,9 @@ class Header:
     manifest_crc: int
 
 
-def pack_header(manifest: bytes) -> bytes:
-    body = _HEADER.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, 0, 0, len(manifest), crc32(manifest), 0)[:28]
+def pack_header(manifest: bytes, minor: int = MINOR_VERSION) -> bytes:
+    """Spec §3: the 32-byte header for ``manifest``."""
+    body = _HEADER.pack(MAGIC, MAJOR_VERSION, minor, 0, 0, len(manifest), crc32(manifest), 0)[:28]
     return body + struct.pack("<I", crc32(body))
 
 
@@ -537,7 +541,8 @@ class ContainerWriter:
         if len(self._records) > L.MAX_TENSORS:
             raise fail("LIMIT_EXCEEDED", f"{len(self._records)} tensors (limit {L.MAX_TENSORS})")
         data_start = HEADER_SIZE + len(manifest)
-        self._out.write(pack_header(manifest))
+        minor = max((MODE_SINCE_MINOR.get(r.mode, 0) for r in self._records), default=0)
+        self._out.write(pack_header(manifest, minor))
         self._out.write(manifest)
         self._spool.seek(0)
         shutil.copyfileobj(self._spool, self._out, 1 << 20)
