@@ -20,7 +20,9 @@ requests and body bytes. Measured:
   largest tensor's fp32 size; target: peak - baseline < largest fp32 + 64 MiB. For contrast, the
   same for streaming straight from the URL, and for ``tqcodec.load`` of the whole file.
 
-The transform-domain half of part 5 (``tqcodec.nn``) is not measured here yet.
+The transform-domain half of part 5 (``tqcodec.nn``: resident weight memory, forward time and
+embedding cosine of ``load_module(..., transform_domain=True)`` vs the dense decode) is
+``benchmarks/transform_domain.py`` (results in ``results/transform_domain.json``).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ Needs the bench extras (``make bench-install``). Steps (each cached in ``benchma
    (``minilm-tq-<bits>.tqz``);
 3. three models from ``zoo.minilm.build_module()``: the original fp32 weights; the file loaded
    densely (``transform_domain=False``); the file loaded with ``transform_domain=True`` (every
-   ``nn.Linear`` whose weight is ``tq``: a ``TQLinear`` holding int8/int16 levels).
+   ``nn.Linear``/``nn.Embedding`` whose weight is ``tq``: a ``TQLinear``/``TQEmbedding`` holding
+   int8/int16 levels).
 
 Measured: resident weight memory (bytes of the parameters and buffers each model holds,
 ``tqcodec.nn.resident_bytes``; the swapped layers' share separately), the forward time of the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -121,7 +123,10 @@ def main() -> None:
             key = str(lv.dtype).replace("torch.", "")
             level_dtypes[key] = level_dtypes.get(key, 0) + lv.numel()
     swapped_bytes = sum(tqnn.resident_bytes(m) for m in swapped.values())
-    swapped_params = sum(m.out_features * m.in_features for m in swapped.values())
+    swapped_params = sum(math.prod(m.weight_shape) for m in swapped.values())
+    kinds: dict = {}
+    for m in swapped.values():
+        kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
     held = {"original_fp32": tqnn.resident_bytes(orig), "dense_decode": tqnn.resident_bytes(dense),
             "transform_domain": tqnn.resident_bytes(tdom), "swapped_layers_transform_domain": swapped_bytes,
             "swapped_layers_fp32": 4 * swapped_params + sum(4 * m.bias.numel() for m in swapped.values()
@@ -147,7 +152,7 @@ def main() -> None:
            "file_bytes": os.path.getsize(path), "bits_per_param": 8 * os.path.getsize(path) / sum(
                t.numel() for t in orig.state_dict().values()),
            "tensor_modes": {m: sum(1 for v in modes.values() if v == m) for m in sorted(set(modes.values()))},
-           "swapped_layers": len(swapped), "swapped_params": swapped_params, "level_elements_by_dtype": level_dtypes,
+           "swapped_layers": len(swapped), "swapped_kinds": kinds, "swapped_params": swapped_params, "level_elements_by_dtype": level_dtypes,
            "with_transform": sum(1 for m in swapped.values() if m.transform is not None),
            "resident_weight_bytes": held,
            "load_s": {"dense": t_dense, "transform_domain": t_tdom},
@@ -171,7 +176,7 @@ def main() -> None:
 def report(r: dict) -> None:
     h = r["resident_weight_bytes"]
     print(f"MiniLM {r['file']}: {r['file_bytes']} bytes ({r['bits_per_param']:.2f} bits/param), modes "
-          f"{r['tensor_modes']}; {r['swapped_layers']} layers swapped ({r['swapped_params']} weights, levels "
+          f"{r['tensor_modes']}; {r['swapped_layers']} layers swapped {r['swapped_kinds']} ({r['swapped_params']} weights, levels "
           f"{r['level_elements_by_dtype']}, {r['with_transform']} with a transform)")
     print(f"resident weight memory: original fp32 {h['original_fp32'] / MIB:.2f} MiB, dense decode "
           f"{h['dense_decode'] / MIB:.2f} MiB, transform domain {h['transform_domain'] / MIB:.2f} MiB "

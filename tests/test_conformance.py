@@ -152,3 +152,61 @@ def test_missing_refdec_is_skipped_not_passed():
     else:
         assert "SKIPPED" in p.stdout and p.returncode == 0, p.stdout
         assert _run("--decoder", "refdec", "-k", "invalid/html_page", "--require").returncode == 1
+
+
+def _manifest_and_minor(folder):
+    import struct
+    data = (folder / "in.tqz").read_bytes()
+    manifest, _ = craft.parse_valid(data)
+    return manifest, struct.unpack_from("<H", data, 10)[0]
+
+
+def test_tq_files_are_version_1_1():
+    """Spec §13: a file with a tq tensor (mode added in 1.1) declares Minor_Version 1; the vectors of
+    1.0 features stay 1.0 files (except the one testing a future minor version)."""
+    seen = 0
+    for group, folder, _ in VECTORS:
+        if group == "invalid":
+            continue
+        manifest, minor = _manifest_and_minor(folder)
+        has_tq = any(r["mode"] == "tq" for r in manifest["tensors"])
+        seen += has_tq
+        if folder.name != "future_minor_and_optional_features":
+            assert minor == (1 if has_tq else 0), (folder, minor)
+    assert seen >= 20
+    for folder in sorted((CONF / "fixtures" / "v1.1").glob("*")):
+        manifest, minor = _manifest_and_minor(folder)
+        assert minor == 1 and any(r["mode"] == "tq" for r in manifest["tensors"]), folder
+
+
+def test_tolerance_vectors_have_per_element_bounds():
+    """Valid vectors with a tolerance (tq with a float16 transform, spec/mode-tq.md §7.5.3) carry a bounds
+    file with the names and shapes of expected.safetensors; every other valid vector is bit-exact."""
+    n = 0
+    for group, folder, info in VECTORS:
+        if group == "invalid":
+            continue
+        tol = info["tolerance"]
+        manifest, _ = _manifest_and_minor(folder)
+        has_transform = any(r["mode"] == "tq" and r["params"].get("transform") == "float16"
+                            for r in manifest["tensors"])
+        assert (tol != 0) == has_transform, folder
+        if tol == 0:
+            continue
+        n += 1
+        want = craft.read_safetensors(folder / "expected.safetensors")
+        bounds = craft.read_safetensors(folder / tol["abs_per_element"])
+        assert set(bounds) == set(want), folder
+        for name, (dt, shape, raw) in bounds.items():
+            assert dt == "F64" and shape == want[name][1], (folder, name)
+    assert n >= 5
+
+
+def test_compare_applies_per_element_bounds():
+    import numpy as np
+    want = {"x": ("F32", (2,), np.array([1.0, 1.0], "<f4").tobytes())}
+    got = {"x": ("F32", (2,), np.array([1.0, 1.001], "<f4").tobytes())}
+    tol = {"abs": 0.0, "rel": 2.0 ** -23, "abs_per_element": "tolerance.safetensors"}
+    assert run.compare(want, got, tol) is not None
+    assert run.compare(want, got, tol, {"x": np.array([0.0, 0.002])}) is None
+    assert run.compare(want, got, tol, {"x": np.array([0.002, 0.0])}) is not None

@@ -92,6 +92,10 @@ def _abs_weight(layer: nn.Module) -> torch.Tensor:
 def _check_layer(layer: nn.Module, x: torch.Tensor) -> None:
     """The transform-domain output equals the dense layer with the decoded weight within the
     spec's tolerance (§7.5.3: 2^-20 of sum |S C| per weight) plus float32 summation error."""
+    if isinstance(layer, tqnn.TQEmbedding):
+        want, got = F.embedding(x, layer.dense_weight()), layer(x)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+        return
     w = layer.dense_weight()
     if isinstance(layer, tqnn.TQLinear):
         want = F.linear(x, w, layer.bias)
@@ -329,3 +333,49 @@ def test_other_input_dtypes(tmp_path, mlp, dtype):
             want = F.linear(xin.double(), layer.dense_weight().double(), layer.bias.double())
             tol = 1e-12 if dtype == torch.float64 else 2e-2
             assert torch.allclose(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+class Tok(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16, padding_idx=0)
+        self.pos = nn.Embedding(12, 16)
+        self.fc = nn.Linear(16, 50)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids) + self.pos(torch.arange(ids.shape[1]))[None])
+
+
+def _tok_inputs():
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(0, 50, (6, 12), generator=g)
+
+
+@pytest.mark.parametrize("plan", [None,
+                                  {"emb.weight": ("out_in", None, 5, [-26, -27, -28, -29, -40]),
+                                   "pos.weight": ("out_in", 8, 2, [-26, -28])},
+                                  {"emb.weight": ("in_out", None, 3, [-26, -27, -28]),
+                                   "pos.weight": ("in_out", 6, 1, [-26])}])
+def test_embeddings(tmp_path, plan):
+    torch.manual_seed(6)
+    model = Tok().eval()
+    path = tmp_path / "e.tqz"
+    ids = _tok_inputs()
+    if plan is None:  # the encoder, with statistics (token counts: up to 64 row bands)
+        stats = tqcodec.calibrate(model, [ids], sensitivity=False)
+        tqcodec.save(model.state_dict(), path, mode="tq", stats=stats, bits=4.0)
+    else:
+        path.write_bytes(_write(model.state_dict(), plan))
+    dense, tdom = _check_model(model, ids, path, min_swapped=2)
+    assert isinstance(tdom.emb, tqnn.TQEmbedding) and tdom.emb.padding_idx == 0
+    with torch.no_grad():
+        for name in ("emb", "pos"):
+            layer, ref = getattr(tdom, name), getattr(dense, name)
+            x = torch.arange(layer.num_embeddings).reshape(1, -1)
+            got, want = layer(x), ref(x)
+            if layer.transform is None:
+                assert torch.equal(got, want)  # exact: the rows of C
+            else:
+                assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+        with pytest.raises(IndexError):
+            tdom.emb(torch.tensor([[50]]))

@@ -4,6 +4,8 @@ This module joins the container (``format``), the coding modes (``modes``) and t
 """
 from __future__ import annotations
 
+import math
+
 import builtins
 import contextlib
 import io
@@ -137,10 +139,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class TqzFile:

@@ -11,6 +11,8 @@ the weight,
 - Linear, ``out_in``, transform (W = C^T S^T): ``z = x S`` (project onto the k kept basis
   vectors), then ``y = z C = sum_b step_b * (z[:, band] @ L_b)``;
 - Linear, ``in_out`` (W = R^T): ``y = x C`` (no transform) or ``y = (x C^T) S^T``;
+- Embedding (row i of the weight: token i): the looked-up rows of C (no transform) or
+  ``C[:, ids]^T S^T``; only those are widened to floats;
 - Conv (``out_in``: row i of R is output channel i's filter), no transform: the convolution
   run on blocks of output channels whose filters are ``step_b * L`` (blocks whole groups or
   within one group); with a transform: ``z = conv(x, S^T as k filters per group)`` then the
@@ -36,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dtypes import name_of_torch, round_exact_float32, storage_to_tensor
+from .dtypes import round_exact_float32, storage_to_tensor
 from .errors import fail
 
-__all__ = ["TQLinear", "TQConv1d", "TQConv2d", "load_module", "resident_bytes", "ELIGIBLE"]
+__all__ = ["TQLinear", "TQConv1d", "TQConv2d", "TQEmbedding", "load_module", "resident_bytes", "ELIGIBLE"]
 
 BLOCK_ELEMENTS = 1 << 20  # levels cast to the compute dtype at a time (4 MiB in float32)
 
@@ -85,7 +87,7 @@ class _TQBase(nn.Module):
         compute dtype (spec §7.5.3 step 2), so a layer in one block computes as F.linear does."""
         out = None
         for a, e, step, blk in self._blocks():
-            c = blk.to(x2.dtype).mul_(step)
+            c = _scaled(blk, step, x2.dtype)
             b = None if bias is None else bias[a:e]
             if a == 0 and e == self.k:
                 return F.linear(x2, c, b)
@@ -98,7 +100,7 @@ class _TQBase(nn.Module):
         """z [N, k] -> z @ C (+ bias) [N, c]."""
         out = None
         for a, e, step, blk in self._blocks():
-            c = blk.to(z.dtype).mul_(step)
+            c = _scaled(blk, step, z.dtype)
             if out is None:
                 out = torch.mm(z[:, a:e], c) if bias is None else torch.addmm(bias, z[:, a:e], c)
             else:
@@ -156,6 +158,11 @@ class _TQBase(nn.Module):
 
     def _shape_repr(self) -> str:
         return ""
+
+
+def _scaled(levels: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
+    """step * levels in ``dtype``, one pass (exact: spec §7.5.3 step 2)."""
+    return levels.to(dtype).mul_(step)
 
 
 def _compute(x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +256,7 @@ class _TQConvNd(_TQBase):
             pieces = []
             for a, e, step, blk in self._blocks(self._group_cut):
                 ga, gb = a // opg, (e - 1) // opg
-                w = blk.to(dt).mul_(step).reshape(e - a, ipg, *ks)
+                w = _scaled(blk, step, dt).reshape(e - a, ipg, *ks)
                 pieces.append(self._conv(x[:, ga * ipg:(gb + 1) * ipg], w, gb - ga + 1, padding))
             y = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
         else:
@@ -262,7 +269,7 @@ class _TQConvNd(_TQBase):
             z = z.reshape(z.shape[0], g, k, -1)
             y = None
             for a, e, step, blk in self._blocks():
-                t = torch.einsum("ngrp,rgo->ngop", z[:, :, a:e], blk.to(dt).mul_(step).reshape(e - a, g, opg))
+                t = torch.einsum("ngrp,rgo->ngop", z[:, :, a:e], _scaled(blk, step, dt).reshape(e - a, g, opg))
                 y = t if y is None else y.add_(t)
             y = y.reshape(y.shape[0], self.out_channels, *sp)
         if self.bias is not None:
@@ -284,7 +291,65 @@ class TQConv2d(_TQConvNd):
     _dims = 2
 
 
-ELIGIBLE = {nn.Linear: TQLinear, nn.Conv1d: TQConv1d, nn.Conv2d: TQConv2d}  # exact types only
+class TQEmbedding(_TQBase):
+    """``nn.Embedding`` (no ``max_norm``) looking rows up in a ``tq`` weight's integer stage:
+    only the looked-up rows (or coefficient columns) are ever widened to floats."""
+
+    def __init__(self, emb: nn.Embedding, parts: dict, dtype: str = "float32"):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = emb.padding_idx
+        shape = (emb.num_embeddings, emb.embedding_dim)
+        _parts_check("TQEmbedding", parts, (parts["m"], parts["n"]) if parts["layout"] == "in_out"
+                     else (parts["n"], parts["m"]), shape)
+        self._init_tq(parts, dtype, shape)
+        self.bias = None
+        starts = np.cumsum([0] + self.band_rows)
+        self._starts = [int(v) for v in starts]
+
+    def _c_rows(self, ids: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of C, [N, c]."""
+        if self.num_bands == 1:
+            return _scaled(self._levels(0).index_select(0, ids), self.band_steps[0], dt)
+        srt, order = torch.sort(ids)  # ids grouped by band: one contiguous run per band
+        cuts = torch.searchsorted(srt, torch.tensor(self._starts, device=ids.device)).tolist()
+        out = torch.empty(ids.numel(), self._levels(0).shape[1], dtype=dt, device=ids.device)
+        for b in range(self.num_bands):
+            a, e = cuts[b], cuts[b + 1]
+            if e > a:
+                rows = self._levels(b).index_select(0, srt[a:e] - self._starts[b])
+                out.index_copy_(0, order[a:e], _scaled(rows, self.band_steps[b], dt))
+        return out
+
+    def _c_cols(self, ids: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """Columns ``ids`` of C, [k, N]."""
+        return torch.cat([_scaled(self._levels(b).index_select(1, ids), self.band_steps[b], dt) for b in range(self.num_bands)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"index out of range in self (num_embeddings={self.num_embeddings})")
+        dt = torch.float32 if self.weight_dtype != "float64" else torch.float64
+        if self.layout == "out_in":
+            e = self._c_rows(flat, dt) if self.transform is None else self._c_cols(flat, dt).T @ self._s(dt).T
+        else:
+            e = self._c_cols(flat, dt).T if self.transform is None else self._z_c(self.transform.index_select(0, flat).to(dt))
+        e = e.reshape(*ids.shape, self.embedding_dim)
+        return e if self.weight_dtype in ("float32", "float64") else e.to(self.dense_weight_dtype())
+
+    def dense_weight_dtype(self) -> torch.dtype:
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.weight_dtype, torch.float32)
+
+    def _shape_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+ELIGIBLE = {nn.Linear: TQLinear, nn.Conv1d: TQConv1d, nn.Conv2d: TQConv2d,  # exact types only
+            nn.Embedding: TQEmbedding}
+
+
+def _eligible(mod: nn.Module) -> bool:
+    return type(mod) in ELIGIBLE and not (type(mod) is nn.Embedding and mod.max_norm is not None)
 
 
 def _swap(mod: nn.Module, parts: dict, dtype: str) -> nn.Module:
@@ -312,9 +377,10 @@ def load_module(module: nn.Module, path: Union[str, os.PathLike, bytes], *, tran
                 strict: bool = True, limits: Any = None) -> nn.Module:
     """Load a .tqz file into ``module`` in place and return it.
 
-    With ``transform_domain`` every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (exact type, not
-    subclasses) whose weight is a ``tq`` tensor is replaced by a :class:`TQLinear` /
-    :class:`TQConv1d` / :class:`TQConv2d` holding the weight's integer stage; every other tensor
+    With ``transform_domain`` every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/``nn.Embedding``
+    (exact type, not subclasses; embeddings without ``max_norm``) whose weight is a ``tq`` tensor
+    is replaced by a :class:`TQLinear` / :class:`TQConv1d` / :class:`TQConv2d` /
+    :class:`TQEmbedding` holding the weight's integer stage; every other tensor
     of the module's ``state_dict`` is decoded and copied in densely (one at a time). Without it,
     everything is loaded densely (as ``module.load_state_dict(tqcodec.load(path))``).
     ``strict``: every key of the module's state_dict must be in the file and the file must hold
@@ -337,7 +403,7 @@ def load_module(module: nn.Module, path: Union[str, os.PathLike, bytes], *, tran
         done: set = set()
         if transform_domain:
             for mname, mod in module.named_modules():
-                if type(mod) not in ELIGIBLE or id(mod) in swapped or mod is module:  # a bare layer: dense
+                if not _eligible(mod) or id(mod) in swapped or mod is module:  # a bare layer: dense
                     continue
                 wname = f"{mname}.weight" if mname else "weight"
                 if wname not in names or wname not in targets:

@@ -11,8 +11,13 @@ TOTAL = 1 << 24
 
 def pack_freqs(freqs: np.ndarray) -> bytes:
     """LEB128 bytes of a valid table (each f >= 1, sum 2^24)."""
+    return pack_leb128(freqs)
+
+
+def pack_leb128(values: np.ndarray) -> bytes:
+    """Unsigned LEB128 of each non-negative integer, concatenated (spec §7.3.1, §7.5.1)."""
     out = bytearray()
-    for f in np.asarray(freqs, dtype=np.int64).tolist():
+    for f in np.asarray(values, dtype=np.int64).tolist():
         while True:
             byte = f & 0x7F
             f >>= 7

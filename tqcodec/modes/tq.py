@@ -18,6 +18,7 @@ from ..coding.tables import frequencies_from_counts
 from ..dtypes import FLOAT_NAMES, round_exact_float32
 from ..errors import fail
 from ..format.manifest import TensorRecord, check_record_value_types
+from ..format.freqtable import pack_leb128
 from ..steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
 
 LAYOUTS = ("out_in", "in_out")
@@ -32,17 +33,7 @@ MAX_COUNT_BYTES = 6  # a LEB128 count holds up to 42 bits (numel <= 2^36, spec �
 
 def pack_counts(counts: np.ndarray) -> bytes:
     """Spec §7.5.1: unsigned LEB128 of each count, concatenated."""
-    out = bytearray()
-    for c in np.asarray(counts, dtype=np.int64).tolist():
-        while True:
-            byte = c & 0x7F
-            c >>= 7
-            if c:
-                out.append(byte | 0x80)
-            else:
-                out.append(byte)
-                break
-    return bytes(out)
+    return pack_leb128(counts)
 
 
 def unpack_counts(data: bytes, total: int, name: str) -> np.ndarray:
@@ -166,6 +157,21 @@ def _band_levels(p: _Parsed, b: int, chunks: list[tuple[int, bytes]], count: int
     return out
 
 
+def _transform(p: _Parsed, chunks: list[tuple[int, bytes]], name: str) -> np.ndarray:
+    """Spec §7.5.2 stream 0: the synthesis transform S [m, k] as float16 (finite, §7.5.3)."""
+    for count, payload in chunks:
+        if len(payload) != count:
+            raise fail("BAD_CHUNK", f"tensor {name!r}: a transform chunk of {len(payload)} bytes declares "
+                                    f"{count} items (they must be equal)")
+    data = b"".join(payload for _, payload in chunks)
+    if len(data) != 2 * p.m * p.k:
+        raise fail("BAD_CHUNK", f"tensor {name!r}: transform stream of {len(data)} bytes, expected {2 * p.m * p.k}")
+    s = np.frombuffer(data, dtype="<f2").reshape(p.m, p.k)
+    if not np.isfinite(s).all():
+        raise fail("BAD_PAYLOAD", f"tensor {name!r}: transform holds NaN or infinity")
+    return s
+
+
 def decode(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -> np.ndarray:
     """Spec §7.5.3: levels -> coefficients -> (transform) -> dtype."""
     p = _parse(record)
@@ -180,13 +186,7 @@ def decode(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -> np.n
     if p.transform == "none":
         mat = coeff.astype(np.float32)  # exact: < 2^21 levels times a 3-bit-mantissa step
     else:
-        data = b"".join(payload for _, payload in streams[0])
-        if len(data) != 2 * p.m * p.k:
-            raise fail("BAD_CHUNK", f"tensor {record.name!r}: transform stream of {len(data)} bytes, "
-                                    f"expected {2 * p.m * p.k}")
-        s = np.frombuffer(data, dtype="<f2").astype(np.float64).reshape(p.m, p.k)
-        if not np.isfinite(s).all():
-            raise fail("BAD_PAYLOAD", f"tensor {record.name!r}: transform holds NaN or infinity")
+        s = _transform(p, streams[0], record.name).astype(np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
             mat = (s @ coeff).T.astype(np.float32)  # [n, m]; §7.5.3 step 3 (tolerance stated there)
     if p.layout == "in_out":
@@ -209,13 +209,7 @@ def decode_parts(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -
         levels.append(lv.astype(dt))
     s = None
     if p.transform == "float16":
-        data = b"".join(payload for _, payload in streams[0])
-        if len(data) != 2 * p.m * p.k:
-            raise fail("BAD_CHUNK", f"tensor {record.name!r}: transform stream of {len(data)} bytes, "
-                                    f"expected {2 * p.m * p.k}")
-        s = np.frombuffer(data, dtype="<f2").astype(np.float16).reshape(p.m, p.k)
-        if not np.isfinite(s).all():
-            raise fail("BAD_PAYLOAD", f"tensor {record.name!r}: transform holds NaN or infinity")
+        s = _transform(p, streams[0], record.name)
     return {"levels": levels, "steps": steps, "band_rows": list(p.rows), "transform": s, "layout": p.layout,
             "n": p.n, "m": p.m, "k": p.k}
 
