@@ -1049,6 +1049,17 @@ def make_tq_invalid(out: Out):
     chunks_x("tq_transform_stream_missing", "transform float16 but no stream 0 chunk",
              lambda ts: ts[TQ_S].chunks.pop(0))
 
+    def split_uneven(ts):
+        # stream 0 in two chunks whose Item_Counts add up and whose payloads concatenate to S, but
+        # chunk 0 carries 2 bytes more than it declares (and chunk 1 two fewer): §7.5.2's length rule
+        t = ts[TQ_S]
+        whole = t.chunks[0].payload
+        a = 2 * (len(whole) // 4)
+        t.chunks[0:1] = [Chunk(whole[:a + 2], stream=0, item_count=a),
+                         Chunk(whole[a + 2:], stream=0, item_count=len(whole) - a)]
+    chunks_x("tq_transform_chunk_length_not_items", "stream 0 split in two chunks: Payload_Length != Item_Count "
+             "in each (sums and bytes right)", split_uneven)
+
     def payload(b, k, f):
         def ch(ts):
             c = band_chunks(ts[TQ_Q], b)[k]
