@@ -60,7 +60,7 @@ class _TQBase(nn.Module):
         for b, lv in enumerate(parts["levels"]):
             self.register_buffer(f"levels_{b}", torch.from_numpy(np.ascontiguousarray(lv)), persistent=False)
         s = parts["transform"]
-        self.register_buffer("transform", None if s is None else torch.from_numpy(np.ascontiguousarray(s)),
+        self.register_buffer("transform", None if s is None else torch.from_numpy(np.array(s, copy=True)),
                              persistent=False)
 
     def _levels(self, b: int) -> torch.Tensor:
