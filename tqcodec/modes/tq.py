@@ -18,7 +18,7 @@ from ..coding.tables import frequencies_from_counts
 from ..dtypes import FLOAT_NAMES, round_exact_float32
 from ..errors import fail
 from ..format.manifest import TensorRecord, check_record_value_types
-from ..format.freqtable import pack_leb128
+from ..format.freqtable import pack_leb128, unpack_leb128
 from ..steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
 
 LAYOUTS = ("out_in", "in_out")
@@ -38,25 +38,7 @@ def pack_counts(counts: np.ndarray) -> bytes:
 
 def unpack_counts(data: bytes, total: int, name: str) -> np.ndarray:
     """Spec §7.5.1 rule 7: parse a band's counts and check them (``BAD_TABLE``)."""
-    values = []
-    cur = shift = nbytes = 0
-    for byte in data:
-        nbytes += 1
-        if nbytes > MAX_COUNT_BYTES:
-            raise fail("BAD_TABLE", f"tensor {name!r}: count varint longer than {MAX_COUNT_BYTES} bytes")
-        cur |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            if byte == 0 and nbytes > 1:
-                raise fail("BAD_TABLE", f"tensor {name!r}: overlong count varint")
-            values.append(cur)
-            if len(values) > L.MAX_ALPHABET:
-                raise fail("BAD_TABLE", f"tensor {name!r}: more than {L.MAX_ALPHABET} counts in a band")
-            cur = shift = nbytes = 0
-    if nbytes:
-        raise fail("BAD_TABLE", f"tensor {name!r}: counts end inside a varint")
-    if not values:
-        raise fail("BAD_TABLE", f"tensor {name!r}: a band has no counts")
+    values = unpack_leb128(data, MAX_COUNT_BYTES, "count", name)
     if values[0] == 0 or values[-1] == 0:
         raise fail("BAD_TABLE", f"tensor {name!r}: a band's first and last counts must not be 0")
     if sum(values) != total:
