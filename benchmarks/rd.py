@@ -181,6 +181,20 @@ CODECS: list[Codec] = [
     tqcodec_codec("tq-datafree", "tqcodec tq, data-free (bits)", "bits",
                   {"digits": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0], "minilm": [4.0, 4.5, 5.0, 5.5]},
                   lambda v: {"mode": "tq", "bits": v}, available=_tq_available),
+    # Modes ecsq, kmeans, pq, dither (spec 1.2, tqcodec.lineage): forced for every float tensor of
+    # >= 2 dims and >= 256 elements, bits per weight of each such tensor (the rest raw: whole-file
+    # rates are higher), importance from the same calibration statistics; and mode auto (tq or one of
+    # them per tensor by D + lam R, whole-file bits).
+    *[tqcodec_codec(m, f"tqcodec {m}, calibrated importance (bits per tensor)", "bits",
+                    {"digits": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0], "minilm": [3.0, 3.5, 4.0, 4.5, 5.0]},
+                    lambda v, m=m: {"mode": m, "bits": v}, calibrated=True, available=_tq_available)
+      for m in ("ecsq", "kmeans", "pq", "dither")],
+    tqcodec_codec("ecsq-snr", "tqcodec ecsq, calibrated importance (weighted snr_db per tensor)", "snr_db",
+                  {"digits": [12, 14, 16, 18, 20, 22], "minilm": [24, 26, 28, 30]},
+                  lambda v: {"mode": "ecsq", "snr_db": v}, calibrated=True, available=_tq_available),
+    tqcodec_codec("auto", "tqcodec auto (tq or ecsq/kmeans/pq/dither per tensor), calibrated (bits)", "bits",
+                  {"digits": [0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0], "minilm": [3.5, 3.7, 3.8, 4.0, 4.5]},
+                  lambda v: {"mode": "auto", "bits": v}, calibrated=True, available=_tq_available),
     # the simple lossless-storage baseline: weights cast to fp16, then zstd (tqcodec raw mode)
     tqcodec_codec("fp16-zstd", "fp16 + zstd (tqcodec --lossless of the fp16 cast)", "variant",
                   {"digits": ["fp16"], "minilm": ["fp16"]}, lambda v: {"lossless": True},

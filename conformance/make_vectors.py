@@ -51,8 +51,8 @@ from tqcodec.modes import uniform as uniform_mode  # noqa: E402
 from craft import (ST_DTYPES, Chunk, Pairs, Raw, TqzFile, crc32, leb128, mp, parse_valid, rc_decode, step,  # noqa: E402
                    unleb128, write_safetensors, zstd_frame)
 
-SPEC_VERSION = "1.1"
-SPEC_MODES = ("raw", "uniform", "alias", "tq")
+SPEC_VERSION = "1.2"
+SPEC_MODES = ("raw", "uniform", "alias", "tq", "ecsq", "kmeans", "pq", "dither")
 TOTAL = 1 << 24
 NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
       "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
@@ -185,7 +185,9 @@ def assemble(ts, metadata=None, extra=None, ancillary=(), manifest=None) -> TqzF
     chunks += [c for k, c in anc if k >= len(ts)]
     mbytes = mp(manifest_value(ts, metadata, extra)) if manifest is None else manifest
     f = TqzFile(mbytes, len(ts), chunks)
-    if any(t.record.get("mode") == "tq" for t in ts):
+    if any(t.record.get("mode") in ("ecsq", "kmeans", "pq", "dither") for t in ts):
+        f.minor = 2  # modes of spec/mode-lineage.md are format 1.2
+    elif any(t.record.get("mode") == "tq" for t in ts):
         f.minor = 1  # mode tq is format 1.1 (spec §13: the lowest minor version defining what the file uses)
     return f
 
@@ -510,7 +512,8 @@ def encode_with_tqcodec(tensors: dict, **opts) -> bytes:
         data = tqcodec.encode_bytes(tensors, **opts)
     # spec §13: the encoder writes the lowest minor version defining what the file uses (tq: 1.1)
     manifest, _ = parse_valid(data)
-    want = 1 if any(r["mode"] == "tq" for r in manifest["tensors"]) else 0
+    modes = {r["mode"] for r in manifest["tensors"]}
+    want = 2 if modes & {"ecsq", "kmeans", "pq", "dither"} else 1 if "tq" in modes else 0
     got = struct.unpack_from("<H", data, 10)[0]
     assert got == want, f"tqcodec's encoder wrote Minor_Version {got}, expected {want} (spec §13)"
     return data
@@ -539,6 +542,8 @@ def expected_by_spec(data: bytes, bounds: dict | None = None):
         parts = chunks.get(i, [])
         if mode == "alias":
             raw = out[p["of"]][3]
+        elif mode in ("ecsq", "kmeans", "pq", "dither"):
+            raw = lineage_by_spec(r, parts)
         elif mode == "tq":
             raw, bound = tq_by_spec(r, parts)
             if bound is not None and bounds is not None:
@@ -1194,6 +1199,751 @@ def make_tq_valid(out: Out):
         V(name, what + "; header Minor_Version 1", "§7.5 §13", data, expected_by_spec(data), notes=ENC_NOTE)
 
 
+# --- modes ecsq, kmeans, pq, dither (spec 1.2, spec/mode-lineage.md §7.6-§7.9) -----------------------
+
+LINEAGE_MODES = ("ecsq", "kmeans", "pq", "dither")
+PREC_NP = {"float16": "<f2", "float32": "<f4"}
+HEX_H = struct.unpack("<d", struct.pack("<Q", 0x3FEBB67AE8584CAA))[0]  # §7.9.3's H
+
+
+def sm64(seed: int, k: int) -> int:
+    """Spec §7.S.6 in Python integers: SplitMix64 output number k from state ``seed``."""
+    M = (1 << 64) - 1
+    x = (seed + (k + 1) * 0x9E3779B97F4A7C15) & M
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M
+    return x ^ (x >> 31)
+
+
+def numer(z: int) -> tuple[int, int]:
+    """Spec §7.S.6: the dither numerators t1, t2 of an output."""
+    r1, r2 = z >> 43, (z >> 22) & ((1 << 21) - 1)
+    return 2 * r1 + 1 - (1 << 21), 2 * r2 + 1 - (1 << 21)
+
+
+def round_f64_to(dtype: str, v: np.ndarray) -> bytes:
+    """Spec §7.S.5 for binary64 values: float64 kept; else to binary32 (nearest even), then the dtype."""
+    v = np.ascontiguousarray(v, dtype=np.float64)
+    if dtype == "float64":
+        return v.astype("<f8").tobytes()
+    with np.errstate(over="ignore"):
+        return round_f32_to(dtype, v.astype(np.float32))
+
+
+def dither_values(lattice: str, coords, code: int, seed: int, numel: int) -> np.ndarray:
+    """Spec §7.9.3 element by element in Python integers and floats (binary64)."""
+    d = step(code)
+    out = []
+    if lattice == "scalar":
+        for i, q in enumerate(coords[0]):
+            t1, _ = numer(sm64(seed, i))
+            out.append(float(int(q) * (1 << 22) - t1) * d * 2.0 ** -22)
+    else:
+        for p, (a, b) in enumerate(zip(coords[0], coords[1])):
+            a, b = int(a), int(b)
+            t1, t2 = numer(sm64(seed, p))
+            nx = a * (1 << 23) + (b & 1) * (1 << 22) - 2 * t1 - t2
+            ny = b * (1 << 22) - t2
+            assert abs(nx) < 1 << 44 and abs(ny) < 1 << 43
+            out.append(float(nx) * d * 2.0 ** -23)
+            out.append((float(ny) * d * 2.0 ** -22) * HEX_H)  # E exact, then the one rounded product
+        out = out[:numel]
+    return np.array(out, dtype=np.float64)
+
+
+def sym_chunks(stream: int, sym, counts, sizes) -> list:
+    """Range-coded chunks of a symbol stream (§7.S.4) with the §8.6 table of ``counts``."""
+    counts = [int(c) for c in counts]
+    if len(counts) < 2:
+        return []
+    freqs = frequencies_from_counts(np.array(counts))
+    assert freqs.tolist() == table_from_counts(counts), "tqcodec's §8.6 table differs"
+    sym = np.asarray(sym, dtype=np.int32).reshape(-1)
+    out, pos = [], 0
+    for n in _split(sym.size, sizes):
+        words = encode_symbols(sym[pos:pos + n], freqs)
+        out.append(Chunk(np.asarray(words, dtype="<u4").tobytes(), stream=stream, item_count=n))
+        pos += n
+    return out
+
+
+def val_chunks(values: np.ndarray, precision: str, sizes) -> list:
+    data = np.ascontiguousarray(values, dtype=PREC_NP[precision]).tobytes()
+    out, pos = [], 0
+    for n in _split(len(data), sizes):
+        out.append(Chunk(data[pos:pos + n], stream=0, item_count=n))
+        pos += n
+    return out
+
+
+def _prec(params: dict, precision, explicit: bool) -> str:
+    p = precision or "float16"
+    if precision is not None and (precision != "float16" or explicit):
+        params["precision"] = precision
+    return p
+
+
+def ecsq_t(name, dtype, shape, sym, *, recon="grid", code=None, q_min=None, values=None, precision=None,
+           chunks=None, v_chunks=None, counts=None, check=True) -> T:
+    """Mode ecsq (§7.6) from symbols (C order). grid: ``code``, ``q_min``; codebook: ``values``
+    (stored in ``precision``, default float16 and omitted)."""
+    sym = np.asarray(sym, dtype=np.int64).reshape(-1)
+    if counts is None:
+        counts = np.bincount(sym, minlength=(len(values) if values is not None else 1)).tolist()
+    params = {"recon": recon, "counts": leb128(counts)}
+    out = []
+    if recon == "grid":
+        params.update(step=int(code), q_min=int(q_min))
+        v = (sym + q_min).astype(np.float64) * step(code)
+        v[v == 0] = 0.0
+        expected = round_f32_to(dtype, v.astype(np.float32)) if check else b""
+        assert not check or np.array_equal(v.astype(np.float32).astype(np.float64), v)
+    else:
+        p = _prec(params, precision, precision is not None)
+        vals = np.asarray(values, dtype=PREC_NP[p])
+        out += val_chunks(vals, p, v_chunks)
+        expected = round_f32_to(dtype, vals.astype(np.float32)[sym]) if check else b""
+    out += sym_chunks(1, sym, counts, chunks)
+    return T(name, dtype, shape, "ecsq", params, out, expected)
+
+
+def kmeans_t(name, dtype, shape, groups, precision=None, chunks=None, v_chunks=None, explicit=False) -> T:
+    """Mode kmeans (§7.7). ``groups``: [(symbols [rows, m], codebook values)]."""
+    p_ = {}
+    p = _prec(p_, precision, explicit)
+    rows, blobs, out, books, vals_all = [], [], [], [], []
+    for g, (sym, book) in enumerate(groups):
+        sym = np.asarray(sym, dtype=np.int64)
+        book = np.asarray(book, dtype=PREC_NP[p])
+        counts = np.bincount(sym.reshape(-1), minlength=len(book)).tolist()
+        rows.append(int(sym.shape[0]))
+        blobs.append(leb128(counts))
+        out += sym_chunks(1 + g, sym, counts, None if chunks is None else chunks[g])
+        books.append(book)
+        vals_all.append(book.astype(np.float32)[sym.reshape(-1)])
+    out = val_chunks(np.concatenate(books), p, v_chunks) + out
+    params = {"group_rows": rows, "counts": blobs, **p_}
+    return T(name, dtype, shape, "kmeans", params, out, round_f32_to(dtype, np.concatenate(vals_all)))
+
+
+def pq_t(name, dtype, shape, sym, book, precision=None, chunks=None, v_chunks=None, explicit=False,
+         check=True) -> T:
+    """Mode pq (§7.8): ``sym`` [n, s] codeword indices, ``book`` [K, d]."""
+    params = {}
+    p = _prec(params, precision, explicit)
+    book = np.asarray(book, dtype=PREC_NP[p])
+    sym = np.asarray(sym, dtype=np.int64)
+    k, d = book.shape
+    counts = np.bincount(sym.reshape(-1), minlength=k).tolist()
+    params.update(dim=int(d), counts=leb128(counts))
+    out = val_chunks(book.reshape(-1), p, v_chunks) + sym_chunks(1, sym, counts, chunks)
+    expected = b""
+    if check:
+        n = shape[0]
+        m = int(np.prod(shape)) // n
+        s = -(-m // d)
+        assert sym.shape == (n, s)
+        expected = round_f32_to(dtype, book.astype(np.float32)[sym].reshape(n, s * d)[:, :m].reshape(-1))
+    return T(name, dtype, shape, "pq", params, out, expected)
+
+
+def dither_t(name, dtype, shape, coords, code, seed, lattice=None, chunks=None, explicit=False) -> T:
+    """Mode dither (§7.9) from integer coordinates (scalar: [levels]; hex: [a, b] per pair)."""
+    numel = int(np.prod(shape, dtype=object)) if len(shape) else 1
+    lat = lattice or "scalar"
+    coords = [np.asarray(c, dtype=np.int64).reshape(-1) for c in coords]
+    qmins, blobs, out = [], [], []
+    for c, lv in enumerate(coords):
+        q0 = int(lv.min())
+        counts = np.bincount(lv - q0).tolist()
+        qmins.append(q0)
+        blobs.append(leb128(counts))
+        out += sym_chunks(c, lv - q0, counts, None if chunks is None else chunks[c])
+    params = {"step": int(code), "seed": int(seed), "q_min": qmins, "counts": blobs}
+    if lattice is not None and (lattice != "scalar" or explicit):
+        params["lattice"] = lattice
+    expected = round_f64_to(dtype, dither_values(lat, coords, code, seed, numel))
+    return T(name, dtype, shape, "dither", params, out, expected)
+
+
+def _stored(data: bytes, precision: str) -> np.ndarray:
+    v = np.frombuffer(data, dtype=PREC_NP[precision]).astype(np.float32)
+    assert np.isfinite(v).all()
+    return v
+
+
+def _syms(parts, stream, counts, count):
+    if len(counts) == 1:
+        assert not [x for s, _, x in parts if s == stream]
+        return [0] * count
+    freqs = table_from_counts(counts)
+    sym = [s for st, cnt, x in parts if st == stream
+           for s in rc_decode(list(struct.unpack(f"<{len(x) // 4}I", x)), freqs, cnt)]
+    assert len(sym) == count
+    return sym
+
+
+def lineage_by_spec(r, parts) -> bytes:
+    """Spec §7.6-§7.9 (decode of a valid tensor of these modes), independent of tqcodec's decoder."""
+    mode, p, shape, dtype = r["mode"], r["params"], r["shape"], r["dtype"]
+    numel = int(np.prod(shape, dtype=object)) if shape else 1
+    values = b"".join(x for s, _, x in parts if s == 0)
+    if mode == "ecsq":
+        counts = unleb128(p["counts"])
+        sym = np.array(_syms(parts, 1, counts, numel), dtype=np.int64)
+        if p["recon"] == "grid":
+            v = (sym + p["q_min"]).astype(np.float64) * step(p["step"])
+            v[v == 0] = 0.0
+            return round_f32_to(dtype, v.astype(np.float32))
+        book = _stored(values, p.get("precision", "float16"))
+        assert len(book) == len(counts) and all(book[1:] > book[:-1]) and all(counts)
+        return round_f32_to(dtype, book[sym])
+    if mode == "kmeans":
+        n = shape[0]
+        m = numel // n
+        book = _stored(values, p.get("precision", "float16"))
+        out, v0 = [], 0
+        for g, rows in enumerate(p["group_rows"]):
+            counts = unleb128(p["counts"][g])
+            bk = book[v0:v0 + len(counts)]
+            assert all(bk[1:] > bk[:-1]) and all(counts)
+            out.append(bk[np.array(_syms(parts, 1 + g, counts, rows * m), dtype=np.int64)])
+            v0 += len(counts)
+        assert v0 == len(book)
+        return round_f32_to(dtype, np.concatenate(out))
+    if mode == "pq":
+        n = shape[0]
+        m = numel // n
+        d = p["dim"]
+        s = -(-m // d)
+        counts = unleb128(p["counts"])
+        book = _stored(values, p.get("precision", "float16")).reshape(len(counts), d)
+        sym = np.array(_syms(parts, 1, counts, n * s), dtype=np.int64).reshape(n, s)
+        vals = [float(book[sym[i, j // d], j % d]) for i in range(n) for j in range(m)]
+        return round_f32_to(dtype, np.array(vals, dtype=np.float32))
+    assert mode == "dither"
+    lat = p.get("lattice", "scalar")
+    n_sym = numel if lat == "scalar" else (numel + 1) // 2
+    coords = [np.array(_syms(parts, c, unleb128(p["counts"][c]), n_sym), dtype=np.int64) + p["q_min"][c]
+              for c in range(1 if lat == "scalar" else 2)]
+    return round_f64_to(dtype, dither_values(lat, coords, p["step"], p["seed"], numel))
+
+
+def f16(bits: int) -> float:
+    return float(np.array([bits], dtype="<u2").view("<f2")[0])
+
+
+def make_lineage_valid(out: Out):
+    V = out.valid
+
+    def simple(name, what, spec, ts):
+        f = assemble(ts)
+        assert f.minor == 2
+        V(name, what + "; header Minor_Version 2", spec, f.build(), expected_list(ts))
+
+    r = rng(400)
+    # ecsq (§7.6)
+    simple("ecsq_grid_float32", "ecsq recon grid, float32 [6, 10], one table, q_min -7", "§7.6",
+           [ecsq_t("w", "float32", (6, 10), np.concatenate([[0, 14], r.integers(0, 15, 58)]), code=-12, q_min=-7)])
+    g = r.integers(0, 9, 35)
+    g[0], g[-1] = 0, 8
+    simple("ecsq_grid_dtypes", "ecsq grid on float16 [5, 7], bfloat16 [35], float64 [7, 5] and a 0-d float32 "
+           "tensor (any number of dimensions)", "§7.6.1 §7.6.3 §7.S.5",
+           [ecsq_t("h", "float16", (5, 7), g, code=-14, q_min=-300),
+            ecsq_t("b", "bfloat16", (35,), g, code=-9, q_min=1000),
+            ecsq_t("d", "float64", (7, 5), g, code=-40, q_min=-4),
+            ecsq_t("z", "float32", (), [0], code=3, q_min=5)])
+    simple("ecsq_grid_single_symbol", "ecsq grid with A = 1 (counts one varint, no chunks: every level q_min), "
+           "and with q_min 0 (all +0)", "§7.S.2 §7.6.2",
+           [ecsq_t("c", "float32", (3, 4), np.zeros(12), code=-2, q_min=-3),
+            ecsq_t("z", "bfloat16", (2, 2), np.zeros(4), code=0, q_min=0)])
+    simple("ecsq_grid_extreme_steps", "ecsq grid, step codes 103 (float16 overflows to +-inf) and -160 (float16 "
+           "subnormals), levels at +-2^20", "§7.1 §7.6.3 §12",
+           [ecsq_t("h", "float16", (2, 3), [0, 1, 2, 3, 4, 2], code=103, q_min=-2),
+            ecsq_t("s", "float16", (2, 2), [0, 1, 16384, 65535], code=-160, q_min=1),
+            ecsq_t("e", "float32", (3,), [0, 1, 2], code=-30, q_min=(1 << 20) - 2)])
+    book = [f16(0x8000), f16(0x0001), 0.25, 1.0, 3.5, 65504.0]  # -0, smallest subnormal, ..., max (sorted: -0 first)
+    book = [-3.0] + book
+    s = r.integers(0, len(book), 300)
+    s[:len(book)] = np.arange(len(book))
+    simple("ecsq_codebook_float16", "ecsq recon codebook, float16 values (precision omitted: the default) holding "
+           "-0, the smallest subnormal and 65504; symbols in 3 chunks (100 + 1 + 199), the value stream split "
+           "inside a value (5 + 9 bytes)", "§7.6 §7.S.3 §7.S.4",
+           [ecsq_t("w", "float32", (10, 30), s, recon="codebook", values=book, chunks=[100, 1, 199],
+                   v_chunks=[5, 9])])
+    bk32 = np.array([-1e5, -1.0009765625, 1.00048828125, 1.000732421875, 70000.0], dtype="<f4")
+    s = np.array([0, 1, 2, 3, 4, 4, 3, 2, 1, 0, 2, 2])
+    simple("ecsq_codebook_float32_rounding", "ecsq codebook with precision float32 on float16 and bfloat16 "
+           "tensors: values round to the dtype (ties to even: 1 + 2^-11 -> 1, 1 + 3*2^-12 -> 1 + 2^-10; "
+           "+-1e5 and 70000 overflow float16 to +-inf) and the same codebook on float64 (widened)",
+           "§7.6.3 §7.S.5",
+           [ecsq_t("h", "float16", (3, 4), s, recon="codebook", values=bk32, precision="float32"),
+            ecsq_t("b", "bfloat16", (12,), s, recon="codebook", values=bk32, precision="float32"),
+            ecsq_t("d", "float64", (4, 3), s, recon="codebook", values=bk32, precision="float32")])
+    simple("ecsq_codebook_single_value", "ecsq codebook with A = 1: one stored value, no symbol chunks; and the "
+           "precision key written with its default value", "§7.6.1 §7.6.2",
+           [ecsq_t("c", "float32", (2, 5), np.zeros(10), recon="codebook", values=[-0.375]),
+            ecsq_t("e", "float32", (2, 2), [0, 1, 1, 0], recon="codebook", values=[0.5, 2.0], precision="float16")])
+    # kmeans (§7.7)
+    simple("kmeans_groups", "kmeans float32 [9, 6] in 3 groups of 2, 3 and 4 rows, codebooks of 4, 1 and 3 "
+           "float16 values (the middle group: no chunks); group 2's codebook starts below group 0's last value",
+           "§7.7",
+           [kmeans_t("w", "float32", (9, 6), [(np.tile(np.arange(6) % 4, (2, 1)), [-1.5, -0.25, 0.5, 2.0]),
+                                              (np.zeros((3, 6), dtype=int), [0.125]),
+                                              (np.arange(24).reshape(4, 6) % 3, [-4.0, 0.0, 1.0])])])
+    simple("kmeans_precision_dtypes", "kmeans with precision float32 on bfloat16 [4, 5] and float16 [2, 3, 2] "
+           "tensors (values rounded to the dtype), float16 values on a float64 [6, 2] tensor", "§7.7.3 §7.S.5",
+           [kmeans_t("b", "bfloat16", (4, 5), [(np.arange(20).reshape(4, 5) % 5,
+                                                 [-3.14159, -1e-3, 2.5e-3, 1.0000001, 3e38])], precision="float32"),
+            kmeans_t("h", "float16", (2, 3, 2), [(np.arange(6).reshape(1, 6) % 2, [-7e4, 1.00048828125]),
+                                                  (np.arange(6).reshape(1, 6) % 3, [-1.0, 0.0, 1e-8])],
+                     precision="float32"),
+            kmeans_t("d", "float64", (6, 2), [(np.arange(12).reshape(6, 2) % 4, [-2.0, -0.0, 0.333, 1.5])])])
+    simple("kmeans_conv_multichunk", "kmeans conv weight [8, 3, 3, 3] (n = 8, m = 27) in 2 groups, group 0's "
+           "symbols in chunks of 50 + 58, the codebook stream in 3 chunks", "§6.2 §7.7.2",
+           [kmeans_t("c", "float32", (8, 3, 3, 3), [(np.arange(108).reshape(4, 27) * 5 % 16, np.linspace(-1, 1, 16)),
+                                                    (np.arange(108).reshape(4, 27) % 5, [-0.5, -0.1, 0.0, 0.1, 0.5])],
+                     chunks=[[50, 58], None], v_chunks=[3, 20, 19])])
+    simple("kmeans_1d", "kmeans 1-D tensor [10] (m = 1): 2 groups of 7 and 3 rows", "§7.S.1 §7.7",
+           [kmeans_t("b", "float32", (10,), [(np.array([[0], [1], [2], [0], [1], [2], [1]]), [-1.0, 0.0, 1.0]),
+                                             (np.array([[1], [0], [1]]), [2.0, 4.0])])])
+    simple("kmeans_groups_4096", "kmeans with G = 4096 groups (the limit) of one row each, most with one value",
+           "§7.7.1 §12",
+           [kmeans_t("x", "float16", (4096, 2), [((np.array([[0, 1]]), [-(i % 7) - 1.0, float(i % 5)]) if i % 9 == 0
+                                                   else (np.zeros((1, 2), dtype=int), [float(i % 11) / 4]))
+                                                  for i in range(4096)])])
+    kk = np.concatenate([np.arange(65536), rng(401).integers(0, 65536, 256)])
+    allf16 = np.arange(65536).astype("<u2").view("<f2")
+    bookx = np.unique(allf16[np.isfinite(allf16)].astype(np.float64))  # 63487 values: -0 and +0 are one
+    bookx = np.concatenate([bookx, 70000.0 + np.arange(65536 - len(bookx))])
+    simple("kmeans_max_codebook", f"kmeans one group with K = 65536 (the limit): every finite float16 value once "
+           "(-0 and +0 are one entry) and larger float32 values, precision float32, float32 [256, 257]",
+           "§7.7.1 §12", [kmeans_t("x", "float32", (256, 257), [(kk.reshape(256, 257), bookx)], precision="float32")])
+    # pq (§7.8)
+    bk = r.integers(-64, 64, (6, 4)) / 32.0
+    simple("pq_dim4", "pq float32 [8, 12], dim 4 (s = 3), K = 6 float16 codewords", "§7.8",
+           [pq_t("w", "float32", (8, 12), np.arange(24).reshape(8, 3) % 6, bk)])
+    bk = r.integers(-64, 64, (5, 4)) / 16.0
+    bk[:, 2:] = 60000.0  # components beyond the short last sub-vector are unused where codewords serve it
+    sp = np.array([[0, 1, 2], [1, 4, 3], [4, 0, 2], [1, 1, 3], [0, 4, 2]])
+    bk[[0, 1, 4], 2:] = r.integers(-8, 8, (3, 2)) / 8.0
+    simple("pq_padded", "pq [5, 10] with dim 4: s = 3, the last sub-vector of each row holds 2 elements; "
+           "codewords 2 and 3 (only used there) hold 60000 in components 2, 3 (never reconstructed)",
+           "§7.8 §7.8.3", [pq_t("w", "float32", (5, 10), sp, bk)])
+    simple("pq_dims", "pq with dim 1 (float16 [4, 3]), dim = m (bfloat16 [3, 5], one sub-vector per row) and "
+           "dim 256 on m = 300 (float32 [2, 300]: s = 2, padded)", "§7.8.1",
+           [pq_t("a", "float16", (4, 3), np.arange(12).reshape(4, 3) % 3, [[-1.0], [0.5], [2.0]]),
+            pq_t("b", "bfloat16", (3, 5), np.array([[0], [1], [0]]), r.integers(-9, 9, (2, 5)) / 4.0),
+            pq_t("c", "float32", (2, 300), np.array([[0, 1], [1, 0]]), r.integers(-99, 99, (2, 256)) / 64.0)])
+    bk = np.array([[-1e5, 1.00048828125], [3e-8, -2.5]], dtype="<f4")
+    simple("pq_precision_float32_dtypes", "pq precision float32 on float16 (overflow to -inf, ties to even), "
+           "float64 [3, 2, 2] and a 1-D tensor [6] (m = 1, dim 1)", "§7.8.3 §7.S.5",
+           [pq_t("h", "float16", (2, 4), np.array([[0, 1], [1, 0]]), bk, precision="float32"),
+            pq_t("d", "float64", (3, 2, 2), np.array([[0, 1], [1, 1], [0, 0]]), bk, precision="float32"),
+            pq_t("v", "float32", (6,), np.array([[0], [1], [1], [0], [1], [0]]), [[0.75], [-0.5]], precision="float32")])
+    simple("pq_single_codeword_multichunk", "pq K = 1 (no symbol chunks; precision key written with its default) "
+           "and pq with its symbols in chunks of 7 + 13 and the codebook in 2 chunks", "§6.2 §7.8.2",
+           [pq_t("k", "float32", (4, 6), np.zeros((4, 3), dtype=int), [[1.0, -2.0]], explicit=True),
+            pq_t("m", "float32", (10, 8), np.arange(20).reshape(10, 2) * 7 % 9, r.integers(-9, 9, (9, 4)) / 8.0,
+                 chunks=[7, 13], v_chunks=[31, 41])])
+    # dither (§7.9)
+    simple("dither_worked_values", "the worked values of §7.9.3: seed 0, step code 0, scalar q_0 = 3 (float64 "
+           "[1]) and hex (a_0, b_0) = (1, -1) (float64 [2])", "§7.9.3",
+           [dither_t("s", "float64", (1,), [[3]], 0, 0),
+            dither_t("x", "float64", (2,), [[1], [-1]], 0, 0, lattice="hex")])
+    simple("dither_scalar_float32", "dither scalar (lattice key omitted), float32 [8, 16], seed 0, step -12",
+           "§7.9", [dither_t("w", "float32", (8, 16), [r.integers(-20, 21, 128)], -12, 0)])
+    simple("dither_scalar_dtypes", "dither scalar on float16 [5, 7], bfloat16 [35], float64 [7, 5] and a 0-d "
+           "tensor (binary64 values rounded to binary32, then the dtype)", "§7.9.3 §7.S.5",
+           [dither_t("h", "float16", (5, 7), [r.integers(-300, 301, 35)], -14, 7),
+            dither_t("b", "bfloat16", (35,), [r.integers(-300, 301, 35)], -9, 12345678901234567),
+            dither_t("d", "float64", (7, 5), [r.integers(-3000, 3001, 35)], -40, 99),
+            dither_t("z", "float32", (), [[4]], 1, 5, lattice="scalar", explicit=True)])
+    simple("dither_seeds_and_single_level", "dither with seed 2^64 - 1 (the output index wraps mod 2^64), and a "
+           "constant level (A = 1, no chunks: the dither alone varies)", "§7.9.1 §7.S.6",
+           [dither_t("m", "float32", (4, 9), [r.integers(-5, 6, 36)], -6, (1 << 64) - 1),
+            dither_t("c", "float32", (3, 3), [np.full(9, 2)], -8, 3)])
+    simple("dither_extreme_steps", "dither step codes 103 (float16: +-inf) and -160, levels at 2^20 and -2^20",
+           "§7.1 §7.9.3 §12",
+           [dither_t("h", "float16", (2, 2), [[(1 << 20) - 3, (1 << 20) - 1, (1 << 20) - 2, 1 << 20]], 103, 1),
+            dither_t("f", "float32", (2, 2), [[-(1 << 20), -(1 << 20) + 1, -(1 << 20) + 5, 1 - (1 << 20)]], -160, 2),
+            dither_t("d", "float64", (3,), [[1 - (1 << 20), -(1 << 20), 7 - (1 << 20)]], 103, 3)])
+    simple("dither_multichunk", "dither scalar with its symbols in chunks of 100 + 1 + 139 (each chunk's "
+           "elements use generator outputs by their index in the tensor)", "§6.2 §7.9.2 §7.S.6",
+           [dither_t("w", "float32", (12, 20), [r.integers(-50, 51, 240)], -10, 42, chunks=[[100, 1, 139]])])
+    a, b = r.integers(-30, 31, 24), r.integers(-30, 31, 24)
+    a[0], b[0] = 0, -1
+    simple("dither_hex_even", "dither hex, float32 [6, 8] (24 pairs), rows b of both signs and parities",
+           "§7.9.2 §7.9.3", [dither_t("w", "float32", (6, 8), [a, b], -10, 2024, lattice="hex")])
+    simple("dither_hex_odd", "dither hex with an odd numel: float32 [5, 7] (18 pairs, the last one's second "
+           "value discarded), a 1-element float16 [1] (one pair) and a 0-d bfloat16", "§7.9.2",
+           [dither_t("w", "float32", (5, 7), [r.integers(-9, 10, 18), r.integers(-9, 10, 18)], -8, 5, lattice="hex"),
+            dither_t("o", "float16", (1,), [[3], [-3]], -4, 6, lattice="hex"),
+            dither_t("z", "bfloat16", (), [[-2], [1]], 0, 7, lattice="hex")])
+    simple("dither_hex_dtypes_multichunk", "dither hex on float16, bfloat16 and float64 [9, 4]; the bfloat16 one "
+           "with a constant b (A = 1, stream 1 without chunks) and stream 0 in chunks of 5 + 13", "§7.9",
+           [dither_t("h", "float16", (9, 4), [r.integers(-99, 100, 18), r.integers(-99, 100, 18)], -12, 8,
+                     lattice="hex"),
+            dither_t("b", "bfloat16", (9, 4), [r.integers(-99, 100, 18), np.full(18, -3)], -12, 9, lattice="hex",
+                     chunks=[[5, 13], None]),
+            dither_t("d", "float64", (9, 4), [r.integers(-9999, 9999, 18), r.integers(-9999, 9999, 18)], -30, 10,
+                     lattice="hex")])
+    # tqcodec's encoder (bytes depend on its float arithmetic)
+    sd = model_state(30)
+    for mode, bits in (("ecsq", 3.0), ("kmeans", 3.0), ("pq", 2.0), ("dither", 4.0)):
+        data = encode_with_tqcodec(sd, mode=mode, bits=bits)
+        V(f"encoder_{mode}", f"tqcodec.save(mode='{mode}', bits={bits}) of a small model with float16, bfloat16 "
+          f"and float64 tensors (the rest raw); header Minor_Version 2", "§7.6-§7.9 §13", data,
+          expected_by_spec(data), notes=ENC_NOTE)
+    g = torch.Generator().manual_seed(31)
+    centers = torch.tensor([-0.31, -0.12, 0.07, 0.26, 0.52])
+    sd = {"clustered.weight": centers[torch.randint(0, 5, (48, 64), generator=g)]
+          + torch.randn(48, 64, generator=g) * 0.004,
+          "gauss.weight": torch.randn(32, 64, generator=g) * 0.1, "gauss.bias": torch.randn(32, generator=g) * 0.01}
+    data = encode_with_tqcodec(sd, mode="auto", bits=3.0)
+    modes = {r["mode"] for r in parse_valid(data)[0]["tensors"]}
+    assert modes & set(LINEAGE_MODES), f"encoder_auto_bits3: mode auto chose only {modes}"
+    V("encoder_auto_bits3", f"tqcodec.save(mode='auto', bits=3) of clustered and Gaussian weights without "
+      f"statistics: each weight tq or a lineage mode by D + lam R (here: {', '.join(sorted(modes))}); header "
+      "Minor_Version 2", "§7.5-§7.9 §13", data, expected_by_spec(data), notes=ENC_NOTE)
+
+
+def lineage_base():
+    """Base file of the lineage invalid vectors (format 1.2): ecsq grid (2 symbol chunks) and codebook,
+    kmeans in 3 groups (one with K = 1), pq with padded sub-vectors, dither scalar and hex, a raw tensor."""
+    r = rng(500)
+    g = r.integers(0, 6, 32)
+    g[0], g[1] = 0, 5
+    return [
+        ecsq_t("g", "float32", (4, 8), g, code=-6, q_min=-3, chunks=[20, 12]),
+        ecsq_t("c", "float32", (3, 5), np.arange(15) % 4, recon="codebook", values=[-1.0, 0.0, 0.5, 2.0]),
+        kmeans_t("k", "float32", (6, 4), [(np.arange(8).reshape(2, 4) % 3, [-1.0, 0.0, 1.0]),
+                                          (np.zeros((1, 4), dtype=int), [0.25]),
+                                          (np.arange(12).reshape(3, 4) % 4, [-2.0, -0.5, 0.5, 2.0])]),
+        pq_t("p", "float32", (4, 10), np.array([[0, 1, 2], [3, 4, 2], [1, 0, 2], [4, 3, 2]]),
+             r.integers(-9, 9, (5, 4)) / 4.0),
+        dither_t("s", "float32", (5, 6), [r.integers(-7, 8, 30)], -5, 11),
+        dither_t("x", "float32", (3, 5), [r.integers(-5, 6, 8), r.integers(-5, 6, 8)], -5, 12, lattice="hex"),
+        raw_t("r", "int8", np.arange(-3, 3)),
+    ]
+
+
+LG, LC, LK, LP, LS, LX, LR = range(7)
+
+
+def make_lineage_invalid(out: Out):
+    X = out.invalid
+    BTR, BT, BC, BP, LE = "BAD_TENSOR_RECORD", "BAD_TABLE", "BAD_CHUNK", "BAD_PAYLOAD", "LIMIT_EXCEEDED"
+    SEC = {LG: "§7.6.1", LC: "§7.6.1", LK: "§7.7.1", LP: "§7.8.1", LS: "§7.9.1", LX: "§7.9.1"}
+
+    def ts_x(name, what, spec, ts, code):
+        f = assemble(ts)
+        assert f.minor == 2
+        X(name, what, spec, f.build(), code)
+
+    def rec(name, what, code, i, change, spec=None):
+        ts = lineage_base()
+        change(ts[i].record)
+        ts_x(name, what, spec or SEC[i], ts, code)
+
+    def par(name, what, code, i, change, spec=None):
+        rec(name, what, code, i, lambda r: change(r["params"]), spec)
+
+    def put(k, v):
+        return lambda p: p.__setitem__(k, v)
+
+    def put_at(k, j, v):
+        return lambda p: p[k].__setitem__(j, v)
+
+    def pop(k):
+        return lambda p: p.pop(k)
+
+    def with_t(name, what, spec, i, t, code):
+        ts = lineage_base()
+        ts[i] = t
+        ts_x(name, what, spec, ts, code)
+
+    def chunks_x(name, what, change, code=BC, spec="§6.2 §7.S.3 §7.S.4"):
+        ts = lineage_base()
+        change(ts)
+        ts_x(name, what, spec, ts, code)
+
+    def stream_of(t, s):
+        return [c for c in t.chunks if c.stream == s]
+
+    def recode(t, s, syms, counts):
+        freqs = frequencies_from_counts(np.array(counts))
+        return Chunk(np.asarray(encode_symbols(np.array(syms, dtype=np.int32), freqs), "<u4").tobytes(),
+                     stream=s, item_count=len(syms))
+
+    def payload(i, s, k, f):
+        def ch(ts):
+            c = stream_of(ts[i], s)[k]
+            c.payload = f(c.payload)
+            if s == 0 and i in (LC, LK, LP):  # value streams: Item_Count follows the bytes
+                c.item_count = len(c.payload)
+        return ch
+
+    def set_value(i, j, raw16: int):
+        def ch(ts):
+            c = stream_of(ts[i], 0)[0]
+            c.payload = c.payload[:2 * j] + struct.pack("<H", raw16) + c.payload[2 * j + 2:]
+        return ch
+
+    # --- ecsq: §7.6.1 rule 1 (keys and types)
+    par("ecsq_missing_recon", "ecsq params without 'recon'", BTR, LG, pop("recon"))
+    par("ecsq_missing_counts", "ecsq params without 'counts'", BTR, LC, pop("counts"))
+    par("ecsq_unknown_key", "ecsq params with an unknown key 'scale'", BTR, LG, put("scale", 1))
+    par("ecsq_recon_int", "recon is the integer 0", BTR, LG, put("recon", 0))
+    par("ecsq_counts_str", "counts is a string", BTR, LC, put("counts", "\x01\x02"))
+    par("ecsq_counts_array", "counts is an array holding the bin", BTR, LC,
+        lambda p: p.update(counts=[p["counts"]]))
+    par("ecsq_step_bool", "step is true", BTR, LG, put("step", True))
+    par("ecsq_step_float", "step is -6.0 (an integral float)", BTR, LG, put("step", -6.0))
+    par("ecsq_q_min_float", "q_min is -3.0", BTR, LG, put("q_min", -3.0))
+    par("ecsq_precision_int", "precision is the integer 16", BTR, LC, put("precision", 16))
+    # rule 2
+    rec("ecsq_int_dtype", "ecsq with dtype int32", BTR, LG, lambda r: r.update(dtype="int32"))
+    rec("ecsq_empty_tensor", "ecsq tensor with 0 elements (shape [0, 8])", BTR, LG, lambda r: r.update(shape=[0, 8]))
+    # rule 3
+    par("ecsq_recon_unknown", "recon 'Grid'", BTR, LG, put("recon", "Grid"))
+    par("ecsq_grid_missing_step", "recon grid without step", BTR, LG, pop("step"))
+    par("ecsq_grid_missing_q_min", "recon grid without q_min", BTR, LG, pop("q_min"))
+    par("ecsq_grid_with_precision", "recon grid with precision float16", BTR, LG, put("precision", "float16"))
+    par("ecsq_codebook_with_step", "recon codebook with a step", BTR, LC, put("step", 0))
+    par("ecsq_codebook_with_q_min", "recon codebook with a q_min", BTR, LC, put("q_min", 0))
+    par("ecsq_precision_unknown", "precision 'float64'", BTR, LC, put("precision", "float64"))
+    par("ecsq_precision_case", "precision 'Float16'", BTR, LC, put("precision", "Float16"))
+    # rule 4
+    for label, v in (("below", -161), ("above", 104), ("huge", 2**64 - 1)):
+        par(f"ecsq_step_code_{label}", f"step code {v}", "BAD_STEP", LG, put("step", v), "§7.1 §7.6.1")
+    # rule 5
+    cg = unleb128(lineage_base()[LG].record["params"]["counts"])
+    cc = unleb128(lineage_base()[LC].record["params"]["counts"])
+    par("ecsq_counts_empty", "counts an empty bin (A = 0)", BT, LG, put("counts", b""), "§7.S.2 §7.6.1")
+    par("ecsq_counts_overlong", f"first count {cg[0]} written overlong", BT, LG,
+        put("counts", bytes([cg[0] | 0x80, 0]) + leb128(cg[1:])), "§7.S.2")
+    par("ecsq_counts_varint_7_bytes", "first count written in 7 bytes", BT, LG,
+        put("counts", b"\xff" * 6 + b"\x01" + leb128(cg[1:])), "§7.S.2")
+    par("ecsq_counts_truncated", "counts ending inside a varint", BT, LC, put("counts", leb128(cc) + b"\x80"),
+        "§7.S.2")
+    par("ecsq_counts_sum_high", "counts adding up to numel + 1", BT, LG, put("counts", leb128([cg[0] + 1] + cg[1:])))
+    par("ecsq_counts_sum_low", "codebook counts adding up to numel - 1", BT, LC,
+        put("counts", leb128([cc[0] - 1] + cc[1:])))
+    par("ecsq_grid_counts_zero_first", "grid counts with a 0 first (q_min one lower: the same levels)", BT, LG,
+        lambda p: p.update(counts=leb128([0] + cg), q_min=p["q_min"] - 1))
+    par("ecsq_grid_counts_zero_last", "grid counts with a 0 last", BT, LG, put("counts", leb128(cg + [0])))
+    t = lineage_base()[LC]
+    sym = np.arange(15) % 4
+    sym = sym + (sym >= 2)
+    with_t("ecsq_codebook_count_zero", "codebook counts [4, 4, 0, 4, 3] with a fifth stored value 0.25 that no "
+           "element uses (stream and symbols consistent)", "§7.6.1", LC,
+           ecsq_t("c", "float32", (3, 5), sym, recon="codebook", values=[-1.0, 0.0, 0.25, 0.5, 2.0],
+                  counts=[4, 4, 0, 4, 3], check=False), BT)
+    with_t("ecsq_alphabet_65537", "grid counts of A = 65537 entries [1, 0, ..., 0, 1] for 2 elements (levels "
+           "q_min and q_min + 65536, coded with that table)", "§7.S.2 §12", LG,
+           ecsq_t("g", "float32", (2,), [0, 65536], code=-6, q_min=-32768, counts=[1] + [0] * 65535 + [1],
+                  check=False), BT)
+    # rule 6
+    par("ecsq_q_min_below_limit", "q_min = -2^20 - 1", LE, LG, put("q_min", -(1 << 20) - 1), "§7.6.1 §12")
+    par("ecsq_q_max_above_limit", f"q_min + A - 1 = 2^20 + 1 (A = {len(cg)})", LE, LG,
+        put("q_min", (1 << 20) + 2 - len(cg)), "§7.6.1 §12")
+    par("ecsq_q_min_i64_max_wraps", "q_min = 2^63 - 1 (q_min + A - 1 overflows signed 64-bit)", LE, LG,
+        put("q_min", 2**63 - 1), "§7.6.1 §12")
+    # streams
+    chunks_x("ecsq_values_short", "the codebook's value stream 2 bytes short (Item_Count matching)",
+             payload(LC, 0, 0, lambda b: b[:-2]))
+    chunks_x("ecsq_values_long", "the codebook's value stream 2 bytes long", payload(LC, 0, 0, lambda b: b + b"\0\0"))
+    chunks_x("ecsq_values_missing", "recon codebook without its value stream", lambda ts: ts[LC].chunks.pop(0))
+
+    def split_uneven(i):
+        def ch(ts):
+            c = stream_of(ts[i], 0)[0]
+            k = ts[i].chunks.index(c)
+            whole = c.payload
+            ts[i].chunks[k:k + 1] = [Chunk(whole[:5], stream=0, item_count=4),
+                                     Chunk(whole[5:], stream=0, item_count=len(whole) - 4)]
+        return ch
+    chunks_x("ecsq_value_chunk_length_not_items", "value stream in 2 chunks, Payload_Length != Item_Count in "
+             "each (sums and bytes right)", split_uneven(LC))
+    chunks_x("ecsq_grid_stream_0_chunk", "a stream 0 chunk (2 bytes) in a grid tensor (stream 0 has 0 items)",
+             lambda ts: ts[LG].chunks.insert(0, Chunk(b"\x00\x3c", stream=0, item_count=2)))
+    chunks_x("ecsq_symbols_fewer", "the grid's second symbol chunk codes 11 of its 12 symbols",
+             lambda ts: ts[LG].chunks.__setitem__(1, recode(ts[LG], 1, [1] * 11, cg)))
+    chunks_x("ecsq_stream_2", "a chunk in stream 2 (ecsq has 2 streams)",
+             lambda ts: ts[LG].chunks.append(Chunk(b"\0" * 4, stream=2, item_count=1)))
+    chunks_x("ecsq_rc_length_0", "a symbol payload of 0 bytes", payload(LG, 1, 0, lambda b: b""))
+    chunks_x("ecsq_rc_length_not_multiple_of_4", "a symbol payload of 4n + 2 bytes",
+             payload(LG, 1, 1, lambda b: b + b"\0\0"))
+    chunks_x("ecsq_rc_append_word", "a symbol payload with one more word (0): not canonical",
+             payload(LG, 1, 0, lambda b: b + b"\0" * 4), BP, "§7.S.4 §8.5")
+    chunks_x("ecsq_rc_seal_plus_1", "the codebook's symbol payload with its last word + 1 (not canonical)",
+             payload(LC, 1, 0, lambda p: p[:-4] + struct.pack("<I", (struct.unpack("<I", p[-4:])[0] + 1) & 0xFFFFFFFF)),
+             BP, "§7.S.4 §8.5")
+    # values (codebook [-1, 0, 0.5, 2] as float16)
+    for label, raw16 in (("nan", 0x7E00), ("inf", 0x7C00), ("minus_inf", 0xFC00)):
+        chunks_x(f"ecsq_codebook_{label}", f"codebook value 3 is {raw16:#06x}", set_value(LC, 3, raw16), BP,
+                 "§7.S.3")
+    chunks_x("ecsq_codebook_not_increasing", "codebook values 1 and 2 swapped (-1, 0.5, 0, 2)",
+             lambda ts: (set_value(LC, 1, 0x3800)(ts), set_value(LC, 2, 0x0000)(ts)), BP, "§7.6.2")
+    chunks_x("ecsq_codebook_equal_values", "codebook values (-1, 0.5, 0.5, 2)", set_value(LC, 1, 0x3800), BP,
+             "§7.6.2")
+    chunks_x("ecsq_codebook_minus_zero_then_zero", "codebook values (-1, -0, +0, 2): -0 equals +0", lambda ts: (
+        set_value(LC, 1, 0x8000)(ts), set_value(LC, 2, 0x0000)(ts)), BP, "§7.6.2")
+
+    # --- kmeans
+    par("kmeans_missing_group_rows", "kmeans params without 'group_rows'", BTR, LK, pop("group_rows"))
+    par("kmeans_missing_counts", "kmeans params without 'counts'", BTR, LK, pop("counts"))
+    par("kmeans_unknown_key", "kmeans params with an unknown key 'recon'", BTR, LK, put("recon", "codebook"))
+    par("kmeans_group_rows_not_array", "group_rows is the integer 6", BTR, LK, put("group_rows", 6))
+    par("kmeans_group_rows_bool", "group_rows [2, true, 3]", BTR, LK, put_at("group_rows", 1, True))
+    par("kmeans_group_rows_float", "group_rows [2.0, 1, 3]", BTR, LK, put_at("group_rows", 0, 2.0))
+    par("kmeans_counts_not_array", "counts is one bin", BTR, LK, lambda p: p.update(counts=p["counts"][0]))
+    par("kmeans_counts_str_element", "a counts element is a string", BTR, LK, put_at("counts", 1, "\x04"))
+    par("kmeans_precision_int", "precision is the integer 32", BTR, LK, put("precision", 32))
+    rec("kmeans_int_dtype", "kmeans with dtype uint8", BTR, LK, lambda r: r.update(dtype="uint8"))
+    rec("kmeans_0d", "kmeans on a 0-d tensor (shape [])", BTR, LK, lambda r: r.update(shape=[]))
+    rec("kmeans_empty_tensor", "kmeans tensor with 0 elements (shape [6, 0])", BTR, LK, lambda r: r.update(shape=[6, 0]))
+    par("kmeans_precision_unknown", "precision 'bfloat16'", BTR, LK, put("precision", "bfloat16"))
+    par("kmeans_groups_0", "G = 0 (group_rows and counts empty)", BTR, LK, lambda p: p.update(group_rows=[], counts=[]))
+    t = kmeans_t("k", "float32", (4097, 1), [(np.zeros((1, 1), dtype=int), [float(i % 13)]) for i in range(4097)])
+    with_t("kmeans_groups_4097", "G = 4097 one-row groups (K = 1 each, consistent otherwise)", "§7.7.1 §12", LK, t, BTR)
+    par("kmeans_counts_length_less", "counts with G - 1 entries", BTR, LK, lambda p: p["counts"].pop())
+    par("kmeans_counts_length_more", "counts with G + 1 entries", BTR, LK, lambda p: p["counts"].append(b"\x04"))
+    par("kmeans_group_rows_zero", "a group of 0 rows added (its counts '00')", BTR, LK,
+        lambda p: (p["group_rows"].insert(1, 0), p["counts"].insert(1, b"\x00")))
+    par("kmeans_group_rows_negative", "group_rows [3, -1, 1, 3] (sum 6)", BTR, LK,
+        lambda p: (p["group_rows"].__setitem__(0, 3), p["group_rows"].insert(1, -1), p["counts"].insert(1, b"\x04")))
+    par("kmeans_group_rows_sum_less", "group_rows [2, 1, 2] (sum 5 < n = 6)", BTR, LK, put_at("group_rows", 2, 2))
+    par("kmeans_group_rows_sum_more", "group_rows [2, 1, 4] (sum 7 > n = 6)", BTR, LK, put_at("group_rows", 2, 4))
+    par("kmeans_group_rows_sum_wraps_u64", "group_rows [2^63 + 2, 2^63 + 1, 3]: the sum is 6 modulo 2^64", BTR,
+        LK, lambda p: p.update(group_rows=[2**63 + 2, 2**63 + 1, 3]))
+    ck = unleb128(lineage_base()[LK].record["params"]["counts"][2])
+    par("kmeans_counts_sum_high", "group 2's counts add up to 13 (3 rows x 4 = 12)", BT, LK,
+        put_at("counts", 2, leb128([ck[0] + 1] + ck[1:])), "§7.7.1")
+    par("kmeans_counts_empty", "group 0's counts an empty bin", BT, LK, put_at("counts", 0, b""), "§7.S.2 §7.7.1")
+    par("kmeans_counts_overlong", "group 1's count 4 written 84 00", BT, LK, put_at("counts", 1, b"\x84\x00"),
+        "§7.S.2")
+    g2 = np.arange(12).reshape(3, 4) % 4
+    t2 = kmeans_t("k", "float32", (6, 4), [(np.arange(8).reshape(2, 4) % 3, [-1.0, 0.0, 1.0]),
+                                           (np.zeros((1, 4), dtype=int), [0.25]),
+                                           (g2 + (g2 >= 1), [-2.0, -1.0, -0.5, 0.5, 2.0])])
+    assert unleb128(t2.record["params"]["counts"][2]) == [3, 0, 3, 3, 3]
+    with_t("kmeans_counts_zero", "group 2's counts [3, 0, 3, 3, 3]: stored value -1.0 unused (codebook stream "
+           "and symbols consistent)", "§7.7.1", LK, t2, BT)
+    chunks_x("kmeans_codebook_short", "the codebook stream 2 bytes short", payload(LK, 0, 0, lambda b: b[:-2]))
+    chunks_x("kmeans_chunk_for_single_value_group", "a chunk in the stream of group 1 (K = 1)",
+             lambda ts: ts[LK].chunks.insert(len(stream_of(ts[LK], 0)) + len(stream_of(ts[LK], 1)),
+                                             Chunk(b"\0" * 4, stream=2, item_count=4)))
+    chunks_x("kmeans_stream_past_groups", "a chunk in stream 1 + G", lambda ts: ts[LK].chunks.append(
+        Chunk(b"\0" * 4, stream=4, item_count=1)))
+
+    def swap_groups(ts):
+        t = ts[LK]
+        t.chunks = stream_of(t, 0) + stream_of(t, 3) + stream_of(t, 1)
+    chunks_x("kmeans_group_streams_out_of_order", "group 2's chunk before group 0's", swap_groups)
+    chunks_x("kmeans_rc_append_word", "group 2's payload with one more word (0): not canonical",
+             payload(LK, 3, 0, lambda b: b + b"\0" * 4), BP, "§7.S.4 §8.5")
+    chunks_x("kmeans_codebook_nan", "group 2's third value is NaN (0x7e00)", set_value(LK, 6, 0x7E00), BP, "§7.S.3")
+    chunks_x("kmeans_codebook_not_increasing", "group 0's codebook (-1, 0, -0.5)", set_value(LK, 2, 0xB800), BP,
+             "§7.7.2")
+
+    # --- pq
+    par("pq_missing_dim", "pq params without 'dim'", BTR, LP, pop("dim"))
+    par("pq_missing_counts", "pq params without 'counts'", BTR, LP, pop("counts"))
+    par("pq_unknown_key", "pq params with an unknown key 'k'", BTR, LP, put("k", 5))
+    par("pq_dim_float", "dim is 4.0", BTR, LP, put("dim", 4.0))
+    par("pq_dim_bool", "dim is true", BTR, LP, put("dim", True))
+    par("pq_counts_array", "counts is an array of one bin", BTR, LP, lambda p: p.update(counts=[p["counts"]]))
+    par("pq_precision_int", "precision is nil", BTR, LP, put("precision", None))
+    rec("pq_int_dtype", "pq with dtype int16", BTR, LP, lambda r: r.update(dtype="int16"))
+    rec("pq_0d", "pq on a 0-d tensor", BTR, LP, lambda r: r.update(shape=[]))
+    rec("pq_empty_tensor", "pq tensor with 0 elements (shape [0, 10])", BTR, LP, lambda r: r.update(shape=[0, 10]))
+    par("pq_precision_unknown", "precision 'half'", BTR, LP, put("precision", "half"))
+    par("pq_dim_0", "dim 0", BTR, LP, put("dim", 0))
+    par("pq_dim_negative", "dim -4", BTR, LP, put("dim", -4))
+    par("pq_dim_over_m", "dim 11 for m = 10", BTR, LP, put("dim", 11))
+    with_t("pq_dim_257", "dim 257 for m = 300 (over §12's 256; one codeword, consistent otherwise)",
+           "§7.8.1 §12", LP, pq_t("p", "float32", (1, 300), np.zeros((1, 2), dtype=int),
+                                   np.ones((1, 257)), check=False), BTR)
+    cp = unleb128(lineage_base()[LP].record["params"]["counts"])
+    par("pq_counts_sum_n_times_m", "counts adding up to n x m / d = 10 (rounding down) instead of n x s = 12 "
+        "(codeword 2's count 4 -> 2)", BT,
+        LP, put("counts", leb128([c - 2 if j == 2 else c for j, c in enumerate(cp)])), "§7.8.1")
+    tp = lineage_base()[LP]
+    sp = np.array([[0, 1, 2], [3, 4, 2], [1, 0, 2], [4, 3, 2]])
+    books = np.frombuffer(stream_of(tp, 0)[0].payload, "<f2").reshape(5, 4).astype(np.float64)
+    t3 = pq_t("p", "float32", (4, 10), sp + (sp >= 3), np.concatenate([books[:3], [[7.0, 7.0, 7.0, 7.0]], books[3:]]),
+              check=False)
+    assert unleb128(t3.record["params"]["counts"]) == [2, 2, 4, 0, 2, 2]
+    with_t("pq_counts_zero", "counts [2, 2, 4, 0, 2, 2]: codeword 3 stored but unused (stream and symbols "
+           "consistent)", "§7.8.1", LP, t3, BT)
+    chunks_x("pq_codebook_long", "the codebook stream 8 bytes long", payload(LP, 0, 0, lambda b: b + b"\0" * 8))
+    chunks_x("pq_symbols_more", "the symbol stream codes 13 symbols for n x s = 12",
+             lambda ts: ts[LP].chunks.__setitem__(1, recode(ts[LP], 1, [0, 1, 2, 3, 4, 2, 1, 0, 2, 4, 3, 2, 2], cp)))
+    chunks_x("pq_codeword_nan_unused_component", "codeword 2 (used only by the short last sub-vectors) holds NaN in "
+             "component 3, which is never reconstructed: every stored value must be finite",
+             set_value(LP, 2 * 4 + 3, 0x7E00), BP, "§7.S.3 §7.8.2")
+    chunks_x("pq_codeword_inf", "codeword 0 component 0 is -inf", set_value(LP, 0, 0xFC00), BP, "§7.S.3")
+
+    # --- dither
+    for k in ("step", "seed", "q_min", "counts"):
+        par(f"dither_missing_{k}", f"dither params without '{k}'", BTR, LS, pop(k))
+    par("dither_unknown_key", "dither params with an unknown key 'dither'", BTR, LS, put("dither", "splitmix64"))
+    par("dither_seed_float", "seed is 11.0", BTR, LS, put("seed", 11.0))
+    par("dither_seed_bool", "seed is true", BTR, LS, put("seed", True))
+    par("dither_step_float", "step is -5.0", BTR, LS, put("step", -5.0))
+    par("dither_q_min_not_array", "q_min is an integer", BTR, LS, lambda p: p.update(q_min=p["q_min"][0]))
+    par("dither_q_min_float_element", "q_min [-7.0]", BTR, LS, lambda p: p.update(q_min=[float(p["q_min"][0])]))
+    par("dither_counts_str_element", "counts ['...'] (a string element)", BTR, LS, put("counts", ["\x01"]))
+    par("dither_counts_bin", "counts is a bin, not an array of bins", BTR, LS, lambda p: p.update(counts=p["counts"][0]))
+    par("dither_lattice_int", "lattice is the integer 2", BTR, LX, put("lattice", 2))
+    rec("dither_int_dtype", "dither with dtype int64", BTR, LS, lambda r: r.update(dtype="int64"))
+    rec("dither_empty_tensor", "dither tensor with 0 elements (shape [5, 0])", BTR, LS, lambda r: r.update(shape=[5, 0]))
+    par("dither_lattice_unknown", "lattice 'A2'", BTR, LX, put("lattice", "A2"))
+    par("dither_seed_negative", "seed -1", BTR, LS, put("seed", -1))
+    par("dither_seed_i64_min", "seed -2^63", BTR, LS, put("seed", -2**63))
+    par("dither_scalar_two_streams", "lattice scalar with q_min and counts of 2 entries (hex's second copied)", BTR,
+        LS, lambda p: (p["q_min"].append(p["q_min"][0]), p["counts"].append(p["counts"][0])))
+    par("dither_hex_one_stream", "lattice hex with q_min and counts of 1 entry", BTR, LX,
+        lambda p: (p["q_min"].pop(), p["counts"].pop()))
+    par("dither_q_min_length_mismatch", "lattice hex with 2 counts but 1 q_min", BTR, LX, lambda p: p["q_min"].pop())
+    par("dither_hex_lattice_missing", "hex coordinates (2 streams) without the lattice key (default scalar)", BTR,
+        LX, pop("lattice"))
+    for label, v in (("below", -161), ("above", 104)):
+        par(f"dither_step_code_{label}", f"step code {v}", "BAD_STEP", LS, put("step", v), "§7.1 §7.9.1")
+    cs = unleb128(lineage_base()[LS].record["params"]["counts"][0])
+    cx = [unleb128(b) for b in lineage_base()[LX].record["params"]["counts"]]
+    par("dither_counts_zero_first", "counts with a 0 first (q_min one lower)", BT, LS,
+        lambda p: p.update(counts=[leb128([0] + cs)], q_min=[p["q_min"][0] - 1]))
+    par("dither_counts_zero_last", "hex stream 1's counts with a 0 last", BT, LX,
+        put_at("counts", 1, leb128(cx[1] + [0])))
+    par("dither_hex_counts_sum_numel", "hex stream 0's counts adding up to numel = 15 instead of P = 8", BT, LX,
+        put_at("counts", 0, leb128(cx[0][:-1] + [cx[0][-1] + 7])), "§7.9.1")
+    par("dither_counts_overlong", "a count written in two bytes (xx 00)", BT, LS,
+        put("counts", [bytes([cs[0] | 0x80, 0]) + leb128(cs[1:])]), "§7.S.2")
+    par("dither_q_min_below_limit", "q_min [-2^20 - 1]", LE, LS, put("q_min", [-(1 << 20) - 1]), "§7.9.1 §12")
+    par("dither_q_max_above_limit", "hex stream 1: q_min + A - 1 = 2^20 + 1", LE, LX,
+        put_at("q_min", 1, (1 << 20) + 2 - len(cx[1])), "§7.9.1 §12")
+    chunks_x("dither_hex_stream_1_missing", "hex without its stream 1 chunk",
+             lambda ts: ts[LX].chunks.pop())
+    chunks_x("dither_scalar_stream_1_chunk", "a chunk in stream 1 of a scalar dither tensor",
+             lambda ts: ts[LS].chunks.append(Chunk(b"\0" * 4, stream=1, item_count=30)))
+    chunks_x("dither_symbols_fewer", "the scalar stream codes 29 of its 30 symbols",
+             lambda ts: ts[LS].chunks.__setitem__(0, recode(ts[LS], 0, [1] * 29, cs)))
+    chunks_x("dither_rc_seal_plus_1", "hex stream 0's seal word + 1 (not canonical)", payload(
+        LX, 0, 0, lambda p: p[:-4] + struct.pack("<I", (struct.unpack("<I", p[-4:])[0] + 1) & 0xFFFFFFFF)),
+        BP, "§7.S.4 §8.5")
+
+    def other_counts(ts):
+        p = ts[LS].record["params"]
+        c = list(cs)
+        d = 1 if c[-1] > 1 else -1
+        p["counts"] = [leb128([c[0] + d] + c[1:-1] + [c[-1] - d])]
+    chunks_x("dither_rc_other_counts", "counts replaced by other valid counts (same A and sum); payload coded with "
+             "the first table", other_counts, BP, "§7.S.2 §8.5")
+
+
 # --- the invalid vectors ---------------------------------------------------------------------------
 
 def base_tensors():
@@ -1847,8 +2597,10 @@ def make_invalid(out: Out):
 README_HEAD = """# .tqz conformance vectors
 
 Test files for decoders of the `.tqz` format, spec version {ver} ([`spec/tqz.md`](../spec/tqz.md), its §8
-[`spec/range-coder.md`](../spec/range-coder.md) and its §7.5 [`spec/mode-tq.md`](../spec/mode-tq.md), mode `tq`,
-added in 1.1). Files with a `tq` tensor have header Minor_Version 1; every other vector is a 1.0 file.
+[`spec/range-coder.md`](../spec/range-coder.md), its §7.5 [`spec/mode-tq.md`](../spec/mode-tq.md), mode `tq`,
+added in 1.1, and its §7.6-§7.9 [`spec/mode-lineage.md`](../spec/mode-lineage.md), modes `ecsq`, `kmeans`, `pq`
+and `dither`, added in 1.2). Files with a tensor in one of the 1.2 modes have header Minor_Version 2, other
+files with a `tq` tensor Minor_Version 1; every other vector is a 1.0 file.
 
 **Generated file**: this README's tables are written by `conformance/make_vectors.py` from the
 `vector.json` files; do not edit them by hand.
@@ -1873,8 +2625,9 @@ added in 1.1). Files with a `tq` tensor have header Minor_Version 1; every other
   may refuse as over its own resource limits (spec §12, last paragraph), as FLAC's test bench has
   files a decoder may refuse but must refuse cleanly. A decoder passes by decoding them exactly or by
   rejecting them with exactly that code.
-- `fixtures/v1.0/NAME/`, `fixtures/v1.1/NAME/`: files written once by the encoder of that format
-  version (tqcodec 0.1.0; v1.1: `tq` files), with their decoded tensors. They are never regenerated (`make_vectors.py --init-fixtures` refuses to overwrite); every
+- `fixtures/v1.0/NAME/`, `fixtures/v1.1/NAME/`, `fixtures/v1.2/NAME/`: files written once by the encoder
+  of that format version (tqcodec 0.1.0; v1.1: `tq` files; v1.2: `ecsq`, `kmeans`, `pq`, `dither` and
+  mode `auto` files), with their decoded tensors. They are never regenerated (`make_vectors.py --init-fixtures` refuses to overwrite); every
   later version must decode them identically. `vector.json` holds the SHA-256 of `in.tqz`.
 - `craft.py`: field-by-field builder of .tqz files used by `make_vectors.py`; `run.py`: the runner.
 
@@ -1919,15 +2672,18 @@ checks only what it reads), and a different code there is reported as a note, no
 rewrites `valid/`, `invalid/`, `may_reject/` and this README (deterministically: twice gives identical bytes;
 `tests/test_conformance.py` checks this). Bytes that depend on a library: zstd frames made by the
 `zstandard` package and the `tqz.encoder` metadata (tqcodec's version) of the `encoder_*` vectors,
-and the whole of `encoder_tq_*` (tqcodec's tq encoder and `tqcodec.calibrate`, float arithmetic in torch).
+the whole of `encoder_tq_*` (tqcodec's tq encoder and `tqcodec.calibrate`, float arithmetic in torch), and
+the whole of `encoder_ecsq`, `encoder_kmeans`, `encoder_pq`, `encoder_dither` and `encoder_auto_bits3`
+(`tqcodec.lineage`'s encoders, float arithmetic in numpy).
 A changed vector must be reviewed, never just regenerated to make a test pass. Fixtures are made once
 per format version with `--init-fixtures`. To add a vector, add it to `make_valid`, `make_tq_valid`,
-`make_invalid`, `make_tq_invalid` or `make_resource_limits` in `make_vectors.py`; the expected tensors of
-every valid vector are checked against `make_vectors.py`'s own small spec decoder (plain-Python range
-decoder of §8.4, §8.6 tables from `tq` counts, `tq` transform sums by `math.fsum`) when written, and a
+`make_lineage_valid`, `make_invalid`, `make_tq_invalid`, `make_lineage_invalid` or `make_resource_limits` in
+`make_vectors.py`; the expected tensors of every valid vector are checked against `make_vectors.py`'s own
+small spec decoder (plain-Python range decoder of §8.4, §8.6 tables from counts, `tq` transform sums by
+`math.fsum`, SplitMix64 and the dither arithmetic of §7.9.3 in Python integers and floats) when written, and a
 warning is printed if tqcodec decodes one differently (outside the tolerance, for `tq` transforms).
 
-Not covered by vectors: `RESERVED_NONZERO` (v1.0 and 1.1 have no reserved field, see `SPEC_ISSUES.md`);
+Not covered by vectors: `RESERVED_NONZERO` (v1.0, 1.1 and 1.2 have no reserved field, see `SPEC_ISSUES.md`);
 files that only a decoder with huge memory could decode (e.g. a constant tensor of 2^36 elements):
 their expected output cannot be stored here. Open questions found while writing the vectors are in
 [`SPEC_ISSUES.md`](SPEC_ISSUES.md).
@@ -2003,7 +2759,24 @@ def fixtures_v1_1():
     return items
 
 
-FIXTURES = {"1.0": fixtures_v1_0, "1.1": fixtures_v1_1}
+def fixtures_v1_2():
+    """fixtures/v1.2: modes ecsq, kmeans, pq, dither and mode auto files written by tqcodec's encoder
+    (format 1.2)."""
+    items = []
+    for i, (mode, bits) in enumerate((("ecsq", 3.0), ("kmeans", 3.0), ("pq", 2.0), ("dither", 4.0))):
+        items.append((f"{mode}_bits{bits:g}", f"mode {mode}, bits {bits:g} per tensor, small model with "
+                      "float16/bfloat16/float64 and integer tensors", model_state(40 + i),
+                      {"mode": mode, "bits": bits}))
+    sd, _ = tiny_state(44, False)
+    items.append(("auto_bits2", "mode auto, bits 2 (tq or a lineage mode per tensor by D + lam R), no "
+                  "statistics, tiny conv+MLP model", sd, {"mode": "auto", "bits": 2.0}))
+    sd, st = tiny_state(45, True)
+    items.append(("ecsq_stats_snr30", "mode ecsq with calibration statistics (importance weighting), snr_db "
+                  "30, tiny conv+MLP model", sd, {"mode": "ecsq", "snr_db": 30.0, "stats": st}))
+    return items
+
+
+FIXTURES = {"1.0": fixtures_v1_0, "1.1": fixtures_v1_1, "1.2": fixtures_v1_2}
 
 
 def init_fixtures(root: Path) -> None:
@@ -2029,7 +2802,9 @@ def init_fixtures(root: Path) -> None:
         assert not bounds, f"fixture {name}: a float16 transform (not bit-exact); fixtures must be exact"
         assert expected == expected_from_tqcodec(data), f"fixture {name}: tqcodec and the spec decoder disagree"
         write_safetensors(expected, d / "expected.safetensors")
-        info = {"what": what, "spec": "§7.5" if opts.get("mode") == "tq" else "§7", "tolerance": 0, "encoder": f"tqcodec {tqcodec.__version__}",
+        spec = {"tq": "§7.5", "ecsq": "§7.6", "kmeans": "§7.7", "pq": "§7.8", "dither": "§7.9",
+                "auto": "§7.5-§7.9"}.get(opts.get("mode"), "§7")
+        info = {"what": what, "spec": spec, "tolerance": 0, "encoder": f"tqcodec {tqcodec.__version__}",
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "dtype notes": "expected tensors computed by make_vectors.py's own spec decoder and equal to "
                                "tqcodec's decode when written; bit-exact"}
@@ -2069,6 +2844,8 @@ def generate(root: Path, fixtures_root: Path) -> tuple[int, int, int]:
     make_tq_valid(out)
     make_invalid(out)
     make_tq_invalid(out)
+    make_lineage_valid(out)
+    make_lineage_invalid(out)
     make_resource_limits(out)
     write_readme(root, fixtures_root)
     return tuple(len(list((root / g).iterdir())) if (root / g).is_dir() else 0 for g in ("valid", "invalid", "may_reject"))

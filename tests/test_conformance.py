@@ -161,22 +161,26 @@ def _manifest_and_minor(folder):
     return manifest, struct.unpack_from("<H", data, 10)[0]
 
 
-def test_tq_files_are_version_1_1():
-    """Spec §13: a file with a tq tensor (mode added in 1.1) declares Minor_Version 1; the vectors of
-    1.0 features stay 1.0 files (except the one testing a future minor version)."""
-    seen = 0
+def test_files_declare_the_lowest_minor_version_they_need():
+    """Spec §13: a file declares the lowest minor version defining every mode it uses: 2 with an
+    ecsq/kmeans/pq/dither tensor (1.2), else 1 with a tq tensor (1.1), else 0 (except the vector
+    testing a future minor version). Fixtures of each version say that version."""
+    lineage = {"ecsq", "kmeans", "pq", "dither"}
+    seen = {0: 0, 1: 0, 2: 0}
     for group, folder, _ in VECTORS:
         if group == "invalid":
             continue
         manifest, minor = _manifest_and_minor(folder)
-        has_tq = any(r["mode"] == "tq" for r in manifest["tensors"])
-        seen += has_tq
+        modes = {r["mode"] for r in manifest["tensors"]}
+        want = 2 if modes & lineage else 1 if "tq" in modes else 0
         if folder.name != "future_minor_and_optional_features":
-            assert minor == (1 if has_tq else 0), (folder, minor)
-    assert seen >= 20
-    for folder in sorted((CONF / "fixtures" / "v1.1").glob("*")):
-        manifest, minor = _manifest_and_minor(folder)
-        assert minor == 1 and any(r["mode"] == "tq" for r in manifest["tensors"]), folder
+            assert minor == want, (folder, minor)
+            seen[want] += 1
+    assert seen[1] >= 20 and seen[2] >= 20 and seen[0] >= 20
+    for version, minor in (("v1.1", 1), ("v1.2", 2)):
+        for folder in sorted((CONF / "fixtures" / version).glob("*")):
+            manifest, got = _manifest_and_minor(folder)
+            assert got == minor, folder
 
 
 def test_tolerance_vectors_have_per_element_bounds():

@@ -329,3 +329,84 @@ def test_cli_tq_scope_tensor_jobs(hf_src, tmp_path):
     assert a.read_bytes() == b.read_bytes()
     res = runner.invoke(app, ["encode", str(hf_src), "-o", str(a), "--tq-scope", "layer", "-f"])
     assert res.exit_code == 1 and "BAD_OPTION" in res.output
+
+
+def _toy_stats(sd: dict[str, torch.Tensor]) -> "tqcodec.Stats":
+    """Statistics for the toy model's matrices from random activations (as for a non-torch model)."""
+    g = torch.Generator().manual_seed(3)
+    samples = {n: torch.randn(256, t.shape[1], generator=g) * torch.linspace(0.1, 2.0, t.shape[1])
+               for n, t in sd.items() if n.endswith((".attn.weight", ".mlp.weight"))}
+    return tqcodec.Stats.from_activations(samples)
+
+
+def test_stats_open_reads_one_layer_at_a_time(tmp_path, monkeypatch):
+    """Stats.open reads nothing but the metadata up front; a lookup reads that tensor's arrays
+    only; the streaming encoder sends each task one layer's statistics, with the same bytes as
+    eagerly loaded statistics and for every N of jobs."""
+    from safetensors import safe_open
+
+    sd = {k: v for k, v in toy_model().items()}
+    path = tmp_path / "stats.safetensors"
+    _toy_stats(sd).save(str(path))
+    lazy = tqcodec.Stats.open(str(path))
+    eager = tqcodec.Stats.load(str(path))
+    assert sorted(lazy.tensors) == sorted(eager.tensors) and lazy.gains() == eager.gains()
+    import numpy as np
+    np.testing.assert_array_equal(lazy.tensors["layers.1.mlp.weight"].h, eager.tensors["layers.1.mlp.weight"].h)
+    one = lazy.subset(["layers.0.attn.weight", "not.there"])
+    assert list(one.tensors) == ["layers.0.attn.weight"] and isinstance(one.tensors, dict)
+    sent = []
+    real = parallel._options_for
+
+    def spy(name, opts):
+        out = real(name, opts)
+        sent.append(len(out.stats.tensors))
+        return out
+    monkeypatch.setattr(parallel, "_options_for", spy)
+    kw = dict(mode="tq", bits=4, tq_scope="tensor")
+    a = api.encode_bytes(sd, stats=lazy, **kw)
+    assert sent and max(sent) <= 1  # no task carries more than its own layer's statistics
+    assert api.encode_bytes(sd, stats=eager, **kw) == a
+    assert api.encode_bytes(sd, stats=lazy, jobs=2, **kw) == a
+    path.write_bytes(b"damaged")  # the file changes after it was opened: a clear error
+    with pytest.raises(TqzError, match="statistics"):
+        api.encode_bytes(sd, stats=lazy, **kw)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_uniform_blocks_give_the_same_bytes(granularity, monkeypatch):
+    """encode_storage converts the storage block by block; blocks of any size give the bytes of
+    the whole-array encoder."""
+    import numpy as np
+    from tqcodec.dtypes import storage_to_float64, tensor_to_storage
+    from tqcodec.modes import uniform
+
+    g = torch.Generator().manual_seed(4)
+    t = (torch.randn(37, 53, generator=g) * torch.linspace(0.01, 3.0, 53)).to(torch.bfloat16)
+    dtype, arr = tensor_to_storage(t)
+    whole = uniform.encode(storage_to_float64(dtype, arr), dtype, granularity, 30.0)
+    monkeypatch.setattr(uniform, "BLOCK_ELEMENTS", 100)  # rows of 53: one or two rows a block
+    assert uniform.encode_storage(arr, dtype, granularity, 30.0) == whole
+    monkeypatch.setattr(uniform, "CHUNK_SYMBOLS", 257)  # chunks cut across blocks
+    params, streams = uniform.encode_storage(arr, dtype, granularity, 30.0)
+    assert params == whole[0]
+    assert [c[0] for c in streams[0]] == [257] * 7 + [37 * 53 - 7 * 257]
+    rec = TensorRecord("w", dtype, tuple(t.shape), "uniform", params)
+    want = uniform.decode(TensorRecord("w", dtype, tuple(t.shape), "uniform", whole[0]), whole[1])
+    np.testing.assert_array_equal(uniform.decode(rec, streams), want)
+
+
+def test_uniform_encode_memory_is_bounded_by_blocks():
+    """A 64 MiB bfloat16 tensor encodes in uniform mode with far less traced memory than one
+    float64 copy of it (512 MiB)."""
+    import tracemalloc
+
+    t = torch.randn(8192, 4096, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    tracemalloc.start()
+    try:
+        data = api.encode_bytes({"w": t}, snr_db=20.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 << 20, peak
+    assert tqcodec.open(data).info("w").mode == "uniform"

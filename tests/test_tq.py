@@ -372,3 +372,101 @@ def test_info_plot_draws_the_bit_depth_map(tmp_path):
     result = CliRunner().invoke(app, ["info", str(path), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- transform choice (encoder: tqcodec.tq.encoder.choose_transforms) ---------------------------
+
+def _tall(correlated: bool, n: int = 4096, m: int = 32, rank: int = 32, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    if not correlated:
+        return torch.tensor(rng.standard_normal((n, m)), dtype=torch.float32)
+    z = rng.standard_normal((n, m)) * (0.5 ** (np.arange(m) / 3))
+    z[:, rank:] = 0.0
+    q, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    return torch.tensor(z @ q.T, dtype=torch.float32)
+
+
+def _rel_err(data: bytes, name: str, t: torch.Tensor) -> float:
+    out = tqcodec.load(data)[name]
+    return float(((out - t) ** 2).sum() / (t ** 2).sum())
+
+
+def test_transform_chosen_where_it_pays_for_its_bytes(monkeypatch):
+    """A tall matrix with correlated columns gets the weight KLT (data-free): at the same file
+    size its error is far below the identity's; i.i.d. columns keep the identity."""
+    import tqcodec.tq.encoder as enc
+    w = _tall(True)
+    with_t = tqcodec.encode_bytes({"w": w}, mode="tq", bits=2.0)
+    assert tqcodec.open(with_t).info("w").params.get("transform") == "float16"
+    monkeypatch.setattr(enc, "TRANSFORM_MIN_RATIO", 10 ** 9)  # no transform offered
+    without = tqcodec.encode_bytes({"w": w}, mode="tq", bits=2.0)
+    assert "transform" not in tqcodec.open(without).info("w").params
+    assert abs(len(with_t) / len(without) - 1) < 0.03
+    assert _rel_err(with_t, "w", w) < 0.1 * _rel_err(without, "w", w)
+    monkeypatch.undo()
+    iid = tqcodec.encode_bytes({"w": _tall(False)}, mode="tq", bits=2.0)
+    assert "transform" not in tqcodec.open(iid).info("w").params
+
+
+def test_transform_drops_components_of_a_low_rank_matrix():
+    """Rank 6 of 32: coefficient bands past the rank quantize to zero and are left out with their
+    columns of S (k < m: dimensionality reduction)."""
+    w = _tall(True, rank=6, seed=1)
+    data = tqcodec.encode_bytes({"w": w}, mode="tq", bits=1.0)
+    p = tqcodec.open(data).info("w").params
+    assert p.get("transform") == "float16"
+    assert sum(p["band_rows"]) < 32
+    assert _rel_err(data, "w", w) < 1e-2
+
+
+def test_activation_aware_transform_with_statistics():
+    """With calibration statistics a tall layer is offered the activation-aware transform; the
+    file keeps its size target and the output error is below the identity's."""
+    torch.manual_seed(7)
+    lin = nn.Linear(16, 1024, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(_tall(True, n=1024, m=16, seed=2))
+    x = torch.randn(512, 16) @ torch.diag(torch.linspace(0.2, 3.0, 16))
+    st = tqcodec.calibrate(lin, [x], sensitivity=False)
+    data = tqcodec.encode_bytes(lin.state_dict(), mode="tq", stats=st, bits=2.0)
+    assert tqcodec.open(data).info("weight").params.get("transform") == "float16"
+    assert abs(8 * len(data) / lin.weight.numel() / 2.0 - 1) < 0.03
+    out = tqcodec.load(data)["weight"]
+    err = float(((x @ (out - lin.weight.detach()).T) ** 2).mean())
+    import tqcodec.tq.encoder as enc
+    saved, enc.TRANSFORM_MIN_RATIO = enc.TRANSFORM_MIN_RATIO, 10 ** 9
+    try:
+        ident = tqcodec.load(tqcodec.encode_bytes(lin.state_dict(), mode="tq", stats=st, bits=2.0))["weight"]
+    finally:
+        enc.TRANSFORM_MIN_RATIO = saved
+    err_ident = float(((x @ (ident - lin.weight.detach()).T) ** 2).mean())
+    assert err < 0.5 * err_ident
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(1000, 32)
+        self.pos = nn.Parameter(torch.randn(16, 32) * 0.1)  # a position table: no statistics
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids) + self.pos[: ids.shape[1]])
+
+
+def test_embedding_rows_follow_token_frequency_and_unmeasured_tensors_stay_accurate():
+    """Rows of tokens the calibration used often are reconstructed more finely than rows never
+    seen; a tensor without statistics (position table) still comes back close."""
+    torch.manual_seed(8)
+    m = _Tokens().eval()
+    ids = torch.randint(0, 40, (64, 16))  # only tokens 0..39 occur
+    st = tqcodec.calibrate(m, [ids[i:i + 16] for i in range(0, 64, 16)])
+    assert "pos" in st and st.get("pos").kind == "plain"
+    del st.tensors["pos"]  # as for a tensor the calibration could not measure
+    sd = m.state_dict()
+    data = tqcodec.encode_bytes(sd, stats=st, bits=3.0)
+    dec = tqcodec.load(data)
+    err = (dec["emb.weight"] - sd["emb.weight"]).pow(2).mean(dim=1)
+    assert float(err[:40].mean()) < 0.25 * float(err[200:].mean())
+    rel_pos = float((dec["pos"] - sd["pos"]).pow(2).sum() / sd["pos"].pow(2).sum())
+    assert rel_pos < 1e-2

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__ as _version
 from . import modes, remote
-from .dtypes import FLOAT_NAMES, name_of_torch, storage_to_float64, storage_to_tensor, tensor_to_storage
+from .dtypes import FLOAT_NAMES, all_finite, name_of_torch, storage_to_float64, storage_to_tensor, tensor_to_storage
 from .errors import TqzError, fail
 from .fileio import atomic_output, check_tensor
 from .format.container import (ContainerWriter, RandomAccessReader, TensorChunks, file_reader,
@@ -33,8 +33,10 @@ PathLike = Union[str, os.PathLike]
 Progress = Optional[Callable[[str, int, int], None]]
 """progress(tensor_name, done, total): called after each tensor."""
 
-ENCODE_MODES = ("auto", "raw", "uniform", "tq")
+LINEAGE_MODES = ("ecsq", "kmeans", "pq", "dither")  # spec §7.6-§7.9; encoders in tqcodec.lineage
+ENCODE_MODES = ("auto", "raw", "uniform", "tq") + LINEAGE_MODES
 MIN_UNIFORM_ELEMENTS = 256  # smaller float tensors: raw (side data would outweigh the gain)
+AUTO_BITS_TOLERANCE = 0.03  # mode auto with bits: a file with other modes in it must land this close, else tq alone
 
 
 # --- decoding -----------------------------------------------------------------------------------
@@ -308,7 +310,13 @@ class EncodeOptions:
     """What ``save`` does with each tensor.
 
     mode: ``auto`` (uniform for float tensors of >= 2 dims and >= 256 elements, raw for the
-    rest), ``raw`` (everything exact) or ``uniform`` (every finite float tensor).
+    rest; with stats, bits or quality: tq, and per tensor of >= 2 dims and >= 256 elements
+    whichever of tq, ecsq, kmeans, pq, dither has the least D + lam R at tq's multiplier),
+    ``raw`` (everything exact), ``uniform`` (every finite float tensor), ``tq``, or one of
+    ``ecsq``, ``kmeans``, ``pq``, ``dither`` (spec §7.6-§7.9: float tensors of >= 2 dims and
+    >= 256 elements in that mode, the rest as ``auto`` without statistics; ``bits`` is then each
+    tensor's own bits per weight, else ``quality`` or ``snr_db`` a weighted SNR target; stats
+    weigh each weight by its input's second moment).
     lossless: everything exact (same as mode ``raw``).
     snr_db: weight signal-to-quantization-noise ratio each uniform step aims at.
     granularity: ``channel`` (one step per output channel) or ``tensor``.
@@ -333,7 +341,7 @@ class EncodeOptions:
     @property
     def uses_tq(self) -> bool:
         """Mode ``tq`` explicitly, or ``auto`` with stats, bits or quality given."""
-        if self.lossless or self.mode in ("raw", "uniform"):
+        if self.lossless or self.mode in ("raw", "uniform") + LINEAGE_MODES:
             return False
         return self.mode == "tq" or any(v is not None for v in (self.stats, self.bits, self.quality))
 
@@ -369,16 +377,28 @@ def _encode_raw(arr: np.ndarray) -> tuple[dict, list]:
     return params, streams
 
 
+def _encode_lineage(name: str, dtype: str, values: np.ndarray, opts: EncodeOptions) -> tuple[str, dict, list]:
+    """Modes ecsq, kmeans, pq, dither (spec §7.6-§7.9) for one finite float tensor."""
+    from .lineage import encode_tensor
+    snr = opts.quality if opts.quality is not None else opts.snr_db
+    res = encode_tensor(opts.mode, name, values, dtype, opts.stats, bits=opts.bits, snr_db=snr)
+    return res.mode, res.params, res.streams
+
+
 def _encode_one(name: str, t: torch.Tensor, opts: EncodeOptions) -> tuple[str, dict, list]:
     dtype, arr = tensor_to_storage(t)
+    if (opts.mode in LINEAGE_MODES and not opts.lossless and dtype in FLOAT_NAMES and arr.ndim >= 2
+            and arr.size >= MIN_UNIFORM_ELEMENTS):
+        values = storage_to_float64(dtype, arr)
+        if np.isfinite(values).all():
+            return _encode_lineage(name, dtype, values, opts)
     use_uniform = (not opts.lossless and opts.mode != "raw" and dtype in FLOAT_NAMES and arr.size >= 1
                    and (opts.mode == "uniform" or (arr.ndim >= 2 and arr.size >= MIN_UNIFORM_ELEMENTS)))
     if use_uniform:
-        values = storage_to_float64(dtype, arr)
-        if not np.isfinite(values).all():
+        if not all_finite(dtype, arr):
             warnings.warn(f"{name}: NaN or infinite values, stored exactly (raw)", stacklevel=3)
-        else:
-            params, streams = uniform.encode(values, dtype, opts.granularity, opts.snr_db)
+        else:  # block by block: bounded memory however large the tensor
+            params, streams = uniform.encode_storage(arr, dtype, opts.granularity, opts.snr_db)
             return "uniform", params, streams
     params, streams = _encode_raw(arr)
     return "raw", params, streams
@@ -468,8 +488,9 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
 
 
 def _encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
-               size_of: Callable[[Mapping[str, tuple[str, dict, list]]], int]) -> dict:
-    """Mode tq (spec §7.5) for the tensors it takes (the rest: data-free path of ``_encode_one``)."""
+               size_of: Callable[[Mapping[str, tuple[str, dict, list]]], int], transforms: bool = True) -> dict:
+    """Mode tq (spec §7.5) for the tensors it takes (the rest: data-free path of ``_encode_one``).
+    ``transforms``: offer transforms (off for row blocks of one tensor, which share no S)."""
     from .tq.encoder import Item, encode_model
 
     seen: set = set()
@@ -487,8 +508,17 @@ def _encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
             values = storage_to_float64(dtype, arr)
             if np.isfinite(values).all():
                 tq_items.append(Item(name, dtype, values))
+    if opts.mode == "auto":  # mode auto: per tensor, tq or a lineage mode by D + lam R (tqcodec.lineage.select)
+        from .lineage.select import chooser_for
+        enc = encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
+                           size_of=size_of, alternatives=chooser_for(tq_items, opts.stats), transforms=transforms)
+        if opts.bits is None or all(m == "tq" for m, _, _ in enc.values()):
+            return enc
+        if abs(8.0 * size_of(enc) / (opts.bits * max(total, 1)) - 1.0) <= AUTO_BITS_TOLERANCE:
+            return enc
+        # the other modes' coarser rate steps kept the file off its bits target: tq alone meets it
     return encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
-                        size_of=size_of)
+                        size_of=size_of, transforms=transforms)
 
 
 def encode_bytes(tensors: Mapping[str, torch.Tensor], **options: Any) -> bytes:

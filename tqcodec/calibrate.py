@@ -44,12 +44,58 @@ class TensorStats:
     mean: Optional[np.ndarray] = None  # E[x] per group, [groups, d] (bias correction)
 
 
+class _StatsFile(Mapping):
+    """Read-only ``{weight name: TensorStats}`` over a file written by :meth:`Stats.save`: each
+    item's arrays are read when it is looked up (nothing is kept), so an encoder that works
+    tensor by tensor holds one layer's statistics at a time."""
+
+    def __init__(self, path: str, meta: dict):
+        self._path, self._meta = path, meta
+
+    def __getitem__(self, name: str) -> TensorStats:
+        from safetensors import safe_open
+
+        m = self._meta[name]
+        try:
+            with safe_open(self._path, framework="numpy") as f:
+                keys = set(f.keys())
+                arr = {k: f.get_tensor(f"{name}::{k}") if f"{name}::{k}" in keys else None
+                       for k in ("h", "counts", "mean")}
+            kind, rows, layout, gain = m["kind"], int(m["rows"]), m.get("layout", "out_in"), float(m.get("gain", 1.0))
+        except Exception as exc:  # the file changed or is damaged after it was opened
+            from .errors import fail
+            raise fail("BAD_OPTION", f"cannot read the statistics of {name!r}: {exc}", self._path) from None
+        return TensorStats(kind, arr["h"], arr["counts"], rows, layout, gain, arr["mean"])
+
+    def __iter__(self):
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def gains(self) -> list[float]:
+        return [float(m.get("gain", 1.0)) for m in self._meta.values()]
+
+
 @dataclass
 class Stats:
     """Per weight name: :class:`TensorStats`. Save/load as safetensors (no pickle)."""
 
-    tensors: dict[str, TensorStats] = field(default_factory=dict)
+    tensors: Mapping[str, TensorStats] = field(default_factory=dict)
     output_power: float = 0.0  # mean over samples of ||output||^2 (the unit of the gains' errors)
+    default_gain: Optional[float] = None  # gain for tensors without statistics (None: the largest gain)
+
+    def gains(self) -> list[float]:
+        """Every tensor's gain (without reading the arrays of a lazily opened file)."""
+        if isinstance(self.tensors, _StatsFile):
+            return self.tensors.gains()
+        return [s.gain for s in self.tensors.values()]
+
+    def subset(self, names: Iterable[str]) -> "Stats":
+        """The statistics of ``names`` only (read now), with this model's output power and the
+        largest gain of the whole model kept as ``default_gain`` for tensors without statistics."""
+        default = self.default_gain if self.default_gain is not None else max(self.gains(), default=1.0)
+        return Stats({n: self.tensors[n] for n in names if n in self.tensors}, self.output_power, default)
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
@@ -77,6 +123,16 @@ class Stats:
                 arrays[f"{name}::mean"] = np.ascontiguousarray(s.mean, dtype=np.float64)
         save_file(arrays, str(path), metadata={"tqz.stats": json.dumps(meta, sort_keys=True),
                                                "tqz.output_power": repr(float(self.output_power))})
+
+    @classmethod
+    def open(cls, path: str) -> "Stats":
+        """A file written by :meth:`save`, its arrays read only when a tensor is looked up."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            md = f.metadata() or {}
+        return cls(_StatsFile(str(path), json.loads(md.get("tqz.stats", "{}"))),
+                   float(md.get("tqz.output_power", "0.0")))
 
     @classmethod
     def load(cls, path: str) -> "Stats":
@@ -146,18 +202,29 @@ class _Acc:
         self.counts: Optional[np.ndarray] = None
         self.rows = 0
 
-    def add_rows(self, rows: torch.Tensor, cap: int) -> None:
+    def add_rows(self, rows: torch.Tensor, cap: int, cache: Optional[dict] = None,
+                 source: Optional[torch.Tensor] = None) -> None:
+        """Add ``rows`` [N, in] (up to ``cap`` rows in all), products in float64. ``cache`` (one per batch) shares
+        them between layers whose rows come from the same input tensor ``source`` (e.g. query,
+        key and value); it holds ``source`` so that its memory cannot be reused meanwhile."""
         take = min(len(rows), cap - self.rows)
         if take <= 0:
             return
-        r = rows[:take].detach().to(torch.float64).cpu().numpy()
-        g = self.groups
-        d = r.shape[1] // g
-        rg = r.reshape(len(r), g, d).transpose(1, 0, 2)  # [g, N, d]
-        part = np.matmul(rg.transpose(0, 2, 1), rg)  # BLAS, float64
-        self.h = part if self.h is None else self.h + part
-        s1 = rg.sum(axis=1)
-        self.sum = s1 if self.sum is None else self.sum + s1
+        key = None
+        if cache is not None and source is not None:
+            key = (source.data_ptr(), tuple(source.shape), tuple(source.stride()), source._version,
+                   take, self.groups)
+        hit = cache.get(key) if key is not None else None
+        part = hit[1] if hit is not None and hit[0] is source else None
+        if part is None:
+            r = rows[:take].detach().to(torch.float64)
+            g = self.groups
+            rg = r.reshape(take, g, -1).transpose(0, 1)  # [g, N, d]
+            part = (torch.bmm(rg.transpose(1, 2), rg).numpy(), rg.sum(dim=1).numpy())
+            if key is not None:
+                cache[key] = (source, part)
+        self.h = part[0].copy() if self.h is None else self.h + part[0]
+        self.sum = part[1].copy() if self.sum is None else self.sum + part[1]
         self.rows += take
 
 
@@ -193,24 +260,60 @@ def _call(module: nn.Module, x: Any) -> Any:
     return module(x)
 
 
+def _mask_of(x: Any) -> Optional[torch.Tensor]:
+    """The ``attention_mask`` [batch, tokens] of a dict batch (Hugging Face convention), if any:
+    padded positions then count neither in H nor in the output error."""
+    if isinstance(x, Mapping):
+        m = x.get("attention_mask")
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            return m != 0
+    return None
+
+
+def _select(x: torch.Tensor, mask: Optional[torch.Tensor], min_dim: int = 3) -> torch.Tensor:
+    """Rows of ``x`` [batch, tokens, ...] at unmasked positions (all rows when the shapes differ;
+    ``min_dim`` 3 for features, 2 for token ids)."""
+    if mask is not None and x.dim() >= min_dim and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    return x
+
+
+SENSITIVITY_METHODS = ("probe", "perturb")
+
+
 def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 65536,
-              sensitivity: bool = True, sensitivity_batches: int = 4, sensitivity_samples: int = 64,
-              output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+              sensitivity: bool = True, sensitivity_method: str = "probe", sensitivity_batches: int = 8,
+              sensitivity_samples: int = 64, output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
               progress: Optional[Callable[[str, int, int], None]] = None, seed: int = 0) -> Stats:
     """Collect :class:`Stats` for ``module`` over ``batches`` (items: tensor, tuple or dict).
 
-    ``max_samples`` caps the rows (tokens, pixels) accumulated per layer. With ``sensitivity``
-    each weight is perturbed once (seeded Gaussian noise) and the end-output squared error over
-    the first ``sensitivity_batches`` batches is compared with the predicted local error
-    ``tr(E H E^T)`` to get its gain (at most ``sensitivity_samples`` items of each of those
-    batches are rerun; the bias of a hooked layer takes its weight's gain, since a bias error e
-    is a local error of ||e||^2 exactly as a weight error E with ||E x|| = ||e||). ``output_fn`` maps the module's output to the tensor whose
-    error counts (default: the first tensor of the output).
+    ``max_samples`` caps the rows (tokens, pixels) accumulated per layer. A dict batch with an
+    ``attention_mask`` [batch, tokens] leaves padded tokens out of H and of the output error.
+
+    With ``sensitivity`` every float parameter gets a *gain*: end-output squared error per unit
+    of its local error (``tr(E H E^T)`` for hooked weights, ``||E||^2`` for the rest, kind
+    ``plain``; a hooked layer's bias takes its weight's gain, since a bias error e is a local
+    error of ||e||^2 exactly as a weight error E with ||E x|| = ||e||). ``sensitivity_method``:
+
+    - ``probe`` (default): on each of the first ``sensitivity_batches`` batches, one backward
+      pass of a seeded random sign probe v through the output gives every parameter's gradient
+      g of <v, output> at once; for an i.i.d. weight error of variance s^2 the expected output
+      error is s^2 E||g||^2 (Hutchinson), so gain = E||g||^2 / (local error per s^2). Costs one
+      backward per batch, whatever the number of parameters.
+    - ``perturb``: each parameter perturbed once (seeded Gaussian noise) and the end-output
+      error over the first ``sensitivity_batches`` batches (at most ``sensitivity_samples``
+      items each) compared with the predicted local error; one forward per parameter and batch.
+
+    ``output_fn`` maps the module's output to the tensor whose error counts (default: the first
+    tensor of the output).
     """
+    if sensitivity_method not in SENSITIVITY_METHODS:
+        raise ValueError(f"sensitivity_method {sensitivity_method!r} is not one of {SENSITIVITY_METHODS}")
     module.eval()
     sd_names = set(module.state_dict(keep_vars=True).keys())
     accs: dict[str, tuple[nn.Module, _Acc]] = {}
     hooks = []
+    current: dict[str, Any] = {"mask": None, "cache": {}}
     for mname, mod in module.named_modules():
         wname = f"{mname}.weight" if mname else "weight"
         if wname not in sd_names or getattr(mod, "weight", None) is None:
@@ -220,18 +323,19 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
 
             def hook(m, inp, acc=acc):
                 x = inp[0]
-                acc.add_rows(x.reshape(-1, x.shape[-1]), max_samples)
+                rows = _select(x.detach(), current["mask"]).reshape(-1, x.shape[-1])
+                acc.add_rows(rows, max_samples, current["cache"], x)
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             acc = _Acc("conv", mod.groups)
 
             def hook(m, inp, acc=acc):
-                acc.add_rows(_conv_rows(m, inp[0]), max_samples)
+                acc.add_rows(_conv_rows(m, inp[0].detach()), max_samples)
         elif isinstance(mod, nn.Embedding):
             acc = _Acc("embedding")
             acc.counts = np.zeros(mod.num_embeddings, dtype=np.float64)
 
             def hook(m, inp, acc=acc):
-                idx = inp[0].reshape(-1).cpu().numpy()
+                idx = _select(inp[0], current["mask"], 2).reshape(-1).cpu().numpy()
                 acc.counts += np.bincount(idx, minlength=len(acc.counts))
                 acc.rows += idx.size
         else:
@@ -240,19 +344,34 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
             continue
         accs[wname] = (mod, acc)
         hooks.append(mod.register_forward_pre_hook(hook))
-    kept: list[Any] = []
     fn = output_fn or _first_tensor
+    probing = sensitivity and sensitivity_method == "probe"
+    probe = _Probe(module, seed) if probing else None
+    kept: list[Any] = []
+    power: list[float] = []
     try:
-        with torch.no_grad():
-            for i, x in enumerate(batches):
+        for i, x in enumerate(batches):
+            current["mask"], current["cache"] = _mask_of(x), {}
+            with_grad = probe is not None and i < sensitivity_batches
+            with torch.set_grad_enabled(with_grad):
                 out = _call(module, x)
-                if sensitivity and i < sensitivity_batches:
+            if sensitivity and i < sensitivity_batches:
+                y = fn(out)
+                mask = current["mask"]
+                keep = mask if mask is not None and tuple(y.shape[:2]) == tuple(mask.shape) else None
+                yy = y.detach().double() if keep is None else y.detach().double()[keep]
+                power.append(float(yy.pow(2).sum()) / max(y.shape[0], 1))
+                if probe is not None:
+                    probe.add(y, keep)
+                else:
                     kept.append(_head(x, sensitivity_samples))
+            del out
     finally:
+        current["cache"] = {}
         for h in hooks:
             h.remove()
-    with torch.no_grad():  # reference outputs of the (sliced) sensitivity batches, hooks removed
-        kept = [(xs, fn(_call(module, xs)).detach().to(torch.float64)) for xs in kept]
+        if probe is not None:
+            probe.close()
     stats = Stats()
     for wname, (mod, acc) in accs.items():
         n = max(acc.rows, 1)
@@ -260,11 +379,85 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
             stats.tensors[wname] = TensorStats("embedding", None, acc.counts, acc.rows)
         elif acc.h is not None:
             stats.tensors[wname] = TensorStats(acc.kind, acc.h / n, None, acc.rows, mean=acc.sum / n)
-    if kept:
-        stats.output_power = sum(float(r.pow(2).sum()) / max(r.shape[0], 1) for _, r in kept) / len(kept)
-    if sensitivity and kept:
+    if power:
+        stats.output_power = sum(power) / len(power)
+    if probe is not None and probe.batches:
+        _gains_from_probes(module, stats, probe, set(accs), progress)
+    elif sensitivity and kept:
+        with torch.no_grad():  # reference outputs of the (sliced) sensitivity batches, hooks removed
+            kept = [(xs, fn(_call(module, xs)).detach().to(torch.float64)) for xs in kept]
         _measure_gains(module, stats, kept, fn, seed, progress, set(accs))
     return stats
+
+
+class _Probe:
+    """Sums, per float parameter, E||grad of <v, output>||^2 / batch items over probe batches
+    (v: seeded random signs, zero at padded positions)."""
+
+    def __init__(self, module: nn.Module, seed: int):
+        self.params = [(n, p) for n, p in module.named_parameters() if p.dtype.is_floating_point and p.numel()]
+        self.saved = [p.requires_grad for _, p in self.params]
+        for _, p in self.params:
+            p.requires_grad_(True)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sq = np.zeros(len(self.params))
+        self.batches = 0
+
+    def add(self, y: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
+        if not y.requires_grad:
+            return
+        v = torch.randint(0, 2, y.shape, generator=self.gen).to(y.dtype) * 2 - 1
+        if keep is not None:
+            v = v * keep.reshape(*keep.shape, *([1] * (y.dim() - keep.dim()))).to(y.dtype)
+        grads = torch.autograd.grad(y, [p for _, p in self.params], grad_outputs=v, allow_unused=True)
+        for j, g in enumerate(grads):
+            if g is not None:
+                self.sq[j] += float(g.double().pow(2).sum()) / max(y.shape[0], 1)
+        self.batches += 1
+
+    def close(self) -> None:
+        for (_, p), rg in zip(self.params, self.saved):
+            p.requires_grad_(rg)
+
+
+def _owner(wname: str, stats: Stats, hooked: set) -> Optional[str]:
+    """The hooked weight whose gain a bias takes (None: the parameter is measured itself)."""
+    owner = wname[:-len("bias")] + "weight" if wname.endswith("bias") else None
+    if owner in hooked and owner in stats.tensors and stats.tensors[owner].kind != "embedding":
+        return owner
+    return None
+
+
+def _local_per_variance(st: TensorStats, shape: tuple) -> float:
+    """Local error per unit variance of an i.i.d. error on a parameter of ``shape``."""
+    numel = int(np.prod(shape))
+    if st.kind == "plain":
+        return float(numel)
+    if st.kind == "embedding":
+        c = np.asarray(st.counts, dtype=np.float64)
+        return float(shape[-1] if c.sum() > 0 else numel)
+    g = st.h.shape[0]
+    rows_per_group = shape[0] // g
+    return float(rows_per_group * sum(np.trace(st.h[i]) for i in range(g)))
+
+
+def _gains_from_probes(module: nn.Module, stats: Stats, probe: _Probe, hooked: set,
+                       progress: Optional[Callable[[str, int, int], None]]) -> None:
+    for j, (wname, w) in enumerate(probe.params):
+        if _owner(wname, stats, hooked):
+            continue
+        if wname not in stats.tensors:
+            stats.tensors[wname] = TensorStats("plain")
+        st = stats.tensors[wname]
+        per_var = _local_per_variance(st, tuple(w.shape))
+        out = probe.sq[j] / probe.batches
+        st.gain = out / per_var if per_var > 0 and math.isfinite(out) and out > 0 else 1.0
+        if progress:
+            progress(wname, j + 1, len(probe.params))
+    for wname, _ in probe.params:
+        owner = _owner(wname, stats, hooked)
+        if owner:
+            stats.tensors[wname] = TensorStats("plain", gain=stats.tensors[owner].gain)
 
 
 def local_distortion(w_err: np.ndarray, s: TensorStats) -> float:

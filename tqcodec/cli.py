@@ -109,10 +109,12 @@ def encode(
     output: Optional[Path] = typer.Option(None, "-o", "--output",
                                           help="output .tqz, or - for standard output (default: INPUT with .tqz)"),
     lossless: bool = typer.Option(False, "--lossless", help="store every tensor exactly"),
-    mode: str = typer.Option("auto", "--mode", help="auto, raw, uniform or tq"),
+    mode: str = typer.Option("auto", "--mode", help="auto, raw, uniform, tq, ecsq, kmeans, pq or dither (the last "
+                             "four: float tensors of >= 2 dims and >= 256 elements; --bits per tensor)"),
     stats_path: Optional[Path] = typer.Option(None, "--stats", help="calibration statistics (.safetensors from "
                                               "tqcodec.Stats.save); selects mode tq"),
-    bits: Optional[float] = typer.Option(None, "--bits", help="tq: whole-file bits per parameter (within ±3%)"),
+    bits: Optional[float] = typer.Option(None, "--bits", help="tq and auto: whole-file bits per parameter (within "
+                                         "±3%); ecsq/kmeans/pq/dither: each tensor's bits per weight"),
     quality: Optional[float] = typer.Option(None, "--quality", help="tq: predicted output SNR in dB (output power "
                                             "over estimated output error; without --stats, weight SNR)"),
     snr: float = typer.Option(40.0, "--snr", help="weight SQNR in dB that uniform steps aim at"),
@@ -137,7 +139,8 @@ def encode(
         if stats_path is not None:
             from .calibrate import Stats
             try:
-                stats = Stats.load(str(stats_path))
+                # tq_scope tensor streams tensor by tensor: one layer's statistics read at a time
+                stats = Stats.open(str(stats_path)) if tq_scope == "tensor" else Stats.load(str(stats_path))
             except (OSError, ValueError, KeyError) as exc:
                 raise fail("BAD_OPTION", f"cannot read statistics: {exc}", stats_path) from None
         files = None

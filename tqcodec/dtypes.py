@@ -76,6 +76,13 @@ def storage_to_float64(name: str, arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float64)
 
 
+def all_finite(name: str, arr: np.ndarray, block: int = 1 << 22) -> bool:
+    """Whether a float tensor's storage holds no NaN or infinity (checked in blocks: no float64
+    copy of the whole tensor)."""
+    flat = arr.reshape(-1)
+    return all(np.isfinite(storage_to_float64(name, flat[s:s + block])).all() for s in range(0, flat.size, block))
+
+
 def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """Round float32 to bfloat16 (nearest, ties to even) and return the uint16 bits."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)

@@ -12,6 +12,7 @@ access (spec §10.2) and yields them in file order.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import multiprocessing
 import os
 from collections import deque
@@ -169,7 +170,7 @@ def encode_task(name: str, src: Any, opts: Any, rows: Optional[tuple[int, int]] 
     t = (src.load() if rows is None else src.load(rows)) if isinstance(src, TensorRef) else src
     check_tensor(name, t, getattr(src, "path", None))
     if rows is not None:
-        return name_of_torch(t.dtype), _encode_tq_tensor(name, t, opts)
+        return name_of_torch(t.dtype), _encode_tq_tensor(name, t, opts, transforms=False)
     if opts.uses_tq:  # tq_scope "tensor": this tensor on its own to the bits/quality target
         done = _encode_tq_tensor(name, t, opts)
         if done is not None:
@@ -178,7 +179,8 @@ def encode_task(name: str, src: Any, opts: Any, rows: Optional[tuple[int, int]] 
     return name_of_torch(t.dtype), tuple(t.shape), mode, params, streams
 
 
-def _encode_tq_tensor(name: str, t: torch.Tensor, opts: Any) -> Optional[tuple[str, dict, list]]:
+def _encode_tq_tensor(name: str, t: torch.Tensor, opts: Any,
+                      transforms: bool = True) -> Optional[tuple[str, dict, list]]:
     """Mode tq for one tensor, its bits target measured on the tensor's own bytes (chunks and
     manifest record); None if tq does not take the tensor (the data-free path then does)."""
     from .api import _encode_tq
@@ -193,8 +195,17 @@ def _encode_tq_tensor(name: str, t: torch.Tensor, opts: Any) -> Optional[tuple[s
             n += sum(CHUNK_HEADER_SIZE + len(p) for chunks in streams for _, p in chunks) + 16  # + index entry
         return n
 
-    enc = _encode_tq([(name, t)], opts, size_of)
+    enc = _encode_tq([(name, t)], opts, size_of, transforms)
     return enc.get(name)
+
+
+def _options_for(name: str, opts: Any) -> Any:
+    """``opts`` with the calibration statistics of ``name`` only: a task carries (and a worker
+    unpickles) one layer's statistics, read then from a lazily opened file (``Stats.open``).
+    Done for every N of jobs, so the bytes do not depend on it."""
+    if getattr(opts, "stats", None) is None or not hasattr(opts.stats, "subset"):
+        return opts
+    return dataclasses.replace(opts, stats=opts.stats.subset([name]))
 
 
 def plan_entries(tensors: Mapping[str, Any]) -> list[tuple[str, Any, Optional[int]]]:
@@ -238,7 +249,7 @@ def write_entries(writer: Any, entries: list[tuple[str, Any, Optional[int]]], op
             if target is not None:
                 continue
             if bl is None:
-                yield name, src, opts
+                yield name, src, _options_for(name, opts)
                 continue
             for r0, r1 in bl:  # an in-memory block sent to a worker: a copy, not the whole storage
                 part = src if isinstance(src, TensorRef) else (src[r0:r1].clone() if remote else src[r0:r1])

@@ -24,10 +24,10 @@ FOOTER_MAGIC = b"\x89TQZEND\n"
 CHUNK_TAG = b"TQCK"
 INDEX_TAG = b"TQIX"
 MAJOR_VERSION = 1
-MINOR_VERSION = 1  # the newest minor version this reader and writer implement
+MINOR_VERSION = 2  # the newest minor version this reader and writer implement
 # Spec §13: a writer puts the lowest minor version that defines everything a file uses. Modes not
 # listed here are from 1.0.
-MODE_SINCE_MINOR = {"tq": 1}
+MODE_SINCE_MINOR = {"tq": 1, "ecsq": 2, "kmeans": 2, "pq": 2, "dither": 2}
 HEADER_SIZE = 32
 CHUNK_HEADER_SIZE = 32
 FOOTER_SIZE = 32

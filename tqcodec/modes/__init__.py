@@ -17,9 +17,10 @@ import numpy as np
 
 from ..errors import fail
 from ..format.manifest import TensorRecord
-from . import alias, raw, tq, uniform
+from . import alias, dither, ecsq, kmeans, pq, raw, tq, uniform
 
-MODES: dict[str, ModuleType] = {"raw": raw, "uniform": uniform, "alias": alias, "tq": tq}
+MODES: dict[str, ModuleType] = {"raw": raw, "uniform": uniform, "alias": alias, "tq": tq,
+                                "ecsq": ecsq, "kmeans": kmeans, "pq": pq, "dither": dither}
 
 
 def mode_of(record: TensorRecord) -> ModuleType:

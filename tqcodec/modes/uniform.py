@@ -3,14 +3,14 @@ channel, exact dyadic steps, levels range-coded with one frequency table."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .. import limits as L
 from ..coding.rangecoder import Model, decode_symbols, encode_symbols
 from ..coding.tables import frequencies_from_counts
-from ..dtypes import FLOAT_NAMES, round_exact_float32
+from ..dtypes import FLOAT_NAMES, round_exact_float32, storage_to_float64
 from ..errors import fail
 from ..format.freqtable import TOTAL, pack_freqs, unpack_freqs
 from ..format.manifest import TensorRecord, check_record_value_types
@@ -87,14 +87,48 @@ def decode(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -> np.n
 
 # --- encoder ------------------------------------------------------------------------------
 
+BLOCK_ELEMENTS = 1 << 22  # the encoder's working set: float64 blocks of about this many elements
+
+
+class _Source:
+    """Float64 values of a tensor read in flat ranges (converted from its storage on demand)."""
+
+    def __init__(self, values: Callable[[int, int], np.ndarray], shape: tuple, granularity: str):
+        self.read, self.n = values, int(np.prod(shape)) if shape else 1
+        self.rows = 1 if granularity == "tensor" else shape[0]
+        self.m = self.n // self.rows if self.rows else 0
+
+    def row_blocks(self) -> Iterator[tuple[int, int]]:
+        """Whole rows (channel granularity) or flat ranges (tensor) of about BLOCK_ELEMENTS."""
+        if self.rows == 1:
+            for s in range(0, self.n, BLOCK_ELEMENTS):
+                yield s, min(self.n, s + BLOCK_ELEMENTS)
+            return
+        per = max(1, BLOCK_ELEMENTS // max(self.m, 1))
+        for r in range(0, self.rows, per):
+            yield r * self.m, min(self.rows, r + per) * self.m
+
+
 def choose_step_codes(values: np.ndarray, granularity: str, snr_db: float) -> np.ndarray:
     """Per tensor or channel: the largest step whose uniform noise gives at least ``snr_db``
     of weight SQNR (noise step^2/12 against the mean square), and never so small that
     levels leave -2^20..2^20 or the alphabet passes 65536."""
-    rows = values.reshape(1, -1) if granularity == "tensor" else values.reshape(values.shape[0], -1)
-    rms = np.sqrt(np.mean(np.square(rows), axis=1))
-    peak = np.max(np.abs(rows), axis=1)
-    span = np.max(rows, axis=1) - np.min(rows, axis=1)
+    src = _Source(lambda s, e: values.reshape(-1)[s:e], values.shape, granularity)
+    return _step_codes(src, snr_db)
+
+
+def _step_codes(src: "_Source", snr_db: float) -> np.ndarray:
+    sq, peak = np.zeros(src.rows), np.zeros(src.rows)
+    lo, hi = np.full(src.rows, np.inf), np.full(src.rows, -np.inf)
+    for s, e in src.row_blocks():
+        block = src.read(s, e).reshape(-1 if src.rows == 1 else (e - s) // src.m, src.m if src.rows > 1 else e - s)
+        r = slice(0, 1) if src.rows == 1 else slice(s // src.m, e // src.m)
+        sq[r] += np.sum(np.square(block), axis=1)
+        peak[r] = np.maximum(peak[r], np.max(np.abs(block), axis=1))
+        lo[r] = np.minimum(lo[r], np.min(block, axis=1))
+        hi[r] = np.maximum(hi[r], np.max(block, axis=1))
+    rms = np.sqrt(sq / max(src.n // src.rows, 1))
+    span = hi - lo
     codes = []
     for r, pk, sp in zip(rms.tolist(), peak.tolist(), span.tolist()):
         target = r * math.sqrt(12.0) * 10.0 ** (-snr_db / 20.0) if r > 0 else 1.0
@@ -108,10 +142,16 @@ def choose_step_codes(values: np.ndarray, granularity: str, snr_db: float) -> np
 
 def quantize(values: np.ndarray, granularity: str, codes: np.ndarray) -> np.ndarray:
     """Nearest levels (ties to even) for float64 ``values`` with the given step codes."""
-    steps = steps_from_codes(codes)
-    rows = values.reshape(1, -1) if granularity == "tensor" else values.reshape(values.shape[0], -1)
-    q = np.rint(rows / steps[:, None])
-    return np.clip(q, -L.MAX_LEVEL, L.MAX_LEVEL).astype(np.int64).reshape(values.shape)
+    src = _Source(lambda s, e: values.reshape(-1)[s:e], values.shape, granularity)
+    return _levels(src, steps_from_codes(codes), 0, src.n).reshape(values.shape)
+
+
+def _levels(src: "_Source", steps: np.ndarray, s: int, e: int) -> np.ndarray:
+    """Levels of flat elements s..e (each divided by its row's step, as ``rows / steps``)."""
+    x = src.read(s, e)
+    step = steps[0] if src.rows == 1 else steps[np.arange(s, e) // src.m]
+    q = np.rint(x / step)
+    return np.clip(q, -L.MAX_LEVEL, L.MAX_LEVEL).astype(np.int64)
 
 
 def encode(values: np.ndarray, dtype: str, granularity: str = "channel", snr_db: float = 40.0,
@@ -122,29 +162,54 @@ def encode(values: np.ndarray, dtype: str, granularity: str = "channel", snr_db:
     ``codes`` (step codes) and ``levels`` (integer levels) may be given by a smarter
     encoder; by default steps come from ``snr_db`` and levels from rounding.
     """
+    if levels is not None:
+        flat = np.asarray(levels).reshape(-1)
+        return _encode(lambda s, e: values.reshape(-1)[s:e], values.shape, granularity, snr_db, codes,
+                       lambda s, e: flat[s:e])
+    return _encode(lambda s, e: values.reshape(-1)[s:e], values.shape, granularity, snr_db, codes)
+
+
+def encode_storage(arr: np.ndarray, dtype: str, granularity: str = "channel", snr_db: float = 40.0,
+                   ) -> tuple[dict, list[list[tuple[int, bytes]]]]:
+    """The same bytes as ``encode(storage_to_float64(dtype, arr), dtype, ...)``, converting the
+    storage ``arr`` in blocks: the working set is a few blocks of ``BLOCK_ELEMENTS``, not eight
+    bytes per element of the tensor, whatever its size."""
+    flat = arr.reshape(-1)
+    return _encode(lambda s, e: storage_to_float64(dtype, flat[s:e]), arr.shape, granularity, snr_db)
+
+
+def _encode(read: Callable[[int, int], np.ndarray], shape: tuple, granularity: str, snr_db: float,
+            codes: np.ndarray | None = None, given: Callable[[int, int], np.ndarray] | None = None,
+            ) -> tuple[dict, list[list[tuple[int, bytes]]]]:
     if granularity not in GRANULARITIES:
         raise fail("BAD_OPTION", f"granularity {granularity!r} not in {GRANULARITIES}")
-    if granularity == "channel" and (values.ndim == 0 or values.shape[0] == 0):
+    if granularity == "channel" and (len(shape) == 0 or shape[0] == 0):
         granularity = "tensor"
+    src = _Source(read, tuple(shape), granularity)
     if codes is None:
-        codes = choose_step_codes(values, granularity, snr_db)
-    if levels is None:
-        levels = quantize(values, granularity, codes)
-    flat = levels.reshape(-1)
-    q_min, q_max = int(flat.min()), int(flat.max())
-    if q_max - q_min + 1 > L.MAX_ALPHABET or q_min < -L.MAX_LEVEL or q_max > L.MAX_LEVEL:
+        codes = _step_codes(src, snr_db)
+    steps = steps_from_codes(codes)
+    levels_of = given if given is not None else (lambda s, e: _levels(src, steps, s, e))
+    # pass 1: the alphabet and the symbol counts, block by block
+    counts = np.zeros(2 * L.MAX_LEVEL + 2, dtype=np.int64)
+    for s in range(0, src.n, BLOCK_ELEMENTS):
+        lv = levels_of(s, min(src.n, s + BLOCK_ELEMENTS))
+        if lv.size and (lv.min() < -L.MAX_LEVEL or lv.max() > L.MAX_LEVEL):
+            raise fail("BAD_OPTION", "levels span more than the format allows (65536 symbols within ±2^20)")
+        counts += np.bincount(lv + L.MAX_LEVEL, minlength=len(counts))
+    used = np.flatnonzero(counts)
+    q_min, q_max = int(used[0]) - L.MAX_LEVEL, int(used[-1]) - L.MAX_LEVEL
+    if q_max - q_min + 1 > L.MAX_ALPHABET:
         raise fail("BAD_OPTION", "levels span more than the format allows (65536 symbols within ±2^20)")
-    sym = (flat - q_min).astype(np.int32)
     alphabet = q_max - q_min + 1
+    chunks: list[tuple[int, bytes]] = []
     if alphabet == 1:
         freqs = np.array([TOTAL], dtype=np.uint32)
-        chunks: list[tuple[int, bytes]] = []
     else:
-        counts = np.bincount(sym, minlength=alphabet)
-        freqs = frequencies_from_counts(counts)
-        chunks = []
-        for start in range(0, sym.size, CHUNK_SYMBOLS):
-            piece = sym[start:start + CHUNK_SYMBOLS]
+        freqs = frequencies_from_counts(counts[q_min + L.MAX_LEVEL:q_max + L.MAX_LEVEL + 1])
+        # pass 2: each chunk's levels again (the same arithmetic, so the same levels), range-coded
+        for start in range(0, src.n, CHUNK_SYMBOLS):
+            piece = (levels_of(start, min(src.n, start + CHUNK_SYMBOLS)) - q_min).astype(np.int32)
             words = encode_symbols(piece, freqs)
             chunks.append((piece.size, np.asarray(words, dtype="<u4").tobytes()))
     params = {"granularity": granularity, "steps": [int(c) for c in codes], "q_min": q_min,

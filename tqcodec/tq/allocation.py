@@ -37,9 +37,9 @@ def table_bits(counts: np.ndarray) -> int:
 def coded_bits(levels: np.ndarray, scale: float = 1.0) -> float:
     """Estimated stored bits of one band: N * empirical entropy + table + chunk header
     (``scale``: the levels are a subsample of 1/scale of the band)."""
-    flat = np.asarray(levels, dtype=np.int64).reshape(-1)
-    lo = int(flat.min())
-    counts = np.bincount(flat - lo)
+    flat = np.asarray(levels).reshape(-1)
+    lo = flat.min()
+    counts = np.bincount((flat - lo).astype(np.intp))
     counts_nz = counts[counts > 0]
     if len(counts_nz) < 2:
         return float(BAND_PARAM_BITS + 32)
@@ -63,6 +63,7 @@ class Unit:
     levels: dict = field(default_factory=dict)
     exact: set = field(default_factory=set)  # codes whose curve point used the final rounding
     _prepared: Optional[list] = None
+    _diag: Optional[np.ndarray] = None
     # row bands of one tensor share error-feedback results (rows round independently):
     # ``shared`` = {"w": full [N, m] matrix, "prepared": ..., code: full levels}, rows r0:r1 of it
     shared: Optional[dict] = None
@@ -94,9 +95,10 @@ class Unit:
             e2 = e2 * self.row_weights[:, None]
         if self.h is None:
             return self.gain * float(np.sum(e2))
-        g, d, _ = self.h.shape
-        diag = np.stack([np.diag(self.h[i]) for i in range(g)])  # [g, d]
-        return self.gain * float(np.sum(e2.reshape(g, -1, d).sum(axis=1) * diag))
+        if self._diag is None:
+            self._diag = np.stack([np.diag(self.h[i]) for i in range(self.h.shape[0])])  # [g, d]
+        g, d = self._diag.shape
+        return self.gain * float(np.sum(e2.reshape(g, -1, d).sum(axis=1) * self._diag))
 
     def quantize(self, code: int, feedback: bool) -> np.ndarray:
         """Levels at step code ``code``: error-feedback rounding when ``feedback`` and H exists."""
@@ -132,7 +134,7 @@ class Unit:
                 w = w[::stride]
                 rw = None if rw is None else rw[::stride]
                 scale = self.w.shape[0] / w.shape[0]
-            lv = round_nearest(w, step, -MAX_LEVEL, MAX_LEVEL)
+            lv = np.rint(w * (1.0 / step))  # candidate codes keep levels within ±2^20
             err = w - lv * step
             saved = self.row_weights
             self.row_weights = rw

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..modes import tq as tq_mode
 from ..steps import steps_from_codes
-from .allocation import Unit, bisect_lambda, build_curves, choose, fill, refine, totals
+from . import transforms
+from .allocation import Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, refine, totals
 
 BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
@@ -38,7 +40,7 @@ def make_units(items: list[Item], stats) -> tuple[list[Unit], dict[str, str]]:
     measured gain, small tensors without statistics, running variances) go to the data-free path."""
     units: list[Unit] = []
     layouts: dict[str, str] = {}
-    known = [s.gain for s in stats.tensors.values()] if stats is not None else []
+    known = [] if stats is None else [stats.default_gain] if stats.default_gain is not None else stats.gains()
     total = sum(it.values.size for it in items)
     band_size = max(1, total // BAND_SHARE)
     default_gain = max(known) if known else 1.0
@@ -97,6 +99,15 @@ def encode_tensor(bands: list[Unit], codes: list[int], layout: str) -> tuple[dic
     return tq_mode.encode([_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout)
 
 
+def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthesis: np.ndarray) -> tuple[dict, list]:
+    """Mode tq params/streams of a tensor coded in its transform domain: trailing coefficient
+    bands that quantize to zero are left out, and so are their columns of S (k < m)."""
+    k = kept_components(bands, codes)
+    kept = [(u, c) for u, c in zip(bands, codes) if u.r0 < k]
+    return tq_mode.encode([_levels(u, c) for u, c in kept], [c for _, c in kept], layout=layout,
+                          transform=synthesis[:, :k])
+
+
 def reconstruction(u: Unit, code: int) -> np.ndarray:
     """What the decoder rebuilds for a band (float64, in the unit's [rows, m] view)."""
     return _levels(u, code) * float(steps_from_codes([code])[0])
@@ -138,21 +149,145 @@ def _correct_biases(pairs: list, originals: Mapping[int, np.ndarray], pick: Mapp
             r0 += k
 
 
+# --- transforms (spec §7.5: stream 0, R = (S C)^T) ---------------------------------------------
+
+TRANSFORM_MIN_RATIO = 2  # offered only when n >= 2m: the 16 m k bits of S need many coefficients
+TRANSFORM_BANDS = 16     # coefficient rows (components, strongest first) cut into at most 16 bands
+
+
+@dataclass
+class TransformOption:
+    """A tensor coded in a transform domain: ``synthesis`` S [m, m] (float16 values, float64),
+    ``bands`` the coefficient row bands (Units over rows of C [m, n]), ``kind`` klt or aat."""
+
+    name: str
+    kind: str
+    synthesis: np.ndarray
+    bands: list[Unit]
+
+
+def transform_options(items: list[Item], stats, layouts: Mapping[str, str]) -> dict[str, TransformOption]:
+    """The transform each eligible tensor could use: the activation-aware transform (AAT) where
+    the tensor has input statistics, the weight KLT where it has none. Eligible: coded by tq as
+    one [n, m] matrix (no groups, no embedding row weights), ``n >= TRANSFORM_MIN_RATIO * m``."""
+    out: dict[str, TransformOption] = {}
+    for it in items:
+        layout = layouts.get(it.name)
+        v = it.values
+        if layout is None or v.ndim < 2:
+            continue
+        st = stats.get(it.name) if stats is not None else None
+        if st is not None and st.kind not in ("linear", "conv"):
+            continue
+        w2 = v.T if layout == "in_out" else v.reshape(v.shape[0], -1)
+        n, m = w2.shape
+        if m < 4 or n < TRANSFORM_MIN_RATIO * m:
+            continue
+        h = None
+        if st is not None:
+            if not _h_fits(st.h, n, m) or st.h.shape[0] != 1:
+                continue
+            h = np.asarray(st.h[0], dtype=np.float64)
+        mat = np.ascontiguousarray(w2.T)  # M [m, n]
+        if h is None:
+            _, s, _ = transforms.klt(mat)
+            kind, metric = "klt", np.eye(m)
+        else:
+            _, s, _ = transforms.aat(mat, h)
+            kind, metric = "aat", h
+        s16 = s.astype(np.float16).astype(np.float64)
+        if not np.isfinite(s16).all():
+            continue
+        # coefficients that are best for the stored (float16) synthesis, in the error metric
+        g = s16.T @ metric @ s16
+        coef = np.linalg.solve(g + 1e-12 * np.trace(g) / m * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
+        weights = np.maximum(np.diag(g), 0.0)  # distortion of coefficient row i: g_ii ||dC_i||^2
+        gain = st.gain if st is not None else 1.0
+        nb = min(TRANSFORM_BANDS, m)
+        bounds = [m * i // nb for i in range(nb + 1)]
+        bands = [Unit(band_name(it.name, b), coef[bounds[b]:bounds[b + 1]], None,
+                      weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b]) for b in range(nb)]
+        out[it.name] = TransformOption(it.name, kind, s16, bands)
+    return out
+
+
+def _best_cost(u: Unit, lam: float) -> tuple[float, int]:
+    return min((d + lam * r, c) for c, (d, r) in u.curve.items())
+
+
+def kept_components(bands: list[Unit], codes: Sequence[int]) -> int:
+    """Coefficient rows kept: up to the last band with a nonzero level (at least the first band)."""
+    k = bands[0].w.shape[0]
+    for u, c in zip(bands, codes):
+        if np.any(_levels(u, c)):
+            k = u.r0 + u.w.shape[0]
+    return k
+
+
+def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption], lam: float) -> tuple[list[Unit], set]:
+    """Per tensor with an option: the transform when its cost D + lam R, with the stored S's
+    ``16 m k`` bits counted, is below the identity's at the same multiplier. Returns the units
+    with the chosen tensors' row bands replaced by their coefficient bands, and their names."""
+    by_parent: dict[str, list[Unit]] = {}
+    for u in units:
+        by_parent.setdefault(parent(u.name), []).append(u)
+    chosen = set()
+    for name, opt in options.items():
+        if name not in by_parent:
+            continue
+        identity = sum(_best_cost(u, lam)[0] for u in by_parent[name])
+        for u in opt.bands:
+            if not u.curve:
+                for c in candidate_codes(u.w):
+                    u.evaluate(c, True, keep=True)
+        picks = [_best_cost(u, lam) for u in opt.bands]
+        k = kept_components(opt.bands, [c for _, c in picks])
+        kept = [(cost, u) for (cost, _), u in zip(picks, opt.bands) if u.r0 < k]
+        coded = sum(cost for cost, _ in kept) + lam * transforms.cost_bits(opt.synthesis.shape[0], k)
+        if coded < identity:
+            chosen.add(name)
+    out = []
+    for u in units:
+        name = parent(u.name)
+        if name in chosen:
+            if u is by_parent[name][0]:
+                out.extend(options[name].bands)
+        else:
+            out.append(u)
+    return out, chosen
+
+
 def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, quality: Optional[float] = None,
                  total_params: int, size_of: Callable[[dict], int], tolerance: float = 0.015,
-                 progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, tuple[str, dict, list]]:
+                 progress: Optional[Callable[[str, int, int], None]] = None,
+                 alternatives: Optional[Callable] = None, transforms: bool = True) -> dict[str, tuple[str, dict, list]]:
     """Encode ``items``: returns ``{name: ("tq", params, streams)}`` for the tensors tq codes.
+    ``transforms``: offer each eligible tensor a transform (:func:`choose_transforms`).
+
+    numpy's BLAS runs single-threaded meanwhile: the encoder's matrices are small, and a
+    multi-threaded OpenBLAS beside torch's OpenMP pool was measured 20x slower on its Cholesky
+    factorisations (and one thread makes the float64 results independent of the core count).
 
     ``bits``: whole-file bits per parameter (``size_of(encoded)`` gives the real file bytes for a
     candidate result; the budget is corrected by the measured overhead until the file lands within
     ``tolerance``). ``quality``: predicted output SNR in dB (output power over the summed
     distortion estimate; without statistics, weight SNR). Neither: quality 40 dB.
+    ``alternatives``: see :func:`with_alternatives` (mode ``auto``: other modes per tensor).
     """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _encode_model(items, stats, bits, quality, total_params, size_of, tolerance, progress, alternatives,
+                             transforms)
+
+
+def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance, progress, alternatives=None,
+                  transforms_on=True):
     units, layouts = make_units(items, stats)
     if not units:
         return {}
     feedback = stats is not None
     build_curves(units, feedback=False)
+    options = transform_options(items, stats, layouts) if transforms_on else {}
+    synthesis: dict[str, np.ndarray] = {}
 
     def rate(pick: Mapping[str, int]) -> float:
         return totals(units, dict(pick))[1]
@@ -160,8 +295,18 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
     def dist(pick: Mapping[str, int]) -> float:
         return totals(units, dict(pick))[0]
 
-    corrections = _bias_pairs(units, stats, layouts)
-    originals = {id(b): b.w for _, bands in corrections for b in bands}
+    def with_transforms(measure: Callable, target: float, increasing: bool) -> list[Unit]:
+        """The transform choice (spec §7.5 stream 0) at the multiplier that meets ``target``
+        with exact (error-feedback) points around the identity's pick."""
+        if not options:
+            return units
+        lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
+        if feedback:
+            refine(units, pick, 1)
+            lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
+        chosen, names = choose_transforms(units, options, lam)
+        synthesis.update({n: options[n].synthesis for n in names})
+        return chosen
 
     def result(pick: Mapping[str, int]) -> dict[str, tuple[str, dict, list]]:
         _correct_biases(corrections, originals, pick)
@@ -170,7 +315,11 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
         for u in units:
             by_parent.setdefault(parent(u.name), []).append(u)
         for i, (name, bands) in enumerate(by_parent.items()):
-            params, streams = encode_tensor(bands, [pick[u.name] for u in bands], layouts[name])
+            codes = [pick[u.name] for u in bands]
+            if name in synthesis:
+                params, streams = encode_transformed(bands, codes, layouts[name], synthesis[name])
+            else:
+                params, streams = encode_tensor(bands, codes, layouts[name])
             out[name] = ("tq", params, streams)
             if progress:
                 progress(name, i + 1, len(by_parent))
@@ -182,14 +331,20 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
         if power is None:
             power = sum(u.gain * float(np.sum(u.w * u.w)) for u in units)
         target = power * 10.0 ** (-q / 10.0)
+        units = with_transforms(dist, target, True)
+        corrections = _bias_pairs(units, stats, layouts)
+        originals = {id(b): b.w for _, bands in corrections for b in bands}
         lam, pick = bisect_lambda(units, dist, target, increasing=True)
         if feedback:
             refine(units, pick, 3)
             lam, pick = bisect_lambda(units, dist, target, increasing=True)
             refine(units, pick, 0)
-        return result(pick)
+        return with_alternatives(alternatives, lam, units, pick, result(pick))
 
     target_bits = float(bits) * total_params
+    units = with_transforms(rate, target_bits, False)
+    corrections = _bias_pairs(units, stats, layouts)
+    originals = {id(b): b.w for _, bands in corrections for b in bands}
     overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
     best = None
     for attempt in range(5):
@@ -202,7 +357,7 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
             pick = choose(units, lam)
             refine(units, pick, 0)
         pick = fill(units, pick, budget)
-        enc = result(pick)
+        enc = with_alternatives(alternatives, lam, units, pick, result(pick))
         actual = 8.0 * size_of(enc)
         err = actual / target_bits - 1.0
         if best is None or abs(err) < abs(best[0]):
@@ -211,3 +366,20 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
             break
         overhead = actual - rate(pick)
     return best[1]
+
+
+# --- hook for other coding modes (mode auto; tqcodec.lineage.select) ------------------------------
+
+def with_alternatives(alternatives: Optional[Callable], lam: float, units: list[Unit], pick: Mapping[str, int],
+                      enc: dict[str, tuple[str, dict, list]]) -> dict[str, tuple[str, dict, list]]:
+    """``enc`` with tensors the ``alternatives`` callback recodes in another mode at the same
+    multiplier: ``alternatives(lam, bands_by_tensor, pick, enc) -> enc'`` where
+    ``bands_by_tensor[name]`` are the tensor's units in row order. ``None``: ``enc`` unchanged.
+    Called after every allocation whose result encode_model may return (so the bits loop
+    measures the file with the alternatives in it)."""
+    if alternatives is None:
+        return enc
+    by_parent: dict[str, list[Unit]] = {}
+    for u in units:
+        by_parent.setdefault(parent(u.name), []).append(u)
+    return alternatives(lam, by_parent, pick, enc)

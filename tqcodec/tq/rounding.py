@@ -44,7 +44,7 @@ def prepare(h: np.ndarray, *, damp: float = 0.01, act_order: bool = True) -> tup
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray, step: float, q_min: int, q_max: int, *,
-               damp: float = 0.01, block: int = 128, act_order: bool = True,
+               damp: float = 0.01, block: int = 32, act_order: bool = True,
                prepared: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Levels (int64, shaped like ``w`` [out, in]) minimising ``tr(E H E^T)`` greedily.
 
@@ -54,25 +54,27 @@ def gptq_round(w: np.ndarray, h: np.ndarray, step: float, q_min: int, q_max: int
     expensive ones. Same inputs give the same levels. ``prepared``: :func:`prepare`'s result.
     """
     perm, u = prepared if prepared is not None else prepare(h, damp=damp, act_order=act_order)
-    w = np.array(w, dtype=np.float64, copy=True)[:, perm]
-    n, m = w.shape
-    q = np.zeros((n, m), dtype=np.int64)
+    # work on the transpose: input column i is then a contiguous row (the loop is row-wise)
+    wt = np.array(np.asarray(w, dtype=np.float64).T[perm], dtype=np.float64, order="C")
+    m, n = wt.shape
+    qt = np.zeros((m, n), dtype=np.float64)
     inv_step = 1.0 / step
     for i1 in range(0, m, block):
         i2 = min(i1 + block, m)
-        w1 = w[:, i1:i2].copy()
+        w1 = wt[i1:i2]
         err1 = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, i]
-            qi = np.clip(np.rint(col * inv_step), q_min, q_max)
-            q[:, i1 + i] = qi.astype(np.int64)
+            col = w1[i]
+            qi = np.rint(col * inv_step)
+            np.clip(qi, q_min, q_max, out=qi)
+            qt[i1 + i] = qi
             e = (col - qi * step) / u1[i, i]
             if i + 1 < i2 - i1:
-                w1[:, i + 1:] -= np.outer(e, u1[i, i + 1:])
-            err1[:, i] = e
+                w1[i + 1:] -= u1[i, i + 1:, None] * e[None, :]
+            err1[i] = e
         if i2 < m:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    out = np.empty_like(q)
-    out[:, perm] = q
-    return out
+            wt[i2:] -= u[i1:i2, i2:].T @ err1
+    q = np.empty((n, m), dtype=np.int64)
+    q[:, perm] = qt.T.astype(np.int64)
+    return q

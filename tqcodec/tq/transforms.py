@@ -5,8 +5,9 @@ view). Analysis A (k x m), synthesis S (m x k): C = A M, M_hat = S C_hat. Determ
 eigensolves, eigenvalues descending (ties by index), each eigenvector's largest-magnitude
 component made positive.
 
-Not yet used by the encoder (``tqcodec.tq.encoder`` codes every tensor with the identity); the
-format and decoder support it, and :func:`transform_gain_bits` is the rule that decides.
+``tqcodec.tq.encoder.choose_transforms`` decides per tensor by the exact rate-distortion cost
+at the model's Lagrange multiplier (the stored S's bits counted); :func:`transform_gain_bits` is
+the high-rate estimate of the same trade (a quick check; the encoder does not use it).
 """
 from __future__ import annotations
 
