@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Independent reference decoder for the .tqz format, written from spec/ alone.
 
-Spec files used: spec/tqz.md (sections cited as "§N"), spec/range-coder.md (its §8) and
-spec/mode-tq.md (its §7.5).  Only numpy is imported at start; the `zstandard` package is
+Spec files used (format version 1.2): spec/tqz.md (sections cited as "§N"),
+spec/range-coder.md (its §8), spec/mode-tq.md (its §7.5) and spec/mode-lineage.md (its §7.S and
+§7.6-§7.9: modes ecsq, kmeans, pq, dither).  Only numpy is imported at start; the `zstandard` package is
 imported lazily, and only when a raw tensor with codec "zstd" is met (writing a Zstandard
 decoder is out of scope; the frame *structure* is checked here, the blocks are decoded by
 zstandard with bounded output).
@@ -666,7 +667,8 @@ def check_shape(shape):
     return numel
 
 
-MODES = ("raw", "uniform", "alias", "tq")  # §7 registry (tq since 1.1, mode-tq.md)
+# §7 registry: tq since 1.1 (mode-tq.md); ecsq, kmeans, pq, dither since 1.2 (mode-lineage.md)
+MODES = ("raw", "uniform", "alias", "tq", "ecsq", "kmeans", "pq", "dither")
 
 
 def check_keys(params, required, optional=()):
@@ -825,6 +827,243 @@ def check_params_tq(rec):
         [band_rows[b] * c if len(tables[b]) > 1 else 0 for b in range(B)]
 
 
+# ----------------------------------------------------------------------------------------------
+# mode-lineage.md §7.S shared definitions and §7.6-§7.9 parameters (format version 1.2)
+# ----------------------------------------------------------------------------------------------
+
+PRECISIONS = {"float16": (2, "<f2"), "float32": (4, "<f4")}   # §7.S.3: bytes per value, format
+
+
+def parse_counts_table(blob, what):
+    """§7.S.2: A unsigned LEB128 counts, each at most 6 bytes, none overlong, the last not
+    truncated, 1 <= A <= 65536; BAD_TABLE otherwise.  (Sums and zero rules: per mode.)"""
+    k = parse_leb128_list(blob, 6, what)
+    if not k:
+        fail("BAD_TABLE", "%s is empty (A = 0)" % what)
+    return k
+
+
+def model_from_counts(k):
+    """§7.S.2: the stream's table by range-coder.md §8.6 when A >= 2; None when A = 1."""
+    return Model(table_from_counts(k)) if len(k) >= 2 else None
+
+
+def row_view(rec):
+    """§7.S.1: n = shape[0] rows of m = numel / n elements (callers ensure ndim >= 1, numel >= 1)."""
+    n = rec["shape"][0]
+    return n, rec["numel"] // n
+
+
+def check_lineage_dtype(rec, mode, need_dim):
+    """Check 2 of §7.6-§7.9: a float dtype, numel >= 1 (and for kmeans / pq ndim >= 1)."""
+    if rec["dtype"] not in FLOAT_DTYPES:
+        fail("BAD_TENSOR_RECORD", "%s needs a float dtype, not %s" % (mode, rec["dtype"]))
+    if need_dim and len(rec["shape"]) < 1:
+        fail("BAD_TENSOR_RECORD", "%s needs at least one dimension" % mode)
+    if rec["numel"] < 1:
+        fail("BAD_TENSOR_RECORD", "%s tensor with no element" % mode)
+
+
+def check_precision(mode, precision):
+    if precision not in PRECISIONS:
+        fail("BAD_TENSOR_RECORD", "%s precision %r is not 'float16' or 'float32'"
+             % (mode, precision))
+
+
+def check_params_ecsq(rec):
+    """mode-lineage.md §7.6.1, checks 1-6 in their order."""
+    p = rec["params"]
+    # 1. keys and types
+    check_keys(p, ("recon", "counts"), ("step", "q_min", "precision"))
+    if type(p["recon"]) is not str:
+        fail("BAD_TENSOR_RECORD", "ecsq recon is not a string")
+    if type(p["counts"]) is not bytes:
+        fail("BAD_TENSOR_RECORD", "ecsq counts is not a bin")
+    for key in ("step", "q_min"):
+        if key in p and not is_int(p[key]):
+            fail("BAD_TENSOR_RECORD", "ecsq %s is not an integer" % key)
+    if "precision" in p and type(p["precision"]) is not str:
+        fail("BAD_TENSOR_RECORD", "ecsq precision is not a string")
+    # 2. dtype, numel (any number of dimensions)
+    check_lineage_dtype(rec, "ecsq", need_dim=False)
+    # 3. recon and the keys it needs / forbids
+    recon = p["recon"]
+    if recon == "grid":
+        if "step" not in p or "q_min" not in p:
+            fail("BAD_TENSOR_RECORD", "ecsq grid needs step and q_min")
+        if "precision" in p:
+            fail("BAD_TENSOR_RECORD", "ecsq grid with a precision key")
+    elif recon == "codebook":
+        if "step" in p or "q_min" in p:
+            fail("BAD_TENSOR_RECORD", "ecsq codebook with a step or q_min key")
+        check_precision("ecsq", p.get("precision", "float16"))
+    else:
+        fail("BAD_TENSOR_RECORD", "ecsq recon %r is not 'grid' or 'codebook'" % recon)
+    # 4. step code
+    if recon == "grid":
+        check_step_code(p["step"])
+    # 5. counts table
+    k = parse_counts_table(p["counts"], "ecsq counts")
+    A = len(k)
+    if sum(k) != rec["numel"]:
+        fail("BAD_TABLE", "ecsq counts add up to %d, not numel %d" % (sum(k), rec["numel"]))
+    if recon == "grid":
+        if k[0] == 0 or k[-1] == 0:
+            fail("BAD_TABLE", "ecsq grid counts: first or last count is 0")
+    elif 0 in k:
+        fail("BAD_TABLE", "ecsq codebook counts: a count is 0 (an unused stored value)")
+    # 6. levels
+    if recon == "grid":
+        q_min = p["q_min"]
+        if q_min < MIN_LEVEL or q_min + A - 1 > MAX_LEVEL:
+            fail("LIMIT_EXCEEDED", "ecsq levels %d..%d outside -2^20..2^20" % (q_min, q_min + A - 1))
+        rec.update(step_code=p["step"], q_min=q_min)
+    else:
+        rec["precision"] = p.get("precision", "float16")
+    rec.update(recon=recon, A=A, model=model_from_counts(k))
+    # §7.6.2 streams: 0 = values (codebook), 1 = symbols
+    w = PRECISIONS[rec["precision"]][0] if recon == "codebook" else 0
+    rec["streams"] = [A * w, rec["numel"] if A >= 2 else 0]
+    rec["value_streams"] = {0} if recon == "codebook" else set()
+
+
+def check_params_kmeans(rec):
+    """mode-lineage.md §7.7.1, checks 1-5 in their order."""
+    p = rec["params"]
+    # 1. keys and types
+    check_keys(p, ("group_rows", "counts"), ("precision",))
+    gr, counts = p["group_rows"], p["counts"]
+    if type(gr) is not list or not all(is_int(x) for x in gr):
+        fail("BAD_TENSOR_RECORD", "kmeans group_rows is not an array of integers")
+    if type(counts) is not list or not all(type(x) is bytes for x in counts):
+        fail("BAD_TENSOR_RECORD", "kmeans counts is not an array of bins")
+    if "precision" in p and type(p["precision"]) is not str:
+        fail("BAD_TENSOR_RECORD", "kmeans precision is not a string")
+    # 2. dtype, ndim, numel
+    check_lineage_dtype(rec, "kmeans", need_dim=True)
+    # 3. precision
+    precision = p.get("precision", "float16")
+    check_precision("kmeans", precision)
+    # 4. groups
+    n, m = row_view(rec)
+    G = len(gr)
+    if not (1 <= G <= 4096):
+        fail("BAD_TENSOR_RECORD", "kmeans has %d groups (1..4096 allowed)" % G)
+    if len(counts) != G:
+        fail("BAD_TENSOR_RECORD", "kmeans counts has %d entries, group_rows %d" % (len(counts), G))
+    if any(r < 1 for r in gr):
+        fail("BAD_TENSOR_RECORD", "kmeans group with fewer than 1 row")
+    if sum(gr) != n:
+        fail("BAD_TENSOR_RECORD", "kmeans group rows add up to %d, not n = %d" % (sum(gr), n))
+    # 5. counts tables, group by group
+    tables = []
+    for g in range(G):
+        k = parse_counts_table(counts[g], "kmeans counts[%d]" % g)
+        if 0 in k:
+            fail("BAD_TABLE", "kmeans counts[%d]: a count is 0" % g)
+        if sum(k) != gr[g] * m:
+            fail("BAD_TABLE", "kmeans counts[%d] add up to %d, not %d" % (g, sum(k), gr[g] * m))
+        tables.append(k)
+    w = PRECISIONS[precision][0]
+    K = [len(k) for k in tables]
+    rec.update(precision=precision, n=n, m=m, group_rows=gr, K=K,
+               models=[model_from_counts(k) for k in tables])
+    # §7.7.2 streams: 0 = all codebooks, 1 + g = group g's symbols
+    rec["streams"] = [sum(K) * w] + [gr[g] * m if K[g] >= 2 else 0 for g in range(G)]
+    rec["value_streams"] = {0}
+
+
+def check_params_pq(rec):
+    """mode-lineage.md §7.8.1, checks 1-5 in their order."""
+    p = rec["params"]
+    # 1. keys and types
+    check_keys(p, ("dim", "counts"), ("precision",))
+    if not is_int(p["dim"]):
+        fail("BAD_TENSOR_RECORD", "pq dim is not an integer")
+    if type(p["counts"]) is not bytes:
+        fail("BAD_TENSOR_RECORD", "pq counts is not a bin")
+    if "precision" in p and type(p["precision"]) is not str:
+        fail("BAD_TENSOR_RECORD", "pq precision is not a string")
+    # 2. dtype, ndim, numel
+    check_lineage_dtype(rec, "pq", need_dim=True)
+    # 3. precision
+    precision = p.get("precision", "float16")
+    check_precision("pq", precision)
+    # 4. dim
+    n, m = row_view(rec)
+    d = p["dim"]
+    if not (1 <= d <= min(m, 256)):
+        fail("BAD_TENSOR_RECORD", "pq dim %d outside 1..min(m = %d, 256)" % (d, m))
+    s = -(-m // d)
+    # 5. counts table
+    k = parse_counts_table(p["counts"], "pq counts")
+    if 0 in k:
+        fail("BAD_TABLE", "pq counts: a count is 0")
+    if sum(k) != n * s:
+        fail("BAD_TABLE", "pq counts add up to %d, not n x s = %d" % (sum(k), n * s))
+    K = len(k)
+    w = PRECISIONS[precision][0]
+    rec.update(precision=precision, n=n, m=m, d=d, s=s, K=K, model=model_from_counts(k))
+    # §7.8.2 streams: 0 = codebook, 1 = sub-vector symbols
+    rec["streams"] = [K * d * w, n * s if K >= 2 else 0]
+    rec["value_streams"] = {0}
+
+
+def check_params_dither(rec):
+    """mode-lineage.md §7.9.1, checks 1-6 in their order."""
+    p = rec["params"]
+    # 1. keys and types
+    check_keys(p, ("step", "seed", "q_min", "counts"), ("lattice",))
+    if not is_int(p["step"]):
+        fail("BAD_TENSOR_RECORD", "dither step is not an integer")
+    if not is_int(p["seed"]):
+        fail("BAD_TENSOR_RECORD", "dither seed is not an integer")
+    q_min, counts = p["q_min"], p["counts"]
+    if type(q_min) is not list or not all(is_int(x) for x in q_min):
+        fail("BAD_TENSOR_RECORD", "dither q_min is not an array of integers")
+    if type(counts) is not list or not all(type(x) is bytes for x in counts):
+        fail("BAD_TENSOR_RECORD", "dither counts is not an array of bins")
+    if "lattice" in p and type(p["lattice"]) is not str:
+        fail("BAD_TENSOR_RECORD", "dither lattice is not a string")
+    # 2. dtype, numel (any number of dimensions)
+    check_lineage_dtype(rec, "dither", need_dim=False)
+    # 3. lattice, seed, entry counts
+    lattice = p.get("lattice", "scalar")
+    if lattice not in ("scalar", "hex"):
+        fail("BAD_TENSOR_RECORD", "dither lattice %r is not 'scalar' or 'hex'" % lattice)
+    seed = p["seed"]
+    if not (0 <= seed <= M64):          # §12: 0 .. 2^64 - 1
+        fail("BAD_TENSOR_RECORD", "dither seed %d outside 0..2^64-1" % seed)
+    L = 1 if lattice == "scalar" else 2
+    if len(q_min) != L or len(counts) != L:
+        fail("BAD_TENSOR_RECORD", "dither %s needs %d q_min and counts entries (has %d, %d)"
+             % (lattice, L, len(q_min), len(counts)))
+    # 4. step code
+    check_step_code(p["step"])
+    # 5. counts tables, stream by stream; N as defined after the checks
+    N = rec["numel"] if lattice == "scalar" else (rec["numel"] + 1) // 2
+    tables = []
+    for c in range(L):
+        k = parse_counts_table(counts[c], "dither counts[%d]" % c)
+        if k[0] == 0 or k[-1] == 0:
+            fail("BAD_TABLE", "dither counts[%d]: first or last count is 0" % c)
+        if sum(k) != N:
+            fail("BAD_TABLE", "dither counts[%d] add up to %d, not N = %d" % (c, sum(k), N))
+        tables.append(k)
+    # 6. levels, stream by stream
+    for c in range(L):
+        A = len(tables[c])
+        if q_min[c] < MIN_LEVEL or q_min[c] + A - 1 > MAX_LEVEL:
+            fail("LIMIT_EXCEEDED", "dither stream %d levels %d..%d outside -2^20..2^20"
+                 % (c, q_min[c], q_min[c] + A - 1))
+    A = [len(k) for k in tables]
+    rec.update(lattice=lattice, seed=seed, step_code=p["step"], q_mins=q_min, N=N, A_list=A,
+               models=[model_from_counts(k) for k in tables])
+    # §7.9.2 streams: one symbol stream per coordinate
+    rec["streams"] = [N if A[c] >= 2 else 0 for c in range(L)]
+    rec["value_streams"] = set()
+
+
 def check_manifest(doc):
     """§5.2 then §5.3 record by record (§10.1 step 2)."""
     if type(doc) is not dict:
@@ -868,8 +1107,16 @@ def check_manifest(doc):
             check_params_uniform(rec)
         elif mode == "alias":
             check_params_alias(rec, index, records)
-        else:
+        elif mode == "tq":
             check_params_tq(rec)
+        elif mode == "ecsq":
+            check_params_ecsq(rec)
+        elif mode == "kmeans":
+            check_params_kmeans(rec)
+        elif mode == "pq":
+            check_params_pq(rec)
+        else:
+            check_params_dither(rec)
         records.append(rec)
     return records
 
@@ -954,6 +1201,171 @@ def reconstruct_tq(rec, stream_data):
         T = R32
     T = np.ascontiguousarray(T).reshape(rec["shape"])
     return round_from_f32(T, rec["dtype"]).tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# mode-lineage.md: value streams (§7.S.3), rounding (§7.S.5), SplitMix64 (§7.S.6) and the
+# reconstructions of §7.6.3, §7.7.3, §7.8.3, §7.9.3
+# ----------------------------------------------------------------------------------------------
+
+def check_value_stream(rec, raw):
+    """§7.S.3: the stored values (binary16 or binary32, LE) widened exactly to binary32; a NaN
+    or infinity is BAD_PAYLOAD.  ecsq codebook (§7.6.2) and each kmeans group's codebook
+    (§7.7.2) MUST be strictly increasing as real numbers (-0 == +0): else BAD_PAYLOAD."""
+    v = np.frombuffer(raw, dtype=PRECISIONS[rec["precision"]][1]).astype(np.float32)
+    if not np.all(np.isfinite(v)):
+        fail("BAD_PAYLOAD", "%s: a stored value is NaN or infinite" % rec["mode"])
+    if rec["mode"] == "ecsq":
+        books = [v]
+    elif rec["mode"] == "kmeans":
+        ends = np.cumsum(rec["K"])
+        books = np.split(v, ends[:-1])
+    else:
+        books = []                                   # pq: codewords have no order (§7.8.2)
+    for g, c in enumerate(books):
+        if not np.all(c[1:] > c[:-1]):
+            fail("BAD_PAYLOAD", "%s: codebook %d is not strictly increasing"
+                 % (rec["mode"], g))
+    return v
+
+
+def round_from_f64(a64, dtype):
+    """§7.S.5 binary64 value: float64 as is; otherwise rounded to binary32 (nearest, ties to
+    even), then that binary32 value rounded to the dtype as a binary32 value."""
+    if dtype == "float64":
+        return a64.astype("<f8")
+    with np.errstate(over="ignore", invalid="ignore"):
+        a32 = a64.astype(np.float32)
+    return round_from_f32(a32, dtype)
+
+
+SM_GAMMA = 0x9E3779B97F4A7C15
+SM_MUL1 = 0xBF58476D1CE4E5B9
+SM_MUL2 = 0x94D049BB133111EB
+
+
+def splitmix64(seed, count):
+    """§7.S.6: outputs z_0 .. z_{count-1} for seed S (uint64 arithmetic wraps mod 2^64)."""
+    k1 = np.arange(1, count + 1, dtype=np.uint64)          # k + 1 (count < 2^64)
+    x = np.uint64(seed) + k1 * np.uint64(SM_GAMMA)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(SM_MUL1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(SM_MUL2)
+    return x ^ (x >> np.uint64(31))
+
+
+def dither_numerators(z):
+    """§7.S.6: t1, t2 (odd integers in (-2^21, 2^21)) from outputs z, as int64."""
+    r1 = (z >> np.uint64(43)).astype(np.int64)
+    r2 = ((z >> np.uint64(22)) & np.uint64((1 << 21) - 1)).astype(np.int64)
+    return 2 * r1 + 1 - (1 << 21), 2 * r2 + 1 - (1 << 21)
+
+
+def _selftest_splitmix():
+    assert [int(z) for z in splitmix64(0, 3)] == [
+        0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert [int(z) for z in splitmix64(1234567, 3)] == [
+        0x599ED017FB08FC85, 0x2C73F08458540FA5, 0x883EBCE5A3F27C77]
+    t1, t2 = dither_numerators(splitmix64(0, 1))
+    assert (int(t1[0]), int(t2[0])) == (1607723, -1979431)
+
+
+with np.errstate(over="ignore"):
+    _selftest_splitmix()
+
+
+def symbols_of(rec_A, syms, count):
+    """A stream's symbols: all 0 when A = 1 (§7.S.2), else the decoded ones."""
+    if rec_A == 1:
+        return np.zeros(count, dtype=np.int64)
+    return np.asarray(syms, dtype=np.int64)
+
+
+def reconstruct_ecsq(rec, stream_data):
+    """§7.6.3"""
+    sym = symbols_of(rec["A"], stream_data[1], rec["numel"])
+    if rec["recon"] == "grid":
+        q = (sym + rec["q_min"]).astype(np.float64)
+        v = q * step_value(rec["step_code"]) + 0.0      # exact; q = 0 gives +0
+        v32 = v.astype(np.float32)                       # exact in binary32 (as §7.3.2)
+        assert np.array_equal(v32.astype(np.float64), v)
+    else:
+        v32 = rec["values"][sym]
+    return round_from_f32(v32.reshape(rec["shape"]), rec["dtype"]).tobytes()
+
+
+def reconstruct_kmeans(rec, stream_data):
+    """§7.7.3"""
+    m = rec["m"]
+    out = np.empty(rec["numel"], dtype=np.float32)
+    values = rec["values"]
+    e0 = v0 = 0
+    for g, rows in enumerate(rec["group_rows"]):
+        cnt = rows * m
+        sym = symbols_of(rec["K"][g], stream_data[1 + g], cnt)
+        out[e0:e0 + cnt] = values[v0 + sym]
+        e0 += cnt
+        v0 += rec["K"][g]
+    return round_from_f32(out.reshape(rec["shape"]), rec["dtype"]).tobytes()
+
+
+def reconstruct_pq(rec, stream_data):
+    """§7.8.3"""
+    n, m, d, s, K = rec["n"], rec["m"], rec["d"], rec["s"], rec["K"]
+    book = rec["values"].reshape(K, d)
+    sym = symbols_of(K, stream_data[1], n * s).reshape(n, s)
+    # row i: codewords of its s sub-vectors laid end to end (s*d >= m), cut to m elements
+    R = book[sym].reshape(n, s * d)[:, :m]
+    return round_from_f32(np.ascontiguousarray(R).reshape(rec["shape"]), rec["dtype"]).tobytes()
+
+
+# §7.9.3: H, the binary64 nearest to sqrt(3)/2, from its bit pattern
+DITHER_H = struct.unpack("<d", struct.pack("<Q", 0x3FEBB67AE8584CAA))[0]
+assert DITHER_H == 3900231685776981 * 2.0 ** -52
+
+
+def reconstruct_dither(rec, stream_data):
+    """§7.9.3 (every product below is exact in binary64 except y = E * H, one rounding)."""
+    numel, N = rec["numel"], rec["N"]
+    delta = step_value(rec["step_code"])
+    t1, t2 = dither_numerators(splitmix64(rec["seed"], N))
+    levels = [symbols_of(rec["A_list"][c], stream_data[c], N) + rec["q_mins"][c]
+              for c in range(len(rec["A_list"]))]
+    if rec["lattice"] == "scalar":
+        Ni = levels[0] * (1 << 22) - t1                  # |N_i| < 2^43, int64
+        r = Ni.astype(np.float64) * delta * 2.0 ** -22
+    else:
+        a, b = levels
+        Nx = a * (1 << 23) + (b & 1) * (1 << 22) - 2 * t1 - t2
+        x = Nx.astype(np.float64) * delta * 2.0 ** -23
+        Ny = b * (1 << 22) - t2
+        E = Ny.astype(np.float64) * delta * 2.0 ** -22
+        y = E * DITHER_H                                 # one correctly rounded multiplication
+        r = np.empty(2 * N, dtype=np.float64)
+        r[0::2] = x
+        r[1::2] = y
+        r = r[:numel]                                    # odd numel: last y discarded
+    return round_from_f64(r.reshape(rec["shape"]), rec["dtype"]).tobytes()
+
+
+def _selftest_dither():
+    """The worked values of §7.9.3 (seed 0)."""
+    def run(lattice, step, q_mins, syms, numel):
+        rec = {"numel": numel, "N": len(syms[0]), "step_code": step, "seed": 0,
+               "A_list": [2] * len(q_mins), "q_mins": q_mins, "lattice": lattice,
+               "shape": [numel], "dtype": "float64"}
+        return np.frombuffer(reconstruct_dither(rec, syms), "<f8")
+    f64bits = lambda v: struct.unpack("<Q", struct.pack("<d", float(v)))[0]  # noqa: E731
+    assert f64bits(run("scalar", 0, [3], [[0]], 1)[0]) == 0x4004EEFAA0000000
+    r = run("scalar", -37, [-2], [[0]], 1)[0]
+    assert f64bits(r) == 0xBF70AEE4B4000000
+    assert np.float32(r).view(np.uint32) == 0xBB857726
+    x, y = run("hex", 0, [1, -1], [[0], [0]], 2)
+    assert f64bits(x) == 0x3FF5A47A20000000 and f64bits(y) == 0xBFDD44B848BE76CC
+    assert np.float32(y).view(np.uint32) == 0xBEEA25C2
+
+
+with np.errstate(over="ignore"):
+    _selftest_dither()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1062,6 +1474,8 @@ def decode_file(data, want_tensors=True):
             if acc + items > required[cur][2]:
                 fail("BAD_CHUNK", "stream's chunks hold more than its %d items"
                      % required[cur][2])
+            # the mode's Payload_Length rule, from the header (§10.1 step 3)
+            check_payload_length(rec, stream, items, plen)
         if plen > size - pos - CHUNK_HEADER_SIZE:
             fail("TRUNCATED", "chunk payload runs past the end of the file")
         payload = data[pos + CHUNK_HEADER_SIZE:pos + CHUNK_HEADER_SIZE + plen]
@@ -1072,9 +1486,8 @@ def decode_file(data, want_tensors=True):
             decode_payload(records[tindex], stream, items, payload, streams[tindex][stream])
             acc += items
             next_seq += 1
-            if acc == required[cur][2] and records[tindex]["mode"] == "tq" and stream == 0:
-                # mode-tq.md §7.5.3 step 3: S checked as soon as stream 0 is complete
-                check_tq_transform(b"".join(streams[tindex][0]))
+            if acc == required[cur][2]:
+                on_stream_complete(records[tindex], stream, streams[tindex][stream])
             if span_start[tindex] is None:
                 span_start[tindex] = pos
             span_end[tindex] = chunk_end
@@ -1132,14 +1545,50 @@ def decode_file(data, want_tensors=True):
     return header, doc, records, tensors
 
 
+def is_byte_stream(rec, stream):
+    """True for streams of stored bytes (§7.2, §7.5.2 stream 0, §7.S.3 value streams); False
+    for range-coded symbol streams (§7.3.2, §7.5.2 band streams, §7.S.4)."""
+    mode = rec["mode"]
+    if mode == "raw":
+        return True
+    if mode == "tq":
+        return stream == 0
+    if mode in ("ecsq", "kmeans", "pq", "dither"):
+        return stream in rec["value_streams"]
+    return False
+
+
+def check_payload_length(rec, stream, items, plen):
+    """The mode's rule on Payload_Length, checked from the chunk header (§10.1 step 3: after
+    §6.2's rules, before TRUNCATED and Payload_CRC32): §7.2, §7.3.2, §7.5.2, §7.S.3, §7.S.4."""
+    if rec["mode"] == "raw":
+        if rec["codec"] == "none" and plen != items:                          # §7.2
+            fail("BAD_CHUNK", "raw none chunk: Payload_Length %d != Item_Count %d"
+                 % (plen, items))
+    elif is_byte_stream(rec, stream):                                         # §7.5.2, §7.S.3
+        if plen != items:
+            fail("BAD_CHUNK", "%s stream %d (bytes): Payload_Length %d != Item_Count %d"
+                 % (rec["mode"], stream, plen, items))
+    elif plen < 4 or plen % 4:                                                # §7.3.2, §7.S.4
+        fail("BAD_CHUNK", "%s stream %d: range-coded payload of %d bytes (a multiple of 4, "
+             ">= 4 needed)" % (rec["mode"], stream, plen))
+
+
+def symbol_model(rec, stream):
+    """The range-coder model of a symbol stream."""
+    mode = rec["mode"]
+    if mode in ("uniform", "ecsq", "pq"):          # §7.3.2; §7.6.2 / §7.8.2 stream 1
+        return rec["model"]
+    if mode in ("tq", "kmeans"):                   # §7.5.2 stream 1 + b; §7.7.2 stream 1 + g
+        return rec["models"][stream - 1]
+    return rec["models"][stream]                   # dither: §7.9.2 stream c
+
+
 def decode_payload(rec, stream, items, payload, out):
-    """§7: decode one chunk's payload; append its items to `out`."""
+    """§7: decode one chunk's payload (its length rule already checked); append its items."""
     mode = rec["mode"]
     if mode == "raw":                                                          # §7.2
         if rec["codec"] == "none":
-            if len(payload) != items:
-                fail("BAD_CHUNK", "raw none chunk: Payload_Length %d != Item_Count %d"
-                     % (len(payload), items))
             b = bytes(payload)
         else:
             b = zstd_decode(payload, items)
@@ -1147,22 +1596,20 @@ def decode_payload(rec, stream, items, payload, out):
             if b.translate(None, b"\x00\x01"):
                 fail("BAD_PAYLOAD", "bool tensor holds a byte other than 0 and 1")
         out.append(b)
-    elif mode == "uniform":                                                    # §7.3.2
-        if len(payload) < 4 or len(payload) % 4:
-            fail("BAD_CHUNK", "range-coded payload of %d bytes" % len(payload))
-        out.extend(rc_decode_payload(payload, items, rec["model"]))
-    elif mode == "tq":                                                         # §7.5.2
-        if stream == 0:
-            out.append(bytes(payload))
-            if len(payload) != items:
-                fail("BAD_CHUNK", "tq transform chunk: Payload_Length %d != Item_Count %d"
-                     % (len(payload), items))
-        else:
-            if len(payload) < 4 or len(payload) % 4:
-                fail("BAD_CHUNK", "range-coded payload of %d bytes" % len(payload))
-            out.extend(rc_decode_payload(payload, items, rec["models"][stream - 1]))
-    else:
-        raise AssertionError("alias has no streams")
+    elif is_byte_stream(rec, stream):              # tq transform, §7.S.3 value streams
+        out.append(bytes(payload))
+    else:                                          # range-coded symbols (§8)
+        out.extend(rc_decode_payload(payload, items, symbol_model(rec, stream)))
+
+
+def on_stream_complete(rec, stream, parts):
+    """Checks made as soon as a stream's last chunk has been decoded."""
+    if rec["mode"] == "tq" and stream == 0:
+        # mode-tq.md §7.5.3 step 3: S checked as soon as stream 0 is complete
+        check_tq_transform(b"".join(parts))
+    elif rec["mode"] in ("ecsq", "kmeans", "pq") and stream in rec["value_streams"]:
+        # §7.S.3 (finite), §7.6.2 / §7.7.2 (strictly increasing); kept for reconstruction
+        rec["values"] = check_value_stream(rec, b"".join(parts))
 
 
 def finish_tensor(rec, stream_data, done):
@@ -1178,7 +1625,10 @@ def finish_tensor(rec, stream_data, done):
         return reconstruct_uniform(rec, stream_data[0])
     if mode == "alias":
         return done[rec["of"]]
-    return reconstruct_tq(rec, stream_data)
+    if mode == "tq":
+        return reconstruct_tq(rec, stream_data)
+    return {"ecsq": reconstruct_ecsq, "kmeans": reconstruct_kmeans, "pq": reconstruct_pq,
+            "dither": reconstruct_dither}[mode](rec, stream_data)
 
 
 # ----------------------------------------------------------------------------------------------
