@@ -134,6 +134,17 @@ def best_for_rate(points: Sequence[Point], bits: float) -> Point:
     return min(ok, key=lambda p: (p.d, p.r))
 
 
+def best_variant(chosen: Sequence[tuple[Point, Any]], *, lam: Optional[float] = None,
+                 target: Optional[float] = None) -> tuple[Point, Any]:
+    """Among ``(point, variant)`` pairs (one per variant of a method: a lattice, a sub-vector
+    length, a reconstruction rule): the least ``D + lam R``; or, for a rate ``target``, the least
+    distortion within it (the least rate when none fits)."""
+    if lam is not None:
+        return min(chosen, key=lambda t: t[0].d + lam * t[0].r)
+    fits = [t for t in chosen if t[0].r <= target]
+    return min(fits or chosen, key=lambda t: (t[0].d, t[0].r) if fits else (t[0].r, t[0].d))
+
+
 def search_monotone(keys: Sequence[Any], evaluate: Callable[[Any], Point], *, bits: Optional[float] = None,
                     lam: Optional[float] = None, start: Optional[int] = None) -> tuple[Point, list[Point]]:
     """Pick among ``keys`` (ordered so that the rate falls along them: finer first) evaluating as

@@ -21,8 +21,8 @@ from ..dtypes import storage_to_float64
 from ..modes import dither as dither_mode
 from ..modes import lineage_common as C
 from ..steps import code_at_most, steps_from_codes
-from .common import Point, Result, counts_bits, entropy_bits, measured_bits, search_monotone, step_codes, \
-    weighted_distortion
+from .common import (Point, Result, best_variant, counts_bits, entropy_bits, measured_bits, search_monotone,
+                     step_codes, weighted_distortion)
 from .importance import full_importance
 
 
@@ -109,11 +109,7 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
             start = int(np.clip(np.searchsorted(codes, guess), 0, len(codes) - 1))
         p, _ = search_monotone(codes, evaluate, bits=target, lam=lam, start=start)
         chosen.append((p, lat))
-    if lam is not None:
-        p, lat = min(chosen, key=lambda t: t[0].d + lam * t[0].r)
-    else:
-        fits = [t for t in chosen if t[0].r <= target]
-        p, lat = min(fits or chosen, key=lambda t: (t[0].d, t[0].r) if fits else (t[0].r, t[0].d))
+    p, lat = best_variant(chosen, lam=lam, target=target)
     delta = float(steps_from_codes([p.key])[0])
     if lat == "scalar":
         coords, _ = _scalar(x, t_el, delta)

@@ -25,8 +25,8 @@ from ..dtypes import storage_to_float64
 from ..modes import ecsq as ecsq_mode
 from ..modes import lineage_common as C
 from ..steps import code_at_most, steps_from_codes
-from .common import Point, Result, counts_bits, entropy_bits, measured_bits, search_monotone, step_codes, \
-    subsample, weighted_distortion
+from .common import (Point, Result, best_variant, counts_bits, entropy_bits, measured_bits, search_monotone,
+                     step_codes, subsample, weighted_distortion)
 from .importance import full_importance
 
 PASSES = 6  # at most this many assignment / update passes
@@ -209,11 +209,7 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
         if target is not None and p.r <= target:
             p = _fine_tune(xs, hs, scale, codes, p, target, hbar, var)
         chosen.append((p, var))
-    if lam is not None:
-        p, var = min(chosen, key=lambda t: t[0].d + lam * t[0].r)
-    else:
-        fits = [t for t in chosen if t[0].r <= target]
-        p, var = min(fits or chosen, key=lambda t: (t[0].d, t[0].r) if fits else (t[0].r, t[0].d))
+    p, var = best_variant(chosen, lam=lam, target=target)
     best: Optional[Result] = None
     for prec in (["float16", "float32"] if (precision == "auto" and var == "codebook") else
                  [precision if precision != "auto" else "float16"]):

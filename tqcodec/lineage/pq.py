@@ -18,8 +18,8 @@ import numpy as np
 from ..dtypes import storage_to_float64
 from ..modes import lineage_common as C
 from ..modes import pq as pq_mode
-from .common import Point, Result, counts_bits, entropy_bits, measured_bits, row_view, search_monotone, \
-    weighted_distortion
+from .common import (Point, Result, best_variant, counts_bits, entropy_bits, measured_bits, row_view,
+                     search_monotone, weighted_distortion)
 from .importance import full_importance
 
 DIMS = (2, 4, 8)
@@ -145,11 +145,7 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
             start = len(ks) // 2
         p, _ = search_monotone(ks, lambda k, split=split: split.point(k, seed), bits=target, lam=lam, start=start)
         chosen.append((p, split))
-    if lam is not None:
-        p, split = min(chosen, key=lambda t: t[0].d + lam * t[0].r)
-    else:
-        fits = [t for t in chosen if t[0].r <= target]
-        p, split = min(fits or chosen, key=lambda t: (t[0].d, t[0].r) if fits else (t[0].r, t[0].d))
+    p, split = best_variant(chosen, lam=lam, target=target)
     best: Optional[Result] = None
     precs = ["float16", "float32"] if precision == "auto" else [precision]
     for prec in precs:

@@ -13,13 +13,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import limits as L
-from ..coding.rangecoder import Model, decode_symbols, encode_symbols
+from ..coding.rangecoder import encode_symbols
 from ..coding.tables import frequencies_from_counts
 from ..dtypes import FLOAT_NAMES, round_exact_float32
 from ..errors import fail
 from ..format.manifest import TensorRecord, check_record_value_types
 from ..format.freqtable import pack_leb128, unpack_leb128
 from ..steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
+from .lineage_common import read_symbols
 
 LAYOUTS = ("out_in", "in_out")
 TRANSFORMS = ("none", "float16")
@@ -123,20 +124,8 @@ def stream_items(index: int, record: TensorRecord, records: Sequence[TensorRecor
 
 
 def _band_levels(p: _Parsed, b: int, chunks: list[tuple[int, bytes]], count: int, name: str) -> np.ndarray:
-    f = p.freqs[b]
-    if f is None:
-        return np.full(count, p.q_min[b], dtype=np.int64)
-    out = np.empty(count, dtype=np.int64)
-    model = Model(f)
-    pos = 0
-    for n, payload in chunks:
-        if len(payload) % 4 or not payload:
-            raise fail("BAD_CHUNK", f"tensor {name!r}: range-coded payload of {len(payload)} bytes "
-                                    "is not a positive multiple of 4")
-        sym = decode_symbols(np.frombuffer(payload, dtype="<u4"), model, n)
-        out[pos:pos + n] = sym.astype(np.int64) + p.q_min[b]
-        pos += n
-    return out
+    """Band ``b``'s levels: its symbols (§7.5.2, read as every counts-table mode reads them) + q_min."""
+    return read_symbols(chunks, p.freqs[b], count, name) + p.q_min[b]
 
 
 def _transform(p: _Parsed, chunks: list[tuple[int, bytes]], name: str) -> np.ndarray:
