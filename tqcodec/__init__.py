@@ -15,7 +15,8 @@ from .api import (EncodeOptions, TensorInfo, TqzFile, VerifyReport, encode_bytes
                   iter_tensors, load, open, save, verify)
 from .calibrate import Stats, calibrate  # noqa: E402
 from .nn import load_module  # noqa: E402
+from .finetune import finetune  # noqa: E402
 
 __all__ = ["TqzError", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport",
            "encode_bytes", "iter_tensors", "load", "open", "save", "verify", "__version__",
-           "FORMAT_VERSION", "Stats", "calibrate", "load_module"]
+           "FORMAT_VERSION", "Stats", "calibrate", "load_module", "finetune"]
