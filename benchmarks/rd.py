@@ -128,6 +128,54 @@ def tqcodec_codec(name: str, label: str, param: str, sweeps: dict, options: Call
     return Codec(name, label, param, sweeps, run, available, {"calibrated": calibrated})
 
 
+FINETUNE_STEPS = {"digits": 300, "minilm": 40}
+
+
+def _finetune_data(ctx: Context) -> tuple[list, Callable]:
+    """Batches and loss of the fine-tuning: digits, cross-entropy on the training split; MiniLM,
+    distillation (squared error of the mean-pooled token states, padding left out) to the
+    reference model on the calibration sentences (disjoint from the evaluation ones)."""
+    import torch.nn.functional as F
+    if ctx.model == "digits":
+        x, y = digits.train_data()
+        return [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)], \
+            lambda module, b: F.cross_entropy(module(b[0]), b[1])
+    teacher = ctx.zoo.build_module()
+    teacher.load_state_dict(ctx.reference, strict=True)
+    teacher.eval()
+
+    def pooled(module, inp):
+        h = module(**inp).last_hidden_state
+        m = inp["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    batches = []
+    for inp in ctx.calibration_batches():
+        with torch.no_grad():
+            batches.append((inp, pooled(teacher, inp)))
+    return batches, lambda module, b: F.mse_loss(pooled(module, b[0]), b[1])
+
+
+def _tq_finetuned_run(ctx: Context, values: list):
+    """Calibrated tq at ``bits``, then ``tqcodec.finetune`` (FINETUNE_STEPS steps, seed 0) to a
+    file at the same rate; encode_s includes calibration, encoding and fine-tuning."""
+    batches, loss = _finetune_data(ctx)
+    for v in values:
+        src = ctx.workdir / f"{ctx.model}-tq-{v}.tqz"
+        out = ctx.workdir / f"{ctx.model}-tq-finetuned-{v}.tqz"
+        t0 = time.perf_counter()
+        tqcodec.save(ctx.reference, src, mode="tq", stats=ctx.stats(), bits=v)
+        module = ctx.zoo.build_module()
+        module.load_state_dict(ctx.reference, strict=True)
+        tqcodec.finetune(module, src, batches, loss, out=out, steps=FINETUNE_STEPS[ctx.model], seed=0,
+                         stats=ctx.stats())
+        enc_s = time.perf_counter() - t0 + ctx.calibration_s
+        t0 = time.perf_counter()
+        decoded = tqcodec.load(out)
+        yield {"value": v, "bytes": out.stat().st_size, "encode_s": enc_s,
+               "decode_s": time.perf_counter() - t0, "decoded": decoded,
+               "options": {"mode": "tq", "bits": v, "finetune_steps": FINETUNE_STEPS[ctx.model]}}
+
+
 def _nncodec_run(ctx: Context, values: list):
     """All qp values in one process of NNCodec's venv (the input is loaded once)."""
     cmd = [ctx.args.nncodec_python, str(ROOT / "benchmarks" / "nncodec_runner.py"), str(ctx.reference_path),
@@ -195,6 +243,10 @@ CODECS: list[Codec] = [
     tqcodec_codec("auto", "tqcodec auto (tq or ecsq/kmeans/pq/dither per tensor), calibrated (bits)", "bits",
                   {"digits": [0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0], "minilm": [3.5, 3.7, 3.8, 4.0, 4.5]},
                   lambda v: {"mode": "auto", "bits": v}, calibrated=True, available=_tq_available),
+    Codec("tq-finetuned", "tqcodec tq, calibrated, fine-tuned at the same rate (bits; encode s include "
+          "calibration and fine-tuning)", "bits", {"digits": [1.0, 1.2], "minilm": [3.4]}, _tq_finetuned_run,
+          lambda args: None if hasattr(tqcodec, "finetune") else "this tqcodec has no finetune()",
+          {"calibrated": True}),
     # the simple lossless-storage baseline: weights cast to fp16, then zstd (tqcodec raw mode)
     tqcodec_codec("fp16-zstd", "fp16 + zstd (tqcodec --lossless of the fp16 cast)", "variant",
                   {"digits": ["fp16"], "minilm": ["fp16"]}, lambda v: {"lossless": True},
@@ -271,6 +323,43 @@ def summarize(points: list[dict]) -> dict:
 
 # --- reports ------------------------------------------------------------------------------------
 
+def summary_table(result: dict) -> list[str]:
+    """Markdown rows: per codec and model, the smallest transparent file, bytes (bits/param), and
+    its ratio to NNCodec's smallest transparent file of the same run; the stable point in
+    brackets where it differs (README copies this table)."""
+    models = list(result["models"].values())
+    head = "| codec | " + " | ".join(f"{m['model']}: smallest transparent, bytes (bits/param) [stable] | "
+                                      f"vs NNCodec" for m in models) + " |"
+    rows = [head, "|---|" + "---|---|" * len(models)]
+
+    def fmt(pt):
+        return "none in the sweep" if pt is None else f"{pt['bytes']:,} ({pt['bits_per_param']:.2f})"
+    labels: dict[str, str] = {}
+    for m in models:
+        for name, c in m["codecs"].items():
+            labels.setdefault(name, c.get("label", name))
+    for name, label in labels.items():
+        cells = []
+        for m in models:
+            c = m["codecs"].get(name)
+            if c is None or "skipped" in c:
+                cells += ["not run", ""]
+                continue
+            best, stable = c.get("smallest_transparent"), c.get("smallest_stable_transparent")
+            text = fmt(best) + ("" if stable is None or best is None or stable["bytes"] == best["bytes"]
+                                else f" [{fmt(stable)}]")
+            ref = m["codecs"].get("nncodec", {})
+            nb, ns = ref.get("smallest_transparent"), ref.get("smallest_stable_transparent")
+            ratio = ""
+            if best is not None and nb is not None and name != "nncodec":
+                ratio = f"{best['bytes'] / nb['bytes']:.2f}x"
+                if stable is not None and ns is not None and ns["bytes"] != nb["bytes"]:
+                    ratio += f" [{stable['bytes'] / ns['bytes']:.2f}x]"
+            cells += [text, ratio]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Rate-distortion: tqcodec vs NNCodec", "",
              "Generated by `benchmarks/rd.py` (see `benchmarks/README.md`). Rate = whole file "
@@ -287,6 +376,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [f"- {note}"]
     if result.get("notes"):
         lines.append("")
+    lines += summary_table(result) + [""]
     for m in result["models"].values():
         fp32 = m["reference_fp32_bytes"]
         lines += [f"## {m['model']} ({m['parameters']:,} parameters, reference {m['metric']} "
