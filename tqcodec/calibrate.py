@@ -395,7 +395,7 @@ class _Probe:
     (v: seeded random signs, zero at padded positions)."""
 
     def __init__(self, module: nn.Module, seed: int):
-        self.params = [(n, p) for n, p in module.named_parameters() if p.dtype.is_floating_point and p.numel()]
+        self.params = _float_params(module)
         self.saved = [p.requires_grad for _, p in self.params]
         for _, p in self.params:
             p.requires_grad_(True)
@@ -428,6 +428,19 @@ def _owner(wname: str, stats: Stats, hooked: set) -> Optional[str]:
     return None
 
 
+def _float_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a gain is measured for: float, non-empty."""
+    return [(n, p) for n, p in module.named_parameters() if p.dtype.is_floating_point and p.numel()]
+
+
+def _biases_take_weight_gains(stats: Stats, params: list, hooked: set) -> None:
+    """Each hooked layer's bias gets its weight's gain (kind ``plain``)."""
+    for wname, _ in params:
+        owner = _owner(wname, stats, hooked)
+        if owner:
+            stats.tensors[wname] = TensorStats("plain", gain=stats.tensors[owner].gain)
+
+
 def _local_per_variance(st: TensorStats, shape: tuple) -> float:
     """Local error per unit variance of an i.i.d. error on a parameter of ``shape``."""
     numel = int(np.prod(shape))
@@ -454,10 +467,7 @@ def _gains_from_probes(module: nn.Module, stats: Stats, probe: _Probe, hooked: s
         st.gain = out / per_var if per_var > 0 and math.isfinite(out) and out > 0 else 1.0
         if progress:
             progress(wname, j + 1, len(probe.params))
-    for wname, _ in probe.params:
-        owner = _owner(wname, stats, hooked)
-        if owner:
-            stats.tensors[wname] = TensorStats("plain", gain=stats.tensors[owner].gain)
+    _biases_take_weight_gains(stats, probe.params, hooked)
 
 
 def local_distortion(w_err: np.ndarray, s: TensorStats) -> float:
@@ -478,11 +488,10 @@ def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable,
     """Gain of every float parameter: hooked weights against tr(E H E^T), the others (biases,
     norms) against ||E||^2 (they get kind ``plain``)."""
     gen = torch.Generator().manual_seed(seed)
-    params = [(n, p) for n, p in module.named_parameters() if p.dtype.is_floating_point and p.numel()]
+    params = _float_params(module)
     with torch.no_grad():
         for j, (wname, w) in enumerate(params):
-            owner = wname[:-len("bias")] + "weight" if wname.endswith("bias") else None
-            if owner in hooked and owner in stats.tensors and stats.tensors[owner].kind != "embedding":
+            if _owner(wname, stats, hooked):
                 continue  # takes its weight's gain, below
             orig = w.detach().clone()
             rms = float(orig.double().pow(2).mean().sqrt()) or 1.0
@@ -506,7 +515,4 @@ def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable,
             st.gain = err / pred if pred > 0 and math.isfinite(err) else 1.0
             if progress:
                 progress(wname, j + 1, len(params))
-        for wname, w in params:
-            owner = wname[:-len("bias")] + "weight" if wname.endswith("bias") else None
-            if owner in hooked and owner in stats.tensors and stats.tensors[owner].kind != "embedding":
-                stats.tensors[wname] = TensorStats("plain", gain=stats.tensors[owner].gain)
+    _biases_take_weight_gains(stats, params, hooked)

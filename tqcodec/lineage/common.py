@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -134,6 +134,22 @@ def best_for_rate(points: Sequence[Point], bits: float) -> Point:
     return min(ok, key=lambda p: (p.d, p.r))
 
 
+PRECISION_MARGIN = 0.005  # a costlier stored precision must lower the distortion by this share
+
+
+def least_distortion(results: Iterable[Optional[Result]]) -> Result:
+    """The first of ``results`` (the cheapest stored precision first), replaced by a later one
+    only where that lowers the distortion by more than ``PRECISION_MARGIN``; ``None`` entries (a
+    precision that cannot hold the values) are skipped."""
+    best: Optional[Result] = None
+    for res in results:
+        if res is not None and (best is None or res.distortion < best.distortion * (1 - PRECISION_MARGIN)):
+            best = res
+    if best is None:
+        raise ValueError("no stored precision can hold these values")
+    return best
+
+
 def best_variant(chosen: Sequence[tuple[Point, Any]], *, lam: Optional[float] = None,
                  target: Optional[float] = None) -> tuple[Point, Any]:
     """Among ``(point, variant)`` pairs (one per variant of a method: a lattice, a sub-vector
@@ -173,7 +189,8 @@ def search_monotone(keys: Sequence[Any], evaluate: Callable[[Any], Point], *, bi
             if 0 <= j < n:
                 at(j)
         return best_for_rate(list(cache.values()), bits), list(cache.values())
-    assert lam is not None
+    if lam is None:
+        raise ValueError("search_monotone needs bits or lam")
     i = min(max(0 if start is None else start, 0), n - 1)
     cost = lambda j: at(j).d + lam * at(j).r  # noqa: E731
     for j in (i - 1, i + 1):
@@ -205,7 +222,8 @@ def allocate(curves: Sequence[Sequence[Point]], *, bits: Optional[float] = None,
     with the most rate within ``bits``; the cheapest choice when none fits)."""
     if lam is not None:
         return [best_for_lambda(c, lam) for c in curves]
-    assert bits is not None
+    if bits is None:
+        raise ValueError("allocate needs bits or lam")
     lo, hi = -200.0, 200.0  # log2 lam
     best = None
     for _ in range(80):

@@ -25,8 +25,8 @@ from ..dtypes import storage_to_float64
 from ..modes import ecsq as ecsq_mode
 from ..modes import lineage_common as C
 from ..steps import code_at_most, steps_from_codes
-from .common import (Point, Result, best_variant, counts_bits, entropy_bits, measured_bits, search_monotone,
-                     step_codes, subsample, weighted_distortion)
+from .common import (Point, Result, best_variant, counts_bits, entropy_bits, least_distortion, measured_bits,
+                     search_monotone, step_codes, subsample, weighted_distortion)
 from .importance import full_importance
 
 PASSES = 6  # at most this many assignment / update passes
@@ -210,13 +210,9 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
             p = _fine_tune(xs, hs, scale, codes, p, target, hbar, var)
         chosen.append((p, var))
     p, var = best_variant(chosen, lam=lam, target=target)
-    best: Optional[Result] = None
-    for prec in (["float16", "float32"] if (precision == "auto" and var == "codebook") else
-                 [precision if precision != "auto" else "float16"]):
-        res = _finish(w, h, shape, dtype, p.key, p.state, var, prec)
-        if res is not None and (best is None or res.distortion < best.distortion * (1 - 0.005)):
-            best = res
-    if best is None:
-        best = _finish(w, h, shape, dtype, p.key, p.state, var, "float32")
-    assert best is not None
-    return best
+    precs = (["float16", "float32"] if (precision == "auto" and var == "codebook") else
+             [precision if precision != "auto" else "float16"])
+    results = [_finish(w, h, shape, dtype, p.key, p.state, var, prec) for prec in precs]
+    if all(r is None for r in results):  # float16 cannot hold the codebook: float32 can
+        results.append(_finish(w, h, shape, dtype, p.key, p.state, var, "float32"))
+    return least_distortion(results)

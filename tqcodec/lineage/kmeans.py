@@ -17,8 +17,8 @@ import numpy as np
 from ..dtypes import storage_to_float64
 from ..modes import kmeans as kmeans_mode
 from ..modes import lineage_common as C
-from .common import Point, Result, allocate, counts_bits, entropy_bits, measured_bits, row_view, \
-    weighted_distortion
+from .common import (Point, Result, allocate, counts_bits, entropy_bits, least_distortion, measured_bits,
+                     row_view, weighted_distortion)
 from .importance import full_importance
 
 K_GRID = sorted({1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128,
@@ -124,10 +124,10 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
         curves.append(pts)
     target = None if bits is None else bits * w2.size - 8 * 24  # params and their keys
     pick = allocate(curves, bits=target, lam=lam)
-    best: Optional[Result] = None
-    for prec in (["float16", "float32"] if precision == "auto" else [precision]):
+
+    def stored_as(prec: str) -> Optional[Result]:
         if prec == "float16" and any(np.abs(p.state).max() > F16_MAX for p in pick):
-            continue
+            return None
         books, syms, recon = [], [], np.empty_like(w2)
         for (a, b), p in zip(zip(bounds, bounds[1:]), pick):
             stored, sym, rec, _ = _finish_codebook(p.state, w2[a:b], h2[a:b], dtype, prec)
@@ -135,10 +135,8 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
             syms.append(sym)
             recon[a:b] = rec
         params, streams = kmeans_mode.encode(syms, books, precision=prec)
-        res = Result("kmeans", params, streams, measured_bits(params, streams),
-                     weighted_distortion(recon, w2, h2), recon.reshape(np.shape(values)),
-                     {"codebook_sizes": [len(bk) for bk in books], "precision": prec})
-        if best is None or res.distortion < best.distortion * (1 - 0.005):
-            best = res
-    assert best is not None
-    return best
+        return Result("kmeans", params, streams, measured_bits(params, streams),
+                      weighted_distortion(recon, w2, h2), recon.reshape(np.shape(values)),
+                      {"codebook_sizes": [len(bk) for bk in books], "precision": prec})
+    return least_distortion(stored_as(prec) for prec in (["float16", "float32"] if precision == "auto"
+                                                          else [precision]))

@@ -18,8 +18,8 @@ import numpy as np
 from ..dtypes import storage_to_float64
 from ..modes import lineage_common as C
 from ..modes import pq as pq_mode
-from .common import (Point, Result, best_variant, counts_bits, entropy_bits, measured_bits, row_view,
-                     search_monotone, weighted_distortion)
+from .common import (Point, Result, best_variant, counts_bits, entropy_bits, least_distortion, measured_bits,
+                     row_view, search_monotone, weighted_distortion)
 from .importance import full_importance
 
 DIMS = (2, 4, 8)
@@ -146,14 +146,9 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
         p, _ = search_monotone(ks, lambda k, split=split: split.point(k, seed), bits=target, lam=lam, start=start)
         chosen.append((p, split))
     p, split = best_variant(chosen, lam=lam, target=target)
-    best: Optional[Result] = None
     precs = ["float16", "float32"] if precision == "auto" else [precision]
-    for prec in precs:
-        if prec == "float16" and np.abs(p.state).max() > F16_MAX and len(precs) > 1:
-            continue
-        res = _finish(split, p.state, n, m, dtype, prec, h2, w2)
-        if best is None or res.distortion < best.distortion * (1 - 0.005):
-            best = res
-    assert best is not None
+    best = least_distortion(
+        None if prec == "float16" and np.abs(p.state).max() > F16_MAX and len(precs) > 1
+        else _finish(split, p.state, n, m, dtype, prec, h2, w2) for prec in precs)
     best.recon = best.recon.reshape(np.shape(values))
     return best

@@ -109,19 +109,14 @@ class _Source:
             yield r * self.m, min(self.rows, r + per) * self.m
 
 
-def choose_step_codes(values: np.ndarray, granularity: str, snr_db: float) -> np.ndarray:
+def _step_codes(src: "_Source", snr_db: float) -> np.ndarray:
     """Per tensor or channel: the largest step whose uniform noise gives at least ``snr_db``
     of weight SQNR (noise step^2/12 against the mean square), and never so small that
     levels leave -2^20..2^20 or the alphabet passes 65536."""
-    src = _Source(lambda s, e: values.reshape(-1)[s:e], values.shape, granularity)
-    return _step_codes(src, snr_db)
-
-
-def _step_codes(src: "_Source", snr_db: float) -> np.ndarray:
     sq, peak = np.zeros(src.rows), np.zeros(src.rows)
     lo, hi = np.full(src.rows, np.inf), np.full(src.rows, -np.inf)
     for s, e in src.row_blocks():
-        block = src.read(s, e).reshape(-1 if src.rows == 1 else (e - s) // src.m, src.m if src.rows > 1 else e - s)
+        block = src.read(s, e).reshape(-1, src.m if src.rows > 1 else e - s)  # [rows of the block, row]
         r = slice(0, 1) if src.rows == 1 else slice(s // src.m, e // src.m)
         sq[r] += np.sum(np.square(block), axis=1)
         peak[r] = np.maximum(peak[r], np.max(np.abs(block), axis=1))
@@ -140,14 +135,8 @@ def _step_codes(src: "_Source", snr_db: float) -> np.ndarray:
     return np.array(codes, dtype=np.int64)
 
 
-def quantize(values: np.ndarray, granularity: str, codes: np.ndarray) -> np.ndarray:
-    """Nearest levels (ties to even) for float64 ``values`` with the given step codes."""
-    src = _Source(lambda s, e: values.reshape(-1)[s:e], values.shape, granularity)
-    return _levels(src, steps_from_codes(codes), 0, src.n).reshape(values.shape)
-
-
 def _levels(src: "_Source", steps: np.ndarray, s: int, e: int) -> np.ndarray:
-    """Levels of flat elements s..e (each divided by its row's step, as ``rows / steps``)."""
+    """Nearest levels (ties to even) of flat elements s..e, each divided by its row's step."""
     x = src.read(s, e)
     step = steps[0] if src.rows == 1 else steps[np.arange(s, e) // src.m]
     q = np.rint(x / step)

@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..coding.tables import frequencies_from_counts
 from ..steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
 from .rounding import gptq_round, prepare, round_nearest
 

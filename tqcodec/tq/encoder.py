@@ -4,7 +4,6 @@ real container size through ``size_of`` so that a bits target holds for the whol
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -29,6 +28,11 @@ class Item:
     name: str
     dtype: str
     values: np.ndarray
+
+
+def matrix_view(values: np.ndarray, layout: str) -> np.ndarray:
+    """The [n rows, m columns] matrix R of spec §7.5 for a weight stored in ``layout``."""
+    return values.T if layout == "in_out" else values.reshape(values.shape[0], -1)
 
 
 def _h_fits(h: Optional[np.ndarray], n: int, m: int) -> bool:
@@ -56,8 +60,7 @@ def make_units(items: list[Item], stats) -> tuple[list[Unit], dict[str, str]]:
         if v.ndim < 2:
             continue
         layout = st.layout if st is not None and v.ndim == 2 else "out_in"
-        w2 = v.T if layout == "in_out" else v.reshape(v.shape[0], -1)
-        w2 = np.ascontiguousarray(w2)
+        w2 = np.ascontiguousarray(matrix_view(v, layout))
         h = rw = None
         gain = default_gain
         if st is not None:
@@ -89,6 +92,14 @@ def parent(unit_name: str) -> str:
     return unit_name.split("\x00", 1)[0]
 
 
+def by_tensor(units: Sequence[Unit]) -> dict[str, list[Unit]]:
+    """Units grouped by the tensor they belong to, tensors and bands in order."""
+    out: dict[str, list[Unit]] = {}
+    for u in units:
+        out.setdefault(parent(u.name), []).append(u)
+    return out
+
+
 def _levels(u: Unit, code: int) -> np.ndarray:
     lv = u.levels.get(code)
     return u.quantize(code, True) if lv is None else lv
@@ -115,9 +126,7 @@ def reconstruction(u: Unit, code: int) -> np.ndarray:
 
 def _bias_pairs(units: list[Unit], stats, layouts: Mapping[str, str]) -> list:
     """(weight bands, bias bands) of weights whose input mean is known and whose bias is a unit."""
-    by_parent: dict[str, list[Unit]] = {}
-    for u in units:
-        by_parent.setdefault(parent(u.name), []).append(u)
+    by_parent = by_tensor(units)
     pairs = []
     if stats is None:
         return pairs
@@ -179,7 +188,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str]) -> d
         st = stats.get(it.name) if stats is not None else None
         if st is not None and st.kind not in ("linear", "conv"):
             continue
-        w2 = v.T if layout == "in_out" else v.reshape(v.shape[0], -1)
+        w2 = matrix_view(v, layout)
         n, m = w2.shape
         if m < 4 or n < TRANSFORM_MIN_RATIO * m:
             continue
@@ -211,10 +220,6 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str]) -> d
     return out
 
 
-def _best_cost(u: Unit, lam: float) -> tuple[float, int]:
-    return min((d + lam * r, c) for c, (d, r) in u.curve.items())
-
-
 def kept_components(bands: list[Unit], codes: Sequence[int]) -> int:
     """Coefficient rows kept: up to the last band with a nonzero level (at least the first band)."""
     k = bands[0].w.shape[0]
@@ -224,26 +229,30 @@ def kept_components(bands: list[Unit], codes: Sequence[int]) -> int:
     return k
 
 
+def _cost(bands: Sequence[Unit], pick: Mapping[str, int], lam: float) -> float:
+    """Sum of D + lam R of ``bands`` at their picked codes."""
+    return sum(u.curve[pick[u.name]][0] + lam * u.curve[pick[u.name]][1] for u in bands)
+
+
 def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption], lam: float) -> tuple[list[Unit], set]:
     """Per tensor with an option: the transform when its cost D + lam R, with the stored S's
     ``16 m k`` bits counted, is below the identity's at the same multiplier. Returns the units
     with the chosen tensors' row bands replaced by their coefficient bands, and their names."""
-    by_parent: dict[str, list[Unit]] = {}
-    for u in units:
-        by_parent.setdefault(parent(u.name), []).append(u)
+    by_parent = by_tensor(units)
     chosen = set()
     for name, opt in options.items():
         if name not in by_parent:
             continue
-        identity = sum(_best_cost(u, lam)[0] for u in by_parent[name])
         for u in opt.bands:
             if not u.curve:
                 for c in candidate_codes(u.w):
                     u.evaluate(c, True, keep=True)
-        picks = [_best_cost(u, lam) for u in opt.bands]
-        k = kept_components(opt.bands, [c for _, c in picks])
-        kept = [(cost, u) for (cost, _), u in zip(picks, opt.bands) if u.r0 < k]
-        coded = sum(cost for cost, _ in kept) + lam * transforms.cost_bits(opt.synthesis.shape[0], k)
+        # the two alternatives' bands share names: each is chosen on its own
+        identity = _cost(by_parent[name], choose(by_parent[name], lam), lam)
+        pick = choose(opt.bands, lam)
+        k = kept_components(opt.bands, [pick[u.name] for u in opt.bands])
+        coded = _cost([u for u in opt.bands if u.r0 < k], pick, lam) \
+            + lam * transforms.cost_bits(opt.synthesis.shape[0], k)
         if coded < identity:
             chosen.add(name)
     out = []
@@ -311,9 +320,7 @@ def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance,
     def result(pick: Mapping[str, int]) -> dict[str, tuple[str, dict, list]]:
         _correct_biases(corrections, originals, pick)
         out = {}
-        by_parent: dict[str, list[Unit]] = {}
-        for u in units:
-            by_parent.setdefault(parent(u.name), []).append(u)
+        by_parent = by_tensor(units)
         for i, (name, bands) in enumerate(by_parent.items()):
             codes = [pick[u.name] for u in bands]
             if name in synthesis:
@@ -379,7 +386,5 @@ def with_alternatives(alternatives: Optional[Callable], lam: float, units: list[
     measures the file with the alternatives in it)."""
     if alternatives is None:
         return enc
-    by_parent: dict[str, list[Unit]] = {}
-    for u in units:
-        by_parent.setdefault(parent(u.name), []).append(u)
+    by_parent = by_tensor(units)
     return alternatives(lam, by_parent, pick, enc)
