@@ -162,7 +162,7 @@ class TreeSampler:
 
 def run_phase(args: argparse.Namespace) -> None:
     import torch  # noqa: F401  (the interpreter baseline includes torch and tqcodec)
-    from tqcodec import hf
+    from tqcodec import api
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -170,10 +170,10 @@ def run_phase(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.phase == "encode":
         kw = {"mode": "tq", "bits": 4.0, "tq_scope": "tensor"} if args.mode == "tq" else {"mode": args.mode}
-        n = hf.encode_folder(args.src, args.dst, jobs=args.jobs, **kw)
+        n = api.encode_folder(args.src, args.dst, jobs=args.jobs, **kw)
         extra = {"bytes": n, "sha256": hashlib.sha256(Path(args.dst).read_bytes()).hexdigest()}
     else:
-        shards = hf.decode_folder(args.src, args.dst, jobs=args.jobs, overwrite=True, shard_size=2 * 10**9)
+        shards = api.decode_folder(args.src, args.dst, jobs=args.jobs, overwrite=True, shard_size=2 * 10**9)
         extra = {"shards": len(shards)}
     wall = time.perf_counter() - t0
     sampler.stop()

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import constriction  # noqa: E402
 
 import tqcodec  # noqa: E402
-from tqcodec.format.freqtable import unpack_freqs  # noqa: E402
+from tqcodec.format.leb128 import unpack_freqs  # noqa: E402
 
 
 def best_of(repeat: int, fn):
@@ -72,8 +72,7 @@ def main() -> None:
             freqs = unpack_freqs(info.params["freqs"])
             if len(freqs) < 2:
                 continue
-            tc = f._reader.tensor_chunks(f.keys().index(name))
-            chunks = [(n, np.frombuffer(p, dtype="<u4").copy()) for n, p in tc.streams[0]]
+            chunks = [(n, np.frombuffer(p, dtype="<u4").copy()) for n, p in f.encoded(name).streams[0]]
             jobs.append((freqs, chunks))
             symbols_total += sum(n for n, _ in chunks)
 

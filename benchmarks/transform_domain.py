@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import torch  # noqa: E402
 
 import tqcodec  # noqa: E402
-from tqcodec import nn as tqnn  # noqa: E402
+from tqcodec.model import nn as tqnn  # noqa: E402
 
 TMP = os.path.join(REPO, "benchmarks", "results", "tmp")
 MIB = 1 << 20

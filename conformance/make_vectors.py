@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import tqcodec  # noqa: E402
 from tqcodec.coding.rangecoder import encode_symbols  # noqa: E402
 from tqcodec.coding.tables import frequencies_from_counts  # noqa: E402
-from tqcodec.dtypes import tensor_to_storage  # noqa: E402
+from tqcodec.pipeline.tensors import tensor_to_storage  # noqa: E402
 from tqcodec.modes import raw as raw_mode  # noqa: E402
 from tqcodec.modes import uniform as uniform_mode  # noqa: E402
 
@@ -101,7 +101,7 @@ def raw_t(name, dtype, arr, codec="none", chunks=None, frame=None) -> T:
         elif frame is not None:
             payload = frame(piece)
         else:  # tqcodec's encoder makes the frame
-            _, streams = raw_mode.encode(np.frombuffer(piece, np.uint8), "zstd")
+            streams = raw_mode.write(np.frombuffer(piece, np.uint8), "zstd").streams
             (count, payload), = streams[0]
         out.append(Chunk(payload, item_count=n))
     return T(name, dtype, arr.shape, "raw", {"codec": codec}, out, data)

@@ -142,7 +142,7 @@ class TqcodecDecoder:
 
     @staticmethod
     def _tensor(t):
-        from tqcodec.dtypes import tensor_to_storage
+        from tqcodec.pipeline.tensors import tensor_to_storage
         dtype, arr = tensor_to_storage(t)
         return ST_DTYPES[dtype], tuple(t.shape), np.ascontiguousarray(arr).tobytes()
 

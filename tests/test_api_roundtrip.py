@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tqcodec
-from tqcodec.steps import steps_from_codes
+from tqcodec.format.steps import steps_from_codes
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

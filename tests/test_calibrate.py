@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tqcodec
-from tqcodec.calibrate import Stats, calibrate
+from tqcodec.model.calibrate import Stats, calibrate
 
 
 def _batches(x: torch.Tensor, size: int):
@@ -47,7 +47,7 @@ def test_conv_stats_predict_output_error():
     e = torch.randn_like(conv.weight) * 0.1
     y = F.conv2d(x, e, stride=2, padding=1, groups=2)  # output error of weight error e
     measured = float(y.pow(2).sum()) / (y.shape[0] * y.shape[2] * y.shape[3])
-    from tqcodec.calibrate import local_distortion
+    from tqcodec.model.calibrate import local_distortion
     predicted = local_distortion(e.reshape(8, -1).numpy(), s)
     assert predicted == pytest.approx(measured, rel=1e-9)
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import tqcodec
-from tqcodec.format.container import CHUNK_HEADER_SIZE, FOOTER_SIZE, HEADER_SIZE
+from tqcodec.format.chunks import CHUNK_HEADER_SIZE
+from tqcodec.format.header import HEADER_SIZE
+from tqcodec.format.index import FOOTER_SIZE
 from tests.conftest import small_state_dict
 
 

@@ -1,7 +1,7 @@
 """Faults while writing (issue 8): nothing a user had is lost, nothing partial is left.
 
 Outputs are written to ``.<name>.<random>.part`` in the target directory, flushed, fsynced and
-renamed over the output (``tqcodec.fileio.atomic_output``). These tests check that, and that:
+renamed over the output (``tqcodec.io.files.atomic_output``). These tests check that, and that:
 
 - ENOSPC (simulated in ``write`` and in ``fsync``), a real ``EFBIG`` from ``RLIMIT_FSIZE`` and a
   KeyboardInterrupt mid-write leave the previous output byte-identical and no temporary file;
@@ -112,7 +112,7 @@ def test_new_outputs_get_the_umask_mode_not_0600(tmp_path):
     old = os.umask(0o022)
     try:
         tqcodec.save(small_state_dict(), tmp_path / "a.tqz")
-        tqcodec.fileio.write_model(small_state_dict(), tmp_path / "a.safetensors", overwrite=False)
+        tqcodec.io.files.write_model(small_state_dict(), tmp_path / "a.safetensors", overwrite=False)
     finally:
         os.umask(old)
     for name in ("a.tqz", "a.safetensors"):
@@ -316,8 +316,8 @@ def test_input_is_never_opened_for_writing(tmp_path):
     Python-level open of an input in a writing mode (and renames/removals of it)."""
     import json
     pt, st = tmp_path / "model.pt", tmp_path / "other.safetensors"
-    tqcodec.fileio.write_model(small_state_dict(), pt, overwrite=False)
-    tqcodec.fileio.write_model(small_state_dict(1), st, overwrite=False)
+    tqcodec.io.files.write_model(small_state_dict(), pt, overwrite=False)
+    tqcodec.io.files.write_model(small_state_dict(1), st, overwrite=False)
     tz = tmp_path / "third.tqz"
     tqcodec.save(small_state_dict(2), tz)
     inputs = [pt, st, tz]

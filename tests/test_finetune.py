@@ -12,14 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tqcodec
-from tqcodec.dtypes import tensor_to_storage
+from tqcodec.pipeline.tensors import tensor_to_storage
 from tqcodec.errors import TqzError
-from tqcodec.finetune import ADAPTERS, TqGrid, finetune, nearest_code
-from tqcodec.format.container import ContainerWriter
+from tqcodec.model.finetune import ADAPTERS, TqGrid, finetune, nearest_code
+from tqcodec.format.writer import ContainerWriter
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import raw
 from tqcodec.modes import tq as tq_mode
-from tqcodec.steps import steps_from_codes
+from tqcodec.format.steps import steps_from_codes
 
 
 class Net(nn.Module):
@@ -214,10 +214,10 @@ def _tq_file(sd: dict, plan: dict) -> bytes:
             bounds = [0] + [cut * (i + 1) for i in range(len(codes) - 1)] + [c.shape[0]]
             levels = [np.rint(c[a:b] / st).astype(np.int64)
                       for a, b, st in zip(bounds[:-1], bounds[1:], steps_from_codes(codes))]
-            params, streams = tq_mode.encode(levels, codes, layout=layout, transform=s)
+            _, params, streams = tq_mode.write(levels, codes, layout=layout, transform=s)
             w.add_tensor(TensorRecord(name, dtype, tuple(t.shape), "tq", params), streams)
         else:
-            params, streams = raw.encode(arr, "none")
+            _, params, streams = raw.write(arr, "none")
             w.add_tensor(TensorRecord(name, dtype, tuple(t.shape), "raw", params), streams)
     w.finish({})
     return buf.getvalue()
@@ -238,7 +238,7 @@ def test_tq_adapter_starts_at_the_decoded_tensor_and_reencodes_exactly(setup):
                 mode, params, streams = tr.encode(got)
                 assert params["steps"] == f.info(name).params["steps"]
                 rec = TensorRecord(name, "float32", tuple(got.shape), mode, params)
-                assert np.array_equal(tq_mode.decode(rec, streams), got.numpy())
+                assert np.array_equal(tq_mode.decode(tq_mode.parse(rec), rec, streams), got.numpy())
             else:  # float16 transform: the same matrix within float32 rounding of the sum
                 assert torch.allclose(got, decoded[name], rtol=1e-5, atol=1e-6)
                 loss = (tr.value() ** 2).sum()
@@ -261,6 +261,7 @@ def _lineage_record(name: str, t: torch.Tensor, mode: str) -> tuple[TensorRecord
     """``t`` coded in ``mode`` by plain nearest rounding (the lineage encoders' numerics are not
     under test here, only the bitstream the adapters read and write)."""
     from tqcodec.modes import dither, ecsq, kmeans, pq
+    from tqcodec.modes.dither.format import dither_offsets
     w = t.detach().double().numpy()
     n = w.shape[0]
     r = w.reshape(n, -1)
@@ -277,24 +278,24 @@ def _lineage_record(name: str, t: torch.Tensor, mode: str) -> tuple[TensorRecord
             b, s = book_of(part, 8)
             groups.append(s.reshape(part.shape))
             books.append(b)
-        params, streams = kmeans.encode(groups, books)
+        _, params, streams = kmeans.write(groups, books)
     elif mode == "pq":
         sub = r.reshape(n, -1, 2).reshape(-1, 2)
         book = np.unique(sub[:: max(1, len(sub) // 16)].astype(np.float16).astype(np.float64), axis=0)
         sym = ((sub[:, None, :] - book[None]) ** 2).sum(-1).argmin(1)
         used = np.unique(sym)
-        params, streams = pq.encode(np.searchsorted(used, sym).reshape(n, -1), book[used])
+        _, params, streams = pq.write(np.searchsorted(used, sym).reshape(n, -1), book[used])
     elif mode == "ecsq":
         b, s = book_of(w.reshape(-1), 8)
-        params, streams = ecsq.encode(s, recon="codebook", values=b)
+        _, params, streams = ecsq.write(s, recon="codebook", values=b)
     elif mode == "ecsq_grid":
         lv = np.rint(w.reshape(-1) / steps_from_codes([-20])[0]).astype(np.int64)
-        params, streams = ecsq.encode(lv - lv.min(), recon="grid", step=-20, q_min=int(lv.min()))
+        _, params, streams = ecsq.write(lv - lv.min(), recon="grid", step=-20, q_min=int(lv.min()))
         mode = "ecsq"
     else:  # dither, scalar lattice
-        u = dither.dither_offsets("scalar", -18, 7, w.size)
+        u = dither_offsets("scalar", -18, 7, w.size)
         lv = np.rint((w.reshape(-1) + u) / steps_from_codes([-18])[0]).astype(np.int64)
-        params, streams = dither.encode([lv], step=-18, seed=7)
+        _, params, streams = dither.write([lv], step=-18, seed=7)
     return TensorRecord(name, "float32", tuple(t.shape), mode, params), streams
 
 
@@ -309,8 +310,8 @@ def test_codebook_and_dither_adapters(setup, tmp_path):
         if name in LINEAGE:
             w.add_tensor(*_lineage_record(name, t, LINEAGE[name]))
         else:
-            w.add_tensor(TensorRecord(name, "float32", tuple(t.shape), "raw", raw.encode(t.numpy(), "none")[0]),
-                         raw.encode(t.numpy(), "none")[1])
+            w.add_tensor(TensorRecord(name, "float32", tuple(t.shape), "raw", raw.write(t.numpy(), "none").params),
+                         raw.write(t.numpy(), "none").streams)
     w.finish({})
     src = tmp_path / "lineage.tqz"
     src.write_bytes(buf.getvalue())

@@ -39,9 +39,11 @@ from hypothesis import strategies as st
 import tqcodec
 from tqcodec.coding.rangecoder import encode_symbols
 from tqcodec.errors import ERROR_CODES, TqzError
-from tqcodec.format.container import (CHUNK_TAG, FOOTER_MAGIC, INDEX_TAG, MAGIC, ContainerWriter,
-                                      pack_chunk, pack_footer, pack_index)
-from tqcodec.format.freqtable import pack_freqs
+from tqcodec.format.chunks import CHUNK_TAG, pack_chunk
+from tqcodec.format.header import MAGIC
+from tqcodec.format.index import FOOTER_MAGIC, INDEX_TAG, pack_footer, pack_index
+from tqcodec.format.writer import ContainerWriter
+from tqcodec.format.leb128 import pack_freqs
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.limits import Limits
 
@@ -545,7 +547,7 @@ def tensors(draw, index: int, prev: list):
         if draw(st.integers(0, 19)) == 0:
             params.pop(draw(st.sampled_from(sorted(params))))
         try:
-            from tqcodec.format.freqtable import unpack_freqs
+            from tqcodec.format.leb128 import unpack_freqs
             table = unpack_freqs(freqs)
         except TqzError:
             table = np.array([1, (1 << 24) - 1], dtype=np.uint32)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import tqcodec
-from tqcodec.fileio import read_model
+from tqcodec.io.files import read_model
 
 MARKER_ENV = "TQZ_HOSTILE_MARKER"
 

@@ -1,5 +1,5 @@
 """Modes ecsq, kmeans, pq, dither (spec/mode-lineage.md §7.6-§7.9) and their encoders
-(tqcodec.lineage): exact round trips, determinism, rate targets, rate-distortion against plain
+(tqcodec.modes.{ecsq,kmeans,pq,dither}, tqcodec.pipeline.classic): exact round trips, determinism, rate targets, rate-distortion against plain
 uniform quantization, dither error statistics, hostile parameters, mode auto's choice, the CLI."""
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import pytest
 import torch
 
 import tqcodec
-from tqcodec.dtypes import storage_to_float64
+from tqcodec.format.dtypes import storage_to_float64
 from tqcodec.errors import TqzError
 from tqcodec.format.manifest import TensorRecord
-from tqcodec.lineage import dither as dither_enc
-from tqcodec.lineage import ecsq as ecsq_enc
-from tqcodec.lineage import encode_tensor
-from tqcodec.lineage import kmeans as kmeans_enc
-from tqcodec.lineage import pq as pq_enc
-from tqcodec.lineage.common import measured_bits, weighted_distortion
 from tqcodec.modes import MODES
-from tqcodec.modes import dither as dither_mode
-from tqcodec.modes import lineage_common as C
+from tqcodec.modes.dither import format as dither_mode
 from tqcodec.modes import uniform as uniform_mode
-from tqcodec.steps import steps_from_codes
+from tqcodec.modes.dither import encoder as dither_enc
+from tqcodec.modes.dither.format import numerators, splitmix64
+from tqcodec.modes.ecsq import encoder as ecsq_enc
+from tqcodec.modes.kmeans import encoder as kmeans_enc
+from tqcodec.modes.pq import encoder as pq_enc
+from tqcodec.modes.rd import measured_bits, weighted_distortion
+from tqcodec.pipeline.classic import encode_classic as encode_tensor
+from tqcodec.format.steps import steps_from_codes
 
 LINEAGE = ("ecsq", "kmeans", "pq", "dither")
 
@@ -29,9 +29,15 @@ LINEAGE = ("ecsq", "kmeans", "pq", "dither")
 def _decode(mode: str, dtype: str, shape: tuple, params: dict, streams: list) -> np.ndarray:
     """The mode's decoder on the encoder's params and streams (stream counts checked first)."""
     rec = TensorRecord("w", dtype, tuple(shape), mode, params)
-    items = MODES[mode].stream_items(0, rec, [rec])
+    p = MODES[mode].parse(rec)
+    items = MODES[mode].stream_items(p, 0, [rec])
     assert items == tuple(sum(n for n, _ in s) for s in streams)
-    return storage_to_float64(dtype, MODES[mode].decode(rec, streams))
+    return storage_to_float64(dtype, MODES[mode].decode(p, rec, streams))
+
+
+def _stream_items(rec: TensorRecord) -> tuple:
+    mod = MODES[rec.mode]
+    return mod.stream_items(mod.parse(rec), 0, [rec])
 
 
 def _laplace(shape, seed=0, scale=0.05):
@@ -41,11 +47,11 @@ def _laplace(shape, seed=0, scale=0.05):
 # --- spec pins (§7.S.6, §7.9.3 worked values) ----------------------------------------------------
 
 def test_splitmix64_check_values_of_the_spec():
-    assert [int(z) for z in C.splitmix64(0, 0, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
-    assert [int(z) for z in C.splitmix64(1234567, 0, 3)] == [0x599ED017FB08FC85, 0x2C73F08458540FA5,
+    assert [int(z) for z in splitmix64(0, 0, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert [int(z) for z in splitmix64(1234567, 0, 3)] == [0x599ED017FB08FC85, 0x2C73F08458540FA5,
                                                              0x883EBCE5A3F27C77]
-    assert [int(z) for z in C.splitmix64(0, 2, 1)] == [0x06C45D188009454F]  # any output on its own
-    t1, t2 = C.numerators(C.splitmix64(0, 0, 1))
+    assert [int(z) for z in splitmix64(0, 2, 1)] == [0x06C45D188009454F]  # any output on its own
+    t1, t2 = numerators(splitmix64(0, 0, 1))
     assert (int(t1[0]), int(t2[0])) == (1607723, -1979431)
 
 
@@ -75,9 +81,9 @@ def test_decoder_rebuilds_the_encoders_reconstruction_exactly(mode, kw, dtype, s
     enc = {"ecsq": ecsq_enc, "kmeans": kmeans_enc, "pq": pq_enc, "dither": dither_enc}[mode]
     res = enc.encode(w, dtype, imp, bits=2.5, **kw)
     assert res.mode == mode and res.recon.shape == shape
-    got = _decode(mode, dtype, shape, res.params, res.streams).reshape(shape)
+    got = _decode(mode, dtype, shape, res.encoded.params, res.encoded.streams).reshape(shape)
     np.testing.assert_array_equal(got, res.recon)
-    assert res.rate_bits == measured_bits(res.params, res.streams)
+    assert res.rate_bits == measured_bits(res.encoded.params, res.encoded.streams)
     assert res.distortion == pytest.approx(weighted_distortion(got.reshape(shape[0], -1), w.reshape(shape[0], -1),
                                                                imp))
 
@@ -147,7 +153,7 @@ def test_rate_target_is_honoured_roughly(mode):
 # --- rate-distortion: where the methods promise to beat plain uniform quantization ----------------
 
 def _uniform_point(w: np.ndarray, h: np.ndarray, code: int) -> tuple[float, float]:
-    params, streams = uniform_mode.encode(w, "float32", "tensor", codes=np.array([code]))
+    _, params, streams = uniform_mode.encode(w, "float32", "tensor", codes=np.array([code]))
     step = float(steps_from_codes([code])[0])
     return measured_bits(params, streams), weighted_distortion(np.rint(w / step) * step, w, h)
 
@@ -253,23 +259,23 @@ HOSTILE = [
 def test_hostile_params_are_rejected_with_their_code(mode, shape, params, code):
     rec = TensorRecord("w", "float32", shape, mode, params)
     with pytest.raises(TqzError) as exc:
-        MODES[mode].stream_items(0, rec, [rec])
+        _stream_items(rec)
     assert exc.value.code == code
 
 
 def test_hostile_payloads():
     """Stored values: NaN/inf and out-of-order codebooks are BAD_PAYLOAD; length rules BAD_CHUNK."""
-    params, streams = MODES["ecsq"].encode(np.array([0, 1, 2, 1]), recon="codebook", values=np.array([-1.0, 0.0, 2.0]))
+    _, params, streams = MODES["ecsq"].write(np.array([0, 1, 2, 1]), recon="codebook", values=np.array([-1.0, 0.0, 2.0]))
     rec = TensorRecord("w", "float32", (2, 2), "ecsq", params)
     good = streams[0][0][1]
     for bad, code in ((good[:2] + b"\x00\x7e" + good[4:], "BAD_PAYLOAD"),      # NaN
                       (good[:2] + b"\x00\x40" + good[4:], "BAD_PAYLOAD"),      # 2.0 twice: not increasing
                       (good + b"\x00", "BAD_CHUNK")):                          # Payload_Length != Item_Count
         with pytest.raises(TqzError) as exc:
-            MODES["ecsq"].decode(rec, [[(len(good), bad)], streams[1]])
+            MODES["ecsq"].decode(MODES["ecsq"].parse(rec), rec, [[(len(good), bad)], streams[1]])
         assert exc.value.code == code
     with pytest.raises(TqzError) as exc:
-        MODES["ecsq"].decode(rec, [streams[0], [(4, streams[1][0][1] + b"\x00\x00")]])
+        MODES["ecsq"].decode(MODES["ecsq"].parse(rec), rec, [streams[0], [(4, streams[1][0][1] + b"\x00\x00")]])
     assert exc.value.code == "BAD_CHUNK"
 
 
@@ -306,16 +312,16 @@ def _lineage_seeds() -> list[bytes]:
     g = torch.Generator().manual_seed(9)
     w = torch.randn(12, 40, generator=g) * 0.1
     seeds = [tqcodec.encode_bytes({"w": w, "h": w.half()[:7]}, mode=m, bits=3) for m in LINEAGE]
-    params, streams = dither_mode.encode([np.arange(-3, 4).repeat(2)[:13], np.arange(13) % 5 - 2], step=-6, seed=5,
+    _, params, streams = dither_mode.write([np.arange(-3, 4).repeat(2)[:13], np.arange(13) % 5 - 2], step=-6, seed=5,
                                          lattice="hex")
-    from tqcodec.format.container import ContainerWriter
+    from tqcodec.format.writer import ContainerWriter
     import io
     buf = io.BytesIO()
     with ContainerWriter(buf) as wr:
         wr.add_tensor(TensorRecord("x", "float32", (5, 5), "dither", params), streams)
         wr.finish({})
     seeds.append(buf.getvalue())
-    params, streams = MODES["kmeans"].encode([np.arange(20).reshape(2, 10) % 3, np.zeros((1, 10), int)],
+    _, params, streams = MODES["kmeans"].write([np.arange(20).reshape(2, 10) % 3, np.zeros((1, 10), int)],
                                              [np.array([-1.0, 0.0, 1.0]), np.array([0.5])], precision="float32")
     buf = io.BytesIO()
     with ContainerWriter(buf) as wr:

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import tqcodec
-from tqcodec import nn as tqnn
-from tqcodec.dtypes import tensor_to_storage
-from tqcodec.format.container import ContainerWriter
+from tqcodec.model import nn as tqnn
+from tqcodec.pipeline.tensors import tensor_to_storage
+from tqcodec.format.writer import ContainerWriter
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import raw
 from tqcodec.modes import tq as tq_mode
-from tqcodec.steps import steps_from_codes
+from tqcodec.format.steps import steps_from_codes
 
 torch.manual_seed(0)
 
@@ -210,7 +210,7 @@ def _quantize_tq(w: torch.Tensor, layout: str, k, bands: int, codes: list):
     bounds = np.linspace(0, c.shape[0], bands + 1).astype(int)
     steps = steps_from_codes(np.array(codes))
     levels = [np.round(c[a:b] / st).astype(np.int64) for a, b, st in zip(bounds[:-1], bounds[1:], steps)]
-    return tq_mode.encode(levels, codes, layout=layout, transform=s)
+    return tq_mode.write(levels, codes, layout=layout, transform=s)[1:]
 
 
 def _write(sd: dict, plan: dict) -> bytes:
@@ -223,7 +223,7 @@ def _write(sd: dict, plan: dict) -> bytes:
             params, streams = _quantize_tq(t, *plan[name])
             mode = "tq"
         else:
-            params, streams = raw.encode(arr, "none")
+            _, params, streams = raw.write(arr, "none")
             mode = "raw"
         w.add_tensor(TensorRecord(name, dtype, tuple(t.shape), mode, params), streams)
     w.finish({})

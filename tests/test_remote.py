@@ -15,7 +15,7 @@ pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
 
 import tqcodec  # noqa: E402
-from tqcodec import remote  # noqa: E402
+from tqcodec.io import remote  # noqa: E402
 from tqcodec.errors import TqzError  # noqa: E402
 from tests.rangeserver import ServerThread  # noqa: E402
 

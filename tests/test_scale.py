@@ -12,10 +12,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tqcodec
-from tqcodec import api, hf, parallel
+from tqcodec import api, parallel
+from tqcodec.pipeline.encode import tq_blocks
+from tqcodec.io import hf
 from tqcodec.cli import app
 from tqcodec.errors import TqzError
-from tqcodec.format.container import ContainerWriter
+from tqcodec.format.writer import ContainerWriter
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import raw
 
@@ -102,7 +104,7 @@ def test_folder_single_shard_and_lazy_streaming(hf_src, tmp_path):
     assert isinstance(tensors, hf.LazyTensors) and tensors.numel() == sum(t.numel() for t in toy_model().values())
     out = tmp_path / "m.tqz"
     api.save(tensors, out, files=files)
-    names = hf.decode_folder(out, tmp_path / "one")  # default 5GB: one model.safetensors, no index
+    names = api.decode_folder(out, tmp_path / "one")  # default 5GB: one model.safetensors, no index
     assert names == ["model.safetensors"] and not (tmp_path / "one" / hf.INDEX_NAME).exists()
     got = load_file(str(tmp_path / "one" / "model.safetensors"))
     ref = api.load(out)
@@ -121,7 +123,7 @@ def test_transformers_loads_decoded_folder(tmp_path):
     assert (tmp_path / "bert" / hf.INDEX_NAME).exists()
     tensors, files = hf.read_folder(tmp_path / "bert")
     api.save(tensors, tmp_path / "bert.tqz", files=files, snr_db=50)
-    hf.decode_folder(tmp_path / "bert.tqz", tmp_path / "back", shard_size=40_000)
+    api.decode_folder(tmp_path / "bert.tqz", tmp_path / "back", shard_size=40_000)
     back = transformers.BertModel.from_pretrained(tmp_path / "back").eval()
     ids = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -136,11 +138,11 @@ def test_untrusted_file_names_rejected(tmp_path, bad):
     buf = tmp_path / "bad.tqz"
     with open(buf, "wb") as f:
         w = ContainerWriter(f)
-        params, streams = raw.encode(torch.ones(3).numpy(), "none")
+        _, params, streams = raw.write(torch.ones(3).numpy(), "none")
         w.add_tensor(TensorRecord("w", "float32", (3,), "raw", params), streams)
         w.finish({"tqz.files": {bad: b"pwned"}})
     with pytest.raises(TqzError) as e:
-        hf.decode_folder(buf, tmp_path / "out")
+        api.decode_folder(buf, tmp_path / "out")
     assert e.value.code == "BAD_INPUT"  # spec §5.2.1: the file is valid, the folder cannot be made
     assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.tqz"]
@@ -152,30 +154,31 @@ def test_non_binary_file_value_rejected(tmp_path):
         w = ContainerWriter(f)
         w.finish({"tqz.files": {"config.json": "text, not bytes"}})
     with pytest.raises(TqzError, match="not binary"):
-        hf.decode_folder(buf, tmp_path / "out")
+        api.decode_folder(buf, tmp_path / "out")
 
 
 def test_folder_output_atomic(hf_src, tmp_path):
     out = tmp_path / "m.tqz"
-    hf.encode_folder(hf_src, out, lossless=True)
+    api.encode_folder(hf_src, out, lossless=True)
     dec = tmp_path / "dec"
     dec.mkdir()
     (dec / "keep.txt").write_text("old")
     with pytest.raises(TqzError) as e:
-        hf.decode_folder(out, dec)
+        api.decode_folder(out, dec)
     assert e.value.code == "OUTPUT_EXISTS" and (dec / "keep.txt").read_text() == "old"
     # a damaged payload fails midway: the previous folder stays, no temporary folder is left
     data = bytearray(out.read_bytes())
     with tqcodec.open(out) as f:
-        off, n = f._reader.spans[len(f) - 1]
+        last = f.info(f.keys()[-1])
+        off, n = last.offset, last.stored_bytes
     data[off + n - 1] ^= 0xFF
     bad = tmp_path / "bad.tqz"
     bad.write_bytes(bytes(data))
     with pytest.raises(TqzError) as e:
-        hf.decode_folder(bad, dec, overwrite=True)
+        api.decode_folder(bad, dec, overwrite=True)
     assert e.value.code == "CHECKSUM_MISMATCH"
     assert sorted(p.name for p in dec.iterdir()) == ["keep.txt"]
-    hf.decode_folder(out, dec, overwrite=True)
+    api.decode_folder(out, dec, overwrite=True)
     assert not (dec / "keep.txt").exists() and (dec / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tqz", "dec", "m.tqz"]
 
@@ -197,8 +200,8 @@ def test_jobs_give_identical_bytes_and_tensors(hf_src, tmp_path):
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert b["tied"] is b["fc.weight"]
-    c = hf.decode_folder(one, tmp_path / "d2", jobs=2, shard_size=30_000)
-    d = hf.decode_folder(one, tmp_path / "d1", jobs=1, shard_size=30_000)
+    c = api.decode_folder(one, tmp_path / "d2", jobs=2, shard_size=30_000)
+    d = api.decode_folder(one, tmp_path / "d1", jobs=1, shard_size=30_000)
     assert c == d and all((tmp_path / "d2" / n).read_bytes() == (tmp_path / "d1" / n).read_bytes() for n in c)
 
 
@@ -216,7 +219,7 @@ def _write(p: Path, data: bytes) -> Path:
     return p
 
 
-class _CountingRef(parallel.TensorRef):
+class _CountingRef(hf.TensorRef):
     live = 0
     peak = 0
 
@@ -239,7 +242,7 @@ def test_lazy_encode_holds_one_tensor_at_a_time(hf_src):
 def test_container_writer_spools_to_disk_past_its_memory_cap():
     import io
     w = ContainerWriter(io.BytesIO())
-    params, streams = raw.encode(torch.zeros(1).numpy(), "none")
+    _, params, streams = raw.write(torch.zeros(1).numpy(), "none")
     chunk = [(1 << 22, os.urandom(1 << 22))]
     for i in range(17):  # 68 MiB of chunks: over the 64 MiB kept in memory
         w.add_tensor(TensorRecord(f"t{i}", "uint8", (1 << 22,), "raw", {"codec": "none"}), [chunk])
@@ -269,10 +272,10 @@ def test_dask_local_cluster_same_bytes(hf_src, tmp_path):
         tensors, files = hf.read_folder(hf_src)
         n = tqd.save(tensors, tmp_path / "big.tqz", client, files=files)
     assert sorted(Path(p).name for p in sizes) == ["a.tqz", "toy.tqz"]
-    from tqcodec.fileio import read_model
+    from tqcodec.io.files import read_model
     assert (tmp_path / "out" / "a.tqz").read_bytes() == api.encode_bytes(read_model(tmp_path / "models" / "a.safetensors"))
     local = tmp_path / "local.tqz"
-    hf.encode_folder(hf_src, local)
+    api.encode_folder(hf_src, local)
     assert (tmp_path / "out" / "toy.tqz").read_bytes() == local.read_bytes()
     assert (tmp_path / "big.tqz").read_bytes() == local.read_bytes() and n == local.stat().st_size
 
@@ -280,7 +283,9 @@ def test_dask_local_cluster_same_bytes(hf_src, tmp_path):
 def test_tq_row_blocks_of_large_tensors(tmp_path, monkeypatch):
     """Large tensors under tq_scope 'tensor' go in row blocks (parallel tasks) joined into one
     record: same bytes for every jobs, from memory or from a lazy folder, and they decode."""
-    monkeypatch.setattr(parallel, "TQ_BLOCK_PARAMS", 2000)
+    import tqcodec.pipeline.encode
+    monkeypatch.setattr(tqcodec.pipeline.encode, "TQ_BLOCK_PARAMS", 2000)  # row blocks when encoding
+    monkeypatch.setattr(parallel, "TQ_BLOCK_PARAMS", 2000)  # row pieces when decoding to a folder
     g = torch.Generator().manual_seed(5)
     sd = {"w": (torch.randn(90, 64, generator=g) * torch.rand(90, 1, generator=g)).to(torch.bfloat16),
           "v": torch.randn(8, 3, 5, 7, generator=g), "b": torch.randn(90, generator=g)}
@@ -298,16 +303,17 @@ def test_tq_row_blocks_of_large_tensors(tmp_path, monkeypatch):
     back = api.load(a)
     opts = api.EncodeOptions(mode="tq", bits=4, tq_scope="tensor")
     blocks = [api.load(api.encode_bytes({"w": sd["w"][r0:r1]}, mode="tq", bits=4, tq_scope="tensor"))["w"]
-              for r0, r1 in parallel.tq_blocks(sd["w"], opts)]
+              for r0, r1 in tq_blocks(sd["w"], opts)]
     assert torch.equal(back["w"], torch.cat(blocks))  # the joined record decodes to its blocks
     err = float((back["w"].float() - sd["w"].float()).norm() / sd["w"].float().norm())
     assert err < 0.35  # 4 bits on blocks this tiny: the per-band tables cost much
     # decoding to a folder: the large tq tensor in row pieces, the same values as a whole decode
     tqz = _write(tmp_path / "a.tqz", a)
     with tqcodec.open(tqz) as f:
-        assert len(parallel.tq_pieces(f._reader.manifest.tensors[f.keys().index("w")])) >= 2
+        ti = f.info("w")
+        assert len(parallel.tq_pieces(TensorRecord(ti.name, ti.dtype, ti.shape, ti.mode, ti.params))) >= 2
     for jobs in (1, 2):
-        hf.decode_folder(tqz, tmp_path / f"d{jobs}", jobs=jobs)
+        api.decode_folder(tqz, tmp_path / f"d{jobs}", jobs=jobs)
         got = load_file(str(tmp_path / f"d{jobs}" / "model.safetensors"))
         assert all(torch.equal(got[k], back[k]) for k in back)
 
@@ -356,13 +362,13 @@ def test_stats_open_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     one = lazy.subset(["layers.0.attn.weight", "not.there"])
     assert list(one.tensors) == ["layers.0.attn.weight"] and isinstance(one.tensors, dict)
     sent = []
-    real = parallel._options_for
+    real = api.EncodeOptions.for_tensor
 
-    def spy(name, opts):
-        out = real(name, opts)
+    def spy(opts, name):
+        out = real(opts, name)
         sent.append(len(out.stats.tensors))
         return out
-    monkeypatch.setattr(parallel, "_options_for", spy)
+    monkeypatch.setattr(api.EncodeOptions, "for_tensor", spy)
     kw = dict(mode="tq", bits=4, tq_scope="tensor")
     a = api.encode_bytes(sd, stats=lazy, **kw)
     assert sent and max(sent) <= 1  # no task carries more than its own layer's statistics
@@ -378,7 +384,9 @@ def test_uniform_blocks_give_the_same_bytes(granularity, monkeypatch):
     """encode_storage converts the storage block by block; blocks of any size give the bytes of
     the whole-array encoder."""
     import numpy as np
-    from tqcodec.dtypes import storage_to_float64, tensor_to_storage
+    from tqcodec.format.dtypes import storage_to_float64
+    from tqcodec.pipeline.tensors import tensor_to_storage
+    from tqcodec import modes
     from tqcodec.modes import uniform
 
     g = torch.Generator().manual_seed(4)
@@ -388,12 +396,12 @@ def test_uniform_blocks_give_the_same_bytes(granularity, monkeypatch):
     monkeypatch.setattr(uniform, "BLOCK_ELEMENTS", 100)  # rows of 53: one or two rows a block
     assert uniform.encode_storage(arr, dtype, granularity, 30.0) == whole
     monkeypatch.setattr(uniform, "CHUNK_SYMBOLS", 257)  # chunks cut across blocks
-    params, streams = uniform.encode_storage(arr, dtype, granularity, 30.0)
-    assert params == whole[0]
+    _, params, streams = uniform.encode_storage(arr, dtype, granularity, 30.0)
+    assert params == whole.params
     assert [c[0] for c in streams[0]] == [257] * 7 + [37 * 53 - 7 * 257]
     rec = TensorRecord("w", dtype, tuple(t.shape), "uniform", params)
-    want = uniform.decode(TensorRecord("w", dtype, tuple(t.shape), "uniform", whole[0]), whole[1])
-    np.testing.assert_array_equal(uniform.decode(rec, streams), want)
+    want = modes.decode(TensorRecord("w", dtype, tuple(t.shape), "uniform", whole.params), whole.streams)
+    np.testing.assert_array_equal(modes.decode(rec, streams), want)
 
 
 def test_uniform_encode_memory_is_bounded_by_blocks():

@@ -169,7 +169,7 @@ def test_cli_stdout_and_stdin_in_process(tmp_path):
     src = _saved(tmp_path, model(n=3))
     enc = runner.invoke(app, ["encode", str(src), "-o", "-"])
     assert enc.exit_code == 0, enc.stderr
-    assert enc.stdout_bytes == tqcodec.encode_bytes(tqcodec.fileio.read_model(src))  # only the file
+    assert enc.stdout_bytes == tqcodec.encode_bytes(tqcodec.io.files.read_model(src))  # only the file
     assert "bits/param" in enc.stderr  # the summary goes to stderr
     out = tmp_path / "out.safetensors"
     dec = runner.invoke(app, ["decode", "-", "-o", str(out)], input=enc.stdout_bytes)
@@ -221,7 +221,7 @@ def test_real_pipeline_encode_stdout_into_decode_stdin(tmp_path):
             os.close(slave)
         os.close(master)
     assert enc.returncode == 0 and dec.returncode == 0, derr
-    expect = tqcodec.load(tqcodec.encode_bytes(tqcodec.fileio.read_model(src)))
+    expect = tqcodec.load(tqcodec.encode_bytes(tqcodec.io.files.read_model(src)))
     back = load_file(out)
     assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
 

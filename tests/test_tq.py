@@ -13,10 +13,10 @@ import tqcodec
 from tqcodec.errors import TqzError
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import tq as tq_mode
-from tqcodec.steps import steps_from_codes
-from tqcodec.tq.allocation import Unit
-from tqcodec.tq.encoder import Item, make_units, reconstruction
-from tqcodec.tq.rounding import gptq_round, round_nearest
+from tqcodec.format.steps import steps_from_codes
+from tqcodec.modes.tq.allocation import Unit
+from tqcodec.modes.tq.encoder import Item, make_units, reconstruction
+from tqcodec.modes.tq.rounding import gptq_round, round_nearest
 
 
 class Small(nn.Module):
@@ -148,13 +148,13 @@ def test_decoder_rebuilds_encoder_reconstruction_exactly(model_and_stats):
         by_name.setdefault(u.name.split("\x00")[0], []).append(u)
     for name, bands in by_name.items():
         codes = [max(-100, int(np.floor(4 * np.log2(np.sqrt(np.mean(u.w ** 2)) + 1e-12))) - 4) for u in bands]
-        params, streams = tq_mode.encode([u.quantize(c, True) for u, c in zip(bands, codes)], codes,
+        _, params, streams = tq_mode.write([u.quantize(c, True) for u, c in zip(bands, codes)], codes,
                                          layout=layouts[name])
         shape = tuple(sd[name].shape)
         rec = TensorRecord(name, "float32", shape, "tq", params)
-        assert tq_mode.stream_items(0, rec, [rec])[1:] == tuple(
+        assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])[1:] == tuple(
             sum(c for c, _ in s) for s in streams[1:])
-        got = tq_mode.decode(rec, streams)
+        got = tq_mode.decode(tq_mode.parse(rec), rec, streams)
         want = np.concatenate([reconstruction(u, c) for u, c in zip(bands, codes)]).astype(np.float32)
         np.testing.assert_array_equal(got.reshape(want.shape), want)
 
@@ -208,10 +208,10 @@ def test_transform_decode_matches_reference():
     n, m, k = 6, 5, 3
     s = rng.normal(size=(m, k)).astype(np.float16)
     lv = rng.integers(-7, 8, size=(k, n))
-    params, streams = tq_mode.encode([lv[:2], lv[2:]], [-8, -12], transform=s)
+    _, params, streams = tq_mode.write([lv[:2], lv[2:]], [-8, -12], transform=s)
     rec = _rec(params, shape=(n, m))
-    assert tq_mode.stream_items(0, rec, [rec]) == (2 * m * k, 2 * n, n)
-    got = tq_mode.decode(rec, streams)
+    assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec]) == (2 * m * k, 2 * n, n)
+    got = tq_mode.decode(tq_mode.parse(rec), rec, streams)
     c = np.concatenate([lv[:2] * steps_from_codes([-8])[0], lv[2:] * steps_from_codes([-12])[0]])
     want = (s.astype(np.float64) @ c).T
     bound = 2.0 ** -20 * (np.abs(s.astype(np.float64)) @ np.abs(c)).T + np.spacing(np.abs(want).astype(np.float32))
@@ -219,11 +219,11 @@ def test_transform_decode_matches_reference():
 
 
 def test_single_symbol_band_has_no_stream_items():
-    params, streams = tq_mode.encode([np.zeros((4, 6), dtype=np.int64)], [0])
+    _, params, streams = tq_mode.write([np.zeros((4, 6), dtype=np.int64)], [0])
     rec = _rec(params)
-    assert tq_mode.stream_items(0, rec, [rec]) == (0, 0)
+    assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec]) == (0, 0)
     assert not streams[1]
-    assert np.all(tq_mode.decode(rec, streams) == 0)
+    assert np.all(tq_mode.decode(tq_mode.parse(rec), rec, streams) == 0)
 
 
 @pytest.mark.parametrize("change,code", [
@@ -241,20 +241,20 @@ def test_single_symbol_band_has_no_stream_items():
     ({"layout": 3}, "BAD_TENSOR_RECORD"),
 ])
 def test_bad_params_rejected(change, code):
-    params, _ = tq_mode.encode([np.arange(24).reshape(4, 6) % 5], [-4])
+    _, params, _ = tq_mode.write([np.arange(24).reshape(4, 6) % 5], [-4])
     params = {**params, **change}
     rec = _rec(params)
     with pytest.raises(TqzError) as ei:
-        tq_mode.stream_items(0, rec, [rec])
+        tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])
     assert ei.value.code == code
 
 
 def test_transform_rows_bounded_by_min_dimension():
     s = np.ones((6, 5), dtype=np.float16)
-    params, _ = tq_mode.encode([np.zeros((5, 4), dtype=np.int64)], [0], transform=s)
+    _, params, _ = tq_mode.write([np.zeros((5, 4), dtype=np.int64)], [0], transform=s)
     rec = _rec(params, shape=(4, 6))  # k = 5 > n = 4
     with pytest.raises(TqzError) as ei:
-        tq_mode.stream_items(0, rec, [rec])
+        tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])
     assert ei.value.code == "BAD_TENSOR_RECORD"
 
 
@@ -280,7 +280,7 @@ def test_cli_encode_with_stats_and_bits(tmp_path, model_and_stats):
 def test_bias_correction_removes_mean_output_error():
     """Before its own rounding, the corrected bias cancels the mean output shift of the
     quantized weight: (W_hat - W) E[x] + (b' - b) = 0."""
-    from tqcodec.tq.encoder import _bias_pairs, _correct_biases
+    from tqcodec.modes.tq.encoder import _bias_pairs, _correct_biases
     torch.manual_seed(6)
     lin = nn.Linear(16, 8)
     x = torch.randn(256, 16) * 0.1 + 1.0
@@ -312,7 +312,7 @@ def test_options_rejected():
 # --- transforms (numerics; the encoder does not use them yet) ----------------------------------
 
 def test_transforms_are_deterministic_and_invert():
-    from tqcodec.tq import transforms as T
+    from tqcodec.modes.tq import transforms as T
     rng = np.random.default_rng(7)
     mat = rng.normal(size=(6, 40))
     x = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
@@ -327,7 +327,7 @@ def test_transforms_are_deterministic_and_invert():
 
 
 def test_transform_chosen_only_when_it_pays():
-    from tqcodec.tq import transforms as T
+    from tqcodec.modes.tq import transforms as T
     rng = np.random.default_rng(8)
     # a conv-like tall matrix (m = 8 inputs, p = 4096 columns) with strongly correlated inputs
     basis = rng.normal(size=(8, 8)) * np.array([10, 5, 2, 1, 0.1, 0.05, 0.01, 0.01])
@@ -394,7 +394,7 @@ def _rel_err(data: bytes, name: str, t: torch.Tensor) -> float:
 def test_transform_chosen_where_it_pays_for_its_bytes(monkeypatch):
     """A tall matrix with correlated columns gets the weight KLT (data-free): at the same file
     size its error is far below the identity's; i.i.d. columns keep the identity."""
-    import tqcodec.tq.encoder as enc
+    import tqcodec.modes.tq.encoder as enc
     w = _tall(True)
     with_t = tqcodec.encode_bytes({"w": w}, mode="tq", bits=2.0)
     assert tqcodec.open(with_t).info("w").params.get("transform") == "float16"
@@ -433,7 +433,7 @@ def test_activation_aware_transform_with_statistics():
     assert abs(8 * len(data) / lin.weight.numel() / 2.0 - 1) < 0.03
     out = tqcodec.load(data)["weight"]
     err = float(((x @ (out - lin.weight.detach()).T) ** 2).mean())
-    import tqcodec.tq.encoder as enc
+    import tqcodec.modes.tq.encoder as enc
     saved, enc.TRANSFORM_MIN_RATIO = enc.TRANSFORM_MIN_RATIO, 10 ** 9
     try:
         ident = tqcodec.load(tqcodec.encode_bytes(lin.state_dict(), mode="tq", stats=st, bits=2.0))["weight"]

@@ -15,10 +15,13 @@ from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 import typer
 
-from . import api
+from . import api, parallel
 from .errors import TqzError, fail
-from .fileio import read_model, same_file, write_model
-from .remote import is_url
+from .io.files import read_model, same_file, write_model
+from .io.hf import parse_size, read_folder
+from .io.remote import is_url
+from .model.calibrate import Stats
+from .plot import plot_allocation
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress neural-network weights into .tqz files and back.")
@@ -137,7 +140,6 @@ def encode(
         api.EncodeOptions(mode, lossless, snr, granularity, None, bits, quality, tq_scope)  # checked before any work
         stats = None
         if stats_path is not None:
-            from .calibrate import Stats
             try:
                 # tq_scope tensor streams tensor by tensor: one layer's statistics read at a time
                 stats = Stats.open(str(stats_path)) if tq_scope == "tensor" else Stats.load(str(stats_path))
@@ -145,7 +147,6 @@ def encode(
                 raise fail("BAD_OPTION", f"cannot read statistics: {exc}", stats_path) from None
         files = None
         if folder:
-            from .hf import read_folder
             tensors, files = read_folder(input)  # lazy: one tensor at a time
         else:
             tensors = read_model(input)
@@ -185,21 +186,19 @@ def decode(
         if isinstance(source, str) and same_file(out, input):
             raise fail("BAD_OPTION", "output would overwrite the input", out)
         if out.suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors"):
-            from .hf import decode_folder, parse_size
             if not isinstance(source, str):
                 raise fail("BAD_OPTION", "a folder output needs a .tqz file or URL, not standard input")
             size = parse_size(shard_size)
             with _progress("decoding") as progress:
-                shards = decode_folder(source, out, shard_size=size, overwrite=force, jobs=jobs, progress=progress)
+                shards = api.decode_folder(source, out, shard_size=size, overwrite=force, jobs=jobs, progress=progress)
             typer.echo(f"{out}/: {len(shards)} shard{'s' if len(shards) > 1 else ''}")
             return
         if out.exists() and not force:
             raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", out)
         tensors = {}
         with _progress("decoding") as progress:
-            from .parallel import check_jobs, iter_decoded
             try:
-                for name, t in iter_decoded(source, check_jobs(jobs)):
+                for name, t in parallel.iter_decoded(source, parallel.check_jobs(jobs)):
                     tensors[name] = t
                     if progress:
                         progress(name, len(tensors), 0)
@@ -233,7 +232,6 @@ def info(
                      "format_version": "%d.%d" % f.version}
             metadata = {k: v for k, v in f.metadata.items() if isinstance(v, (str, int, float, bool))}
             if plot is not None:
-                from .plot import plot_allocation
                 plot_allocation(f, plot)
         if as_json:
             typer.echo(json.dumps({"total": total, "metadata": metadata, "tensors": rows}, indent=1))

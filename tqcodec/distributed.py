@@ -23,7 +23,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
+from . import api
 from .errors import fail
+from .io.files import read_model
+from .io.hf import is_hf_folder
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,13 +43,8 @@ def _client(client: Any) -> Any:
 
 def encode_one(source: str, out: str, options: Mapping[str, Any]) -> int:
     """Task body: encode the model file or Hugging Face folder ``source`` into ``out``."""
-    from . import api
-    from .fileio import read_model
-    from .hf import read_folder
-
     if Path(source).is_dir():
-        tensors, files = read_folder(source)
-        return api.save(tensors, out, files=files, **options)
+        return api.encode_folder(source, out, **options)
     return api.save(read_model(source), out, **options)
 
 
@@ -61,7 +59,6 @@ def encode_many(jobs: Iterable[tuple[PathLike, PathLike]], client: Any = None, *
 
 def save(tensors: Mapping[str, Any], path: Any, client: Any = None, **options: Any) -> int:
     """``tqcodec.api.save`` with each tensor's encode a task on the cluster (same bytes)."""
-    from . import api
     client = _client(client)
     return api.save(tensors, path, executor=client.get_executor(pure=False), **options)
 
@@ -70,7 +67,6 @@ def encode_directory(directory: PathLike, out_dir: Optional[PathLike] = None, cl
                      **options: Any) -> dict[str, int]:
     """Every model of ``directory`` (``.safetensors``/``.pt`` files and Hugging Face folders) into
     ``out_dir`` (default: next to each) as ``<name>.tqz``; returns {output path: bytes}."""
-    from .hf import is_hf_folder
     directory = Path(directory)
     out_dir = Path(out_dir) if out_dir is not None else directory
     pairs = []

@@ -11,6 +11,8 @@ from typing import Union
 import numpy as np
 
 from .errors import fail
+from .format.leb128 import unpack_counts
+from .io.files import atomic_output
 
 
 def band_bits(counts: np.ndarray) -> float:
@@ -25,7 +27,6 @@ def band_bits(counts: np.ndarray) -> float:
 def allocation_rows(f) -> list[dict]:
     """Per tensor of an open TqzFile: its bands as (fraction of rows, bits per weight), the
     transform choice and the rows dropped. Non-tq tensors are one band at their stored bits."""
-    from .modes.tq import unpack_counts
 
     rows = []
     for name in f.keys():
@@ -85,7 +86,6 @@ def plot_allocation(f, path: Union[str, os.PathLike], title: str = "") -> None:
     ax.set_title(title or f"bits per weight by band; whole file {total_bits / max(params, 1):.3f} bits/param")
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="bits per weight", fraction=0.03)
     fig.tight_layout()
-    from .fileio import atomic_output
     try:
         with atomic_output(path) as out:
             fig.savefig(out, format="png", dpi=120)

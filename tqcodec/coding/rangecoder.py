@@ -9,16 +9,16 @@ tests hold this module to, byte for byte.
 """
 from __future__ import annotations
 
+import constriction
 import numpy as np
 
 from ..errors import fail
+from ..format.leb128 import TOTAL  # spec §8.2: a table's frequencies sum to 2^PRECISION
 
 PRECISION = 24
-TOTAL = 1 << PRECISION
 
 
 def _model(freqs: np.ndarray):
-    import constriction
 
     weights = np.asarray(freqs, dtype=np.float64) - 1.0  # exact: integers < 2^24
     return constriction.stream.model.Categorical(weights, perfect=False)
@@ -47,7 +47,6 @@ def encode_symbols(symbols: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     Returns the sealed payload as little-endian-ready uint32 words (at least one word when
     ``symbols`` is not empty).
     """
-    import constriction
 
     f = _check_table(freqs)
     sym = np.ascontiguousarray(symbols, dtype=np.int32)
@@ -70,7 +69,6 @@ def decode_symbols(words: np.ndarray, freqs: "np.ndarray | Model", count: int) -
     Every failure is a ``TqzError`` with code ``BAD_PAYLOAD``. Re-encoding costs about a fifth
     of the decode (constriction encodes ~4x faster than it decodes).
     """
-    import constriction
 
     prepared = freqs if isinstance(freqs, Model) else Model(freqs)
     w = np.ascontiguousarray(words, dtype=np.uint32)

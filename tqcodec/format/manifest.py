@@ -14,15 +14,8 @@ import msgpack
 
 from .. import limits as L
 from ..errors import fail
+from .dtypes import DTYPES
 
-# spec §5.5: dtype name -> item size in bytes
-DTYPE_SIZES: dict[str, int] = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
-    "bool": 1,
-}
-FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 
 # --- spec §5.1 canonical MessagePack -------------------------------------------------
@@ -116,7 +109,7 @@ class TensorRecord:
 
     @property
     def itemsize(self) -> int:
-        return DTYPE_SIZES[self.dtype]
+        return DTYPES[self.dtype].itemsize
 
     def to_value(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
@@ -167,7 +160,7 @@ def parse_record(value: Any, index: int) -> TensorRecord:
             raise fail("BAD_TENSOR_RECORD", f"tensor record {index} has no {key!r}")
     name = check_name(value["name"])
     dtype = value["dtype"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = value["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):

@@ -1,30 +1,47 @@
 """Mode ``raw`` (spec §7.2): the tensor's exact bytes, optionally one zstd frame per chunk."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import zstandard
 
-from ..dtypes import STORAGE
 from ..errors import fail
-from ..format.manifest import TensorRecord, check_record_value_types
+from ..format.dtypes import STORAGE
+from ..format.manifest import TensorRecord
+from .base import Chunks, Encoded, check_keys
 
 CODECS = ("none", "zstd")
 CHUNK_BYTES = 1 << 22  # encoder choice: 4 MiB of tensor bytes per chunk
 
 
-def stream_items(index: int, record: TensorRecord, records: Sequence[TensorRecord]) -> tuple[int, ...]:
-    check_record_value_types(record.params, [("codec", str)], record.name)
-    if record.params["codec"] not in CODECS:
-        raise fail("BAD_TENSOR_RECORD", f"tensor {record.name!r}: raw codec {record.params['codec']!r} "
-                                        f"is not one of {CODECS}")
+@dataclass(frozen=True)
+class Params:
+    codec: str
+
+
+def parse(record: TensorRecord) -> Params:
+    """Spec §7.2.1: one key, ``codec``, ``none`` or ``zstd``."""
+    codec = check_keys(record, {"codec": str})["codec"]
+    if codec not in CODECS:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {record.name!r}: raw codec {codec!r} is not one of {CODECS}")
+    return Params(codec)
+
+
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+    record = records[index]
     return (record.numel * record.itemsize,)
 
 
-def decode(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -> np.ndarray:
+def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
+    """``values``: the tensor's storage array (exact)."""
+    return {"codec": p.codec, "values": decode(p, record, streams)}
+
+
+def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray:
     """Spec §7.2: concatenate stream 0, decompressing each chunk with its declared bound."""
-    codec = record.params["codec"]
+    codec = p.codec
     parts = []
     for count, payload in streams[0]:
         if codec == "none":
@@ -66,12 +83,21 @@ def _decompress(payload: bytes, count: int, name: str) -> bytes:
     return out
 
 
-def encode(arr: np.ndarray, codec: str = "zstd", level: int = 9) -> tuple[dict, list[list[tuple[int, bytes]]]]:
-    """Spec §7.2 encoder: params and stream 0's chunks (4 MiB of tensor bytes each)."""
+def write(arr: np.ndarray, codec: str = "zstd", level: int = 9) -> Encoded:
+    """Spec §7.2: a storage array's bytes in chunks of 4 MiB of tensor bytes, each one zstd frame
+    (``codec`` zstd) or as they are (``none``)."""
     data = np.ascontiguousarray(arr).tobytes()
     chunks = []
     cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, threads=0) if codec == "zstd" else None
     for start in range(0, len(data), CHUNK_BYTES):
         piece = data[start:start + CHUNK_BYTES]
         chunks.append((len(piece), cctx.compress(piece) if cctx else piece))
-    return {"codec": codec}, [chunks]
+    return Encoded("raw", {"codec": codec}, [chunks])
+
+
+def encode(arr: np.ndarray) -> Encoded:
+    """The raw encoder: zstd where it saves bytes, else uncompressed."""
+    packed = write(arr, "zstd")
+    if sum(len(p) for _, p in packed.streams[0]) >= arr.nbytes:
+        return write(arr, "none")
+    return packed

@@ -3,30 +3,39 @@ channel, exact dyadic steps, levels range-coded with one frequency table."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .. import limits as L
 from ..coding.rangecoder import Model, decode_symbols, encode_symbols
 from ..coding.tables import frequencies_from_counts
-from ..dtypes import FLOAT_NAMES, round_exact_float32, storage_to_float64
 from ..errors import fail
-from ..format.freqtable import TOTAL, pack_freqs, unpack_freqs
-from ..format.manifest import TensorRecord, check_record_value_types
-from ..steps import STEP_CODE_MAX, STEP_CODE_MIN, code_at_most, steps_from_codes
+from ..format.dtypes import FLOAT_NAMES, round_binary32, storage_to_float64
+from ..format.leb128 import TOTAL, pack_freqs, unpack_freqs
+from ..format.manifest import TensorRecord
+from ..format.steps import STEP_CODE_MAX, STEP_CODE_MIN, code_at_most, steps_from_codes
+from .base import Chunks, Encoded, check_keys
 
 GRANULARITIES = ("tensor", "channel")
 CHUNK_SYMBOLS = 1 << 20  # encoder choice: symbols per chunk (chunks decode in parallel)
 
-_PARAMS = [("granularity", str), ("steps", list), ("q_min", int), ("freqs", bytes)]
+_PARAMS = {"granularity": str, "steps": list, "q_min": int, "freqs": bytes}
 
 
-def _parse(record: TensorRecord) -> tuple[str, np.ndarray, int, np.ndarray]:
-    """Spec §7.3's parameter rules; returns (granularity, step codes, q_min, freqs)."""
+@dataclass(frozen=True)
+class Params:
+    granularity: str
+    codes: tuple[int, ...]  # step codes: one, or one per output channel
+    q_min: int
+    freqs: np.ndarray  # the checked frequency table (uint32, read-only)
+
+
+def parse(record: TensorRecord) -> Params:
+    """Spec §7.3's parameter rules, in order."""
     name = record.name
-    check_record_value_types(record.params, _PARAMS, name)
-    p = record.params
+    p = check_keys(record, _PARAMS)
     if record.dtype not in FLOAT_NAMES:
         raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: uniform mode needs a float dtype, not {record.dtype}")
     if record.numel < 1:
@@ -46,24 +55,23 @@ def _parse(record: TensorRecord) -> tuple[str, np.ndarray, int, np.ndarray]:
     # range, even mixed with negatives (conformance: uniform_step_codes_mixed_extremes)
     if min(steps) < STEP_CODE_MIN or max(steps) > STEP_CODE_MAX:
         raise fail("BAD_STEP", f"tensor {name!r}: step code outside [{STEP_CODE_MIN}, {STEP_CODE_MAX}]")
-    codes_arr = np.array(steps, dtype=np.int64)
     freqs = unpack_freqs(p["freqs"], name)
+    freqs.flags.writeable = False
     q_min = p["q_min"]
     if q_min < -L.MAX_LEVEL or q_min + len(freqs) - 1 > L.MAX_LEVEL:
         raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: levels outside -2^20..2^20")
-    return gran, codes_arr, q_min, freqs
+    return Params(gran, tuple(steps), q_min, freqs)
 
 
-def stream_items(index: int, record: TensorRecord, records: Sequence[TensorRecord]) -> tuple[int, ...]:
-    _, _, _, freqs = _parse(record)
-    return (record.numel if len(freqs) > 1 else 0,)
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+    return (records[index].numel if len(p.freqs) > 1 else 0,)
 
 
-def decode(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -> np.ndarray:
-    """Spec §7.3.2: symbols -> levels -> exact values -> rounded to the dtype."""
-    gran, codes, q_min, freqs = _parse(record)
+def _decoded_levels(p: Params, record: TensorRecord, streams: list[Chunks], dtype: type) -> np.ndarray:
+    """Spec §7.3.2 steps 1-2: the tensor's levels, flat, as ``dtype``."""
     n = record.numel
-    levels = np.empty(n, dtype=np.float32)
+    levels = np.empty(n, dtype=dtype)
+    q_min, freqs = p.q_min, p.freqs
     if len(freqs) == 1:
         levels.fill(q_min)
     else:
@@ -77,12 +85,27 @@ def decode(record: TensorRecord, streams: list[list[tuple[int, bytes]]]) -> np.n
             sym = decode_symbols(words, model, count)
             np.add(sym, q_min, out=levels[pos:pos + count], casting="unsafe")
             pos += count
-    steps = steps_from_codes(codes).astype(np.float32)  # exact: 3 significant bits
-    if gran == "tensor":
+    return levels
+
+
+def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray:
+    """Spec §7.3.2: symbols -> levels -> exact values -> rounded to the dtype."""
+    levels = _decoded_levels(p, record, streams, np.float32)  # exact: |level| <= 2^20
+    steps = steps_from_codes(np.array(p.codes, dtype=np.int64)).astype(np.float32)  # exact: 3 significant bits
+    if p.granularity == "tensor":
         levels *= steps[0]
     else:
         levels.reshape(record.shape[0], -1)[...] *= steps[:, None]
-    return round_exact_float32(record.dtype, levels).reshape(record.shape)
+    return round_binary32(record.dtype, levels).reshape(record.shape)
+
+
+def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
+    """The integer stage: ``levels`` (int32, the tensor's shape), ``granularity``, ``codes``
+    (step codes), ``steps`` (float64, exact), ``q_min``, ``q_max`` (the table's level range)."""
+    levels = _decoded_levels(p, record, streams, np.int32).reshape(record.shape)
+    return {"levels": levels, "granularity": p.granularity, "codes": list(p.codes),
+            "steps": steps_from_codes(np.array(p.codes, dtype=np.int64)), "q_min": p.q_min,
+            "q_max": p.q_min + len(p.freqs) - 1}
 
 
 # --- encoder ------------------------------------------------------------------------------
@@ -145,8 +168,8 @@ def _levels(src: "_Source", steps: np.ndarray, s: int, e: int) -> np.ndarray:
 
 def encode(values: np.ndarray, dtype: str, granularity: str = "channel", snr_db: float = 40.0,
            codes: np.ndarray | None = None, levels: np.ndarray | None = None,
-           ) -> tuple[dict, list[list[tuple[int, bytes]]]]:
-    """Spec §7.3 encoder for float64 ``values``: params and stream 0's chunks.
+           ) -> Encoded:
+    """Spec §7.3 encoder for float64 ``values``.
 
     ``codes`` (step codes) and ``levels`` (integer levels) may be given by a smarter
     encoder; by default steps come from ``snr_db`` and levels from rounding.
@@ -159,7 +182,7 @@ def encode(values: np.ndarray, dtype: str, granularity: str = "channel", snr_db:
 
 
 def encode_storage(arr: np.ndarray, dtype: str, granularity: str = "channel", snr_db: float = 40.0,
-                   ) -> tuple[dict, list[list[tuple[int, bytes]]]]:
+                   ) -> Encoded:
     """The same bytes as ``encode(storage_to_float64(dtype, arr), dtype, ...)``, converting the
     storage ``arr`` in blocks: the working set is a few blocks of ``BLOCK_ELEMENTS``, not eight
     bytes per element of the tensor, whatever its size."""
@@ -169,7 +192,7 @@ def encode_storage(arr: np.ndarray, dtype: str, granularity: str = "channel", sn
 
 def _encode(read: Callable[[int, int], np.ndarray], shape: tuple, granularity: str, snr_db: float,
             codes: np.ndarray | None = None, given: Callable[[int, int], np.ndarray] | None = None,
-            ) -> tuple[dict, list[list[tuple[int, bytes]]]]:
+            ) -> Encoded:
     if granularity not in GRANULARITIES:
         raise fail("BAD_OPTION", f"granularity {granularity!r} not in {GRANULARITIES}")
     if granularity == "channel" and (len(shape) == 0 or shape[0] == 0):
@@ -203,4 +226,4 @@ def _encode(read: Callable[[int, int], np.ndarray], shape: tuple, granularity: s
             chunks.append((piece.size, np.asarray(words, dtype="<u4").tobytes()))
     params = {"granularity": granularity, "steps": [int(c) for c in codes], "q_min": q_min,
               "freqs": pack_freqs(freqs)}
-    return params, [chunks]
+    return Encoded("uniform", params, [chunks])

@@ -1,0 +1,215 @@
+"""Files a user hands to tqcodec or gets from it: atomic outputs and model files.
+
+Model files are read safely: ``.pt``/``.pth`` only through ``torch.load(weights_only=True)``
+(never a fallback to full unpickling), ``.safetensors`` through safetensors. Outputs are
+written to a temporary file in the target directory, fsynced and renamed, so a failure
+leaves any previous file intact and no partial file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator, Mapping, Union
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+
+from ..errors import TqzError, fail
+from ..pipeline.tensors import check_tensor
+
+PathLike = Union[str, os.PathLike]
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
+
+
+TEMP_SUFFIX = ".part"
+
+
+def temp_name_prefix(path: PathLike) -> str:
+    """Temporary files for ``path`` are ``.<name>.<random>.part`` in the same directory."""
+    return f".{Path(path).name}."
+
+
+def _new_file_mode() -> int:
+    """0o666 less the umask: the mode ``open()`` would give a new file (mkstemp gives 0o600)."""
+    try:
+        with open("/proc/self/status", "rb") as f:  # Linux: read without changing the umask
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (POSIX); silently skipped where directories cannot be fsynced."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``path`` only if the block completes.
+
+    The bytes go to ``.<name>.<random>.part`` in the target directory, are flushed and
+    fsynced, and the file is then renamed over ``path`` (or, without ``overwrite``, hard-linked
+    to ``path``, which fails if ``path`` appeared meanwhile: no check-then-write race). Any
+    exception, including ENOSPC and KeyboardInterrupt, removes the temporary file and leaves a
+    previous ``path`` untouched. Only a process killed outright (SIGKILL, power loss) can leave
+    the ``.part`` file behind; ``path`` is then still the old file or absent, never partial.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TEMP_SUFFIX, dir=directory)
+    except OSError as exc:
+        raise fail("IO_ERROR", f"cannot create a file in {directory}: {exc.strerror or exc}", path) from None
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            os.fchmod(fd, _new_file_mode())
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+        _fsync_directory(directory)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise fail("IO_ERROR", f"cannot write: {exc.strerror or exc}", path) from None
+        raise
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` only if no such name exists (then remove ``tmp``)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path) from None
+        os.replace(tmp, path)
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _plain_tensors(obj: object, path: PathLike) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor dict from what torch.load returned (spec-free, encoder input rules)."""
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return _checked(obj, path)
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key) if all(isinstance(k, str) for k in obj) else None
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return _checked(inner, path)
+        bad = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise fail("BAD_INPUT", f"not a state_dict of plain tensors: {bad[0]!r} holds a "
+                                    f"{type(bad[1]).__name__} (and no 'state_dict' or 'model' key holds one)", path)
+        raise fail("BAD_INPUT", "the file holds an empty state_dict", path)
+    raise fail("BAD_INPUT", f"not a state_dict: the file holds a {type(obj).__name__}", path)
+
+
+def _checked(sd: Mapping, path: PathLike) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        check_tensor(k, v, path)
+        out[k] = v.detach()
+    return out
+
+
+def read_model(path: PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pt``/``.pth``/``.bin`` (weights_only) or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail("IO_ERROR", "no such file" if not path.exists() else "not a regular file", path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return _checked(load_file(str(path)), path)
+        except TqzError:
+            raise
+        except Exception as exc:
+            raise fail("BAD_INPUT", f"not a readable safetensors file ({exc})", path) from None
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise fail("BAD_INPUT", "not a plain-tensor checkpoint; refusing to unpickle it "
+                                    f"(weights_only=True said: {first[:200]})", path) from None
+        return _plain_tensors(obj, path)
+    raise fail("BAD_INPUT", f"unknown input type {suffix or '(no suffix)'}: expected .pt, .pth, .bin or "
+                            ".safetensors", path)
+
+
+class _KeepOSError:
+    """A file's ``write`` that remembers the OSError it raised (torch.save hides it)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def write_model(tensors: Mapping[str, torch.Tensor], path: PathLike, overwrite: bool,
+                metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as ``.safetensors`` or ``.pt`` by the suffix of ``path``, atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        seen: set[int] = set()
+        plain = {}
+        for k, v in tensors.items():  # safetensors refuses shared storage: copy tied tensors
+            ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+            plain[k] = v.clone() if ptr in seen else v.contiguous()
+            if ptr != -1:
+                seen.add(ptr)
+        data = save_safetensors(plain, metadata=dict(metadata) if metadata else None)
+        with atomic_output(path, overwrite) as f:
+            f.write(data)
+    elif suffix in (".pt", ".pth", ".bin"):
+        with atomic_output(path, overwrite) as f:
+            sink = _KeepOSError(f)
+            try:
+                torch.save(dict(tensors), sink)
+            except RuntimeError:
+                # torch's C++ writer turns a failed write (ENOSPC, EIO) into a RuntimeError
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
+    else:
+        raise fail("BAD_OPTION", f"cannot write {suffix or '(no suffix)'}: use .pt or .safetensors", path)

@@ -1,0 +1,7 @@
+"""Mode ``dither`` (spec §7.9, ``spec/mode-lineage.md``): subtractive dithered uniform
+
+``format`` holds the bitstream (parameters, decoder, writer); ``encoder`` the numerics that choose
+what to write (imported only by encoders)."""
+from .format import Params, decode, parse, parts, stream_items, write
+
+__all__ = ["Params", "decode", "parse", "parts", "stream_items", "write"]

@@ -1,0 +1,262 @@
+"""Rate-distortion allocation with one Lagrange multiplier across the whole model.
+
+Each *unit* (a weight viewed [out, in], or a bias viewed [n, 1]) has candidate step codes
+(spec §7.1). For a code c: levels from error-feedback rounding (or nearest rounding for a first,
+coarse curve), distortion ``D = gain * tr(E H E^T)`` (E = W - levels*step) and rate ``R`` = the
+entropy-coded bits of the levels plus the side data they need (frequency table, chunk header).
+For a multiplier lam every unit takes ``argmin D + lam R``; lam is bisected (on its logarithm)
+to meet a bit budget or a distortion target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ...format.leb128 import packed_counts_bytes
+from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
+from .rounding import gptq_round, prepare, round_nearest
+
+MAX_LEVEL = 1 << 20
+SUBSAMPLE = 1 << 18  # coarse curves of bigger tensors use about this many weights
+CHUNK_HEADER_BITS = 32 * 8
+BAND_PARAM_BITS = 8 * 8  # band_rows, step, q_min entries and the bytes header in the manifest
+
+
+def table_bits(counts: np.ndarray) -> int:
+    """Bits of a band's LEB128 symbol counts (spec §7.5.1) plus their msgpack bin header."""
+    return 8 * (packed_counts_bytes(counts) + 2)
+
+
+def coded_bits(levels: np.ndarray, scale: float = 1.0) -> float:
+    """Estimated stored bits of one band: N * empirical entropy + table + chunk header
+    (``scale``: the levels are a subsample of 1/scale of the band)."""
+    flat = np.asarray(levels).reshape(-1)
+    lo = flat.min()
+    counts = np.bincount((flat - lo).astype(np.intp))
+    counts_nz = counts[counts > 0]
+    if len(counts_nz) < 2:
+        return float(BAND_PARAM_BITS + 32)
+    p = counts_nz / flat.size
+    ent = scale * float(-(counts_nz * np.log2(p)).sum())
+    return ent + table_bits(counts) + CHUNK_HEADER_BITS + BAND_PARAM_BITS + 32
+
+
+@dataclass
+class Unit:
+    """One tensor to allocate: ``w`` [n, m] float64; ``h`` [groups, d, d] (None: identity);
+    ``row_weights`` [n] (embeddings: token frequencies; None: all 1); ``gain`` output sensitivity."""
+
+    name: str
+    w: np.ndarray
+    h: Optional[np.ndarray] = None
+    row_weights: Optional[np.ndarray] = None
+    gain: float = 1.0
+    # filled by the allocator: code -> (D, R bits); code -> levels (GPTQ, when computed)
+    curve: dict = field(default_factory=dict)
+    levels: dict = field(default_factory=dict)
+    exact: set = field(default_factory=set)  # codes whose curve point used the final rounding
+    _prepared: Optional[list] = None
+    _diag: Optional[np.ndarray] = None
+    # row bands of one tensor share error-feedback results (rows round independently):
+    # ``shared`` = {"w": full [N, m] matrix, "prepared": ..., code: full levels}, rows r0:r1 of it
+    shared: Optional[dict] = None
+    r0: int = 0
+    h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
+
+    @property
+    def size(self) -> int:
+        return int(self.w.size)
+
+    def distortion(self, err: np.ndarray) -> float:
+        e = err
+        if self.row_weights is not None:
+            e = e * np.sqrt(self.row_weights)[:, None]
+        if self.h is None:
+            return self.gain * float(np.sum(e * e))
+        g, d, _ = self.h.shape
+        e3 = e.reshape(g, -1, d)
+        tot = 0.0
+        for i in range(g):
+            tot += float(np.sum((e3[i] @ self.h[i]) * e3[i]))
+        return self.gain * tot
+
+    def distortion_diag(self, err: np.ndarray) -> float:
+        """Cheap estimate for the coarse curve: ``tr(E diag(H) E^T)`` (errors taken as
+        uncorrelated across input columns, as nearest rounding makes them at fine steps)."""
+        e2 = err * err
+        if self.row_weights is not None:
+            e2 = e2 * self.row_weights[:, None]
+        if self.h is None:
+            return self.gain * float(np.sum(e2))
+        if self._diag is None:
+            self._diag = np.stack([np.diag(self.h[i]) for i in range(self.h.shape[0])])  # [g, d]
+        g, d = self._diag.shape
+        return self.gain * float(np.sum(e2.reshape(g, -1, d).sum(axis=1) * self._diag))
+
+    def quantize(self, code: int, feedback: bool) -> np.ndarray:
+        """Levels at step code ``code``: error-feedback rounding when ``feedback`` and H exists."""
+        step = float(steps_from_codes([code])[0])
+        if not feedback or self.h is None:
+            return round_nearest(self.w, step, -MAX_LEVEL, MAX_LEVEL)
+        if self.shared is not None:
+            sh = self.shared
+            if code not in sh:
+                if "prepared" not in sh:
+                    sh["prepared"] = [prepare(self.h[0])]
+                sh[code] = gptq_round(sh["w"], self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
+                                      prepared=sh["prepared"][0]).astype(np.int32)
+            return sh[code][self.r0:self.r0 + self.w.shape[0]].astype(np.int64)
+        g, d, _ = self.h.shape
+        rows = self.w.reshape(g, -1, d)
+        if self._prepared is None:
+            self._prepared = [prepare(self.h[i]) for i in range(g)]
+        out = [gptq_round(rows[i], self.h[i], step, -MAX_LEVEL, MAX_LEVEL, prepared=self._prepared[i])
+               for i in range(g)]
+        return np.concatenate(out, axis=0).reshape(self.w.shape)
+
+    def evaluate(self, code: int, feedback: bool, keep: bool = False) -> tuple[float, float]:
+        """Curve point at ``code``. ``feedback``: exact (the rounding the file will hold, full
+        distortion); else a coarse estimate by nearest rounding, diagonal distortion and, for
+        big tensors, a deterministic subsample of rows scaled up."""
+        step = float(steps_from_codes([code])[0])
+        if not feedback:
+            w, rw, scale = self.w, self.row_weights, 1.0
+            grouped = self.h is not None and self.h.shape[0] > 1
+            if w.size > SUBSAMPLE and not grouped and w.shape[0] > 1:
+                stride = -(-w.size // SUBSAMPLE)
+                w = w[::stride]
+                rw = None if rw is None else rw[::stride]
+                scale = self.w.shape[0] / w.shape[0]
+            lv = np.rint(w * (1.0 / step))  # candidate codes keep levels within ±2^20
+            err = w - lv * step
+            saved = self.row_weights
+            self.row_weights = rw
+            d = scale * self.distortion_diag(err)
+            self.row_weights = saved
+            r = coded_bits(lv, scale)
+            self.curve[code] = (d, r)
+            return d, r
+        lv = self.quantize(code, True)
+        d = self.distortion(self.w - lv * step)
+        r = coded_bits(lv)
+        self.curve[code] = (d, r)
+        self.exact.add(code)
+        if keep and self.shared is None:
+            self.levels[code] = lv
+        return d, r
+
+
+def candidate_codes(w: np.ndarray, octaves_below: int = 10) -> list[int]:
+    """Step codes from about rms*2^-octaves_below up to the first step that rounds every weight
+    to zero (2*peak), never so fine that levels leave ±2^20 or the alphabet exceeds 65536."""
+    rms = float(np.sqrt(np.mean(w * w))) if w.size else 0.0
+    peak = float(np.max(np.abs(w))) if w.size else 0.0
+    if rms <= 0:
+        return [STEP_CODE_MAX]
+    top = int(math.ceil(4 * math.log2(2 * peak))) + 1
+    bottom = int(math.floor(4 * math.log2(rms))) - 4 * octaves_below
+    floor_step = max(peak / (MAX_LEVEL - 1), 2 * peak / 65000, 2.0 ** -40)
+    codes = [c for c in range(bottom, top + 1)
+             if STEP_CODE_MIN <= c <= STEP_CODE_MAX and steps_from_codes([c])[0] >= floor_step]
+    return codes or [min(STEP_CODE_MAX, max(STEP_CODE_MIN, top))]
+
+
+def choose(units: list[Unit], lam: float) -> dict[str, int]:
+    """Per unit, the code minimising D + lam * R on its curve (ties: the coarser step)."""
+    out = {}
+    for u in units:
+        best, best_cost = None, math.inf
+        for code in sorted(u.curve, reverse=True):
+            d, r = u.curve[code]
+            cost = d + lam * r
+            if cost < best_cost:
+                best, best_cost = code, cost
+        out[u.name] = best
+    return out
+
+
+def totals(units: list[Unit], pick: dict[str, int]) -> tuple[float, float]:
+    d = sum(u.curve[pick[u.name]][0] for u in units)
+    r = sum(u.curve[pick[u.name]][1] for u in units)
+    return d, r
+
+
+def fill(units: list[Unit], pick: dict[str, int], budget: float) -> dict[str, int]:
+    """Spend what ``pick`` leaves of ``budget`` (bits): move units one code finer, best
+    distortion saving per added bit first, while the total stays within budget."""
+    pick = dict(pick)
+    used = totals(units, pick)[1]
+    while True:
+        moves = []
+        for u in units:
+            c = pick[u.name]
+            finer = [k for k in u.curve if k < c]
+            if not finer:
+                continue
+            k = max(finer)
+            if k not in u.exact:
+                u.evaluate(k, True, keep=True)
+            d0, r0 = u.curve[c]
+            d1, r1 = u.curve[k]
+            if r1 > r0 and d1 < d0 and used + r1 - r0 <= budget:
+                moves.append(((d0 - d1) / (r1 - r0), u.name, k, r1 - r0))
+        if not moves:
+            return pick
+        moves.sort(key=lambda t: (-t[0], t[1]))
+        _, name, k, dr = moves[0]
+        pick[name] = k
+        used += dr
+
+
+def bisect_lambda(units: list[Unit], measure: Callable[[dict[str, int]], float], target: float,
+                  increasing: bool, iters: int = 60) -> tuple[float, dict[str, int]]:
+    """Find lam whose choice makes ``measure(choice)`` closest to ``target`` from the safe side.
+
+    ``increasing``: measure grows with lam (distortion); else it falls (rate). Returns the
+    choice meeting the target (rate <= target, or distortion <= target) nearest to it, or the
+    closest one when none meets it.
+    """
+    lo, hi = -80.0, 40.0  # log2 lam
+    best = None
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        pick = choose(units, 2.0 ** mid)
+        val = measure(pick)
+        ok = val <= target
+        if ok:
+            best = (mid, pick)
+        # rate: ok -> try smaller lam (more bits); distortion: ok -> try larger lam
+        if (ok and not increasing) or (not ok and increasing):
+            hi = mid
+        else:
+            lo = mid
+    if best is None:
+        mid = hi if not increasing else lo
+        best = (mid, choose(units, 2.0 ** mid))
+    return 2.0 ** best[0], best[1]
+
+
+def build_curves(units: list[Unit], *, window: int = 3, lam_hint: Optional[float] = None,
+                 feedback: bool = True) -> None:
+    """Coarse curves by nearest rounding over every candidate code; then, when ``feedback``,
+    the codes within ``window`` of the choice at ``lam_hint`` are re-evaluated with
+    error-feedback rounding (levels kept for encoding)."""
+    for u in units:
+        if not u.curve:
+            for c in candidate_codes(u.w):
+                u.evaluate(c, False)
+    if feedback and lam_hint is not None:
+        refine(units, choose(units, lam_hint), window)
+
+
+def refine(units: list[Unit], pick: dict[str, int], window: int) -> None:
+    """Error-feedback rounding for the codes within ``window`` of each unit's pick."""
+    for u in units:
+        codes = sorted(u.curve)
+        c0 = pick[u.name]
+        for c in codes:
+            if abs(c - c0) <= window and c not in u.exact:
+                u.evaluate(c, True, keep=True)

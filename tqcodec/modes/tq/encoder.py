@@ -1,0 +1,396 @@
+"""The ``tq`` encoder for a whole model: statistics -> units -> one-lambda allocation -> mode
+``tq`` tensors (spec §7.5). Arrays in, encoded tensors out; the caller measures the
+real container size through ``size_of`` so that a bits target holds for the whole file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ...format.steps import steps_from_codes
+from ..base import Encoded
+from . import transforms
+from .format import write
+from .allocation import Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, refine, totals
+
+BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
+MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
+EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows, so rarely used tokens can get coarser steps
+EMBED_FLOOR = 0.05  # unseen tokens weigh this fraction of the mean token frequency
+
+
+@dataclass
+class Item:
+    """One tensor offered to the tq encoder: float64 ``values`` and its dtype name."""
+
+    name: str
+    dtype: str
+    values: np.ndarray
+
+
+def matrix_view(values: np.ndarray, layout: str) -> np.ndarray:
+    """The [n rows, m columns] matrix R of spec §7.5 for a weight stored in ``layout``."""
+    return values.T if layout == "in_out" else values.reshape(values.shape[0], -1)
+
+
+def _h_fits(h: Optional[np.ndarray], n: int, m: int) -> bool:
+    return h is not None and h.ndim == 3 and h.shape[1] == h.shape[2] == m and n % h.shape[0] == 0
+
+
+def floored_counts(counts: np.ndarray) -> np.ndarray:
+    """An embedding's token counts with every token raised by ``EMBED_FLOOR`` of the mean count
+    (unseen tokens still weigh something); the rows weigh their share of the sum."""
+    c = np.asarray(counts, dtype=np.float64)
+    return c + EMBED_FLOOR * max(float(c.mean()), 1e-12)
+
+
+def make_units(items: list[Item], stats) -> tuple[list[Unit], dict[str, str]]:
+    """Units for the tensors tq codes, and each unit's layout. Tensors left out (1-D without a
+    measured gain, small tensors without statistics, running variances) go to the data-free path."""
+    units: list[Unit] = []
+    layouts: dict[str, str] = {}
+    known = [] if stats is None else [stats.default_gain] if stats.default_gain is not None else stats.gains()
+    total = sum(it.values.size for it in items)
+    band_size = max(1, total // BAND_SHARE)
+    default_gain = max(known) if known else 1.0
+    for it in items:
+        v = it.values
+        st = stats.get(it.name) if stats is not None else None
+        if "running_var" in it.name or "running_mean" in it.name or v.size == 0:
+            continue
+        if st is not None and st.kind == "plain":
+            units.append(Unit(band_name(it.name, 0), v.reshape(v.shape[0] if v.ndim else 1, -1), None, None, st.gain))
+            layouts[it.name] = "out_in"
+            continue
+        if v.ndim < 2:
+            continue
+        layout = st.layout if st is not None and v.ndim == 2 else "out_in"
+        w2 = np.ascontiguousarray(matrix_view(v, layout))
+        h = rw = None
+        gain = default_gain
+        if st is not None:
+            gain = st.gain
+            if st.kind == "embedding" and st.counts is not None and len(st.counts) == w2.shape[0]:
+                c = floored_counts(st.counts)
+                rw = c / c.sum()
+            elif _h_fits(st.h, *w2.shape):
+                h = np.asarray(st.h, dtype=np.float64)
+        cap, size = (EMBED_BANDS, band_size // 8) if rw is not None else (MAX_BANDS, band_size)
+        nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, w2.shape[0], -(-w2.size // max(size, 1))))
+        bounds = [w2.shape[0] * i // nb for i in range(nb + 1)]
+        shared = {"w": w2} if nb > 1 and h is not None else None
+        for b in range(nb):
+            r0, r1 = bounds[b], bounds[b + 1]
+            units.append(Unit(band_name(it.name, b), w2[r0:r1], h, None if rw is None else rw[r0:r1], gain,
+                              shared=shared, r0=r0))
+            units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
+        layouts[it.name] = layout
+    return units, layouts
+
+
+def band_name(name: str, b: int) -> str:
+    return f"{name}\x00{b}"
+
+
+def parent(unit_name: str) -> str:
+    return unit_name.split("\x00", 1)[0]
+
+
+def by_tensor(units: Sequence[Unit]) -> dict[str, list[Unit]]:
+    """Units grouped by the tensor they belong to, tensors and bands in order."""
+    out: dict[str, list[Unit]] = {}
+    for u in units:
+        out.setdefault(parent(u.name), []).append(u)
+    return out
+
+
+def _levels(u: Unit, code: int) -> np.ndarray:
+    lv = u.levels.get(code)
+    return u.quantize(code, True) if lv is None else lv
+
+
+def encode_tensor(bands: list[Unit], codes: list[int], layout: str) -> Encoded:
+    """One tensor from its row bands (no transform)."""
+    return write([_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout)
+
+
+def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthesis: np.ndarray) -> Encoded:
+    """A tensor coded in its transform domain: trailing coefficient bands that quantize to zero
+    are left out, and so are their columns of S (k < m)."""
+    k = kept_components(bands, codes)
+    kept = [(u, c) for u, c in zip(bands, codes) if u.r0 < k]
+    return write([_levels(u, c) for u, c in kept], [c for _, c in kept], layout=layout,
+                          transform=synthesis[:, :k])
+
+
+def reconstruction(u: Unit, code: int) -> np.ndarray:
+    """What the decoder rebuilds for a band (float64, in the unit's [rows, m] view)."""
+    return _levels(u, code) * float(steps_from_codes([code])[0])
+
+
+def _bias_pairs(units: list[Unit], stats, layouts: Mapping[str, str]) -> list:
+    """(weight bands, bias bands) of weights whose input mean is known and whose bias is a unit."""
+    by_parent = by_tensor(units)
+    pairs = []
+    if stats is None:
+        return pairs
+    for name, bands in by_parent.items():
+        mu = bands[0].h_mean
+        if not name.endswith("weight") or mu is None or layouts.get(name) != "out_in":
+            continue
+        bias = by_parent.get(name[:-len("weight")] + "bias")
+        n = sum(b.w.shape[0] for b in bands)
+        if bias and sum(b.w.size for b in bias) == n and mu.shape[1] == bands[0].w.shape[1] \
+                and n % mu.shape[0] == 0:
+            pairs.append((bands, bias))
+    return pairs
+
+
+def _correct_biases(pairs: list, originals: Mapping[int, np.ndarray], pick: Mapping[str, int]) -> None:
+    """Bias correction: b' = b - (W_hat - W) E[x] removes the mean output error each quantized
+    weight causes (encoder-only; the corrected bias is then quantized as usual)."""
+    for bands, bias in pairs:
+        st_mean = bands[0].h_mean
+        err = np.concatenate([reconstruction(u, pick[u.name]) - u.w for u in bands])  # [n, m]
+        g = st_mean.shape[0]
+        shift = np.einsum("gij,gj->gi", err.reshape(g, -1, err.shape[1]), st_mean).reshape(-1)
+        r0 = 0
+        for b in bias:
+            k = b.w.shape[0]
+            b.w = originals[id(b)] - shift[r0:r0 + k].reshape(b.w.shape)
+            b.levels.clear()
+            r0 += k
+
+
+# --- transforms (spec §7.5: stream 0, R = (S C)^T) ---------------------------------------------
+
+TRANSFORM_MIN_RATIO = 2  # offered only when n >= 2m: the 16 m k bits of S need many coefficients
+TRANSFORM_BANDS = 16     # coefficient rows (components, strongest first) cut into at most 16 bands
+
+
+@dataclass
+class TransformOption:
+    """A tensor coded in a transform domain: ``synthesis`` S [m, m] (float16 values, float64),
+    ``bands`` the coefficient row bands (Units over rows of C [m, n]), ``kind`` klt or aat."""
+
+    name: str
+    kind: str
+    synthesis: np.ndarray
+    bands: list[Unit]
+
+
+def transform_options(items: list[Item], stats, layouts: Mapping[str, str]) -> dict[str, TransformOption]:
+    """The transform each eligible tensor could use: the activation-aware transform (AAT) where
+    the tensor has input statistics, the weight KLT where it has none. Eligible: coded by tq as
+    one [n, m] matrix (no groups, no embedding row weights), ``n >= TRANSFORM_MIN_RATIO * m``."""
+    out: dict[str, TransformOption] = {}
+    for it in items:
+        layout = layouts.get(it.name)
+        v = it.values
+        if layout is None or v.ndim < 2:
+            continue
+        st = stats.get(it.name) if stats is not None else None
+        if st is not None and st.kind not in ("linear", "conv"):
+            continue
+        w2 = matrix_view(v, layout)
+        n, m = w2.shape
+        if m < 4 or n < TRANSFORM_MIN_RATIO * m:
+            continue
+        h = None
+        if st is not None:
+            if not _h_fits(st.h, n, m) or st.h.shape[0] != 1:
+                continue
+            h = np.asarray(st.h[0], dtype=np.float64)
+        mat = np.ascontiguousarray(w2.T)  # M [m, n]
+        if h is None:
+            _, s, _ = transforms.klt(mat)
+            kind, metric = "klt", np.eye(m)
+        else:
+            _, s, _ = transforms.aat(mat, h)
+            kind, metric = "aat", h
+        s16 = s.astype(np.float16).astype(np.float64)
+        if not np.isfinite(s16).all():
+            continue
+        # coefficients that are best for the stored (float16) synthesis, in the error metric
+        g = s16.T @ metric @ s16
+        coef = np.linalg.solve(g + 1e-12 * np.trace(g) / m * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
+        weights = np.maximum(np.diag(g), 0.0)  # distortion of coefficient row i: g_ii ||dC_i||^2
+        gain = st.gain if st is not None else 1.0
+        nb = min(TRANSFORM_BANDS, m)
+        bounds = [m * i // nb for i in range(nb + 1)]
+        bands = [Unit(band_name(it.name, b), coef[bounds[b]:bounds[b + 1]], None,
+                      weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b]) for b in range(nb)]
+        out[it.name] = TransformOption(it.name, kind, s16, bands)
+    return out
+
+
+def kept_components(bands: list[Unit], codes: Sequence[int]) -> int:
+    """Coefficient rows kept: up to the last band with a nonzero level (at least the first band)."""
+    k = bands[0].w.shape[0]
+    for u, c in zip(bands, codes):
+        if np.any(_levels(u, c)):
+            k = u.r0 + u.w.shape[0]
+    return k
+
+
+def _cost(bands: Sequence[Unit], pick: Mapping[str, int], lam: float) -> float:
+    """Sum of D + lam R of ``bands`` at their picked codes."""
+    return sum(u.curve[pick[u.name]][0] + lam * u.curve[pick[u.name]][1] for u in bands)
+
+
+def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption], lam: float) -> tuple[list[Unit], set]:
+    """Per tensor with an option: the transform when its cost D + lam R, with the stored S's
+    ``16 m k`` bits counted, is below the identity's at the same multiplier. Returns the units
+    with the chosen tensors' row bands replaced by their coefficient bands, and their names."""
+    by_parent = by_tensor(units)
+    chosen = set()
+    for name, opt in options.items():
+        if name not in by_parent:
+            continue
+        for u in opt.bands:
+            if not u.curve:
+                for c in candidate_codes(u.w):
+                    u.evaluate(c, True, keep=True)
+        # the two alternatives' bands share names: each is chosen on its own
+        identity = _cost(by_parent[name], choose(by_parent[name], lam), lam)
+        pick = choose(opt.bands, lam)
+        k = kept_components(opt.bands, [pick[u.name] for u in opt.bands])
+        coded = _cost([u for u in opt.bands if u.r0 < k], pick, lam) \
+            + lam * transforms.cost_bits(opt.synthesis.shape[0], k)
+        if coded < identity:
+            chosen.add(name)
+    out = []
+    for u in units:
+        name = parent(u.name)
+        if name in chosen:
+            if u is by_parent[name][0]:
+                out.extend(options[name].bands)
+        else:
+            out.append(u)
+    return out, chosen
+
+
+def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, quality: Optional[float] = None,
+                 total_params: int, size_of: Callable[[dict], int], tolerance: float = 0.015,
+                 progress: Optional[Callable[[str, int, int], None]] = None,
+                 alternatives: Optional[Callable] = None, transforms: bool = True) -> dict[str, Encoded]:
+    """Encode ``items``: returns ``{name: ("tq", params, streams)}`` for the tensors tq codes.
+    ``transforms``: offer each eligible tensor a transform (:func:`choose_transforms`).
+
+    numpy's BLAS runs single-threaded meanwhile: the encoder's matrices are small, and a
+    multi-threaded OpenBLAS beside torch's OpenMP pool was measured 20x slower on its Cholesky
+    factorisations (and one thread makes the float64 results independent of the core count).
+
+    ``bits``: whole-file bits per parameter (``size_of(encoded)`` gives the real file bytes for a
+    candidate result; the budget is corrected by the measured overhead until the file lands within
+    ``tolerance``). ``quality``: predicted output SNR in dB (output power over the summed
+    distortion estimate; without statistics, weight SNR). Neither: quality 40 dB.
+    ``alternatives``: see :func:`with_alternatives` (mode ``auto``: other modes per tensor).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _encode_model(items, stats, bits, quality, total_params, size_of, tolerance, progress, alternatives,
+                             transforms)
+
+
+def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance, progress, alternatives=None,
+                  transforms_on=True):
+    units, layouts = make_units(items, stats)
+    if not units:
+        return {}
+    feedback = stats is not None
+    build_curves(units, feedback=False)
+    options = transform_options(items, stats, layouts) if transforms_on else {}
+    synthesis: dict[str, np.ndarray] = {}
+
+    def rate(pick: Mapping[str, int]) -> float:
+        return totals(units, dict(pick))[1]
+
+    def dist(pick: Mapping[str, int]) -> float:
+        return totals(units, dict(pick))[0]
+
+    def with_transforms(measure: Callable, target: float, increasing: bool) -> list[Unit]:
+        """The transform choice (spec §7.5 stream 0) at the multiplier that meets ``target``
+        with exact (error-feedback) points around the identity's pick."""
+        if not options:
+            return units
+        lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
+        if feedback:
+            refine(units, pick, 1)
+            lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
+        chosen, names = choose_transforms(units, options, lam)
+        synthesis.update({n: options[n].synthesis for n in names})
+        return chosen
+
+    def result(pick: Mapping[str, int]) -> dict[str, Encoded]:
+        _correct_biases(corrections, originals, pick)
+        out = {}
+        by_parent = by_tensor(units)
+        for i, (name, bands) in enumerate(by_parent.items()):
+            codes = [pick[u.name] for u in bands]
+            if name in synthesis:
+                out[name] = encode_transformed(bands, codes, layouts[name], synthesis[name])
+            else:
+                out[name] = encode_tensor(bands, codes, layouts[name])
+            if progress:
+                progress(name, i + 1, len(by_parent))
+        return out
+
+    if bits is None:
+        q = 40.0 if quality is None else float(quality)
+        power = stats.output_power if stats is not None and stats.output_power > 0 else None
+        if power is None:
+            power = sum(u.gain * float(np.sum(u.w * u.w)) for u in units)
+        target = power * 10.0 ** (-q / 10.0)
+        units = with_transforms(dist, target, True)
+        corrections = _bias_pairs(units, stats, layouts)
+        originals = {id(b): b.w for _, bands in corrections for b in bands}
+        lam, pick = bisect_lambda(units, dist, target, increasing=True)
+        if feedback:
+            refine(units, pick, 3)
+            lam, pick = bisect_lambda(units, dist, target, increasing=True)
+            refine(units, pick, 0)
+        return with_alternatives(alternatives, lam, units, pick, result(pick))
+
+    target_bits = float(bits) * total_params
+    units = with_transforms(rate, target_bits, False)
+    corrections = _bias_pairs(units, stats, layouts)
+    originals = {id(b): b.w for _, bands in corrections for b in bands}
+    overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
+    best = None
+    for attempt in range(5):
+        budget = max(target_bits - overhead, 1.0)
+        lam, pick = bisect_lambda(units, rate, budget, increasing=False)
+        if feedback:
+            refine(units, pick, 2)
+            lam, pick = bisect_lambda(units, rate, budget, increasing=False)
+            refine(units, pick, 0)  # the chosen points themselves are exact
+            pick = choose(units, lam)
+            refine(units, pick, 0)
+        pick = fill(units, pick, budget)
+        enc = with_alternatives(alternatives, lam, units, pick, result(pick))
+        actual = 8.0 * size_of(enc)
+        err = actual / target_bits - 1.0
+        if best is None or abs(err) < abs(best[0]):
+            best = (err, enc)
+        if abs(err) <= tolerance:
+            break
+        overhead = actual - rate(pick)
+    return best[1]
+
+
+# --- hook for other coding modes (mode auto; tqcodec.pipeline.auto) ------------------------------
+
+def with_alternatives(alternatives: Optional[Callable], lam: float, units: list[Unit], pick: Mapping[str, int],
+                      enc: dict[str, Encoded]) -> dict[str, Encoded]:
+    """``enc`` with tensors the ``alternatives`` callback recodes in another mode at the same
+    multiplier: ``alternatives(lam, bands_by_tensor, pick, enc) -> enc'`` where
+    ``bands_by_tensor[name]`` are the tensor's units in row order. ``None``: ``enc`` unchanged.
+    Called after every allocation whose result encode_model may return (so the bits loop
+    measures the file with the alternatives in it)."""
+    if alternatives is None:
+        return enc
+    by_parent = by_tensor(units)
+    return alternatives(lam, by_parent, pick, enc)

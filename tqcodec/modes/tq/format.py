@@ -1,0 +1,200 @@
+"""Mode ``tq`` (spec §7.5, ``spec/mode-tq.md``): transform quantization.
+
+A weight is viewed as a matrix R [n, m] (n output channels); its integer coefficient matrix is
+cut into bands of rows, each band with its own exact dyadic step (§7.1) and its own frequency
+table (§7.3.1), range-coded (§8) in its own stream. Optionally a synthesis transform S [m, k]
+stored as float16 rebuilds R = (S · C)^T from k coefficient rows (dimensionality reduction:
+the rows not kept are zero).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ... import limits as L
+from ...errors import fail
+from ...format.dtypes import FLOAT_NAMES, round_binary32
+from ...format.leb128 import pack_counts, unpack_counts
+from ...format.manifest import TensorRecord
+from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
+from ..base import Chunks, Encoded, check_keys
+from ..streams import read_symbols, symbol_chunks, table
+
+LAYOUTS = ("out_in", "in_out")
+TRANSFORMS = ("none", "float16")
+MAX_BANDS = 4096  # spec §7.5.1
+
+_REQUIRED = {"band_rows": list, "steps": list, "q_min": list, "counts": list}
+_OPTIONAL = {"layout": str, "transform": str}  # spec §7.5.1: absent = "out_in", "none"
+_ELEMENTS = {"band_rows": int, "steps": int, "q_min": int, "counts": bytes}
+
+
+@dataclass(frozen=True)
+class Params:
+    """A ``tq`` record's parameters, checked (spec §7.5.1): the matrix R is [n, m]; the
+    coefficient matrix C has ``k`` rows of ``cols`` values (cols = m without a transform, n
+    with one) in bands of ``rows[b]`` rows, each with a step code, q_min and range-coder table
+    (None for a one-entry table)."""
+
+    layout: str
+    transform: str
+    n: int
+    m: int
+    k: int
+    cols: int
+    rows: tuple[int, ...]
+    steps: tuple[int, ...]
+    q_min: tuple[int, ...]
+    freqs: tuple[Optional[np.ndarray], ...]
+
+
+def parse(record: TensorRecord) -> Params:
+    """Spec §7.5.1's parameter rules, in order."""
+    name = record.name
+    p = check_keys(record, _REQUIRED, _OPTIONAL, _ELEMENTS)  # rule 1: keys and types before any value
+    rows, steps, qmins = p["band_rows"], p["steps"], p["q_min"]
+    if record.dtype not in FLOAT_NAMES:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: tq mode needs a float dtype, not {record.dtype}")
+    if len(record.shape) < 1 or record.numel < 1:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: tq mode needs at least one dimension and element")
+    layout, transform = p.get("layout", "out_in"), p.get("transform", "none")
+    if layout not in LAYOUTS:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: layout {layout!r} not in {LAYOUTS}")
+    if layout == "in_out" and len(record.shape) != 2:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: layout in_out needs a 2-D tensor")
+    if transform not in TRANSFORMS:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: transform {transform!r} not in {TRANSFORMS}")
+    n = record.shape[0] if layout == "out_in" else record.shape[1]
+    m = record.numel // n
+    nb = len(rows)
+    if nb < 1 or nb > MAX_BANDS or len(steps) != nb or len(qmins) != nb or len(p["counts"]) != nb:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: band_rows, steps, q_min and counts must have the "
+                                        f"same length, 1..{MAX_BANDS}")
+    if min(rows) < 1:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: a band has no rows")
+    k = sum(rows)
+    if transform == "none" and k != n:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: bands cover {k} rows, not {n}")
+    if transform == "float16" and k > min(m, n):
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: {k} coefficient rows for a {n}x{m} matrix "
+                                        "(at most min(n, m))")
+    if min(steps) < STEP_CODE_MIN or max(steps) > STEP_CODE_MAX:
+        raise fail("BAD_STEP", f"tensor {name!r}: step code outside [{STEP_CODE_MIN}, {STEP_CODE_MAX}]")
+    cols = m if transform == "none" else n
+    freqs = []
+    for b, (blob, q0, r) in enumerate(zip(p["counts"], qmins, rows)):
+        c = unpack_counts(blob, r * cols, name)  # rule 7
+        if q0 < -L.MAX_LEVEL or q0 + len(c) - 1 > L.MAX_LEVEL:
+            raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: band {b} levels outside -2^20..2^20")
+        freqs.append(table(c))  # spec §8.6, normative here
+    return Params(layout, transform, n, m, k, cols, tuple(rows), tuple(steps), tuple(qmins), tuple(freqs))
+
+
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+    """Stream 0: the transform's bytes (2*m*k, or 0); stream 1+b: band b's symbols (0 when its
+    table has one entry)."""
+    first = 2 * p.m * p.k if p.transform == "float16" else 0
+    return (first,) + tuple(r * p.cols if f is not None else 0 for r, f in zip(p.rows, p.freqs))
+
+
+def _band_levels(p: Params, b: int, chunks: Chunks, count: int, name: str) -> np.ndarray:
+    """Band ``b``'s levels: its symbols (§7.5.2, read as every counts-table mode reads them) + q_min."""
+    return read_symbols(chunks, p.freqs[b], count, name) + p.q_min[b]
+
+
+def _transform(p: Params, chunks: Chunks, name: str) -> np.ndarray:
+    """Spec §7.5.2 stream 0: the synthesis transform S [m, k] as float16 (finite, §7.5.3)."""
+    for count, payload in chunks:
+        if len(payload) != count:
+            raise fail("BAD_CHUNK", f"tensor {name!r}: a transform chunk of {len(payload)} bytes declares "
+                                    f"{count} items (they must be equal)")
+    data = b"".join(payload for _, payload in chunks)
+    if len(data) != 2 * p.m * p.k:
+        raise fail("BAD_CHUNK", f"tensor {name!r}: transform stream of {len(data)} bytes, expected {2 * p.m * p.k}")
+    s = np.frombuffer(data, dtype="<f2").reshape(p.m, p.k)
+    if not np.isfinite(s).all():
+        raise fail("BAD_PAYLOAD", f"tensor {name!r}: transform holds NaN or infinity")
+    return s
+
+
+def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray:
+    """Spec §7.5.3: levels -> coefficients -> (transform) -> dtype."""
+    cols = p.cols
+    steps = steps_from_codes(np.array(p.steps, dtype=np.int64))
+    coeff = np.empty((p.k, cols), dtype=np.float64)
+    r0 = 0
+    for b, rows in enumerate(p.rows):
+        lv = _band_levels(p, b, streams[1 + b], rows * cols, record.name)
+        coeff[r0:r0 + rows] = lv.reshape(rows, cols) * steps[b]  # exact (§7.5.3 step 2)
+        r0 += rows
+    if p.transform == "none":
+        mat = coeff.astype(np.float32)  # exact: < 2^21 levels times a 3-bit-mantissa step
+    else:
+        s = _transform(p, streams[0], record.name).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mat = (s @ coeff).T.astype(np.float32)  # [n, m]; §7.5.3 step 3 (tolerance stated there)
+    if p.layout == "in_out":
+        mat = mat.T
+    return round_binary32(record.dtype, np.ascontiguousarray(mat)).reshape(record.shape)
+
+
+def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
+    """Spec §7.5.3 steps 1-2 only (the integer stage, for transform-domain layers and training):
+    ``levels`` (band b's [band_rows[b], c] levels, narrowest of int8/int16/int32), ``steps``
+    (float64 step of each band), ``band_rows``, ``transform`` (S [m, k] float16, or None),
+    ``layout``, ``n``, ``m``, ``k``. Same checks as :func:`decode`."""
+    steps = steps_from_codes(np.array(p.steps, dtype=np.int64)).astype(np.float64)
+    levels = []
+    for b, rows in enumerate(p.rows):
+        lv = _band_levels(p, b, streams[1 + b], rows * p.cols, record.name).reshape(rows, p.cols)
+        lo, hi = int(lv.min()), int(lv.max())
+        dt = next(t for t in (np.int8, np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+        levels.append(lv.astype(dt))
+    s = None
+    if p.transform == "float16":
+        s = _transform(p, streams[0], record.name)
+    return {"levels": levels, "steps": steps, "band_rows": list(p.rows), "transform": s, "layout": p.layout,
+            "n": p.n, "m": p.m, "k": p.k}
+
+
+# --- writer -------------------------------------------------------------------------------
+
+def counts_for(levels: np.ndarray) -> tuple[int, np.ndarray]:
+    """(q_min, symbol counts) of one band's levels."""
+    flat = np.asarray(levels, dtype=np.int64).reshape(-1)
+    q_min, q_max = int(flat.min()), int(flat.max())
+    if q_max - q_min + 1 > L.MAX_ALPHABET or q_min < -L.MAX_LEVEL or q_max > L.MAX_LEVEL:
+        raise fail("BAD_OPTION", "levels span more than the format allows (65536 symbols within ±2^20)")
+    return q_min, np.bincount(flat - q_min, minlength=q_max - q_min + 1)
+
+
+def write(band_levels: Sequence[np.ndarray], band_steps: Sequence[int], *, layout: str = "out_in",
+          transform: Optional[np.ndarray] = None) -> Encoded:
+    """A ``tq`` tensor from its bands.
+
+    ``band_levels[b]``: int levels [rows_b, cols] (cols = m without transform, n with one);
+    ``band_steps[b]``: its step code; ``transform``: synthesis S [m, k] (stored as float16, so
+    pass values already rounded to float16 if the encoder's reconstruction must match).
+    """
+    streams: list[Chunks] = []
+    if transform is None:
+        streams.append([])
+    else:
+        data = np.ascontiguousarray(transform, dtype="<f2").tobytes()
+        streams.append([(len(data), data)])
+    rows, qmins, blobs = [], [], []
+    for lv in band_levels:
+        lv = np.asarray(lv, dtype=np.int64)
+        q_min, counts = counts_for(lv)
+        rows.append(int(lv.shape[0]))
+        qmins.append(q_min)
+        blobs.append(pack_counts(counts))
+        streams.append(symbol_chunks(lv.reshape(-1) - q_min, counts))
+    params = {"band_rows": rows, "steps": [int(c) for c in band_steps], "q_min": qmins, "counts": blobs}
+    if layout != "out_in":
+        params["layout"] = layout
+    if transform is not None:
+        params["transform"] = "float16"
+    return Encoded("tq", params, streams)

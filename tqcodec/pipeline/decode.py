@@ -1,0 +1,73 @@
+"""Decoding one tensor: a record's streams through its mode (spec §7) into a torch tensor, and
+the stream layout the container reader asks of the modes (spec §10.1 step 2), each record's
+parameters parsed once."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..errors import fail
+from ..format.manifest import TensorRecord
+from ..format.reader import TensorChunks
+from ..limits import DEFAULT_LIMITS, Limits
+from ..modes import decode, mode_of
+from .tensors import storage_to_tensor
+
+
+class Layout:
+    """The ``StreamLayout`` of the container reader: checks a record against this reader's
+    resource limits (spec §12), parses its mode's parameters (kept, so decoding parses them
+    once) and gives its streams' item counts."""
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS):
+        self.limits = limits
+        self.params: dict[int, Any] = {}
+
+    def __call__(self, index: int, record: TensorRecord, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+        if record.numel * record.itemsize > self.limits.max_tensor_bytes:
+            raise fail("LIMIT_EXCEEDED", f"tensor {record.name!r} would decode to "
+                                         f"{record.numel * record.itemsize} bytes (this reader's limit is "
+                                         f"{self.limits.max_tensor_bytes})")
+        # an empty tensor whose other dimensions multiply past 2^63 bytes (e.g. [2^40, 2^40, 0]) is
+        # valid but has no numpy/torch shape: refuse it as this reader's resource limit (spec §12),
+        # not as BAD_PAYLOAD (conformance/may_reject/empty_tensor_huge_dims)
+        span = record.itemsize
+        for d in record.shape:
+            span *= max(d, 1)
+        if span >= 1 << 63:
+            raise fail("LIMIT_EXCEEDED", f"tensor {record.name!r}: shape {list(record.shape)} cannot be "
+                                         "represented by this reader (dimensions multiply past 2^63 bytes)")
+        mode = mode_of(record)
+        params = mode.parse(record)
+        items = mode.stream_items(params, index, records)
+        self.params[index] = params
+        return items
+
+    def params_of(self, tc: TensorChunks) -> Any:
+        """The parsed parameters of a tensor this layout has seen."""
+        return self.params[tc.index]
+
+
+def decode_array(tc: TensorChunks, params: Optional[Any] = None):
+    """The storage array of a (non-alias) tensor from its chunks (``params``: its mode's parsed
+    parameters, parsed here if not given). A memory error is this reader's resource limit."""
+    try:
+        return decode(tc.record, tc.streams, params)
+    except MemoryError:  # spec §12: a resource limit of this reader, not a fault of the file
+        raise fail("LIMIT_EXCEEDED", f"tensor {tc.record.name!r}: out of memory while decoding") from None
+
+
+def decode_tensor(tc: TensorChunks, params: Optional[Any] = None) -> torch.Tensor:
+    """A (non-alias) tensor from its chunks, as a torch tensor of its dtype."""
+    return storage_to_tensor(tc.record.dtype, decode_array(tc, params))
+
+
+def tensor_parts(tc: TensorChunks, params: Optional[Any] = None) -> dict:
+    """The integer stage of a (non-alias) tensor (its mode's ``parts``)."""
+    mode = mode_of(tc.record)
+    p = mode.parse(tc.record) if params is None else params
+    try:
+        return mode.parts(p, tc.record, tc.streams)
+    except MemoryError:
+        raise fail("LIMIT_EXCEEDED", f"tensor {tc.record.name!r}: out of memory while decoding") from None

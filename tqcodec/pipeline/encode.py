@@ -1,0 +1,241 @@
+"""Encoding: what ``tqcodec.save`` does with each tensor, one tensor (or one whole-model tq
+allocation) at a time. Tensors in, :class:`~tqcodec.modes.base.Encoded` out; no files, no pools.
+
+- :class:`EncodeOptions`: the options, checked;
+- :func:`encode_tensor`: one tensor without a whole-model allocation (``raw``, ``uniform``, a
+  classic mode, or tq on its own with ``tq_scope="tensor"``); :func:`encode_entry` also loads
+  a lazy tensor and cuts a large one into row blocks;
+- :func:`encode_tq`: mode tq (and ``auto``'s per-tensor choice) over many tensors with one
+  Lagrange multiplier.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import fail
+from ..format.chunks import CHUNK_HEADER_SIZE
+from ..format.dtypes import FLOAT_NAMES, all_finite, storage_to_float64
+from ..format.manifest import pack_canonical
+from ..modes import raw, uniform
+from ..modes.base import Encoded
+from ..modes.tq.encoder import Item, encode_model
+from .auto import chooser_for
+from .classic import CLASSIC_MODES, encode_classic
+from .tensors import check_tensor, is_lazy, name_of_torch, tensor_to_storage, tied_key
+
+ENCODE_MODES = ("auto", "raw", "uniform", "tq") + CLASSIC_MODES
+MIN_UNIFORM_ELEMENTS = 256  # smaller float tensors: raw (side data would outweigh the gain)
+AUTO_BITS_TOLERANCE = 0.03  # mode auto with bits: a file with other modes in it must land this close, else tq alone
+TQ_BLOCK_PARAMS = 1 << 22
+"""tq_scope ``tensor`` without statistics: a float tensor of more parameters is encoded in blocks
+of output rows of about this many parameters, each on its own to the bits/quality target (its
+own bands), and the blocks' bands are joined into the tensor's one tq record. Bounds the working
+set by the block, not the tensor, and lets blocks of one tensor run in parallel."""
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What ``save`` does with each tensor.
+
+    mode: ``auto`` (uniform for float tensors of >= 2 dims and >= 256 elements, raw for the
+    rest; with stats, bits or quality: tq, and per tensor of >= 2 dims and >= 256 elements
+    whichever of tq, ecsq, kmeans, pq, dither has the least D + lam R at tq's multiplier),
+    ``raw`` (everything exact), ``uniform`` (every finite float tensor), ``tq``, or one of
+    ``ecsq``, ``kmeans``, ``pq``, ``dither`` (spec §7.6-§7.9: float tensors of >= 2 dims and
+    >= 256 elements in that mode, the rest as ``auto`` without statistics; ``bits`` is then each
+    tensor's own bits per weight, else ``quality`` or ``snr_db`` a weighted SNR target; stats
+    weigh each weight by its input's second moment).
+    lossless: everything exact (same as mode ``raw``).
+    snr_db: weight signal-to-quantization-noise ratio each uniform step aims at.
+    granularity: ``channel`` (one step per output channel) or ``tensor``.
+    stats: ``tqcodec.Stats`` from ``tqcodec.calibrate`` (mode ``tq``; with ``auto`` it selects tq).
+    bits: mode ``tq``: whole-file bits per parameter (the file lands within ±3%).
+    quality: mode ``tq``: predicted output SNR in dB (output power over the estimated output
+    error, spec-free encoder choice); without stats, weight SNR. Default 40 when neither is given.
+    tq_scope: mode ``tq``: ``model`` (one allocation over the whole model: every tensor in memory)
+    or ``tensor`` (each tensor on its own to ``bits``/``quality``: streams tensor by tensor and
+    runs with ``jobs``; ``tqcodec.parallel``).
+    """
+
+    mode: str = "auto"
+    lossless: bool = False
+    snr_db: float = 40.0
+    granularity: str = "channel"
+    stats: Any = None
+    bits: Optional[float] = None
+    quality: Optional[float] = None
+    tq_scope: str = "model"
+
+    @property
+    def uses_tq(self) -> bool:
+        """Mode ``tq`` explicitly, or ``auto`` with stats, bits or quality given."""
+        if self.lossless or self.mode in ("raw", "uniform") + CLASSIC_MODES:
+            return False
+        return self.mode == "tq" or any(v is not None for v in (self.stats, self.bits, self.quality))
+
+    def __post_init__(self) -> None:
+        if self.mode not in ENCODE_MODES:
+            raise fail("BAD_OPTION", f"mode {self.mode!r} is not one of {', '.join(ENCODE_MODES)}")
+        if not (isinstance(self.snr_db, (int, float)) and np.isfinite(self.snr_db) and 0 < self.snr_db <= 200):
+            raise fail("BAD_OPTION", f"snr_db must be in (0, 200], got {self.snr_db!r}")
+        if self.granularity not in uniform.GRANULARITIES:
+            raise fail("BAD_OPTION", f"granularity {self.granularity!r} is not one of tensor, channel")
+        if self.bits is not None and not (isinstance(self.bits, (int, float)) and 0.05 <= self.bits <= 32):
+            raise fail("BAD_OPTION", f"bits must be in [0.05, 32], got {self.bits!r}")
+        if self.quality is not None and not (isinstance(self.quality, (int, float)) and 0 < self.quality <= 200):
+            raise fail("BAD_OPTION", f"quality must be in (0, 200] dB, got {self.quality!r}")
+        if self.bits is not None and self.quality is not None:
+            raise fail("BAD_OPTION", "give bits or quality, not both")
+        if self.tq_scope not in ("model", "tensor"):
+            raise fail("BAD_OPTION", f"tq_scope must be 'model' or 'tensor', got {self.tq_scope!r}")
+
+    def for_tensor(self, name: str) -> "EncodeOptions":
+        """These options with the calibration statistics of ``name`` only: a task carries (and a
+        worker unpickles) one layer's statistics, read then from a lazily opened file
+        (``Stats.open``). Done for every number of jobs, so the bytes do not depend on it."""
+        if self.stats is None or not hasattr(self.stats, "subset"):
+            return self
+        return dataclasses.replace(self, stats=self.stats.subset([name]))
+
+
+# --- one tensor without a whole-model allocation ----------------------------------------------------
+
+def encode_tensor(name: str, t: torch.Tensor, opts: EncodeOptions) -> Encoded:
+    """``t`` in the mode ``opts`` gives it when no whole-model tq allocation takes it: a classic
+    mode when forced, ``uniform`` for float tensors of >= 2 dims and >= 256 elements (every
+    float tensor in mode ``uniform``), else ``raw``. Tensors with NaN or infinity stay ``raw``
+    (with a warning)."""
+    dtype, arr = tensor_to_storage(t)
+    if (opts.mode in CLASSIC_MODES and not opts.lossless and dtype in FLOAT_NAMES and arr.ndim >= 2
+            and arr.size >= MIN_UNIFORM_ELEMENTS):
+        values = storage_to_float64(dtype, arr)
+        if np.isfinite(values).all():
+            snr = opts.quality if opts.quality is not None else opts.snr_db
+            return encode_classic(opts.mode, name, values, dtype, opts.stats, bits=opts.bits, snr_db=snr).encoded
+    use_uniform = (not opts.lossless and opts.mode != "raw" and dtype in FLOAT_NAMES and arr.size >= 1
+                   and (opts.mode == "uniform" or (arr.ndim >= 2 and arr.size >= MIN_UNIFORM_ELEMENTS)))
+    if use_uniform:
+        if not all_finite(dtype, arr):
+            warnings.warn(f"{name}: NaN or infinite values, stored exactly (raw)", stacklevel=3)
+        else:  # block by block: bounded memory however large the tensor
+            return uniform.encode_storage(arr, dtype, opts.granularity, opts.snr_db)
+    return raw.encode(arr)
+
+
+# --- mode tq over many tensors ----------------------------------------------------------------------
+
+def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
+              size_of: Callable[[Mapping[str, Encoded]], int], transforms: bool = True) -> dict[str, Encoded]:
+    """Mode tq (spec §7.5) with one multiplier over ``items`` for the tensors it takes (finite
+    float tensors; the rest go to :func:`encode_tensor`); mode ``auto`` also weighs the classic
+    modes per tensor (:mod:`tqcodec.pipeline.auto`). ``size_of(encoded)`` gives the file size for
+    a candidate result (the bits target is met on the real file). ``transforms``: offer
+    transforms (off for row blocks of one tensor, which share no S). Tied tensors count once."""
+    seen: set = set()
+    tq_items = []
+    total = 0
+    for name, t in items:
+        total += t.numel()
+        key = tied_key(t)
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        dtype, arr = tensor_to_storage(t)
+        if dtype in FLOAT_NAMES and arr.size:
+            values = storage_to_float64(dtype, arr)
+            if np.isfinite(values).all():
+                tq_items.append(Item(name, dtype, values))
+    if opts.mode == "auto":  # per tensor, tq or a classic mode by D + lam R
+        enc = encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
+                           size_of=size_of, alternatives=chooser_for(tq_items, opts.stats), transforms=transforms)
+        if opts.bits is None or all(e.mode == "tq" for e in enc.values()):
+            return enc
+        if abs(8.0 * size_of(enc) / (opts.bits * max(total, 1)) - 1.0) <= AUTO_BITS_TOLERANCE:
+            return enc
+        # the other modes' coarser rate steps kept the file off its bits target: tq alone meets it
+    return encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
+                        size_of=size_of, transforms=transforms)
+
+
+def encode_tq_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, transforms: bool = True) -> Optional[Encoded]:
+    """Mode tq for one tensor, its bits target measured on the tensor's own bytes (chunks and
+    manifest record); None if tq does not take the tensor (:func:`encode_tensor` then does)."""
+
+    def size_of(enc: Mapping[str, Encoded]) -> int:
+        n = 0
+        for mode, params, streams in enc.values():
+            n += len(pack_canonical({"mode": mode, "name": name, "params": params, "shape": list(t.shape),
+                                     "dtype": "float32"}))
+            n += sum(CHUNK_HEADER_SIZE + len(p) for chunks in streams for _, p in chunks) + 16  # + index entry
+        return n
+
+    return encode_tq([(name, t)], opts, size_of, transforms).get(name)
+
+
+# --- tensors streamed one by one (tq_scope "tensor", lazy inputs, worker processes) ------------------
+
+def tq_blocks(src: Any, opts: EncodeOptions) -> Optional[list[tuple[int, int]]]:
+    """Row blocks ``[(r0, r1), ...]`` for a large float tensor under tq_scope ``tensor`` without
+    statistics, else None. ``src``: a tensor, or a lazy tensor (``layout() -> (shape, is_float)``)."""
+    if not (opts.uses_tq and opts.tq_scope == "tensor" and opts.stats is None):
+        return None
+    if isinstance(src, torch.Tensor):
+        shape, is_float = tuple(src.shape), src.is_floating_point()
+    elif is_lazy(src):
+        shape, is_float = src.layout()
+    else:
+        return None
+    if len(shape) < 2 or not is_float or shape[0] < 2:
+        return None
+    m = 1
+    for d in shape[1:]:
+        m *= d
+    if shape[0] * m <= TQ_BLOCK_PARAMS or m == 0:
+        return None
+    rows = max(1, TQ_BLOCK_PARAMS // m)
+    return [(r, min(shape[0], r + rows)) for r in range(0, shape[0], rows)]
+
+
+def merge_tq_blocks(parts: list[Optional[Encoded]]) -> Optional[Encoded]:
+    """One tq record from row blocks' records (spec §7.5: bands are consecutive rows; layout
+    ``out_in``, no transform): band lists joined, band streams in order. None if it cannot."""
+    keys = ("band_rows", "steps", "q_min", "counts")
+    params: dict[str, list] = {k: [] for k in keys}
+    streams: list = [[]]
+    for part in parts:
+        if part is None or part.mode != "tq" or set(part.params) != set(keys) or part.streams[0]:
+            return None
+        for k in keys:
+            params[k] += part.params[k]
+        streams += part.streams[1:]
+    if len(params["band_rows"]) > 4096:  # spec §7.5.1: at most 4096 bands
+        return None
+    return Encoded("tq", params, streams)
+
+
+def encode_entry(name: str, src: Any, opts: EncodeOptions, rows: Optional[tuple[int, int]] = None) -> tuple:
+    """Load (a lazy ``src``: ``load(rows=None)``, ``path``), check and encode one tensor:
+    ``(dtype, shape, Encoded)``. With ``rows``: only that row block, in mode tq:
+    ``(dtype, Encoded or None)``."""
+    t = (src.load() if rows is None else src.load(rows)) if is_lazy(src) else src
+    check_tensor(name, t, getattr(src, "path", None))
+    if rows is not None:
+        return name_of_torch(t.dtype), encode_tq_tensor(name, t, opts, transforms=False)
+    if opts.uses_tq:  # tq_scope "tensor": this tensor on its own to the bits/quality target
+        done = encode_tq_tensor(name, t, opts)
+        if done is not None:
+            return name_of_torch(t.dtype), tuple(t.shape), done
+    return name_of_torch(t.dtype), tuple(t.shape), encode_tensor(name, t, opts)
+
+
+def encode_block(name: str, block: torch.Tensor, opts: EncodeOptions) -> tuple:
+    """An in-memory row block already cut from its tensor: ``(dtype, Encoded or None)``."""
+    check_tensor(name, block)
+    return name_of_torch(block.dtype), encode_tq_tensor(name, block, opts)
