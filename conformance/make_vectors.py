@@ -2675,7 +2675,7 @@ rewrites `valid/`, `invalid/`, `may_reject/` and this README (deterministically:
 `zstandard` package and the `tqz.encoder` metadata (tqcodec's version) of the `encoder_*` vectors,
 the whole of `encoder_tq_*` (tqcodec's tq encoder and `tqcodec.calibrate`, float arithmetic in torch), and
 the whole of `encoder_ecsq`, `encoder_kmeans`, `encoder_pq`, `encoder_dither` and `encoder_auto_bits3`
-(`tqcodec.lineage`'s encoders, float arithmetic in numpy).
+(the encoders in `tqcodec.modes.ecsq`, `.kmeans`, `.pq` and `.dither`, float arithmetic in numpy).
 A changed vector must be reviewed, never just regenerated to make a test pass. Fixtures are made once
 per format version with `--init-fixtures`. To add a vector, add it to `make_valid`, `make_tq_valid`,
 `make_lineage_valid`, `make_invalid`, `make_tq_invalid`, `make_lineage_invalid` or `make_resource_limits` in
