@@ -1,31 +1,44 @@
 #!/usr/bin/env python3
 """Independent reference decoder for the .tqz format, written from spec/ alone.
 
-Spec files used (format version 1.2): spec/tqz.md (sections cited as "§N"),
-spec/range-coder.md (its §8), spec/mode-tq.md (its §7.5) and spec/mode-lineage.md (its §7.S and
-§7.6-§7.9: modes ecsq, kmeans, pq, dither).  Only numpy is imported at start; the `zstandard` package is
-imported lazily, and only when a raw tensor with codec "zstd" is met (writing a Zstandard
-decoder is out of scope; the frame *structure* is checked here, the blocks are decoded by
-zstandard with bounded output).
+Spec files used (format version 1.2, with the "1.2, clarifications" entry of §15): spec/tqz.md
+(sections cited as "§N"), spec/range-coder.md (its §8), spec/mode-tq.md (its §7.5) and
+spec/mode-lineage.md (its §7.S and §7.6-§7.9: modes ecsq, kmeans, pq, dither).  Only numpy is
+imported at start; the `zstandard` package is imported lazily, and only when a raw tensor with
+codec "zstd" is met (writing a Zstandard decoder is out of scope; the frame header and block
+structure are checked here in §7.2's order, the blocks are decoded by zstandard with output
+bounded by Item_Count).
+
+Conformance level (§12.1): refdec is a **Level 1** decoder.  It decodes every valid file within
+Level 1 (B1 <= 2^30, BT <= 2^32, W <= 2^36, L <= 2^32).  It computes the four measures right
+after the manifest (§10.1 step 2) and rejects a file beyond Level 1 there, with LIMIT_EXCEEDED
+and no other code; an out-of-memory condition met later (MemoryError, a zstd allocation
+failure) is also reported as LIMIT_EXCEEDED, never as a crash.  It keeps every decoded tensor
+until the end (so it needs about BT bytes plus one tensor's stream buffers; reconstruction works
+in blocks of 2^22 elements).
 
 Usage:
     refdec.py decode IN.tqz OUT.safetensors   exit 0, or exit 1 with "... [CODE]" on stderr
-    refdec.py info IN.tqz                     print header + manifest as JSON (exit 0/1)
+    refdec.py info IN.tqz                     print header, manifest and §12.1 measures as JSON
 Usage errors exit 2.
 
-The decoder reads the whole file and decodes front to back in the reference order of
-checks of §10.1.  Nothing is written when the file is rejected.
+The decoder maps the file (mmap) and decodes front to back in the reference order of checks
+of §10.1.  Nothing is written when the file is rejected.  Output follows the conformance
+decoder protocol of §5.4: a tensor named `__metadata__` is written under the safetensors key
+`/__metadata__`, every other tensor under its own name.
 """
 
 import bisect
 import json
 import math
+import mmap
 import os
 import signal
 import struct
 import sys
 import tempfile
 import zlib
+from array import array
 
 import numpy as np
 
@@ -97,8 +110,11 @@ MAX_ZSTD_WINDOW = 1 << 27
 MAX_TABLE_LENGTH = 65536
 MIN_LEVEL, MAX_LEVEL = -(1 << 20), 1 << 20
 MIN_STEP_CODE, MAX_STEP_CODE = -160, 103
-# §12 last paragraph: this decoder's own resource limit (bytes of one decoded tensor).
-MAX_TENSOR_BYTES = 1 << 32
+
+# §12.1 Conformance levels.  refdec claims Level 1: it decodes every valid file within these
+# measures and rejects a file beyond them (only) with LIMIT_EXCEEDED, right after the manifest.
+LEVEL_1 = (("B1", "tensor bytes", 1 << 30), ("BT", "decoded bytes", 1 << 32),
+           ("W", "transform work", 1 << 36), ("L", "file length", 1 << 32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +129,7 @@ def parse_header(data):
     """§3, checks in the order given there."""
     n = len(data)
     if n < 8:
-        if data == MAGIC[:n]:
+        if data[:n] == MAGIC[:n]:
             fail("TRUNCATED", "file of %d bytes is a prefix of the magic" % n)
         fail("BAD_MAGIC", "not a .tqz file (magic does not match)")
     if data[:8] != MAGIC:
@@ -400,18 +416,18 @@ class Model:
             self.c.append(self.c[-1] + x)
 
 
-def rc_decode(words, count, model):
-    """§8.4 decoder; returns `count` symbols or rejects (§8.5 rule 1)."""
-    n = len(words)
+def rc_decode(w, count, model):
+    """§8.4 decoder on the payload's words w (a sequence of ints); returns `count` symbols as
+    an array('H') (symbols are < A <= 65536) or rejects (§8.5 rule 1)."""
+    n = len(w)
     if n == 0:
         fail("BAD_PAYLOAD", "empty range-coded payload")
     f, c = model.f, model.c
-    w = words + [0, 0]          # reading at or past the end returns 0
     pos = 2
     lower = 0
     rng = M64
-    point = (w[0] << 32) + (w[1] if n > 1 else 0)
-    out = [0] * count
+    point = (w[0] << 32) + (w[1] if n > 1 else 0)   # a one-word payload reads w_0 then 0
+    out = array("H", [0]) * count
     br = bisect.bisect_right
     for i in range(count):
         scale = rng >> 24
@@ -431,10 +447,10 @@ def rc_decode(words, count, model):
 
 
 def rc_encode(symbols, model):
-    """§8.3 encoder (used for §8.5 rule 2)."""
+    """§8.3 encoder (used for §8.5 rule 2); returns the words as an array('I')."""
     f, c = model.f, model.c
     lower, rng = 0, M64
-    out = []
+    out = array("I")
     N, P = 0, 0
     for s in symbols:
         # §8.3.1 interval update
@@ -478,9 +494,16 @@ def rc_encode(symbols, model):
     return out
 
 
+assert array("I").itemsize == 4 and array("H").itemsize == 2
+
+
 def rc_decode_payload(payload, count, model):
-    """A range-coded chunk payload: words (LE u32), decode, then §8.5 rule 2."""
-    words = np.frombuffer(payload, dtype="<u4").tolist()
+    """A range-coded chunk payload: words (LE u32), decode, then §8.5 rule 2.  Words and
+    symbols are kept in arrays (4 and 2 bytes each), not lists of Python ints, so a chunk of
+    2^26 symbols costs about 128 MiB for its symbols (§12.1: memory about B1)."""
+    words = array("I", payload)
+    if sys.byteorder == "big":
+        words.byteswap()                               # §8: words are little-endian
     syms = rc_decode(words, count, model)
     if rc_encode(syms, model) != words:
         fail("BAD_PAYLOAD", "range-coded payload is not the canonical coding of its "
@@ -491,128 +514,162 @@ def rc_decode_payload(payload, count, model):
 # Self-check against the worked vectors of range-coder.md §8.7.
 def _selftest_rc():
     m = Model([1 << 23, 1 << 22, 1 << 22])
-    assert rc_encode([0, 1, 2, 0], m) == [1476395008]
-    assert rc_encode([2], m) == [3221225472]
-    assert rc_encode([0] * 10, Model([(1 << 24) - 1, 1])) == [0]
-    assert rc_decode([1476395008], 4, m) == [0, 1, 2, 0]
+    assert rc_encode([0, 1, 2, 0], m).tolist() == [1476395008]
+    assert rc_encode([2], m).tolist() == [3221225472]
+    assert rc_encode([0] * 10, Model([(1 << 24) - 1, 1])).tolist() == [0]
+    assert rc_decode([1476395008], 4, m).tolist() == [0, 1, 2, 0]
+    assert rc_decode_payload(b"\x00\x00\x00\x58", 4, m).tolist() == [0, 1, 2, 0]
 
 
 _selftest_rc()
 
 
 # ----------------------------------------------------------------------------------------------
-# §7.2 zstd frames (structure checked here; blocks decoded by the `zstandard` package)
+# §7.2 zstd frames (header, content size, window and block structure checked here, in the order
+# of §7.2's numbered checks; the blocks are decoded by the `zstandard` package)
 # ----------------------------------------------------------------------------------------------
 
 ZSTD_MAGIC = 0xFD2FB528
+ZSTD_BLOCK_MAX = 128 * 1024          # RFC 8878: Block_Maximum_Size <= 128 KiB
 
 
-def zstd_frame_length(p):
-    """Walk one Zstandard frame (RFC 8878 §3.1.1) and return (frame length, window size,
-    content size or None).  BAD_PAYLOAD for what §7.2 calls not a valid frame,
-    LIMIT_EXCEEDED for a window over 2^27."""
-    def bad(msg):
-        fail("BAD_PAYLOAD", "zstd: " + msg)
+def zstd_bad(msg):
+    fail("BAD_PAYLOAD", "zstd: " + msg)
+
+
+def zstd_frame_header(p):
+    """§7.2 check 1, frame header (RFC 8878 §3.1.1.1), in the order of §7.2: at least 4 bytes
+    and the frame magic (a skippable frame's magic is not allowed); the whole header that the
+    Frame_Header_Descriptor declares; Reserved_Bit 0 (Unused_Bit ignored); Dictionary_ID 0 or
+    absent.  All BAD_PAYLOAD (an empty or short payload included: "zstd" has no Payload_Length
+    rule, so never BAD_CHUNK).  Returns (header length, Single_Segment_Flag, Window_Size from
+    the Window_Descriptor or None, Frame_Content_Size or None, Content_Checksum_Flag)."""
     n = len(p)
     if n < 4:
-        bad("payload too short for a frame")
+        zstd_bad("payload of %d bytes, too short for a frame's magic number" % n)
     magic = u32(p, 0)
     if (magic & 0xFFFFFFF0) == 0x184D2A50:
-        bad("skippable frame")
+        zstd_bad("skippable frame")
     if magic != ZSTD_MAGIC:
-        bad("not a Zstandard frame (magic)")
+        zstd_bad("not a Zstandard frame (magic)")
     if n < 5:
-        bad("truncated frame header")
+        zstd_bad("truncated frame header (no Frame_Header_Descriptor)")
     fhd = p[4]
     fcs_flag = fhd >> 6
     single = (fhd >> 5) & 1
-    if (fhd >> 3) & 1:
-        bad("reserved bit of the frame header descriptor is set")
+    # bit 4: Unused_Bit, ignored
+    reserved = (fhd >> 3) & 1
     has_checksum = (fhd >> 2) & 1
     did_flag = fhd & 3
+    did_size = (0, 1, 2, 4)[did_flag]
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    header_len = 5 + (0 if single else 1) + did_size + fcs_size
+    if n < header_len:
+        zstd_bad("truncated frame header (%d bytes declared, %d present)" % (header_len, n))
+    if reserved:
+        zstd_bad("Reserved_Bit of the Frame_Header_Descriptor is set")
     pos = 5
     window = None
     if not single:
-        if pos >= n:
-            bad("truncated frame header")
         wd = p[pos]
         pos += 1
         exponent, mantissa = wd >> 3, wd & 7
-        window_log = 10 + exponent
-        base = 1 << window_log
-        window = base + (base // 8) * mantissa
-    did_size = (0, 1, 2, 4)[did_flag]
-    if pos + did_size > n:
-        bad("truncated frame header")
+        base = 1 << (10 + exponent)
+        window = base + (base // 8) * mantissa           # RFC 8878 §3.1.1.1.2
     did = int.from_bytes(p[pos:pos + did_size], "little")
     pos += did_size
     if did != 0:
-        bad("frame needs dictionary %d" % did)
-    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+        zstd_bad("frame needs dictionary %d" % did)
     content_size = None
     if fcs_size:
-        if pos + fcs_size > n:
-            bad("truncated frame header")
         content_size = int.from_bytes(p[pos:pos + fcs_size], "little")
         if fcs_size == 2:
             content_size += 256
         pos += fcs_size
-    if single:
-        window = content_size
-    if window > MAX_ZSTD_WINDOW:
-        fail("LIMIT_EXCEEDED", "zstd Window_Size %d over 2^27" % window)
-    block_max = min(window, 128 * 1024)
+    assert pos == header_len
+    return header_len, single, window, content_size, has_checksum
+
+
+def zstd_frame_end(p, pos, window, has_checksum):
+    """§7.2 check 4, block structure (RFC 8878 §3.1.1.2): a reserved block type, a block over
+    Block_Maximum_Size = min(Window_Size, 128 KiB), a truncated block or checksum: BAD_PAYLOAD.
+    Returns the offset just after the frame."""
+    n = len(p)
+    block_max = min(window, ZSTD_BLOCK_MAX)
     while True:
         if pos + 3 > n:
-            bad("truncated block header")
+            zstd_bad("truncated block header")
         bh = int.from_bytes(p[pos:pos + 3], "little")
         pos += 3
         last = bh & 1
         btype = (bh >> 1) & 3
         bsize = bh >> 3
         if btype == 3:
-            bad("reserved block type")
+            zstd_bad("reserved block type")
         if bsize > block_max:
-            bad("block size over Block_Maximum_Size")
-        adv = 1 if btype == 1 else bsize
+            zstd_bad("block size %d over Block_Maximum_Size %d" % (bsize, block_max))
+        adv = 1 if btype == 1 else bsize               # RLE block: one byte of content
         if pos + adv > n:
-            bad("truncated block")
+            zstd_bad("truncated block")
         pos += adv
         if last:
             break
     if has_checksum:
         if pos + 4 > n:
-            bad("truncated content checksum")
+            zstd_bad("truncated content checksum")
         pos += 4
-    return pos, window, content_size
+    return pos
 
 
 def zstd_decode(payload, item_count):
-    """§7.2 codec "zstd": exactly one frame, exactly item_count bytes, bounded output."""
-    flen, window, content_size = zstd_frame_length(payload)
-    if flen != len(payload):
-        fail("BAD_PAYLOAD", "zstd: %d payload bytes after the frame" % (len(payload) - flen))
+    """§7.2 codec "zstd": exactly one frame decompressing to exactly item_count bytes, checked
+    in §7.2's order: 1 frame header, 2 content size against Item_Count, 3 window limit,
+    4 blocks (output bounded by Item_Count), checksum, nothing after the frame."""
+    # 1. frame header (BAD_PAYLOAD)
+    header_len, single, window, content_size, has_checksum = zstd_frame_header(payload)
+    # 2. content size (BAD_PAYLOAD), before the window: a single-segment frame's content size
+    #    is also its window (§1: one value, several rules; the first in the order wins)
     if content_size is not None and content_size != item_count:
-        fail("BAD_PAYLOAD", "zstd: Frame_Content_Size %d but the chunk declares %d bytes"
-             % (content_size, item_count))
+        zstd_bad("Frame_Content_Size %d but the chunk declares %d bytes"
+                 % (content_size, item_count))
+    # 3. window (LIMIT_EXCEEDED); a single-segment frame's Window_Size is its
+    #    Frame_Content_Size (RFC 8878 §3.1.1.1.2), here = Item_Count <= 2^26: never rejected
+    if single:
+        window = content_size
+    if window > MAX_ZSTD_WINDOW:
+        fail("LIMIT_EXCEEDED", "zstd Window_Size %d over 2^27" % window)
+    # 4. blocks (BAD_PAYLOAD): structure, bytes after the frame, then decompression
+    flen = zstd_frame_end(payload, header_len, window, has_checksum)
+    if flen != len(payload):
+        zstd_bad("%d payload bytes after the frame" % (len(payload) - flen))
     import zstandard  # lazily: only files with zstd tensors need it
+    # Memory (§7.2): the output is bounded by Item_Count (at most Item_Count + 1 bytes are ever
+    # requested); a streaming window is at most 2^27 bytes (check 3, max_window_size).  A
+    # frame whose matches reach further back than its Window_Size but stay within its output
+    # is decoded or rejected by libzstd -- either is allowed (§7.2), and a rejection is
+    # BAD_PAYLOAD.
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-    parts = []
+    out = np.empty(item_count, dtype=np.uint8)
     total = 0
     try:
         reader = dctx.stream_reader(bytes(payload), read_across_frames=False)
         while total <= item_count:
-            b = reader.read(item_count + 1 - total)   # never more than item_count + 1 bytes
+            b = reader.read(min(item_count + 1 - total, 1 << 22))
             if not b:
                 break
-            parts.append(b)
+            if total + len(b) > item_count:
+                total += len(b)
+                break
+            out[total:total + len(b)] = np.frombuffer(b, dtype=np.uint8)
             total += len(b)
     except zstandard.ZstdError as e:
-        fail("BAD_PAYLOAD", "zstd: %s" % e)
+        if "alloc" in str(e).lower():                 # out of memory (§12.1): not the file's fault
+            raise MemoryError(str(e))
+        zstd_bad(str(e))
     if total != item_count:
-        fail("BAD_PAYLOAD", "zstd: frame decompresses to %s bytes, the chunk declares %d"
-             % ("more than %d" % item_count if total > item_count else total, item_count))
-    return b"".join(parts)
+        zstd_bad("frame decompresses to %s bytes, the chunk declares %d"
+                 % ("more than %d" % item_count if total > item_count else total, item_count))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,12 +700,16 @@ def check_name(name, seen):
 
 
 def check_shape(shape):
-    """§5.3 shape, then §12 ndim / dimension / element-count limits."""
+    """§5.3 step 4: an array whose every element is an integer, then every element >= 0
+    (BAD_TENSOR_RECORD: the shape is typed completely before any limit); then §12 as
+    LIMIT_EXCEEDED: ndim <= 8, then each dimension <= 2^40, then the element count (a 0
+    dimension counted as 1) <= 2^36."""
     if type(shape) is not list:
         fail("BAD_TENSOR_RECORD", "shape is not an array")
     for d in shape:
         if not is_int(d):
             fail("BAD_TENSOR_RECORD", "a dimension is not an integer")
+    for d in shape:
         if d < 0:
             fail("BAD_TENSOR_RECORD", "negative dimension %d" % d)
     if len(shape) > MAX_NDIM:
@@ -1064,41 +1125,53 @@ def check_params_dither(rec):
     rec["value_streams"] = set()
 
 
+RECORD_KEYS = ("name", "dtype", "shape", "mode", "params")
+
+
 def check_manifest(doc):
-    """§5.2 then §5.3 record by record (§10.1 step 2)."""
+    """§5.2 then §5.3 record by record (§10.1 step 2), each in its reference order."""
+    # §5.2: the top-level map, both keys present, metadata a map, its entry count within §12,
+    # tensors an array, its length within §12
     if type(doc) is not dict:
         fail("BAD_MANIFEST", "manifest is not a map")
-    for key, typ in (("metadata", dict), ("tensors", list)):
+    for key in ("metadata", "tensors"):
         if key not in doc:
             fail("BAD_MANIFEST", "manifest has no %r" % key)
-        if type(doc[key]) is not typ:
-            fail("BAD_MANIFEST", "manifest %r has the wrong type" % key)
+    if type(doc["metadata"]) is not dict:
+        fail("BAD_MANIFEST", "manifest 'metadata' is not a map")
     if len(doc["metadata"]) > MAX_METADATA_ENTRIES:
         fail("LIMIT_EXCEEDED", "%d metadata entries (over 4096)" % len(doc["metadata"]))
+    if type(doc["tensors"]) is not list:
+        fail("BAD_MANIFEST", "manifest 'tensors' is not an array")
     if len(doc["tensors"]) > MAX_TENSORS:
         fail("LIMIT_EXCEEDED", "%d tensors (over 2^20)" % len(doc["tensors"]))
     records = []
     seen = set()
     for index, r in enumerate(doc["tensors"]):
+        # §5.3 step 1: a map (an element that is not a map is a record of the wrong type,
+        # §5.2), and all five keys present, before any value is looked at
         if type(r) is not dict:
             fail("BAD_TENSOR_RECORD", "tensor record %d is not a map" % index)
-        # order of §10.1 step 2: name, dtype, shape and limits, mode, the mode's parameters
-        def need(key):
+        for key in RECORD_KEYS:
             if key not in r:
                 fail("BAD_TENSOR_RECORD", "tensor record %d has no %r" % (index, key))
-            return r[key]
-        check_name(need("name"), seen)
-        dtype = need("dtype")
+        # step 2: name (a string, then §5.4's rules), then its uniqueness
+        check_name(r["name"], seen)
+        # step 3: dtype
+        dtype = r["dtype"]
         if type(dtype) is not str or dtype not in DTYPES:
             fail("BAD_TENSOR_RECORD", "dtype %r not in §5.5" % (dtype,))
-        numel = check_shape(need("shape"))
-        mode = need("mode")
+        # step 4: shape (types, signs), then its §12 limits
+        numel = check_shape(r["shape"])
+        # step 5: mode is a string, params is a map
+        mode = r["mode"]
         if type(mode) is not str:
             fail("BAD_TENSOR_RECORD", "mode is not a string")
+        if type(r["params"]) is not dict:
+            fail("BAD_TENSOR_RECORD", "params is not a map")
+        # step 6: mode in §7's registry, then the mode's parameter checks
         if mode not in MODES:
             fail("UNKNOWN_MODE", "tensor %r: unknown coding mode %r" % (r["name"], mode))
-        if type(need("params")) is not dict:
-            fail("BAD_TENSOR_RECORD", "params is not a map")
         rec = {"name": r["name"], "dtype": dtype, "shape": list(r["shape"]), "numel": numel,
                "mode": mode, "params": r["params"]}
         if mode == "raw":
@@ -1122,18 +1195,62 @@ def check_manifest(doc):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reconstruction (§7.3.2, §7.5.3) and dtype rounding
+# §12.1 Conformance levels: the four measures (refdec claims Level 1)
 # ----------------------------------------------------------------------------------------------
 
+def level_measures(records, file_length):
+    """§12.1: B1 (largest numel x itemsize), BT (sum of numel x itemsize over every tensor,
+    aliases included), W (sum of n x m x k over the tq tensors with transform = float16,
+    aliases not included), from the header and manifest alone; and L, the file length."""
+    b1 = bt = w = 0
+    for rec in records:
+        nbytes = rec["numel"] * DTYPES[rec["dtype"]][0]
+        b1 = max(b1, nbytes)
+        bt += nbytes
+        if rec["mode"] == "tq" and rec["transform"] == "float16":
+            w += rec["n"] * rec["m"] * rec["k"]
+    return {"B1": b1, "BT": bt, "W": w, "L": file_length}
+
+
+def check_level(measures):
+    """§12.1: a file within Level 1 is decoded; one beyond it is refused, only with
+    LIMIT_EXCEEDED (§5.3: a decoder's own limit may be applied at any point after a record's
+    step 4; refdec applies it once, right after the whole manifest, §10.1 step 2)."""
+    for key, what, limit in LEVEL_1:
+        if measures[key] > limit:
+            fail("LIMIT_EXCEEDED", "%s %s = %d is beyond Level 1 (%d), the conformance level "
+                 "this decoder claims (§12.1)" % (what, key, measures[key], limit))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction (§7.3.2, §7.5.3) and rounding to the dtype
+# ----------------------------------------------------------------------------------------------
+
+# Every reconstruction works on blocks of at most BLOCK elements (or rows / pairs of about that
+# many elements) and writes into one output array of the tensor's storage dtype, so the working
+# memory of a tensor is its output plus its stream buffers plus O(BLOCK) (§12.1: about B1).
+BLOCK = 1 << 22
+STORAGE = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+
+
+def new_output(rec):
+    return np.empty(rec["numel"], dtype=STORAGE[rec["dtype"]])
+
+
 def f32_to_bf16_bits(a32):
-    """bfloat16 = top 16 bits of binary32, rounded to nearest, ties to even (no NaN here)."""
+    """§7.3.2 bfloat16: with x the binary32 bit pattern, (x + 0x7FFF + ((x >> 16) & 1)) >> 16,
+    computed exactly (round to nearest, ties to an even bit 16, overflow to infinity, sign kept;
+    the values here are finite, never NaN)."""
     u = a32.astype("<f4").view("<u4").astype(np.uint64)
     r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     return r.astype("<u2")
 
 
 def round_from_f32(a32, dtype):
-    """Round exact binary32 values to the record's float dtype (RNE, overflow to inf)."""
+    """§7.3.2 "Rounding a binary32 value to a float dtype": float32 as is, float64 widened
+    exactly, float16 by IEEE 754 roundTiesToEven (numpy converts binary32 -> binary16 with one
+    correct rounding, subnormals included, |v| >= 65520 to infinity), bfloat16 by the
+    bit-pattern formula."""
     with np.errstate(over="ignore", invalid="ignore"):
         if dtype == "float32":
             return a32.astype("<f4")
@@ -1144,63 +1261,126 @@ def round_from_f32(a32, dtype):
         return f32_to_bf16_bits(a32)
 
 
-def reconstruct_uniform(rec, symbols):
-    """§7.3.2: v_i = (q_min + sym_i) * step(steps[c]) exactly, then rounded to the dtype."""
-    numel = rec["numel"]
-    if rec["A"] == 1:
-        sym = np.zeros(numel, dtype=np.int64)
-    else:
-        sym = np.asarray(symbols, dtype=np.int64)
-    q = (sym + rec["q_min"]).astype(np.float64)
-    if rec["granularity"] == "tensor":
-        v = q * step_value(rec["step_codes"][0])
-    else:
-        per = numel // rec["shape"][0]
-        steps = np.array([step_value(s) for s in rec["step_codes"]], dtype=np.float64)
-        v = q * np.repeat(steps, per)
-    v = v + 0.0                                       # q = 0 gives +0 (no -0)
-    # v is exact in float64 and representable in binary32 (§7.3.2), so this cast is exact
+def _selftest_rounding():
+    """The examples of §7.3.2."""
+    f32 = lambda bits: np.array(bits, dtype="<u4").view("<f4")  # noqa: E731
+    # bfloat16: 257 -> 4380 (tie to even), 259 -> 4382, -0 -> 8000, (2 - 2^-8) x 2^127 (the
+    # halfway point 2^128 - 2^119) -> infinity 7F80, just below it -> 7F7F
+    assert f32_to_bf16_bits(f32([0x43808000, 0x43818000, 0x80000000, 0x7F7F8000, 0x7F7F7FFF,
+                                 0xFF7F8000])).tolist() == [
+        0x4380, 0x4382, 0x8000, 0x7F80, 0x7F7F, 0xFF80]
+    # float16: 65520 (halfway to 2^16) -> infinity, 65519 -> 65504; subnormal ties to even:
+    # 2^-25 -> 0, 3 x 2^-25 -> 2^-23
+    v = np.array([65520.0, -65520.0, 65519.0, 2.0 ** -25, 3 * 2.0 ** -25], dtype=np.float32)
+    assert round_from_f32(v, "float16").view("<u2").tolist() == [
+        0x7C00, 0xFC00, 0x7BFF, 0x0000, 0x0002]
+
+
+_selftest_rounding()
+
+
+def exact_f32(v):
+    """A binary64 array whose values are exact in binary32 (§7.3.2), as binary32."""
     v32 = v.astype(np.float32)
     assert np.array_equal(v32.astype(np.float64), v)
-    return round_from_f32(v32, rec["dtype"]).tobytes()
+    return v32
+
+
+def symbols_block(A, syms, i0, i1):
+    """Symbols i0..i1-1 of a stream as int64: all 0 when A = 1 (the stream has no chunk,
+    §7.3.2, §7.5.2, §7.S.2), else the decoded ones."""
+    if A == 1:
+        return np.zeros(i1 - i0, dtype=np.int64)
+    return syms[i0:i1].astype(np.int64)
+
+
+def reconstruct_uniform(rec, stream_data):
+    """§7.3.2: v_i = (q_min + sym_i) * step(steps[c]) exactly, then rounded to the dtype."""
+    numel, dtype = rec["numel"], rec["dtype"]
+    out = new_output(rec)
+    if rec["granularity"] == "channel":
+        per = numel // rec["shape"][0]
+        steps = np.array([step_value(s) for s in rec["step_codes"]], dtype=np.float64)
+    else:
+        step = step_value(rec["step_codes"][0])
+    for i0 in range(0, numel, BLOCK):
+        i1 = min(numel, i0 + BLOCK)
+        q = (symbols_block(rec["A"], stream_data[0], i0, i1) + rec["q_min"]).astype(np.float64)
+        if rec["granularity"] == "tensor":
+            v = q * step
+        else:
+            # c = floor(i / (numel / shape[0]))
+            v = q * steps[np.arange(i0, i1, dtype=np.int64) // per]
+        v = v + 0.0                                    # q = 0 gives +0 (no -0)
+        out[i0:i1] = round_from_f32(exact_f32(v), dtype)
+    return out
 
 
 def check_tq_transform(raw):
-    """mode-tq.md §7.5.3 step 3: S as binary16, widened exactly; NaN/inf -> BAD_PAYLOAD."""
-    S = np.frombuffer(raw, dtype="<f2").astype(np.float64)
+    """mode-tq.md §7.5.3 step 3: S as binary16, widened exactly; NaN/inf -> BAD_PAYLOAD (a
+    stored-value check: every entry of S, made when stream 0 is complete)."""
+    S = np.frombuffer(raw, dtype="<f2")
     if not np.all(np.isfinite(S)):
         fail("BAD_PAYLOAD", "tq transform holds NaN or infinity")
     return S
 
 
-def reconstruct_tq(rec, stream_data):
-    """mode-tq.md §7.5.3"""
-    k, c, n, m = rec["k"], rec["c"], rec["n"], rec["m"]
-    C = np.empty((k, c), dtype=np.float64)
-    r0 = 0
+def tq_coefficients(rec, stream_data, r0, r1, j0, j1):
+    """mode-tq.md §7.5.3 steps 1-2: the block C[r0:r1, j0:j1] of the coefficient matrix
+    (k x c; band b holds rows r_b .. r_b + band_rows[b] - 1, row-major), exact in binary64."""
+    c = rec["c"]
+    C = np.empty((r1 - r0, j1 - j0), dtype=np.float64)
+    rb = 0
     for b, rows in enumerate(rec["band_rows"]):
-        if rec["A_list"][b] == 1:
-            sym = np.zeros(rows * c, dtype=np.int64)
+        lo, hi = max(r0, rb), min(r1, rb + rows)
+        if lo < hi:
+            if rec["A_list"][b] == 1:                  # no symbols: every level is q_min[b]
+                lv = np.full((hi - lo, j1 - j0), rec["q_mins"][b], dtype=np.int64)
+            else:
+                sym = stream_data[1 + b].reshape(rows, c)[lo - rb:hi - rb, j0:j1]
+                lv = sym.astype(np.int64) + rec["q_mins"][b]
+            C[lo - r0:hi - r0, :] = lv.astype(np.float64) * step_value(rec["step_codes"][b]) + 0.0
+        rb += rows
+    return C
+
+
+def reconstruct_tq(rec, stream_data):
+    """mode-tq.md §7.5.3, by blocks of R's rows (and, with a transform, of its columns)."""
+    k, n, m, dtype = rec["k"], rec["n"], rec["m"], rec["dtype"]
+    out = new_output(rec)
+    # step 4: out_in: the tensor is R (n x m) in row-major order; in_out: R^T (m x n)
+    T = out.reshape(n, m) if rec["layout"] == "out_in" else out.reshape(m, n)
+
+    def put(i0, i1, j0, j1, R32):                      # R32 = R[i0:i1, j0:j1] in binary32
+        v = round_from_f32(R32, dtype)
+        if rec["layout"] == "out_in":
+            T[i0:i1, j0:j1] = v
         else:
-            sym = np.asarray(stream_data[1 + b], dtype=np.int64)
-        lv = (sym + rec["q_mins"][b]).astype(np.float64)
-        C[r0:r0 + rows, :] = (lv * step_value(rec["step_codes"][b])).reshape(rows, c) + 0.0
-        r0 += rows
+            T[j0:j1, i0:i1] = v.T
+
     if rec["transform"] == "none":
-        R32 = C.astype(np.float32)                    # exact (§7.5.3 step 2)
+        rows = max(1, BLOCK // m)
+        for i0 in range(0, n, rows):                   # R = C, exact (step 3)
+            i1 = min(n, i0 + rows)
+            put(i0, i1, 0, m, exact_f32(tq_coefficients(rec, stream_data, i0, i1, 0, m)))
     else:
-        S = check_tq_transform(b"".join(stream_data[0]))
-        S = S.reshape(m, k)
-        with np.errstate(over="ignore", invalid="ignore"):
-            R = (S @ C).T                             # R[i, j] = sum_r S[j, r] C[r, i]
-            R32 = R.astype(np.float32)                # rounded once to binary32
-    # R32 is n x m
-    if rec["layout"] == "in_out":
-        T = R32.T                                     # shape [m, n]
-    else:
-        T = R32
-    T = np.ascontiguousarray(T).reshape(rec["shape"])
-    return round_from_f32(T, rec["dtype"]).tobytes()
+        # S (m x k, binary16; finite, checked when stream 0 was complete), widened exactly to
+        # binary64 block by block.  R[i, j] = sum_{r<k} S[j, r] C[r, i], summed in binary64 (in
+        # the order the BLAS chooses: within §7.5.3's 2^-20 bound for k <= 2^18), rounded to
+        # binary32 (nearest, ties to even), then to the dtype.
+        S16 = np.frombuffer(stream_data[0], dtype="<f2").reshape(m, k)
+        ni = max(1, BLOCK // k)
+        mj = max(1, BLOCK // max(k, ni))
+        for i0 in range(0, n, ni):
+            i1 = min(n, i0 + ni)
+            C = tq_coefficients(rec, stream_data, 0, k, i0, i1)        # k x (i1 - i0)
+            for j0 in range(0, m, mj):
+                j1 = min(m, j0 + mj)
+                S = S16[j0:j1].astype(np.float64)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    R = (S @ C).T                                      # (i1 - i0) x (j1 - j0)
+                    put(i0, i1, j0, j1, R.astype(np.float32))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1209,9 +1389,11 @@ def reconstruct_tq(rec, stream_data):
 # ----------------------------------------------------------------------------------------------
 
 def check_value_stream(rec, raw):
-    """§7.S.3: the stored values (binary16 or binary32, LE) widened exactly to binary32; a NaN
-    or infinity is BAD_PAYLOAD.  ecsq codebook (§7.6.2) and each kmeans group's codebook
-    (§7.7.2) MUST be strictly increasing as real numbers (-0 == +0): else BAD_PAYLOAD."""
+    """§7.S.3: the stored values (binary16 or binary32, LE) widened exactly to binary32.  The
+    stored-value checks cover every value, used or not, in the reference order: finiteness of
+    every value first (NaN or infinity: BAD_PAYLOAD), then the order -- the ecsq codebook
+    (§7.6.2) and each kmeans group's codebook, group by group (§7.7.2), strictly increasing as
+    real numbers (-0 == +0): else BAD_PAYLOAD."""
     v = np.frombuffer(raw, dtype=PRECISIONS[rec["precision"]][1]).astype(np.float32)
     if not np.all(np.isfinite(v)):
         fail("BAD_PAYLOAD", "%s: a stored value is NaN or infinite" % rec["mode"])
@@ -1244,9 +1426,10 @@ SM_MUL1 = 0xBF58476D1CE4E5B9
 SM_MUL2 = 0x94D049BB133111EB
 
 
-def splitmix64(seed, count):
-    """§7.S.6: outputs z_0 .. z_{count-1} for seed S (uint64 arithmetic wraps mod 2^64)."""
-    k1 = np.arange(1, count + 1, dtype=np.uint64)          # k + 1 (count < 2^64)
+def splitmix64(seed, count, start=0):
+    """§7.S.6: outputs z_start .. z_{start+count-1} for seed S (uint64 arithmetic wraps mod
+    2^64; each output is computed on its own)."""
+    k1 = np.arange(start + 1, start + count + 1, dtype=np.uint64)   # k + 1 (k < 2^36)
     x = np.uint64(seed) + k1 * np.uint64(SM_GAMMA)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(SM_MUL1)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(SM_MUL2)
@@ -1265,6 +1448,8 @@ def _selftest_splitmix():
         0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
     assert [int(z) for z in splitmix64(1234567, 3)] == [
         0x599ED017FB08FC85, 0x2C73F08458540FA5, 0x883EBCE5A3F27C77]
+    assert [int(z) for z in splitmix64(1234567, 2, start=1)] == [
+        0x2C73F08458540FA5, 0x883EBCE5A3F27C77]
     t1, t2 = dither_numerators(splitmix64(0, 1))
     assert (int(t1[0]), int(t2[0])) == (1607723, -1979431)
 
@@ -1273,49 +1458,53 @@ with np.errstate(over="ignore"):
     _selftest_splitmix()
 
 
-def symbols_of(rec_A, syms, count):
-    """A stream's symbols: all 0 when A = 1 (§7.S.2), else the decoded ones."""
-    if rec_A == 1:
-        return np.zeros(count, dtype=np.int64)
-    return np.asarray(syms, dtype=np.int64)
-
-
 def reconstruct_ecsq(rec, stream_data):
     """§7.6.3"""
-    sym = symbols_of(rec["A"], stream_data[1], rec["numel"])
-    if rec["recon"] == "grid":
-        q = (sym + rec["q_min"]).astype(np.float64)
-        v = q * step_value(rec["step_code"]) + 0.0      # exact; q = 0 gives +0
-        v32 = v.astype(np.float32)                       # exact in binary32 (as §7.3.2)
-        assert np.array_equal(v32.astype(np.float64), v)
-    else:
-        v32 = rec["values"][sym]
-    return round_from_f32(v32.reshape(rec["shape"]), rec["dtype"]).tobytes()
+    numel, dtype = rec["numel"], rec["dtype"]
+    out = new_output(rec)
+    for i0 in range(0, numel, BLOCK):
+        i1 = min(numel, i0 + BLOCK)
+        sym = symbols_block(rec["A"], stream_data[1], i0, i1)
+        if rec["recon"] == "grid":
+            q = (sym + rec["q_min"]).astype(np.float64)
+            v32 = exact_f32(q * step_value(rec["step_code"]) + 0.0)   # exact; q = 0 gives +0
+        else:
+            v32 = rec["values"][sym]
+        out[i0:i1] = round_from_f32(v32, dtype)
+    return out
 
 
 def reconstruct_kmeans(rec, stream_data):
     """§7.7.3"""
-    m = rec["m"]
-    out = np.empty(rec["numel"], dtype=np.float32)
+    m, dtype = rec["m"], rec["dtype"]
+    out = new_output(rec)
     values = rec["values"]
     e0 = v0 = 0
     for g, rows in enumerate(rec["group_rows"]):
         cnt = rows * m
-        sym = symbols_of(rec["K"][g], stream_data[1 + g], cnt)
-        out[e0:e0 + cnt] = values[v0 + sym]
+        for b0 in range(0, cnt, BLOCK):
+            b1 = min(cnt, b0 + BLOCK)
+            sym = symbols_block(rec["K"][g], stream_data[1 + g], b0, b1)
+            out[e0 + b0:e0 + b1] = round_from_f32(values[v0 + sym], dtype)
         e0 += cnt
         v0 += rec["K"][g]
-    return round_from_f32(out.reshape(rec["shape"]), rec["dtype"]).tobytes()
+    return out
 
 
 def reconstruct_pq(rec, stream_data):
     """§7.8.3"""
     n, m, d, s, K = rec["n"], rec["m"], rec["d"], rec["s"], rec["K"]
+    out = new_output(rec)
+    T = out.reshape(n, m)
     book = rec["values"].reshape(K, d)
-    sym = symbols_of(K, stream_data[1], n * s).reshape(n, s)
-    # row i: codewords of its s sub-vectors laid end to end (s*d >= m), cut to m elements
-    R = book[sym].reshape(n, s * d)[:, :m]
-    return round_from_f32(np.ascontiguousarray(R).reshape(rec["shape"]), rec["dtype"]).tobytes()
+    nr = max(1, BLOCK // (s * d))
+    for r0 in range(0, n, nr):
+        r1 = min(n, r0 + nr)
+        sym = symbols_block(K, stream_data[1], r0 * s, r1 * s).reshape(r1 - r0, s)
+        # row i: the codewords of its s sub-vectors laid end to end (s*d >= m), cut to m
+        R = book[sym].reshape(r1 - r0, s * d)[:, :m]
+        T[r0:r1] = round_from_f32(R, rec["dtype"])
+    return out
 
 
 # §7.9.3: H, the binary64 nearest to sqrt(3)/2, from its bit pattern
@@ -1324,48 +1513,55 @@ assert DITHER_H == 3900231685776981 * 2.0 ** -52
 
 
 def reconstruct_dither(rec, stream_data):
-    """§7.9.3 (every product below is exact in binary64 except y = E * H, one rounding)."""
-    numel, N = rec["numel"], rec["N"]
+    """§7.9.3 (every product below is exact in binary64 except y = E * H, one rounding), by
+    blocks of coordinates (elements for scalar, pairs for hex)."""
+    numel, N, dtype = rec["numel"], rec["N"], rec["dtype"]
+    out = new_output(rec)
     delta = step_value(rec["step_code"])
-    t1, t2 = dither_numerators(splitmix64(rec["seed"], N))
-    levels = [symbols_of(rec["A_list"][c], stream_data[c], N) + rec["q_mins"][c]
-              for c in range(len(rec["A_list"]))]
-    if rec["lattice"] == "scalar":
-        Ni = levels[0] * (1 << 22) - t1                  # |N_i| < 2^43, int64
-        r = Ni.astype(np.float64) * delta * 2.0 ** -22
-    else:
-        a, b = levels
-        Nx = a * (1 << 23) + (b & 1) * (1 << 22) - 2 * t1 - t2
-        x = Nx.astype(np.float64) * delta * 2.0 ** -23
-        Ny = b * (1 << 22) - t2
-        E = Ny.astype(np.float64) * delta * 2.0 ** -22
-        y = E * DITHER_H                                 # one correctly rounded multiplication
-        r = np.empty(2 * N, dtype=np.float64)
-        r[0::2] = x
-        r[1::2] = y
-        r = r[:numel]                                    # odd numel: last y discarded
-    return round_from_f64(r.reshape(rec["shape"]), rec["dtype"]).tobytes()
+    L = len(rec["A_list"])
+    for p0 in range(0, N, BLOCK):
+        p1 = min(N, p0 + BLOCK)
+        with np.errstate(over="ignore"):
+            t1, t2 = dither_numerators(splitmix64(rec["seed"], p1 - p0, p0))
+        levels = [symbols_block(rec["A_list"][c], stream_data[c], p0, p1) + rec["q_mins"][c]
+                  for c in range(L)]
+        if rec["lattice"] == "scalar":
+            Ni = levels[0] * (1 << 22) - t1                      # |N_i| < 2^43, int64
+            r = Ni.astype(np.float64) * delta * 2.0 ** -22
+            out[p0:p1] = round_from_f64(r, dtype)
+        else:
+            a, b = levels
+            Nx = a * (1 << 23) + (b & 1) * (1 << 22) - 2 * t1 - t2
+            x = Nx.astype(np.float64) * delta * 2.0 ** -23
+            Ny = b * (1 << 22) - t2
+            E = Ny.astype(np.float64) * delta * 2.0 ** -22
+            y = E * DITHER_H                                     # one correctly rounded product
+            r = np.empty(2 * (p1 - p0), dtype=np.float64)
+            r[0::2] = x
+            r[1::2] = y
+            e0, e1 = 2 * p0, min(numel, 2 * p1)                  # odd numel: last y discarded
+            out[e0:e1] = round_from_f64(r[:e1 - e0], dtype)
+    return out
 
 
 def _selftest_dither():
     """The worked values of §7.9.3 (seed 0)."""
-    def run(lattice, step, q_mins, syms, numel):
-        rec = {"numel": numel, "N": len(syms[0]), "step_code": step, "seed": 0,
+    def run(lattice, step, q_mins, numel):
+        rec = {"numel": numel, "N": 1, "step_code": step, "seed": 0,
                "A_list": [2] * len(q_mins), "q_mins": q_mins, "lattice": lattice,
                "shape": [numel], "dtype": "float64"}
-        return np.frombuffer(reconstruct_dither(rec, syms), "<f8")
+        return reconstruct_dither(rec, [np.zeros(1, dtype=np.uint16)] * len(q_mins))
     f64bits = lambda v: struct.unpack("<Q", struct.pack("<d", float(v)))[0]  # noqa: E731
-    assert f64bits(run("scalar", 0, [3], [[0]], 1)[0]) == 0x4004EEFAA0000000
-    r = run("scalar", -37, [-2], [[0]], 1)[0]
+    assert f64bits(run("scalar", 0, [3], 1)[0]) == 0x4004EEFAA0000000
+    r = run("scalar", -37, [-2], 1)[0]
     assert f64bits(r) == 0xBF70AEE4B4000000
     assert np.float32(r).view(np.uint32) == 0xBB857726
-    x, y = run("hex", 0, [1, -1], [[0], [0]], 2)
+    x, y = run("hex", 0, [1, -1], 2)
     assert f64bits(x) == 0x3FF5A47A20000000 and f64bits(y) == 0xBFDD44B848BE76CC
     assert np.float32(y).view(np.uint32) == 0xBEEA25C2
 
 
-with np.errstate(over="ignore"):
-    _selftest_dither()
+_selftest_dither()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1380,7 +1576,9 @@ FOOTER_SIZE = 32
 
 
 def decode_file(data, want_tensors=True):
-    """Decode a whole file by §10.1; returns (header, manifest doc, records, tensor bytes)."""
+    """Decode a whole file by §10.1; returns (header, manifest doc, records, measures, tensors)
+    with tensors a list of flat uint8 arrays (None when want_tensors is false).  `data` is
+    the file's bytes or a read-only mmap of it."""
     # §10.1 step 1: header (§3)
     header = parse_header(data)
     ml = header["Manifest_Length"]
@@ -1393,29 +1591,45 @@ def decode_file(data, want_tensors=True):
     doc = MsgpackCanonicalParser(mbytes).parse_document()       # §5.1
     records = check_manifest(doc)                                 # §5.2, §5.3 (§5.4, §5.5, §7)
     T = len(records)
+    # §12.1: the four measures, known now; beyond Level 1 -> LIMIT_EXCEEDED, before any chunk
+    measures = level_measures(records, len(data))
+    check_level(measures)
 
     # The required (tensor, stream) sequence of §6.2: streams with items, in order.
     required = []
+    last_required = [None] * T    # index in `required` of each tensor's last stream with items
     for t, rec in enumerate(records):
         for s, cnt in enumerate(rec["streams"]):
             if cnt > 0:
+                last_required[t] = len(required)
                 required.append((t, s, cnt))
     cur = -1          # index into `required` of the stream being filled (-1: none yet)
     acc = 0           # items of required[cur] seen so far
     next_seq = 0
     span_start = [None] * T
     span_end = [None] * T
-    # decoded stream contents: per tensor, per stream, list of parts
-    streams = [[[] for _ in rec["streams"]] for rec in records]
+    # decoded streams: per tensor, per stream, a buffer of the stream's item count (uint8 for
+    # streams of bytes, uint16 for symbol streams), allocated when its first chunk arrives
+    streams = [[None] * len(rec["streams"]) for rec in records]
+    tensors = [None] * T
+    first_open = 0    # tensors before this one are complete
 
     def cur_complete():
         return cur == -1 or acc == required[cur][2]
+
+    def tensor_complete(t):
+        """§10.1 step 3: a complete tensor may be handed out; refdec reconstructs it now (kept
+        until the whole file has been checked, §1) and frees its stream buffers."""
+        if want_tensors:
+            tensors[t] = finish_tensor(records[t], streams[t], tensors)
+        streams[t] = None
 
     # §10.1 step 3: chunks
     pos = HEADER_SIZE + ml
     size = len(data)
     while True:
         if size - pos < 4:
+            # no "prefix" test here (unlike §3): the file still owes the index and the footer
             fail("TRUNCATED", "file ends at offset %d where a chunk or the index is due" % pos)
         tag = data[pos:pos + 4]
         if tag == INDEX_TAG:
@@ -1424,42 +1638,46 @@ def decode_file(data, want_tensors=True):
             break
         if tag != CHUNK_TAG:
             fail("BAD_CHUNK", "offset %d: neither a chunk nor the index" % pos)
+        # step 3.1
         if size - pos < CHUNK_HEADER_SIZE:
             fail("TRUNCATED", "file ends inside a chunk header")
         h = data[pos:pos + CHUNK_HEADER_SIZE]
-        if crc32(h[:28]) != u32(h, 28):                                        # §6
+        # step 3.2: the header CRC before any other field is used (§6.2)
+        if crc32(h[:28]) != u32(h, 28):
             fail("CHECKSUM_MISMATCH", "chunk at %d: header CRC32 does not match" % pos)
         ctype, stream, tindex = u16(h, 4), u16(h, 6), u32(h, 8)
         seq, items, plen, pcrc = u32(h, 12), u32(h, 16), u32(h, 20), u32(h, 24)
-        ancillary = bool(ctype & 0x8000)                                       # §6.1
+        # step 3.3: Chunk_Type (§6.1)
+        ancillary = bool(ctype & 0x8000)
         if not ancillary and ctype != 0x0001:
             fail("UNKNOWN_CHUNK", "chunk at %d: unknown critical type 0x%04x" % (pos, ctype))
+        # step 3.4: Payload_Length within §12, every chunk (DATA or ancillary)
+        if plen > MAX_PAYLOAD_LENGTH:
+            fail("LIMIT_EXCEEDED", "chunk at %d: Payload_Length %d over 2^28" % (pos, plen))
+        # step 3.5
         if ancillary:
-            if plen > MAX_PAYLOAD_LENGTH:                                      # §12
-                fail("LIMIT_EXCEEDED", "ancillary chunk Payload_Length %d over 2^28" % plen)
-            # §6.2: never inside a tensor's group of DATA chunks
-            if not cur_complete() or (cur + 1 < len(required) and cur >= 0 and
+            # §6.2: never inside a tensor's group (after a DATA chunk of a tensor that is not
+            # complete: its current stream lacks items, or a later stream of it has items)
+            if not cur_complete() or (cur >= 0 and cur + 1 < len(required) and
                                       required[cur + 1][0] == required[cur][0]):
-                fail("BAD_CHUNK", "ancillary chunk inside a tensor's chunks")
+                fail("BAD_CHUNK", "ancillary chunk inside tensor %d's group of DATA chunks"
+                     % required[cur][0])
         else:
-            # §6.2 field rules
-            if tindex >= T:
-                fail("BAD_CHUNK", "chunk Tensor_Index %d >= %d tensors" % (tindex, T))
-            rec = records[tindex]
-            if stream >= len(rec["streams"]):
-                fail("BAD_CHUNK", "chunk Stream %d for a mode with %d streams"
-                     % (stream, len(rec["streams"])))
-            if items < 1:
-                fail("BAD_CHUNK", "chunk Item_Count 0")
+            # the §12 limit on Item_Count comes before every BAD_CHUNK rule (§6.2)
             if items > MAX_ITEM_COUNT:
-                fail("LIMIT_EXCEEDED", "chunk Item_Count %d over 2^26" % items)
-            if plen > MAX_PAYLOAD_LENGTH:
-                fail("LIMIT_EXCEEDED", "chunk Payload_Length %d over 2^28" % plen)
-            # §6.2 order and counts
-            if cur >= 0 and required[cur][:2] == (tindex, stream) and not cur_complete():
+                fail("LIMIT_EXCEEDED", "chunk at %d: Item_Count %d over 2^26" % (pos, items))
+            # §6.2 order: the chunk is the next one expected (Tensor_Index, Stream, Sequence;
+            # a Tensor_Index >= the tensor count or a Stream >= the mode's stream count is
+            # never expected)
+            if cur >= 0 and not cur_complete() and required[cur][:2] == (tindex, stream):
                 if seq != next_seq:
                     fail("BAD_CHUNK", "chunk Sequence %d, %d expected" % (seq, next_seq))
             else:
+                if tindex >= T:
+                    fail("BAD_CHUNK", "chunk Tensor_Index %d >= %d tensors" % (tindex, T))
+                if stream >= len(records[tindex]["streams"]):
+                    fail("BAD_CHUNK", "chunk Stream %d for a tensor with %d streams"
+                         % (stream, len(records[tindex]["streams"])))
                 if not cur_complete():
                     fail("BAD_CHUNK", "chunk of tensor %d stream %d while tensor %d stream %d "
                          "is incomplete" % (tindex, stream, *required[cur][:2]))
@@ -1471,27 +1689,53 @@ def decode_file(data, want_tensors=True):
                 cur += 1
                 acc = 0
                 next_seq = 0
+            # §6.2 field rule: Item_Count >= 1
+            if items < 1:
+                fail("BAD_CHUNK", "chunk Item_Count 0")
+            # §6.2 counts: the running item count of the stream, from the header
             if acc + items > required[cur][2]:
                 fail("BAD_CHUNK", "stream's chunks hold more than its %d items"
                      % required[cur][2])
-            # the mode's Payload_Length rule, from the header (§10.1 step 3)
+            # the mode's rule on Payload_Length, from the header
+            rec = records[tindex]
             check_payload_length(rec, stream, items, plen)
+        # step 3.6
         if plen > size - pos - CHUNK_HEADER_SIZE:
             fail("TRUNCATED", "chunk payload runs past the end of the file")
         payload = data[pos + CHUNK_HEADER_SIZE:pos + CHUNK_HEADER_SIZE + plen]
+        # step 3.7
         if crc32(payload) != pcrc:
             fail("CHECKSUM_MISMATCH", "chunk at %d: payload CRC32 does not match" % pos)
         chunk_end = pos + CHUNK_HEADER_SIZE + plen
+        # step 3.8: the payload (ancillary chunks are skipped after their CRCs, §6.1)
         if not ancillary:
-            decode_payload(records[tindex], stream, items, payload, streams[tindex][stream])
+            # tensors before this one that have no chunks are complete now (§10.1 step 3;
+            # those with chunks were completed by their last chunk)
+            while first_open < tindex:
+                if streams[first_open] is not None:
+                    tensor_complete(first_open)
+                first_open += 1
+            buf = streams[tindex][stream]
+            if buf is None:
+                buf = streams[tindex][stream] = new_stream_buffer(rec, stream)
+            decode_payload(rec, stream, items, payload, buf, acc)
+            del payload
             acc += items
             next_seq += 1
             if acc == required[cur][2]:
-                on_stream_complete(records[tindex], stream, streams[tindex][stream])
+                # stored-value checks when a value stream is complete (§7.5.3, §7.S.3)
+                on_stream_complete(rec, stream, buf)
+                if cur == last_required[tindex]:
+                    tensor_complete(tindex)
             if span_start[tindex] is None:
                 span_start[tindex] = pos
             span_end[tindex] = chunk_end
         pos = chunk_end
+
+    # the index is reached: every tensor without chunks is complete
+    for t in range(T):
+        if streams[t] is not None:
+            tensor_complete(t)
 
     # §10.1 step 4: index
     index_offset = pos
@@ -1511,18 +1755,19 @@ def decode_file(data, want_tensors=True):
     if crc32(index) != u32(footer, 12):
         fail("CHECKSUM_MISMATCH", "index CRC32 does not match")
     f_index_offset, f_count, f_ml = u64(footer, 0), u32(footer, 8), u32(footer, 16)
-    # §9.2 equalities.  "equals the file's length" is taken as "ends where this footer ends";
-    # bytes after it are TRAILING_DATA (step 6) -- see SPEC_FINDINGS.md F1.
+    # §9.2's equalities, in §10.1 step 5's order: Tensor_Count, Manifest_Length, then
+    # Index_Offset (the end of the last chunk, or of the manifest) and the footer's position
+    # (front to back: where this footer was found; bytes after it are TRAILING_DATA, step 6)
     if f_count != T:
         fail("BAD_INDEX", "footer Tensor_Count %d, the manifest has %d" % (f_count, T))
+    if f_ml != ml:
+        fail("BAD_INDEX", "footer Manifest_Length differs from the header's")
     if f_index_offset != index_offset:
         fail("BAD_INDEX", "footer Index_Offset %d, the index is at %d"
              % (f_index_offset, index_offset))
-    if f_index_offset + 4 + 16 * f_count + FOOTER_SIZE != pos + FOOTER_SIZE:
-        fail("BAD_INDEX", "footer does not end the file")
-    if f_ml != ml:
-        fail("BAD_INDEX", "footer Manifest_Length differs from the header's")
-    # §9.1 entries against the chunks seen
+    if f_index_offset + 4 + 16 * f_count != pos:
+        fail("BAD_INDEX", "Index_Offset + 4 + 16 x Tensor_Count is not the footer's offset")
+    # §9.1 entries against the chunks seen, entry 0 first
     for t in range(T):
         off, ln = u64(index, 4 + 16 * t), u64(index, 12 + 16 * t)
         if span_start[t] is None:
@@ -1536,13 +1781,7 @@ def decode_file(data, want_tensors=True):
     # §10.1 step 6
     if pos != size:
         fail("TRAILING_DATA", "%d bytes after the footer" % (size - pos))
-
-    tensors = None
-    if want_tensors:
-        tensors = []
-        for t, rec in enumerate(records):
-            tensors.append(finish_tensor(rec, streams[t], tensors))
-    return header, doc, records, tensors
+    return header, doc, records, measures, (tensors if want_tensors else None)
 
 
 def is_byte_stream(rec, stream):
@@ -1558,9 +1797,16 @@ def is_byte_stream(rec, stream):
     return False
 
 
+def new_stream_buffer(rec, stream):
+    """The buffer of one stream's items (§7): bytes or symbols (< A <= 65536)."""
+    count = rec["streams"][stream]
+    return np.empty(count, dtype=np.uint8 if is_byte_stream(rec, stream) else np.uint16)
+
+
 def check_payload_length(rec, stream, items, plen):
-    """The mode's rule on Payload_Length, checked from the chunk header (§10.1 step 3: after
-    §6.2's rules, before TRUNCATED and Payload_CRC32): §7.2, §7.3.2, §7.5.2, §7.S.3, §7.S.4."""
+    """The mode's rule on Payload_Length, checked from the chunk header (§10.1 step 3.5:
+    after §6.2's rules, before TRUNCATED and Payload_CRC32): §7.2 (raw "none" only; "zstd"
+    has no such rule), §7.3.2, §7.5.2, §7.S.3, §7.S.4."""
     if rec["mode"] == "raw":
         if rec["codec"] == "none" and plen != items:                          # §7.2
             fail("BAD_CHUNK", "raw none chunk: Payload_Length %d != Item_Count %d"
@@ -1584,78 +1830,85 @@ def symbol_model(rec, stream):
     return rec["models"][stream]                   # dither: §7.9.2 stream c
 
 
-def decode_payload(rec, stream, items, payload, out):
-    """§7: decode one chunk's payload (its length rule already checked); append its items."""
+def decode_payload(rec, stream, items, payload, buf, at):
+    """§7: decode one chunk's payload (its length rule already checked) into buf[at:at+items]."""
     mode = rec["mode"]
     if mode == "raw":                                                          # §7.2
         if rec["codec"] == "none":
-            b = bytes(payload)
+            b = np.frombuffer(payload, dtype=np.uint8)
         else:
             b = zstd_decode(payload, items)
         if rec["dtype"] == "bool":                                             # §5.5
-            if b.translate(None, b"\x00\x01"):
+            if np.any(b > 1):
                 fail("BAD_PAYLOAD", "bool tensor holds a byte other than 0 and 1")
-        out.append(b)
+        buf[at:at + items] = b
     elif is_byte_stream(rec, stream):              # tq transform, §7.S.3 value streams
-        out.append(bytes(payload))
+        buf[at:at + items] = np.frombuffer(payload, dtype=np.uint8)
     else:                                          # range-coded symbols (§8)
-        out.extend(rc_decode_payload(payload, items, symbol_model(rec, stream)))
+        syms = rc_decode_payload(payload, items, symbol_model(rec, stream))
+        buf[at:at + items] = np.frombuffer(syms, dtype=np.uint16)
 
 
-def on_stream_complete(rec, stream, parts):
-    """Checks made as soon as a stream's last chunk has been decoded."""
+def on_stream_complete(rec, stream, buf):
+    """Stored-value checks, made as soon as a value stream's last chunk has been decoded
+    (§10.1 step 3.8; before any symbol of the tensor, the value stream being stream 0)."""
     if rec["mode"] == "tq" and stream == 0:
-        # mode-tq.md §7.5.3 step 3: S checked as soon as stream 0 is complete
-        check_tq_transform(b"".join(parts))
+        # mode-tq.md §7.5.3 step 3: every entry of S finite
+        check_tq_transform(buf)
     elif rec["mode"] in ("ecsq", "kmeans", "pq") and stream in rec["value_streams"]:
-        # §7.S.3 (finite), §7.6.2 / §7.7.2 (strictly increasing); kept for reconstruction
-        rec["values"] = check_value_stream(rec, b"".join(parts))
+        # §7.S.3 (finite, every value first), §7.6.2 / §7.7.2 (strictly increasing); kept
+        # for the reconstruction
+        rec["values"] = check_value_stream(rec, buf)
 
 
 def finish_tensor(rec, stream_data, done):
-    itemsize = DTYPES[rec["dtype"]][0]
-    nbytes = rec["numel"] * itemsize
-    if nbytes > MAX_TENSOR_BYTES:                     # §12 last paragraph: own resource limit
-        fail("LIMIT_EXCEEDED", "tensor %r of %d bytes is over this decoder's limit"
-             % (rec["name"], nbytes))
+    """The tensor's value (§7) as a flat uint8 array of numel x itemsize bytes (§5.5)."""
     mode = rec["mode"]
-    if mode == "raw":
-        return b"".join(stream_data[0])
-    if mode == "uniform":
-        return reconstruct_uniform(rec, stream_data[0])
-    if mode == "alias":
+    if mode == "alias":                                                        # §7.4
         return done[rec["of"]]
-    if mode == "tq":
-        return reconstruct_tq(rec, stream_data)
-    return {"ecsq": reconstruct_ecsq, "kmeans": reconstruct_kmeans, "pq": reconstruct_pq,
-            "dither": reconstruct_dither}[mode](rec, stream_data)
+    if mode == "raw":                                                          # §7.2
+        out = stream_data[0]
+        if out is None:                                                        # numel = 0
+            out = np.empty(0, dtype=np.uint8)
+        return out
+    out = {"uniform": reconstruct_uniform, "tq": reconstruct_tq, "ecsq": reconstruct_ecsq,
+           "kmeans": reconstruct_kmeans, "pq": reconstruct_pq,
+           "dither": reconstruct_dither}[mode](rec, stream_data)
+    return out.reshape(-1).view(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
-# safetensors output
+# safetensors output (the conformance decoder protocol)
 # ----------------------------------------------------------------------------------------------
 
-def safetensors_bytes(records, tensors):
+def output_key(name):
+    """§5.4: `__metadata__` is reserved by safetensors (its header's metadata key), so the
+    conformance decoder protocol writes that tensor under `/__metadata__` (injective: no valid
+    name starts with '/') and every other tensor under its own name."""
+    return "/__metadata__" if name == "__metadata__" else name
+
+
+def safetensors_header(records, tensors):
     hdr = {}
     off = 0
     for rec, b in zip(records, tensors):
-        hdr[rec["name"]] = {"dtype": DTYPES[rec["dtype"]][2], "shape": rec["shape"],
-                            "data_offsets": [off, off + len(b)]}
-        off += len(b)
+        hdr[output_key(rec["name"])] = {"dtype": DTYPES[rec["dtype"]][2], "shape": rec["shape"],
+                                        "data_offsets": [off, off + b.nbytes]}
+        off += b.nbytes
     h = json.dumps(hdr, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h, tensors
+    return struct.pack("<Q", len(h)) + h
 
 
 def write_output(path, records, tensors):
-    head, blobs = safetensors_bytes(records, tensors)
+    head = safetensors_header(records, tensors)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".refdec-", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(head)
-            for b in blobs:
-                f.write(b)
+            for b in tensors:
+                f.write(memoryview(b))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1684,6 +1937,17 @@ def jsonable(v):
 USAGE = "usage: refdec.py decode IN.tqz OUT.safetensors | refdec.py info IN.tqz"
 
 
+def map_file(f):
+    """The file's bytes as a read-only mmap (nothing is read until used, and L is known before
+    anything is read, §12.1); a file that cannot be mapped (empty, a pipe) is read."""
+    try:
+        if os.fstat(f.fileno()).st_size > 0:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        pass
+    return f.read()
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in ("decode", "info"):
         print(USAGE, file=sys.stderr)
@@ -1694,30 +1958,38 @@ def main(argv):
         return 2
     src = argv[2]
     try:
-        with open(src, "rb") as f:
-            data = f.read()
+        f = open(src, "rb")
     except OSError as e:
         print("%s: cannot read: %s" % (src, e), file=sys.stderr)
         return 2
     try:
-        header, doc, records, tensors = decode_file(data, want_tensors=(cmd == "decode"))
+        try:
+            data = map_file(f)
+        except OSError as e:
+            print("%s: cannot read: %s" % (src, e), file=sys.stderr)
+            return 2
+        header, doc, records, measures, tensors = decode_file(
+            data, want_tensors=(cmd == "decode"))
+        if cmd == "decode":
+            try:
+                write_output(argv[3], records, tensors)
+            except OSError as e:
+                print("%s: cannot write: %s" % (argv[3], e), file=sys.stderr)
+                return 2
     except TqzError as e:
         print("%s: %s [%s]" % (src, e.message, e.code), file=sys.stderr)
         return 1
-    except RecursionError:
-        print("%s: manifest nesting too deep [BAD_MANIFEST]" % src, file=sys.stderr)
+    except MemoryError as e:
+        # §12.1: out of memory is a resource limit of this decoder, reported as LIMIT_EXCEEDED
+        # (never a crash, never another code); nothing is written
+        print("%s: out of memory (%s) [LIMIT_EXCEEDED]" % (src, e or "MemoryError"),
+              file=sys.stderr)
         return 1
     if cmd == "info":
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        json.dump({"header": header, "manifest": jsonable(doc)}, sys.stdout,
-                  ensure_ascii=False, indent=1)
+        json.dump({"header": header, "manifest": jsonable(doc), "measures": measures},
+                  sys.stdout, ensure_ascii=False, indent=1)
         print()
-        return 0
-    try:
-        write_output(argv[3], records, tensors)
-    except OSError as e:
-        print("%s: cannot write: %s" % (argv[3], e), file=sys.stderr)
-        return 2
     return 0
 
 
