@@ -336,7 +336,7 @@ def test_mutated_lineage_files_fail_cleanly():
     fails with a spec §11 code, within the fuzz harness's time and memory bounds."""
     import random
 
-    from tests.test_fuzz import check_case, mutate
+    from tests.format.test_reader_hostile import check_case, mutate
     seeds = _lineage_seeds()
     for s in seeds:
         assert check_case(s, trace=True) == "ok"

@@ -29,7 +29,7 @@ import tqcodec
 from tqcodec.cli import app
 from tests.conftest import small_state_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tqz(*args) -> "object":

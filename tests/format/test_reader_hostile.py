@@ -627,7 +627,7 @@ def test_mutation_fuzz_hypothesis(which, rnd):
 
 def test_crashers_stay_fixed():
     from pathlib import Path
-    folder = Path(__file__).parent / "data" / "crashers"
+    folder = Path(__file__).resolve().parents[1] / "data" / "crashers"
     files = sorted(folder.glob("*.tqz"))
     assert files, "tests/data/crashers/ is empty"
     for f in files:

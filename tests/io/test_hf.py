@@ -21,7 +21,7 @@ from tqcodec.format.writer import ContainerWriter
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import raw
 
-from .conftest import small_state_dict
+from tests.conftest import small_state_dict
 
 runner = CliRunner()
 FILES = {"config.json": b'{"model_type": "toy", "hidden_size": 48}\n',

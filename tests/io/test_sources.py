@@ -19,7 +19,7 @@ import torch
 import tqcodec
 from tqcodec.errors import TqzError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def model(n: int = 8, rows: int = 64, cols: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:

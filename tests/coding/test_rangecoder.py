@@ -4,7 +4,7 @@ import pytest
 
 from tqcodec import TqzError
 from tqcodec.coding import decode_symbols, encode_symbols, frequencies_from_counts
-from tests import reference_rangecoder as ref
+from tests.coding import reference_rangecoder as ref
 
 
 def _case(seed: int, alphabet: int, n: int, skew: float = 0.3):
