@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import tqcodec
 from tqcodec.cli import app
-from tests.conftest import small_state_dict
+from tests.helpers import small_state_dict
 
 runner = CliRunner()
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import weakref
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tqcodec.format.writer import ContainerWriter
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import raw
 
-from tests.conftest import small_state_dict
+from tests.helpers import small_state_dict
 
 runner = CliRunner()
 FILES = {"config.json": b'{"model_type": "toy", "hidden_size": 48}\n',
@@ -237,17 +236,6 @@ def test_lazy_encode_holds_one_tensor_at_a_time(hf_src):
     data = api.encode_bytes(counting)
     assert _CountingRef.peak == 1 and _CountingRef.live == 0
     assert data == api.encode_bytes(tensors)
-
-
-def test_container_writer_spools_to_disk_past_its_memory_cap():
-    import io
-    w = ContainerWriter(io.BytesIO())
-    _, params, streams = raw.write(torch.zeros(1).numpy(), "none")
-    chunk = [(1 << 22, os.urandom(1 << 22))]
-    for i in range(17):  # 68 MiB of chunks: over the 64 MiB kept in memory
-        w.add_tensor(TensorRecord(f"t{i}", "uint8", (1 << 22,), "raw", {"codec": "none"}), [chunk])
-    assert w._spool._rolled  # a real temporary file now, not memory
-    w.close()
 
 
 def test_options_checked():

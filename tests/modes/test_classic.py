@@ -306,7 +306,7 @@ def test_auto_picks_tq_or_a_lineage_mode_by_rate_distortion_cost():
         assert {f.info(n).mode for n in f.keys()} == {"uniform"}
 
 
-# --- mutation fuzz over files of these modes (the harness of tests/test_fuzz.py) -------------------
+# --- mutation fuzz over files of these modes (the harness of tests/fuzzing.py) -------------------
 
 def _lineage_seeds() -> list[bytes]:
     g = torch.Generator().manual_seed(9)
@@ -336,7 +336,7 @@ def test_mutated_lineage_files_fail_cleanly():
     fails with a spec §11 code, within the fuzz harness's time and memory bounds."""
     import random
 
-    from tests.format.test_reader_hostile import check_case, mutate
+    from tests.fuzzing import check_case, mutate
     seeds = _lineage_seeds()
     for s in seeds:
         assert check_case(s, trace=True) == "ok"

@@ -338,18 +338,6 @@ def test_transform_chosen_only_when_it_pays():
     assert not T.pays(square)
 
 
-def test_header_names_the_lowest_minor_version_a_file_needs():
-    # spec §13: tq arrived in 1.1, so only files holding a tq tensor say 1.1
-    g = torch.Generator().manual_seed(3)
-    sd = {"w": torch.randn(32, 64, generator=g), "b": torch.randn(32, generator=g)}
-    with_tq = tqcodec.encode_bytes(sd, mode="tq", bits=4)
-    without = tqcodec.encode_bytes(sd, mode="uniform")
-    assert with_tq[8:12] == bytes([1, 0, 1, 0])
-    assert without[8:12] == bytes([1, 0, 0, 0])
-    with tqcodec.open(with_tq) as f:
-        assert f.version == (1, 1) and f.info("w").mode == "tq"
-
-
 def test_info_plot_draws_the_bit_depth_map(tmp_path):
     from typer.testing import CliRunner
 

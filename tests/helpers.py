@@ -1,0 +1,77 @@
+"""Helpers shared by several test modules (fixtures that use them are in ``tests/conftest.py``)."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import torch
+
+import tqcodec
+from tqcodec.format.chunks import CHUNK_HEADER_SIZE
+from tqcodec.format.header import HEADER_SIZE
+from tqcodec.format.index import FOOTER_SIZE
+
+# --- state dicts -----------------------------------------------------------------------------------
+
+
+def small_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small state dict with every dtype family, buffers, an empty tensor and scalars."""
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.randn(8, 4, 3, 3, generator=g) * 0.2
+    fc = torch.randn(16, 72, generator=g) * 0.1
+    return {
+        "conv.weight": conv,
+        "conv.bias": torch.randn(8, generator=g) * 0.01,
+        "bn.running_mean": torch.randn(8, generator=g),
+        "bn.running_var": torch.rand(8, generator=g) + 1e-6,
+        "bn.num_batches_tracked": torch.tensor(1234),
+        "fc.weight": fc,
+        "fc.bias": torch.zeros(16),
+        "emb.weight": (torch.randn(50, 12, generator=g) * 0.5).to(torch.bfloat16),
+        "half.weight": (torch.randn(20, 20, generator=g)).to(torch.float16),
+        "double.weight": torch.randn(30, 10, generator=g, dtype=torch.float64),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(-5, 5, dtype=torch.int32),
+        "bytes": torch.arange(0, 250, 7, dtype=torch.uint8),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+        "one": torch.tensor([7.0]),
+    }
+
+
+# --- the bytes of a .tqz file --------------------------------------------------------------------------
+
+def regions(data: bytes) -> dict[str, list[int]]:
+    """Byte offsets of each region of a file, found from its own structures."""
+    mlen = struct.unpack_from("<I", data, 20)[0]
+    index_offset = struct.unpack_from("<Q", data, len(data) - FOOTER_SIZE)[0]
+    chunk_headers, payloads = [], []
+    pos = HEADER_SIZE + mlen
+    while pos < index_offset:
+        plen = struct.unpack_from("<I", data, pos + 20)[0]
+        chunk_headers.append(pos)
+        payloads.append(pos + CHUNK_HEADER_SIZE)
+        pos += CHUNK_HEADER_SIZE + plen
+    return {"header": [HEADER_SIZE], "manifest": [HEADER_SIZE + mlen], "chunk_headers": chunk_headers,
+            "payloads": payloads, "index": [index_offset], "footer": [len(data) - FOOTER_SIZE],
+            "mlen": [mlen], "index_offset": [index_offset]}
+
+
+def fix_header_crc(b: bytearray) -> None:
+    struct.pack_into("<I", b, 28, zlib.crc32(bytes(b[:28])))
+
+
+def decode_both(data: bytes) -> set[str]:
+    """Codes given by front-to-back load and by random access (empty set = decoded)."""
+    codes = set()
+    for how in ("load", "open"):
+        try:
+            if how == "load":
+                tqcodec.load(data)
+            else:
+                with tqcodec.open(data) as f:
+                    for k in f.keys():
+                        f.get_tensor(k)
+        except tqcodec.TqzError as exc:
+            codes.add(exc.code)
+    return codes
