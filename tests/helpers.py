@@ -4,12 +4,16 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import torch
 
 import tqcodec
 from tqcodec.format.chunks import CHUNK_HEADER_SIZE
 from tqcodec.format.header import HEADER_SIZE
 from tqcodec.format.index import FOOTER_SIZE
+from tqcodec.format.steps import steps_from_codes
+from tqcodec.modes import uniform as uniform_mode
+from tqcodec.modes.rd import measured_bits, weighted_distortion
 
 # --- state dicts -----------------------------------------------------------------------------------
 
@@ -37,6 +41,14 @@ def small_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         "scalar": torch.tensor(2.5),
         "one": torch.tensor([7.0]),
     }
+
+
+def bit_view(t: torch.Tensor) -> torch.Tensor:
+    """A view that compares bit for bit (NaN-safe)."""
+    if t.dtype.is_floating_point:
+        width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+        return t.contiguous().view(width)
+    return t
 
 
 # --- the bytes of a .tqz file --------------------------------------------------------------------------
@@ -75,3 +87,16 @@ def decode_both(data: bytes) -> set[str]:
         except tqcodec.TqzError as exc:
             codes.add(exc.code)
     return codes
+
+
+# --- modes -------------------------------------------------------------------------------------------
+
+CLASSIC_MODES = ("ecsq", "kmeans", "pq", "dither")  # spec/mode-lineage.md §7.6-§7.9
+
+
+def uniform_point(w: np.ndarray, h: np.ndarray, code: int) -> tuple[float, float]:
+    """(measured bits, weighted distortion) of plain uniform quantization with step code ``code``:
+    the point the classic modes' encoders are compared with."""
+    _, params, streams = uniform_mode.encode(w, "float32", "tensor", codes=np.array([code]))
+    step = float(steps_from_codes([code])[0])
+    return measured_bits(params, streams), weighted_distortion(np.rint(w / step) * step, w, h)
