@@ -1,10 +1,12 @@
 """Shared fixtures: small state dicts the tests build themselves (the builders are in tests/helpers.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from tests.helpers import small_state_dict
+from tests.helpers import MARKER_ENV, small_state_dict
 
 # tests/test_fuzz.py only re-exports the fuzz harness under the name benchmarks/fuzz.py imports
 collect_ignore = ["test_fuzz.py"]
@@ -13,3 +15,11 @@ collect_ignore = ["test_fuzz.py"]
 @pytest.fixture
 def state_dict() -> dict[str, torch.Tensor]:
     return small_state_dict()
+
+
+@pytest.fixture
+def marker(tmp_path, monkeypatch) -> Path:
+    """Where a hostile pickle's code would leave a file (``tests.helpers.RunsCode``), were it run."""
+    m = tmp_path / "code-ran"
+    monkeypatch.setenv(MARKER_ENV, str(m))
+    return m

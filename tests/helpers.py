@@ -1,10 +1,12 @@
 """Helpers shared by several test modules (fixtures that use them are in ``tests/conftest.py``)."""
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
 import numpy as np
+import pytest
 import torch
 
 import tqcodec
@@ -49,6 +51,40 @@ def bit_view(t: torch.Tensor) -> torch.Tensor:
         width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
         return t.contiguous().view(width)
     return t
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a tensor's values (contiguous, little-endian storage)."""
+    flat = t.contiguous().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+
+
+def code_of(fn) -> str:
+    """The code of the TqzError ``fn()`` raises (fails if it raises none)."""
+    with pytest.raises(tqcodec.TqzError) as e:
+        fn()
+    return e.value.code
+
+
+# --- hostile inputs ------------------------------------------------------------------------------------
+
+MARKER_ENV = "TQZ_HOSTILE_MARKER"  # the marker file a pickle's code would create (conftest: ``marker``)
+
+
+class RunsCode:
+    """Unpickling this creates the marker file (if it is ever unpickled)."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ[MARKER_ENV]}",))
+
+
+class RunsEval:
+    def __reduce__(self):
+        return (eval, (f"open({os.environ[MARKER_ENV]!r}, 'w').close()",))
+
+
+class MyTensor(torch.Tensor):
+    pass
 
 
 # --- the bytes of a .tqz file --------------------------------------------------------------------------

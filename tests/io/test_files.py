@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -27,7 +29,8 @@ from typer.testing import CliRunner
 
 import tqcodec
 from tqcodec.cli import app
-from tests.helpers import small_state_dict
+from tqcodec.io.files import read_model
+from tests.helpers import MyTensor, RunsCode, RunsEval, code_of, small_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -413,3 +416,78 @@ def test_no_force_never_overwrites_an_output_that_appears_meanwhile(tmp_path, mo
     assert e.value.code == "OUTPUT_EXISTS"
     assert out.read_bytes() == b"someone else's file"
     assert listing(tmp_path) == ["race.tqz"]
+
+
+# --- model files read: pickles never run, what is not a state dict is refused -----------------
+
+@pytest.mark.parametrize("how", ["raw-pickle", "torch-zip", "nested-in-state-dict", "eval"])
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".ckpt"])
+def test_pickle_with_code_never_runs(tmp_path, marker, monkeypatch, how, suffix):
+    p = tmp_path / f"evil{suffix}"
+    if how == "raw-pickle":
+        p.write_bytes(pickle.dumps({"w": RunsCode()}, protocol=2))
+    elif how == "torch-zip":
+        torch.save({"w": torch.ones(2), "x": RunsCode()}, p)
+    elif how == "nested-in-state-dict":
+        torch.save({"state_dict": {"w": torch.ones(2)}, "hook": RunsCode()}, p)
+    else:
+        torch.save({"w": RunsEval()}, p)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(tqcodec.TqzError) as e:
+        read_model(p)
+    assert e.value.code == "BAD_INPUT" and "refusing to unpickle" in e.value.message
+    assert str(p) in str(e.value)
+    assert calls == [True], "torch.load must be called once, with weights_only=True (no fallback)"
+    assert not marker.exists(), "the pickle's code ran"
+
+
+def test_tensor_subclass_in_a_pt_file_is_refused(tmp_path):
+    p = tmp_path / "sub.pt"
+    torch.save({"w": torch.randn(3).as_subclass(MyTensor)}, p)
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"  # weights_only refuses the class
+    # ... and if the user allow-lists the class for torch.load, tqcodec still refuses it
+    with torch.serialization.safe_globals([MyTensor]):
+        with pytest.raises(tqcodec.TqzError) as e:
+            read_model(p)
+    assert e.value.code == "BAD_INPUT" and "subclass" in e.value.message
+
+
+@pytest.mark.parametrize("content", [[torch.ones(2)], torch.ones(2), {}, 7], ids=["list", "tensor", "empty", "int"])
+def test_pt_files_that_are_not_state_dicts(tmp_path, content):
+    p = tmp_path / "m.pt"
+    torch.save(content, p)
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+
+
+def test_complex_in_a_pt_file(tmp_path):
+    p = tmp_path / "c.pt"
+    torch.save({"c": torch.zeros(2, dtype=torch.complex64)}, p)
+    with pytest.raises(tqcodec.TqzError) as e:
+        read_model(p)
+    assert e.value.code == "BAD_INPUT" and "complex" in e.value.message
+
+
+def test_corrupt_safetensors_is_bad_input(tmp_path):
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", 1 << 62) + b"{}")  # header length far past the file
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+    p.write_bytes(b"")
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+    header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,999999]}}'
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 16)
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+
+
+def test_unknown_suffix_and_directory(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"x")
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+    assert code_of(lambda: read_model(tmp_path)) == "IO_ERROR"
+    assert code_of(lambda: read_model(tmp_path / "missing.pt")) == "IO_ERROR"

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 import tqcodec
-from tqcodec.errors import TqzError
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import tq as tq_mode
 from tqcodec.modes.tq.encoder import Item, make_units, reconstruction
@@ -235,13 +234,6 @@ def test_bias_correction_removes_mean_output_error():
     new_bias = np.concatenate([b.w.reshape(-1) for b in bias])
     shift = (w_hat - sd["weight"].double().numpy()) @ mu + new_bias - sd["bias"].double().numpy()
     assert np.abs(shift).max() < 1e-9
-
-
-def test_options_rejected():
-    with pytest.raises(TqzError):
-        tqcodec.EncodeOptions(bits=-1)
-    with pytest.raises(TqzError):
-        tqcodec.EncodeOptions(bits=2, quality=30)
 
 
 # --- transforms (numerics; the encoder does not use them yet) ----------------------------------
