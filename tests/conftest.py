@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import MARKER_ENV, small_state_dict
+from tests.helpers import MARKER_ENV, small_state_dict, toy_model, write_hf
 
 # tests/test_fuzz.py only re-exports the fuzz harness under the name benchmarks/fuzz.py imports
 collect_ignore = ["test_fuzz.py"]
@@ -23,3 +23,11 @@ def marker(tmp_path, monkeypatch) -> Path:
     m = tmp_path / "code-ran"
     monkeypatch.setenv(MARKER_ENV, str(m))
     return m
+
+
+@pytest.fixture(scope="module")
+def hf_src(tmp_path_factory) -> Path:
+    """A sharded Hugging Face folder of the toy model (3 shards, an index, carried files)."""
+    folder = tmp_path_factory.mktemp("hf") / "toy"
+    write_hf(folder, toy_model(), shards=3)
+    return folder

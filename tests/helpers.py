@@ -1,19 +1,23 @@
 """Helpers shared by several test modules (fixtures that use them are in ``tests/conftest.py``)."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import tqcodec
 from tqcodec.format.chunks import CHUNK_HEADER_SIZE
 from tqcodec.format.header import HEADER_SIZE
 from tqcodec.format.index import FOOTER_SIZE
 from tqcodec.format.steps import steps_from_codes
+from tqcodec.io import hf
 from tqcodec.modes import uniform as uniform_mode
 from tqcodec.modes.rd import measured_bits, weighted_distortion
 
@@ -64,6 +68,51 @@ def code_of(fn) -> str:
     with pytest.raises(tqcodec.TqzError) as e:
         fn()
     return e.value.code
+
+
+# --- Hugging Face folders -------------------------------------------------------------------------------
+
+HF_FILES = {"config.json": b'{"model_type": "toy", "hidden_size": 48}\n',
+            "tokenizer.json": json.dumps({"vocab": {"a": 0, "\u00e9": 1}}).encode(),
+            "generation_config.json": b"{}", "vocab.txt": b"[PAD]\n[UNK]\nhello\n",
+            "tokenizer.model": bytes(range(256))}
+
+
+def toy_model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(3):
+        sd[f"layers.{i}.attn.weight"] = (torch.randn(48, 48, generator=g) * 0.05).to(torch.bfloat16)
+        sd[f"layers.{i}.mlp.weight"] = (torch.randn(96, 48, generator=g) * 0.05).to(torch.bfloat16)
+        sd[f"layers.{i}.norm.weight"] = torch.ones(48, dtype=torch.bfloat16)
+    sd["embed.weight"] = torch.randn(100, 48, generator=g).to(torch.bfloat16)
+    sd["pos_ids"] = torch.arange(64, dtype=torch.int64)
+    sd["head.bias"] = torch.randn(100, generator=g)  # float32 among bf16: alignment in shards
+    return sd
+
+
+def write_hf(folder: Path, sd: dict[str, torch.Tensor], shards: int) -> None:
+    folder.mkdir(parents=True)
+    names = list(sd)
+    groups = [names[i::shards] for i in range(shards)]
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        save_file({k: sd[k] for k in group}, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in group})
+    if shards > 1:
+        (folder / hf.INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name, data in HF_FILES.items():
+        (folder / name).write_bytes(data)
+    (folder / "big.bin").write_bytes(b"\0" * 10)  # a weight-like file: never carried
+    (folder / ".hidden.json").write_bytes(b"{}")
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(p)))
+    return out
 
 
 # --- hostile inputs ------------------------------------------------------------------------------------

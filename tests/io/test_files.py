@@ -1,4 +1,6 @@
-"""Faults while writing (issue 8): nothing a user had is lost, nothing partial is left.
+"""tqcodec.io.files: atomic outputs, and the model files read and written.
+
+Faults while writing (issue 8): nothing a user had is lost, nothing partial is left.
 
 Outputs are written to ``.<name>.<random>.part`` in the target directory, flushed, fsynced and
 renamed over the output (``tqcodec.io.files.atomic_output``). These tests check that, and that:
@@ -9,6 +11,10 @@ renamed over the output (``tqcodec.io.files.atomic_output``). These tests check 
   its ``.<name>.<random>.part`` file (no code runs after SIGKILL), and never a partial output;
 - the input is never opened for writing; ``tqz decode``/``encode`` refuse to write over their input;
 - without ``--force`` an output that appears while encoding is not overwritten (no check-then-write race).
+
+Model files are read safely: a pickle that would run code is refused and never run (``torch.load``
+once, with ``weights_only=True``); tensor subclasses, ``.pt`` files that are not state dicts, corrupt
+``.safetensors`` and unknown suffixes are ``BAD_INPUT``.
 """
 from __future__ import annotations
 
@@ -491,3 +497,15 @@ def test_unknown_suffix_and_directory(tmp_path):
     assert code_of(lambda: read_model(p)) == "BAD_INPUT"
     assert code_of(lambda: read_model(tmp_path)) == "IO_ERROR"
     assert code_of(lambda: read_model(tmp_path / "missing.pt")) == "IO_ERROR"
+
+
+# --- a save that fails while encoding ---------------------------------------------------------
+
+def test_failed_save_leaves_previous_file(tmp_path):
+    path = tmp_path / "m.tqz"
+    tqcodec.save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(tqcodec.TqzError):
+        tqcodec.save({"w": torch.ones(3), "bad": torch.ones(2, dtype=torch.complex64)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tqz"]

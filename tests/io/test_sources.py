@@ -1,7 +1,9 @@
-"""Streaming decode (spec §10.1) from non-seekable streams: pipes, standard input and output.
+"""tqcodec.io.sources: reading a .tqz front to back (spec §10.1) from non-seekable streams (pipes,
+streams of tiny reads), and front to back in time linear in the tensor count.
 
 Issue 6 part 2: ``iter_tensors(fileobj)`` yields each tensor as its last chunk arrives, holds
 about one tensor at a time, and a stream that stops early is TRUNCATED with nothing written.
+(Standard input and output through the CLI: tests/test_cli.py.)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import tqcodec
 from tqcodec.errors import TqzError
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.format.writer import ContainerWriter
+from tests.helpers import bit_view
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -270,3 +273,27 @@ def test_many_tensors_decode_in_linear_time():
 
     ratio = best(big) / best(small)
     assert ratio < 9, f"12000 tensors took {ratio:.1f}x the time of 3000 (quadratic gives ~16x)"
+
+
+# --- a stream of tiny reads -------------------------------------------------------------------
+
+def test_streaming_decode_from_a_non_seekable_stream(state_dict):
+    data = tqcodec.encode_bytes(state_dict)
+
+    class Pipe(io.RawIOBase):
+        def __init__(self, b: bytes):
+            self.b, self.pos = b, 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            n = min(len(buf), 7, len(self.b) - self.pos)  # tiny reads, like a slow pipe
+            buf[:n] = self.b[self.pos:self.pos + n]
+            self.pos += n
+            return n
+
+    got = dict(tqcodec.iter_tensors(Pipe(data)))
+    ref = tqcodec.load(data)
+    assert list(got) == list(ref)
+    assert all(torch.equal(bit_view(got[k]), bit_view(ref[k])) for k in ref)
