@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import MARKER_ENV, small_state_dict, toy_model, write_hf
+import tqcodec
+from tests.helpers import MARKER_ENV, Small, remote_model, small_state_dict, toy_model, write_hf
+from tests.rangeserver import ServerThread
 
 # tests/test_fuzz.py only re-exports the fuzz harness under the name benchmarks/fuzz.py imports
 collect_ignore = ["test_fuzz.py"]
@@ -31,3 +33,35 @@ def hf_src(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hf") / "toy"
     write_hf(folder, toy_model(), shards=3)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_and_stats():
+    """mode tq's test model (``tests.helpers.Small``), its calibration statistics and inputs."""
+    torch.manual_seed(0)
+    m = Small()
+    m.bn.running_var.copy_(torch.rand(8) * 1e-3)  # tiny variances must survive
+    m.eval()
+    x = torch.randn(48, 3, 6, 6)
+    st = tqcodec.calibrate(m, [x[i:i + 16] for i in range(0, 48, 16)])
+    return m, st, x
+
+
+@pytest.fixture(scope="module")
+def remote_files():
+    """The files ``srv`` serves: one larger than remote.TAIL_BYTES several times over, one smaller.
+    Needs the ``remote`` extra (fsspec, aiohttp)."""
+    pytest.importorskip("fsspec")
+    pytest.importorskip("aiohttp")
+    from tqcodec.io import remote
+    big = tqcodec.encode_bytes(remote_model())
+    small = tqcodec.encode_bytes({"w": torch.randn(16, 16), "b": torch.zeros(16)})
+    assert len(big) > 3 * remote.TAIL_BYTES and len(small) < remote.TAIL_BYTES
+    return {"/big.tqz": big, "/small.tqz": small}
+
+
+@pytest.fixture
+def srv(remote_files):
+    """A real HTTP/1.1 server on 127.0.0.1 with Range support (tests/rangeserver.py)."""
+    with ServerThread(remote_files, max_requests=40) as s:
+        yield s

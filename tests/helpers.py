@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import tqcodec
@@ -115,6 +116,44 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# --- files ----------------------------------------------------------------------------------------------
+
+def listing(d: Path) -> list[str]:
+    """The sorted names in folder ``d``."""
+    return sorted(p.name for p in d.iterdir())
+
+
+class FailingFile:
+    """Wraps the temporary output file: after ``limit`` bytes a write fails like a full disk."""
+
+    def __init__(self, f, limit: int, exc: BaseException):
+        self._f, self._left, self._exc = f, limit, exc
+
+    def write(self, b) -> int:
+        b = bytes(b)
+        if len(b) > self._left:
+            self._f.write(b[:self._left])  # a real disk takes what fits, then fails
+            self._left = 0
+            raise self._exc
+        self._left -= len(b)
+        return self._f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def fail_writes_after(monkeypatch, limit: int, exc: BaseException) -> None:
+    """Make every file opened with ``os.fdopen`` (atomic outputs) fail like a full disk after ``limit`` bytes."""
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FailingFile(real_fdopen(fd, *a, **k), limit, exc))
+
+
 # --- hostile inputs ------------------------------------------------------------------------------------
 
 MARKER_ENV = "TQZ_HOSTILE_MARKER"  # the marker file a pickle's code would create (conftest: ``marker``)
@@ -172,6 +211,49 @@ def decode_both(data: bytes) -> set[str]:
         except tqcodec.TqzError as exc:
             codes.add(exc.code)
     return codes
+
+
+def layered_model(n: int = 8, rows: int = 64, cols: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` layers and a tied head (an alias): the model streamed through pipes and stdin."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layer{i}.weight": torch.randn(rows, cols, generator=g) * 0.05 for i in range(n)}
+    sd["layer0.bias"] = torch.zeros(rows)
+    sd["head.weight"] = sd["layer0.weight"]  # tied: an alias, complete when the position passes it
+    return sd
+
+
+def remote_model(n: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` blocks, int64 ids and a tied head (an alias): the model served over HTTP."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"block{i}.weight": torch.randn(128, 160, generator=g) * 0.05 for i in range(n)}
+    sd["block0.bias"] = torch.randn(128, generator=g)
+    sd["ids"] = torch.arange(40, dtype=torch.int64)
+    sd["head.weight"] = sd["block0.weight"]  # an alias
+    return sd
+
+
+class Small(nn.Module):
+    """Convs (plain, grouped, depthwise), a BatchNorm and two linear layers: mode tq's test model."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 6 * 6, 48)
+        self.fc2 = nn.Linear(48, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = self.bn(self.dw(x))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def param_count(sd) -> int:
+    return sum(t.numel() for t in sd.values())
 
 
 # --- modes -------------------------------------------------------------------------------------------

@@ -2,49 +2,18 @@
 (their names untrusted), atomic output folders, a folder transformers loads."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import tqcodec
 from tqcodec import api, parallel
 from tqcodec.io import hf
-from tqcodec.cli import app
 from tqcodec.errors import TqzError
 from tqcodec.format.writer import ContainerWriter
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import raw
-from tests.helpers import HF_FILES, load_folder, toy_model
-
-runner = CliRunner()
-
-
-def test_folder_round_trip_lossless_sharded(hf_src, tmp_path):
-    out = tmp_path / "toy.tqz"
-    res = runner.invoke(app, ["encode", str(hf_src), "-o", str(out), "--lossless", "-j", "2"])
-    assert res.exit_code == 0, res.output
-    with tqcodec.open(out) as f:
-        assert set(f.metadata["tqz.files"]) == set(HF_FILES)  # not big.bin, not .hidden.json
-    dec = tmp_path / "dec"
-    res = runner.invoke(app, ["decode", str(out), "-o", str(dec), "--shard-size", "20KB"])
-    assert res.exit_code == 0, res.output
-    shards = sorted(p.name for p in dec.glob("*.safetensors"))
-    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    index = json.loads((dec / hf.INDEX_NAME).read_text())
-    src = toy_model()
-    got = load_folder(dec)
-    assert set(index["weight_map"]) == set(src) == set(got)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in src.values())
-    for p in dec.glob("*.safetensors"):  # shards within the size (no tensor here is bigger)
-        assert p.stat().st_size < 20_000 + 4096
-    for k, t in src.items():
-        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
-    for name, data in HF_FILES.items():
-        assert (dec / name).read_bytes() == data
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+from tests.helpers import toy_model
 
 
 def test_folder_single_shard_and_lazy_streaming(hf_src, tmp_path):
@@ -137,14 +106,3 @@ def test_options_checked():
     with pytest.raises(TqzError):
         hf.parse_size("lots")
     assert hf.parse_size("5GB") == 5 * 10**9 and hf.parse_size("2GiB") == 2 << 30 and hf.parse_size("100") == 100
-
-
-def test_cli_tq_scope_tensor_jobs(hf_src, tmp_path):
-    a, b = tmp_path / "a.tqz", tmp_path / "b.tqz"
-    for out, j in ((a, "1"), (b, "2")):
-        res = runner.invoke(app, ["encode", str(hf_src), "-o", str(out), "--mode", "tq", "--bits", "4",
-                                  "--tq-scope", "tensor", "-j", j])
-        assert res.exit_code == 0, res.output
-    assert a.read_bytes() == b.read_bytes()
-    res = runner.invoke(app, ["encode", str(hf_src), "-o", str(a), "--tq-scope", "layer", "-f"])
-    assert res.exit_code == 1 and "BAD_OPTION" in res.output

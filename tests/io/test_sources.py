@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,17 +20,7 @@ import tqcodec
 from tqcodec.errors import TqzError
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.format.writer import ContainerWriter
-from tests.helpers import bit_view
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def model(n: int = 8, rows: int = 64, cols: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sd = {f"layer{i}.weight": torch.randn(rows, cols, generator=g) * 0.05 for i in range(n)}
-    sd["layer0.bias"] = torch.zeros(rows)
-    sd["head.weight"] = sd["layer0.weight"]  # tied: an alias, complete when the position passes it
-    return sd
+from tests.helpers import bit_view, layered_model
 
 
 class SlowPipe:
@@ -85,7 +72,7 @@ class SlowPipe:
 
 
 def test_slow_pipe_yields_tensors_before_the_end_arrives():
-    sd = model()
+    sd = layered_model()
     data = tqcodec.encode_bytes(sd)
     expect = tqcodec.load(data)
     tail = 4 + 16 * len(sd) + 32  # index and footer
@@ -112,7 +99,7 @@ def test_slow_pipe_yields_tensors_before_the_end_arrives():
 
 @pytest.mark.parametrize("cut", [10, 200, 0.5, -40])
 def test_pipe_that_stops_midway_is_truncated(cut):
-    data = tqcodec.encode_bytes(model())
+    data = tqcodec.encode_bytes(layered_model())
     stop = int(len(data) * cut) if isinstance(cut, float) else (cut if cut > 0 else len(data) + cut)
     pipe = SlowPipe(data, piece=4096, pause=0, stop_after=stop)
     try:
@@ -145,103 +132,6 @@ def test_streaming_holds_about_one_tensor():
     assert n == 8
     # a tensor's payload bytes, their join, the decoded array (and the writer thread's pieces)
     assert peak < 3.5 * tensor_bytes, f"peak {peak / 2**20:.1f} MiB for {len(data) / 2**20:.1f} MiB of file"
-
-
-# --- standard input and output, as a user runs them --------------------------------------------
-
-def _cmd() -> list[str]:
-    return [sys.executable, "-m", "tqcodec.cli"]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _saved(tmp_path, sd) -> Path:
-    from safetensors.torch import save_file
-    src = tmp_path / "m.safetensors"
-    save_file({k: v.clone() for k, v in sd.items()}, src)  # safetensors input: no shared storage
-    return src
-
-
-def test_cli_stdout_and_stdin_in_process(tmp_path):
-    from safetensors.torch import load_file
-    from typer.testing import CliRunner
-
-    from tqcodec.cli import app
-    runner = CliRunner()
-    src = _saved(tmp_path, model(n=3))
-    enc = runner.invoke(app, ["encode", str(src), "-o", "-"])
-    assert enc.exit_code == 0, enc.stderr
-    assert enc.stdout_bytes == tqcodec.encode_bytes(tqcodec.io.files.read_model(src))  # only the file
-    assert "bits/param" in enc.stderr  # the summary goes to stderr
-    out = tmp_path / "out.safetensors"
-    dec = runner.invoke(app, ["decode", "-", "-o", str(out)], input=enc.stdout_bytes)
-    assert dec.exit_code == 0, dec.stderr
-    expect = tqcodec.load(enc.stdout_bytes)
-    back = load_file(out)
-    assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
-
-    # a stream cut short: exit 1, one line naming <stdin> and TRUNCATED, no output, no temp file
-    for cut in (5, len(enc.stdout_bytes) // 2, len(enc.stdout_bytes) - 1):
-        out2 = tmp_path / "cut.safetensors"
-        r = runner.invoke(app, ["decode", "-", "-o", str(out2)], input=enc.stdout_bytes[:cut])
-        err = r.stderr.strip().splitlines()
-        assert r.exit_code == 1 and len(err) == 1 and "TRUNCATED" in err[0] and "<stdin>" in err[0], r.stderr
-        assert not out2.exists() and not list(tmp_path.glob(".*.part")) and r.stdout == ""
-
-    # an encoding error: nothing on stdout, one line
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"not safetensors at all")
-    r = runner.invoke(app, ["encode", str(bad), "-o", "-"])
-    assert r.exit_code == 1 and r.stdout_bytes == b"" and "BAD_INPUT" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    r = runner.invoke(app, ["decode", "-"], input=enc.stdout_bytes)  # no -o: refused before reading
-    assert r.exit_code == 1 and "BAD_OPTION" in r.stderr
-
-
-def test_real_pipeline_encode_stdout_into_decode_stdin(tmp_path):
-    """``tqz encode m -o - | tqz decode - -o out.safetensors`` through an OS pipe, the encoder's
-    stderr a terminal (so it draws its progress bar, which must not land in the .tqz on stdout)."""
-    import pty
-
-    from safetensors.torch import load_file
-    sd = model(n=4)
-    src = _saved(tmp_path, sd)
-    out = tmp_path / "out.safetensors"
-    master, slave = pty.openpty()
-    try:
-        enc = subprocess.Popen(_cmd() + ["encode", str(src), "-o", "-"], stdout=subprocess.PIPE,
-                               stderr=slave, env=_env(), cwd=tmp_path)
-        os.close(slave)
-        slave = -1
-        dec = subprocess.Popen(_cmd() + ["decode", "-", "-o", str(out)], stdin=enc.stdout,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
-        enc.stdout.close()
-        dout, derr = dec.communicate(timeout=120)
-        enc.wait(timeout=120)
-    finally:
-        if slave >= 0:
-            os.close(slave)
-        os.close(master)
-    assert enc.returncode == 0 and dec.returncode == 0, derr
-    expect = tqcodec.load(tqcodec.encode_bytes(tqcodec.io.files.read_model(src)))
-    back = load_file(out)
-    assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
-
-
-def test_encode_to_closed_pipe_is_one_line(tmp_path):
-    from safetensors.torch import save_file
-    src = tmp_path / "m.safetensors"
-    save_file({"w": torch.randn(256, 256)}, src)
-    p = subprocess.Popen(_cmd() + ["encode", str(src), "-o", "-"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
-    p.stdout.close()  # the reader went away before a byte was written
-    _, err = p.communicate(timeout=120)
-    lines = err.decode().strip().splitlines()
-    assert p.returncode == 1 and len(lines) == 1 and "IO_ERROR" in lines[0], err
 
 
 # --- many tensors, front to back --------------------------------------------------------------

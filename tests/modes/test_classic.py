@@ -84,28 +84,6 @@ def test_save_load_keeps_dtype_and_shape_and_version_2():
     assert tqcodec.encode_bytes(sd, mode="uniform")[8:12] == bytes([1, 0, 0, 0])
 
 
-def test_cli_encode_mode_and_decode_round_trip(tmp_path):
-    from typer.testing import CliRunner
-
-    from tqcodec.cli import app
-    g = torch.Generator().manual_seed(2)
-    sd = {"w": torch.randn(32, 48, generator=g) * 0.1, "b": torch.randn(32, generator=g)}
-    src = tmp_path / "m.pt"
-    torch.save(sd, src)
-    for mode in CLASSIC_MODES:
-        out, dec = tmp_path / f"{mode}.tqz", tmp_path / f"{mode}.pt"
-        r = CliRunner().invoke(app, ["encode", str(src), "-o", str(out), "--mode", mode, "--bits", "3"])
-        assert r.exit_code == 0, r.output
-        r = CliRunner().invoke(app, ["decode", str(out), "-o", str(dec)])
-        assert r.exit_code == 0, r.output
-        back = torch.load(dec, weights_only=True)
-        with tqcodec.open(out) as f:
-            assert f.info("w").mode == mode and f.version == (1, 2)
-            assert torch.equal(back["w"], f.get_tensor("w")) and torch.equal(back["b"], sd["b"])
-    r = CliRunner().invoke(app, ["encode", str(src), "-o", str(tmp_path / "x.tqz"), "--mode", "lloyd"])
-    assert r.exit_code == 1 and "BAD_OPTION" in r.output
-
-
 # --- determinism and rate targets ------------------------------------------------------------------
 
 def test_same_bytes_twice():

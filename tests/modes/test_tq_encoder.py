@@ -1,5 +1,7 @@
-"""Mode tq (spec §7.5) and its encoder: error-feedback rounding, one-lambda allocation, rate
-control on whole files, determinism, exact round trips, convs, transforms in the decoder."""
+"""Mode tq's encoder (spec §7.5; tqcodec.modes.tq.{encoder,allocation,rounding,transforms}):
+error-feedback rounding, one-lambda allocation, rate control on whole files, determinism, exact
+round trips, convs, bias correction, the choice of transforms. (The decoder's rules:
+tests/modes/test_tq_format.py.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -12,39 +14,7 @@ from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import tq as tq_mode
 from tqcodec.modes.tq.encoder import Item, make_units, reconstruction
 from tqcodec.modes.tq.rounding import gptq_round, round_nearest
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc1 = nn.Linear(8 * 6 * 6, 48)
-        self.fc2 = nn.Linear(48, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.c1(x))
-        x = torch.relu(self.c2(x))
-        x = self.bn(self.dw(x))
-        x = torch.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
-
-
-@pytest.fixture(scope="module")
-def model_and_stats():
-    torch.manual_seed(0)
-    m = Small()
-    m.bn.running_var.copy_(torch.rand(8) * 1e-3)  # tiny variances must survive
-    m.eval()
-    x = torch.randn(48, 3, 6, 6)
-    st = tqcodec.calibrate(m, [x[i:i + 16] for i in range(0, 48, 16)])
-    return m, st, x
-
-
-def _params(sd):
-    return sum(t.numel() for t in sd.values())
+from tests.helpers import Small, param_count
 
 
 # --- rounding ---------------------------------------------------------------------------------
@@ -81,7 +51,7 @@ def test_bits_target_whole_file(model_and_stats, bits):
     m, st, _ = model_and_stats
     sd = m.state_dict()
     data = tqcodec.encode_bytes(sd, stats=st, bits=bits)
-    got = 8 * len(data) / _params(sd)
+    got = 8 * len(data) / param_count(sd)
     assert abs(got / bits - 1) <= 0.03, got
 
 
@@ -192,25 +162,6 @@ def test_in_out_layout_from_activations():
     assert rel < 10 ** (-2.5)
 
 
-def test_cli_encode_with_stats_and_bits(tmp_path, model_and_stats):
-    from typer.testing import CliRunner
-
-    from tqcodec.cli import app
-    m, st, _ = model_and_stats
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    torch.save(sd, tmp_path / "m.pt")
-    st.save(str(tmp_path / "s.safetensors"))
-    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--stats", str(tmp_path / "s.safetensors"),
-                                 "--bits", "3", "-o", str(tmp_path / "m.tqz")])
-    assert r.exit_code == 0, r.output
-    size = (tmp_path / "m.tqz").stat().st_size
-    assert abs(8 * size / _params(sd) / 3 - 1) <= 0.03
-    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--quality", "30", "--mode", "tq",
-                                 "-o", str(tmp_path / "q.tqz")])
-    assert r.exit_code == 0, r.output
-    assert tqcodec.load(str(tmp_path / "q.tqz")).keys() == sd.keys()
-
-
 def test_bias_correction_removes_mean_output_error():
     """Before its own rounding, the corrected bias cancels the mean output shift of the
     quantized weight: (W_hat - W) E[x] + (b' - b) = 0."""
@@ -265,31 +216,7 @@ def test_transform_chosen_only_when_it_pays():
     assert not T.pays(square)
 
 
-def test_info_plot_draws_the_bit_depth_map(tmp_path):
-    from typer.testing import CliRunner
-
-    from tqcodec.cli import app
-    from tqcodec.plot import allocation_rows
-
-    g = torch.Generator().manual_seed(5)
-    sd = {"a.weight": torch.randn(64, 96, generator=g), "b.weight": torch.randn(32, 64, generator=g) * 0.1,
-          "b.bias": torch.randn(32, generator=g)}
-    path = tmp_path / "m.tqz"
-    tqcodec.save(sd, path, mode="tq", bits=3)
-    with tqcodec.open(path) as f:
-        rows = allocation_rows(f)
-    by_name = {r["name"]: r for r in rows}
-    for name in ("a.weight", "b.weight"):
-        bands = by_name[name]["bands"]
-        assert by_name[name]["mode"] == "tq" and abs(sum(fr for fr, _ in bands) - 1.0) < 1e-9
-        assert all(0.0 <= bits <= 20.0 for _, bits in bands)
-    png = tmp_path / "alloc.png"
-    result = CliRunner().invoke(app, ["info", str(path), "--plot", str(png)])
-    assert result.exit_code == 0, result.output
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# --- transform choice (encoder: tqcodec.tq.encoder.choose_transforms) ---------------------------
+# --- transform choice (encoder: tqcodec.modes.tq.encoder) ---------------------------------------
 
 def _tall(correlated: bool, n: int = 4096, m: int = 32, rank: int = 32, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)

@@ -23,25 +23,11 @@ import torch
 
 import tqcodec
 from tqcodec.io.files import read_model
-from tests.helpers import MyTensor, RunsCode, code_of, tensor_bytes
+from tests.helpers import MyTensor, code_of, tensor_bytes
 
 
 def roundtrip(tensors: dict, **kw) -> dict:
     return tqcodec.load(tqcodec.encode_bytes(tensors, **kw))
-
-
-# --- pickles with code ---------------------------------------------------------------------------
-
-
-def test_pickle_with_code_via_cli_leaves_no_output(tmp_path, marker):
-    from typer.testing import CliRunner
-    from tqcodec.cli import app
-    p = tmp_path / "evil.pt"
-    torch.save({"w": RunsCode()}, p)
-    r = CliRunner().invoke(app, ["encode", str(p)])
-    assert r.exit_code == 1 and "BAD_INPUT" in r.output
-    assert not marker.exists()
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["evil.pt"]
 
 
 # --- tensor subclasses and non-tensors -------------------------------------------------------------
