@@ -1,4 +1,6 @@
-"""Shared fixtures: small state dicts the tests build themselves (the builders are in tests/helpers.py)."""
+"""Fixtures shared by several test modules: state dicts, the hostile-pickle marker, a Hugging Face
+folder, mode tq's test model with its statistics, an HTTP server with files (the builders they use
+are in tests/helpers.py)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -91,8 +91,7 @@ def test_info_escapes_names_a_terminal_would_interpret(tmp_path):
 
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path, marker):
     """A .pt pickle that would run code, written by pickle itself or by torch.save: exit 1, BAD_INPUT
-    naming the file, the code never runs, no output. (Merged: test_hostile_inputs'
-    test_pickle_with_code_via_cli_leaves_no_output is the torch.save case.)"""
+    naming the file, the code never runs, no output."""
     for how in ("pickle", "torch.save"):
         folder = tmp_path / how
         folder.mkdir()
@@ -157,8 +156,7 @@ def model_files(tmp_path):
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
 def test_decode_refuses_to_write_over_its_input(tmp_path, model_files, force):
-    """The input itself, the input under a model-file name, a symlink or a hard link to it.
-    (Merged: test_cli's test_decode_refuses_to_overwrite_its_input is the hard-link case.)"""
+    """The input itself, the input under a model-file name, a symlink or a hard link to it."""
     _, tz = model_files
     before = tz.read_bytes()
     r = tqz("decode", tz, "-o", tz, *force)

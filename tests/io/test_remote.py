@@ -1,4 +1,5 @@
-"""Remote .tqz files over HTTP (issue 6 part 3): random access by Range requests, and streaming.
+"""tqcodec.io.remote: remote .tqz files over HTTP (issue 6 part 3): random access by Range
+requests, and streaming.
 
 Against a real HTTP/1.1 server on 127.0.0.1 (tests/rangeserver.py) that counts requests and
 can ignore Range, send short bodies or drop the connection. Needs the ``remote`` extra.

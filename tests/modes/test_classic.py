@@ -89,7 +89,8 @@ def test_save_load_keeps_dtype_and_shape_and_version_2():
 def test_same_bytes_twice():
     g = torch.Generator().manual_seed(3)
     sd = {"w": torch.randn(64, 32, generator=g) * 0.1, "v": torch.randn(16, 3, 3, 3, generator=g)}
-    for opts in [{"mode": m, "bits": 2.0} for m in CLASSIC_MODES] + [{"mode": m} for m in CLASSIC_MODES] + [{"bits": 2.0}]:
+    for opts in ([{"mode": m, "bits": 2.0} for m in CLASSIC_MODES] + [{"mode": m} for m in CLASSIC_MODES]
+                 + [{"bits": 2.0}]):
         assert tqcodec.encode_bytes(sd, **opts) == tqcodec.encode_bytes(sd, **opts), opts
 
 

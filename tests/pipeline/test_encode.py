@@ -15,7 +15,7 @@ from tests.helpers import tensor_bytes
 @pytest.mark.parametrize("mode", ["auto", "uniform"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_nan_inf_stored_exactly_in_raw_with_a_warning(mode, dtype):
-    """(Merged: test_api_roundtrip's default-options NaN test is the auto case; auto is the default mode.)"""
+    """Mode auto is also the default: its cases are what ``encode_bytes`` does without options."""
     w = torch.randn(32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
     w[3, 4] = float("nan")
     w[5, 6] = float("inf")

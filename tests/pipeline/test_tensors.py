@@ -57,7 +57,7 @@ def test_parameter_is_a_plain_tensor(tmp_path):
                          ids=["int", "float", "str", "none", "list", "dict"])
 def test_non_tensor_values_are_refused(tmp_path, value):
     assert code_of(lambda: tqcodec.encode_bytes({"w": torch.ones(2), "x": value})) == "BAD_INPUT"
-    assert code_of(lambda: tqcodec.encode_bytes({"x": value})) == "BAD_INPUT"  # alone (merged from test_api_roundtrip)
+    assert code_of(lambda: tqcodec.encode_bytes({"x": value})) == "BAD_INPUT"  # and alone
     p = tmp_path / "m.pt"
     torch.save({"w": torch.ones(2), "x": value}, p)
     assert code_of(lambda: read_model(p)) == "BAD_INPUT"
@@ -81,7 +81,7 @@ def test_non_contiguous_and_lazy_views_store_their_values():
         "negated_view": torch.randn(5, generator=g)._neg_view(),
         "channels_last": torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
         "zero_stride_scalar": torch.tensor(3.0).expand(()),
-        "row": base[3],                  # an offset view, and a column slice (merged from test_api_roundtrip)
+        "row": base[3],                  # an offset view, and a column slice
         "column_slice": base[:, 5:9],
     }
     for kw in ({"lossless": True}, {"mode": "uniform"}):
@@ -157,7 +157,7 @@ def test_tensors_the_format_cannot_hold_are_refused(tmp_path, make):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no ResourceWarning from a half-built writer either
         assert code_of(lambda: tqcodec.encode_bytes({"ok": torch.ones(2), "bad": t})) == "BAD_INPUT"
-        assert code_of(lambda: tqcodec.encode_bytes({"bad": t})) == "BAD_INPUT"  # alone (merged from test_api_roundtrip)
+        assert code_of(lambda: tqcodec.encode_bytes({"bad": t})) == "BAD_INPUT"  # and alone
     out = tmp_path / "x.tqz"
     assert code_of(lambda: tqcodec.save({"bad": t}, out)) == "BAD_INPUT"
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -180,8 +180,6 @@ def test_names_that_are_not_strings(tmp_path, name):
                               "empty", "dotdot", "absolute", "backslash", "dot-segment", "nul", "tab", "del",
                               "dotdot-short", "nul-inside", "2000-bytes"])
 def test_bad_names_are_refused(name):
-    """(The last three, with "" and the complex and non-tensor cases of the tests above, were
-    test_api_roundtrip's test_bad_encoder_inputs.)"""
     with pytest.raises(tqcodec.TqzError) as e:
         tqcodec.encode_bytes({name: torch.ones(2)})
     assert e.value.code == "BAD_INPUT"
