@@ -187,7 +187,7 @@ def test_bias_correction_removes_mean_output_error():
     assert np.abs(shift).max() < 1e-9
 
 
-# --- transforms (numerics; the encoder does not use them yet) ----------------------------------
+# --- transforms: numerics (tqcodec.modes.tq.transforms) -----------------------------------------
 
 def test_transforms_are_deterministic_and_invert():
     from tqcodec.modes.tq import transforms as T
