@@ -1,34 +1,69 @@
-"""Shared fixtures: small state dicts the tests build themselves."""
+"""Fixtures shared by several test modules: state dicts, the hostile-pickle marker, a Hugging Face
+folder, mode tq's test model with its statistics, an HTTP server with files (the builders they use
+are in tests/helpers.py)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+import tqcodec
+from tests.helpers import MARKER_ENV, Small, remote_model, small_state_dict, toy_model, write_hf
+from tests.rangeserver import ServerThread
 
-def small_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    conv = torch.randn(8, 4, 3, 3, generator=g) * 0.2
-    fc = torch.randn(16, 72, generator=g) * 0.1
-    return {
-        "conv.weight": conv,
-        "conv.bias": torch.randn(8, generator=g) * 0.01,
-        "bn.running_mean": torch.randn(8, generator=g),
-        "bn.running_var": torch.rand(8, generator=g) + 1e-6,
-        "bn.num_batches_tracked": torch.tensor(1234),
-        "fc.weight": fc,
-        "fc.bias": torch.zeros(16),
-        "emb.weight": (torch.randn(50, 12, generator=g) * 0.5).to(torch.bfloat16),
-        "half.weight": (torch.randn(20, 20, generator=g)).to(torch.float16),
-        "double.weight": torch.randn(30, 10, generator=g, dtype=torch.float64),
-        "mask": torch.tensor([True, False, True]),
-        "ids": torch.arange(-5, 5, dtype=torch.int32),
-        "bytes": torch.arange(0, 250, 7, dtype=torch.uint8),
-        "empty": torch.zeros(0, 3),
-        "scalar": torch.tensor(2.5),
-        "one": torch.tensor([7.0]),
-    }
+# tests/test_fuzz.py only re-exports the fuzz harness under the name benchmarks/fuzz.py imports
+collect_ignore = ["test_fuzz.py"]
 
 
 @pytest.fixture
 def state_dict() -> dict[str, torch.Tensor]:
     return small_state_dict()
+
+
+@pytest.fixture
+def marker(tmp_path, monkeypatch) -> Path:
+    """Where a hostile pickle's code would leave a file (``tests.helpers.RunsCode``), were it run."""
+    m = tmp_path / "code-ran"
+    monkeypatch.setenv(MARKER_ENV, str(m))
+    return m
+
+
+@pytest.fixture(scope="module")
+def hf_src(tmp_path_factory) -> Path:
+    """A sharded Hugging Face folder of the toy model (3 shards, an index, carried files)."""
+    folder = tmp_path_factory.mktemp("hf") / "toy"
+    write_hf(folder, toy_model(), shards=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_and_stats():
+    """mode tq's test model (``tests.helpers.Small``), its calibration statistics and inputs."""
+    torch.manual_seed(0)
+    m = Small()
+    m.bn.running_var.copy_(torch.rand(8) * 1e-3)  # tiny variances must survive
+    m.eval()
+    x = torch.randn(48, 3, 6, 6)
+    st = tqcodec.calibrate(m, [x[i:i + 16] for i in range(0, 48, 16)])
+    return m, st, x
+
+
+@pytest.fixture(scope="module")
+def remote_files():
+    """The files ``srv`` serves: one larger than remote.TAIL_BYTES several times over, one smaller.
+    Needs the ``remote`` extra (fsspec, aiohttp)."""
+    pytest.importorskip("fsspec")
+    pytest.importorskip("aiohttp")
+    from tqcodec.io import remote
+    big = tqcodec.encode_bytes(remote_model())
+    small = tqcodec.encode_bytes({"w": torch.randn(16, 16), "b": torch.zeros(16)})
+    assert len(big) > 3 * remote.TAIL_BYTES and len(small) < remote.TAIL_BYTES
+    return {"/big.tqz": big, "/small.tqz": small}
+
+
+@pytest.fixture
+def srv(remote_files):
+    """A real HTTP/1.1 server on 127.0.0.1 with Range support (tests/rangeserver.py)."""
+    with ServerThread(remote_files, max_requests=40) as s:
+        yield s

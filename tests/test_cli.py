@@ -1,11 +1,15 @@
-"""The tqz command: through typer's runner and as a subprocess."""
+"""tqcodec.cli, the tqz command: every test that runs it, through typer's runner or as a
+subprocess: encode, decode, info and verify; outputs (never over the input, atomic, --force);
+standard input and output; modes and rate targets; Hugging Face folders; URLs."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,11 @@ from typer.testing import CliRunner
 
 import tqcodec
 from tqcodec.cli import app
-from tests.conftest import small_state_dict
+from tqcodec.io import hf
+from tests.helpers import (CLASSIC_MODES, HF_FILES, RunsCode, fail_writes_after, layered_model, listing,
+                           load_folder, param_count, small_state_dict, toy_model)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 runner = CliRunner()
 
@@ -29,6 +37,8 @@ def model_pt(tmp_path) -> Path:
     torch.save(small_state_dict(), p)
     return p
 
+
+# --- encode, decode, info, verify -------------------------------------------------------------
 
 def test_encode_decode_info_verify(tmp_path, model_pt):
     r = tqz("encode", model_pt)
@@ -66,42 +76,37 @@ def test_nested_state_dict_checkpoint(tmp_path):
     assert list(tqcodec.load(tmp_path / "ckpt.tqz")) == list(small_state_dict())
 
 
-def test_existing_output_needs_force(tmp_path, model_pt):
-    assert tqz("encode", model_pt).exit_code == 0
-    out = tmp_path / "model.tqz"
-    before = out.read_bytes()
-    r = tqz("encode", model_pt, "--snr", "20")
-    assert r.exit_code == 1 and "OUTPUT_EXISTS" in r.output
-    assert out.read_bytes() == before
-    assert tqz("encode", model_pt, "--snr", "20", "--force").exit_code == 0
-    assert out.read_bytes() != before
+def test_info_escapes_names_a_terminal_would_interpret(tmp_path):
+    # spec §5.4 allows U+202E (right-to-left override) and C1 controls in names; printed raw they
+    # would reorder or hijack the terminal line.
+    path = tmp_path / "m.tqz"
+    tqcodec.save({"evil\u202eabc\u0085x": torch.ones(3)}, path)
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "evil\\u202eabc\\u0085x" in result.output
+    assert "\u202e" not in result.output and "\u0085" not in result.output
 
 
-def test_decode_refuses_to_overwrite_its_input(tmp_path, model_pt):
-    assert tqz("encode", model_pt, "-o", tmp_path / "m.tqz").exit_code == 0
-    before = (tmp_path / "m.tqz").read_bytes()
-    os.link(tmp_path / "m.tqz", tmp_path / "same.pt")
-    r = tqz("decode", tmp_path / "m.tqz", "-o", tmp_path / "same.pt", "--force")
-    assert r.exit_code == 1 and "overwrite the input" in r.output
-    assert (tmp_path / "m.tqz").read_bytes() == before
+# --- errors: one line, an exit code -----------------------------------------------------------
 
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("touch " + str(Path(os.environ["EVIL_MARKER"])),))
-
-
-def test_pickle_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
-    marker = tmp_path / "pwned"
-    monkeypatch.setenv("EVIL_MARKER", str(marker))
-    p = tmp_path / "evil.pt"
-    with open(p, "wb") as f:
-        pickle.dump({"w": Evil()}, f)
-    r = tqz("encode", p)
-    assert r.exit_code == 1
-    assert "BAD_INPUT" in r.output and str(p) in r.output
-    assert not marker.exists()
-    assert not (tmp_path / "evil.tqz").exists()
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path, marker):
+    """A .pt pickle that would run code, written by pickle itself or by torch.save: exit 1, BAD_INPUT
+    naming the file, the code never runs, no output."""
+    for how in ("pickle", "torch.save"):
+        folder = tmp_path / how
+        folder.mkdir()
+        p = folder / "evil.pt"
+        if how == "pickle":
+            with open(p, "wb") as f:
+                pickle.dump({"w": RunsCode()}, f)
+        else:
+            torch.save({"w": RunsCode()}, p)
+        r = tqz("encode", p)
+        assert r.exit_code == 1
+        assert "BAD_INPUT" in r.output and str(p) in r.output
+        assert not marker.exists()
+        assert not (folder / "evil.tqz").exists()
+        assert sorted(x.name for x in folder.iterdir()) == ["evil.pt"]
 
 
 @pytest.mark.parametrize("content,code", [
@@ -126,6 +131,145 @@ def test_bad_option_value_exits_1(tmp_path, model_pt):
     r = tqz("encode", model_pt, "--mode", "zip")
     assert r.exit_code == 1 and "BAD_OPTION" in r.output
 
+
+# --- outputs: never over the input, never a partial file --------------------------------------
+
+def test_existing_output_needs_force(tmp_path, model_pt):
+    assert tqz("encode", model_pt).exit_code == 0
+    out = tmp_path / "model.tqz"
+    before = out.read_bytes()
+    r = tqz("encode", model_pt, "--snr", "20")
+    assert r.exit_code == 1 and "OUTPUT_EXISTS" in r.output
+    assert out.read_bytes() == before
+    assert tqz("encode", model_pt, "--snr", "20", "--force").exit_code == 0
+    assert out.read_bytes() != before
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    pt = tmp_path / "m.pt"
+    torch.save(small_state_dict(), pt)
+    tz = tmp_path / "m.tqz"
+    tqcodec.save(small_state_dict(), tz)
+    return pt, tz
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_decode_refuses_to_write_over_its_input(tmp_path, model_files, force):
+    """The input itself, the input under a model-file name, a symlink or a hard link to it."""
+    _, tz = model_files
+    before = tz.read_bytes()
+    r = tqz("decode", tz, "-o", tz, *force)
+    assert r.exit_code == 1 and "BAD_OPTION" in r.output
+    disguised = tmp_path / "m2.pt"          # a .tqz file under a model-file name
+    disguised.write_bytes(before)
+    for out in (disguised,):
+        r = tqz("decode", disguised, "-o", out, *force)
+        assert r.exit_code == 1 and "overwrite the input" in r.output
+        assert out.read_bytes() == before
+    link = tmp_path / "link.pt"               # a symlink to the input as the output
+    link.symlink_to(disguised)
+    r = tqz("decode", disguised, "-o", link, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert tz.read_bytes() == before and disguised.read_bytes() == before and link.is_symlink()
+    pt, _ = model_files                       # a hard link to the input as the output
+    assert tqz("encode", pt, "-o", tmp_path / "m3.tqz").exit_code == 0
+    before = (tmp_path / "m3.tqz").read_bytes()
+    os.link(tmp_path / "m3.tqz", tmp_path / "same.pt")
+    r = tqz("decode", tmp_path / "m3.tqz", "-o", tmp_path / "same.pt", *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert (tmp_path / "m3.tqz").read_bytes() == before
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_encode_refuses_to_write_over_its_input(tmp_path, model_files, force):
+    pt, _ = model_files
+    before = pt.read_bytes()
+    r = tqz("encode", pt, "-o", pt, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    hard = tmp_path / "hard.tqz"
+    os.link(pt, hard)
+    r = tqz("encode", pt, "-o", hard, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    soft = tmp_path / "soft.tqz"
+    soft.symlink_to(pt)
+    r = tqz("encode", pt, "-o", soft, *force)
+    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert pt.read_bytes() == before and soft.is_symlink()
+
+
+AUDIT = """
+    import json, os, sys
+    watched = {os.path.realpath(p) for p in json.loads(sys.argv[1])}
+    commands = json.loads(sys.argv[2])
+    writes = []
+    def is_watched(p):
+        try:
+            return isinstance(p, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(p)) in watched
+        except Exception:
+            return False
+    def hook(event, args):
+        if event == "open" and args and is_watched(args[0]):
+            mode, flags = (args[1] if len(args) > 1 else None), (args[2] if len(args) > 2 else 0)
+            if (mode and any(c in str(mode) for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+                writes.append((event, str(args[0])))
+        if event in ("os.truncate", "os.remove", "os.rename", "os.replace", "os.chmod", "os.link") and args \
+                and any(is_watched(a) for a in args[:2]):
+            writes.append((event, str(args[0])))
+    sys.addaudithook(hook)
+    from tqcodec.cli import app
+    for cmd in commands:
+        try:
+            app(cmd, standalone_mode=False)
+        except SystemExit:
+            pass
+        except Exception as e:
+            print("ERR", type(e).__name__, e)
+    print("WRITES", json.dumps(writes))
+    open(sorted(watched)[0], "ab").close()  # positive control: the hook sees a write-mode open
+    print("CONTROL", len(writes))
+"""
+
+
+def test_input_is_never_opened_for_writing(tmp_path):
+    """Encode (.pt and .safetensors inputs) and decode under an audit hook that records every
+    Python-level open of an input in a writing mode (and renames/removals of it)."""
+    import json
+    pt, st = tmp_path / "model.pt", tmp_path / "other.safetensors"
+    tqcodec.io.files.write_model(small_state_dict(), pt, overwrite=False)
+    tqcodec.io.files.write_model(small_state_dict(1), st, overwrite=False)
+    tz = tmp_path / "third.tqz"
+    tqcodec.save(small_state_dict(2), tz)
+    inputs = [pt, st, tz]
+    before = {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in inputs}
+    commands = [["encode", str(pt), "--force"], ["encode", str(st), "--force"],
+                ["decode", str(tz), "-o", str(tmp_path / "back.pt")],
+                ["decode", str(tz), "-o", str(tmp_path / "back.safetensors")]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(AUDIT), json.dumps([str(p) for p in inputs]),
+                        json.dumps(commands)], capture_output=True, text=True, timeout=120, env=env)
+    assert "WRITES []" in r.stdout and "CONTROL 1" in r.stdout, r.stdout + r.stderr
+    assert "ERR" not in r.stdout, r.stdout
+    for p in inputs:
+        assert (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) == before[p], p
+    for out in ("model.tqz", "other.tqz", "back.pt", "back.safetensors"):
+        assert (tmp_path / out).exists(), out
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_enospc_while_decoding_to_a_model_file(tmp_path, monkeypatch, suffix):
+    src = tmp_path / "m.tqz"
+    tqcodec.save(small_state_dict(), src)
+    out = tmp_path / f"back{suffix}"
+    out.write_bytes(b"previous contents")
+    fail_writes_after(monkeypatch, 64, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    r = tqz("decode", src, "-o", out, "--force")
+    assert r.exit_code == 1 and "IO_ERROR" in r.output and "No space left" in r.output
+    assert out.read_bytes() == b"previous contents"
+    assert listing(tmp_path) == sorted(["m.tqz", out.name])
+
+
+# --- as a subprocess --------------------------------------------------------------------------
 
 def test_subprocess_one_line_error_no_traceback(tmp_path):
     bad = tmp_path / "page.tqz"
@@ -152,12 +296,226 @@ def test_subprocess_roundtrip(tmp_path, model_pt):
     assert set(torch.load(tmp_path / "d.pt", weights_only=True)) == set(small_state_dict())
 
 
-def test_info_escapes_names_a_terminal_would_interpret(tmp_path):
-    # spec §5.4 allows U+202E (right-to-left override) and C1 controls in names; printed raw they
-    # would reorder or hijack the terminal line.
+# --- standard input and output, as a user runs them -------------------------------------------
+
+def _cmd() -> list[str]:
+    return [sys.executable, "-m", "tqcodec.cli"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _saved(tmp_path, sd) -> Path:
+    from safetensors.torch import save_file
+    src = tmp_path / "m.safetensors"
+    save_file({k: v.clone() for k, v in sd.items()}, src)  # safetensors input: no shared storage
+    return src
+
+
+def test_cli_stdout_and_stdin_in_process(tmp_path):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from tqcodec.cli import app
+    runner = CliRunner()
+    src = _saved(tmp_path, layered_model(n=3))
+    enc = runner.invoke(app, ["encode", str(src), "-o", "-"])
+    assert enc.exit_code == 0, enc.stderr
+    assert enc.stdout_bytes == tqcodec.encode_bytes(tqcodec.io.files.read_model(src))  # only the file
+    assert "bits/param" in enc.stderr  # the summary goes to stderr
+    out = tmp_path / "out.safetensors"
+    dec = runner.invoke(app, ["decode", "-", "-o", str(out)], input=enc.stdout_bytes)
+    assert dec.exit_code == 0, dec.stderr
+    expect = tqcodec.load(enc.stdout_bytes)
+    back = load_file(out)
+    assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
+
+    # a stream cut short: exit 1, one line naming <stdin> and TRUNCATED, no output, no temp file
+    for cut in (5, len(enc.stdout_bytes) // 2, len(enc.stdout_bytes) - 1):
+        out2 = tmp_path / "cut.safetensors"
+        r = runner.invoke(app, ["decode", "-", "-o", str(out2)], input=enc.stdout_bytes[:cut])
+        err = r.stderr.strip().splitlines()
+        assert r.exit_code == 1 and len(err) == 1 and "TRUNCATED" in err[0] and "<stdin>" in err[0], r.stderr
+        assert not out2.exists() and not list(tmp_path.glob(".*.part")) and r.stdout == ""
+
+    # an encoding error: nothing on stdout, one line
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors at all")
+    r = runner.invoke(app, ["encode", str(bad), "-o", "-"])
+    assert r.exit_code == 1 and r.stdout_bytes == b"" and "BAD_INPUT" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, ["decode", "-"], input=enc.stdout_bytes)  # no -o: refused before reading
+    assert r.exit_code == 1 and "BAD_OPTION" in r.stderr
+
+
+def test_real_pipeline_encode_stdout_into_decode_stdin(tmp_path):
+    """``tqz encode m -o - | tqz decode - -o out.safetensors`` through an OS pipe, the encoder's
+    stderr a terminal (so it draws its progress bar, which must not land in the .tqz on stdout)."""
+    import pty
+
+    from safetensors.torch import load_file
+    sd = layered_model(n=4)
+    src = _saved(tmp_path, sd)
+    out = tmp_path / "out.safetensors"
+    master, slave = pty.openpty()
+    try:
+        enc = subprocess.Popen(_cmd() + ["encode", str(src), "-o", "-"], stdout=subprocess.PIPE,
+                               stderr=slave, env=_env(), cwd=tmp_path)
+        os.close(slave)
+        slave = -1
+        dec = subprocess.Popen(_cmd() + ["decode", "-", "-o", str(out)], stdin=enc.stdout,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
+        enc.stdout.close()
+        dout, derr = dec.communicate(timeout=120)
+        enc.wait(timeout=120)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert enc.returncode == 0 and dec.returncode == 0, derr
+    expect = tqcodec.load(tqcodec.encode_bytes(tqcodec.io.files.read_model(src)))
+    back = load_file(out)
+    assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
+
+
+def test_encode_to_closed_pipe_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(256, 256)}, src)
+    p = subprocess.Popen(_cmd() + ["encode", str(src), "-o", "-"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
+    p.stdout.close()  # the reader went away before a byte was written
+    _, err = p.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "IO_ERROR" in lines[0], err
+
+
+# --- modes and rate targets -------------------------------------------------------------------
+
+def test_cli_encode_mode_and_decode_round_trip(tmp_path):
+    from typer.testing import CliRunner
+
+    from tqcodec.cli import app
+    g = torch.Generator().manual_seed(2)
+    sd = {"w": torch.randn(32, 48, generator=g) * 0.1, "b": torch.randn(32, generator=g)}
+    src = tmp_path / "m.pt"
+    torch.save(sd, src)
+    for mode in CLASSIC_MODES:
+        out, dec = tmp_path / f"{mode}.tqz", tmp_path / f"{mode}.pt"
+        r = CliRunner().invoke(app, ["encode", str(src), "-o", str(out), "--mode", mode, "--bits", "3"])
+        assert r.exit_code == 0, r.output
+        r = CliRunner().invoke(app, ["decode", str(out), "-o", str(dec)])
+        assert r.exit_code == 0, r.output
+        back = torch.load(dec, weights_only=True)
+        with tqcodec.open(out) as f:
+            assert f.info("w").mode == mode and f.version == (1, 2)
+            assert torch.equal(back["w"], f.get_tensor("w")) and torch.equal(back["b"], sd["b"])
+    r = CliRunner().invoke(app, ["encode", str(src), "-o", str(tmp_path / "x.tqz"), "--mode", "lloyd"])
+    assert r.exit_code == 1 and "BAD_OPTION" in r.output
+
+
+def test_cli_encode_with_stats_and_bits(tmp_path, model_and_stats):
+    from typer.testing import CliRunner
+
+    from tqcodec.cli import app
+    m, st, _ = model_and_stats
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.save(sd, tmp_path / "m.pt")
+    st.save(str(tmp_path / "s.safetensors"))
+    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--stats", str(tmp_path / "s.safetensors"),
+                                 "--bits", "3", "-o", str(tmp_path / "m.tqz")])
+    assert r.exit_code == 0, r.output
+    size = (tmp_path / "m.tqz").stat().st_size
+    assert abs(8 * size / param_count(sd) / 3 - 1) <= 0.03
+    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--quality", "30", "--mode", "tq",
+                                 "-o", str(tmp_path / "q.tqz")])
+    assert r.exit_code == 0, r.output
+    assert tqcodec.load(str(tmp_path / "q.tqz")).keys() == sd.keys()
+
+
+def test_info_plot_draws_the_bit_depth_map(tmp_path):
+    from typer.testing import CliRunner
+
+    from tqcodec.cli import app
+    from tqcodec.plot import allocation_rows
+
+    g = torch.Generator().manual_seed(5)
+    sd = {"a.weight": torch.randn(64, 96, generator=g), "b.weight": torch.randn(32, 64, generator=g) * 0.1,
+          "b.bias": torch.randn(32, generator=g)}
     path = tmp_path / "m.tqz"
-    tqcodec.save({"evil\u202eabc\u0085x": torch.ones(3)}, path)
-    result = runner.invoke(app, ["info", str(path)])
+    tqcodec.save(sd, path, mode="tq", bits=3)
+    with tqcodec.open(path) as f:
+        rows = allocation_rows(f)
+    by_name = {r["name"]: r for r in rows}
+    for name in ("a.weight", "b.weight"):
+        bands = by_name[name]["bands"]
+        assert by_name[name]["mode"] == "tq" and abs(sum(fr for fr, _ in bands) - 1.0) < 1e-9
+        assert all(0.0 <= bits <= 20.0 for _, bits in bands)
+    png = tmp_path / "alloc.png"
+    result = CliRunner().invoke(app, ["info", str(path), "--plot", str(png)])
     assert result.exit_code == 0, result.output
-    assert "evil\\u202eabc\\u0085x" in result.output
-    assert "\u202e" not in result.output and "\u0085" not in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- Hugging Face folders ---------------------------------------------------------------------
+
+def test_folder_round_trip_lossless_sharded(hf_src, tmp_path):
+    out = tmp_path / "toy.tqz"
+    res = runner.invoke(app, ["encode", str(hf_src), "-o", str(out), "--lossless", "-j", "2"])
+    assert res.exit_code == 0, res.output
+    with tqcodec.open(out) as f:
+        assert set(f.metadata["tqz.files"]) == set(HF_FILES)  # not big.bin, not .hidden.json
+    dec = tmp_path / "dec"
+    res = runner.invoke(app, ["decode", str(out), "-o", str(dec), "--shard-size", "20KB"])
+    assert res.exit_code == 0, res.output
+    shards = sorted(p.name for p in dec.glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((dec / hf.INDEX_NAME).read_text())
+    src = toy_model()
+    got = load_folder(dec)
+    assert set(index["weight_map"]) == set(src) == set(got)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in src.values())
+    for p in dec.glob("*.safetensors"):  # shards within the size (no tensor here is bigger)
+        assert p.stat().st_size < 20_000 + 4096
+    for k, t in src.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    for name, data in HF_FILES.items():
+        assert (dec / name).read_bytes() == data
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_cli_tq_scope_tensor_jobs(hf_src, tmp_path):
+    a, b = tmp_path / "a.tqz", tmp_path / "b.tqz"
+    for out, j in ((a, "1"), (b, "2")):
+        res = runner.invoke(app, ["encode", str(hf_src), "-o", str(out), "--mode", "tq", "--bits", "4",
+                                  "--tq-scope", "tensor", "-j", j])
+        assert res.exit_code == 0, res.output
+    assert a.read_bytes() == b.read_bytes()
+    res = runner.invoke(app, ["encode", str(hf_src), "-o", str(a), "--tq-scope", "layer", "-f"])
+    assert res.exit_code == 1 and "BAD_OPTION" in res.output
+
+
+# --- URLs -------------------------------------------------------------------------------------
+
+def test_cli_info_and_decode_url(srv, remote_files, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tqcodec.cli import app
+    runner = CliRunner()
+    r = runner.invoke(app, ["info", srv.url("/big.tqz"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert srv.requests == 2  # info needs no tensor bytes
+    assert '"block11.weight"' in r.stdout
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["decode", srv.url("/big.tqz")])
+    assert r.exit_code == 0, r.stderr
+    back = torch.load(tmp_path / "big.pt", weights_only=True)
+    expect = tqcodec.load(remote_files["/big.tqz"])
+    assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
+    srv.drop_after = 5000
+    r = runner.invoke(app, ["decode", srv.url("/big.tqz"), "-o", str(tmp_path / "cut.safetensors")])
+    assert r.exit_code == 1 and "TRUNCATED" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "cut.safetensors").exists() and not list(tmp_path.glob(".*.part"))

@@ -1,4 +1,5 @@
-"""tqcodec.calibrate and Stats: hooks, im2col statistics, embeddings, save/load, from_activations."""
+"""tqcodec.model.calibrate (tqcodec.calibrate and Stats): hooks, im2col statistics, embeddings,
+save/load, from_activations, and Stats.open reading one layer at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tqcodec
+from tqcodec import api
+from tqcodec.errors import TqzError
 from tqcodec.model.calibrate import Stats, calibrate
+from tests.helpers import toy_model
 
 
 def _batches(x: torch.Tensor, size: int):
@@ -177,3 +181,47 @@ def test_from_activations_layouts():
     assert st.get("v").layout == "in_out"
     with pytest.raises(ValueError):
         Stats.from_activations({"w": x}, layouts={"w": "sideways"})
+
+
+# --- Stats.open: statistics read one layer at a time ------------------------------------------
+
+def _toy_stats(sd: dict[str, torch.Tensor]) -> "tqcodec.Stats":
+    """Statistics for the toy model's matrices from random activations (as for a non-torch model)."""
+    g = torch.Generator().manual_seed(3)
+    samples = {n: torch.randn(256, t.shape[1], generator=g) * torch.linspace(0.1, 2.0, t.shape[1])
+               for n, t in sd.items() if n.endswith((".attn.weight", ".mlp.weight"))}
+    return tqcodec.Stats.from_activations(samples)
+
+
+def test_stats_open_reads_one_layer_at_a_time(tmp_path, monkeypatch):
+    """Stats.open reads nothing but the metadata up front; a lookup reads that tensor's arrays
+    only; the streaming encoder sends each task one layer's statistics, with the same bytes as
+    eagerly loaded statistics and for every N of jobs."""
+    from safetensors import safe_open
+
+    sd = {k: v for k, v in toy_model().items()}
+    path = tmp_path / "stats.safetensors"
+    _toy_stats(sd).save(str(path))
+    lazy = tqcodec.Stats.open(str(path))
+    eager = tqcodec.Stats.load(str(path))
+    assert sorted(lazy.tensors) == sorted(eager.tensors) and lazy.gains() == eager.gains()
+    import numpy as np
+    np.testing.assert_array_equal(lazy.tensors["layers.1.mlp.weight"].h, eager.tensors["layers.1.mlp.weight"].h)
+    one = lazy.subset(["layers.0.attn.weight", "not.there"])
+    assert list(one.tensors) == ["layers.0.attn.weight"] and isinstance(one.tensors, dict)
+    sent = []
+    real = api.EncodeOptions.for_tensor
+
+    def spy(opts, name):
+        out = real(opts, name)
+        sent.append(len(out.stats.tensors))
+        return out
+    monkeypatch.setattr(api.EncodeOptions, "for_tensor", spy)
+    kw = dict(mode="tq", bits=4, tq_scope="tensor")
+    a = api.encode_bytes(sd, stats=lazy, **kw)
+    assert sent and max(sent) <= 1  # no task carries more than its own layer's statistics
+    assert api.encode_bytes(sd, stats=eager, **kw) == a
+    assert api.encode_bytes(sd, stats=lazy, jobs=2, **kw) == a
+    path.write_bytes(b"damaged")  # the file changes after it was opened: a clear error
+    with pytest.raises(TqzError, match="statistics"):
+        api.encode_bytes(sd, stats=lazy, **kw)

@@ -1,4 +1,5 @@
-"""Remote .tqz files over HTTP (issue 6 part 3): random access by Range requests, and streaming.
+"""tqcodec.io.remote: remote .tqz files over HTTP (issue 6 part 3): random access by Range
+requests, and streaming.
 
 Against a real HTTP/1.1 server on 127.0.0.1 (tests/rangeserver.py) that counts requests and
 can ignore Range, send short bodies or drop the connection. Needs the ``remote`` extra.
@@ -20,31 +21,8 @@ from tqcodec.errors import TqzError  # noqa: E402
 from tests.rangeserver import ServerThread  # noqa: E402
 
 
-def model(n: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sd = {f"block{i}.weight": torch.randn(128, 160, generator=g) * 0.05 for i in range(n)}
-    sd["block0.bias"] = torch.randn(128, generator=g)
-    sd["ids"] = torch.arange(40, dtype=torch.int64)
-    sd["head.weight"] = sd["block0.weight"]  # an alias
-    return sd
-
-
-@pytest.fixture(scope="module")
-def files():
-    big = tqcodec.encode_bytes(model())
-    small = tqcodec.encode_bytes({"w": torch.randn(16, 16), "b": torch.zeros(16)})
-    assert len(big) > 3 * remote.TAIL_BYTES and len(small) < remote.TAIL_BYTES
-    return {"/big.tqz": big, "/small.tqz": small}
-
-
-@pytest.fixture
-def srv(files):
-    with ServerThread(files, max_requests=40) as s:
-        yield s
-
-
-def test_open_and_one_tensor_costs_at_most_4_requests(srv, files):
-    expect = tqcodec.load(files["/big.tqz"])
+def test_open_and_one_tensor_costs_at_most_4_requests(srv, remote_files):
+    expect = tqcodec.load(remote_files["/big.tqz"])
     with tqcodec.open(srv.url("/big.tqz")) as f:
         assert f.keys() == list(expect)
         assert srv.requests <= 3
@@ -53,18 +31,18 @@ def test_open_and_one_tensor_costs_at_most_4_requests(srv, files):
         assert torch.equal(t, expect["block7.weight"])
         assert srv.requests <= 4
         assert srv.requests == 3  # the index fits in the tail: tail, header+manifest, the tensor
-        assert f.info("block7.weight").stored_bytes < len(files["/big.tqz"]) // 5
+        assert f.info("block7.weight").stored_bytes < len(remote_files["/big.tqz"]) // 5
         before = srv.bytes_sent
         f.get_tensor("block3.weight")
         assert srv.requests == 4 and srv.bytes_sent - before == f.info("block3.weight").stored_bytes
         for name in expect:  # everything, each tensor by one range at most (an alias by its target's)
             assert torch.equal(f.get_tensor(name), expect[name]), name
         assert srv.requests <= 4 + len(expect)
-        assert f.file_size == len(files["/big.tqz"]) and f.remote.requests == srv.requests
+        assert f.file_size == len(remote_files["/big.tqz"]) and f.remote.requests == srv.requests
     assert all(m == "GET" and r is not None for m, _, r in srv.log)
 
 
-def test_index_outside_the_tail_costs_one_more_range(srv, files, monkeypatch):
+def test_index_outside_the_tail_costs_one_more_range(srv, remote_files, monkeypatch):
     monkeypatch.setattr(remote, "TAIL_BYTES", 64)  # the tail holds the footer but not the index
     with tqcodec.open(srv.url("/big.tqz")) as f:
         assert srv.requests == 3  # tail, index, header+manifest
@@ -72,8 +50,8 @@ def test_index_outside_the_tail_costs_one_more_range(srv, files, monkeypatch):
         assert srv.requests == 4
 
 
-def test_small_file_is_read_by_one_request(srv, files):
-    expect = tqcodec.load(files["/small.tqz"])
+def test_small_file_is_read_by_one_request(srv, remote_files):
+    expect = tqcodec.load(remote_files["/small.tqz"])
     with tqcodec.open(srv.url("/small.tqz")) as f:
         got = {k: f.get_tensor(k) for k in f.keys()}
     assert srv.requests == 1
@@ -118,9 +96,9 @@ def test_connection_dropped_during_a_range_is_truncated(srv):
     assert ei.value.code == "TRUNCATED"
 
 
-def test_not_a_tqz_file_is_named_in_few_requests(files):
+def test_not_a_tqz_file_is_named_in_few_requests(remote_files):
     html = b"<!doctype html><html>" + b"x" * 200_000 + b"</html>"
-    big = files["/big.tqz"]
+    big = remote_files["/big.tqz"]
     with ServerThread({"/page": html, "/empty": b"", "/cut": big[:len(big) // 2], "/long": big + b"!"},
                       max_requests=20) as s:
         for name, code, most in (("/page", "BAD_MAGIC", 2), ("/empty", "TRUNCATED", 1),
@@ -146,25 +124,25 @@ def test_not_found_and_refused(srv):
     assert ei.value.code == "IO_ERROR"
 
 
-def test_streaming_over_http_is_one_request(srv, files):
-    expect = tqcodec.load(files["/big.tqz"])
+def test_streaming_over_http_is_one_request(srv, remote_files):
+    expect = tqcodec.load(remote_files["/big.tqz"])
     got = dict(tqcodec.iter_tensors(srv.url("/big.tqz")))
     assert srv.requests == 1 and srv.log[0][2] is None
     assert list(got) == list(expect) and all(torch.equal(got[k], expect[k]) for k in expect)
 
 
-def test_streaming_connection_dropped_midway_is_truncated(srv, files):
-    srv.drop_after = len(files["/big.tqz"]) // 2
+def test_streaming_connection_dropped_midway_is_truncated(srv, remote_files):
+    srv.drop_after = len(remote_files["/big.tqz"]) // 2
     srv.slow = 0.05  # pieces arrive (and are decoded) one by one before the connection drops
     seen = []
     with pytest.raises(TqzError) as ei:
         for name, _ in tqcodec.iter_tensors(srv.url("/big.tqz")):
             seen.append(name)
     assert ei.value.code == "TRUNCATED"
-    assert 0 < len(seen) < len(tqcodec.load(files["/big.tqz"]))  # some tensors came out, then the error
+    assert 0 < len(seen) < len(tqcodec.load(remote_files["/big.tqz"]))  # some tensors came out, then the error
 
 
-def test_slow_http_body_yields_before_the_end(srv, files):
+def test_slow_http_body_yields_before_the_end(srv, remote_files):
     srv.slow = 0.02  # 64 KiB pieces, 20 ms apart
     first = None
     import time
@@ -174,28 +152,7 @@ def test_slow_http_body_yields_before_the_end(srv, files):
             first = time.perf_counter() - t0
             sent_at_first = srv.bytes_sent
     total = time.perf_counter() - t0
-    assert sent_at_first < len(files["/big.tqz"]) and first < total / 2
-
-
-def test_cli_info_and_decode_url(srv, files, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from tqcodec.cli import app
-    runner = CliRunner()
-    r = runner.invoke(app, ["info", srv.url("/big.tqz"), "--json"])
-    assert r.exit_code == 0, r.stderr
-    assert srv.requests == 2  # info needs no tensor bytes
-    assert '"block11.weight"' in r.stdout
-    monkeypatch.chdir(tmp_path)
-    r = runner.invoke(app, ["decode", srv.url("/big.tqz")])
-    assert r.exit_code == 0, r.stderr
-    back = torch.load(tmp_path / "big.pt", weights_only=True)
-    expect = tqcodec.load(files["/big.tqz"])
-    assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
-    srv.drop_after = 5000
-    r = runner.invoke(app, ["decode", srv.url("/big.tqz"), "-o", str(tmp_path / "cut.safetensors")])
-    assert r.exit_code == 1 and "TRUNCATED" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "cut.safetensors").exists() and not list(tmp_path.glob(".*.part"))
+    assert sent_at_first < len(remote_files["/big.tqz"]) and first < total / 2
 
 
 def test_missing_extra_is_bad_option(monkeypatch):
@@ -215,12 +172,12 @@ def test_missing_extra_is_bad_option(monkeypatch):
         monkeypatch.undo()
 
 
-def test_other_fsspec_schemes(files):
+def test_other_fsspec_schemes(remote_files):
     import fsspec
     fs = fsspec.filesystem("memory")
-    fs.pipe("/tqz-test/big.tqz", files["/big.tqz"])
+    fs.pipe("/tqz-test/big.tqz", remote_files["/big.tqz"])
     try:
-        expect = tqcodec.load(files["/big.tqz"])
+        expect = tqcodec.load(remote_files["/big.tqz"])
         with tqcodec.open("memory://tqz-test/big.tqz") as f:
             assert torch.equal(f.get_tensor("block5.weight"), expect["block5.weight"])
             assert f.remote.requests == 4  # size, tail, header+manifest, tensor

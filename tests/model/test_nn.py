@@ -1,4 +1,4 @@
-"""tqcodec.nn: transform-domain layers (TQLinear, TQConv1d, TQConv2d) and load_module (issue 6,
+"""tqcodec.model.nn: transform-domain layers (TQLinear, TQConv1d, TQConv2d) and load_module (issue 6,
 part 1). Tiny models built here; files from the real tq encoder (data-free and with stats) and,
 for the synthesis transform and the in_out layout (which the encoder does not write yet), files
 written directly with the mode's own encoder (``tqcodec.modes.tq.encode``)."""

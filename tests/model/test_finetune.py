@@ -1,5 +1,5 @@
-"""tqcodec.finetune: training on a file's own grid, output at the same rate, determinism, option
-errors, and the per-mode adapters (issue 7, part 3)."""
+"""tqcodec.model.finetune (tqcodec.finetune): training on a file's own grid, output at the same
+rate, determinism, option errors, and the per-mode adapters (issue 7, part 3)."""
 from __future__ import annotations
 
 import io

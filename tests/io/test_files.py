@@ -1,4 +1,6 @@
-"""Faults while writing (issue 8): nothing a user had is lost, nothing partial is left.
+"""tqcodec.io.files: atomic outputs, and the model files read and written.
+
+Faults while writing (issue 8): nothing a user had is lost, nothing partial is left.
 
 Outputs are written to ``.<name>.<random>.part`` in the target directory, flushed, fsynced and
 renamed over the output (``tqcodec.io.files.atomic_output``). These tests check that, and that:
@@ -7,14 +9,21 @@ renamed over the output (``tqcodec.io.files.atomic_output``). These tests check 
   KeyboardInterrupt mid-write leave the previous output byte-identical and no temporary file;
 - a process killed with SIGKILL mid-write leaves the previous output byte-identical; it can leave
   its ``.<name>.<random>.part`` file (no code runs after SIGKILL), and never a partial output;
-- the input is never opened for writing; ``tqz decode``/``encode`` refuse to write over their input;
+- the input is never opened for writing, and ``tqz decode``/``encode`` refuse to write over it (those
+  run the CLI: tests/test_cli.py);
 - without ``--force`` an output that appears while encoding is not overwritten (no check-then-write race).
+
+Model files are read safely: a pickle that would run code is refused and never run (``torch.load``
+once, with ``weights_only=True``); tensor subclasses, ``.pt`` files that are not state dicts, corrupt
+``.safetensors`` and unknown suffixes are ``BAD_INPUT``.
 """
 from __future__ import annotations
 
 import errno
 import os
+import pickle
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -23,21 +32,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import tqcodec
-from tqcodec.cli import app
-from tests.conftest import small_state_dict
+from tqcodec.io.files import read_model
+from tests.helpers import MyTensor, RunsCode, RunsEval, code_of, fail_writes_after, listing, small_state_dict
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def tqz(*args) -> "object":
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def listing(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir())
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -46,36 +46,6 @@ def existing(tmp_path) -> tuple[Path, bytes]:
     out = tmp_path / "model.tqz"
     tqcodec.save(small_state_dict(7), out)
     return out, out.read_bytes()
-
-
-class FailingFile:
-    """Wraps the temporary output file: after ``limit`` bytes a write fails like a full disk."""
-
-    def __init__(self, f, limit: int, exc: BaseException):
-        self._f, self._left, self._exc = f, limit, exc
-
-    def write(self, b) -> int:
-        b = bytes(b)
-        if len(b) > self._left:
-            self._f.write(b[:self._left])  # a real disk takes what fits, then fails
-            self._left = 0
-            raise self._exc
-        self._left -= len(b)
-        return self._f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
-def fail_writes_after(monkeypatch, limit: int, exc: BaseException) -> None:
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FailingFile(real_fdopen(fd, *a, **k), limit, exc))
 
 
 # --- the atomic-output protocol ---------------------------------------------------------------
@@ -151,19 +121,6 @@ def test_keyboard_interrupt_mid_write_keeps_the_old_file(existing, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tqcodec.save(small_state_dict(8), out)
     assert out.read_bytes() == before and listing(out.parent) == [out.name]
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_enospc_while_decoding_to_a_model_file(tmp_path, monkeypatch, suffix):
-    src = tmp_path / "m.tqz"
-    tqcodec.save(small_state_dict(), src)
-    out = tmp_path / f"back{suffix}"
-    out.write_bytes(b"previous contents")
-    fail_writes_after(monkeypatch, 64, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-    r = tqz("decode", src, "-o", out, "--force")
-    assert r.exit_code == 1 and "IO_ERROR" in r.output and "No space left" in r.output
-    assert out.read_bytes() == b"previous contents"
-    assert listing(tmp_path) == sorted(["m.tqz", out.name])
 
 
 def test_missing_output_directory(tmp_path):
@@ -276,111 +233,7 @@ def test_sigkill_at_an_unplanned_moment(existing):
     assert all(n == out.name or (n.startswith(".model.tqz.") and n.endswith(".part")) for n in listing(out.parent))
 
 
-# --- the input is never written ----------------------------------------------------------------------
-
-AUDIT = """
-    import json, os, sys
-    watched = {os.path.realpath(p) for p in json.loads(sys.argv[1])}
-    commands = json.loads(sys.argv[2])
-    writes = []
-    def is_watched(p):
-        try:
-            return isinstance(p, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(p)) in watched
-        except Exception:
-            return False
-    def hook(event, args):
-        if event == "open" and args and is_watched(args[0]):
-            mode, flags = (args[1] if len(args) > 1 else None), (args[2] if len(args) > 2 else 0)
-            if (mode and any(c in str(mode) for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-                writes.append((event, str(args[0])))
-        if event in ("os.truncate", "os.remove", "os.rename", "os.replace", "os.chmod", "os.link") and args \
-                and any(is_watched(a) for a in args[:2]):
-            writes.append((event, str(args[0])))
-    sys.addaudithook(hook)
-    from tqcodec.cli import app
-    for cmd in commands:
-        try:
-            app(cmd, standalone_mode=False)
-        except SystemExit:
-            pass
-        except Exception as e:
-            print("ERR", type(e).__name__, e)
-    print("WRITES", json.dumps(writes))
-    open(sorted(watched)[0], "ab").close()  # positive control: the hook sees a write-mode open
-    print("CONTROL", len(writes))
-"""
-
-
-def test_input_is_never_opened_for_writing(tmp_path):
-    """Encode (.pt and .safetensors inputs) and decode under an audit hook that records every
-    Python-level open of an input in a writing mode (and renames/removals of it)."""
-    import json
-    pt, st = tmp_path / "model.pt", tmp_path / "other.safetensors"
-    tqcodec.io.files.write_model(small_state_dict(), pt, overwrite=False)
-    tqcodec.io.files.write_model(small_state_dict(1), st, overwrite=False)
-    tz = tmp_path / "third.tqz"
-    tqcodec.save(small_state_dict(2), tz)
-    inputs = [pt, st, tz]
-    before = {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in inputs}
-    commands = [["encode", str(pt), "--force"], ["encode", str(st), "--force"],
-                ["decode", str(tz), "-o", str(tmp_path / "back.pt")],
-                ["decode", str(tz), "-o", str(tmp_path / "back.safetensors")]]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(AUDIT), json.dumps([str(p) for p in inputs]),
-                        json.dumps(commands)], capture_output=True, text=True, timeout=120, env=env)
-    assert "WRITES []" in r.stdout and "CONTROL 1" in r.stdout, r.stdout + r.stderr
-    assert "ERR" not in r.stdout, r.stdout
-    for p in inputs:
-        assert (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) == before[p], p
-    for out in ("model.tqz", "other.tqz", "back.pt", "back.safetensors"):
-        assert (tmp_path / out).exists(), out
-
-
-# --- refusing to write over the input ------------------------------------------------------------------
-
-@pytest.fixture
-def model_files(tmp_path):
-    pt = tmp_path / "m.pt"
-    torch.save(small_state_dict(), pt)
-    tz = tmp_path / "m.tqz"
-    tqcodec.save(small_state_dict(), tz)
-    return pt, tz
-
-
-@pytest.mark.parametrize("force", [[], ["--force"]])
-def test_decode_refuses_to_write_over_its_input(tmp_path, model_files, force):
-    _, tz = model_files
-    before = tz.read_bytes()
-    r = tqz("decode", tz, "-o", tz, *force)
-    assert r.exit_code == 1 and "BAD_OPTION" in r.output
-    disguised = tmp_path / "m2.pt"          # a .tqz file under a model-file name
-    disguised.write_bytes(before)
-    for out in (disguised,):
-        r = tqz("decode", disguised, "-o", out, *force)
-        assert r.exit_code == 1 and "overwrite the input" in r.output
-        assert out.read_bytes() == before
-    link = tmp_path / "link.pt"               # a symlink to the input as the output
-    link.symlink_to(disguised)
-    r = tqz("decode", disguised, "-o", link, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
-    assert tz.read_bytes() == before and disguised.read_bytes() == before and link.is_symlink()
-
-
-@pytest.mark.parametrize("force", [[], ["--force"]])
-def test_encode_refuses_to_write_over_its_input(tmp_path, model_files, force):
-    pt, _ = model_files
-    before = pt.read_bytes()
-    r = tqz("encode", pt, "-o", pt, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
-    hard = tmp_path / "hard.tqz"
-    os.link(pt, hard)
-    r = tqz("encode", pt, "-o", hard, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
-    soft = tmp_path / "soft.tqz"
-    soft.symlink_to(pt)
-    r = tqz("encode", pt, "-o", soft, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
-    assert pt.read_bytes() == before and soft.is_symlink()
+# --- without overwrite: an output that appears meanwhile is kept ----------------------------------------
 
 
 def test_no_force_never_overwrites_an_output_that_appears_meanwhile(tmp_path, monkeypatch):
@@ -413,3 +266,90 @@ def test_no_force_never_overwrites_an_output_that_appears_meanwhile(tmp_path, mo
     assert e.value.code == "OUTPUT_EXISTS"
     assert out.read_bytes() == b"someone else's file"
     assert listing(tmp_path) == ["race.tqz"]
+
+
+# --- model files read: pickles never run, what is not a state dict is refused -----------------
+
+@pytest.mark.parametrize("how", ["raw-pickle", "torch-zip", "nested-in-state-dict", "eval"])
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".ckpt"])
+def test_pickle_with_code_never_runs(tmp_path, marker, monkeypatch, how, suffix):
+    p = tmp_path / f"evil{suffix}"
+    if how == "raw-pickle":
+        p.write_bytes(pickle.dumps({"w": RunsCode()}, protocol=2))
+    elif how == "torch-zip":
+        torch.save({"w": torch.ones(2), "x": RunsCode()}, p)
+    elif how == "nested-in-state-dict":
+        torch.save({"state_dict": {"w": torch.ones(2)}, "hook": RunsCode()}, p)
+    else:
+        torch.save({"w": RunsEval()}, p)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(tqcodec.TqzError) as e:
+        read_model(p)
+    assert e.value.code == "BAD_INPUT" and "refusing to unpickle" in e.value.message
+    assert str(p) in str(e.value)
+    assert calls == [True], "torch.load must be called once, with weights_only=True (no fallback)"
+    assert not marker.exists(), "the pickle's code ran"
+
+
+def test_tensor_subclass_in_a_pt_file_is_refused(tmp_path):
+    p = tmp_path / "sub.pt"
+    torch.save({"w": torch.randn(3).as_subclass(MyTensor)}, p)
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"  # weights_only refuses the class
+    # ... and if the user allow-lists the class for torch.load, tqcodec still refuses it
+    with torch.serialization.safe_globals([MyTensor]):
+        with pytest.raises(tqcodec.TqzError) as e:
+            read_model(p)
+    assert e.value.code == "BAD_INPUT" and "subclass" in e.value.message
+
+
+@pytest.mark.parametrize("content", [[torch.ones(2)], torch.ones(2), {}, 7], ids=["list", "tensor", "empty", "int"])
+def test_pt_files_that_are_not_state_dicts(tmp_path, content):
+    p = tmp_path / "m.pt"
+    torch.save(content, p)
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+
+
+def test_complex_in_a_pt_file(tmp_path):
+    p = tmp_path / "c.pt"
+    torch.save({"c": torch.zeros(2, dtype=torch.complex64)}, p)
+    with pytest.raises(tqcodec.TqzError) as e:
+        read_model(p)
+    assert e.value.code == "BAD_INPUT" and "complex" in e.value.message
+
+
+def test_corrupt_safetensors_is_bad_input(tmp_path):
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", 1 << 62) + b"{}")  # header length far past the file
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+    p.write_bytes(b"")
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+    header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,999999]}}'
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 16)
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+
+
+def test_unknown_suffix_and_directory(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"x")
+    assert code_of(lambda: read_model(p)) == "BAD_INPUT"
+    assert code_of(lambda: read_model(tmp_path)) == "IO_ERROR"
+    assert code_of(lambda: read_model(tmp_path / "missing.pt")) == "IO_ERROR"
+
+
+# --- a save that fails while encoding ---------------------------------------------------------
+
+def test_failed_save_leaves_previous_file(tmp_path):
+    path = tmp_path / "m.tqz"
+    tqcodec.save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(tqcodec.TqzError):
+        tqcodec.save({"w": torch.ones(3), "bad": torch.ones(2, dtype=torch.complex64)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tqz"]

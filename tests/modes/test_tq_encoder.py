@@ -1,8 +1,8 @@
-"""Mode tq (spec §7.5) and its encoder: error-feedback rounding, one-lambda allocation, rate
-control on whole files, determinism, exact round trips, convs, transforms in the decoder."""
+"""Mode tq's encoder (spec §7.5; tqcodec.modes.tq.{encoder,allocation,rounding,transforms}):
+error-feedback rounding, one-lambda allocation, rate control on whole files, determinism, exact
+round trips, convs, bias correction, the choice of transforms. (The decoder's rules:
+tests/modes/test_tq_format.py.)"""
 from __future__ import annotations
-
-import io
 
 import numpy as np
 import pytest
@@ -10,46 +10,11 @@ import torch
 import torch.nn as nn
 
 import tqcodec
-from tqcodec.errors import TqzError
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import tq as tq_mode
-from tqcodec.format.steps import steps_from_codes
-from tqcodec.modes.tq.allocation import Unit
 from tqcodec.modes.tq.encoder import Item, make_units, reconstruction
 from tqcodec.modes.tq.rounding import gptq_round, round_nearest
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc1 = nn.Linear(8 * 6 * 6, 48)
-        self.fc2 = nn.Linear(48, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.c1(x))
-        x = torch.relu(self.c2(x))
-        x = self.bn(self.dw(x))
-        x = torch.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
-
-
-@pytest.fixture(scope="module")
-def model_and_stats():
-    torch.manual_seed(0)
-    m = Small()
-    m.bn.running_var.copy_(torch.rand(8) * 1e-3)  # tiny variances must survive
-    m.eval()
-    x = torch.randn(48, 3, 6, 6)
-    st = tqcodec.calibrate(m, [x[i:i + 16] for i in range(0, 48, 16)])
-    return m, st, x
-
-
-def _params(sd):
-    return sum(t.numel() for t in sd.values())
+from tests.helpers import Small, param_count
 
 
 # --- rounding ---------------------------------------------------------------------------------
@@ -86,7 +51,7 @@ def test_bits_target_whole_file(model_and_stats, bits):
     m, st, _ = model_and_stats
     sd = m.state_dict()
     data = tqcodec.encode_bytes(sd, stats=st, bits=bits)
-    got = 8 * len(data) / _params(sd)
+    got = 8 * len(data) / param_count(sd)
     assert abs(got / bits - 1) <= 0.03, got
 
 
@@ -197,86 +162,6 @@ def test_in_out_layout_from_activations():
     assert rel < 10 ** (-2.5)
 
 
-# --- mode tq decoder rules ---------------------------------------------------------------------
-
-def _rec(params, shape=(4, 6), dtype="float32"):
-    return TensorRecord("t", dtype, shape, "tq", params)
-
-
-def test_transform_decode_matches_reference():
-    rng = np.random.default_rng(5)
-    n, m, k = 6, 5, 3
-    s = rng.normal(size=(m, k)).astype(np.float16)
-    lv = rng.integers(-7, 8, size=(k, n))
-    _, params, streams = tq_mode.write([lv[:2], lv[2:]], [-8, -12], transform=s)
-    rec = _rec(params, shape=(n, m))
-    assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec]) == (2 * m * k, 2 * n, n)
-    got = tq_mode.decode(tq_mode.parse(rec), rec, streams)
-    c = np.concatenate([lv[:2] * steps_from_codes([-8])[0], lv[2:] * steps_from_codes([-12])[0]])
-    want = (s.astype(np.float64) @ c).T
-    bound = 2.0 ** -20 * (np.abs(s.astype(np.float64)) @ np.abs(c)).T + np.spacing(np.abs(want).astype(np.float32))
-    assert np.all(np.abs(got - want) <= bound)
-
-
-def test_single_symbol_band_has_no_stream_items():
-    _, params, streams = tq_mode.write([np.zeros((4, 6), dtype=np.int64)], [0])
-    rec = _rec(params)
-    assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec]) == (0, 0)
-    assert not streams[1]
-    assert np.all(tq_mode.decode(tq_mode.parse(rec), rec, streams) == 0)
-
-
-@pytest.mark.parametrize("change,code", [
-    ({"layout": "sideways"}, "BAD_TENSOR_RECORD"),
-    ({"transform": "float8"}, "BAD_TENSOR_RECORD"),
-    ({"band_rows": [3]}, "BAD_TENSOR_RECORD"),
-    ({"band_rows": [True, 3]}, "BAD_TENSOR_RECORD"),
-    ({"steps": [999]}, "BAD_STEP"),
-    ({"steps": [1.0]}, "BAD_TENSOR_RECORD"),
-    ({"counts": [b"\x00"]}, "BAD_TABLE"),
-    ({"counts": [b"\x05"]}, "BAD_TABLE"),
-    ({"counts": [b"\x80\x00"]}, "BAD_TABLE"),
-    ({"q_min": [-(1 << 21)]}, "LIMIT_EXCEEDED"),
-    ({"extra": 1}, "BAD_TENSOR_RECORD"),
-    ({"layout": 3}, "BAD_TENSOR_RECORD"),
-])
-def test_bad_params_rejected(change, code):
-    _, params, _ = tq_mode.write([np.arange(24).reshape(4, 6) % 5], [-4])
-    params = {**params, **change}
-    rec = _rec(params)
-    with pytest.raises(TqzError) as ei:
-        tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])
-    assert ei.value.code == code
-
-
-def test_transform_rows_bounded_by_min_dimension():
-    s = np.ones((6, 5), dtype=np.float16)
-    _, params, _ = tq_mode.write([np.zeros((5, 4), dtype=np.int64)], [0], transform=s)
-    rec = _rec(params, shape=(4, 6))  # k = 5 > n = 4
-    with pytest.raises(TqzError) as ei:
-        tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])
-    assert ei.value.code == "BAD_TENSOR_RECORD"
-
-
-def test_cli_encode_with_stats_and_bits(tmp_path, model_and_stats):
-    from typer.testing import CliRunner
-
-    from tqcodec.cli import app
-    m, st, _ = model_and_stats
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    torch.save(sd, tmp_path / "m.pt")
-    st.save(str(tmp_path / "s.safetensors"))
-    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--stats", str(tmp_path / "s.safetensors"),
-                                 "--bits", "3", "-o", str(tmp_path / "m.tqz")])
-    assert r.exit_code == 0, r.output
-    size = (tmp_path / "m.tqz").stat().st_size
-    assert abs(8 * size / _params(sd) / 3 - 1) <= 0.03
-    r = CliRunner().invoke(app, ["encode", str(tmp_path / "m.pt"), "--quality", "30", "--mode", "tq",
-                                 "-o", str(tmp_path / "q.tqz")])
-    assert r.exit_code == 0, r.output
-    assert tqcodec.load(str(tmp_path / "q.tqz")).keys() == sd.keys()
-
-
 def test_bias_correction_removes_mean_output_error():
     """Before its own rounding, the corrected bias cancels the mean output shift of the
     quantized weight: (W_hat - W) E[x] + (b' - b) = 0."""
@@ -302,14 +187,7 @@ def test_bias_correction_removes_mean_output_error():
     assert np.abs(shift).max() < 1e-9
 
 
-def test_options_rejected():
-    with pytest.raises(TqzError):
-        tqcodec.EncodeOptions(bits=-1)
-    with pytest.raises(TqzError):
-        tqcodec.EncodeOptions(bits=2, quality=30)
-
-
-# --- transforms (numerics; the encoder does not use them yet) ----------------------------------
+# --- transforms: numerics (tqcodec.modes.tq.transforms) -----------------------------------------
 
 def test_transforms_are_deterministic_and_invert():
     from tqcodec.modes.tq import transforms as T
@@ -338,43 +216,7 @@ def test_transform_chosen_only_when_it_pays():
     assert not T.pays(square)
 
 
-def test_header_names_the_lowest_minor_version_a_file_needs():
-    # spec §13: tq arrived in 1.1, so only files holding a tq tensor say 1.1
-    g = torch.Generator().manual_seed(3)
-    sd = {"w": torch.randn(32, 64, generator=g), "b": torch.randn(32, generator=g)}
-    with_tq = tqcodec.encode_bytes(sd, mode="tq", bits=4)
-    without = tqcodec.encode_bytes(sd, mode="uniform")
-    assert with_tq[8:12] == bytes([1, 0, 1, 0])
-    assert without[8:12] == bytes([1, 0, 0, 0])
-    with tqcodec.open(with_tq) as f:
-        assert f.version == (1, 1) and f.info("w").mode == "tq"
-
-
-def test_info_plot_draws_the_bit_depth_map(tmp_path):
-    from typer.testing import CliRunner
-
-    from tqcodec.cli import app
-    from tqcodec.plot import allocation_rows
-
-    g = torch.Generator().manual_seed(5)
-    sd = {"a.weight": torch.randn(64, 96, generator=g), "b.weight": torch.randn(32, 64, generator=g) * 0.1,
-          "b.bias": torch.randn(32, generator=g)}
-    path = tmp_path / "m.tqz"
-    tqcodec.save(sd, path, mode="tq", bits=3)
-    with tqcodec.open(path) as f:
-        rows = allocation_rows(f)
-    by_name = {r["name"]: r for r in rows}
-    for name in ("a.weight", "b.weight"):
-        bands = by_name[name]["bands"]
-        assert by_name[name]["mode"] == "tq" and abs(sum(fr for fr, _ in bands) - 1.0) < 1e-9
-        assert all(0.0 <= bits <= 20.0 for _, bits in bands)
-    png = tmp_path / "alloc.png"
-    result = CliRunner().invoke(app, ["info", str(path), "--plot", str(png)])
-    assert result.exit_code == 0, result.output
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# --- transform choice (encoder: tqcodec.tq.encoder.choose_transforms) ---------------------------
+# --- transform choice (encoder: tqcodec.modes.tq.encoder) ---------------------------------------
 
 def _tall(correlated: bool, n: int = 4096, m: int = 32, rank: int = 32, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)

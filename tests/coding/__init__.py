@@ -1,0 +1,1 @@
+"""Tests of tqcodec.coding, one module per module of the package."""

@@ -1,0 +1,1 @@
+"""Tests of tqcodec.format, one module per module of the package."""

@@ -1,0 +1,1 @@
+"""Tests of tqcodec.io, one module per module of the package."""

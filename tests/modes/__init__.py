@@ -1,0 +1,1 @@
+"""Tests of tqcodec.modes, one module per module of the package."""

@@ -1,0 +1,1 @@
+"""Tests of tqcodec.pipeline, one module per module of the package."""
