@@ -191,3 +191,23 @@ def test_decoders_still_check_lengths_for_direct_callers():
     with pytest.raises(TqzError) as ei:
         raw.decode(raw.parse(rec), rec, [[(4, b"abc")]])
     assert ei.value.code == "BAD_CHUNK"
+
+
+
+MAGIC = b"\x28\xb5\x2f\xfd"
+WINDOW_2E31 = bytes([(31 - 10) << 3])  # Window_Descriptor: exponent 21, mantissa 0
+EMPTY_LAST_RAW_BLOCK = b"\x01\x00\x00"
+
+
+@pytest.mark.parametrize("frame,code", [
+    # §7.2 step 1 before step 3: a frame naming dictionary 7 with a 2^31 window is BAD_PAYLOAD
+    (MAGIC + b"\x01" + WINDOW_2E31 + b"\x07" + EMPTY_LAST_RAW_BLOCK, "BAD_PAYLOAD"),
+    # step 2 before step 3: a single-segment frame whose content size (so its window) is 2^28, not 80
+    (MAGIC + b"\xe0" + (1 << 28).to_bytes(8, "little") + EMPTY_LAST_RAW_BLOCK, "BAD_PAYLOAD"),
+    # step 3 when the content size (4-byte field) is right: a 2^31 window
+    (MAGIC + b"\x80" + WINDOW_2E31 + (80).to_bytes(4, "little") + EMPTY_LAST_RAW_BLOCK, "LIMIT_EXCEEDED"),
+])
+def test_zstd_frame_checks_in_spec_order(frame, code):
+    with pytest.raises(TqzError) as ei:
+        raw.decode(raw.Params("zstd"), TensorRecord("z", "int16", (40,), "raw", {"codec": "zstd"}), [[(80, frame)]])
+    assert ei.value.code == code

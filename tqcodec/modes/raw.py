@@ -64,10 +64,13 @@ def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray
 
 
 def _decompress(payload: bytes, count: int, name: str) -> bytes:
+    """Spec §7.2's order: frame header, content size against ``count``, window limit, blocks."""
     try:
         params = zstandard.get_frame_parameters(payload)
     except zstandard.ZstdError as exc:
         raise fail("BAD_PAYLOAD", f"tensor {name!r}: not a zstd frame ({exc})") from None
+    if params.dict_id != 0:  # step 1 (libzstd would also refuse it, but only after the window check)
+        raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame needs dictionary {params.dict_id}")
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, count):
         raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame declares {params.content_size} bytes, "
                                   f"chunk declares {count}")
