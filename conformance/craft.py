@@ -245,8 +245,16 @@ ST_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8
             "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "u1"}
 
 
+def protocol_key(name: str) -> str:
+    """The decoder protocol's safetensors key of tensor ``name`` (spec §5.4): ``__metadata__``, the key
+    a safetensors header keeps its metadata under, becomes ``/__metadata__`` (no valid name starts with
+    ``/``); every other name is its own key."""
+    return "/" + name if name == "__metadata__" else name
+
+
 def write_safetensors(tensors: list, path) -> None:
-    """``tensors``: list of (name, dtype name of spec §5.5, shape, raw little-endian bytes)."""
+    """``tensors``: list of (key, dtype name of spec §5.5, shape, raw little-endian bytes); keys are
+    written as given (map tensor names with ``protocol_key`` first)."""
     import json
     header = {}
     data = bytearray()
@@ -274,6 +282,26 @@ def read_safetensors(path) -> dict:
         a, b = info["data_offsets"]
         out[name] = (info["dtype"], tuple(info["shape"]), blob[base + a:base + b])
     return out
+
+
+def iter_safetensors(path):
+    """(name, ST dtype string, shape tuple, uint8 array) of each tensor of a safetensors file, the arrays
+    memory-mapped (for outputs too large to read at once); the ``__metadata__`` entry is skipped."""
+    import json
+
+    import numpy as np
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen).decode("utf-8"))
+        f.seek(0, 2)
+        size = f.tell()
+    base = 8 + hlen
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=base) if size > base else np.zeros(0, np.uint8)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        yield name, info["dtype"], tuple(info["shape"]), data[a:b]
 
 
 # --- a small decoder for files known to be valid (to compute expected outputs from the spec) --------

@@ -48,8 +48,8 @@ from tqcodec.pipeline.tensors import tensor_to_storage  # noqa: E402
 from tqcodec.modes import raw as raw_mode  # noqa: E402
 from tqcodec.modes import uniform as uniform_mode  # noqa: E402
 
-from craft import (ST_DTYPES, Chunk, Pairs, Raw, TqzFile, crc32, leb128, mp, parse_valid, rc_decode, step,  # noqa: E402
-                   unleb128, write_safetensors, zstd_frame)
+from craft import (ST_DTYPES, Chunk, Pairs, Raw, TqzFile, crc32, leb128, mp, parse_valid, protocol_key,  # noqa: E402
+                   rc_decode, step, unleb128, write_safetensors, zstd_frame)
 
 SPEC_VERSION = "1.2"
 SPEC_MODES = ("raw", "uniform", "alias", "tq", "ecsq", "kmeans", "pq", "dither")
@@ -257,6 +257,8 @@ def tq_reconstruct(dtype, shape, layout, coeff: np.ndarray, S):
                 bound[i, j] = 2.0 ** -20 * math.fsum(abs(t) for t in terms)
         with np.errstate(over="ignore"):
             R = R64.astype(np.float32)
+        if dtype == "float16":  # a sum within its bound of +-65520 could round to a finite value or to inf
+            assert not np.any(np.abs(np.abs(R64) - 65520.0) <= bound), "a float16 element near the overflow"
     if layout == "in_out":
         R = R.T
         bound = None if bound is None else bound.T
@@ -356,7 +358,11 @@ class Out:
         d.mkdir(parents=True)
         return d
 
-    def valid(self, name, what, spec, data: bytes, expected, tolerance=0, notes=None, may_reject_with=None):
+    def valid(self, name, what, spec, data: bytes, expected, tolerance=0, notes=None, may_reject_with=None,
+              level=None):
+        """A valid vector (or, with ``may_reject_with``, a may_reject one of conformance ``level``, spec
+        §12.1). Tensor names become the protocol's safetensors keys (``protocol_key``)."""
+        assert (may_reject_with is None) == (level is None), name
         d = self._dir("valid" if may_reject_with is None else "may_reject", name)
         bounds: dict = {}
         by_spec = expected_by_spec(data, bounds)
@@ -372,8 +378,8 @@ class Out:
                               "shape; 0 for tensors without a transform), rel one ulp of the dtype plus the "
                               "binary32 rounding; expected values: sums correctly rounded in binary64, then "
                               "rounded once to binary32 and to the dtype")
-            write_safetensors([(n, "float64", s, bounds[n] if n in bounds else np.zeros(s, "<f8").tobytes())
-                               for n, t, s, b in expected], d / "tolerance.safetensors")
+            write_safetensors([(protocol_key(n), "float64", s, bounds[n] if n in bounds else
+                                np.zeros(s, "<f8").tobytes()) for n, t, s, b in expected], d / "tolerance.safetensors")
         if may_reject_with is None:
             got = expected_from_tqcodec(data)
             want = [(n, t, list(s), b) for n, t, s, b in expected]
@@ -388,12 +394,45 @@ class Out:
             elif got != want:
                 print(f"WARNING {name}: tqcodec decodes this vector differently (a tqcodec bug?)", file=sys.stderr)
         (d / "in.tqz").write_bytes(data)
-        write_safetensors(expected, d / "expected.safetensors")
+        write_safetensors([(protocol_key(n), t, s, b) for n, t, s, b in expected], d / "expected.safetensors")
         info = {"what": what, "spec": spec, "tolerance": tolerance,
                 "dtype notes": notes or "expected.safetensors holds every tensor in its own dtype "
                                         "(BF16 as safetensors BF16); compare bit for bit"}
         if may_reject_with is not None:
             info["may_reject_with"] = may_reject_with
+            info["level"] = level
+        (d / "vector.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+
+    def compact(self, name, what, spec, data: bytes, expected: dict, *, large: bool, level=None,
+                may_reject_with=None):
+        """A valid (or may_reject) vector whose output is too large to store: ``expected`` is
+        ``expected_compact`` ({key: {"dtype", "shape", "row_hex", "row_elems"[, "tolerance_row_hex"]}}, each
+        tensor its row repeated), checked here against ``compact_by_spec`` of the file. ``large``: the
+        output is 1 GiB or more (run.py runs it only with ``--large``). tqcodec's decoder is not run here
+        (it would take minutes): run.py --large does that."""
+        assert (may_reject_with is None) == (level is None), name
+        assert expected == compact_by_spec(data), f"{name}: the compact expectation disagrees with the file"
+        d = self._dir("valid" if may_reject_with is None else "may_reject", name)
+        transform = any("tolerance_row_hex" in e for e in expected.values())
+        tolerance = 0
+        notes = ("the expected output is given compactly (expected_compact: each tensor is its row "
+                 "repeated, row_hex its bytes in the safetensors dtype); compare bit for bit")
+        if transform:
+            dts = {e["dtype"] for e in expected.values() if "tolerance_row_hex" in e}
+            st = {v: k for k, v in ST_DTYPES.items()}
+            tolerance = {"abs": max(TQ_ABS[st[t]] for t in dts), "rel": max(TQ_REL[st[t]] for t in dts)}
+            notes = ("the expected output is given compactly (expected_compact: each tensor is its row repeated, "
+                     "row_hex its bytes in the safetensors dtype); tq tensors with a float16 transform: compare "
+                     "within spec/mode-tq.md §7.5.3's tolerance, |got - want| <= bound + abs + rel*|want|, bound "
+                     "per element from tolerance_row_hex (float64, the row's bounds, repeated like the row)")
+        (d / "in.tqz").write_bytes(data)
+        info = {"what": what, "spec": spec, "tolerance": tolerance, "dtype notes": notes}
+        if may_reject_with is not None:
+            info["may_reject_with"] = may_reject_with
+            info["level"] = level
+        if large:
+            info["large"] = True
+        info["expected_compact"] = expected
         (d / "vector.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
 
     def invalid(self, name, what, spec, data: bytes, code):
@@ -563,6 +602,57 @@ def expected_by_spec(data: bytes, bounds: dict | None = None):
             v[v == 0] = 0.0
             raw = round_to(r["dtype"], v)
         out.append((r["name"], r["dtype"], shape, raw))
+    return out
+
+
+def compact_entry(dtype: str, shape, row: bytes, row_elems: int, bound=None) -> dict:
+    """One tensor of ``expected_compact``: the tensor is ``row`` (``row_elems`` elements of ``dtype``)
+    repeated; ``bound``: the row's §7.5.3 tolerance bounds (float64)."""
+    e = {"dtype": ST_DTYPES[dtype], "shape": [int(d) for d in shape], "row_hex": row.hex(), "row_elems": row_elems}
+    if bound is not None:
+        e["tolerance_row_hex"] = np.asarray(bound, dtype="<f8").tobytes().hex()
+    return e
+
+
+def compact_by_spec(data: bytes) -> dict:
+    """``expected_compact`` of a valid file whose every tensor is one row repeated, from the spec alone
+    (the forms the large vectors use): a constant ``uniform`` tensor (A = 1), a ``raw`` none tensor (its
+    bytes are the row), an ``alias``, and a ``tq`` tensor (layout out_in) with a float16 transform whose
+    bands are all constant with one common value c: R[i, j] = sum_r S[j, r] * c for every row i, the sum
+    correctly rounded in binary64 (math.fsum), then binary32, then the dtype, as tq_reconstruct does."""
+    import math
+    manifest, chunks = parse_valid(data)
+    out: dict = {}
+    names = [r["name"] for r in manifest["tensors"]]
+    for i, r in enumerate(manifest["tensors"]):
+        mode, p, shape, dtype = r["mode"], r["params"], r["shape"], r["dtype"]
+        numel = int(np.prod(shape, dtype=object)) if shape else 1
+        parts = chunks.get(i, [])
+        key = protocol_key(r["name"])
+        if mode == "alias":
+            out[key] = dict(out[protocol_key(names[p["of"]])])
+        elif mode == "uniform":
+            assert len(unleb128(p["freqs"])) == 1 and not parts and len(set(p["steps"])) == 1
+            v = np.array([p["q_min"] * step(p["steps"][0])]) + 0.0
+            out[key] = compact_entry(dtype, shape, round_to(dtype, v), 1)
+        elif mode == "raw":
+            assert p["codec"] == "none"
+            out[key] = compact_entry(dtype, shape, b"".join(pl for _, _, pl in parts), numel)
+        else:
+            assert mode == "tq" and p.get("transform") == "float16" and p.get("layout", "out_in") == "out_in"
+            assert all(len(unleb128(c)) == 1 for c in p["counts"])
+            values = {q * step(code) for q, code in zip(p["q_min"], p["steps"])}
+            assert len(values) == 1
+            c = values.pop()
+            n, k = shape[0], sum(p["band_rows"])
+            m = numel // n
+            S = np.frombuffer(b"".join(pl for st, _, pl in parts if st == 0), "<f2").astype(np.float64).reshape(m, k)
+            assert np.isfinite(S).all()
+            v = np.array([math.fsum(S[j] * c) for j in range(m)])  # products exact: 11 by at most 24 bits
+            bound = np.array([2.0 ** -20 * math.fsum(np.abs(S[j] * c)) for j in range(m)])
+            if dtype == "float16":
+                assert not np.any(np.abs(np.abs(v) - 65520.0) <= bound), "a float16 element near the overflow"
+            out[key] = compact_entry(dtype, shape, round_f32_to(dtype, v.astype(np.float32)), m, bound)
     return out
 
 
@@ -833,6 +923,12 @@ def make_valid(out: Out):
     V("encoder_nonfinite_fallback", "mode uniform with a tensor holding NaN/inf: the encoder stores it raw",
       "§7.2", data, expected_by_spec(data), notes=ENC_NOTE)
 
+    # spec 1.2 clarifications
+    simple("tensor_named_metadata", "a tensor named '__metadata__' (valid, §5.4) and one named 'x': the protocol "
+           "writes the first under the safetensors key '/__metadata__' (expected.safetensors has keys "
+           "'/__metadata__' and 'x')", "§5.4",
+           [raw_t("__metadata__", "float32", np.array([1.5, -2.0])), raw_t("x", "uint8", np.arange(3))])
+
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
@@ -1096,6 +1192,17 @@ def make_tq_invalid(out: Out):
         chunks_x(f"tq_transform_{label}", f"the float16 transform holds {bits:#06x} (entry 3)", bad_s,
                  "BAD_PAYLOAD", "§7.5.3")
 
+    # spec 1.2 clarifications
+    cnt("tq_counts_42_bit", "[2^42 - 1, 2^42 - 1] (two 6-byte varints: parse, first and last non-zero; the sum "
+        "is not the band's 32 symbols; a decoder building the §8.6 table before the sum check overflows 64 "
+        "bits)", leb128([(1 << 42) - 1] * 2))
+    # base: valid/tq_transform_constant_bands (stream 0 is the tensor's only stream)
+    t = tq_t("w", "float32", (4, 5), [(np.full((1, 4), -3), -4), (np.full((2, 4), 5), -6)],
+             S=rng(209).standard_normal((5, 3)))
+    t.chunks[0].payload = t.chunks[0].payload[:8] + struct.pack("<H", 0x7E00) + t.chunks[0].payload[10:]
+    ts_x("tq_transform_nan_constant_bands", "valid/tq_transform_constant_bands with one transform entry "
+         "(S[1, 1]) NaN: stored values are checked whether or not symbols follow", "§7.5.3", [t], "BAD_PAYLOAD")
+
 
 def make_tq_valid(out: Out):
     V = out.valid
@@ -1197,6 +1304,28 @@ def make_tq_valid(out: Out):
              "conv+MLP model (biases as tq m = 1 tensors)", 1, True, 3.0)):
         data = tq_encoder_file(seed, st, bits)
         V(name, what + "; header Minor_Version 1", "§7.5 §13", data, expected_by_spec(data), notes=ENC_NOTE)
+
+    # spec 1.2 clarifications
+    bands = [(np.full((1, 65), 8192), 0), (np.full((63, 65), 1), 0), (np.full((1, 65), 8192), 0)]
+    row = np.array([2048.0] + [1.0] * 63 + [-2048.0])
+    ts = [tq_t("a", "float32", (65, 65), bands, S=np.tile(row, (65, 1))),
+          tq_t("b", "float32", (65, 65), bands, S=np.tile(row[::-1], (65, 1)))]
+    assert all(np.all(np.frombuffer(t.expected, "<f4") == 63.0) for t in ts)
+    simple("tq_transform_long_sum", "tq transform float16, k = 65 terms per element in three constant bands "
+           "(q_min 8192, 1, 8192; step 1): every element sums 2^24, 63 ones and -2^24 (tensor b: the mirrored "
+           "order) = 63. Binary64 in any order gives 63; binary32 accumulation in index order gives 0 on a, "
+           "in reverse order 0 on b, outside the bound 2^-20 * (2^25 + 63) = 32", "§7.5.3", ts)
+    t0 = raw_t("t0", "float32", np.array([0.5, -1.0, 2.0]))
+    ts = [t0, alias_t("t1", 0, t0), uniform_t("t2", "float32", (2, 2), [3, 3, 3, 3], [-1]),
+          raw_t("t3", "int8", np.array([-1, 0, 1])),
+          tq_t("t4", "float32", (3, 4), [(np.array([[0, 1, 2, 3], [1, 2, 3, 0]]), -2), (np.full((1, 4), 5), -3)]),
+          raw_t("t5", "uint8", np.array([7, 8]))]
+    anc = [(1, Chunk(b"after t0's group, before the chunk-less t1 and t2", chunk_type=0x8000)),
+           (5, Chunk(b"after t4's last coded band (t4 complete: its last band has A_b = 1)", chunk_type=0x8001))]
+    V("ancillary_around_chunkless_tensors", "ancillary chunks between groups (§6.2): one after t0's chunks with "
+      "an alias and a constant uniform tensor (no groups) before t3's, one right after the last chunk of a tq "
+      "tensor whose last band has A_b = 1 (the tensor is complete there)", "§6.2",
+      assemble(ts, ancillary=anc).build(), expected_list(ts))
 
 
 # --- modes ecsq, kmeans, pq, dither (spec 1.2, spec/mode-lineage.md §7.6-§7.9) -----------------------
@@ -1608,6 +1737,19 @@ def make_lineage_valid(out: Out):
       f"statistics: each weight tq or a lineage mode by D + lam R (here: {', '.join(sorted(modes))}); header "
       "Minor_Version 2", "§7.5-§7.9 §13", data, expected_by_spec(data), notes=ENC_NOTE)
 
+    # spec 1.2 clarifications: §7.3.2's bfloat16 rounding at its edges
+    bits = np.array([0xFF7F8000, 0xFF7F7FFF, 0x80000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x7F7F7FFF,
+                     0x7F7F8000], dtype="<u4")
+    want = [0xFF80, 0xFF7F, 0x8000, 0x0000, 0x0002, 0x0080, 0x7F7F, 0x7F80]
+    assert [(int(x) + 0x7FFF + ((int(x) >> 16) & 1)) >> 16 for x in bits] == want  # §7.3.2's formula
+    t = ecsq_t("x", "bfloat16", (8,), np.arange(8), recon="codebook", values=bits.view("<f4"), precision="float32")
+    assert np.frombuffer(t.expected, "<u2").tolist() == want
+    simple("ecsq_codebook_bf16_rounding_edges", "ecsq codebook, precision float32, bfloat16 [8]: binary32 values "
+           "FF7F8000 -> FF80 (-inf: the tie at -(2^128 - 2^119) rounds to even), FF7F7FFF -> FF7F, 80000001 -> "
+           "8000 (-0), 00008000 -> 0000 (tie to even), 00018000 -> 0002 (tie up to even), 007FFFFF -> 0080 (a "
+           "subnormal rounds into the normal range), 7F7F7FFF -> 7F7F, 7F7F8000 -> 7F80 (+inf)",
+           "§7.3.2 §7.S.5", [t])
+
 
 def lineage_base():
     """Base file of the lineage invalid vectors (format 1.2): ecsq grid (2 symbol chunks) and codebook,
@@ -1944,6 +2086,31 @@ def make_lineage_invalid(out: Out):
     chunks_x("dither_rc_other_counts", "counts replaced by other valid counts (same A and sum); payload coded with "
              "the first table", other_counts, BP, "§7.S.2 §8.5")
 
+    # --- spec 1.2 clarifications
+    def between_streams(ts):
+        t = ts[LC]
+        k = len(stream_of(t, 0))
+        t.chunks.insert(k, Chunk(b"x", chunk_type=0x8000, stream=0xFFFF))
+    chunks_x("ancillary_between_streams", "an ancillary chunk between the ecsq codebook tensor's value stream "
+             "(stream 0, complete) and its symbol stream: inside the tensor's group", between_streams, BC, "§6.2")
+    par("pq_counts_42_bit", "counts [2^42 - 1, 2^42 - 1] (two 6-byte varints; the sum is not n x s = 12)", BT, LP,
+        put("counts", leb128([(1 << 42) - 1] * 2)), "§7.S.2 §7.8.1")
+    # base: valid/kmeans_groups (its middle group has K_g = 1, no symbol chunks)
+    t = kmeans_t("w", "float32", (9, 6), [(np.tile(np.arange(6) % 4, (2, 1)), [-1.5, -0.25, 0.5, 2.0]),
+                                          (np.zeros((3, 6), dtype=int), [0.125]),
+                                          (np.arange(24).reshape(4, 6) % 3, [-4.0, 0.0, 1.0])])
+    c = stream_of(t, 0)[0]
+    c.payload = c.payload[:8] + struct.pack("<H", 0x7E00) + c.payload[10:]
+    ts_x("kmeans_codebook_nan_single_value_group", "valid/kmeans_groups with its middle group's one value (K_g = "
+         "1: no symbols use it through a stream) NaN", "§7.S.3 §7.7.2", [t], BP)
+    # base: valid/ecsq_codebook_single_value (tensor c: A = 1, one stored value, no symbol chunks)
+    ts = [ecsq_t("c", "float32", (2, 5), np.zeros(10), recon="codebook", values=[-0.375]),
+          ecsq_t("e", "float32", (2, 2), [0, 1, 1, 0], recon="codebook", values=[0.5, 2.0], precision="float16")]
+    c = stream_of(ts[0], 0)[0]
+    c.payload = struct.pack("<H", 0x7C00)
+    ts_x("ecsq_codebook_single_value_inf", "valid/ecsq_codebook_single_value with the one stored value of tensor "
+         "c (A = 1, no symbol stream) +inf", "§7.S.3 §7.6.2", ts, BP)
+
 
 # --- the invalid vectors ---------------------------------------------------------------------------
 
@@ -2150,6 +2317,11 @@ def make_invalid(out: Out):
 
     man_v("record_not_map", "a tensor record that is an array", "§5.3",
           {"metadata": {}, "tensors": tv[:6] + [["m", "bool"]]}, "BAD_TENSOR_RECORD")
+    man_v("record_nil", "a tensor record that is nil (an element of 'tensors' that is not a map is a record "
+          "of the wrong type, not a manifest defect)", "§5.2 §5.3",
+          {"metadata": {}, "tensors": tv[:6] + [None]}, "BAD_TENSOR_RECORD")
+    man_v("record_string", "a tensor record that is the string 'w'", "§5.2 §5.3",
+          {"metadata": {}, "tensors": tv[:6] + ["w"]}, "BAD_TENSOR_RECORD")
     for k in ("name", "dtype", "shape", "mode", "params"):
         rec(f"record_missing_{k}", f"a tensor record without '{k}'", "§5.3", "BAD_TENSOR_RECORD", B, delk(k))
     rec("name_not_string", "name is binary", "§5.3", "BAD_TENSOR_RECORD", B, setk("name", b"b"))
@@ -2176,6 +2348,13 @@ def make_invalid(out: Out):
     rec("shape_negative_pair", "shape [-2, -4] (product 8)", "§5.3", "BAD_TENSOR_RECORD", B, setk("shape", [-2, -4]))
     rec("shape_float", "a dimension that is a float", "§5.3", "BAD_TENSOR_RECORD", B, setk("shape", [8.0]))
     rec("shape_bool", "a dimension that is true", "§5.3", "BAD_TENSOR_RECORD", B, setk("shape", [True] * 8))
+    # §5.3 step 4: the shape is typed and signed completely before any limit (the constant tensor c: no chunks)
+    rec("shape_9_dims_one_negative", "shape [1, 1, 1, 1, 1, 1, 1, 1, -1]: a negative dimension (checked before "
+        "the 8-dimension limit)", "§5.3", "BAD_TENSOR_RECORD", C, setk("shape", [1] * 8 + [-1]))
+    rec("shape_9_dims_one_float", "shape [1, 1, 1, 1, 1, 1, 1, 1, 1.0]: a dimension that is a float (checked "
+        "before the 8-dimension limit)", "§5.3", "BAD_TENSOR_RECORD", C, setk("shape", [1] * 8 + [1.0]))
+    rec("shape_negative_and_over_2e40", "shape [2^41, -1]: a negative dimension after one over §12's 2^40 "
+        "(signs before limits)", "§5.3", "BAD_TENSOR_RECORD", C, setk("shape", [1 << 41, -1]))
     rec("ndim_9", "9 dimensions", "§12", "LIMIT_EXCEEDED", B, setk("shape", [1] * 8 + [8]))
     rec("dim_over_limit", "a dimension of 2^40 + 1 (with a 0 dimension: no elements)", "§12", "LIMIT_EXCEEDED", E,
         setk("shape", [(1 << 40) + 1, 0]))
@@ -2335,6 +2514,17 @@ def make_invalid(out: Out):
     chunk("chunk_payload_past_eof", "a zstd chunk's Payload_Length reaches 1 byte past the end of the file",
           "§10.1", "TRUNCATED", 4,
           payload_length=len(f0.chunks[4].payload) + 32 + len(f0.chunks[5].payload) + 4 + 16 * 7 + 32 + 1)
+    # §10.1 step 3: the mode's Payload_Length rule, from the header, before TRUNCATED and the payload CRC
+    chunk("raw_none_payload_length_past_eof", "the last raw none chunk's Payload_Length (Item_Count 5) set to "
+          "1 byte past the end of the file (header CRC updated, payload and its CRC as they were): the mode's "
+          "length rule comes before TRUNCATED", "§7.2 §10.1", "BAD_CHUNK", 5,
+          payload_length=len(f0.chunks[5].payload) + 4 + 16 * 7 + 32 + 1)
+    chunk("raw_none_payload_length_minus_1", "a raw none chunk's Payload_Length one less than its Item_Count "
+          "(header CRC updated, payload and its CRC as they were): the mode's length rule comes before the "
+          "payload CRC", "§7.2 §10.1", "BAD_CHUNK", 2, payload_length=len(f0.chunks[2].payload) - 1)
+    chunk("uniform_payload_length_minus_1", "a range-coded chunk's Payload_Length one less (not a multiple of "
+          "4; header CRC updated, payload and its CRC as they were): the mode's length rule comes before the "
+          "payload CRC", "§7.3.2 §10.1", "BAD_CHUNK", 0, payload_length=len(f0.chunks[0].payload) - 1)
     chunk("chunk_sequence_starts_at_1", "first chunk of a stream has Sequence 1", "§6.2", "BAD_CHUNK", 2, sequence=1)
     chunk("chunk_sequence_gap", "Sequence 0 then 2", "§6.2", "BAD_CHUNK", 3, sequence=2)
     chunk("chunk_sequence_repeated", "Sequence 0 then 0", "§6.2", "BAD_CHUNK", 3, sequence=0)
@@ -2469,6 +2659,19 @@ def make_invalid(out: Out):
     zchunk("zstd_needs_dictionary", "a frame whose header names dictionary 7", b"\x28\xb5\x2f\xfd\x21\x07"
            + zstd_frame(zdata)[5:])
     zchunk("zstd_truncated", "a frame cut inside its last block", zstd_frame(zdata)[:-3])
+    last_raw_block = struct.pack("<I", 1 | (len(zdata) << 3))[:3] + zdata
+    zchunk("zstd_single_segment_content_size_2e28", "a single-segment frame (descriptor E0) whose 8-byte "
+           "Frame_Content_Size, so also its Window_Size, is 2^28, with one Raw block of the 80 bytes: the content "
+           "size is compared with Item_Count before the window limit",
+           b"\x28\xb5\x2f\xfd\xe0" + struct.pack("<Q", 1 << 28) + last_raw_block)
+    zchunk("zstd_window_2e31_with_content_size", "a frame declaring a 2^31-byte window and a 4-byte "
+           "Frame_Content_Size of 80 (= Item_Count), one Raw block of the 80 bytes: the window limit applies "
+           "when the content size is right",
+           b"\x28\xb5\x2f\xfd\x80" + bytes([(31 - 10) << 3]) + struct.pack("<I", 80) + last_raw_block,
+           "LIMIT_EXCEEDED")
+    zchunk("zstd_empty_payload", "a zstd chunk with Item_Count 80 and an empty payload (Payload_CRC32 0): zstd "
+           "has no Payload_Length rule, an empty payload is not a frame", b"")
+    zchunk("zstd_magic_only", "a zstd payload of the 4 magic bytes alone", b"\x28\xb5\x2f\xfd")
     f = good()
     f.chunks[5].payload = b"\x01\x00\x02\x01\x01"
     X("bool_byte_2", "a bool tensor holding the byte 2 (raw none)", "§5.5", f.build(), "BAD_PAYLOAD")
@@ -2591,6 +2794,12 @@ def make_invalid(out: Out):
     X("trailing_text", "text after the footer", "§10.1", g + b"appended junk\n", "TRAILING_DATA")
     X("trailing_whole_file", "the file twice in a row", "§10.1", g + g, "TRAILING_DATA")
     X("trailing_footer_copy", "a copy of the footer after the footer", "§10.1", g + g[-32:], "TRAILING_DATA")
+    # §10.1 step 3: fewer than 4 bytes where a chunk or the index is due is TRUNCATED, whatever they are
+    X("tail_3_bytes_not_a_tag", "the base file cut after its last chunk, then the 3 bytes 'XYZ' (no index, no "
+      "footer)", "§10.1", g[:index_off] + b"XYZ", "TRUNCATED")
+    empty = assemble([]).build()
+    X("tail_2_bytes_after_manifest", "valid/no_tensors' header and manifest followed by 2 zero bytes", "§10.1",
+      empty[:32 + struct.unpack_from("<I", empty, 20)[0]] + b"\x00\x00", "TRUNCATED")
 
 
 # --- README ------------------------------------------------------------------------------------------
@@ -2611,21 +2820,38 @@ files with a `tq` tensor Minor_Version 1; every other vector is a 1.0 file.
 - `valid/NAME/`: `in.tqz`, `expected.safetensors` (the decoded tensors, each in its own dtype;
   bfloat16 as safetensors `BF16`), `vector.json` (`what`, `spec`, `tolerance`, `dtype notes`).
   Valid vectors are bit-exact (`tolerance` 0: compare dtype, shape and bytes) except those with a
-  `tq` tensor with a float16 transform (`tq_transform_*`, `tq_alias`): spec/mode-tq.md §7.5.3 lets a
-  decoder sum in any order and precision >= binary32. Their `tolerance` is
-  `{{"abs": a, "rel": r, "abs_per_element": "tolerance.safetensors"}}`: an element passes when
-  |got − want| <= a + r·|want| + bound, `bound` being that element's entry in `tolerance.safetensors`
-  (float64, same names and shapes as `expected.safetensors`: 2^-20 · Σ_r |S[j,r]·C[r,i]|, 0 for
-  tensors without a transform); `r` is one ulp of the dtype (plus one of binary32 for float16 and
-  bfloat16), `a` the dtype's smallest subnormal (binary32's for float64). Their expected values are
-  the sums correctly rounded in binary64, rounded once to binary32, then to the dtype.
+  `tq` tensor with a float16 transform (`tq_transform_*`, `tq_alias`, the `*_transform_work*` vectors):
+  spec/mode-tq.md §7.5.3 lets a decoder compute the sums in any way that meets its 2^-20 bound
+  (binary64 in any order does; binary32 accumulation does not, see `valid/tq_transform_long_sum`).
+  Their `tolerance` is `{{"abs": a, "rel": r, "abs_per_element": "tolerance.safetensors"}}`: an element
+  passes when it equals the expected value, or when |got − want| <= a + r·|want| + bound, `bound`
+  being that element's entry in `tolerance.safetensors` (float64, same names and shapes as
+  `expected.safetensors`: 2^-20 · Σ_r |S[j,r]·C[r,i]|, 0 for tensors without a transform); `r` is one
+  ulp of the dtype (plus one of binary32 for float16 and bfloat16), `a` the smallest subnormal of the
+  format last rounded to (binary32's 2^-149 for float32 and float64, 2^-24 for float16, 2^-133 for
+  bfloat16). Their expected values are the sums correctly rounded in binary64, rounded once to
+  binary32, then to the dtype; no float16 element lies within its bound of ±65520 (where the rounding
+  to float16 overflows).
+- A valid (or `may_reject/`) vector whose output is too large to store has no `expected.safetensors`
+  but `expected_compact` in `vector.json`: `{{name: {{"dtype", "shape", "row_hex", "row_elems"}}}}`,
+  each tensor its row (`row_elems` elements, `row_hex` their bytes in the safetensors dtype `dtype`)
+  repeated; a constant tensor has a 1-element row. With a transform, `tolerance_row_hex` holds the
+  row's bounds (float64) and `tolerance` has `abs` and `rel` only. Vectors whose output is 1 GiB or
+  more are also marked `"large": true`: `run.py` runs them only with `--large` (and compares the
+  decoder's output memory-mapped, block by block).
 - `invalid/NAME/`: `in.tqz` and `vector.json` (`what`, `spec`, `expect_error`). Each file is a valid
   base file with exactly one defect (every other CRC and length is correct), so a decoder that follows
   spec §10.1's order of checks reports exactly `expect_error`.
-- `may_reject/NAME/`: like `valid/`, plus `may_reject_with` in `vector.json`: valid files a decoder
-  may refuse as over its own resource limits (spec §12, last paragraph), as FLAC's test bench has
-  files a decoder may refuse but must refuse cleanly. A decoder passes by decoding them exactly or by
-  rejecting them with exactly that code.
+- `may_reject/NAME/`: like `valid/`, plus `may_reject_with` and `level` in `vector.json`: valid files a
+  decoder may refuse, as FLAC's test bench has files a decoder may refuse but must refuse cleanly. A
+  decoder passes by decoding them exactly or by rejecting them with exactly that code. With
+  `LIMIT_EXCEEDED`, `level` is the lowest conformance level of spec §12.1 that must decode the file
+  (Level 1, which every decoder meets: files whose largest tensor is at most 2^30 bytes, all tensors
+  together at most 2^32 bytes, `tq` transform work Σ n·m·k at most 2^36 and length at most 2^32 bytes;
+  Level 2: 2^36, 2^42, 2^46, 2^44): a decoder that claims `level` or more must decode it, others may
+  refuse it with exactly `LIMIT_EXCEEDED` (`run.py --level N` states the level claimed, default 1;
+  tqcodec claims Level 2). Another `may_reject_with` is allowed at every level (the spec lets the
+  decoder choose). Valid vectors are within Level 1 (`level` not written).
 - `fixtures/v1.0/NAME/`, `fixtures/v1.1/NAME/`, `fixtures/v1.2/NAME/`: files written once by the encoder
   of that format version (tqcodec 0.1.0; v1.1: `tq` files; v1.2: `ecsq`, `kmeans`, `pq`, `dither` and
   mode `auto` files), with their decoded tensors. They are never regenerated (`make_vectors.py --init-fixtures` refuses to overwrite); every
@@ -2644,9 +2870,11 @@ An external decoder is a command run as
   in brackets, e.g. `model.tqz: footer CRC32 does not match [CHECKSUM_MISMATCH]`. A non-zero exit
   without a code (a crash, a traceback) never passes.
 
-Tensors are compared by name, so file order is not checked. A tensor named `__metadata__` could
-not be written to safetensors; no vector uses that name. Each run of an external decoder has a
-120-second limit.
+Tensors are compared by name, so file order is not checked. A tensor named `__metadata__` (a valid
+name, spec §5.4, but the key a safetensors header keeps its metadata under) is written under the key
+`/__metadata__`, every other tensor under its own name (no valid name starts with `/`: the mapping is
+injective); the output's own `__metadata__` header entry is ignored. Each run of an external decoder
+has a 120-second limit (1,200 seconds for `large` vectors).
 
 A valid vector passes when the decoder succeeds and every tensor matches `expected.safetensors`
 (same names, dtype, shape and bytes). An invalid vector passes when the decoder rejects it with
@@ -2657,6 +2885,7 @@ exactly `expect_error`; accepting the file or naming another code fails.
     .venv/bin/python conformance/run.py --decoder refdec         # conformance/refdec/refdec.py
     .venv/bin/python conformance/run.py --decoder "mytool" -v    # any command following the protocol
     .venv/bin/python conformance/run.py --decoder tqz-cli -j 4   # tqcodec's CLI (tqz decode IN -o OUT)
+    .venv/bin/python conformance/run.py --level 2 --large        # Level 2 decoders, large vectors included
 
 The built-in `tqcodec` decoder decodes each vector several ways: front to back from the path
 (`tqcodec.iter_tensors(path)`, as `tqcodec.load` does), front to back from a non-seekable stream (`tqcodec.iter_tensors` over a pipe-like
@@ -2664,7 +2893,16 @@ object), and by random access (`tqcodec.open(...).get_tensor` for every tensor);
 also read by random access from 4 threads sharing one open file, last tensor first. Valid vectors must
 pass every way. For invalid vectors the two front-to-back ways must give `expect_error`; random
 access must reject the file or may miss a defect it never reads (spec §10.2: a seeking decoder
-checks only what it reads), and a different code there is reported as a note, not a failure.
+checks only what it reads), and a different code there is reported as a note, not a failure. Vectors
+with `expected_compact` are decoded once, front to back, each tensor compared as it is handed out.
+
+An invalid vector has one defect, but one value can break several rules; then the code is the one
+of the rule §10.1 checks first (spec §1): `chunk_item_count_over_limit` is `LIMIT_EXCEEDED` although
+its stream then also holds too many items (the §12 limits of a chunk header come before its
+`BAD_CHUNK` rules), `chunk_payload_length_u32_max` is `LIMIT_EXCEEDED` although it also runs past the
+end of the file, `raw_none_payload_length_past_eof` is `BAD_CHUNK` (the mode's `Payload_Length` rule)
+although it runs past the end, and `zstd_single_segment_content_size_2e28` is `BAD_PAYLOAD` (content
+size against `Item_Count`) although the same field is a window over 2^27.
 
 ## Regenerating
 
@@ -2672,7 +2910,8 @@ checks only what it reads), and a different code there is reported as a note, no
 
 rewrites `valid/`, `invalid/`, `may_reject/` and this README (deterministically: twice gives identical bytes;
 `tests/test_conformance.py` checks this). Bytes that depend on a library: zstd frames made by the
-`zstandard` package and the `tqz.encoder` metadata (tqcodec's version) of the `encoder_*` vectors,
+`zstandard` package (and `may_reject/zstd_match_beyond_window`'s, patched) and the `tqz.encoder` metadata
+(tqcodec's version) of the `encoder_*` vectors,
 the whole of `encoder_tq_*` (tqcodec's tq encoder and `tqcodec.calibrate`, float arithmetic in torch), and
 the whole of `encoder_ecsq`, `encoder_kmeans`, `encoder_pq`, `encoder_dither` and `encoder_auto_bits3`
 (the encoders in `tqcodec.modes.ecsq`, `.kmeans`, `.pq` and `.dither`, float arithmetic in numpy).
@@ -2685,8 +2924,9 @@ small spec decoder (plain-Python range decoder of §8.4, §8.6 tables from count
 warning is printed if tqcodec decodes one differently (outside the tolerance, for `tq` transforms).
 
 Not covered by vectors: `RESERVED_NONZERO` (v1.0, 1.1 and 1.2 have no reserved field, see `SPEC_ISSUES.md`);
-files that only a decoder with huge memory could decode (e.g. a constant tensor of 2^36 elements):
-their expected output cannot be stored here. Open questions found while writing the vectors are in
+the file-length measure `L` of spec §12.1 (a file over 4 GiB cannot be stored here); decoding files
+beyond Level 2 (`may_reject/over_level2_tensor_bytes` decodes to 512 GiB: only a refusal can be
+checked in practice). Open questions found while writing the vectors are in
 [`SPEC_ISSUES.md`](SPEC_ISSUES.md).
 """
 
@@ -2698,12 +2938,20 @@ def write_readme(root: Path, fixtures_root: Path) -> None:
         for d in (sorted((root / group).iterdir()) if (root / group).is_dir() else []):
             info = json.loads((d / "vector.json").read_text())
             tol = info.get("tolerance", 0)
+            where = "`tolerance_row_hex`" if "expected_compact" in info else "`tolerance.safetensors`"
             exp = (f"`{info['expect_error']}`" if col else
                    "decodes bit-exact" if tol == 0 else
-                   f"decodes within the §7.5.3 tolerance (`tolerance.safetensors`, rel {tol['rel']:.3g})"
-                   if isinstance(tol, dict) and tol.get("abs_per_element") else f"decodes within {tol}")
+                   f"decodes within the §7.5.3 tolerance ({where}, rel {tol['rel']:.3g})"
+                   if isinstance(tol, dict) and ("abs_per_element" in tol or "expected_compact" in info)
+                   else f"decodes within {tol}")
+            if "expected_compact" in info:
+                exp += " (`expected_compact`" + (", large)" if info.get("large") else ")")
             if "may_reject_with" in info:
-                exp += f", or `{info['may_reject_with']}`"
+                if info["may_reject_with"] == "LIMIT_EXCEEDED":
+                    exp += (f", or `LIMIT_EXCEEDED` by a decoder below Level {info['level']}" if info["level"] > 1 else
+                            ", or `LIMIT_EXCEEDED`")
+                else:
+                    exp += f", or `{info['may_reject_with']}` (any level)"
             rows.append(f"| `{group}/{d.name}` | {info['what'].replace('|', '/')} ({info['spec']}) | {exp} |")
         lines.append(f"\n## {group} ({len(rows)} vectors)\n\n| vector | what it tests | expectation |\n|---|---|---|")
         lines += rows
@@ -2814,11 +3062,42 @@ def init_fixtures(root: Path) -> None:
     print(f"wrote {len(items)} fixtures to {vdir}")
 
 
-def make_resource_limits(out: Out):
-    """Files at the edge of the limits every decoder needs to bound its memory (spec §5.3, §7.2, §12).
+def constant_t(name, dtype, shape, q: int, code: int) -> T:
+    """A constant ``uniform`` tensor (A = 1: no chunks, every element q x step(code)) of any size; its
+    expected value is given compactly (``compact_by_spec``)."""
+    params = {"granularity": "tensor", "steps": [code], "q_min": q, "freqs": leb128([TOTAL])}
+    return T(name, dtype, shape, "uniform", params, [], None)
 
-    These were once "may reject" vectors; spec 1.0's clarifications made each one definite, so the
-    `may_reject/` group is empty for now (it stays for files a decoder may refuse as its own limit).
+
+def tq_ones_t(name, n: int, S) -> T:
+    """A float16 ``tq`` tensor [n, m] with a float16 transform S [m, k] and one constant band of k rows
+    (q_min 1, step 1: C is all ones, no symbol stream): every row of R is v[j] = sum_r S[j, r]."""
+    S = np.asarray(S, dtype="<f2")
+    m, k = S.shape
+    params = {"band_rows": [k], "steps": [0], "q_min": [1], "counts": [leb128([k * n])], "transform": "float16"}
+    data = S.tobytes()
+    return T(name, "float16", (n, m), "tq", params, [Chunk(data, stream=0, item_count=len(data))], None)
+
+
+def ones_row(S) -> dict:
+    """The compact expectation of ``tq_ones_t`` (sums by math.fsum, then binary32, then float16)."""
+    import math
+    S = np.asarray(S, dtype="<f2").astype(np.float64)
+    v = np.array([math.fsum(r) for r in S])
+    return {"row": round_f32_to("float16", v.astype(np.float32)), "elems": S.shape[0],
+            "bound": np.array([2.0 ** -20 * math.fsum(np.abs(r)) for r in S])}
+
+
+def make_resource_limits(out: Out):
+    """Files at the edge of the limits every decoder needs to bound its memory (spec §5.3, §7.2, §12), and
+    the conformance levels of spec §12.1.
+
+    The first ones were once "may reject" vectors; spec 1.0's clarifications made each one definite.
+    Spec 1.2's levels bring the `may_reject/` group back: valid files beyond Level 1 (a decoder may refuse
+    them with exactly `LIMIT_EXCEEDED` unless it claims the level in their vector.json), valid files at
+    Level 1's edges (every decoder decodes them), and one zstd frame a decoder may decode or reject
+    with `BAD_PAYLOAD` (§7.2). Outputs of a GiB or more are given compactly (`expected_compact`) and
+    marked `large`.
     """
     t = T("x", "float32", [1 << 40, 1 << 40, 0], "raw", {"codec": "none"}, [], b"")
     f = assemble([t, raw_t("y", "uint8", np.arange(3))])
@@ -2835,6 +3114,62 @@ def make_resource_limits(out: Out):
         else:
             out.invalid("zstd_window_2e31", "a zstd frame (no content size) declaring a 2^31-byte window, over "
                         "§12's limit of 2^27", "§7.2 §12", assemble(ts).build(), "LIMIT_EXCEEDED")
+
+    # §7.2: matches that reach further back than Window_Size (1 KiB declared) but not before the frame
+    import zstandard
+    data = rng(600).integers(0, 256, 1500, dtype=np.uint8).tobytes() * 2
+    params = zstandard.ZstdCompressionParameters(window_log=11, compression_level=3, write_content_size=0,
+                                                 write_checksum=0)
+    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    frame = b"".join(cobj.compress(data[i:i + 1000]) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+                     for i in range(0, len(data), 1000)) + cobj.flush()
+    assert frame[4:6] == b"\x00\x08" and len(frame) < 2000, "not the frame the vector needs"
+    frame = frame[:5] + b"\x00" + frame[6:]  # Window_Descriptor 2 KiB -> 1 KiB: matches at 1500 exceed it
+    assert zstandard.ZstdDecompressor().decompress(frame, max_output_size=len(data)) == data
+    ts = [raw_t("x", "uint8", np.frombuffer(data, np.uint8), codec="zstd", frame=lambda b: frame)]
+    out.valid("zstd_match_beyond_window", "a zstd frame (blocks of at most 1000 bytes) whose matches reach 1500 "
+              "bytes back while its Window_Descriptor declares 1 KiB (the 2 KiB window of the encoder patched): "
+              "an encoder must not write it; a decoder decodes it to the 3000 bytes or rejects it with "
+              "BAD_PAYLOAD", "§7.2", assemble(ts).build(), expected_list(ts), may_reject_with="BAD_PAYLOAD",
+              level=1)
+
+    # §12.1 conformance levels: B1 (one tensor's bytes), BT (all tensors' bytes), W (tq transform work)
+    def compact(name, what, ts, expected, **kw):
+        out.compact(name, what, "§12.1", assemble(ts).build(), expected, **kw)
+
+    def const(dtype, shape, value):
+        return compact_entry(dtype, shape, round_to(dtype, np.array([value])), 1)
+
+    n28 = 1 << 28
+    compact("level1_tensor_bytes_at_limit", "a constant float32 [2^28] (uniform, A = 1): exactly Level 1's "
+            "2^30 bytes for one tensor", [constant_t("x", "float32", [n28], 5, 1)],
+            {"x": const("float32", [n28], 6.25)}, large=True)
+    compact("over_level1_tensor_bytes", "a constant float32 [2^28 + 1] (uniform, A = 1, q_min 3, step 1): 2^30 + 4 "
+            "bytes of 3.0, over Level 1's one-tensor bytes", [constant_t("x", "float32", [n28 + 1], 3, 0)],
+            {"x": const("float32", [n28 + 1], 3.0)}, large=True, level=2, may_reject_with="LIMIT_EXCEEDED")
+    w = constant_t("w", "float32", [n28], -1, -4)
+    ts = [w, alias_t("w_tied_1", 0, w), alias_t("w_tied_2", 0, w), alias_t("w_tied_3", 0, w),
+          raw_t("b", "uint8", np.array([9]))]
+    cw = const("float32", [n28], -0.5)
+    compact("over_level1_decoded_bytes", "a constant float32 [2^28] (2^30 bytes), three aliases of it and a "
+            "uint8 [1]: 2^32 + 1 decoded bytes, over Level 1's total (each tensor within it)", ts,
+            {"w": cw, "w_tied_1": cw, "w_tied_2": cw, "w_tied_3": cw,
+             "b": compact_entry("uint8", [1], b"\x09", 1)}, large=True, level=2, may_reject_with="LIMIT_EXCEEDED")
+    for name, seed, n, label, what in (
+            ("level1_transform_work_at_limit", 601, 1 << 16, "2^16", "exactly Level 1's 2^36"),
+            ("over_level1_transform_work", 602, (1 << 16) + 1, "2^16 + 1", "(2^16 + 1) x 2^20 = 2^36 + 2^20, over "
+             "Level 1's 2^36")):
+        S = (rng(seed).standard_normal((1 << 10, 1 << 10)) * 0.5).astype("<f2")
+        r = ones_row(S)
+        kw = {} if name.startswith("level1") else {"level": 2, "may_reject_with": "LIMIT_EXCEEDED"}
+        compact(name, f"tq float16 [{label}, 2^10] with a float16 transform, k = 2^10, all bands constant (C all "
+                f"ones: no symbol stream, the file is S): transform work n m k = {what}; every row of the "
+                "output is v[j] = sum_r S[j, r]", [tq_ones_t("w", n, S)],
+                {"w": compact_entry("float16", [n, 1 << 10], r["row"], r["elems"], r["bound"])}, large=True, **kw)
+    compact("over_level2_tensor_bytes", "a constant float64 [2^36] (uniform, A = 1, within §12's element limit): "
+            "2^39 bytes, over Level 2's one-tensor bytes (a decoder refusing it answers at once)",
+            [constant_t("x", "float64", [1 << 36], 3, 0)], {"x": const("float64", [1 << 36], 3.0)}, large=False,
+            level=3, may_reject_with="LIMIT_EXCEEDED")
 
 
 def generate(root: Path, fixtures_root: Path) -> tuple[int, int, int]:

@@ -179,7 +179,10 @@ def decode(
     jobs: int = typer.Option(1, "--jobs", "-j", help="decode tensors in N processes (0: every core; a file, "
                              "not standard input)"),
 ) -> None:
-    """Decode a .tqz file into a .pt or .safetensors file, or a Hugging Face folder."""
+    """Decode a .tqz file into a .pt or .safetensors file, or a Hugging Face folder.
+
+    A tensor named __metadata__ (the key safetensors reserves for its metadata) is written to a
+    .safetensors output as /__metadata__, with a warning; a folder output refuses it."""
     with _errors():
         source = _decode_source(input)
         out = output or _default_output(input, ".pt")

@@ -27,7 +27,7 @@ def _decode(mode: str, dtype: str, shape: tuple, params: dict, streams: list) ->
     """The mode's decoder on the encoder's params and streams (stream counts checked first)."""
     rec = TensorRecord("w", dtype, tuple(shape), mode, params)
     p = MODES[mode].parse(rec)
-    items = MODES[mode].stream_items(p, 0, [rec])
+    items = tuple(s.items for s in MODES[mode].stream_items(p, 0, [rec]))
     assert items == tuple(sum(n for n, _ in s) for s in streams)
     return storage_to_float64(dtype, MODES[mode].decode(p, rec, streams))
 

@@ -117,7 +117,7 @@ def test_decoder_rebuilds_encoder_reconstruction_exactly(model_and_stats):
                                          layout=layouts[name])
         shape = tuple(sd[name].shape)
         rec = TensorRecord(name, "float32", shape, "tq", params)
-        assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])[1:] == tuple(
+        assert tuple(s.items for s in tq_mode.stream_items(tq_mode.parse(rec), 0, [rec]))[1:] == tuple(
             sum(c for c, _ in s) for s in streams[1:])
         got = tq_mode.decode(tq_mode.parse(rec), rec, streams)
         want = np.concatenate([reconstruction(u, c) for u, c in zip(bands, codes)]).astype(np.float32)

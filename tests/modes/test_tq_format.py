@@ -23,7 +23,7 @@ def test_transform_decode_matches_reference():
     lv = rng.integers(-7, 8, size=(k, n))
     _, params, streams = tq_mode.write([lv[:2], lv[2:]], [-8, -12], transform=s)
     rec = _rec(params, shape=(n, m))
-    assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec]) == (2 * m * k, 2 * n, n)
+    assert tuple(s.items for s in tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])) == (2 * m * k, 2 * n, n)
     got = tq_mode.decode(tq_mode.parse(rec), rec, streams)
     c = np.concatenate([lv[:2] * steps_from_codes([-8])[0], lv[2:] * steps_from_codes([-12])[0]])
     want = (s.astype(np.float64) @ c).T
@@ -34,7 +34,7 @@ def test_transform_decode_matches_reference():
 def test_single_symbol_band_has_no_stream_items():
     _, params, streams = tq_mode.write([np.zeros((4, 6), dtype=np.int64)], [0])
     rec = _rec(params)
-    assert tq_mode.stream_items(tq_mode.parse(rec), 0, [rec]) == (0, 0)
+    assert tuple(s.items for s in tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])) == (0, 0)
     assert not streams[1]
     assert np.all(tq_mode.decode(tq_mode.parse(rec), rec, streams) == 0)
 

@@ -1,9 +1,11 @@
-"""Spec §6: chunk headers and payload checksums, and §6.2's order of DATA chunks."""
+"""Spec §6: chunk headers and payload checksums, §6.2's order of DATA chunks, and the rule a
+stream's kind sets on a chunk's ``Payload_Length`` (§10.1 step 3)."""
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .. import limits as L
 from ..errors import fail
@@ -55,15 +57,45 @@ def parse_chunk_header(data: bytes) -> ChunkHeader:
     return ChunkHeader(ctype, stream, tidx, seq, count, plen, pcrc)
 
 
+class PayloadKind(enum.Enum):
+    """What a stream's chunk payloads are, which fixes the mode's rule on ``Payload_Length``
+    (spec §10.1 step 3, checked from the chunk header, ``BAD_CHUNK``)."""
+
+    BYTES = "bytes"  # the items themselves: Payload_Length == Item_Count (§7.2 none, §7.5.2 stream 0, §7.S.3)
+    SYMBOLS = "symbols"  # range-coded 32-bit words: a positive multiple of 4 (§7.3.2, §7.5.2 bands, §7.S.4)
+    ZSTD = "zstd"  # one zstd frame: no rule on the length (§7.2; a short frame is BAD_PAYLOAD)
+
+
+class StreamSpec(NamedTuple):
+    """One stream of a tensor as its mode lays it out (spec §7): its item count and its kind.
+    The container reader sees a mode only through these."""
+
+    items: int
+    kind: PayloadKind
+
+
+def check_payload_length(h: ChunkHeader, kind: PayloadKind) -> None:
+    """Spec §10.1 step 3: the mode's rule on a DATA chunk's ``Payload_Length``, from the header
+    alone (after the order and count rules, before the payload is read), ``BAD_CHUNK``."""
+    n = h.payload_length
+    if kind is PayloadKind.BYTES and n != h.item_count:
+        raise fail("BAD_CHUNK", f"chunk of tensor {h.tensor_index} stream {h.stream}: Payload_Length {n} "
+                                f"differs from Item_Count {h.item_count} (they must be equal)")
+    if kind is PayloadKind.SYMBOLS and (n % 4 or n == 0):
+        raise fail("BAD_CHUNK", f"chunk of tensor {h.tensor_index} stream {h.stream}: range-coded "
+                                f"Payload_Length {n} is not a positive multiple of 4")
+
+
 def check_payload(header: ChunkHeader, payload: bytes) -> None:
     if crc32(payload) != header.payload_crc:
         raise fail("CHECKSUM_MISMATCH", f"payload CRC32 of a chunk of tensor {header.tensor_index} does not match")
 
 
 class ChunkOrder:
-    """Spec §6.2: the order and counts of DATA chunks, checked chunk by chunk."""
+    """Spec §6.2: the order and counts of DATA chunks, checked chunk by chunk. ``layouts[t][s]``:
+    the item count of tensor t's stream s."""
 
-    def __init__(self, layouts: Sequence[tuple[int, ...]]):
+    def __init__(self, layouts: Sequence[Sequence[int]]):
         self.layouts = layouts
         self.tensor = 0
         self.stream = 0

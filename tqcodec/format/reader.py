@@ -1,7 +1,7 @@
 """Spec §10: reading a file, front to back (§10.1, any stream) or by random access (§10.2).
 
 This module knows bytes, not numerics: a mode is visible to it only through ``StreamLayout``,
-the item counts of a tensor's streams.
+the item count and payload kind of each of a tensor's streams (``StreamSpec``).
 """
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 from .. import limits as L
 from ..errors import TqzError, fail
 from .checksum import crc32
-from .chunks import CHUNK_HEADER_SIZE, CHUNK_TAG, ChunkOrder, check_payload, parse_chunk_header
+from .chunks import (CHUNK_HEADER_SIZE, CHUNK_TAG, ChunkOrder, StreamSpec, check_payload, check_payload_length,
+                     parse_chunk_header)
 from .header import HEADER_SIZE, Header, parse_header
 from .index import FOOTER_SIZE, INDEX_ENTRY_SIZE, INDEX_TAG, check_footer, parse_footer, parse_index
 from .manifest import Manifest, TensorRecord, parse_manifest
 
-StreamLayout = Callable[[int, TensorRecord, Sequence[TensorRecord]], tuple[int, ...]]
-"""(tensor index, record, all records) -> item count of each stream; validates the mode's params."""
+StreamLayout = Callable[[int, TensorRecord, Sequence[TensorRecord]], tuple[StreamSpec, ...]]
+"""(tensor index, record, all records) -> each stream's item count and payload kind; validates the
+mode's params."""
 
 
 @dataclass
@@ -31,10 +33,14 @@ class TensorChunks:
     streams: list[list[tuple[int, bytes]]]  # per stream: (Item_Count, payload)
 
 
-def _layouts(manifest: Manifest, layout: StreamLayout) -> list[tuple[int, ...]]:
-    """Each tensor's stream item counts (spec §10.1 step 2: the mode's parameters). A mode
-    reports hostile parameters as a TqzError; any other exception is a bug and propagates."""
-    return [layout(i, r, manifest.tensors) for i, r in enumerate(manifest.tensors)]
+def _layouts(manifest: Manifest, layout: StreamLayout) -> list[tuple[StreamSpec, ...]]:
+    """Each tensor's streams (spec §10.1 step 2: the mode's parameters). A mode reports hostile
+    parameters as a TqzError; any other exception is a bug and propagates."""
+    return [tuple(layout(i, r, manifest.tensors)) for i, r in enumerate(manifest.tensors)]
+
+
+def _items(specs: Sequence[StreamSpec]) -> tuple[int, ...]:
+    return tuple(s.items for s in specs)
 
 
 # --- spec §10.1 front to back ----------------------------------------------------------------
@@ -101,7 +107,7 @@ def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,
     layouts = _layouts(manifest, layout)
     if on_manifest is not None:
         on_manifest(header, manifest)
-    order = ChunkOrder(layouts)
+    order = ChunkOrder([_items(specs) for specs in layouts])
     spans: list[tuple[int, int]] = [(0, 0)] * len(manifest.tensors)
     span_start: Optional[int] = None
     current: Optional[TensorChunks] = None
@@ -133,6 +139,7 @@ def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,
             continue
         expected_tensor = order.tensor
         completes = order.accept(h)
+        check_payload_length(h, layouts[expected_tensor][h.stream].kind)  # before the payload is read
         yield from flush_empty(expected_tensor)
         if current is None:
             current = TensorChunks(expected_tensor, manifest.tensors[expected_tensor],
@@ -208,7 +215,7 @@ class RandomAccessReader:
         check_footer(footer, self.header, self.manifest, footer.index_offset)
         last_end = data_start
         for i, (off, length) in enumerate(self.spans):
-            has_items = any(self.layouts[i])
+            has_items = any(_items(self.layouts[i]))
             if (length == 0) != (not has_items) or (length == 0 and off != 0):
                 raise fail("BAD_INDEX", f"index entry {i} does not match tensor {self.manifest.tensors[i].name!r}")
             if length:
@@ -227,7 +234,8 @@ class RandomAccessReader:
         data = self._read_at(off, length)
         if len(data) != length:
             raise fail("TRUNCATED", f"file ends inside the span of tensor {record.name!r}")
-        order = ChunkOrder([(0,) * len(layout) if j != index else layout for j in range(index + 1)])
+        counts = _items(layout)
+        order = ChunkOrder([(0,) * len(layout) if j != index else counts for j in range(index + 1)])
         pos = 0
         while pos < length:
             if length - pos < CHUNK_HEADER_SIZE:
@@ -235,14 +243,17 @@ class RandomAccessReader:
             h = parse_chunk_header(data[pos:pos + CHUNK_HEADER_SIZE])
             if h.ancillary:
                 raise fail("BAD_INDEX", f"span of tensor {record.name!r} holds an ancillary chunk")
-            if pos + CHUNK_HEADER_SIZE + h.payload_length > length:
-                raise fail("BAD_INDEX", f"span of tensor {record.name!r} ends inside a chunk")
             try:
                 order.accept(h)
             except TqzError as exc:
                 if exc.code == "BAD_CHUNK":  # spec §10.2: a span that does not hold its chunks
                     raise fail("BAD_INDEX", f"span of tensor {record.name!r}: {exc.message}") from None
                 raise
+            # spec §10.1 step 3's order: the mode's length rule (the chunk's own defect, BAD_CHUNK as
+            # front to back) before the payload's end is compared with the span's
+            check_payload_length(h, layout[h.stream].kind)
+            if pos + CHUNK_HEADER_SIZE + h.payload_length > length:
+                raise fail("BAD_INDEX", f"span of tensor {record.name!r} ends inside a chunk")
             payload = data[pos + CHUNK_HEADER_SIZE:pos + CHUNK_HEADER_SIZE + h.payload_length]
             check_payload(h, payload)
             streams[h.stream].append((h.item_count, payload))

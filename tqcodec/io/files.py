@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping, Union
 
@@ -185,17 +186,37 @@ class _KeepOSError:
         self._f.flush()
 
 
+SAFETENSORS_RESERVED = "__metadata__"  # the key of a safetensors header that holds its metadata
+
+
+def safetensors_key(name: str) -> str:
+    """The safetensors key of tensor ``name`` (spec §5.4, the conformance decoder protocol): a tensor
+    named ``__metadata__`` goes under ``/__metadata__`` (no valid name starts with ``/``, so the
+    mapping is injective), every other tensor under its own name."""
+    return "/" + name if name == SAFETENSORS_RESERVED else name
+
+
 def write_model(tensors: Mapping[str, torch.Tensor], path: PathLike, overwrite: bool,
                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` as ``.safetensors`` or ``.pt`` by the suffix of ``path``, atomically."""
+    """Write ``tensors`` as ``.safetensors`` or ``.pt`` by the suffix of ``path``, atomically.
+
+    A ``.safetensors`` file cannot hold a tensor named ``__metadata__`` (its header's metadata key):
+    such a tensor is written as ``/__metadata__``, with a warning (spec §5.4)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         seen: set[int] = set()
         plain = {}
         for k, v in tensors.items():  # safetensors refuses shared storage: copy tied tensors
+            key = safetensors_key(k)
+            if key != k:
+                if key in tensors:
+                    raise fail("BAD_INPUT", f"tensors {k!r} and {key!r} would share the safetensors key {key!r}",
+                               path)
+                warnings.warn(f"{path}: tensor {k!r} written as {key!r} (safetensors reserves {k!r})",
+                              stacklevel=2)
             ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-            plain[k] = v.clone() if ptr in seen else v.contiguous()
+            plain[key] = v.clone() if ptr in seen else v.contiguous()
             if ptr != -1:
                 seen.add(ptr)
         data = save_safetensors(plain, metadata=dict(metadata) if metadata else None)

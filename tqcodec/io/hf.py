@@ -356,6 +356,12 @@ def write_folder(out: PathLike, records: list[tuple[str, str, tuple[int, ...]]],
     with ``files``; returns the shard file names."""
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise fail("BAD_OPTION", f"shard size must be a positive number of bytes, got {shard_size!r}")
+    # spec §5.4: a valid name that a safetensors header cannot hold (its metadata key). A Hugging
+    # Face folder keeps names as they are, so refuse the folder rather than rename the tensor
+    for name, _, _ in records:
+        if name == "__metadata__":
+            raise fail("BAD_INPUT", "a tensor named '__metadata__' cannot be written to a Hugging Face folder "
+                                    "(safetensors reserves that key); decode to .pt or .safetensors instead", out)
     files = check_files(files)
     plan = plan_shards(records, shard_size)
     names = shard_names(len(plan))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import fail
+from ..format.chunks import StreamSpec
 from ..format.manifest import TensorRecord
 from .base import Encoded, check_keys
 
@@ -20,7 +21,7 @@ def parse(record: TensorRecord) -> Params:
     return Params(check_keys(record, {"of": int})["of"])
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
     """Spec §7.4: ``of`` names an earlier tensor that is no alias, of the same dtype and shape."""
     record = records[index]
     j = p.of

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, Optional, Protocol, Sequence
 import numpy as np
 
 from ..errors import fail
+from ..format.chunks import StreamSpec
 from ..format.dtypes import FLOAT_NAMES
 from ..format.manifest import TensorRecord
 
@@ -28,7 +29,9 @@ class Mode(Protocol):
 
     - ``parse(record) -> Params``: the mode's parameter rules (spec §7.x.1) in the spec's order,
       a frozen value; ``TqzError`` for every rule a file can break, never another exception;
-    - ``stream_items(params, index, records) -> tuple[int, ...]``: each stream's item count;
+    - ``stream_items(params, index, records) -> tuple[StreamSpec, ...]``: each stream's item count
+      and payload kind (``format.chunks.PayloadKind``: the rule on its chunks' ``Payload_Length``
+      that the container reader checks from each chunk header, spec §10.1 step 3);
     - ``decode(params, record, streams) -> np.ndarray``: the tensor's storage array;
     - ``parts(params, record, streams) -> dict``: the decoded integer stage (levels, steps,
       codebooks: what training and transform-domain layers work on), with the same checks.
@@ -36,7 +39,7 @@ class Mode(Protocol):
 
     def parse(self, record: TensorRecord) -> Any: ...
 
-    def stream_items(self, params: Any, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]: ...
+    def stream_items(self, params: Any, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]: ...
 
     def decode(self, params: Any, record: TensorRecord, streams: list[Chunks]) -> np.ndarray: ...
 

@@ -8,6 +8,7 @@ import numpy as np
 import zstandard
 
 from ..errors import fail
+from ..format.chunks import PayloadKind, StreamSpec
 from ..format.dtypes import STORAGE
 from ..format.manifest import TensorRecord
 from .base import Chunks, Encoded, check_keys
@@ -29,9 +30,11 @@ def parse(record: TensorRecord) -> Params:
     return Params(codec)
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
+    """Spec §7.2: stream 0 the tensor's bytes, as they are (``none``) or one zstd frame per chunk."""
     record = records[index]
-    return (record.numel * record.itemsize,)
+    kind = PayloadKind.BYTES if p.codec == "none" else PayloadKind.ZSTD
+    return (StreamSpec(record.numel * record.itemsize, kind),)
 
 
 def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
@@ -45,7 +48,7 @@ def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray
     parts = []
     for count, payload in streams[0]:
         if codec == "none":
-            if len(payload) != count:
+            if len(payload) != count:  # the reader checked it from the header; kept for direct callers
                 raise fail("BAD_CHUNK", f"tensor {record.name!r}: raw chunk of {len(payload)} bytes "
                                         f"declares {count} items")
             parts.append(payload)
@@ -61,10 +64,13 @@ def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray
 
 
 def _decompress(payload: bytes, count: int, name: str) -> bytes:
+    """Spec §7.2's order: frame header, content size against ``count``, window limit, blocks."""
     try:
         params = zstandard.get_frame_parameters(payload)
     except zstandard.ZstdError as exc:
         raise fail("BAD_PAYLOAD", f"tensor {name!r}: not a zstd frame ({exc})") from None
+    if params.dict_id != 0:  # step 1 (libzstd would also refuse it, but only after the window check)
+        raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame needs dictionary {params.dict_id}")
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, count):
         raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame declares {params.content_size} bytes, "
                                   f"chunk declares {count}")

@@ -42,7 +42,8 @@ def table(counts: np.ndarray) -> Optional[np.ndarray]:
 
 def read_values(chunks: Chunks, count: int, precision: str, name: str) -> np.ndarray:
     """Spec §7.S.3: ``count`` stored values as float32 (exact), each finite (``BAD_PAYLOAD``);
-    every chunk's ``Payload_Length`` equals its ``Item_Count`` (``BAD_CHUNK``)."""
+    every chunk's ``Payload_Length`` equals its ``Item_Count`` (``BAD_CHUNK``: the container reader
+    checks it from each header, spec §10.1 step 3; checked again here for direct callers)."""
     for items, payload in chunks:
         if len(payload) != items:
             raise fail("BAD_CHUNK", f"tensor {name!r}: a value chunk of {len(payload)} bytes declares "
@@ -72,7 +73,8 @@ def value_chunks(values: np.ndarray, precision: str) -> Chunks:
 # --- §7.S.4 symbol streams ----------------------------------------------------------------------
 
 def read_symbols(chunks: Chunks, freqs: Optional[np.ndarray], count: int, name: str) -> np.ndarray:
-    """Spec §7.S.4 (and §7.5.2's bands): ``count`` symbols (int64); all 0 for a one-entry table."""
+    """Spec §7.S.4 (and §7.5.2's bands): ``count`` symbols (int64); all 0 for a one-entry table.
+    Payload lengths are checked again (the container reader checks them from the headers)."""
     if freqs is None:
         return np.zeros(count, dtype=np.int64)
     out = np.empty(count, dtype=np.int64)

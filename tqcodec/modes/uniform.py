@@ -12,6 +12,7 @@ from .. import limits as L
 from ..coding.rangecoder import Model, decode_symbols, encode_symbols
 from ..coding.tables import frequencies_from_counts
 from ..errors import fail
+from ..format.chunks import PayloadKind, StreamSpec
 from ..format.dtypes import FLOAT_NAMES, round_binary32, storage_to_float64
 from ..format.leb128 import TOTAL, pack_freqs, unpack_freqs
 from ..format.manifest import TensorRecord
@@ -63,8 +64,9 @@ def parse(record: TensorRecord) -> Params:
     return Params(gran, tuple(steps), q_min, freqs)
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
-    return (records[index].numel if len(p.freqs) > 1 else 0,)
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
+    """Spec §7.3.2: stream 0 the symbols (none for a one-entry table)."""
+    return (StreamSpec(records[index].numel if len(p.freqs) > 1 else 0, PayloadKind.SYMBOLS),)
 
 
 def _decoded_levels(p: Params, record: TensorRecord, streams: list[Chunks], dtype: type) -> np.ndarray:

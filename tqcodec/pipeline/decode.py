@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import fail
+from ..format.chunks import StreamSpec
 from ..format.manifest import TensorRecord
 from ..format.reader import TensorChunks
 from ..limits import DEFAULT_LIMITS, Limits
@@ -18,26 +19,20 @@ from .tensors import storage_to_tensor
 class Layout:
     """The ``StreamLayout`` of the container reader: checks a record against this reader's
     resource limits (spec §12), parses its mode's parameters (kept, so decoding parses them
-    once) and gives its streams' item counts."""
+    once) and gives its streams (item counts and payload kinds)."""
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS):
         self.limits = limits
         self.params: dict[int, Any] = {}
 
-    def __call__(self, index: int, record: TensorRecord, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+    def __call__(self, index: int, record: TensorRecord, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
+        # spec §12.1: this reader's own limit (default: Level 2's 2^36 bytes per tensor). Every shape
+        # numpy and torch can hold: the manifest's element limit counts a 0 dimension as 1 (§5.3), so
+        # the dimensions multiply to at most 2^36 x 8 bytes, even for an empty tensor
         if record.numel * record.itemsize > self.limits.max_tensor_bytes:
             raise fail("LIMIT_EXCEEDED", f"tensor {record.name!r} would decode to "
                                          f"{record.numel * record.itemsize} bytes (this reader's limit is "
                                          f"{self.limits.max_tensor_bytes})")
-        # an empty tensor whose other dimensions multiply past 2^63 bytes (e.g. [2^40, 2^40, 0]) is
-        # valid but has no numpy/torch shape: refuse it as this reader's resource limit (spec §12),
-        # not as BAD_PAYLOAD (conformance/may_reject/empty_tensor_huge_dims)
-        span = record.itemsize
-        for d in record.shape:
-            span *= max(d, 1)
-        if span >= 1 << 63:
-            raise fail("LIMIT_EXCEEDED", f"tensor {record.name!r}: shape {list(record.shape)} cannot be "
-                                         "represented by this reader (dimensions multiply past 2^63 bytes)")
         mode = mode_of(record)
         params = mode.parse(record)
         items = mode.stream_items(params, index, records)

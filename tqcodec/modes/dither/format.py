@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...errors import fail
+from ...format.chunks import PayloadKind, StreamSpec
 from ...format.dtypes import round_binary64
 from ...format.leb128 import pack_counts, unpack_counts
 from ...format.manifest import TensorRecord
@@ -63,9 +64,9 @@ def parse(record: TensorRecord) -> Params:
     return Params(lattice, step, seed, tuple(p["q_min"]), counts, tuple(table(c) for c in counts), n)
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
     """Spec §7.9.2: one symbol stream per coordinate (N symbols, 0 for a one-entry table)."""
-    return tuple(p.n if f is not None else 0 for f in p.freqs)
+    return tuple(StreamSpec(p.n if f is not None else 0, PayloadKind.SYMBOLS) for f in p.freqs)
 
 
 # --- §7.S.6 dither generator ----------------------------------------------------------------------

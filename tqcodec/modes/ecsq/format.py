@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...errors import fail
+from ...format.chunks import PayloadKind, StreamSpec
 from ...format.dtypes import round_binary32
 from ...format.leb128 import pack_counts, unpack_counts
 from ...format.manifest import TensorRecord
@@ -61,10 +62,11 @@ def parse(record: TensorRecord) -> Params:
     return Params(recon, step, q_min, precision, counts, table(counts))
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
     """Spec §7.6.2: stream 0 the stored values' bytes (codebook), stream 1 the symbols."""
     values = 0 if p.recon == "grid" else len(p.counts) * PRECISIONS[p.precision].itemsize
-    return values, (records[index].numel if p.freqs is not None else 0)
+    return (StreamSpec(values, PayloadKind.BYTES),
+            StreamSpec(records[index].numel if p.freqs is not None else 0, PayloadKind.SYMBOLS))
 
 
 def reconstruct(recon: str, symbols: np.ndarray, *, step: int = 0, q_min: int = 0,

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...errors import fail
+from ...format.chunks import PayloadKind, StreamSpec
 from ...format.dtypes import round_binary32
 from ...format.leb128 import pack_counts, unpack_counts
 from ...format.manifest import TensorRecord
@@ -52,10 +53,11 @@ def parse(record: TensorRecord) -> Params:
     return Params(precision, n, m, tuple(rows), counts, tuple(table(c) for c in counts))
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
     """Spec §7.7.2: stream 0 the codebooks' bytes, stream 1+g group g's symbols."""
-    first = PRECISIONS[p.precision].itemsize * sum(len(c) for c in p.counts)
-    return (first,) + tuple(r * p.m if f is not None else 0 for r, f in zip(p.rows, p.freqs))
+    first = StreamSpec(PRECISIONS[p.precision].itemsize * sum(len(c) for c in p.counts), PayloadKind.BYTES)
+    return (first,) + tuple(StreamSpec(r * p.m if f is not None else 0, PayloadKind.SYMBOLS)
+                            for r, f in zip(p.rows, p.freqs))
 
 
 def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:

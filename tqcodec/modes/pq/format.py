@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...errors import fail
+from ...format.chunks import PayloadKind, StreamSpec
 from ...format.dtypes import round_binary32
 from ...format.leb128 import pack_counts, unpack_counts
 from ...format.manifest import TensorRecord
@@ -50,9 +51,10 @@ def parse(record: TensorRecord) -> Params:
     return Params(precision, n, m, d, s, counts, table(counts))
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
     """Spec §7.8.2: stream 0 the codebook's bytes, stream 1 the sub-vectors' symbols."""
-    return (len(p.counts) * p.d * PRECISIONS[p.precision].itemsize, p.n * p.s if p.freqs is not None else 0)
+    return (StreamSpec(len(p.counts) * p.d * PRECISIONS[p.precision].itemsize, PayloadKind.BYTES),
+            StreamSpec(p.n * p.s if p.freqs is not None else 0, PayloadKind.SYMBOLS))
 
 
 def reconstruct(symbols: np.ndarray, codebook: np.ndarray, n: int, m: int) -> np.ndarray:

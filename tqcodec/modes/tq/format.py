@@ -15,6 +15,7 @@ import numpy as np
 
 from ... import limits as L
 from ...errors import fail
+from ...format.chunks import PayloadKind, StreamSpec
 from ...format.dtypes import FLOAT_NAMES, round_binary32
 from ...format.leb128 import pack_counts, unpack_counts
 from ...format.manifest import TensorRecord
@@ -92,11 +93,12 @@ def parse(record: TensorRecord) -> Params:
     return Params(layout, transform, n, m, k, cols, tuple(rows), tuple(steps), tuple(qmins), tuple(freqs))
 
 
-def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[int, ...]:
-    """Stream 0: the transform's bytes (2*m*k, or 0); stream 1+b: band b's symbols (0 when its
-    table has one entry)."""
-    first = 2 * p.m * p.k if p.transform == "float16" else 0
-    return (first,) + tuple(r * p.cols if f is not None else 0 for r, f in zip(p.rows, p.freqs))
+def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
+    """Spec §7.5.2: stream 0 the transform's bytes (2*m*k, or 0); stream 1+b band b's symbols (0
+    when its table has one entry)."""
+    first = StreamSpec(2 * p.m * p.k if p.transform == "float16" else 0, PayloadKind.BYTES)
+    return (first,) + tuple(StreamSpec(r * p.cols if f is not None else 0, PayloadKind.SYMBOLS)
+                            for r, f in zip(p.rows, p.freqs))
 
 
 def _band_levels(p: Params, b: int, chunks: Chunks, count: int, name: str) -> np.ndarray:
@@ -106,7 +108,7 @@ def _band_levels(p: Params, b: int, chunks: Chunks, count: int, name: str) -> np
 
 def _transform(p: Params, chunks: Chunks, name: str) -> np.ndarray:
     """Spec §7.5.2 stream 0: the synthesis transform S [m, k] as float16 (finite, §7.5.3)."""
-    for count, payload in chunks:
+    for count, payload in chunks:  # the reader checked the lengths from the headers; kept for direct callers
         if len(payload) != count:
             raise fail("BAD_CHUNK", f"tensor {name!r}: a transform chunk of {len(payload)} bytes declares "
                                     f"{count} items (they must be equal)")
