@@ -91,6 +91,12 @@ class TqzFile:
         return self._file.reader.manifest.metadata
 
     @property
+    def files(self) -> dict[str, bytes]:
+        """The small files the .tqz carries (a Hugging Face folder's config, tokenizer, ...;
+        metadata ``tqz.files``, spec §5.2.1): name -> bytes."""
+        return hf.check_files(self.metadata.get(hf.FILES_KEY, {}))
+
+    @property
     def version(self) -> tuple[int, int]:
         return self._file.reader.header.major, self._file.reader.header.minor
 
@@ -171,22 +177,26 @@ class VerifyReport:
     file_bytes: int
 
 
-def verify(path: PathLike, *, limits: Limits = DEFAULT_LIMITS, progress: Progress = None) -> VerifyReport:
-    """Check every CRC and structure front to back and decode every tensor (spec §10.1)."""
+def verify(source: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT_LIMITS,
+           progress: Progress = None) -> VerifyReport:
+    """Check every CRC and structure front to back and decode every tensor (spec §10.1).
+    ``source``: a path, bytes, a URL or a readable binary stream (standard input, a pipe)."""
     n = params = 0
-    for name, t in iter_tensors(path, limits=limits):
-        n += 1
-        params += t.numel()
-        if progress:
-            progress(name, n, 0)
-    return VerifyReport(n, params, os.path.getsize(path))
+    with sources.open_stream(source) as stream:
+        counted = sources.CountingReader(stream)
+        for name, t in iter_tensors(counted, limits=limits):
+            n += 1
+            params += t.numel()
+            if progress:
+                progress(name, n, 0)
+    return VerifyReport(n, params, counted.count)
 
 
 # --- encoding -----------------------------------------------------------------------------------
 
 def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *,
-         mode: str = "auto", lossless: bool = False, snr_db: float = 40.0, granularity: str = "channel",
-         metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = True,
+         mode: str = "auto", lossless: bool = False, snr_db: Optional[float] = None,
+         granularity: Optional[str] = None, metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = False,
          progress: Progress = None, stats: Any = None, bits: Optional[float] = None,
          quality: Optional[float] = None, jobs: int = 1, files: Optional[Mapping[str, bytes]] = None,
          tq_scope: str = "model", executor: Any = None) -> int:
@@ -194,7 +204,9 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
 
     Deterministic: the same tensors and options give the same bytes. Tensors that share
     storage (tied weights) are stored once. Returns the number of bytes written. The file
-    appears only when complete (temporary file, fsync, rename).
+    appears only when complete (temporary file, fsync, rename); an existing file is replaced only
+    with ``overwrite=True`` (else ``OUTPUT_EXISTS``, as ``tqz encode`` without ``--force``).
+    Options: :class:`EncodeOptions`.
 
     ``tensors`` may be lazy (``tqcodec.io.hf.LazyTensors``: values loaded one at a time), and
     ``jobs`` > 1 (0: every core) encodes tensors in a process pool (``tqcodec.parallel``); both

@@ -1,7 +1,7 @@
 """``tqz``: the command line, a thin shell over the Python API.
 
-Exit status: 0 success, 1 a TqzError (one line on stderr naming the file and the
-problem), 2 a usage error.
+Exit status: 0 success; 1 a TqzError (one line on stderr naming the file and the problem);
+2 a usage error (a wrong option or argument, ``BAD_OPTION``); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -13,23 +13,48 @@ import urllib.parse
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Union
 
+import click
 import typer
+from typer.core import TyperCommand
 
-from . import api, parallel
+from . import FORMAT_VERSION, __version__, api, parallel
 from .errors import TqzError, fail
-from .io.files import read_model, same_file, write_model
+from .io.files import read_model, safetensors_bytes, same_file, write_model
 from .io.hf import parse_size, read_folder
 from .io.remote import is_url
 from .model.calibrate import Stats
 from .plot import plot_allocation
 
+USAGE_EXIT = 2  # a usage error: a wrong option or argument (BAD_OPTION), as click's own usage errors
+DECODED = ".decoded"  # decode's default output: INPUT less .tqz, plus .decoded.pt (or .decoded/ for a folder)
+
+
+class _Command(TyperCommand):
+    """A command whose usage line reads ``tqz encode [OPTIONS] INPUT`` (typer writes ``{INPUT}``)."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [p.replace("{", "").replace("}", "") for p in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress neural-network weights into .tqz files and back.")
+                  rich_markup_mode=None, help="Compress neural-network weights into .tqz files and back.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tqz (tqcodec) {__version__}, .tqz format {'.'.join(map(str, FORMAT_VERSION))}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Compress neural-network weights into .tqz files and back."""
 
 
 def _die(exc: TqzError) -> None:
     typer.echo(f"tqz: error: {exc}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(USAGE_EXIT if exc.code == "BAD_OPTION" else 1)
 
 
 @contextlib.contextmanager
@@ -81,15 +106,35 @@ def _decode_source(input: str) -> Union[str, BinaryIO]:
     return sys.stdin.buffer
 
 
-def _default_output(input: str, suffix: str) -> Path:
+def _default_decode_output(input: str, folder: bool) -> Path:
+    """``model.tqz`` -> ``model.decoded.pt`` (``model.decoded/`` for a file that carries a Hugging
+    Face folder's files): never the name the model was encoded from, so encode and decode work in
+    one folder and the lossy decode never replaces an original."""
     if input == "-":
         raise fail("BAD_OPTION", "give -o/--output when reading standard input")
     if is_url(input):
         name = Path(urllib.parse.urlsplit(input).path).name
         if not name:
             raise fail("BAD_OPTION", "give -o/--output: the URL names no file")
-        return Path(name).with_suffix(suffix)
-    return Path(input).with_suffix(suffix)
+        path = Path(name)
+    else:
+        path = Path(input)
+    stem = path.name[:-len(".tqz")] if path.name.lower().endswith(".tqz") else path.name
+    return path.with_name(stem + DECODED + ("" if folder else ".pt"))
+
+
+def _ratio_to_fp32(params: int, size: int) -> str:
+    """"4.00x smaller than fp32", or "1.50x larger than fp32" for a file bigger than fp32."""
+    if not size or not params:
+        return "no parameters"
+    ratio = 4 * params / size
+    return f"{ratio:.2f}x smaller than fp32" if ratio >= 1 else f"{1 / ratio:.2f}x larger than fp32"
+
+
+def _carried_note(files: list[str]) -> str:
+    shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
+    return (f"tqz: note: the file carries {len(files)} file{'s' if len(files) > 1 else ''} ({shown}) that a single "
+            "output file cannot hold: decode to a folder (-o DIR) to get them")
 
 
 def _printable(name: str) -> str:
@@ -105,28 +150,41 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@app.command()
+INPUT = "INPUT"
+
+
+@app.command(cls=_Command)
 def encode(
-    input: Path = typer.Argument(..., help="model file: .pt/.pth (plain tensors only) or .safetensors, or a "
-                                 "Hugging Face folder (config.json + model*.safetensors [+ index])"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output",
+    input: Path = typer.Argument(..., metavar=INPUT, help="model file: .pt/.pth (plain tensors only) or "
+                                 ".safetensors, or a Hugging Face folder (config.json + model*.safetensors "
+                                 "[+ index])"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH",
                                           help="output .tqz, or - for standard output (default: INPUT with .tqz)"),
     lossless: bool = typer.Option(False, "--lossless", help="store every tensor exactly"),
-    mode: str = typer.Option("auto", "--mode", help="auto, raw, uniform, tq, ecsq, kmeans, pq or dither (the last "
-                             "four: float tensors of >= 2 dims and >= 256 elements; --bits per tensor)"),
-    stats_path: Optional[Path] = typer.Option(None, "--stats", help="calibration statistics (.safetensors from "
-                                              "tqcodec.Stats.save); selects mode tq"),
-    bits: Optional[float] = typer.Option(None, "--bits", help="tq and auto: whole-file bits per parameter (within "
-                                         "±3%); ecsq/kmeans/pq/dither: each tensor's bits per weight"),
-    quality: Optional[float] = typer.Option(None, "--quality", help="tq: predicted output SNR in dB (output power "
-                                            "over estimated output error; without --stats, weight SNR)"),
-    snr: float = typer.Option(40.0, "--snr", help="weight SQNR in dB that uniform steps aim at"),
-    granularity: str = typer.Option("channel", "--granularity", help="uniform steps per 'channel' or 'tensor'"),
+    mode: str = typer.Option("auto", "--mode", metavar="MODE",
+                             help="auto, raw, uniform, tq, ecsq, kmeans, pq or dither (the last four: float "
+                                  "tensors of >= 2 dims and >= 256 elements)  [default: auto]", show_default=False),
+    stats_path: Optional[Path] = typer.Option(None, "--stats", metavar="PATH",
+                                              help="calibration statistics (.safetensors from "
+                                                   "tqcodec.Stats.save); selects mode tq"),
+    bits: Optional[float] = typer.Option(None, "--bits", metavar="B",
+                                         help="whole-file bits per parameter (the file lands within ±3%)"),
+    quality: Optional[float] = typer.Option(None, "--quality", metavar="DB",
+                                            help="tq: predicted output SNR in dB (output power over estimated "
+                                                 "output error; without --stats, weight SNR)"),
+    snr: Optional[float] = typer.Option(None, "--snr", metavar="DB",
+                                        help="uniform and the data-free default: the weight SQNR each step "
+                                             "aims at  [default: 40]"),
+    granularity: Optional[str] = typer.Option(None, "--granularity", metavar="G",
+                                              help="uniform: one step per 'channel' or per 'tensor'  "
+                                                   "[default: channel]"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output"),
-    tq_scope: str = typer.Option("model", "--tq-scope", help="tq: 'model' (one allocation over the whole model, "
-                                 "all in memory) or 'tensor' (each tensor on its own: streams, runs with -j)"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="encode tensors in N processes (0: every core); "
-                             "same bytes for every N"),
+    tq_scope: str = typer.Option("model", "--tq-scope", metavar="SCOPE",
+                                 help="tq: 'model' (one allocation over the whole model, all in memory) or "
+                                      "'tensor' (each tensor on its own: streams, runs with -j)  [default: model]",
+                                 show_default=False),
+    jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="encode tensors in N processes (0: every core); "
+                             "same bytes for every N  [default: 1]", show_default=False),
 ) -> None:
     """Encode a model file (or a Hugging Face folder) into a .tqz file."""
     with _errors():
@@ -137,12 +195,19 @@ def encode(
             raise fail("BAD_OPTION", "refusing to write a .tqz file to a terminal (redirect standard output)")
         if not to_stdout and same_file(out, input):
             raise fail("BAD_OPTION", "output would overwrite the input", out)
-        api.EncodeOptions(mode, lossless, snr, granularity, None, bits, quality, tq_scope)  # checked before any work
+        options = dict(mode=mode, lossless=lossless, bits=bits, quality=quality, tq_scope=tq_scope)
+        if snr is not None:
+            options["snr_db"] = snr
+        if granularity is not None:
+            options["granularity"] = granularity
+        api.EncodeOptions(stats=stats_path, **options)  # checked before any work (a path stands for the stats)
         stats = None
         if stats_path is not None:
             try:
                 # tq_scope tensor streams tensor by tensor: one layer's statistics read at a time
                 stats = Stats.open(str(stats_path)) if tq_scope == "tensor" else Stats.load(str(stats_path))
+            except TqzError:
+                raise
             except (OSError, ValueError, KeyError) as exc:
                 raise fail("BAD_OPTION", f"cannot read statistics: {exc}", stats_path) from None
         files = None
@@ -154,30 +219,37 @@ def encode(
             # to standard output: the container writer spools every chunk and writes nothing
             # before the whole file is encoded, so an encoding error leaves the stream empty
             try:
-                size = api.save(tensors, _stdout_binary() if to_stdout else out, mode=mode, lossless=lossless,
-                                snr_db=snr, granularity=granularity, overwrite=force, progress=progress,
-                                stats=stats, bits=bits, quality=quality, jobs=jobs, files=files, tq_scope=tq_scope)
+                size = api.save(tensors, _stdout_binary() if to_stdout else out, overwrite=force, progress=progress,
+                                stats=stats, jobs=jobs, files=files, **options)
                 if to_stdout:
                     sys.stdout.buffer.flush()
+            except TqzError:
+                raise
             except OSError as exc:  # a file output turns its own OS errors into IO_ERROR
                 _quiet_stdout()
-                raise fail("IO_ERROR", f"cannot write to standard output: {exc.strerror or exc}") from None
+                raise fail("IO_ERROR", f"cannot write to standard output: {exc.strerror or exc}", None,
+                           exc.errno) from None
         params = tensors.numel() if folder else sum(t.numel() for t in tensors.values())
         bpp = 8 * size / params if params else 0.0
-        ratio = (4 * params / size) if size else 0.0
         typer.echo(f"{'<stdout>' if to_stdout else out}: {len(tensors)} tensors, {params} parameters, "
-                   f"{size} bytes ({bpp:.3f} bits/param, {ratio:.2f}x smaller than fp32)", err=to_stdout)
+                   f"{size} bytes ({bpp:.3f} bits/param, {_ratio_to_fp32(params, size)})", err=to_stdout)
 
 
-@app.command()
+@app.command(cls=_Command)
 def decode(
-    input: str = typer.Argument(..., help=".tqz file, URL (http(s)://, s3://, ...; streamed), or - for standard input"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output .pt or .safetensors, or a folder "
-                                          "(any other name): a Hugging Face folder (default: INPUT with .pt)"),
+    input: str = typer.Argument(..., metavar=INPUT, help=".tqz file, URL (http(s)://, s3://, ...; streamed), or - "
+                                                         "for standard input"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH",
+                                          help="output .pt or .safetensors, - for safetensors on standard output, or "
+                                               "a folder (any other name): a Hugging Face folder with the files the "
+                                               ".tqz carries (default: INPUT less .tqz, plus .decoded.pt, or "
+                                               ".decoded/ when it carries a folder's files)"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output"),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="folder output: largest shard (5GB, 500MB, 2GiB)"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="decode tensors in N processes (0: every core; a file, "
-                             "not standard input)"),
+    shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE",
+                                   help="folder output: largest shard (5GB, 500MB, 2GiB)  [default: 5GB]",
+                                   show_default=False),
+    jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="decode tensors in N processes (0: every core; a "
+                             "file, not standard input)  [default: 1]", show_default=False),
 ) -> None:
     """Decode a .tqz file into a .pt or .safetensors file, or a Hugging Face folder.
 
@@ -185,18 +257,26 @@ def decode(
     .safetensors output as /__metadata__, with a warning; a folder output refuses it."""
     with _errors():
         source = _decode_source(input)
-        out = output or _default_output(input, ".pt")
-        if isinstance(source, str) and same_file(out, input):
+        carried: list[str] = []
+        if isinstance(source, str):  # the manifest says whether the file carries a folder's files
+            with api.open(source) as f:
+                carried = sorted(f.files)
+        to_stdout = output is not None and str(output) == "-"
+        if to_stdout and sys.stdout.isatty():
+            raise fail("BAD_OPTION", "refusing to write safetensors bytes to a terminal (redirect standard output)")
+        out = output or _default_decode_output(input, folder=bool(carried))
+        if not to_stdout and isinstance(source, str) and same_file(out, input):
             raise fail("BAD_OPTION", "output would overwrite the input", out)
-        if out.suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors"):
+        if not to_stdout and out.suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors"):
             if not isinstance(source, str):
                 raise fail("BAD_OPTION", "a folder output needs a .tqz file or URL, not standard input")
             size = parse_size(shard_size)
             with _progress("decoding") as progress:
                 shards = api.decode_folder(source, out, shard_size=size, overwrite=force, jobs=jobs, progress=progress)
-            typer.echo(f"{out}/: {len(shards)} shard{'s' if len(shards) > 1 else ''}")
+            typer.echo(f"{out}/: {len(shards)} shard{'s' if len(shards) > 1 else ''}"
+                       + (f", {len(carried)} carried file{'s' if len(carried) > 1 else ''}" if carried else ""))
             return
-        if out.exists() and not force:
+        if not to_stdout and out.exists() and not force:
             raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", out)
         tensors = {}
         with _progress("decoding") as progress:
@@ -207,21 +287,36 @@ def decode(
                         progress(name, len(tensors), 0)
             except TqzError as exc:
                 raise exc.with_path("<stdin>") if input == "-" else exc
-        write_model(tensors, out, overwrite=force)
-        typer.echo(f"{out}: {len(tensors)} tensors")
+        if to_stdout:
+            try:
+                sys.stdout.buffer.write(safetensors_bytes(tensors))
+                sys.stdout.buffer.flush()
+            except OSError as exc:
+                _quiet_stdout()
+                raise fail("IO_ERROR", f"cannot write to standard output: {exc.strerror or exc}", None,
+                           exc.errno) from None
+        else:
+            write_model(tensors, out, overwrite=force)
+        typer.echo(f"{'<stdout>' if to_stdout else out}: {len(tensors)} tensors", err=to_stdout)
+        if carried:
+            typer.echo(_carried_note(carried), err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
-    input: str = typer.Argument(..., help=".tqz file or URL (http(s)://, s3://, ...; read by ranges)"),
+    input: str = typer.Argument(..., metavar=INPUT, help=".tqz file or URL (http(s)://, s3://, ...; read by ranges)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the bit-depth map (bits per band, "
-                                        "tensor by tensor, dropped bands and transforms marked) as a PNG"),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="PNG",
+                                        help="also draw the bit-depth map (bits per band, tensor by tensor, dropped "
+                                             "bands and transforms marked) as a PNG"),
+    force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing --plot file"),
 ) -> None:
-    """Show the version, and each tensor's mode, shape, bytes and bits per weight."""
+    """Show the version, the carried files, and each tensor's mode, shape, bytes and bits per weight."""
     with _errors():
         if input == "-":
             raise fail("BAD_OPTION", "info reads the end of the file first: give a file or URL, not -")
+        if plot is not None and plot.exists() and not force:
+            raise fail("OUTPUT_EXISTS", "the --plot file exists (use --force to overwrite)", plot)
         with api.open(input) as f:
             rows = []
             for name in f.keys():
@@ -234,31 +329,41 @@ def info(
                      "bits_per_param": 8 * f.file_size / params if params else 0.0,
                      "format_version": "%d.%d" % f.version}
             metadata = {k: v for k, v in f.metadata.items() if isinstance(v, (str, int, float, bool))}
+            files = [{"name": n, "bytes": len(b)} for n, b in sorted(f.files.items())]
             if plot is not None:
-                plot_allocation(f, plot)
+                plot_allocation(f, plot, overwrite=force)
         if as_json:
-            typer.echo(json.dumps({"total": total, "metadata": metadata, "tensors": rows}, indent=1))
-            return
-        typer.echo(f"{input}: .tqz format {total['format_version']}, {total['tensors']} tensors, "
-                   f"{params} parameters, {total['file_bytes']} bytes ({_human(total['file_bytes'])}), "
-                   f"{total['bits_per_param']:.3f} bits/param")
-        names = [_printable(r["name"]) for r in rows]
-        width = max([len(n) for n in names] + [4])
-        typer.echo(f"{'name':<{width}}  {'mode':<8} {'dtype':<9} {'shape':<18} {'bytes':>10} {'bits/w':>7}")
-        for r, name in zip(rows, names):
-            shape = "x".join(map(str, r["shape"])) or "()"
-            typer.echo(f"{name:<{width}}  {r['mode']:<8} {r['dtype']:<9} {shape:<18} {r['bytes']:>10} "
-                       f"{r['bits_per_weight']:>7.3f}")
+            typer.echo(json.dumps({"total": total, "metadata": metadata, "files": files, "tensors": rows}, indent=1))
+        else:
+            typer.echo(f"{input}: .tqz format {total['format_version']}, {total['tensors']} tensors, "
+                       f"{params} parameters, {total['file_bytes']} bytes ({_human(total['file_bytes'])}), "
+                       f"{total['bits_per_param']:.3f} bits/param")
+            if files:
+                typer.echo(f"carried files ({len(files)}; tqz decode -o DIR writes them): "
+                           + ", ".join(f"{_printable(x['name'])} ({x['bytes']} B)" for x in files))
+            names = [_printable(r["name"]) for r in rows]
+            width = max([len(n) for n in names] + [4])
+            typer.echo(f"{'name':<{width}}  {'mode':<8} {'dtype':<9} {'shape':<18} {'bytes':>10} {'bits/w':>7}")
+            for r, name in zip(rows, names):
+                shape = "x".join(map(str, r["shape"])) or "()"
+                typer.echo(f"{name:<{width}}  {r['mode']:<8} {r['dtype']:<9} {shape:<18} {r['bytes']:>10} "
+                           f"{r['bits_per_weight']:>7.3f}")
+        if plot is not None:
+            typer.echo(f"bit-depth map: {plot}", err=as_json)
 
 
-@app.command()
-def verify(input: Path = typer.Argument(..., help=".tqz file")) -> None:
+@app.command(cls=_Command)
+def verify(input: str = typer.Argument(..., metavar=INPUT, help=".tqz file, or - for standard input")) -> None:
     """Check every CRC and structure and decode every tensor."""
     with _errors():
+        source = _decode_source(input)
         with _progress("verifying") as progress:
-            report = api.verify(input, progress=progress)
-        typer.echo(f"{input}: OK ({report.tensors} tensors, {report.parameters} parameters, "
-                   f"{report.file_bytes} bytes)")
+            try:
+                report = api.verify(source, progress=progress)
+            except TqzError as exc:
+                raise exc.with_path("<stdin>") if input == "-" else exc
+        typer.echo(f"{'<stdin>' if input == '-' else input}: OK ({report.tensors} tensors, "
+                   f"{report.parameters} parameters, {report.file_bytes} bytes)")
 
 
 def main() -> None:
@@ -267,7 +372,7 @@ def main() -> None:
         app()
     except TqzError as exc:  # raised outside a command body
         typer.echo(f"tqz: error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(USAGE_EXIT if exc.code == "BAD_OPTION" else 1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ conformance tests compare codes, never messages.
 """
 from __future__ import annotations
 
+import errno as _errno
 import os
 from typing import Optional, Union
 
@@ -55,13 +56,13 @@ class TqzError(Exception):
         return f"{where}{self.message} [{self.code}]"
 
     def __reduce__(self):  # picklable: errors raised in worker processes (tqcodec.parallel) arrive whole
-        return (type(self), (self.code, self.message, self.path))
+        return (fail, (self.code, self.message, self.path, getattr(self, "errno", None)))
 
     def with_path(self, path: Union[str, os.PathLike]) -> "TqzError":
         """Return the same error naming ``path`` (kept if one is already named)."""
         if self.path is not None:
             return self
-        err = type(self)(self.code, self.message, path)
+        err = fail(self.code, self.message, path, getattr(self, "errno", None))
         err.__cause__ = self.__cause__
         return err
 
@@ -78,17 +79,37 @@ class OptionError(TqzError):
     """An option value that is not allowed."""
 
 
-def error_class_for(code: str) -> type[TqzError]:
-    """The TqzError subclass that carries ``code``."""
+class TqzOSError(TqzError, OSError):
+    """The operating system failed to read or write a file (``IO_ERROR``). Also an ``OSError``,
+    so ``except OSError`` catches it as it catches any failed file operation; ``errno`` is the
+    system's error number when one is known."""
+
+    def __init__(self, code: str, message: str, path: Optional[Union[str, os.PathLike]] = None,
+                 errno: Optional[int] = None):
+        super().__init__(code, message, path)
+        self.errno = errno
+        self.strerror = message
+        self.filename = self.path
+
+
+class TqzFileNotFoundError(TqzOSError, FileNotFoundError):
+    """``IO_ERROR`` for a file that does not exist (also a ``FileNotFoundError``)."""
+
+
+def error_class_for(code: str, errno: Optional[int] = None) -> type[TqzError]:
+    """The TqzError subclass that carries ``code`` (``errno``: the system's error number of an
+    ``IO_ERROR``)."""
     if code in ("BAD_INPUT",):
         return InputError
     if code in ("BAD_OPTION", "OUTPUT_EXISTS"):
         return OptionError
     if code == "IO_ERROR":
-        return TqzError
+        return TqzFileNotFoundError if errno == _errno.ENOENT else TqzOSError
     return FormatError
 
 
-def fail(code: str, message: str, path: Optional[Union[str, os.PathLike]] = None) -> TqzError:
+def fail(code: str, message: str, path: Optional[Union[str, os.PathLike]] = None,
+         errno: Optional[int] = None) -> TqzError:
     """Build (not raise) the error of the right class for ``code``."""
-    return error_class_for(code)(code, message, path)
+    cls = error_class_for(code, errno)
+    return cls(code, message, path, errno) if issubclass(cls, TqzOSError) else cls(code, message, path)

@@ -50,7 +50,7 @@ def allocation_rows(f) -> list[dict]:
     return rows
 
 
-def plot_allocation(f, path: Union[str, os.PathLike], title: str = "") -> None:
+def plot_allocation(f, path: Union[str, os.PathLike], title: str = "", overwrite: bool = False) -> None:
     """Draw the bit-depth map of an open TqzFile as a PNG at ``path``: one bar per tensor (file
     order, top to bottom), split into its bands, coloured by bits per weight; dropped rows are
     hatched, tensors with a transform are marked."""
@@ -63,7 +63,9 @@ def plot_allocation(f, path: Union[str, os.PathLike], title: str = "") -> None:
         raise fail("BAD_OPTION", "--plot needs matplotlib: pip install 'tqcodec[plot]'") from None
     rows = allocation_rows(f)
     vmax = max([b for r in rows for _, b in r["bands"]] + [1.0])
-    norm = colors.Normalize(0.0, min(vmax, 16.0))
+    # the whole range (raw float32 tensors take 32 bits and more), square-root scaled so the few-bit
+    # bands of a quantized model stay apart
+    norm = colors.PowerNorm(0.5, 0.0, vmax)
     cmap = matplotlib.colormaps["viridis"]
     height = max(3.0, 0.18 * len(rows) + 1.5)
     fig, ax = plt.subplots(figsize=(10, height))
@@ -87,7 +89,7 @@ def plot_allocation(f, path: Union[str, os.PathLike], title: str = "") -> None:
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="bits per weight", fraction=0.03)
     fig.tight_layout()
     try:
-        with atomic_output(path) as out:
+        with atomic_output(path, overwrite) as out:
             fig.savefig(out, format="png", dpi=120)
     finally:
         plt.close(fig)

@@ -8,7 +8,9 @@ leaves any previous file intact and no partial file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -75,7 +77,7 @@ def atomic_output(path: PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TEMP_SUFFIX, dir=directory)
     except OSError as exc:
-        raise fail("IO_ERROR", f"cannot create a file in {directory}: {exc.strerror or exc}", path) from None
+        raise fail("IO_ERROR", f"cannot create a file in {directory}: {exc.strerror or exc}", path, exc.errno) from None
     try:
         with contextlib.suppress(OSError, AttributeError):
             os.fchmod(fd, _new_file_mode())
@@ -91,8 +93,8 @@ def atomic_output(path: PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise fail("IO_ERROR", f"cannot write: {exc.strerror or exc}", path) from None
+        if isinstance(exc, OSError) and not isinstance(exc, TqzError):  # a TqzError keeps its own words
+            raise fail("IO_ERROR", f"cannot write: {exc.strerror or exc}", path, exc.errno) from None
         raise
 
 
@@ -147,7 +149,9 @@ def read_model(path: PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.pt``/``.pth``/``.bin`` (weights_only) or ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
-        raise fail("IO_ERROR", "no such file" if not path.exists() else "not a regular file", path)
+        missing = not path.exists()
+        raise fail("IO_ERROR", "no such file" if missing else "not a regular file", path,
+                   errno.ENOENT if missing else errno.EISDIR if path.is_dir() else None)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -159,13 +163,34 @@ def read_model(path: PathLike) -> dict[str, torch.Tensor]:
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise fail("BAD_INPUT", "not a plain-tensor checkpoint; refusing to unpickle it "
-                                    f"(weights_only=True said: {first[:200]})", path) from None
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, ... on bad files
+            raise fail("BAD_INPUT", _refusal(path, exc), path) from None
         return _plain_tensors(obj, path)
     raise fail("BAD_INPUT", f"unknown input type {suffix or '(no suffix)'}: expected .pt, .pth, .bin or "
                             ".safetensors", path)
+
+
+SAVE_AS_SAFETENSORS = ("load it in Python (only if you trust where it came from), take its state dict of tensors "
+                       "and save that with safetensors.torch.save_file(state_dict, 'model.safetensors'), then "
+                       "encode the .safetensors file")
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why a ``.pt`` file was refused, in words a user can act on: the code object it holds (never
+    run), a file that is no PyTorch checkpoint at all, or what torch's safe loader said."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"the checkpoint holds a {found.group(1)} object (Python code, not a tensor); tqcodec reads .pt files "
+                f"only with torch.load(weights_only=True) and never runs their code: {SAVE_AS_SAFETENSORS}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a zip archive, or a pickle's protocol opcode
+        return (f"not a PyTorch checkpoint: it starts with {head!r}, neither the zip archive torch.save writes nor "
+                "a pickle")
+    said = next((line.strip() for line in text.splitlines()
+                 if line.strip() and "weights_only" not in line and "trusted source" not in line), type(exc).__name__)
+    return f"not a checkpoint of plain tensors ({said[:160]}): {SAVE_AS_SAFETENSORS}"
 
 
 class _KeepOSError:
@@ -196,6 +221,27 @@ def safetensors_key(name: str) -> str:
     return "/" + name if name == SAFETENSORS_RESERVED else name
 
 
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      path: PathLike | None = None) -> bytes:
+    """``tensors`` as the bytes of a ``.safetensors`` file: tied tensors written twice (the format
+    has no shared storage); a tensor named ``__metadata__`` (its header's metadata key) under
+    ``/__metadata__``, with a warning (spec §5.4). ``path``: the output, for messages."""
+    where = f"{path}: " if path is not None else ""
+    seen: set[int] = set()
+    plain = {}
+    for k, v in tensors.items():  # safetensors refuses shared storage: copy tied tensors
+        key = safetensors_key(k)
+        if key != k:
+            if key in tensors:
+                raise fail("BAD_INPUT", f"tensors {k!r} and {key!r} would share the safetensors key {key!r}", path)
+            warnings.warn(f"{where}tensor {k!r} written as {key!r} (safetensors reserves {k!r})", stacklevel=3)
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        plain[key] = v.clone() if ptr in seen else v.contiguous()
+        if ptr != -1:
+            seen.add(ptr)
+    return save_safetensors(plain, metadata=dict(metadata) if metadata else None)
+
+
 def write_model(tensors: Mapping[str, torch.Tensor], path: PathLike, overwrite: bool,
                 metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` as ``.safetensors`` or ``.pt`` by the suffix of ``path``, atomically.
@@ -205,21 +251,7 @@ def write_model(tensors: Mapping[str, torch.Tensor], path: PathLike, overwrite: 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        seen: set[int] = set()
-        plain = {}
-        for k, v in tensors.items():  # safetensors refuses shared storage: copy tied tensors
-            key = safetensors_key(k)
-            if key != k:
-                if key in tensors:
-                    raise fail("BAD_INPUT", f"tensors {k!r} and {key!r} would share the safetensors key {key!r}",
-                               path)
-                warnings.warn(f"{path}: tensor {k!r} written as {key!r} (safetensors reserves {k!r})",
-                              stacklevel=2)
-            ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-            plain[key] = v.clone() if ptr in seen else v.contiguous()
-            if ptr != -1:
-                seen.add(ptr)
-        data = save_safetensors(plain, metadata=dict(metadata) if metadata else None)
+        data = safetensors_bytes(tensors, metadata, path)
         with atomic_output(path, overwrite) as f:
             f.write(data)
     elif suffix in (".pt", ".pth", ".bin"):

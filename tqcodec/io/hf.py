@@ -334,8 +334,8 @@ def atomic_folder(path: PathLike, overwrite: bool) -> Iterator[Path]:
         if old is not None and not path.exists():
             with contextlib.suppress(OSError):
                 os.replace(old / "x", path)  # put the previous folder back
-        if isinstance(exc, OSError):
-            raise fail("IO_ERROR", f"cannot write: {exc.strerror or exc}", path) from None
+        if isinstance(exc, OSError) and not isinstance(exc, TqzError):  # a TqzError keeps its own words
+            raise fail("IO_ERROR", f"cannot write: {exc.strerror or exc}", path, exc.errno) from None
         raise
     finally:
         if old is not None:

@@ -34,7 +34,7 @@ def naming(path: Optional[PathLike]) -> Iterator[None]:
     except TqzError as exc:
         raise (exc.with_path(path) if path is not None else exc) from None
     except OSError as exc:
-        raise fail("IO_ERROR", f"cannot read: {exc.strerror or exc}", path) from None
+        raise fail("IO_ERROR", f"cannot read: {exc.strerror or exc}", path, exc.errno) from None
 
 
 @contextlib.contextmanager
@@ -52,6 +52,23 @@ def open_stream(source: Source) -> Iterator[BinaryIO]:
             yield f
     else:
         yield source  # type: ignore[misc]
+
+
+class CountingReader(io.RawIOBase):
+    """A readable stream that counts the bytes read through it (``count``)."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.stream.read(len(b))
+        b[:len(data)] = data
+        self.count += len(data)
+        return len(data)
 
 
 class RandomAccess:

@@ -51,9 +51,13 @@ class EncodeOptions:
     >= 256 elements in that mode, the rest as ``auto`` without statistics; ``bits`` is then each
     tensor's own bits per weight, else ``quality`` or ``snr_db`` a weighted SNR target; stats
     weigh each weight by its input's second moment).
-    lossless: everything exact (same as mode ``raw``).
-    snr_db: weight signal-to-quantization-noise ratio each uniform step aims at.
-    granularity: ``channel`` (one step per output channel) or ``tensor``.
+    lossless: everything exact (same as mode ``raw``); refused with any option that asks for loss
+    (``bits``, ``quality``, ``stats``, ``snr_db``, ``granularity``, a lossy ``mode``).
+    snr_db: weight signal-to-quantization-noise ratio each uniform step aims at (default 40; the
+    classic modes' weighted SNR target without ``bits``); refused where tq codes (it has its own
+    rate control).
+    granularity: ``channel`` (one step per output channel, the default) or ``tensor``; ``uniform``
+    only, refused where tq codes.
     stats: ``tqcodec.Stats`` from ``tqcodec.calibrate`` (mode ``tq``; with ``auto`` it selects tq).
     bits: mode ``tq``: whole-file bits per parameter (the file lands within ±3%).
     quality: mode ``tq``: predicted output SNR in dB (output power over the estimated output
@@ -65,8 +69,8 @@ class EncodeOptions:
 
     mode: str = "auto"
     lossless: bool = False
-    snr_db: float = 40.0
-    granularity: str = "channel"
+    snr_db: Optional[float] = None
+    granularity: Optional[str] = None
     stats: Any = None
     bits: Optional[float] = None
     quality: Optional[float] = None
@@ -82,6 +86,19 @@ class EncodeOptions:
     def __post_init__(self) -> None:
         if self.mode not in ENCODE_MODES:
             raise fail("BAD_OPTION", f"mode {self.mode!r} is not one of {', '.join(ENCODE_MODES)}")
+        lossy = [k for k, v in (("bits", self.bits), ("quality", self.quality), ("stats", self.stats),
+                                ("snr", self.snr_db), ("granularity", self.granularity)) if v is not None]
+        if self.lossless and (lossy or self.mode not in ("auto", "raw")):
+            asked = ", ".join(lossy + ([f"mode {self.mode}"] if self.mode not in ("auto", "raw") else []))
+            raise fail("BAD_OPTION", f"lossless stores every tensor exactly: it does not go with {asked}")
+        if self.uses_tq and (self.snr_db is not None or self.granularity is not None):
+            given = " and ".join(k for k, v in (("snr", self.snr_db), ("granularity", self.granularity)) if v is not None)
+            raise fail("BAD_OPTION", f"{given} set the uniform steps; mode tq (chosen by mode, bits, quality or "
+                                     "stats) sets its own: give one or the other")
+        if self.snr_db is None:
+            object.__setattr__(self, "snr_db", 40.0)
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", "channel")
         if not (isinstance(self.snr_db, (int, float)) and np.isfinite(self.snr_db) and 0 < self.snr_db <= 200):
             raise fail("BAD_OPTION", f"snr_db must be in (0, 200], got {self.snr_db!r}")
         if self.granularity not in uniform.GRANULARITIES:
