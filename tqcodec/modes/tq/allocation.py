@@ -25,6 +25,17 @@ CHUNK_HEADER_BITS = 32 * 8
 BAND_PARAM_BITS = 8 * 8  # band_rows, step, q_min entries and the bytes header in the manifest
 
 
+def narrow(levels: np.ndarray) -> np.ndarray:
+    """``levels`` in the narrowest of int8, int16, int32 that holds them (|level| <= 2^20)."""
+    if not levels.size:
+        return levels.astype(np.int8)
+    lo, hi = int(levels.min()), int(levels.max())
+    for t in (np.int8, np.int16):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return levels.astype(t)
+    return levels.astype(np.int32)
+
+
 def table_bits(counts: np.ndarray) -> int:
     """Bits of a band's LEB128 symbol counts (spec §7.5.1) plus their msgpack bin header."""
     return 8 * (packed_counts_bytes(counts) + 2)
@@ -106,8 +117,8 @@ class Unit:
             if code not in sh:
                 if "prepared" not in sh:
                     sh["prepared"] = [prepare(self.h[0])]
-                sh[code] = gptq_round(sh["w"], self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
-                                      prepared=sh["prepared"][0]).astype(np.int32)
+                sh[code] = narrow(gptq_round(sh["w"], self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
+                                             prepared=sh["prepared"][0]))
             return sh[code][self.r0:self.r0 + self.w.shape[0]].astype(np.int64)
         g, d, _ = self.h.shape
         rows = self.w.reshape(g, -1, d)
@@ -144,8 +155,10 @@ class Unit:
         r = coded_bits(lv)
         self.curve[code] = (d, r)
         self.exact.add(code)
-        if keep and self.shared is None:
-            self.levels[code] = lv
+        if keep and self.shared is None and self.h is not None:
+            # error-feedback levels are costly to compute again: kept, in the narrowest integer type
+            # (plain rounding, without H, is recomputed when the tensor is written)
+            self.levels[code] = narrow(lv)
         return d, r
 
 
