@@ -195,7 +195,7 @@ def verify(source: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT
 # --- encoding -----------------------------------------------------------------------------------
 
 def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *,
-         mode: str = "auto", lossless: bool = False, snr_db: Optional[float] = None,
+         mode: Optional[str] = None, lossless: bool = False, snr_db: Optional[float] = None,
          granularity: Optional[str] = None, metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = False,
          progress: Progress = None, stats: Any = None, bits: Optional[float] = None,
          quality: Optional[float] = None, jobs: int = 1, files: Optional[Mapping[str, bytes]] = None,

@@ -161,9 +161,11 @@ def encode(
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH",
                                           help="output .tqz, or - for standard output (default: INPUT with .tqz)"),
     lossless: bool = typer.Option(False, "--lossless", help="store every tensor exactly"),
-    mode: str = typer.Option("auto", "--mode", metavar="MODE",
-                             help="auto, raw, uniform, tq, ecsq, kmeans, pq or dither (the last four: float "
-                                  "tensors of >= 2 dims and >= 256 elements)  [default: auto]", show_default=False),
+    mode: Optional[str] = typer.Option(None, "--mode", metavar="MODE",
+                                       help="raw, uniform, tq, auto (tq or one of the next four per tensor), ecsq, "
+                                            "kmeans, pq or dither (the last four: float tensors of >= 2 dims and "
+                                            ">= 256 elements)  [default: uniform; tq with --bits, --quality or "
+                                            "--stats]", show_default=False),
     stats_path: Optional[Path] = typer.Option(None, "--stats", metavar="PATH",
                                               help="calibration statistics (.safetensors from "
                                                    "tqcodec.Stats.save); selects mode tq"),

@@ -43,9 +43,10 @@ set by the block, not the tensor, and lets blocks of one tensor run in parallel.
 class EncodeOptions:
     """What ``save`` does with each tensor.
 
-    mode: ``auto`` (uniform for float tensors of >= 2 dims and >= 256 elements, raw for the
-    rest; with stats, bits or quality: tq, and per tensor of >= 2 dims and >= 256 elements
-    whichever of tq, ecsq, kmeans, pq, dither has the least D + lam R at tq's multiplier),
+    mode: None, the default (uniform for float tensors of >= 2 dims and >= 256 elements, raw for
+    the rest; with stats, bits or quality: tq); ``auto`` (the same, and with stats, bits or
+    quality, per tensor of >= 2 dims and >= 256 elements whichever of tq, ecsq, kmeans, pq, dither
+    has the least D + lam R at tq's multiplier: slower, and the file is not always better),
     ``raw`` (everything exact), ``uniform`` (every finite float tensor), ``tq``, or one of
     ``ecsq``, ``kmeans``, ``pq``, ``dither`` (spec §7.6-§7.9: float tensors of >= 2 dims and
     >= 256 elements in that mode, the rest as ``auto`` without statistics; ``bits`` is then each
@@ -67,7 +68,7 @@ class EncodeOptions:
     runs with ``jobs``; ``tqcodec.parallel``).
     """
 
-    mode: str = "auto"
+    mode: Optional[str] = None
     lossless: bool = False
     snr_db: Optional[float] = None
     granularity: Optional[str] = None
@@ -83,13 +84,18 @@ class EncodeOptions:
             return False
         return self.mode == "tq" or any(v is not None for v in (self.stats, self.bits, self.quality))
 
+    @property
+    def mode_name(self) -> str:
+        """The mode as a user names it (``default`` for None)."""
+        return self.mode or "default"
+
     def __post_init__(self) -> None:
-        if self.mode not in ENCODE_MODES:
+        if self.mode is not None and self.mode not in ENCODE_MODES:
             raise fail("BAD_OPTION", f"mode {self.mode!r} is not one of {', '.join(ENCODE_MODES)}")
         lossy = [k for k, v in (("bits", self.bits), ("quality", self.quality), ("stats", self.stats),
                                 ("snr", self.snr_db), ("granularity", self.granularity)) if v is not None]
-        if self.lossless and (lossy or self.mode not in ("auto", "raw")):
-            asked = ", ".join(lossy + ([f"mode {self.mode}"] if self.mode not in ("auto", "raw") else []))
+        if self.lossless and (lossy or self.mode not in (None, "auto", "raw")):
+            asked = ", ".join(lossy + ([f"mode {self.mode}"] if self.mode not in (None, "auto", "raw") else []))
             raise fail("BAD_OPTION", f"lossless stores every tensor exactly: it does not go with {asked}")
         if self.uses_tq and (self.snr_db is not None or self.granularity is not None):
             given = " and ".join(k for k, v in (("snr", self.snr_db), ("granularity", self.granularity)) if v is not None)
