@@ -28,7 +28,10 @@ from .pipeline.tensors import check_tensor, name_of_torch, plan_entries
 
 PathLike = Union[str, os.PathLike]
 Progress = Optional[Callable[[str, int, int], None]]
-"""progress(tensor_name, done, total): called after each tensor."""
+"""progress(what, done, total): called as long work advances. ``what`` is a stage, or a stage and
+an item as ``"stage: item"`` (``"writing: fc1.weight"``); ``total`` is 0 when not known. Stages:
+``curves``, ``transforms``, ``rate search`` (mode tq's allocation), ``writing``, ``decoding`` or
+``encoding`` (each tensor into the file), ``verifying``."""
 
 __all__ = ["EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport", "decode_folder", "encode_bytes",
            "encode_folder", "iter_tensors", "load", "open", "save", "verify"]
@@ -188,7 +191,7 @@ def verify(source: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT
             n += 1
             params += t.numel()
             if progress:
-                progress(name, n, 0)
+                progress(f"verifying: {name}", n, 0)
     return VerifyReport(n, params, counted.count)
 
 
@@ -244,8 +247,10 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
     entries = plan_entries(items)
     done: dict[str, Encoded] = {}  # results without tq, kept across tq's trial writes
 
-    def write(out: BinaryIO, pre: Mapping[str, Encoded]) -> int:
-        writer = ContainerWriter(out)
+    def write(out: Optional[BinaryIO], pre: Mapping[str, Encoded]) -> int:
+        """The file with the tensors of ``pre`` as they are and the rest encoded here, into
+        ``out`` (None: a trial, only its size)."""
+        writer = ContainerWriter(out if out is not None else io.BytesIO())
         for i, (name, t, target) in enumerate(entries):
             dtype = name_of_torch(t.dtype)
             if target is not None:
@@ -257,11 +262,11 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
                     done[name] = encode_tensor(name, t, opts)
                 encoded = done[name]
             writer.add_tensor(TensorRecord(name, dtype, tuple(t.shape), encoded.mode, encoded.params), encoded.streams)
-            if progress:
-                progress(name, i + 1, len(entries))
+            if progress and out is not None:
+                progress(f"writing: {name}", i + 1, len(entries))
         return writer.finish(meta)
 
-    pre = encode_tq(items, opts, lambda enc: write(io.BytesIO(), enc)) if opts.uses_tq else {}
+    pre = encode_tq(items, opts, lambda enc: write(None, enc), progress=progress) if opts.uses_tq else {}
     return _write_to(path, overwrite, lambda out: write(out, pre))
 
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Union
@@ -68,21 +69,39 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+PROGRESS_PERIOD = 10.0  # seconds between progress lines when standard error is not a terminal
+
+
 @contextlib.contextmanager
-def _progress(label: str) -> Iterator[Optional[Callable[[str, int, int], None]]]:
-    """A rich progress bar on a terminal; nothing when stderr is not one."""
+def _progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """Progress of long work, as the API reports it (``progress(what, done, total)``, ``what``
+    a stage or ``"stage: item"``): on a terminal a bar for the current stage with its counts and
+    item; otherwise one line every ``PROGRESS_PERIOD`` seconds and at each new stage, so a log shows
+    that a long encode moves."""
+    start = time.monotonic()
     if not sys.stderr.isatty():
-        yield None
+        last = {"at": start, "stage": None}
+
+        def line(what: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            stage = what.split(": ", 1)[0]
+            if stage != last["stage"] or now - last["at"] >= PROGRESS_PERIOD:
+                count = f"{done}/{total}" if total else f"{done}"
+                typer.echo(f"tqz: {label}: {_printable(what)[:100]} {count} ({now - start:.0f} s)", err=True)
+                last["at"], last["stage"] = now, stage
+        yield line
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     # on stderr: rich's default console is stdout, which may be the .tqz file (encode -o -)
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("", total=None)
+    with Progress(TextColumn(label), TextColumn("{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), transient=True,
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=None, stage="")
 
-        def update(name: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None, description=name[-40:])
+        def update(what: str, done: int, total: int) -> None:
+            stage, _, item = what.partition(": ")
+            bar.update(task, completed=done, total=total or None, stage=stage, description=_printable(item)[-40:])
         yield update
 
 
@@ -285,8 +304,7 @@ def decode(
             try:
                 for name, t in parallel.iter_decoded(source, parallel.check_jobs(jobs)):
                     tensors[name] = t
-                    if progress:
-                        progress(name, len(tensors), 0)
+                    progress(f"decoding: {name}", len(tensors), 0)
             except TqzError as exc:
                 raise exc.with_path("<stdin>") if input == "-" else exc
         if to_stdout:

@@ -136,7 +136,7 @@ def write_entries(writer: ContainerWriter, entries: list[tuple[str, Any, Optiona
             dtypes[i] = (dtype, shape)
         numels.append(math.prod(shape))
         if progress:
-            progress(name, i + 1, len(entries))
+            progress(f"encoding: {name}", i + 1, len(entries))
     return numels
 
 

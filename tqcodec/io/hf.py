@@ -410,7 +410,7 @@ def _write_shards(tmp: Path, records: list, tensors: Iterable[tuple[str, torch.T
             w.close()
         count += 1
         if progress:
-            progress(name, count, len(records))
+            progress(f"writing: {name}", count, len(records))
     return total, weight_map, count
 
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from ..modes.rd import Result, measured_bits
-from ..modes.tq.encoder import reconstruction
+from ..modes.tq.encoder import reconstruction, view_shape
 from .classic import CLASSIC_MODES, encode_classic
 
 CANDIDATES = CLASSIC_MODES
@@ -35,14 +35,14 @@ MIN_ELEMENTS = 256  # as the forced modes: float tensors with >= 2 dims and >= 2
 
 
 class Chooser:
-    """The ``alternatives`` callback. ``values[name] = (dtype, float64 values)`` of the tensors
-    offered to tq; ``stats`` as given to tq; ``modes``: the candidate classic modes. Results are
-    cached per tensor, mode and multiplier (a quarter-octave grid), so the allocator's retries
-    re-encode only when the multiplier moved."""
+    """The ``alternatives`` callback. ``items[name]``: the tensors offered to tq
+    (``tqcodec.modes.tq.encoder.Item``: dtype, shape, values made when asked); ``stats`` as given to
+    tq; ``modes``: the candidate classic modes. Results are cached per tensor, mode and multiplier
+    (a quarter-octave grid), so the allocator's retries re-encode only when the multiplier moved;
+    the cache keeps encoded tensors and their distortion, not reconstructions."""
 
-    def __init__(self, values: Mapping[str, tuple[str, np.ndarray]], stats: Any,
-                 modes: Sequence[str] = CANDIDATES):
-        self.values = dict(values)
+    def __init__(self, items: Mapping[str, Any], stats: Any, modes: Sequence[str] = CANDIDATES):
+        self.items = dict(items)
         self.stats = stats
         self.modes = tuple(modes)
         self._cache: dict[tuple, Result] = {}
@@ -52,20 +52,29 @@ class Chooser:
         self.decided: Optional[dict[str, tuple[str, float]]] = None  # name -> (mode, rate ratio to tq)
         self._decisions: dict[str, tuple[str, float]] = {}
 
-    def _candidate(self, name: str, mode: str, lam: float) -> Result:
+    def _candidate(self, name: str, mode: str, lam: float, bands: list, in_out: bool) -> tuple[Result, float]:
+        """The tensor in ``mode`` at multiplier ``lam`` and the units' distortion of it."""
         key = (name, mode, int(round(4 * math.log2(lam))))
         if key not in self._cache:
-            dtype, v = self.values[name]
-            self._cache[key] = encode_classic(mode, name, v, dtype, self.stats, lam=2.0 ** (key[2] / 4))
+            it = self.items[name]
+            self._cache[key] = self._measured(encode_classic(mode, name, it.values, it.dtype, self.stats,
+                                                             lam=2.0 ** (key[2] / 4)), bands, in_out)
         return self._cache[key]
 
-    def _matched(self, name: str, mode: str, bits: float) -> Result:
+    def _matched(self, name: str, mode: str, bits: float, bands: list, in_out: bool) -> tuple[Result, float]:
         """The tensor in ``mode`` at a rate target of ``bits`` (the whole tensor's bits)."""
         key = (name, mode, int(round(200 * math.log2(max(bits, 1.0)))))  # 0.35% grid of rates
         if key not in self._cache:
-            dtype, v = self.values[name]
-            self._cache[key] = encode_classic(mode, name, v, dtype, self.stats, bits=2.0 ** (key[2] / 200) / v.size)
+            it = self.items[name]
+            self._cache[key] = self._measured(encode_classic(mode, name, it.values, it.dtype, self.stats,
+                                                             bits=2.0 ** (key[2] / 200) / it.size), bands, in_out)
         return self._cache[key]
+
+    def _measured(self, res: Result, bands: list, in_out: bool) -> tuple[Result, float]:
+        """``res`` without its reconstruction (not held) and the units' distortion of it."""
+        d = self._distortion(bands, res.recon, in_out)
+        res.recon = None
+        return res, d
 
     @staticmethod
     def _locked(name: str, bands: list, by_parent: Mapping[str, list], in_out: bool) -> bool:
@@ -83,7 +92,7 @@ class Chooser:
         view = recon.T if in_out else recon.reshape(recon.shape[0], -1)
         d, r0 = 0.0, 0
         for u in bands:
-            rows = u.w.shape[0]
+            rows = u.shape[0]
             d += u.distortion(view[r0:r0 + rows] - u.w)
             r0 += rows
         return d
@@ -95,16 +104,16 @@ class Chooser:
         if not (lam > 0 and math.isfinite(lam)):
             return out
         for name, bands in by_parent.items():
-            if name not in enc or name not in self.values or enc[name].mode != "tq":
+            if name not in enc or name not in self.items or enc[name].mode != "tq":
                 continue
-            dtype, v = self.values[name]
+            shape = self.items[name].shape
             _, params, streams = enc[name]
             in_out = params.get("layout") == "in_out"
-            if v.ndim < 2 or v.size < MIN_ELEMENTS or self._locked(name, bands, by_parent, in_out):
+            if len(shape) < 2 or self.items[name].size < MIN_ELEMENTS or self._locked(name, bands, by_parent, in_out):
                 continue
-            view = v.T if in_out else v.reshape(v.shape[0], -1)
-            if params.get("transform", "none") != "none" or sum(u.w.shape[0] for u in bands) != view.shape[0] \
-                    or any(u.w.shape[1] != view.shape[1] for u in bands):
+            view = view_shape(shape, "in_out" if in_out else "out_in")
+            if params.get("transform", "none") != "none" or sum(u.shape[0] for u in bands) != view[0] \
+                    or any(u.shape[1] != view[1] for u in bands):
                 continue  # units in a transform's coefficient domain: no common distortion to compare
             tq_d = sum(u.distortion(reconstruction(u, pick[u.name]) - u.w) for u in bands)
             tq_r = measured_bits(params, streams)
@@ -112,8 +121,8 @@ class Chooser:
                 tq_cost = tq_d + lam * tq_r
                 best_cost, mode, ratio = (1.0 - MARGIN) * tq_cost, "tq", 1.0
                 for m in self.modes:
-                    res = self._candidate(name, m, lam)
-                    cost = self._distortion(bands, res.recon, in_out) + lam * res.rate_bits
+                    res, d = self._candidate(name, m, lam, bands, in_out)
+                    cost = d + lam * res.rate_bits
                     if cost < best_cost:
                         best_cost, mode, ratio = cost, m, res.rate_bits / tq_r
                 self._decisions[name] = (mode, ratio)
@@ -123,9 +132,8 @@ class Chooser:
             if mode != "tq":
                 # written at a rate target: the rate it had when chosen, scaled with the rate the allocation
                 # gives the tensor in tq (a smooth function of lam, so the allocator's bits loop converges)
-                best = self._matched(name, mode, ratio * tq_r)
-                if self.decided is None and (self._distortion(bands, best.recon, in_out) + lam * best.rate_bits
-                                             >= tq_d + lam * tq_r):
+                best, d = self._matched(name, mode, ratio * tq_r, bands, in_out)
+                if self.decided is None and d + lam * best.rate_bits >= tq_d + lam * tq_r:
                     best = None  # at its rate target it no longer undercuts tq: tq, now and in later calls
                     self._decisions[name] = ("tq", 1.0)
             if best is not None:
@@ -140,4 +148,4 @@ class Chooser:
 
 def chooser_for(items: Sequence[Any], stats: Any, modes: Optional[Sequence[str]] = None) -> Chooser:
     """A :class:`Chooser` for ``tqcodec.modes.tq.encoder.Item`` s (name, dtype, values)."""
-    return Chooser({it.name: (it.dtype, it.values) for it in items}, stats, modes or CANDIDATES)
+    return Chooser({it.name: it for it in items}, stats, modes or CANDIDATES)

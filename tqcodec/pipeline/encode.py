@@ -154,12 +154,14 @@ def encode_tensor(name: str, t: torch.Tensor, opts: EncodeOptions) -> Encoded:
 # --- mode tq over many tensors ----------------------------------------------------------------------
 
 def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
-              size_of: Callable[[Mapping[str, Encoded]], int], transforms: bool = True) -> dict[str, Encoded]:
+              size_of: Callable[[Mapping[str, Encoded]], int], transforms: bool = True,
+              progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Encoded]:
     """Mode tq (spec §7.5) with one multiplier over ``items`` for the tensors it takes (finite
     float tensors; the rest go to :func:`encode_tensor`); mode ``auto`` also weighs the classic
     modes per tensor (:mod:`tqcodec.pipeline.auto`). ``size_of(encoded)`` gives the file size for
     a candidate result (the bits target is met on the real file). ``transforms``: offer
-    transforms (off for row blocks of one tensor, which share no S). Tied tensors count once."""
+    transforms (off for row blocks of one tensor, which share no S). Tied tensors count once.
+    ``progress(stage, done, total)``: the encoder's stages (curves, transforms, rate search)."""
     seen: set = set()
     tq_items = []
     total = 0
@@ -171,20 +173,20 @@ def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
         if key is not None:
             seen.add(key)
         dtype, arr = tensor_to_storage(t)
-        if dtype in FLOAT_NAMES and arr.size:
-            values = storage_to_float64(dtype, arr)
-            if np.isfinite(values).all():
-                tq_items.append(Item(name, dtype, values))
+        if dtype in FLOAT_NAMES and arr.size and all_finite(dtype, arr):
+            # the float64 values are made when the encoder needs them (a few tensors at a time)
+            tq_items.append(Item(name, dtype, tuple(arr.shape), lambda dtype=dtype, arr=arr: storage_to_float64(dtype, arr)))
     if opts.mode == "auto":  # per tensor, tq or a classic mode by D + lam R
         enc = encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
-                           size_of=size_of, alternatives=chooser_for(tq_items, opts.stats), transforms=transforms)
+                           size_of=size_of, alternatives=chooser_for(tq_items, opts.stats), transforms=transforms,
+                           progress=progress)
         if opts.bits is None or all(e.mode == "tq" for e in enc.values()):
             return enc
         if abs(8.0 * size_of(enc) / (opts.bits * max(total, 1)) - 1.0) <= AUTO_BITS_TOLERANCE:
             return enc
         # the other modes' coarser rate steps kept the file off its bits target: tq alone meets it
     return encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
-                        size_of=size_of, transforms=transforms)
+                        size_of=size_of, transforms=transforms, progress=progress)
 
 
 def encode_tq_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, transforms: bool = True) -> Optional[Encoded]:

@@ -10,8 +10,9 @@ to meet a bit budget or a distortion target.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -55,13 +56,55 @@ def coded_bits(levels: np.ndarray, scale: float = 1.0) -> float:
     return ent + table_bits(counts) + CHUNK_HEADER_BITS + BAND_PARAM_BITS + 32
 
 
+class Matrices:
+    """Float64 matrices made when asked and held a few at a time (least recently used first out),
+    so that the encoder's working set is about the largest tensor, not the model: a unit keeps
+    curves and a way to remake its rows, not its rows."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._make: dict[str, Callable[[], np.ndarray]] = {}
+        self._held: "OrderedDict[str, np.ndarray]" = OrderedDict()
+
+    def add(self, key: str, make: Callable[[], np.ndarray]) -> None:
+        self._make[key] = make
+
+    def get(self, key: str) -> np.ndarray:
+        arr = self._held.get(key)
+        if arr is None:
+            while len(self._held) >= self.keep:
+                self._held.popitem(last=False)
+            arr = self._held[key] = self._make[key]()
+        else:
+            self._held.move_to_end(key)
+        return arr
+
+    def rows(self, key: str, r0: int, r1: int, shape: tuple[int, int]) -> "Rows":
+        return Rows(self, key, r0, r1, shape)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``r0:r1`` of the matrix ``key`` of a :class:`Matrices` (``shape``: of those rows)."""
+
+    matrices: Matrices
+    key: str
+    r0: int
+    r1: int
+    shape: tuple[int, int]
+
+    def __call__(self) -> np.ndarray:
+        return self.matrices.get(self.key)[self.r0:self.r1]
+
+
 @dataclass
 class Unit:
-    """One tensor to allocate: ``w`` [n, m] float64; ``h`` [groups, d, d] (None: identity);
-    ``row_weights`` [n] (embeddings: token frequencies; None: all 1); ``gain`` output sensitivity."""
+    """One tensor to allocate: ``data`` its [n, m] float64 rows, or :class:`Rows` that remake them
+    (read as ``w``); ``h`` [groups, d, d] (None: identity); ``row_weights`` [n] (embeddings: token
+    frequencies; None: all 1); ``gain`` output sensitivity."""
 
     name: str
-    w: np.ndarray
+    data: Any
     h: Optional[np.ndarray] = None
     row_weights: Optional[np.ndarray] = None
     gain: float = 1.0
@@ -72,14 +115,27 @@ class Unit:
     _prepared: Optional[list] = None
     _diag: Optional[np.ndarray] = None
     # row bands of one tensor share error-feedback results (rows round independently):
-    # ``shared`` = {"w": full [N, m] matrix, "prepared": ..., code: full levels}, rows r0:r1 of it
+    # ``shared`` = {"w": the full [N, m] matrix (Rows), "prepared": ..., code: full levels}, rows r0:r1 of it
     shared: Optional[dict] = None
     r0: int = 0
     h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
 
     @property
+    def w(self) -> np.ndarray:
+        return self.data() if isinstance(self.data, Rows) else self.data
+
+    @w.setter
+    def w(self, value: np.ndarray) -> None:
+        self.data = value
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The rows' shape, without making them."""
+        return tuple(self.data.shape)
+
+    @property
     def size(self) -> int:
-        return int(self.w.size)
+        return int(np.prod(self.shape))
 
     def distortion(self, err: np.ndarray) -> float:
         e = err
@@ -117,16 +173,17 @@ class Unit:
             if code not in sh:
                 if "prepared" not in sh:
                     sh["prepared"] = [prepare(self.h[0])]
-                sh[code] = narrow(gptq_round(sh["w"], self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
+                full = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
+                sh[code] = narrow(gptq_round(full, self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
                                              prepared=sh["prepared"][0]))
-            return sh[code][self.r0:self.r0 + self.w.shape[0]].astype(np.int64)
+            return sh[code][self.r0:self.r0 + self.shape[0]].astype(np.int64)
         g, d, _ = self.h.shape
         rows = self.w.reshape(g, -1, d)
         if self._prepared is None:
             self._prepared = [prepare(self.h[i]) for i in range(g)]
         out = [gptq_round(rows[i], self.h[i], step, -MAX_LEVEL, MAX_LEVEL, prepared=self._prepared[i])
                for i in range(g)]
-        return np.concatenate(out, axis=0).reshape(self.w.shape)
+        return np.concatenate(out, axis=0).reshape(self.shape)
 
     def evaluate(self, code: int, feedback: bool, keep: bool = False) -> tuple[float, float]:
         """Curve point at ``code``. ``feedback``: exact (the rounding the file will hold, full
@@ -140,7 +197,7 @@ class Unit:
                 stride = -(-w.size // SUBSAMPLE)
                 w = w[::stride]
                 rw = None if rw is None else rw[::stride]
-                scale = self.w.shape[0] / w.shape[0]
+                scale = self.shape[0] / w.shape[0]
             lv = np.rint(w * (1.0 / step))  # candidate codes keep levels within ±2^20
             err = w - lv * step
             saved = self.row_weights
@@ -151,7 +208,7 @@ class Unit:
             self.curve[code] = (d, r)
             return d, r
         lv = self.quantize(code, True)
-        d = self.distortion(self.w - lv * step)
+        d = self.distortion(self.w - lv * step)  # the same rows as quantize used (held by Matrices)
         r = coded_bits(lv)
         self.curve[code] = (d, r)
         self.exact.add(code)
@@ -253,14 +310,16 @@ def bisect_lambda(units: list[Unit], measure: Callable[[dict[str, int]], float],
 
 
 def build_curves(units: list[Unit], *, window: int = 3, lam_hint: Optional[float] = None,
-                 feedback: bool = True) -> None:
+                 feedback: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Coarse curves by nearest rounding over every candidate code; then, when ``feedback``,
     the codes within ``window`` of the choice at ``lam_hint`` are re-evaluated with
     error-feedback rounding (levels kept for encoding)."""
-    for u in units:
+    for i, u in enumerate(units):
         if not u.curve:
             for c in candidate_codes(u.w):
                 u.evaluate(c, False)
+        if progress:
+            progress(i + 1, len(units))
     if feedback and lam_hint is not None:
         refine(units, choose(units, lam_hint), window)
 

@@ -14,7 +14,7 @@ from ...format.steps import steps_from_codes
 from ..base import Encoded
 from . import transforms
 from .format import write
-from .allocation import Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, refine, totals
+from .allocation import Matrices, Rows, Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, refine, totals
 
 BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
@@ -22,13 +22,31 @@ EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows, so rarely used tok
 EMBED_FLOOR = 0.05  # unseen tokens weigh this fraction of the mean token frequency
 
 
+LAZY_ELEMENTS = 1 << 16  # tensors of more elements are made when needed (Matrices), not held
+
+
 @dataclass
 class Item:
-    """One tensor offered to the tq encoder: float64 ``values`` and its dtype name."""
+    """One tensor offered to the tq encoder: its dtype name, shape, and ``load()`` giving its
+    float64 values (called when needed: the encoder holds a few tensors' values at a time)."""
 
     name: str
     dtype: str
-    values: np.ndarray
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.load()
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @classmethod
+    def of(cls, name: str, dtype: str, values: np.ndarray) -> "Item":
+        """An item whose values are already in memory."""
+        return cls(name, dtype, tuple(values.shape), lambda: values)
 
 
 def matrix_view(values: np.ndarray, layout: str) -> np.ndarray:
@@ -47,44 +65,61 @@ def floored_counts(counts: np.ndarray) -> np.ndarray:
     return c + EMBED_FLOOR * max(float(c.mean()), 1e-12)
 
 
-def make_units(items: list[Item], stats) -> tuple[list[Unit], dict[str, str]]:
+def view_shape(shape: Sequence[int], layout: str) -> tuple[int, int]:
+    """The [n, m] shape of :func:`matrix_view` for a tensor of ``shape``."""
+    if layout == "in_out":
+        return int(shape[1]), int(shape[0])
+    return int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
+
+
+def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) -> tuple[list[Unit], dict[str, str]]:
     """Units for the tensors tq codes, and each unit's layout. Tensors left out (1-D without a
-    measured gain, small tensors without statistics, running variances) go to the data-free path."""
+    measured gain, small tensors without statistics, running variances) go to the data-free path.
+    ``matrices``: where the [n, m] matrices of large tensors are made when needed (default: a new
+    :class:`Matrices`); small tensors are held."""
+    matrices = matrices if matrices is not None else Matrices()
     units: list[Unit] = []
     layouts: dict[str, str] = {}
     known = [] if stats is None else [stats.default_gain] if stats.default_gain is not None else stats.gains()
-    total = sum(it.values.size for it in items)
+    total = sum(it.size for it in items)
     band_size = max(1, total // BAND_SHARE)
     default_gain = max(known) if known else 1.0
     for it in items:
-        v = it.values
         st = stats.get(it.name) if stats is not None else None
-        if "running_var" in it.name or "running_mean" in it.name or v.size == 0:
+        if "running_var" in it.name or "running_mean" in it.name or it.size == 0:
             continue
+        ndim = len(it.shape)
         if st is not None and st.kind == "plain":
+            v = it.values
             units.append(Unit(band_name(it.name, 0), v.reshape(v.shape[0] if v.ndim else 1, -1), None, None, st.gain))
             layouts[it.name] = "out_in"
             continue
-        if v.ndim < 2:
+        if ndim < 2:
             continue
-        layout = st.layout if st is not None and v.ndim == 2 else "out_in"
-        w2 = np.ascontiguousarray(matrix_view(v, layout))
+        layout = st.layout if st is not None and ndim == 2 else "out_in"
+        n, m = view_shape(it.shape, layout)
+        if it.size > LAZY_ELEMENTS:
+            matrices.add(it.name, lambda it=it, layout=layout: np.ascontiguousarray(matrix_view(it.values, layout)))
+            w2 = matrices.rows(it.name, 0, n, (n, m))
+        else:
+            w2 = np.ascontiguousarray(matrix_view(it.values, layout))
         h = rw = None
         gain = default_gain
         if st is not None:
             gain = st.gain
-            if st.kind == "embedding" and st.counts is not None and len(st.counts) == w2.shape[0]:
+            if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
                 c = floored_counts(st.counts)
                 rw = c / c.sum()
-            elif _h_fits(st.h, *w2.shape):
+            elif _h_fits(st.h, n, m):
                 h = np.asarray(st.h, dtype=np.float64)
         cap, size = (EMBED_BANDS, band_size // 8) if rw is not None else (MAX_BANDS, band_size)
-        nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, w2.shape[0], -(-w2.size // max(size, 1))))
-        bounds = [w2.shape[0] * i // nb for i in range(nb + 1)]
+        nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
+        bounds = [n * i // nb for i in range(nb + 1)]
         shared = {"w": w2} if nb > 1 and h is not None else None
         for b in range(nb):
             r0, r1 = bounds[b], bounds[b + 1]
-            units.append(Unit(band_name(it.name, b), w2[r0:r1], h, None if rw is None else rw[r0:r1], gain,
+            rows = matrices.rows(it.name, r0, r1, (r1 - r0, m)) if isinstance(w2, Rows) else w2[r0:r1]
+            units.append(Unit(band_name(it.name, b), rows, h, None if rw is None else rw[r0:r1], gain,
                               shared=shared, r0=r0))
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
@@ -142,8 +177,8 @@ def _bias_pairs(units: list[Unit], stats, layouts: Mapping[str, str]) -> list:
         if not name.endswith("weight") or mu is None or layouts.get(name) != "out_in":
             continue
         bias = by_parent.get(name[:-len("weight")] + "bias")
-        n = sum(b.w.shape[0] for b in bands)
-        if bias and sum(b.w.size for b in bias) == n and mu.shape[1] == bands[0].w.shape[1] \
+        n = sum(b.shape[0] for b in bands)
+        if bias and sum(b.size for b in bias) == n and mu.shape[1] == bands[0].shape[1] \
                 and n % mu.shape[0] == 0:
             pairs.append((bands, bias))
     return pairs
@@ -167,6 +202,8 @@ def _correct_biases(pairs: list, originals: Mapping[int, np.ndarray], pick: Mapp
 
 # --- transforms (spec §7.5: stream 0, R = (S C)^T) ---------------------------------------------
 
+ATTEMPTS = 5  # the bits loop: the file is written at most this many times to land on the target
+
 TRANSFORM_MIN_RATIO = 2  # offered only when n >= 2m: the 16 m k bits of S need many coefficients
 TRANSFORM_BANDS = 16     # coefficient rows (components, strongest first) cut into at most 16 bands
 
@@ -182,21 +219,22 @@ class TransformOption:
     bands: list[Unit]
 
 
-def transform_options(items: list[Item], stats, layouts: Mapping[str, str]) -> dict[str, TransformOption]:
+def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
+                      matrices: Optional[Matrices] = None) -> dict[str, TransformOption]:
     """The transform each eligible tensor could use: the activation-aware transform (AAT) where
     the tensor has input statistics, the weight KLT where it has none. Eligible: coded by tq as
-    one [n, m] matrix (no groups, no embedding row weights), ``n >= TRANSFORM_MIN_RATIO * m``."""
+    one [n, m] matrix (no groups, no embedding row weights), ``n >= TRANSFORM_MIN_RATIO * m``.
+    The coefficient matrix of a large tensor is made when needed (``matrices``), not held."""
+    matrices = matrices if matrices is not None else Matrices()
     out: dict[str, TransformOption] = {}
     for it in items:
         layout = layouts.get(it.name)
-        v = it.values
-        if layout is None or v.ndim < 2:
+        if layout is None or len(it.shape) < 2:
             continue
         st = stats.get(it.name) if stats is not None else None
         if st is not None and st.kind not in ("linear", "conv"):
             continue
-        w2 = matrix_view(v, layout)
-        n, m = w2.shape
+        n, m = view_shape(it.shape, layout)
         if m < 4 or n < TRANSFORM_MIN_RATIO * m:
             continue
         h = None
@@ -204,7 +242,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str]) -> d
             if not _h_fits(st.h, n, m) or st.h.shape[0] != 1:
                 continue
             h = np.asarray(st.h[0], dtype=np.float64)
-        mat = np.ascontiguousarray(w2.T)  # M [m, n]
+        mat = np.ascontiguousarray(matrix_view(it.values, layout).T)  # M [m, n]
         if h is None:
             _, s, _ = transforms.klt(mat)
             kind, metric = "klt", np.eye(m)
@@ -216,23 +254,34 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str]) -> d
             continue
         # coefficients that are best for the stored (float16) synthesis, in the error metric
         g = s16.T @ metric @ s16
-        coef = np.linalg.solve(g + 1e-12 * np.trace(g) / m * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
         weights = np.maximum(np.diag(g), 0.0)  # distortion of coefficient row i: g_ii ||dC_i||^2
         gain = st.gain if st is not None else 1.0
         nb = min(TRANSFORM_BANDS, m)
         bounds = [m * i // nb for i in range(nb + 1)]
-        bands = [Unit(band_name(it.name, b), coef[bounds[b]:bounds[b + 1]], None,
-                      weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b]) for b in range(nb)]
+
+        def coefficients(it=it, layout=layout, g=g, s16=s16, metric=metric, m=m, mat=None) -> np.ndarray:
+            mat = np.ascontiguousarray(matrix_view(it.values, layout).T) if mat is None else mat
+            return np.linalg.solve(g + 1e-12 * np.trace(g) / m * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
+        if it.size > LAZY_ELEMENTS:
+            key = "coefficients\x00" + it.name
+            matrices.add(key, coefficients)
+            rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
+        else:
+            coef = coefficients(mat=mat)
+            rows = [coef[bounds[b]:bounds[b + 1]] for b in range(nb)]
+        del mat
+        bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b])
+                 for b in range(nb)]
         out[it.name] = TransformOption(it.name, kind, s16, bands)
     return out
 
 
 def kept_components(bands: list[Unit], codes: Sequence[int]) -> int:
     """Coefficient rows kept: up to the last band with a nonzero level (at least the first band)."""
-    k = bands[0].w.shape[0]
+    k = bands[0].shape[0]
     for u, c in zip(bands, codes):
         if np.any(_levels(u, c)):
-            k = u.r0 + u.w.shape[0]
+            k = u.r0 + u.shape[0]
     return k
 
 
@@ -297,12 +346,14 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
 
 def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance, progress, alternatives=None,
                   transforms_on=True):
-    units, layouts = make_units(items, stats)
+    matrices = Matrices()  # the large tensors' matrices, made when needed, two at a time
+    units, layouts = make_units(items, stats, matrices)
     if not units:
         return {}
     feedback = stats is not None
-    build_curves(units, feedback=False)
-    options = transform_options(items, stats, layouts) if transforms_on else {}
+    tell = progress or (lambda what, done, total: None)
+    build_curves(units, feedback=False, progress=lambda done, total: tell("curves", done, total))
+    options = transform_options(items, stats, layouts, matrices) if transforms_on else {}
     synthesis: dict[str, np.ndarray] = {}
 
     def rate(pick: Mapping[str, int]) -> float:
@@ -320,7 +371,9 @@ def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance,
         if feedback:
             refine(units, pick, 1)
             lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
+        tell("transforms", 0, len(options))
         chosen, names = choose_transforms(units, options, lam)
+        tell("transforms", len(options), len(options))
         synthesis.update({n: options[n].synthesis for n in names})
         return chosen
 
@@ -334,8 +387,7 @@ def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance,
                 out[name] = encode_transformed(bands, codes, layouts[name], synthesis[name])
             else:
                 out[name] = encode_tensor(bands, codes, layouts[name])
-            if progress:
-                progress(name, i + 1, len(by_parent))
+            tell(f"rate search: coding {name}", i + 1, len(by_parent))
         return out
 
     if bits is None:
@@ -344,6 +396,7 @@ def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance,
         if power is None:
             power = sum(u.gain * float(np.sum(u.w * u.w)) for u in units)
         target = power * 10.0 ** (-q / 10.0)
+        tell("rate search", 0, 1)
         units = with_transforms(dist, target, True)
         corrections = _bias_pairs(units, stats, layouts)
         originals = {id(b): b.w for _, bands in corrections for b in bands}
@@ -360,7 +413,8 @@ def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance,
     originals = {id(b): b.w for _, bands in corrections for b in bands}
     overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
     best = None
-    for attempt in range(5):
+    for attempt in range(ATTEMPTS):
+        tell(f"rate search: file size {attempt + 1} of at most {ATTEMPTS}", attempt, ATTEMPTS)
         budget = max(target_bits - overhead, 1.0)
         lam, pick = bisect_lambda(units, rate, budget, increasing=False)
         if feedback:
@@ -378,6 +432,7 @@ def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance,
         if abs(err) <= tolerance:
             break
         overhead = actual - rate(pick)
+    tell("rate search", ATTEMPTS, ATTEMPTS)
     return best[1]
 
 
