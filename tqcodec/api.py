@@ -23,7 +23,8 @@ from .io.files import atomic_output
 from .limits import DEFAULT_LIMITS, Limits
 from .modes import alias
 from .modes.base import Encoded
-from .pipeline.encode import EncodeOptions, encode_tensor, encode_tq
+from .pipeline.classic import CLASSIC_MODES
+from .pipeline.encode import EncodeOptions, encode_classic_file, encode_tensor, encode_tq
 from .pipeline.tensors import check_tensor, name_of_torch, plan_entries
 
 PathLike = Union[str, os.PathLike]
@@ -266,7 +267,12 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
                 progress(f"writing: {name}", i + 1, len(entries))
         return writer.finish(meta)
 
-    pre = encode_tq(items, opts, lambda enc: write(None, enc), progress=progress) if opts.uses_tq else {}
+    if opts.uses_tq:
+        pre = encode_tq(items, opts, lambda enc: write(None, enc), progress=progress)
+    elif opts.mode in CLASSIC_MODES and opts.bits is not None:  # the whole file on its bits target
+        pre = encode_classic_file(items, opts, lambda enc: write(None, enc), progress=progress)
+    else:
+        pre = {}
     return _write_to(path, overwrite, lambda out: write(out, pre))
 
 

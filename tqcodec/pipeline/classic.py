@@ -21,6 +21,8 @@ from ..modes.rd import Result, lam_for_snr
 CLASSIC_MODES = ("ecsq", "kmeans", "pq", "dither")
 ENCODERS = {"ecsq": ecsq, "kmeans": kmeans, "pq": pq, "dither": dither}
 ROW_MODES = ("kmeans", "pq")  # need at least one dimension (spec §7.7, §7.8)
+KMEANS_GROUP_ELEMENTS = 8192  # kmeans: a codebook per group of rows of about this many weights, at most 8:
+KMEANS_MAX_GROUPS = 8         # the rate then moves in steps a few times finer than one codebook's sizes
 
 
 def encode_classic(mode: str, name: str, values: np.ndarray, dtype: str, stats: Any = None, *,
@@ -39,6 +41,8 @@ def encode_classic(mode: str, name: str, values: np.ndarray, dtype: str, stats: 
         n = v.shape[0] if v.ndim else 1
         lam = lam_for_snr(v.reshape(n, -1), h, snr_db)
     kw = {"name": name} if mode == "dither" else {}
+    if mode == "kmeans":
+        kw["groups"] = max(1, min(KMEANS_MAX_GROUPS, v.size // KMEANS_GROUP_ELEMENTS, v.shape[0]))
     res = ENCODERS[mode].encode(v, dtype, h, bits=bits, lam=lam, **kw)
     res.recon = res.recon.reshape(np.shape(values))
     return res

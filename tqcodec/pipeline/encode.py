@@ -129,26 +129,96 @@ class EncodeOptions:
 
 # --- one tensor without a whole-model allocation ----------------------------------------------------
 
-def encode_tensor(name: str, t: torch.Tensor, opts: EncodeOptions) -> Encoded:
+def stored_bytes(encoded: Encoded) -> int:
+    """The bytes a tensor's encoding adds to a file beside its name, dtype and shape: its mode
+    and params in the manifest, its chunks (headers included)."""
+    return len(encoded.mode) + len(pack_canonical(encoded.params)) + sum(
+        CHUNK_HEADER_SIZE + len(p) for chunks in encoded.streams for _, p in chunks)
+
+
+def no_larger_than_raw(encoded: Encoded, arr: np.ndarray) -> Encoded:
+    """``encoded``, or the tensor stored exactly (mode raw, the storage array ``arr``) where that
+    takes no more bytes: a lossy encoding never costs more than the exact one (tiny tensors, whose
+    tables and parameters outweigh their data)."""
+    if encoded.mode == "raw" or stored_bytes(encoded) < arr.nbytes:
+        return encoded  # the exact payload alone is larger: no need to make it
+    exact = raw.encode(arr)
+    return exact if stored_bytes(exact) <= stored_bytes(encoded) else encoded
+
+
+def classic_takes(opts: EncodeOptions, dtype: str, arr: np.ndarray) -> bool:
+    """Whether a forced classic mode codes this tensor (floats of >= 2 dims and >= 256 elements)."""
+    return (opts.mode in CLASSIC_MODES and not opts.lossless and dtype in FLOAT_NAMES and arr.ndim >= 2
+            and arr.size >= MIN_UNIFORM_ELEMENTS)
+
+
+def encode_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, bits: Optional[float] = None) -> Encoded:
     """``t`` in the mode ``opts`` gives it when no whole-model tq allocation takes it: a classic
-    mode when forced, ``uniform`` for float tensors of >= 2 dims and >= 256 elements (every
-    float tensor in mode ``uniform``), else ``raw``. Tensors with NaN or infinity stay ``raw``
-    (with a warning)."""
+    mode when forced (at ``bits`` per weight, default ``opts.bits``), ``uniform`` for float
+    tensors of >= 2 dims and >= 256 elements (every float tensor in mode ``uniform``), else
+    ``raw``; never more bytes than ``raw``. Tensors with NaN or infinity stay ``raw`` (with a
+    warning)."""
     dtype, arr = tensor_to_storage(t)
-    if (opts.mode in CLASSIC_MODES and not opts.lossless and dtype in FLOAT_NAMES and arr.ndim >= 2
-            and arr.size >= MIN_UNIFORM_ELEMENTS):
+    if classic_takes(opts, dtype, arr):
         values = storage_to_float64(dtype, arr)
         if np.isfinite(values).all():
             snr = opts.quality if opts.quality is not None else opts.snr_db
-            return encode_classic(opts.mode, name, values, dtype, opts.stats, bits=opts.bits, snr_db=snr).encoded
+            bits = opts.bits if bits is None else bits
+            return no_larger_than_raw(
+                encode_classic(opts.mode, name, values, dtype, opts.stats, bits=bits, snr_db=snr).encoded, arr)
     use_uniform = (not opts.lossless and opts.mode != "raw" and dtype in FLOAT_NAMES and arr.size >= 1
                    and (opts.mode == "uniform" or (arr.ndim >= 2 and arr.size >= MIN_UNIFORM_ELEMENTS)))
     if use_uniform:
         if not all_finite(dtype, arr):
             warnings.warn(f"{name}: NaN or infinite values, stored exactly (raw)", stacklevel=3)
         else:  # block by block: bounded memory however large the tensor
-            return uniform.encode_storage(arr, dtype, opts.granularity, opts.snr_db)
+            return no_larger_than_raw(uniform.encode_storage(arr, dtype, opts.granularity, opts.snr_db), arr)
     return raw.encode(arr)
+
+
+CLASSIC_ATTEMPTS = 5  # whole-file bits in a classic mode: the file is written at most this many times
+CLASSIC_TOLERANCE = 0.015
+
+
+def encode_classic_file(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
+                        size_of: Callable[[Mapping[str, Encoded]], int],
+                        progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Encoded]:
+    """A forced classic mode with a whole-file ``bits`` target: every tensor it codes at one
+    bits-per-weight figure, corrected by the bytes the rest of the file takes (other tensors,
+    manifest, index) until the file lands within ``CLASSIC_TOLERANCE`` of the target (at most
+    ``CLASSIC_ATTEMPTS`` trial writes; ``size_of`` measures one). Tied tensors count once."""
+    seen: set = set()
+    taken: list[tuple[str, torch.Tensor]] = []
+    total = 0
+    for name, t in items:
+        total += t.numel()
+        key = tied_key(t)
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        dtype, arr = tensor_to_storage(t)
+        if classic_takes(opts, dtype, arr) and all_finite(dtype, arr):
+            taken.append((name, t))
+    if not taken or opts.bits is None:
+        return {}
+    target = opts.bits * total
+    per, best = float(opts.bits), None
+    for attempt in range(CLASSIC_ATTEMPTS):
+        if progress:
+            progress(f"rate search: file size {attempt + 1} of at most {CLASSIC_ATTEMPTS}", attempt, CLASSIC_ATTEMPTS)
+        enc = {name: encode_tensor(name, t, opts, bits=per) for name, t in taken}
+        actual = 8.0 * size_of(enc)
+        err = actual / target - 1.0
+        if best is None or abs(err) < abs(best[0]):
+            best = (err, enc)
+        if abs(err) <= CLASSIC_TOLERANCE:
+            break
+        coded = sum(8.0 * stored_bytes(e) for e in enc.values())
+        coded_params = sum(t.numel() for _, t in taken)
+        # the rest of the file stays as it is: the coded tensors get the target less the rest
+        per = min(32.0, max(0.05, per * max(target - (actual - coded), 0.05 * coded_params) / coded))
+    return best[1]
 
 
 # --- mode tq over many tensors ----------------------------------------------------------------------
