@@ -46,3 +46,32 @@ def test_metadata_round_trip_and_reserved_prefix():
     with pytest.raises(tqcodec.TqzError) as e:
         tqcodec.encode_bytes({"w": torch.ones(3)}, metadata={"tqz.x": "no"})
     assert e.value.code == "BAD_OPTION"
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path, state_dict):
+    """save and ``tqz encode`` agree: an existing file is replaced only with overwrite=True."""
+    path = tmp_path / "m.tqz"
+    tqcodec.save(state_dict, path)
+    before = path.read_bytes()
+    with pytest.raises(tqcodec.TqzError) as e:
+        tqcodec.save(state_dict, path, lossless=True)
+    assert e.value.code == "OUTPUT_EXISTS" and path.read_bytes() == before
+    tqcodec.save(state_dict, path, lossless=True, overwrite=True)
+    assert path.read_bytes() != before
+
+
+def test_a_missing_file_is_also_a_file_not_found_error(tmp_path):
+    """IO_ERROR is an OSError (FileNotFoundError for a file that does not exist): code that catches
+    the built-in errors of file work catches tqcodec's too, and keeps the spec §11 code."""
+    missing = tmp_path / "nope.tqz"
+    for call in (lambda: tqcodec.load(missing), lambda: tqcodec.open(missing), lambda: tqcodec.verify(missing)):
+        with pytest.raises(FileNotFoundError) as e:
+            call()
+        assert isinstance(e.value, tqcodec.TqzError) and e.value.code == "IO_ERROR" and str(missing) in str(e.value)
+        assert e.value.errno == 2 and e.value.filename == str(missing)
+    from tqcodec.io.files import read_model
+    with pytest.raises(FileNotFoundError):
+        read_model(tmp_path / "nope.pt")
+    with pytest.raises(OSError) as e:  # a folder where a file is due: an OSError, not a FileNotFoundError
+        tqcodec.load(tmp_path)
+    assert isinstance(e.value, tqcodec.TqzError) and not isinstance(e.value, FileNotFoundError)

@@ -127,9 +127,9 @@ def test_usage_errors_exit_2(tmp_path, model_pt):
     assert tqz("frobnicate").exit_code == 2
 
 
-def test_bad_option_value_exits_1(tmp_path, model_pt):
+def test_bad_option_value_exits_2(tmp_path, model_pt):
     r = tqz("encode", model_pt, "--mode", "zip")
-    assert r.exit_code == 1 and "BAD_OPTION" in r.output
+    assert r.exit_code == 2 and "BAD_OPTION" in r.output
 
 
 # --- outputs: never over the input, never a partial file --------------------------------------
@@ -160,24 +160,24 @@ def test_decode_refuses_to_write_over_its_input(tmp_path, model_files, force):
     _, tz = model_files
     before = tz.read_bytes()
     r = tqz("decode", tz, "-o", tz, *force)
-    assert r.exit_code == 1 and "BAD_OPTION" in r.output
+    assert r.exit_code == 2 and "BAD_OPTION" in r.output
     disguised = tmp_path / "m2.pt"          # a .tqz file under a model-file name
     disguised.write_bytes(before)
     for out in (disguised,):
         r = tqz("decode", disguised, "-o", out, *force)
-        assert r.exit_code == 1 and "overwrite the input" in r.output
+        assert r.exit_code == 2 and "overwrite the input" in r.output
         assert out.read_bytes() == before
     link = tmp_path / "link.pt"               # a symlink to the input as the output
     link.symlink_to(disguised)
     r = tqz("decode", disguised, "-o", link, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert r.exit_code == 2 and "overwrite the input" in r.output
     assert tz.read_bytes() == before and disguised.read_bytes() == before and link.is_symlink()
     pt, _ = model_files                       # a hard link to the input as the output
     assert tqz("encode", pt, "-o", tmp_path / "m3.tqz").exit_code == 0
     before = (tmp_path / "m3.tqz").read_bytes()
     os.link(tmp_path / "m3.tqz", tmp_path / "same.pt")
     r = tqz("decode", tmp_path / "m3.tqz", "-o", tmp_path / "same.pt", *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert r.exit_code == 2 and "overwrite the input" in r.output
     assert (tmp_path / "m3.tqz").read_bytes() == before
 
 
@@ -186,15 +186,15 @@ def test_encode_refuses_to_write_over_its_input(tmp_path, model_files, force):
     pt, _ = model_files
     before = pt.read_bytes()
     r = tqz("encode", pt, "-o", pt, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert r.exit_code == 2 and "overwrite the input" in r.output
     hard = tmp_path / "hard.tqz"
     os.link(pt, hard)
     r = tqz("encode", pt, "-o", hard, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert r.exit_code == 2 and "overwrite the input" in r.output
     soft = tmp_path / "soft.tqz"
     soft.symlink_to(pt)
     r = tqz("encode", pt, "-o", soft, *force)
-    assert r.exit_code == 1 and "overwrite the input" in r.output
+    assert r.exit_code == 2 and "overwrite the input" in r.output
     assert pt.read_bytes() == before and soft.is_symlink()
 
 
@@ -282,7 +282,7 @@ def test_subprocess_one_line_error_no_traceback(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in p.stderr
         assert str(bad) in lines[0] and "BAD_MAGIC" in lines[0]
-    assert not (tmp_path / "page.pt").exists()
+    assert not (tmp_path / "page.pt").exists() and not (tmp_path / "page.decoded.pt").exists()
 
 
 def test_subprocess_roundtrip(tmp_path, model_pt):
@@ -348,7 +348,7 @@ def test_cli_stdout_and_stdin_in_process(tmp_path):
     assert r.exit_code == 1 and r.stdout_bytes == b"" and "BAD_INPUT" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = runner.invoke(app, ["decode", "-"], input=enc.stdout_bytes)  # no -o: refused before reading
-    assert r.exit_code == 1 and "BAD_OPTION" in r.stderr
+    assert r.exit_code == 2 and "BAD_OPTION" in r.stderr
 
 
 def test_real_pipeline_encode_stdout_into_decode_stdin(tmp_path):
@@ -414,7 +414,7 @@ def test_cli_encode_mode_and_decode_round_trip(tmp_path):
             assert f.info("w").mode == mode and f.version == (1, 2)
             assert torch.equal(back["w"], f.get_tensor("w")) and torch.equal(back["b"], sd["b"])
     r = CliRunner().invoke(app, ["encode", str(src), "-o", str(tmp_path / "x.tqz"), "--mode", "lloyd"])
-    assert r.exit_code == 1 and "BAD_OPTION" in r.output
+    assert r.exit_code == 2 and "BAD_OPTION" in r.output
 
 
 def test_cli_encode_with_stats_and_bits(tmp_path, model_and_stats):
@@ -495,7 +495,7 @@ def test_cli_tq_scope_tensor_jobs(hf_src, tmp_path):
         assert res.exit_code == 0, res.output
     assert a.read_bytes() == b.read_bytes()
     res = runner.invoke(app, ["encode", str(hf_src), "-o", str(a), "--tq-scope", "layer", "-f"])
-    assert res.exit_code == 1 and "BAD_OPTION" in res.output
+    assert res.exit_code == 2 and "BAD_OPTION" in res.output
 
 
 # --- URLs -------------------------------------------------------------------------------------
@@ -512,10 +512,141 @@ def test_cli_info_and_decode_url(srv, remote_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["decode", srv.url("/big.tqz")])
     assert r.exit_code == 0, r.stderr
-    back = torch.load(tmp_path / "big.pt", weights_only=True)
+    back = torch.load(tmp_path / "big.decoded.pt", weights_only=True)  # the default name: never the original's
     expect = tqcodec.load(remote_files["/big.tqz"])
     assert set(back) == set(expect) and all(torch.equal(back[k], expect[k]) for k in expect)
     srv.drop_after = 5000
     r = runner.invoke(app, ["decode", srv.url("/big.tqz"), "-o", str(tmp_path / "cut.safetensors")])
     assert r.exit_code == 1 and "TRUNCATED" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "cut.safetensors").exists() and not list(tmp_path.glob(".*.part"))
+
+
+# --- what a new user meets, through the real tqz entry point (issue 18) ------------------------------
+
+def _run(tmp_path, *args: str, stdin: bytes = None, check: bool = False) -> subprocess.CompletedProcess:
+    p = subprocess.run(_cmd() + [str(a) for a in args], cwd=tmp_path, input=stdin, capture_output=True,
+                       timeout=300, env=_env())
+    assert "Traceback" not in p.stderr.decode(), p.stderr.decode()
+    if check:
+        assert p.returncode == 0, p.stderr.decode()
+    return p
+
+
+def test_readme_two_liner_works_in_one_folder(tmp_path):
+    """tqz encode model.pt; tqz decode model.tqz: the default decode name is never the original's;
+    a second decode refuses to overwrite (exit 1), as encode does."""
+    torch.save(small_state_dict(), tmp_path / "model.pt")
+    _run(tmp_path, "encode", "model.pt", check=True)
+    p = _run(tmp_path, "decode", "model.tqz", check=True)
+    assert b"model.decoded.pt" in p.stdout
+    back = torch.load(tmp_path / "model.decoded.pt", weights_only=True)
+    assert set(back) == set(small_state_dict())
+    p = _run(tmp_path, "decode", "model.tqz")
+    assert p.returncode == 1 and b"OUTPUT_EXISTS" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_decode_to_standard_output_writes_safetensors(tmp_path):
+    from safetensors.torch import load as load_safetensors
+    torch.save(small_state_dict(), tmp_path / "model.pt")
+    _run(tmp_path, "encode", "model.pt", check=True)
+    p = _run(tmp_path, "decode", "model.tqz", "-o", "-", check=True)
+    got, want = load_safetensors(p.stdout), tqcodec.load(tmp_path / "model.tqz")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not (tmp_path / "-").exists()  # not a folder named "-"
+    p = _run(tmp_path, "decode", "-", "-o", "-", stdin=(tmp_path / "model.tqz").read_bytes(), check=True)
+    assert load_safetensors(p.stdout).keys() == want.keys()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["encode", "model.pt", "--bits", "0"], "bits must be in"),
+    (["encode", "model.pt", "--mode", "foo"], "mode 'foo'"),
+    (["encode", "model.pt", "--bits", "3", "--quality", "30"], "bits or quality"),
+    (["encode", "model.pt", "--lossless", "--bits", "3"], "lossless"),
+    (["encode", "model.pt", "--lossless", "--mode", "tq"], "lossless"),
+    (["encode", "model.pt", "--mode", "tq", "--snr", "30"], "snr"),
+    (["encode", "model.pt", "--bits", "3", "--granularity", "tensor"], "granularity"),
+    (["decode", "-"], "-o/--output"),
+    (["encode", "model.pt", "-o", "model.pt"], "overwrite the input"),
+])
+def test_usage_errors_exit_2_with_one_line(tmp_path, args, words):
+    torch.save(small_state_dict(), tmp_path / "model.pt")
+    p = _run(tmp_path, *args, stdin=b"")
+    lines = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "BAD_OPTION" in lines[0] and words in lines[0], lines
+
+
+class MyThing:
+    pass
+
+
+def test_refused_pickles_say_what_was_found_and_what_to_do(tmp_path):
+    code = ("import torch\nclass MyThing: pass\n"
+            "torch.save({'w': torch.zeros(2), 'thing': MyThing()}, 'evil.pt')\n")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
+    p = _run(tmp_path, "encode", "evil.pt")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "BAD_INPUT" in err and "__main__.MyThing" in err and "safetensors" in err
+    assert "weights_only set to False" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "notes.pt").write_text("hello, these are notes\n")
+    p = _run(tmp_path, "encode", "notes.pt")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "not a PyTorch checkpoint" in err and "weights_only" not in err
+
+
+def test_verify_reads_standard_input(tmp_path):
+    torch.save(small_state_dict(), tmp_path / "model.pt")
+    _run(tmp_path, "encode", "model.pt", check=True)
+    data = (tmp_path / "model.tqz").read_bytes()
+    p = _run(tmp_path, "verify", "-", stdin=data, check=True)
+    assert b"<stdin>: OK" in p.stdout and str(len(data)).encode() in p.stdout
+    p = _run(tmp_path, "verify", "-", stdin=data[:-5])
+    assert p.returncode == 1 and b"<stdin>" in p.stderr and b"TRUNCATED" in p.stderr
+
+
+def test_carried_files_are_listed_and_never_dropped_silently(tmp_path, hf_src):
+    out = tmp_path / "m.tqz"
+    tqcodec.api.encode_folder(hf_src, out)
+    p = _run(tmp_path, "info", out, check=True)
+    assert all(name.encode() in p.stdout for name in HF_FILES) and b"carried files" in p.stdout
+    info = json.loads(_run(tmp_path, "info", out, "--json", check=True).stdout)
+    assert {f["name"]: f["bytes"] for f in info["files"]} == {k: len(v) for k, v in HF_FILES.items()}
+    p = _run(tmp_path, "decode", out, "-o", "x.pt", check=True)  # one file: a note says how to get them
+    assert b"-o DIR" in p.stderr and all(name.encode() in p.stderr for name in HF_FILES)
+    p = _run(tmp_path, "decode", out, check=True)  # the default for such a file is a folder
+    assert all((tmp_path / "m.decoded" / name).read_bytes() == data for name, data in HF_FILES.items())
+
+
+def test_version_and_help_read_plainly(tmp_path):
+    p = _run(tmp_path, "--version", check=True)
+    assert p.stdout.decode().startswith(f"tqz (tqcodec) {tqcodec.__version__}") and b"format 1.2" in p.stdout
+    for sub in ("encode", "decode", "info", "verify"):
+        text = _run(tmp_path, sub, "--help", check=True).stdout.decode()
+        assert f"Usage: tqz {sub} [OPTIONS] INPUT" in text.replace("python -m tqcodec.cli", "tqz")
+        assert "<bool>" not in text and "{INPUT}" not in text and "{input}" not in text
+    readme = (ROOT / "README.md").read_text()
+    for option in ("--snr", "--granularity", "--tq-scope", "--version"):
+        assert option in readme, option
+
+
+def test_info_plot_never_overwrites_without_force_and_says_where(tmp_path):
+    pytest.importorskip("matplotlib")
+    torch.save(small_state_dict(), tmp_path / "model.pt")
+    _run(tmp_path, "encode", "model.pt", check=True)
+    p = _run(tmp_path, "info", "model.tqz", "--plot", "map.png", check=True)
+    assert b"map.png" in p.stdout and (tmp_path / "map.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "map.png").write_bytes(b"mine")
+    p = _run(tmp_path, "info", "model.tqz", "--plot", "map.png")
+    assert p.returncode == 1 and b"OUTPUT_EXISTS" in p.stderr and (tmp_path / "map.png").read_bytes() == b"mine"
+    _run(tmp_path, "info", "model.tqz", "--plot", "map.png", "--force", check=True)
+    assert (tmp_path / "map.png").read_bytes().startswith(b"\x89PNG")
+    from tqcodec.plot import allocation_rows, bits_scale
+    with tqcodec.open(tmp_path / "model.tqz") as f:
+        rows = allocation_rows(f)
+    raw_bits = [b for r in rows if r["mode"] == "raw" for _, b in r["bands"]]
+    assert max(raw_bits) > 32 and bits_scale(rows) == max(b for r in rows for _, b in r["bands"])  # no cap at 16
+
+
+def test_summary_says_larger_when_the_file_is_larger_than_fp32(tmp_path):
+    torch.save({"b": torch.randn(16)}, tmp_path / "tiny.pt")
+    p = _run(tmp_path, "encode", "tiny.pt", check=True)
+    assert b"larger than fp32" in p.stdout and b"smaller than fp32" not in p.stdout

@@ -171,7 +171,7 @@ CLI = {
     "encode": ["--bits", "--force", "--granularity", "--jobs", "--lossless", "--mode", "--output", "--quality",
                "--snr", "--stats", "--tq-scope", "-f", "-j", "-o", "input"],
     "decode": ["--force", "--jobs", "--output", "--shard-size", "-f", "-j", "-o", "input"],
-    "info": ["--json", "--plot", "input"],
+    "info": ["--force", "--json", "--plot", "-f", "input"],
     "verify": ["input"],
 }
 
@@ -189,6 +189,7 @@ def test_cli_commands_and_options_are_pinned():
     cmd = typer.main.get_command(app)
     got = {name: sorted(o for p in c.params for o in p.opts) for name, c in cmd.commands.items()}
     assert got == {k: sorted(v) for k, v in CLI.items()}
+    assert sorted(o for p in cmd.params for o in p.opts) == ["--version"]
 
 
 @pytest.mark.parametrize("name", ["format", "coding", "modes", "pipeline", "io", "model"])

@@ -186,7 +186,7 @@ def verify(source: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT
     """Check every CRC and structure front to back and decode every tensor (spec §10.1).
     ``source``: a path, bytes, a URL or a readable binary stream (standard input, a pipe)."""
     n = params = 0
-    with sources.open_stream(source) as stream:
+    with sources.naming(sources.path_of(source)), sources.open_stream(source) as stream:
         counted = sources.CountingReader(stream)
         for name, t in iter_tensors(counted, limits=limits):
             n += 1

@@ -76,19 +76,18 @@ PROGRESS_PERIOD = 10.0  # seconds between progress lines when standard error is 
 def _progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
     """Progress of long work, as the API reports it (``progress(what, done, total)``, ``what``
     a stage or ``"stage: item"``): on a terminal a bar for the current stage with its counts and
-    item; otherwise one line every ``PROGRESS_PERIOD`` seconds and at each new stage, so a log shows
-    that a long encode moves."""
+    item; otherwise one line every ``PROGRESS_PERIOD`` seconds (none for quicker work), so a log
+    shows that a long encode moves."""
     start = time.monotonic()
     if not sys.stderr.isatty():
-        last = {"at": start, "stage": None}
+        last = {"at": start}
 
         def line(what: str, done: int, total: int) -> None:
             now = time.monotonic()
-            stage = what.split(": ", 1)[0]
-            if stage != last["stage"] or now - last["at"] >= PROGRESS_PERIOD:
+            if now - last["at"] >= PROGRESS_PERIOD:  # quick work prints nothing
                 count = f"{done}/{total}" if total else f"{done}"
                 typer.echo(f"tqz: {label}: {_printable(what)[:100]} {count} ({now - start:.0f} s)", err=True)
-                last["at"], last["stage"] = now, stage
+                last["at"] = now
         yield line
         return
     from rich.console import Console
@@ -151,7 +150,7 @@ def _ratio_to_fp32(params: int, size: int) -> str:
 
 
 def _carried_note(files: list[str]) -> str:
-    shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
+    shown = ", ".join(files[:10]) + (", ..." if len(files) > 10 else "")
     return (f"tqz: note: the file carries {len(files)} file{'s' if len(files) > 1 else ''} ({shown}) that a single "
             "output file cannot hold: decode to a folder (-o DIR) to get them")
 

@@ -50,6 +50,12 @@ def allocation_rows(f) -> list[dict]:
     return rows
 
 
+def bits_scale(rows: list[dict]) -> float:
+    """The top of the colour scale: the most bits per weight of any band (raw tensors: 32 and more
+    with their headers), at least 1."""
+    return max([b for r in rows for _, b in r["bands"]] + [1.0])
+
+
 def plot_allocation(f, path: Union[str, os.PathLike], title: str = "", overwrite: bool = False) -> None:
     """Draw the bit-depth map of an open TqzFile as a PNG at ``path``: one bar per tensor (file
     order, top to bottom), split into its bands, coloured by bits per weight; dropped rows are
@@ -62,7 +68,7 @@ def plot_allocation(f, path: Union[str, os.PathLike], title: str = "", overwrite
     except ImportError:
         raise fail("BAD_OPTION", "--plot needs matplotlib: pip install 'tqcodec[plot]'") from None
     rows = allocation_rows(f)
-    vmax = max([b for r in rows for _, b in r["bands"]] + [1.0])
+    vmax = bits_scale(rows)
     # the whole range (raw float32 tensors take 32 bits and more), square-root scaled so the few-bit
     # bands of a quantized model stay apart
     norm = colors.PowerNorm(0.5, 0.0, vmax)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import pickle
 import signal
 import struct
@@ -51,9 +52,13 @@ def existing(tmp_path) -> tuple[Path, bytes]:
 # --- the atomic-output protocol ---------------------------------------------------------------
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="names fsynced files through /proc")
-def test_output_is_written_to_a_temp_file_fsynced_then_renamed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_output_is_written_to_a_temp_file_fsynced_then_renamed(tmp_path, monkeypatch, overwrite):
+    """Replacing (overwrite=True) renames the temporary file over the output; without overwrite
+    (the default) the temporary file is hard-linked to the output's name, which fails if the name
+    exists, then removed: the same protocol, and an existing output is never replaced."""
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -63,10 +68,15 @@ def test_output_is_written_to_a_temp_file_fsynced_then_renamed(tmp_path, monkeyp
         events.append(("replace", str(a), str(b)))
         return real_replace(a, b)
 
+    def link(a, b):
+        events.append(("replace", str(a), str(b)))  # the rename of the no-overwrite protocol
+        return real_link(a, b)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     out = tmp_path / "m.tqz"
-    tqcodec.save(small_state_dict(), out)
+    tqcodec.save(small_state_dict(), out, overwrite=overwrite)
     file_fsyncs = [e for e in events if e[0] == "fsync" and str(e[1]).endswith(".part")]
     replaces = [e for e in events if e[0] == "replace"]
     assert len(file_fsyncs) == 1 and len(replaces) == 1
@@ -96,7 +106,7 @@ def test_enospc_mid_write_keeps_the_old_file(existing, monkeypatch, limit):
     out, before = existing
     fail_writes_after(monkeypatch, limit, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(tqcodec.TqzError) as e:
-        tqcodec.save(small_state_dict(8), out)
+        tqcodec.save(small_state_dict(8), out, overwrite=True)
     assert e.value.code == "IO_ERROR" and "No space left" in str(e.value) and str(out) in str(e.value)
     assert out.read_bytes() == before
     assert listing(out.parent) == [out.name]
@@ -110,7 +120,7 @@ def test_enospc_on_fsync_keeps_the_old_file(existing, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(tqcodec.TqzError) as e:
-        tqcodec.save(small_state_dict(8), out)
+        tqcodec.save(small_state_dict(8), out, overwrite=True)
     assert e.value.code == "IO_ERROR"
     assert out.read_bytes() == before and listing(out.parent) == [out.name]
 
@@ -119,7 +129,7 @@ def test_keyboard_interrupt_mid_write_keeps_the_old_file(existing, monkeypatch):
     out, before = existing
     fail_writes_after(monkeypatch, 1000, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        tqcodec.save(small_state_dict(8), out)
+        tqcodec.save(small_state_dict(8), out, overwrite=True)
     assert out.read_bytes() == before and listing(out.parent) == [out.name]
 
 
@@ -146,7 +156,7 @@ def test_real_write_error_from_the_os_keeps_the_old_file(existing):
         tensors = {{"w": torch.randn(512, 1024, generator=g)}}  # 2 MiB, stored raw
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         try:
-            tqcodec.save(tensors, {str(out)!r}, lossless=True)
+            tqcodec.save(tensors, {str(out)!r}, lossless=True, overwrite=True)
         except tqcodec.TqzError as e:
             print(e.code, e.message)
             sys.exit(3)
@@ -179,7 +189,7 @@ KILL_CHILD = """
         def __exit__(self, *e): self.f.close()
     os.fdopen = lambda fd, *a, **k: Slow(real_fdopen(fd, *a, **k))
     print("START", flush=True)
-    tqcodec.save(tensors, out, lossless=True)
+    tqcodec.save(tensors, out, lossless=True, overwrite=True)
     print("DONE", flush=True)
 """
 
@@ -205,7 +215,7 @@ def test_sigkill_mid_write_keeps_the_old_file(existing):
     left = [n for n in listing(out.parent) if n != out.name]
     assert len(left) == 1 and left[0].startswith(".model.tqz.") and left[0].endswith(".part")
     # a later run is not disturbed by it
-    tqcodec.save(small_state_dict(9), out)
+    tqcodec.save(small_state_dict(9), out, overwrite=True)
     assert tqcodec.load(out).keys() == small_state_dict(9).keys()
 
 
@@ -292,7 +302,10 @@ def test_pickle_with_code_never_runs(tmp_path, marker, monkeypatch, how, suffix)
     monkeypatch.setattr(torch, "load", spy)
     with pytest.raises(tqcodec.TqzError) as e:
         read_model(p)
-    assert e.value.code == "BAD_INPUT" and "refusing to unpickle" in e.value.message
+    # the message names what was found (a global of the pickle) and what to do, never "load it unsafely"
+    assert e.value.code == "BAD_INPUT" and "never runs their code" in e.value.message
+    assert re.search(r"refers to [\w.]+ \(Python code", e.value.message) and "safetensors" in e.value.message
+    assert "weights_only=False" not in e.value.message
     assert str(p) in str(e.value)
     assert calls == [True], "torch.load must be called once, with weights_only=True (no fallback)"
     assert not marker.exists(), "the pickle's code ran"

@@ -69,7 +69,9 @@ def test_save_load_keeps_dtype_and_shape_and_version_2():
           "c.weight": (torch.randn(8, 4, 3, 3, generator=g) * 0.2).half(),
           "e.weight": (torch.randn(30, 16, generator=g)).bfloat16(), "small": torch.randn(10, 10, generator=g)}
     for mode in CLASSIC_MODES:
-        data = tqcodec.encode_bytes(sd, mode=mode, bits=3)
+        # bits are the whole file's: at 8 bits/param the raw tensors, headers and manifest of this tiny
+        # model leave the coded tensors about 3 bits/weight
+        data = tqcodec.encode_bytes(sd, mode=mode, bits=8)
         assert data[8:12] == bytes([1, 0, 2, 0])  # spec §3/§13: Minor_Version 2
         back = tqcodec.load(data)
         with tqcodec.open(data) as f:
@@ -78,7 +80,7 @@ def test_save_load_keeps_dtype_and_shape_and_version_2():
         for k, v in sd.items():
             assert back[k].dtype == v.dtype and back[k].shape == v.shape
             rel = float((back[k].double() - v.double()).pow(2).mean() / v.double().pow(2).mean())
-            if v.numel() >= 400:  # 3 bits/weight include the params and chunk headers: tiny tensors get few
+            if v.numel() >= 400:  # a few bits/weight include the params and chunk headers: tiny tensors get few
                 assert rel < 0.5, (mode, k, rel)
     # files without these modes keep their minor version (spec §13)
     assert tqcodec.encode_bytes(sd, mode="uniform")[8:12] == bytes([1, 0, 0, 0])

@@ -106,7 +106,7 @@ def test_quality_target_is_monotonic(model_and_stats):
 def test_decoder_rebuilds_encoder_reconstruction_exactly(model_and_stats):
     m, st, _ = model_and_stats
     sd = m.state_dict()
-    items = [Item(k, "float32", v.double().numpy()) for k, v in sd.items() if v.is_floating_point()]
+    items = [Item.of(k, "float32", v.double().numpy()) for k, v in sd.items() if v.is_floating_point()]
     units, layouts = make_units(items, st)
     by_name = {}
     for u in units:
@@ -129,7 +129,7 @@ def test_grouped_conv_units_use_per_group_statistics(model_and_stats):
     assert st.get("c2.weight").h.shape == (4, 18, 18)
     assert st.get("dw.weight").h.shape == (8, 9, 9)
     sd = model_and_stats[0].state_dict()
-    items = [Item(k, "float32", sd[k].double().numpy()) for k in ("c2.weight", "dw.weight")]
+    items = [Item.of(k, "float32", sd[k].double().numpy()) for k in ("c2.weight", "dw.weight")]
     units, _ = make_units(items, st)
     assert all(u.h is not None and u.h.shape[0] in (4, 8) for u in units)
 
@@ -172,7 +172,7 @@ def test_bias_correction_removes_mean_output_error():
     st = tqcodec.calibrate(lin, [x], sensitivity=True)
     assert st.get("weight").mean.shape == (1, 16)
     sd = lin.state_dict()
-    items = [Item(k, "float32", v.double().numpy()) for k, v in sd.items()]
+    items = [Item.of(k, "float32", v.double().numpy()) for k, v in sd.items()]
     units, layouts = make_units(items, st)
     pairs = _bias_pairs(units, st, layouts)
     assert len(pairs) == 1

@@ -181,7 +181,7 @@ def _refusal(path: Path, exc: Exception) -> str:
     text = str(exc)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
-        return (f"the checkpoint holds a {found.group(1)} object (Python code, not a tensor); tqcodec reads .pt files "
+        return (f"the checkpoint refers to {found.group(1)} (Python code, not a tensor); tqcodec reads .pt files "
                 f"only with torch.load(weights_only=True) and never runs their code: {SAVE_AS_SAFETENSORS}")
     with open(path, "rb") as f:
         head = f.read(4)

@@ -10,7 +10,7 @@ allocation) at a time. Tensors in, :class:`~tqcodec.modes.base.Encoded` out; no 
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -124,7 +124,9 @@ class EncodeOptions:
         (``Stats.open``). Done for every number of jobs, so the bytes do not depend on it."""
         if self.stats is None or not hasattr(self.stats, "subset"):
             return self
-        return dataclasses.replace(self, stats=self.stats.subset([name]))
+        narrowed = copy.copy(self)  # the options were checked; only the statistics change
+        object.__setattr__(narrowed, "stats", self.stats.subset([name]))
+        return narrowed
 
 
 # --- one tensor without a whole-model allocation ----------------------------------------------------
@@ -176,7 +178,8 @@ def encode_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, bits: Optiona
     return raw.encode(arr)
 
 
-CLASSIC_ATTEMPTS = 5  # whole-file bits in a classic mode: the file is written at most this many times
+CLASSIC_ATTEMPTS = 4  # whole-file bits in a classic mode: trial writes with one figure for every tensor,
+CLASSIC_TRIM_STEPS = 6  # then at most this many per tensor moving it alone
 CLASSIC_TOLERANCE = 0.015
 
 
@@ -185,8 +188,9 @@ def encode_classic_file(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeO
                         progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Encoded]:
     """A forced classic mode with a whole-file ``bits`` target: every tensor it codes at one
     bits-per-weight figure, corrected by the bytes the rest of the file takes (other tensors,
-    manifest, index) until the file lands within ``CLASSIC_TOLERANCE`` of the target (at most
-    ``CLASSIC_ATTEMPTS`` trial writes; ``size_of`` measures one). Tied tensors count once."""
+    manifest, index), until the file lands within ``CLASSIC_TOLERANCE`` of the target (at most
+    ``CLASSIC_ATTEMPTS`` trial writes; ``size_of`` measures one); then, where the mode's steps
+    jump over the target, tensors moved one at a time. Tied tensors count once."""
     seen: set = set()
     taken: list[tuple[str, torch.Tensor]] = []
     total = 0
@@ -203,22 +207,47 @@ def encode_classic_file(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeO
     if not taken or opts.bits is None:
         return {}
     target = opts.bits * total
-    per, best = float(opts.bits), None
-    for attempt in range(CLASSIC_ATTEMPTS):
+    cache: dict[tuple[str, float], Encoded] = {}
+
+    def coded(name: str, t: torch.Tensor, bits: float) -> Encoded:
+        key = (name, round(bits, 6))
+        if key not in cache:
+            cache[key] = encode_tensor(name, t, opts, bits=bits)
+        return cache[key]
+
+    def measure(bits_of: Mapping[str, float]) -> tuple[float, dict[str, Encoded]]:
+        enc = {name: coded(name, t, bits_of[name]) for name, t in taken}
+        return 8.0 * size_of(enc) / target - 1.0, enc
+
+    per = {name: float(opts.bits) for name, _ in taken}
+    best = None
+    for attempt in range(CLASSIC_ATTEMPTS):  # one figure for every tensor, corrected by the rest of the file
         if progress:
-            progress(f"rate search: file size {attempt + 1} of at most {CLASSIC_ATTEMPTS}", attempt, CLASSIC_ATTEMPTS)
-        enc = {name: encode_tensor(name, t, opts, bits=per) for name, t in taken}
-        actual = 8.0 * size_of(enc)
-        err = actual / target - 1.0
+            progress(f"rate search: file size {attempt + 1}", attempt, CLASSIC_ATTEMPTS)
+        err, enc = measure(per)
         if best is None or abs(err) < abs(best[0]):
-            best = (err, enc)
+            best = (err, enc, dict(per))
         if abs(err) <= CLASSIC_TOLERANCE:
-            break
-        coded = sum(8.0 * stored_bytes(e) for e in enc.values())
+            return enc
+        coded_bits = sum(8.0 * stored_bytes(e) for e in enc.values())
         coded_params = sum(t.numel() for _, t in taken)
-        # the rest of the file stays as it is: the coded tensors get the target less the rest
-        per = min(32.0, max(0.05, per * max(target - (actual - coded), 0.05 * coded_params) / coded))
-    return best[1]
+        rest = (err + 1.0) * target - coded_bits
+        scale = max(target - rest, 0.05 * coded_params) / coded_bits
+        per = {name: min(32.0, max(0.05, b * scale)) for name, b in per.items()}
+    # a mode whose rate moves in steps (codebook sizes) can jump over the target with every tensor
+    # at one figure: move the tensors one at a time, largest first, each by bisection on its own bits
+    err, enc, per = best
+    for name, t in sorted(taken, key=lambda nt: -nt[1].numel()):
+        lo, hi = (per[name], min(32.0, per[name] * 2.0)) if err < 0 else (max(0.05, per[name] / 2.0), per[name])
+        for _ in range(CLASSIC_TRIM_STEPS):
+            mid = 0.5 * (lo + hi)
+            e, candidate = measure({**per, name: mid})
+            if abs(e) < abs(err):
+                err, enc, per = e, candidate, {**per, name: mid}
+            if abs(err) <= CLASSIC_TOLERANCE:
+                return enc
+            lo, hi = (mid, hi) if e < 0 else (lo, mid)
+    return enc
 
 
 # --- mode tq over many tensors ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..streams import PRECISIONS
 from .format import MAX_DIM, reconstruct, write
 
 DIMS = (2, 4, 8)
-K_GRID = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+K_GRID = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # half-octave steps: finer rates
 TRAIN = 4096  # sub-vectors k-means trains on (a deterministic strided subsample)
 EVAL = 16384  # sub-vectors a candidate (d, K) is measured on (another strided subsample)
 ITERS = 10
