@@ -624,7 +624,7 @@ def test_version_and_help_read_plainly(tmp_path):
         assert f"Usage: tqz {sub} [OPTIONS] INPUT" in text.replace("python -m tqcodec.cli", "tqz")
         assert "<bool>" not in text and "{INPUT}" not in text and "{input}" not in text
     readme = (ROOT / "README.md").read_text()
-    for option in ("--snr", "--granularity", "--tq-scope", "--version"):
+    for option in ("--snr", "--granularity", "--tq-scope", "--threads", "--version"):
         assert option in readme, option
 
 
@@ -650,3 +650,13 @@ def test_summary_says_larger_when_the_file_is_larger_than_fp32(tmp_path):
     torch.save({"b": torch.randn(16)}, tmp_path / "tiny.pt")
     p = _run(tmp_path, "encode", "tiny.pt", check=True)
     assert b"larger than fp32" in p.stdout and b"smaller than fp32" not in p.stdout
+
+
+@pytest.mark.parametrize("mode", ["ecsq", "kmeans"])
+def test_classic_mode_bits_are_the_whole_files_through_the_command(tmp_path, mode):
+    g = torch.Generator().manual_seed(6)
+    sd = {"a.weight": torch.randn(256, 64, generator=g) * 0.05, "a.bias": torch.randn(256, generator=g) * 0.01}
+    torch.save(sd, tmp_path / "m.pt")
+    p = _run(tmp_path, "encode", "m.pt", "--mode", mode, "--bits", "3", check=True)
+    size = (tmp_path / "m.tqz").stat().st_size
+    assert abs(8 * size / sum(t.numel() for t in sd.values()) / 3 - 1) <= 0.03, p.stdout

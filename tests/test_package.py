@@ -22,7 +22,7 @@ LAYERS = [
     ("modes",),
     ("pipeline",),
     ("io",),
-    ("parallel",),
+    ("parallel", "threads"),
     ("api",),
     ("model", "plot", "distributed", "cli", "__main__"),
 ]
@@ -169,8 +169,8 @@ PUBLIC = ["TqzError", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "Verif
 
 CLI = {
     "encode": ["--bits", "--force", "--granularity", "--jobs", "--lossless", "--mode", "--output", "--quality",
-               "--snr", "--stats", "--tq-scope", "-f", "-j", "-o", "input"],
-    "decode": ["--force", "--jobs", "--output", "--shard-size", "-f", "-j", "-o", "input"],
+               "--snr", "--stats", "--threads", "--tq-scope", "-f", "-j", "-o", "input"],
+    "decode": ["--force", "--jobs", "--output", "--shard-size", "--threads", "-f", "-j", "-o", "input"],
     "info": ["--force", "--json", "--plot", "-f", "input"],
     "verify": ["input"],
 }

@@ -5,26 +5,32 @@ Exit status: 0 success; 1 a TqzError (one line on stderr naming the file and the
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import sys
-import time
-import urllib.parse
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Union
 
-import click
-import typer
-from typer.core import TyperCommand
+# before torch loads (tqcodec's own __init__ does not load it): idle OpenMP threads sleep rather
+# than spin on cores another process needs (tqcodec.threads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import FORMAT_VERSION, __version__, api, parallel
-from .errors import TqzError, fail
-from .io.files import read_model, safetensors_bytes, same_file, write_model
-from .io.hf import parse_size, read_folder
-from .io.remote import is_url
-from .model.calibrate import Stats
-from .plot import plot_allocation
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.parse  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import BinaryIO, Callable, Iterator, Optional, Union  # noqa: E402
+
+import click  # noqa: E402
+import typer  # noqa: E402
+from typer.core import TyperCommand  # noqa: E402
+
+from . import FORMAT_VERSION, __version__, api, parallel  # noqa: E402
+from . import threads as thread_budget  # noqa: E402
+from .errors import TqzError, fail  # noqa: E402
+from .io.files import read_model, safetensors_bytes, same_file, write_model  # noqa: E402
+from .io.hf import parse_size, read_folder  # noqa: E402
+from .io.remote import is_url  # noqa: E402
+from .model.calibrate import Stats  # noqa: E402
+from .plot import plot_allocation  # noqa: E402
 
 USAGE_EXIT = 2  # a usage error: a wrong option or argument (BAD_OPTION), as click's own usage errors
 DECODED = ".decoded"  # decode's default output: INPUT less .tqz, plus .decoded.pt (or .decoded/ for a folder)
@@ -205,9 +211,11 @@ def encode(
                                  show_default=False),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="encode tensors in N processes (0: every core); "
                              "same bytes for every N  [default: 1]", show_default=False),
+    threads: int = typer.Option(0, "--threads", metavar="N", help="threads for the whole run, shared by its "
+                                "processes (0: every core this process may use)  [default: 0]", show_default=False),
 ) -> None:
     """Encode a model file (or a Hugging Face folder) into a .tqz file."""
-    with _errors():
+    with _errors(), thread_budget.budget(threads):
         to_stdout = output is not None and str(output) == "-"
         folder = input.is_dir()
         out = output or (input.parent / (input.name + ".tqz") if folder else input.with_suffix(".tqz"))
@@ -270,12 +278,14 @@ def decode(
                                    show_default=False),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="decode tensors in N processes (0: every core; a "
                              "file, not standard input)  [default: 1]", show_default=False),
+    threads: int = typer.Option(0, "--threads", metavar="N", help="threads for the whole run, shared by its "
+                                "processes (0: every core this process may use)  [default: 0]", show_default=False),
 ) -> None:
     """Decode a .tqz file into a .pt or .safetensors file, or a Hugging Face folder.
 
     A tensor named __metadata__ (the key safetensors reserves for its metadata) is written to a
     .safetensors output as /__metadata__, with a warning; a folder output refuses it."""
-    with _errors():
+    with _errors(), thread_budget.budget(threads):
         source = _decode_source(input)
         carried: list[str] = []
         if isinstance(source, str):  # the manifest says whether the file carries a folder's files
