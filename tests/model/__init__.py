@@ -1,0 +1,1 @@
+"""Tests of tqcodec.model, one module per module of the package."""
