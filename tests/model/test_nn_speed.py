@@ -132,11 +132,10 @@ def _held_floats(layer: nn.Module) -> list:
 
 
 def _expected_bytes(layer: nn.Module) -> int:
-    """Levels (each band once, its narrow type), the per-row step column (several steps only),
-    the float16 transform and the bias: what the layer may hold."""
+    """Levels (each band once, its narrow type), the steps (float32: one per row of C when they
+    differ, else one), the float16 transform and the bias: what the layer may hold."""
     total = sum(layer._levels(b).numel() * layer._levels(b).element_size() for b in range(layer.num_bands))
-    if len(set(layer.band_steps)) > 1:
-        total += 4 * layer.k
+    total += 4 * (layer.k if len(set(layer.band_steps)) > 1 else 1)
     if layer.transform is not None:
         total += layer.transform.numel() * 2
     if layer.bias is not None:
@@ -205,11 +204,12 @@ def test_linear_equals_dense_decode(tmp_path, plan):
 
 def test_runs_of_bands(tmp_path):
     """Neighbouring bands of one integer type are one tensor; each band is a view of it with
-    its own dtype and levels, and the per-row step column holds every band's exact step."""
+    its own dtype and levels, and the per-row step column holds every band's exact step (a
+    one-band layer: its step alone, a 0-dim tensor)."""
     torch.manual_seed(11)
     model = MLP().eval()
     codes = [-26, -27, -60, -61, -28, -26]
-    tdom, _ = _swapped(model, {"a.weight": ("out_in", None, codes)}, tmp_path)
+    tdom, _ = _swapped(model, {"a.weight": ("out_in", None, codes), "b.weight": ("out_in", None, [-27])}, tmp_path)
     layer = tdom.a
     dts = [layer._levels(b).dtype for b in range(layer.num_bands)]
     assert dts[0] == dts[1] == dts[4] == dts[5] == torch.int8 and dts[2] != torch.int8 and dts[3] == dts[2]
@@ -221,16 +221,23 @@ def test_runs_of_bands(tmp_path):
         assert np.array_equal(layer._levels(b).numpy(), parts["levels"][b])
         assert layer._levels(b).untyped_storage().data_ptr() in {
             buf.untyped_storage().data_ptr() for name, buf in layer.named_buffers() if name.startswith("levels_")}
-    col = layer.row_steps[:, 0].double().numpy()
+    col = layer.steps[:, 0].double().numpy()
     assert np.array_equal(col, np.repeat(parts["steps"], parts["band_rows"]))
     _check(layer, torch.randn(5, 40), exact=True)
     _check_held(layer, torch.randn(5, 40))
     for conv in (torch.float16, torch.bfloat16, torch.float64):  # module casts keep every step exact
         layer.to(conv)
-        assert np.array_equal(layer.row_steps[:, 0].double().numpy(), col)
+        assert np.array_equal(layer.steps[:, 0].double().numpy(), col)
         assert all(layer._levels(b).dtype == dts[b] for b in range(layer.num_bands))
     layer.float()
     _check(layer, torch.randn(5, 40), exact=True)
+    one = tdom.b  # one band: its step alone
+    assert one.num_bands == 1 and one.steps.dim() == 0 and float(one.steps) == one.band_steps[0]
+    one.half()
+    assert one.steps.dtype == torch.float32 and float(one.steps) == one.band_steps[0]
+    one.float()
+    _check(one, torch.randn(5, 64), exact=True)
+    _check_held(one, torch.randn(5, 64))
 
 
 class CNN(nn.Module):

@@ -1,13 +1,13 @@
 """Transform-domain inference layers: run a ``tq`` weight (spec §7.5) from its integer stage.
 
 A swapped layer holds the weight's integer levels (per band, the narrowest of int8/int16/int32
-that fits; neighbouring bands of one integer type stored as one tensor), one exact step per band
-(and, with more than one band, the per-row step column, 4 bytes a row) and, if the tensor has one,
-the float16 synthesis transform S. It never holds the dense weight. With C the [k, c] coefficient
+that fits; neighbouring bands of one integer type stored as one tensor), the exact steps as a
+float32 tensor (the step, or, when the bands' steps differ, one per row of C: 4 bytes a row) and,
+if the tensor has one, the float16 synthesis transform S. It never holds the dense weight. With C the [k, c] coefficient
 matrix (band b: rows ``r_b ..``, ``C = step_b * L_b``) and R = C (no transform) or R = (S C)^T the
 [n, m] matrix of the weight, a forward first widens C to the compute dtype into a **scratch
 buffer** (one vectorised integer-to-float copy per run of same-type bands, then one in-place
-multiply by the step or the step column: exact, spec §7.5.3 step 2) and then makes one call:
+multiply by the step or the per-row step column: exact, spec §7.5.3 step 2) and then makes one call:
 
 - Linear, ``out_in`` (W = R), no transform: ``F.linear(x, C, bias)`` (what the dense layer does,
   bit for bit);
@@ -144,24 +144,27 @@ class _TQBase(nn.Module):
                 off += self.band_rows[b]
             self._runs.append((r0, r0 + off))
             r0 += off
-        self.register_buffer("row_steps", self._step_column() if len(set(self.band_steps)) > 1 else None,
-                             persistent=False)
-        self._step = self.band_steps[0] if self.band_steps else 1.0
+        self.register_buffer("steps", self._step_tensor(), persistent=False)
         s = parts["transform"]
         self.register_buffer("transform", None if s is None else torch.from_numpy(np.array(s, copy=True)),
                              persistent=False)
 
-    def _step_column(self, device: Any = None) -> torch.Tensor:
-        """One step per row of C, [k, 1] float32 (every step is exact in binary32, spec §7.1)."""
-        col = np.repeat(np.array(self.band_steps, dtype=np.float32), self.band_rows).reshape(-1, 1)
-        return torch.from_numpy(col).to(device)
+    def _step_tensor(self, device: Any = None) -> torch.Tensor:
+        """The steps as float32 (every step is exact in binary32, spec §7.1): one per row of C
+        ([k, 1]) or, when every band has the same step, that step (a 0-dim tensor: multiplying by
+        it is faster than by a Python float, which torch applies in double)."""
+        if len(set(self.band_steps)) > 1:
+            t = torch.from_numpy(np.repeat(np.array(self.band_steps, dtype=np.float32), self.band_rows).reshape(-1, 1))
+        else:
+            t = torch.tensor(self.band_steps[0] if self.band_steps else 1.0, dtype=torch.float32)
+        return t.to(device)
 
     def _apply(self, fn, *args, **kwargs):
-        """``.half()``/``.bfloat16()`` would round the step column: it is rebuilt exact instead."""
+        """``.half()``/``.bfloat16()`` would round the steps: they are rebuilt exact instead."""
         super()._apply(fn, *args, **kwargs)
-        rs = self._buffers.get("row_steps")
-        if rs is not None and rs.dtype not in (torch.float32, torch.float64):
-            self._buffers["row_steps"] = self._step_column(rs.device)
+        st = self._buffers.get("steps")
+        if st is not None and st.dtype not in (torch.float32, torch.float64):
+            self._buffers["steps"] = self._step_tensor(st.device)
         return self
 
     def _run(self, s: int) -> torch.Tensor:
@@ -192,19 +195,19 @@ class _TQBase(nn.Module):
         shape = (e - a, self.cols)
         out = torch.empty(shape, dtype=dtype, device=first.device) if fresh else \
             _scratch("C", shape, dtype, first.device)
-        rs = bufs["row_steps"]
+        st = bufs["steps"]
         if a == 0 and e == self.k:  # the whole of C (all but huge layers): no slicing
             if len(self._runs) == 1:
                 out.copy_(first)
             else:
                 for name, (r0, r1) in zip(self._run_names, self._runs):
                     out[r0:r1].copy_(bufs[name])
-            return out.mul_(self._step if rs is None else rs)
+            return out.mul_(st)
         for name, (r0, r1) in zip(self._run_names, self._runs):
             lo, hi = max(a, r0), min(e, r1)
             if lo < hi:
                 out[lo - a:hi - a].copy_(bufs[name][lo - r0:hi - r0])
-        return out.mul_(self._step if rs is None else rs[a:e])
+        return out.mul_(st[a:e] if st.dim() else st)
 
     def _whole(self) -> bool:
         """C is widened at once (not in row blocks)."""
@@ -449,9 +452,8 @@ class TQEmbedding(_TQBase):
 
     def _scale(self, out: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
         """``out`` (levels of C's rows ``rows``, or of every row if None, along dim 0) times the steps."""
-        if self.row_steps is None:
-            return out.mul_(self._step)
-        return out.mul_(self.row_steps if rows is None else self.row_steps.index_select(0, rows))
+        st = self.steps
+        return out.mul_(st if rows is None or not st.dim() else st.index_select(0, rows))
 
     def _c_rows(self, ids: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` of C, [N, c]: one gather per run of same-type bands, one multiply."""
