@@ -1,28 +1,36 @@
 """Transform-domain inference layers: run a ``tq`` weight (spec §7.5) from its integer stage.
 
 A swapped layer holds the weight's integer levels (per band, the narrowest of int8/int16/int32
-that fits), one step per band and, if the tensor has one, the float16 synthesis transform S.
-It never holds (or builds) the dense weight: with C the [k, c] coefficient matrix (band b: rows
-``r_b ..``, ``C = step_b * L_b``) and R = C (no transform) or R = (S C)^T the [n, m] matrix of
-the weight,
+that fits; neighbouring bands of one integer type stored as one tensor), the exact steps as a
+float32 tensor (the step, or, when the bands' steps differ, one per row of C: 4 bytes a row) and,
+if the tensor has one, the float16 synthesis transform S. It never holds the dense weight. With C the [k, c] coefficient
+matrix (band b: rows ``r_b ..``, ``C = step_b * L_b``) and R = C (no transform) or R = (S C)^T the
+[n, m] matrix of the weight, a forward first widens C to the compute dtype into a **scratch
+buffer** (one vectorised integer-to-float copy per run of same-type bands, then one in-place
+multiply by the step or the per-row step column: exact, spec §7.5.3 step 2) and then makes one call:
 
-- Linear, ``out_in`` (W = R), no transform: ``y = x C^T``, band by band
-  (``y[:, band] = step_b * (x @ L_b^T)``);
+- Linear, ``out_in`` (W = R), no transform: ``F.linear(x, C, bias)`` (what the dense layer does,
+  bit for bit);
 - Linear, ``out_in``, transform (W = C^T S^T): ``z = x S`` (project onto the k kept basis
-  vectors), then ``y = z C = sum_b step_b * (z[:, band] @ L_b)``;
+  vectors), then ``y = z C (+ bias)``;
 - Linear, ``in_out`` (W = R^T): ``y = x C`` (no transform) or ``y = (x C^T) S^T``;
+- Conv (``out_in``: row i of R is output channel i's filter), no transform: one convolution
+  with the buffer as its weight; with a transform: ``z = conv(x, S^T as k filters per group)``
+  then ``y[:, group j] = C_j^T z[:, group j]``;
 - Embedding (row i of the weight: token i): the looked-up rows of C (no transform) or
-  ``C[:, ids]^T S^T``; only those are widened to floats;
-- Conv (``out_in``: row i of R is output channel i's filter), no transform: the convolution
-  run on blocks of output channels whose filters are ``step_b * L`` (blocks whole groups or
-  within one group); with a transform: ``z = conv(x, S^T as k filters per group)`` then the
-  coefficients as a grouped 1x1 convolution (``y[:, group j] = C_j^T z[:, group j]``).
+  ``C[:, ids]^T S^T``; only those are widened to floats (no scratch buffer).
 
-Levels are cast to the compute dtype in blocks of at most ``BLOCK_ELEMENTS`` while a forward
-runs (transient; ``resident_bytes`` counts only what is held). Outputs equal a dense layer with
-the decoded weight within float rounding (the transform case within spec §7.5.3's tolerance).
-``state_dict()`` of a swapped layer gives the dense ``weight`` (built on demand, bit-identical
-to ``tqcodec.load``), so it loads into the original, dense model.
+The scratch buffer is shared by every layer of a thread (one per compute dtype and device, and
+one for S), sized to the largest C met so far (at most ``BLOCK_ELEMENTS`` elements: a larger
+layer is widened and computed in row blocks of that size; 64 MiB in float32) and overwritten by
+the next layer; ``scratch_bytes()`` reports it and ``release_scratch()`` frees it. It is not a
+buffer of any module, so ``resident_bytes`` does not count it. When autograd could save the
+widened weight (grad mode on and the input or the bias requiring grad) a forward widens into a
+fresh tensor instead, so no saved tensor is ever overwritten. Outputs equal a dense layer with the
+decoded weight within float rounding (no transform: exactly what the dense layer computes; with
+a transform, within spec §7.5.3's tolerance). ``state_dict()`` of a swapped layer gives the
+dense ``weight`` (built on demand, bit-identical to ``tqcodec.load``), so it loads into the
+original, dense model.
 
     model = build_model()
     tqcodec.load_module(model, "model.tqz")          # tq layers swapped, the rest loaded densely
@@ -31,6 +39,7 @@ to ``tqcodec.load``), so it loads into the original, dense model.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -44,13 +53,66 @@ from ..format.dtypes import round_binary32
 from ..limits import DEFAULT_LIMITS
 from ..pipeline.tensors import storage_to_tensor
 
-__all__ = ["TQLinear", "TQConv1d", "TQConv2d", "TQEmbedding", "load_module", "resident_bytes", "ELIGIBLE"]
+__all__ = ["TQLinear", "TQConv1d", "TQConv2d", "TQEmbedding", "load_module", "resident_bytes", "scratch_bytes",
+           "release_scratch", "ELIGIBLE"]
 
-BLOCK_ELEMENTS = 1 << 20  # levels cast to the compute dtype at a time (4 MiB in float32)
+BLOCK_ELEMENTS = 1 << 24  # most coefficients widened at a time (64 MiB in float32): larger layers go in row blocks
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch buffers: ``(slot, dtype, device, inference mode) -> flat tensor``, and
+    the views of each handed out so far (``shape -> view``: no view is rebuilt per forward)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict = {}
+        self.views: dict = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch(slot: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of ``shape`` in this thread's shared buffer for ``slot`` (grown, never shrunk;
+    inference-mode and normal tensors kept apart, as torch does not mix them)."""
+    key = (slot, dtype, device, torch.is_inference_mode_enabled())
+    views = _SCRATCH.views.get(key)
+    if views is not None:
+        v = views.get(shape)
+        if v is not None:
+            return v
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = _SCRATCH.bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.bufs.pop(key, None)  # free the smaller one (and its views) first
+        _SCRATCH.views.pop(key, None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH.bufs[key] = buf
+        views = _SCRATCH.views[key] = {}
+    v = views[shape] = buf[:numel].view(shape)
+    return v
+
+
+def scratch_bytes() -> int:
+    """Bytes of this thread's scratch buffers (the widened coefficients of the largest layer run)."""
+    return sum(b.numel() * b.element_size() for b in _SCRATCH.bufs.values())
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (the next forward allocates them again)."""
+    _SCRATCH.bufs.clear()
+    _SCRATCH.views.clear()
+
+
+def _fresh_needed(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether autograd could keep the widened weight: then it must not live in a shared buffer."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 class _TQBase(nn.Module):
-    """The integer stage of one ``tq`` weight: ``levels_<b>`` buffers, steps, transform."""
+    """The integer stage of one ``tq`` weight: levels (``levels_<s>``: runs of neighbouring bands
+    of one integer type), steps, the per-row step column, transform."""
 
     def _init_tq(self, parts: dict, dtype: str, shape: tuple) -> None:
         self.weight_dtype = dtype  # the stored tensor's dtype (spec §5.5 name)
@@ -60,58 +122,131 @@ class _TQBase(nn.Module):
         self.band_rows = [int(r) for r in parts["band_rows"]]
         self.band_steps = [float(s) for s in parts["steps"]]  # exact dyadic steps, as Python floats
         self.num_bands = len(self.band_rows)
-        for b, lv in enumerate(parts["levels"]):
-            self.register_buffer(f"levels_{b}", torch.from_numpy(np.ascontiguousarray(lv)), persistent=False)
+        levels = [np.ascontiguousarray(lv) for lv in parts["levels"]]
+        self.cols = int(levels[0].shape[1]) if levels else 0
+        # runs of neighbouring bands with one integer type -> one tensor each (one cast per run)
+        runs: list[list[int]] = []
+        for b, lv in enumerate(levels):
+            if runs and levels[runs[-1][-1]].dtype == lv.dtype:
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        self._run_names = [f"levels_{s}" for s in range(len(runs))]
+        self._band_at: list[tuple[int, int]] = []  # band -> (run, first row within the run)
+        self._runs: list[tuple[int, int]] = []  # run -> (first row, end row) in C
+        r0 = 0
+        for s, bands in enumerate(runs):
+            arr = levels[bands[0]] if len(bands) == 1 else np.concatenate([levels[b] for b in bands])
+            self.register_buffer(f"levels_{s}", torch.from_numpy(arr), persistent=False)
+            off = 0
+            for b in bands:
+                self._band_at.append((s, off))
+                off += self.band_rows[b]
+            self._runs.append((r0, r0 + off))
+            r0 += off
+        self.register_buffer("steps", self._step_tensor(), persistent=False)
         s = parts["transform"]
         self.register_buffer("transform", None if s is None else torch.from_numpy(np.array(s, copy=True)),
                              persistent=False)
 
-    def _levels(self, b: int) -> torch.Tensor:
-        return getattr(self, f"levels_{b}")
+    def _step_tensor(self, device: Any = None) -> torch.Tensor:
+        """The steps as float32 (every step is exact in binary32, spec §7.1): one per row of C
+        ([k, 1]) or, when every band has the same step, that step (a 0-dim tensor: multiplying by
+        it is faster than by a Python float, which torch applies in double)."""
+        if len(set(self.band_steps)) > 1:
+            t = torch.from_numpy(np.repeat(np.array(self.band_steps, dtype=np.float32), self.band_rows).reshape(-1, 1))
+        else:
+            t = torch.tensor(self.band_steps[0] if self.band_steps else 1.0, dtype=torch.float32)
+        return t.to(device)
 
-    def _blocks(self, max_rows_for: Any = None):
-        """(row0, row1, step, levels block) over every band, blocks of <= BLOCK_ELEMENTS levels
-        (``max_rows_for(r0, r1, rows)`` may cut differently: conv group boundaries)."""
-        r0 = 0
-        for b, rows in enumerate(self.band_rows):
-            lv = self._levels(b)
-            cols = lv.shape[1]
-            per = max(1, BLOCK_ELEMENTS // max(cols, 1))
-            a = 0
-            while a < rows:
-                e = min(rows, a + per) if max_rows_for is None else max_rows_for(r0 + a, r0 + rows, per) - r0
-                yield r0 + a, r0 + e, self.band_steps[b], lv[a:e]
-                a = e
-            r0 += rows
+    def _apply(self, fn, *args, **kwargs):
+        """``.half()``/``.bfloat16()`` would round the steps: they are rebuilt exact instead."""
+        super()._apply(fn, *args, **kwargs)
+        st = self._buffers.get("steps")
+        if st is not None and st.dtype not in (torch.float32, torch.float64):
+            self._buffers["steps"] = self._step_tensor(st.device)
+        return self
+
+    def _run(self, s: int) -> torch.Tensor:
+        return self._buffers[self._run_names[s]]
+
+    def _levels(self, b: int) -> torch.Tensor:
+        """Band b's levels [band_rows[b], c] (a view of its run)."""
+        s, off = self._band_at[b]
+        return self._run(s)[off:off + self.band_rows[b]]
+
+    # --- C widened to floats ----------------------------------------------------------------
+    def _row_blocks(self, cut: Any = None):
+        """(a, e) row ranges of C of at most ``BLOCK_ELEMENTS`` coefficients (one range for all
+        but huge layers; ``cut(a, k, rows)`` may end a range elsewhere: conv group boundaries)."""
+        per = max(1, BLOCK_ELEMENTS // max(self.cols, 1))
+        a = 0
+        while a < self.k:
+            e = min(self.k, a + per) if cut is None else cut(a, self.k, per)
+            yield a, e
+            a = e
+
+    def _coeffs(self, a: int, e: int, dtype: torch.dtype, fresh: bool) -> torch.Tensor:
+        """Rows a..e of C in ``dtype`` ([e - a, c]), in the shared scratch buffer unless ``fresh``:
+        one integer-to-float copy per run, one multiply by the step (column). Exact (spec §7.5.3
+        step 2: every level times its step is exact in binary32)."""
+        bufs = self._buffers
+        first = bufs[self._run_names[0]]
+        shape = (e - a, self.cols)
+        out = torch.empty(shape, dtype=dtype, device=first.device) if fresh else \
+            _scratch("C", shape, dtype, first.device)
+        st = bufs["steps"]
+        if a == 0 and e == self.k:  # the whole of C (all but huge layers): no slicing
+            if len(self._runs) == 1:
+                out.copy_(first)
+            else:
+                for name, (r0, r1) in zip(self._run_names, self._runs):
+                    out[r0:r1].copy_(bufs[name])
+            return out.mul_(st)
+        for name, (r0, r1) in zip(self._run_names, self._runs):
+            lo, hi = max(a, r0), min(e, r1)
+            if lo < hi:
+                out[lo - a:hi - a].copy_(bufs[name][lo - r0:hi - r0])
+        return out.mul_(st[a:e] if st.dim() else st)
+
+    def _whole(self) -> bool:
+        """C is widened at once (not in row blocks)."""
+        return self.k * self.cols <= BLOCK_ELEMENTS
+
+    def _s(self, dtype: torch.dtype, fresh: bool) -> torch.Tensor:
+        """S [m, k] in ``dtype`` (float16 -> wider: exact)."""
+        s = self.transform
+        if fresh:
+            return s.to(dtype)
+        return _scratch("S", tuple(s.shape), dtype, s.device).copy_(s)
 
     # --- the two contractions with C --------------------------------------------------------
-    def _x_ct(self, x2: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x2 [N, c] -> x2 @ C^T (+ bias) [N, k]. Each block of C = step * levels is exact in the
-        compute dtype (spec §7.5.3 step 2), so a layer in one block computes as F.linear does."""
+    def _x_ct(self, x2: torch.Tensor, bias: Optional[torch.Tensor], fresh: bool) -> torch.Tensor:
+        """x2 [N, c] -> x2 @ C^T (+ bias) [N, k]: one F.linear (row blocks for huge layers)."""
+        if self._whole():
+            return F.linear(x2, self._coeffs(0, self.k, x2.dtype, fresh), bias)
         out = None
-        for a, e, step, blk in self._blocks():
-            c = _scaled(blk, step, x2.dtype)
+        for a, e in self._row_blocks():
+            c = self._coeffs(a, e, x2.dtype, fresh)
             b = None if bias is None else bias[a:e]
-            if a == 0 and e == self.k:
-                return F.linear(x2, c, b)
             if out is None:
                 out = x2.new_empty(x2.shape[0], self.k)
             out[:, a:e] = F.linear(x2, c, b)
         return out
 
-    def _z_c(self, z: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z [N, k] -> z @ C (+ bias) [N, c]."""
+    def _z_c(self, z: torch.Tensor, bias: Optional[torch.Tensor], fresh: bool) -> torch.Tensor:
+        """z [N, k] -> z @ C (+ bias) [N, c]: one matmul (row blocks for huge layers)."""
+        if self._whole():
+            c = self._coeffs(0, self.k, z.dtype, fresh)
+            return torch.mm(z, c) if bias is None else torch.addmm(bias, z, c)
         out = None
-        for a, e, step, blk in self._blocks():
-            c = _scaled(blk, step, z.dtype)
+        for a, e in self._row_blocks():
+            c = self._coeffs(a, e, z.dtype, fresh)
             if out is None:
                 out = torch.mm(z[:, a:e], c) if bias is None else torch.addmm(bias, z[:, a:e], c)
             else:
                 out.addmm_(z[:, a:e], c)
         return out
-
-    def _s(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.transform.to(dtype)  # float16 -> wider: exact
 
     # --- the dense weight, on demand ------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
@@ -163,11 +298,6 @@ class _TQBase(nn.Module):
         return ""
 
 
-def _scaled(levels: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
-    """step * levels in ``dtype``, one pass (exact: spec §7.5.3 step 2)."""
-    return levels.to(dtype).mul_(step)
-
-
 def _compute(x: torch.Tensor) -> torch.Tensor:
     """Inputs in float32 or float64 compute in their dtype; narrower ones in float32 (levels beyond
     2^8 or 2^11 are not exact in bfloat16/float16), the output cast back."""
@@ -203,14 +333,23 @@ class TQLinear(_TQBase):
         return cls(mod.in_features, mod.out_features, parts, dtype, mod.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, dtype = x.shape[:-1], x.dtype
-        x2 = _compute(x).reshape(-1, x.shape[-1])
-        b = None if self.bias is None else self.bias.to(x2.dtype)
-        if self.layout == "out_in":
-            y = self._x_ct(x2, b) if self.transform is None else self._z_c(torch.mm(x2, self._s(x2.dtype)), b)
+        dtype = x.dtype
+        x2 = _compute(x)
+        if x2.dim() != 2:
+            x2 = x2.reshape(-1, x.shape[-1])
+        b = self._parameters.get("bias")
+        if b is not None and b.dtype != x2.dtype:
+            b = b.to(x2.dtype)
+        fresh = _fresh_needed(x2, b)
+        if self._buffers["transform"] is None:
+            y = self._x_ct(x2, b, fresh) if self.layout == "out_in" else self._z_c(x2, b, fresh)
+        elif self.layout == "out_in":
+            y = self._z_c(torch.mm(x2, self._s(x2.dtype, fresh)), b, fresh)
         else:
-            y = self._z_c(x2, b) if self.transform is None else F.linear(self._x_ct(x2), self._s(x2.dtype), b)
-        return y.reshape(*lead, self.out_features).to(dtype)
+            y = F.linear(self._x_ct(x2, None, fresh), self._s(x2.dtype, fresh), b)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -231,9 +370,9 @@ class _TQConvNd(_TQBase):
         self._init_tq(parts, dtype, shape)
         self.bias = _bias(conv.bias)
 
-    def _conv(self, x, w, groups, padding):
+    def _conv(self, x, w, groups, padding, bias=None):
         f = F.conv1d if self._dims == 1 else F.conv2d
-        return f(x, w, None, self.stride, padding, self.dilation, groups)
+        return f(x, w, None if bias is None else bias.to(x.dtype), self.stride, padding, self.dilation, groups)
 
     def _group_cut(self, r0: int, end: int, per: int) -> int:
         """End of a block starting at output channel r0 (band ends at ``end``): within one group,
@@ -255,24 +394,27 @@ class _TQConvNd(_TQBase):
         ipg, opg = self.in_channels // g, self.out_channels // g
         ks = tuple(self.weight_shape[2:])
         dt = x.dtype
+        fresh = _fresh_needed(x, self.bias)
         if self.transform is None:
             pieces = []
-            for a, e, step, blk in self._blocks(self._group_cut):
+            for a, e in self._row_blocks(self._group_cut):
+                w = self._coeffs(a, e, dt, fresh).view(e - a, ipg, *ks)
+                if a == 0 and e == self.k:  # the whole weight: the dense layer's own call
+                    return self._conv(x, w, g, padding, self.bias).to(out_dtype)
                 ga, gb = a // opg, (e - 1) // opg
-                w = _scaled(blk, step, dt).reshape(e - a, ipg, *ks)
                 pieces.append(self._conv(x[:, ga * ipg:(gb + 1) * ipg], w, gb - ga + 1, padding))
-            y = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+            y = torch.cat(pieces, 1)
         else:
             k = self.k
-            filt = self._s(dt).T.reshape(k, ipg, *ks)  # basis vector r as a filter
+            filt = self._s(dt, fresh).T.reshape(k, ipg, *ks)  # basis vector r as a filter
             if g > 1:
                 filt = filt.repeat(g, *([1] * (1 + len(ks))))
             z = self._conv(x, filt, g, padding)  # [N, g*k, *out]
             sp = z.shape[2:]
             z = z.reshape(z.shape[0], g, k, -1)
             y = None
-            for a, e, step, blk in self._blocks():
-                t = torch.einsum("ngrp,rgo->ngop", z[:, :, a:e], _scaled(blk, step, dt).reshape(e - a, g, opg))
+            for a, e in self._row_blocks():
+                t = torch.einsum("ngrp,rgo->ngop", z[:, :, a:e], self._coeffs(a, e, dt, fresh).view(e - a, g, opg))
                 y = t if y is None else y.add_(t)
             y = y.reshape(y.shape[0], self.out_channels, *sp)
         if self.bias is not None:
@@ -307,26 +449,33 @@ class TQEmbedding(_TQBase):
                      else (parts["n"], parts["m"]), shape)
         self._init_tq(parts, dtype, shape)
         self.bias = None
-        starts = np.cumsum([0] + self.band_rows)
-        self._starts = [int(v) for v in starts]
+
+    def _scale(self, out: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """``out`` (levels of C's rows ``rows``, or of every row if None, along dim 0) times the steps."""
+        st = self.steps
+        return out.mul_(st if rows is None or not st.dim() else st.index_select(0, rows))
 
     def _c_rows(self, ids: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        """Rows ``ids`` of C, [N, c]."""
-        if self.num_bands == 1:
-            return _scaled(self._levels(0).index_select(0, ids), self.band_steps[0], dt)
-        srt, order = torch.sort(ids)  # ids grouped by band: one contiguous run per band
-        cuts = torch.searchsorted(srt, torch.tensor(self._starts, device=ids.device)).tolist()
-        out = torch.empty(ids.numel(), self._levels(0).shape[1], dtype=dt, device=ids.device)
-        for b in range(self.num_bands):
-            a, e = cuts[b], cuts[b + 1]
-            if e > a:
-                rows = self._levels(b).index_select(0, srt[a:e] - self._starts[b])
-                out.index_copy_(0, order[a:e], _scaled(rows, self.band_steps[b], dt))
-        return out
+        """Rows ``ids`` of C, [N, c]: one gather per run of same-type bands, one multiply."""
+        if len(self._runs) == 1:
+            out = self._run(0).index_select(0, ids).to(dt)
+        else:
+            srt, order = torch.sort(ids)  # ids grouped by run: one contiguous stretch per run
+            starts = torch.tensor([r0 for r0, _ in self._runs] + [self.k], device=ids.device)
+            cuts = torch.searchsorted(srt, starts).tolist()
+            out = torch.empty(ids.numel(), self.cols, dtype=dt, device=ids.device)
+            for s, (r0, _) in enumerate(self._runs):
+                a, e = cuts[s], cuts[s + 1]
+                if e > a:
+                    out.index_copy_(0, order[a:e], self._run(s).index_select(0, srt[a:e] - r0).to(dt))
+        return self._scale(out, ids)
 
     def _c_cols(self, ids: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """Columns ``ids`` of C, [k, N]."""
-        return torch.cat([_scaled(self._levels(b).index_select(1, ids), self.band_steps[b], dt) for b in range(self.num_bands)])
+        out = torch.empty(self.k, ids.numel(), dtype=dt, device=ids.device)
+        for s, (r0, r1) in enumerate(self._runs):
+            out[r0:r1] = self._run(s).index_select(1, ids)
+        return self._scale(out, None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -334,9 +483,10 @@ class TQEmbedding(_TQBase):
             raise IndexError(f"index out of range in self (num_embeddings={self.num_embeddings})")
         dt = torch.float32 if self.weight_dtype != "float64" else torch.float64
         if self.layout == "out_in":
-            e = self._c_rows(flat, dt) if self.transform is None else self._c_cols(flat, dt).T @ self._s(dt).T
+            e = self._c_rows(flat, dt) if self.transform is None else self._c_cols(flat, dt).T @ self.transform.to(dt).T
         else:
-            e = self._c_cols(flat, dt).T if self.transform is None else self._z_c(self.transform.index_select(0, flat).to(dt))
+            e = self._c_cols(flat, dt).T if self.transform is None else \
+                self._z_c(self.transform.index_select(0, flat).to(dt), None, torch.is_grad_enabled())
         e = e.reshape(*ids.shape, self.embedding_dim)
         return e if self.weight_dtype in ("float32", "float64") else e.to(self.dense_weight_dtype())
 
