@@ -560,3 +560,37 @@ def structured_files(draw) -> bytes:
             b[off:off + size] = (v % (1 << (8 * size))).to_bytes(size, "little")
             data = fix_crcs(bytes(b))
     return data
+
+
+# --- degenerate calibration statistics (tests/modes/test_degenerate_statistics.py, benchmarks/fuzz_statistics.py)
+
+STATISTICS_KINDS = ("zero", "dead", "range", "plain", "one", "nonfinite", "tiny")
+
+
+def degenerate_statistics(rows: int, seed: int, kind: str, m: int) -> tuple[np.ndarray, int]:
+    """(H [1, m, m], rows): the second moments of ``rows`` random input vectors (columns of very
+    different scales), made degenerate by ``kind``: ``zero`` (an input always zero), ``dead``
+    (half the channels dead), ``range`` (1e12 between columns), ``plain``, ``one`` (one sample),
+    ``nonfinite`` (a NaN or infinity), ``tiny`` (H of order 1e-300)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(max(rows, 1), m)) * rng.choice([1e-6, 1.0, 1e3], size=m)
+    if kind == "dead":
+        x[:, rng.random(m) < 0.5] = 0.0
+    elif kind == "range":
+        x *= 10.0 ** rng.uniform(-6, 6, size=m)
+    elif kind == "one":
+        x = x[:1]
+    h = x.T @ x / len(x)
+    if kind == "zero":
+        h = np.zeros((m, m))
+    elif kind == "nonfinite":
+        h[rng.integers(m), rng.integers(m)] = rng.choice([np.nan, np.inf])
+    elif kind == "tiny":
+        h *= 1e-300
+    return h[None], rows
+
+
+def weights(seed: int, n: int, m: int) -> np.ndarray:
+    """[n, m] float64 weights of one of three scales."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, m)) * rng.choice([1e-3, 0.1, 10.0])

@@ -24,8 +24,8 @@ from .limits import DEFAULT_LIMITS, Limits
 from .modes import alias
 from .modes.base import Encoded
 from .pipeline.classic import CLASSIC_MODES
-from .pipeline.encode import EncodeOptions, encode_classic_file, encode_tensor, encode_tq
-from .pipeline.tensors import check_tensor, name_of_torch, plan_entries
+from .pipeline.encode import EncodeOptions, encode_classic_file, encode_tensor, encode_tq, no_larger_than_raw
+from .pipeline.tensors import check_tensor, name_of_torch, plan_entries, tensor_to_storage
 
 PathLike = Union[str, os.PathLike]
 Progress = Optional[Callable[[str, int, int], None]]
@@ -256,8 +256,8 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
             dtype = name_of_torch(t.dtype)
             if target is not None:
                 encoded = alias.write(target)
-            elif name in pre:
-                encoded = pre[name]
+            elif name in pre:  # never more bytes than the tensor stored exactly
+                encoded = no_larger_than_raw(pre[name], tensor_to_storage(t)[1])
             else:
                 if name not in done:
                     done[name] = encode_tensor(name, t, opts)

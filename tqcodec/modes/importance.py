@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .tq.encoder import floored_counts
+from .tq.encoder import floored_counts, usable_h
 
 
 def default_gain(stats: Any) -> float:
@@ -41,8 +41,14 @@ def importance(name: str, shape: tuple[int, ...], stats: Any) -> np.ndarray:
     if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
         c = floored_counts(st.counts)
         return (gain * c / c.sum())[:, None]
+    if st.kind == "rows" and getattr(st, "row_h", None) is not None and len(st.row_h) == n:
+        rh = np.asarray(st.row_h, dtype=np.float64)
+        return (gain * rh)[:, None] if np.isfinite(rh).all() and rh.sum() > 0 else np.full((1, 1), gain)
     h: Optional[np.ndarray] = None if st.h is None else np.asarray(st.h, dtype=np.float64)
     if h is None or h.ndim != 3 or h.shape[1] != h.shape[2]:
+        return np.full((1, 1), gain)
+    h = usable_h(h, st.rows)
+    if h is None:
         return np.full((1, 1), gain)
     g, d, _ = h.shape
     diag = np.clip(np.stack([np.diag(h[i]) for i in range(g)]), 0.0, None)  # [g, d]

@@ -355,7 +355,7 @@ def encode_entry(name: str, src: Any, opts: EncodeOptions, rows: Optional[tuple[
     if opts.uses_tq:  # tq_scope "tensor": this tensor on its own to the bits/quality target
         done = encode_tq_tensor(name, t, opts)
         if done is not None:
-            return name_of_torch(t.dtype), tuple(t.shape), done
+            return name_of_torch(t.dtype), tuple(t.shape), no_larger_than_raw(done, tensor_to_storage(t)[1])
     return name_of_torch(t.dtype), tuple(t.shape), encode_tensor(name, t, opts)
 
 

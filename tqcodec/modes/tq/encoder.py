@@ -58,6 +58,27 @@ def _h_fits(h: Optional[np.ndarray], n: int, m: int) -> bool:
     return h is not None and h.ndim == 3 and h.shape[1] == h.shape[2] == m and n % h.shape[0] == 0
 
 
+def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
+    """The input second moments H [groups, d, d] as the encoder weighs errors by them, from
+    statistics of ``rows`` input vectors: None when they hold nothing to go by (not finite, or no
+    energy in a group: an input that was always zero says nothing of other inputs, so the tensor
+    is coded as without statistics); shrunk toward ``tr(H)/d * I`` when fewer vectors than
+    dimensions were seen (H is then singular: directions no sample reached would cost nothing),
+    by the share ``1 - rows/d`` of the dimensions no sample can have reached."""
+    h = np.asarray(h, dtype=np.float64)
+    if not np.isfinite(h).all():
+        return None
+    d = h.shape[-1]
+    traces = np.trace(h, axis1=1, axis2=2)
+    if not (traces > 0).all():
+        return None
+    alpha = max(0.0, 1.0 - max(int(rows), 0) / d)
+    if alpha == 0.0:
+        return h
+    eye = np.eye(d)
+    return np.stack([(1.0 - alpha) * h[g] + alpha * (traces[g] / d) * eye for g in range(h.shape[0])])
+
+
 def floored_counts(counts: np.ndarray) -> np.ndarray:
     """An embedding's token counts with every token raised by ``EMBED_FLOOR`` of the mean count
     (unseen tokens still weigh something); the rows weigh their share of the sum."""
@@ -110,8 +131,11 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
                 c = floored_counts(st.counts)
                 rw = c / c.sum()
+            elif st.kind == "rows" and getattr(st, "row_h", None) is not None and len(st.row_h) == n:
+                rw = np.asarray(st.row_h, dtype=np.float64)  # inputs on the rows (transposed convolutions)
+                rw = rw if np.isfinite(rw).all() and rw.sum() > 0 else None
             elif _h_fits(st.h, n, m):
-                h = np.asarray(st.h, dtype=np.float64)
+                h = usable_h(st.h, st.rows)
         cap, size = (EMBED_BANDS, band_size // 8) if rw is not None else (MAX_BANDS, band_size)
         nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
         bounds = [n * i // nb for i in range(nb + 1)]
@@ -204,6 +228,7 @@ def _correct_biases(pairs: list, originals: Mapping[int, np.ndarray], pick: Mapp
 
 ATTEMPTS = 5  # the bits loop: the file is written at most this many times to land on the target
 
+TRANSFORM_MIN_SAMPLES = 4  # an activation-aware transform needs statistics of at least 4 m input vectors
 TRANSFORM_MIN_RATIO = 2  # offered only when n >= 2m: the 16 m k bits of S need many coefficients
 TRANSFORM_BANDS = 16     # coefficient rows (components, strongest first) cut into at most 16 bands
 
@@ -239,9 +264,13 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
             continue
         h = None
         if st is not None:
-            if not _h_fits(st.h, n, m) or st.h.shape[0] != 1:
+            # a transform fitted to statistics of few samples fits those samples, not the layer's inputs
+            if not _h_fits(st.h, n, m) or st.h.shape[0] != 1 or st.rows < TRANSFORM_MIN_SAMPLES * m:
                 continue
-            h = np.asarray(st.h[0], dtype=np.float64)
+            full = usable_h(st.h, st.rows)
+            if full is None:
+                continue
+            h = full[0]
         mat = np.ascontiguousarray(matrix_view(it.values, layout).T)  # M [m, n]
         if h is None:
             _, s, _ = transforms.klt(mat)
@@ -261,7 +290,8 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
 
         def coefficients(it=it, layout=layout, g=g, s16=s16, metric=metric, m=m, mat=None) -> np.ndarray:
             mat = np.ascontiguousarray(matrix_view(it.values, layout).T) if mat is None else mat
-            return np.linalg.solve(g + 1e-12 * np.trace(g) / m * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
+            ridge = 1e-12 * np.trace(g) / m if np.trace(g) > 0 else 1.0
+            return np.linalg.solve(g + ridge * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
         if it.size > LAZY_ELEMENTS:
             key = "coefficients\x00" + it.name
             matrices.add(key, coefficients)

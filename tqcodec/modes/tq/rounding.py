@@ -28,7 +28,10 @@ def _hinv_upper(h: np.ndarray, damp: float) -> np.ndarray:
             hh = h + extra * (mean if mean > 0 else 1.0) * np.eye(len(h))
             lo = np.linalg.cholesky(hh)
             inv = np.linalg.inv(lo)
-            hinv = inv.T @ inv
+            with np.errstate(over="ignore", invalid="ignore"):  # a far too small H overflows: try more damping
+                hinv = inv.T @ inv
+            if not np.isfinite(hinv).all():
+                continue
             return np.linalg.cholesky(hinv).T
         except np.linalg.LinAlgError:
             continue
