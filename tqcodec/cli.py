@@ -176,8 +176,8 @@ def decode(
                                           "(any other name): a Hugging Face folder (default: INPUT with .pt)"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output"),
     shard_size: str = typer.Option("5GB", "--shard-size", help="folder output: largest shard (5GB, 500MB, 2GiB)"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="decode tensors in N processes (0: every core; a file, "
-                             "not standard input)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="decode in N processes (0 or default: every core "
+                                       "this process may use; a folder output: 1 by default)"),
 ) -> None:
     """Decode a .tqz file into a .pt or .safetensors file, or a Hugging Face folder."""
     with _errors():
@@ -190,7 +190,8 @@ def decode(
                 raise fail("BAD_OPTION", "a folder output needs a .tqz file or URL, not standard input")
             size = parse_size(shard_size)
             with _progress("decoding") as progress:
-                shards = api.decode_folder(source, out, shard_size=size, overwrite=force, jobs=jobs, progress=progress)
+                shards = api.decode_folder(source, out, shard_size=size, overwrite=force, jobs=1 if jobs is None else jobs,
+                                           progress=progress)
             typer.echo(f"{out}/: {len(shards)} shard{'s' if len(shards) > 1 else ''}")
             return
         if out.exists() and not force:
