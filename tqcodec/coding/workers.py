@@ -224,6 +224,12 @@ class Pool:
             self.lock.notify()
         return task
 
+    @property
+    def busy(self) -> bool:
+        """Some worker has a task, or a task waits for one."""
+        with self.lock:
+            return any(w.inflight for w in self.workers) or any(t.state == _QUEUED for t in self.queue)
+
     def claim(self, task: Task) -> bool:
         """Take ``task`` for the calling thread if no worker has it (True), else False."""
         with self.lock:

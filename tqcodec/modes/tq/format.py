@@ -8,10 +8,12 @@ the rows not kept are zero).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ... import limits as L
 from ...errors import fail
@@ -20,7 +22,7 @@ from ...format.leb128 import pack_counts, unpack_counts
 from ...format.manifest import TensorRecord
 from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
 from ..base import Chunks, Encoded, check_keys
-from ..streams import iter_symbols, read_symbols, symbol_chunks, table
+from ..streams import Predecoded, iter_symbols, read_symbols, symbol_chunks, table
 
 LAYOUTS = ("out_in", "in_out")
 TRANSFORMS = ("none", "float16")
@@ -130,11 +132,21 @@ def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray
         return _decode_direct(p, record, streams)
     coeff = _coefficients(p, streams, record.name, lambda values: values).reshape(p.k, p.cols)
     s = _transform(p, streams[0], record.name).astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with _blas_threads(streams), np.errstate(over="ignore", invalid="ignore"):
         mat = (s @ coeff).T.astype(np.float32)  # [n, m]; §7.5.3 step 3 (tolerance stated there)
     if p.layout == "in_out":
         mat = mat.T
     return round_binary32(record.dtype, np.ascontiguousarray(mat)).reshape(record.shape)
+
+
+def _blas_threads(streams: list[Chunks]):
+    """One BLAS thread while worker processes decode the next tensors' symbols (BLAS threads
+    spinning against them for the same cores made the product 2.5x slower); else BLAS's own
+    choice. Any number of threads gives the same bits: each element's sum runs in the same order."""
+    tasks = [t for c in streams if isinstance(c, Predecoded) for t in c.tasks if t is not None]
+    if tasks and tasks[0].pool.busy:
+        return threadpool_limits(limits=1, user_api="blas")
+    return contextlib.nullcontext()
 
 
 def _decode_direct(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray:
