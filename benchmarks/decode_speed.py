@@ -216,7 +216,8 @@ def compressed(f32: Path, kind: str) -> Path:
     return out
 
 
-def measure(name: str, tqz: Path, f32: Path, params: int, before: Path, rounds: int, inner: int) -> dict:
+def measure(name: str, tqz: Path, f32: Path, params: int, before: Path, rounds: int, inner: int,
+            quiet_wait: float = QUIET_WAIT) -> dict:
     contenders = [("before jobs=1", "tqcodec", tqz, 1, before), ("before jobs=2", "tqcodec", tqz, 2, before),
                   ("after jobs=1", "tqcodec", tqz, 1, REPO), ("after jobs=2", "tqcodec", tqz, 2, REPO),
                   ("zstd (float32)", "zstd", compressed(f32, "zstd"), 1, REPO),
@@ -224,7 +225,7 @@ def measure(name: str, tqz: Path, f32: Path, params: int, before: Path, rounds: 
     runs: dict[str, list] = {c[0]: [] for c in contenders}
     for r in range(rounds):
         for label, kind, path, jobs, tree in (contenders if r % 2 == 0 else contenders[::-1]):
-            idle = wait_for_quiet(QUIET_WAIT)
+            idle = wait_for_quiet(quiet_wait)
             res = run_child(kind, path, jobs, inner, params, tree)
             res["cpu_idle_before"] = idle
             runs[label].append(res)
@@ -282,8 +283,6 @@ def main() -> None:
                     help="seconds to wait for a second with 85%% of the CPUs idle before each timing")
     ap.add_argument("--out", default=str(RESULTS / "decode_speed.json"))
     args = ap.parse_args()
-    global QUIET_WAIT
-    QUIET_WAIT = args.quiet_wait
     TMP.mkdir(parents=True, exist_ok=True)
     before = export_before(args.before)
     res = {"before": args.before, "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
@@ -292,11 +291,11 @@ def main() -> None:
     if not args.no_minilm:
         tqz, f32, params = minilm_files()
         res["models"]["MiniLM (float32, tq 4 bits/param)"] = measure("minilm", tqz, f32, params, before,
-                                                                      args.rounds, args.inner)
+                                                                      args.rounds, args.inner, args.quiet_wait)
     if args.large:
         tqz, f32, params = large_files(args.layers)
         res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"] = measure(
-            "large", tqz, f32, params, before, args.large_rounds, args.large_inner)
+            "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait)
     loads = [x for m in res["models"].values() for r in m["contenders"].values() for run in r["runs"]
              for x in run["loadavg_1min"]]
     res["loadavg_range"] = [min(loads), max(loads)] if loads else [0, 0]
