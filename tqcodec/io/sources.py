@@ -227,6 +227,8 @@ class _ReadAhead:
         def on_manifest(header, manifest) -> None:
             self.records = manifest.tensors
             self.targets.update(layout.params[i].of for i, r in enumerate(manifest.tensors) if r.mode == "alias")
+            if any(self._for_workers(j) for j in range(len(manifest.tensors))):
+                self.pool = workers.pool(self.jobs)  # start them now: they are ready sooner
 
         ahead = Prefetch(layout, self._submit, MIN_TASK_SYMBOLS)
         try:
@@ -249,6 +251,11 @@ class _ReadAhead:
             if self.pool is not None:
                 self.pool.cancel(ahead.pending())  # chunks of a tensor that was never completed
 
+    def _for_workers(self, j: int) -> bool:
+        """Whether tensor ``j`` has a range-coded stream the workers would decode."""
+        tables = self.layout.modes[j].symbol_tables(self.layout.params[j])
+        return any(t is not None and n >= MIN_TASK_SYMBOLS for t, n in zip(tables, self.layout.items[j]))
+
     def _worth_reading(self, j: int) -> bool:
         """Whether tensor ``j`` may be read before the consumer asks for it (under ``cv``)."""
         if self.held >= READ_AHEAD_BYTES:
@@ -258,8 +265,7 @@ class _ReadAhead:
         record = self.records[j]
         if record.numel * record.itemsize <= SMALL_TENSOR_BYTES:
             return True
-        tables = self.layout.modes[j].symbol_tables(self.layout.params[j])
-        if not any(t is not None and n >= MIN_TASK_SYMBOLS for t, n in zip(tables, self.layout.items[j])):
+        if not self._for_workers(j):
             return False  # nothing for the workers: read it when it is asked for
         while self.undecoded and not self.undecoded[0].waiting:
             self.undecoded.popleft()
