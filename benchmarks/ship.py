@@ -189,6 +189,7 @@ import json, os, shutil, sys, tempfile, time, urllib.request
 import torch
 import safetensors.torch
 import tqcodec
+import tqcodec.api  # iter_tensors is imported on first use: before the clock, as torch is
 import fsspec.implementations.http, aiohttp  # what a URL needs, imported before the clock as torch is
 kind, jobs, urls = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 t0 = time.monotonic()
