@@ -258,14 +258,15 @@ def write_md(res: dict, path: Path) -> None:
              f"start-up; warm = the best of the others). Load average (1 min) at each timing is in the JSON; "
              f"range {res['loadavg_range'][0]:.2f}-{res['loadavg_range'][1]:.2f} over the run.", ""]
     for model, m in res["models"].items():
-        lines += [f"## {model}: {m['parameters']:,} parameters ({m['tqz']})", "",
+        lines += [f"## {model}: {m['parameters']:,} parameters ({m['tqz']}; measured {m.get('measured', '?')})", "",
                   "| contender | file bytes | cold s | cold Mparams/s | warm s | warm Mparams/s | warm vs before jobs=1 "
-                  "| CPU s (all processes, median warm) | Mparams per CPU s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| CPU s (all processes, median warm) | Mparams per CPU s | runs started on idle CPUs |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in m["contenders"].items():
             lines.append(f"| {label} | {r['file_bytes']:,} | {r['cold_s_best']:.3f} | {r['cold_mparams_per_s']} | "
                          f"{r['warm_s_best']:.3f} | {r['warm_mparams_per_s']} | "
-                         f"{r['warm_speedup_vs_before_jobs1']}x | {r['cpu_s_median']:.2f} | {r['mparams_per_cpu_s']} |")
+                         f"{r['warm_speedup_vs_before_jobs1']}x | {r['cpu_s_median']:.2f} | {r['mparams_per_cpu_s']} | "
+                         f"{sum(x.get('cpu_idle_before', 0) >= 0.85 for x in r['runs'])}/{len(r['runs'])} |")
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -283,6 +284,8 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
                     help="seconds to wait for a second with 85%% of the CPUs idle before each timing")
     ap.add_argument("--out", default=str(RESULTS / "decode_speed.json"))
+    ap.add_argument("--merge", action="store_true", help="keep the other models of an existing --out (each "
+                    "model's section says when it was measured)")
     args = ap.parse_args()
     TMP.mkdir(parents=True, exist_ok=True)
     before = export_before(args.before)
@@ -297,6 +300,11 @@ def main() -> None:
         tqz, f32, params = large_files(args.layers)
         res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"] = measure(
             "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait)
+    for m in res["models"].values():
+        m["measured"] = time.strftime("%Y-%m-%d %H:%M")
+    if args.merge and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        res["models"] = {**old.get("models", {}), **res["models"]}
     loads = [x for m in res["models"].values() for r in m["contenders"].values() for run in r["runs"]
              for x in run["loadavg_1min"]]
     res["loadavg_range"] = [min(loads), max(loads)] if loads else [0, 0]
