@@ -41,24 +41,30 @@ __all__ = ["EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport", "decode_fol
 # --- decoding -----------------------------------------------------------------------------------
 
 def iter_tensors(source: Union[PathLike, BinaryIO, bytes], *,
-                 limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[str, torch.Tensor]]:
+                 limits: Limits = DEFAULT_LIMITS, jobs: Optional[int] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Decode front to back (spec §10.1), yielding ``(name, tensor)`` as each completes.
 
     ``source`` may be a path, bytes, or any readable binary file object, seekable or not
     (a pipe, a socket, an HTTP response body), or a URL (``http(s)://``, or any scheme fsspec has
     a plugin for; needs ``tqcodec[remote]``), read with one request as it arrives. Memory: the
-    tensor being decoded and its chunks, not the file. Every check of the spec is made; an error
-    may therefore come after some tensors were yielded.
+    tensor being decoded and its chunks, not the file (with ``jobs`` > 1 also up to 64 MiB of
+    chunks read ahead). Every check of the spec is made; an error may therefore come after some
+    tensors were yielded.
+
+    ``jobs``: processes decoding range-coded chunks (None or 0: every CPU this process may use;
+    1: this thread only). The tensors, their order and every error are the same for every
+    ``jobs``; with ``jobs`` > 1 a file object is read ahead of the tensors yielded.
     """
-    return sources.iter_tensors(source, limits)
+    return sources.iter_tensors(source, limits, parallel.check_jobs(jobs))
 
 
 def load(path: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT_LIMITS,
-         jobs: int = 1) -> dict[str, torch.Tensor]:
+         jobs: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Decode a whole .tqz file into ``{name: tensor}`` in file order (tied tensors shared).
 
-    ``jobs`` > 1 (0: every core; a local file only): tensors decode in a process pool by random
-    access (``tqcodec.parallel.iter_decoded``); the tensors are the same for every ``jobs``."""
+    ``jobs``: processes decoding range-coded chunks (None or 0: every CPU this process may use;
+    1: this thread only), for any source; the tensors are the same for every ``jobs``
+    (``tqcodec.parallel.iter_decoded``)."""
     return dict(parallel.iter_decoded(path, parallel.check_jobs(jobs), limits))
 
 

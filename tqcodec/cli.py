@@ -276,8 +276,9 @@ def decode(
     shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE",
                                    help="folder output: largest shard (5GB, 500MB, 2GiB)  [default: 5GB]",
                                    show_default=False),
-    jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="decode tensors in N processes (0: every core; a "
-                             "file, not standard input)  [default: 1]", show_default=False),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
+                                       help="decode in N processes (0 or default: every core this process may use; "
+                                            "a folder output: 1 by default)", show_default=False),
     threads: int = typer.Option(0, "--threads", metavar="N", help="threads for the whole run, shared by its "
                                 "processes (0: every core this process may use)  [default: 0]", show_default=False),
 ) -> None:
@@ -302,7 +303,8 @@ def decode(
                 raise fail("BAD_OPTION", "a folder output needs a .tqz file or URL, not standard input")
             size = parse_size(shard_size)
             with _progress("decoding") as progress:
-                shards = api.decode_folder(source, out, shard_size=size, overwrite=force, jobs=jobs, progress=progress)
+                shards = api.decode_folder(source, out, shard_size=size, overwrite=force,
+                                           jobs=1 if jobs is None else jobs, progress=progress)
             typer.echo(f"{out}/: {len(shards)} shard{'s' if len(shards) > 1 else ''}"
                        + (f", {len(carried)} carried file{'s' if len(carried) > 1 else ''}" if carried else ""))
             return

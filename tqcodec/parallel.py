@@ -6,8 +6,10 @@ so the bytes do not depend on ``jobs``. At most ``2 * jobs`` tensors are in flig
 (``TensorRef`` values, e.g. from :mod:`tqcodec.io.hf`) is loaded by the worker itself, so this
 process never holds more than the encoded (compressed) results of the tensors in flight.
 
-Decoding: ``iter_decoded(path, jobs)`` decodes tensors in workers that read their spans by random
-access (spec §10.2) and yields them in file order.
+Decoding: ``iter_decoded(source, jobs)`` reads the file front to back and has its range-coded
+chunks decoded by worker processes (``tqcodec.coding.workers``: constriction holds the GIL, so
+threads would not help); ``iter_pieces`` decodes large tq tensors in row blocks in a process pool
+(Hugging Face folders, bounded memory).
 """
 from __future__ import annotations
 
@@ -34,10 +36,18 @@ from .pipeline.tensors import is_lazy
 PathLike = Union[str, os.PathLike]
 
 
-def check_jobs(jobs: Any) -> int:
-    """``jobs``: a positive int, or 0/None meaning every core."""
-    if jobs is None or jobs == 0:
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def check_jobs(jobs: Any) -> int:
+    """``jobs``: a positive int, or 0/None meaning every core this process may use."""
+    if jobs is None or jobs == 0:
+        return available_cores()
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
         raise fail("BAD_OPTION", f"jobs must be a positive integer (0: every core), got {jobs!r}")
     return jobs
@@ -157,40 +167,13 @@ def _opened(path: str, limits: Limits) -> RandomAccess:
     return f
 
 
-def decode_task(path: str, index: int, limits: Limits) -> torch.Tensor:
-    """Worker: tensor ``index`` of the file at ``path`` (random access)."""
-    return _opened(path, limits).tensor(index)
-
-
-def iter_decoded(path: Source, jobs: int, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[str, torch.Tensor]]:
-    """Decode a .tqz file's tensors in ``jobs`` processes, yielding (name, tensor) in file order.
-
-    jobs <= 1 (or not a local path): front to back, every check of spec §10.1. jobs > 1:
-    workers decode tensors by random access (spec §10.2: footer, index, manifest, and each span
-    with its chunks and CRCs are checked; every span is read). Tied tensors (alias) are shared.
-    """
-    if jobs <= 1 or not isinstance(path, (str, os.PathLike)):
-        yield from iter_tensors(path, limits)
-        return
-    path = os.fspath(path)
-    f = RandomAccess(path, limits)
-    try:
-        records = list(f.records)
-        targets = {f.target(i) for i, r in enumerate(records) if r.mode == "alias"}
-    finally:
-        f.close()
-    keep: dict[int, torch.Tensor] = {}
-    tasks = ((decode_task, path, i, limits) for i, r in enumerate(records) if r.mode != "alias")
-    results = ordered_map(_call, tasks, jobs)
-    for i, r in enumerate(records):
-        if r.mode == "alias":
-            t = keep[r.params["of"]]
-        else:
-            t = next(results)
-            if i in targets:
-                keep[i] = t
-        yield r.name, t
-        del t
+def iter_decoded(source: Source, jobs: int, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[str, torch.Tensor]]:
+    """Decode a .tqz file's tensors front to back (spec §10.1, every check), yielding (name,
+    tensor) in file order; with ``jobs`` > 1 the range-coded chunks are decoded by ``jobs``
+    worker processes as they are read (:func:`tqcodec.io.sources.iter_tensors`), from any
+    source (path, bytes, stream, URL). The tensors are the same for every ``jobs``; tied tensors
+    (alias) are shared."""
+    yield from iter_tensors(source, limits, jobs)
 
 
 # --- decoding in pieces (bounded memory for large tensors) ----------------------------------------

@@ -34,11 +34,19 @@ def _check_table(freqs: np.ndarray) -> np.ndarray:
 class Model:
     """A checked frequency table and its constriction model, built once and used for every chunk
     of a tensor: building the model costs ~200 us for a 65536-symbol table, so building it per
-    chunk let a file of many tiny chunks cost ~6 us of CPU per file byte."""
+    chunk let a file of many tiny chunks cost ~6 us of CPU per file byte. The table is checked
+    here; the model is built on first use (not at all when worker processes decode every chunk,
+    ``tqcodec.coding.workers``)."""
 
     def __init__(self, freqs: np.ndarray):
         self.freqs = _check_table(freqs)
-        self.model = _model(self.freqs)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = _model(self.freqs)
+        return self._model
 
 
 def encode_symbols(symbols: np.ndarray, freqs: np.ndarray) -> np.ndarray:

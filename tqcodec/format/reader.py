@@ -92,11 +92,14 @@ def read_header_and_manifest(read: Callable[[int], bytes], max_manifest_length: 
 def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,
                               on_manifest: Optional[Callable[[Header, Manifest], None]] = None,
                               max_manifest_length: int = L.MAX_MANIFEST_LENGTH,
+                              on_chunk: Optional[Callable[[int, int, int, bytes], None]] = None,
                               ) -> Iterator[TensorChunks]:
     """Spec §10.1: read a whole file front to back, yielding each tensor once complete.
 
     Works on non-seekable streams. Holds one tensor's chunks in memory at a time.
-    Every check of §10.1 is made, ending with the footer and end of file.
+    Every check of §10.1 is made, ending with the footer and end of file. ``on_chunk(tensor
+    index, stream, Item_Count, payload)`` is called for each DATA chunk once its header, place
+    and CRC are checked (a parallel decoder starts on it before the tensor is complete).
     """
     src = _Stream(fileobj)
 
@@ -148,6 +151,8 @@ def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,
         payload = src.read_exact(h.payload_length, "a chunk payload")
         check_payload(h, payload)
         current.streams[h.stream].append((h.item_count, payload))
+        if on_chunk is not None:
+            on_chunk(current.index, h.stream, h.item_count, payload)
         if completes:
             spans[current.index] = (span_start, src.pos - span_start)
             yield current

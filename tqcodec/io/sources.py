@@ -3,18 +3,21 @@ one place for the two ways of reading (spec §10.1 front to back, §10.2 random 
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import io
 import os
-from typing import BinaryIO, Callable, Iterator, Optional, Union
+import threading
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ..coding import workers
 from ..errors import TqzError, fail
 from ..format.header import HEADER_SIZE, parse_header
 from ..format.reader import RandomAccessReader, file_reader, iter_chunks_front_to_back
 from ..limits import DEFAULT_LIMITS, Limits
-from ..pipeline.decode import Layout, decode_tensor, tensor_parts
+from ..pipeline.decode import Layout, Prefetch, decode_tensor, tensor_parts
 from . import remote
 
 PathLike = Union[str, os.PathLike]
@@ -157,9 +160,18 @@ def _read_front_to_back(read_at: Callable[[int, int], bytes], size: int, limits:
         pass
 
 
-def iter_tensors(source: Source, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """Spec §10.1: decode front to back, yielding ``(name, tensor)`` as each completes. Holds
-    the tensor being decoded and its chunks, and the tensors an alias refers to."""
+def iter_tensors(source: Source, limits: Limits = DEFAULT_LIMITS, jobs: int = 1,
+                 ) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """Spec §10.1: decode front to back, yielding ``(name, tensor)`` as each completes.
+
+    ``jobs`` <= 1: in this thread; holds the tensor being decoded and its chunks, and the
+    tensors an alias refers to. ``jobs`` > 1: the source is read ahead by a thread (at most
+    READ_AHEAD_BYTES of chunks beyond the tensor being decoded, plus one tensor) and the
+    range-coded chunks are decoded by ``jobs`` worker processes as they arrive
+    (:mod:`tqcodec.coding.workers`); the tensors, their order and every error are the same."""
+    if jobs > 1:
+        yield from _iter_parallel(source, limits, jobs)
+        return
     path = path_of(source)
     with naming(path), open_stream(source) as f:
         layout = Layout(limits)
@@ -176,3 +188,175 @@ def iter_tensors(source: Source, limits: Limits = DEFAULT_LIMITS) -> Iterator[tu
                 done[tc.index] = tensor
             yield tc.record.name, tensor
             del tc, tensor  # hold no finished tensor (or its chunks) while the next one arrives
+
+
+READ_AHEAD_BYTES = 64 << 20  # parallel decode: chunks and worker results held beyond the tensor asked for
+SMALL_TENSOR_BYTES = 1 << 20  # a tensor this small (decoded) is read ahead whatever it holds
+TASKS_PER_JOB = 4  # read ahead while fewer than this many chunks per worker wait to be decoded
+MIN_TASK_SYMBOLS = 1 << 14  # a smaller range-coded chunk is decoded in this process (IPC would cost more)
+
+
+class _Stopped(Exception):
+    """The consumer has gone: the read-ahead thread stops at its next read."""
+
+
+class _ReadAhead:
+    """Spec §10.1 front to back in a thread: each range-coded chunk, once read and CRC-checked,
+    is handed to the worker processes; each tensor, once complete, is queued for the consumer;
+    an error is queued where it was found, after the tensors read before it.
+
+    The next tensor is read when the consumer asks for it, or ahead of that to give the workers
+    something to do: when it has range-coded chunks for them and fewer than TASKS_PER_JOB chunks
+    per worker wait to be decoded, or when it is small. Ahead of the consumer, at most
+    READ_AHEAD_BYTES of chunks and decoded symbols are held. So a file without range-coded
+    chunks is read as the serial decoder reads it, one tensor at a time."""
+
+    def __init__(self, source: Source, limits: Limits, jobs: int):
+        self.source, self.limits, self.jobs = source, limits, jobs
+        self.layout = Layout(limits)
+        self.records: Sequence = ()
+        self.targets: set = set()
+        self.cv = threading.Condition()
+        self.items: collections.deque = collections.deque()
+        self.held = 0  # bytes of chunks and symbols of the tensors queued or being decoded
+        self.asked = False  # the consumer waits for a tensor
+        self.stopped = False
+        self.pool: Optional[workers.Pool] = None
+        self.undecoded: collections.deque = collections.deque()  # tasks submitted, maybe not done
+        self.thread = threading.Thread(target=self._run, name="tqcodec-read-ahead", daemon=True)
+        self.thread.start()
+
+    def read(self, n: int) -> bytes:  # the stream as iter_chunks_front_to_back sees it
+        if self.stopped:
+            raise _Stopped
+        return self._f.read(n)
+
+    def _submit(self, payload: bytes, table, count: int) -> workers.Task:
+        if self.pool is None:
+            self.pool = workers.pool(self.jobs)
+        task = self.pool.submit(payload, table, count)
+        self.undecoded.append(task)
+        return task
+
+    def _run(self) -> None:
+        layout = self.layout
+
+        def on_manifest(header, manifest) -> None:
+            self.records = manifest.tensors
+            self.targets.update(layout.params[i].of for i, r in enumerate(manifest.tensors) if r.mode == "alias")
+            if any(self._for_workers(j) for j in range(len(manifest.tensors))):
+                self.pool = workers.pool(self.jobs)  # start them now: they are ready sooner
+
+        ahead = Prefetch(layout, self._submit, MIN_TASK_SYMBOLS)
+        try:
+            with open_stream(self.source) as f:
+                self._f = f
+                for tc in iter_chunks_front_to_back(self, layout, on_manifest=on_manifest,
+                                                    max_manifest_length=self.limits.max_manifest_bytes,
+                                                    on_chunk=ahead.chunk):
+                    tc, tasks = ahead.tensor(tc)
+                    size = sum(len(p) for chunks in tc.streams for _, p in chunks) + sum(t.count for t in tasks)
+                    if not self._put((tc, tasks, size), size) or not self._gate(tc.index + 1):
+                        return
+            self._put(None, 0)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the consumer, raised there in file order
+            self._put(exc, 0)
+        finally:
+            self._f = None
+            if self.pool is not None:
+                self.pool.cancel(ahead.pending())  # chunks of a tensor that was never completed
+
+    def _for_workers(self, j: int) -> bool:
+        """Whether tensor ``j`` has a range-coded stream the workers would decode."""
+        tables = self.layout.modes[j].symbol_tables(self.layout.params[j])
+        return any(t is not None and n >= MIN_TASK_SYMBOLS for t, n in zip(tables, self.layout.items[j]))
+
+    def _worth_reading(self, j: int) -> bool:
+        """Whether tensor ``j`` may be read before the consumer asks for it (under ``cv``)."""
+        if self.held >= READ_AHEAD_BYTES:
+            return False
+        if j >= len(self.records):
+            return True  # the index and footer
+        record = self.records[j]
+        if record.numel * record.itemsize <= SMALL_TENSOR_BYTES:
+            return True
+        if not self._for_workers(j):
+            return False  # nothing for the workers: read it when it is asked for
+        while self.undecoded and not self.undecoded[0].waiting:
+            self.undecoded.popleft()
+        return sum(t.waiting for t in self.undecoded) < TASKS_PER_JOB * self.jobs
+
+    def _gate(self, j: int) -> bool:
+        """Wait until tensor ``j`` may be read; False when the consumer has gone."""
+        with self.cv:
+            while not self.stopped and not self.asked and not self._worth_reading(j):
+                self.cv.wait(0.05)  # tasks finishing do not notify: look again soon
+            return not self.stopped
+
+    def _put(self, item, size: int) -> bool:
+        with self.cv:
+            if self.stopped:
+                if isinstance(item, tuple) and self.pool is not None:
+                    self.pool.cancel(item[1])
+                return False
+            self.items.append(item)
+            self.held += size
+            self.asked = False  # answered: the next tensor waits for the next question (or _gate)
+            self.cv.notify_all()
+            return True
+
+    def get(self):
+        with self.cv:
+            while not self.items:
+                self.asked = True
+                self.cv.notify_all()
+                self.cv.wait()
+            self.asked = False
+            return self.items.popleft()
+
+    def release(self, size: int) -> None:
+        with self.cv:
+            self.held -= size
+            self.cv.notify_all()
+
+    def close(self, current: Sequence = ()) -> None:
+        """Stop reading; drop the range decoding no one will ask for (``current``: the tasks of
+        the tensor being decoded, if any)."""
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+            left = [t for item in self.items if isinstance(item, tuple) for t in item[1]]
+            self.items.clear()
+        if self.pool is not None:
+            self.pool.cancel(list(current) + left)
+        self.thread.join(timeout=10)  # at most one read of the source in progress
+
+
+def _iter_parallel(source: Source, limits: Limits, jobs: int) -> Iterator[tuple[str, "torch.Tensor"]]:
+    path = path_of(source)
+    with naming(path):
+        ahead = _ReadAhead(source, limits, jobs)
+        tasks: Sequence = ()
+        try:
+            done: dict[int, torch.Tensor] = {}
+            while True:
+                item = ahead.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                tc, tasks, size = item
+                if tc.record.mode == "alias":
+                    tensor = done[ahead.layout.params[tc.index].of]
+                else:
+                    tensor = decode_tensor(tc, ahead.layout.params_of(tc))
+                if tc.index in ahead.targets:
+                    done[tc.index] = tensor
+                ahead.release(size)
+                tasks = ()
+                yield tc.record.name, tensor
+                del tc, tensor, item
+        finally:
+            ahead.close(tasks)

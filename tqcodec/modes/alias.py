@@ -34,6 +34,11 @@ def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tupl
     return ()
 
 
+def symbol_tables(p: Params) -> tuple[()]:
+    """No streams."""
+    return ()
+
+
 def write(of: int) -> Encoded:
     """An alias of tensor ``of``."""
     return Encoded("alias", {"of": int(of)}, [])

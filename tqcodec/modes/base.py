@@ -34,7 +34,9 @@ class Mode(Protocol):
       that the container reader checks from each chunk header, spec §10.1 step 3);
     - ``decode(params, record, streams) -> np.ndarray``: the tensor's storage array;
     - ``parts(params, record, streams) -> dict``: the decoded integer stage (levels, steps,
-      codebooks: what training and transform-domain layers work on), with the same checks.
+      codebooks: what training and transform-domain layers work on), with the same checks;
+    - ``symbol_tables(params) -> tuple``: each stream's range-coder table, or None for a stream
+      that is not range-coded (so a decoder can hand the range decoding to other processes).
     """
 
     def parse(self, record: TensorRecord) -> Any: ...
@@ -44,6 +46,8 @@ class Mode(Protocol):
     def decode(self, params: Any, record: TensorRecord, streams: list[Chunks]) -> np.ndarray: ...
 
     def parts(self, params: Any, record: TensorRecord, streams: list[Chunks]) -> dict: ...
+
+    def symbol_tables(self, params: Any) -> tuple[Optional[np.ndarray], ...]: ...
 
 
 # --- parameter rules shared by the modes ------------------------------------------------------

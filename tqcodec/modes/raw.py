@@ -37,6 +37,11 @@ def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tupl
     return (StreamSpec(record.numel * record.itemsize, kind),)
 
 
+def symbol_tables(p: Params) -> tuple[None]:
+    """No stream is range-coded."""
+    return (None,)
+
+
 def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
     """``values``: the tensor's storage array (exact)."""
     return {"codec": p.codec, "values": decode(p, record, streams)}

@@ -3,7 +3,7 @@ table's range-coder table (§7.S.2), value streams (§7.S.3) and symbol streams 
 written. Arrays in, arrays out."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -72,20 +72,44 @@ def value_chunks(values: np.ndarray, precision: str) -> Chunks:
 
 # --- §7.S.4 symbol streams ----------------------------------------------------------------------
 
+class Predecoded(list):
+    """A range-coded stream's chunks (``(Item_Count, payload)``, as any ``Chunks``) whose symbols
+    were asked of worker processes ahead of the decode (``tqcodec.pipeline.decode.Prefetch``):
+    ``tasks[j]`` gives chunk j's symbols (``tqcodec.coding.workers.Task``), or is None for a chunk
+    decoded here. :func:`iter_symbols` takes them in the same order, with the same checks."""
+
+    tasks: list
+
+
+def iter_symbols(chunks: Chunks, freqs: np.ndarray, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Spec §7.S.4 (and §7.5.2's bands): ``(first symbol, count, symbols)`` of each chunk of a
+    range-coded stream, in order, each chunk decoded with the §8.5 check (``BAD_CHUNK`` for a
+    payload that is no positive multiple of 4 words, ``BAD_PAYLOAD`` for one that does not
+    decode canonically). The symbols are unsigned integers (any width) below ``len(freqs)``."""
+    model = Model(freqs)  # the table checked once per stream; constriction's model built on first use
+    tasks = getattr(chunks, "tasks", None)
+    pos = 0
+    for j, (items, payload) in enumerate(chunks):
+        if len(payload) % 4 or not payload:
+            raise fail("BAD_CHUNK", f"tensor {name!r}: range-coded payload of {len(payload)} bytes "
+                                    "is not a positive multiple of 4")
+        task = tasks[j] if tasks is not None else None
+        if task is not None:
+            sym = task.result(model)
+        else:
+            sym = decode_symbols(np.frombuffer(payload, dtype="<u4"), model, items)
+        yield pos, items, sym
+        pos += items
+
+
 def read_symbols(chunks: Chunks, freqs: Optional[np.ndarray], count: int, name: str) -> np.ndarray:
     """Spec §7.S.4 (and §7.5.2's bands): ``count`` symbols (int64); all 0 for a one-entry table.
     Payload lengths are checked again (the container reader checks them from the headers)."""
     if freqs is None:
         return np.zeros(count, dtype=np.int64)
     out = np.empty(count, dtype=np.int64)
-    model = Model(freqs)
-    pos = 0
-    for items, payload in chunks:
-        if len(payload) % 4 or not payload:
-            raise fail("BAD_CHUNK", f"tensor {name!r}: range-coded payload of {len(payload)} bytes "
-                                    "is not a positive multiple of 4")
-        out[pos:pos + items] = decode_symbols(np.frombuffer(payload, dtype="<u4"), model, items)
-        pos += items
+    for pos, items, sym in iter_symbols(chunks, freqs, name):
+        out[pos:pos + items] = sym
     return out
 
 

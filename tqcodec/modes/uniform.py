@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .. import limits as L
-from ..coding.rangecoder import Model, decode_symbols, encode_symbols
+from ..coding.rangecoder import encode_symbols
 from ..coding.tables import frequencies_from_counts
 from ..errors import fail
 from ..format.chunks import PayloadKind, StreamSpec
@@ -18,6 +18,7 @@ from ..format.leb128 import TOTAL, pack_freqs, unpack_freqs
 from ..format.manifest import TensorRecord
 from ..format.steps import STEP_CODE_MAX, STEP_CODE_MIN, code_at_most, steps_from_codes
 from .base import Chunks, Encoded, check_keys
+from .streams import iter_symbols
 
 GRANULARITIES = ("tensor", "channel")
 CHUNK_SYMBOLS = 1 << 20  # encoder choice: symbols per chunk (chunks decode in parallel)
@@ -69,6 +70,11 @@ def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tupl
     return (StreamSpec(records[index].numel if len(p.freqs) > 1 else 0, PayloadKind.SYMBOLS),)
 
 
+def symbol_tables(p: Params) -> tuple[Optional[np.ndarray], ...]:
+    """The range-coder table of each stream (None: not range-coded): stream 0's."""
+    return (p.freqs if len(p.freqs) > 1 else None,)
+
+
 def _decoded_levels(p: Params, record: TensorRecord, streams: list[Chunks], dtype: type) -> np.ndarray:
     """Spec §7.3.2 steps 1-2: the tensor's levels, flat, as ``dtype``."""
     n = record.numel
@@ -77,16 +83,8 @@ def _decoded_levels(p: Params, record: TensorRecord, streams: list[Chunks], dtyp
     if len(freqs) == 1:
         levels.fill(q_min)
     else:
-        pos = 0
-        model = Model(freqs)  # once per tensor, not per chunk
-        for count, payload in streams[0]:
-            if len(payload) % 4 or not payload:
-                raise fail("BAD_CHUNK", f"tensor {record.name!r}: range-coded payload of {len(payload)} bytes "
-                                        "is not a positive multiple of 4")
-            words = np.frombuffer(payload, dtype="<u4")
-            sym = decode_symbols(words, model, count)
-            np.add(sym, q_min, out=levels[pos:pos + count], casting="unsafe")
-            pos += count
+        for pos, count, sym in iter_symbols(streams[0], freqs, record.name):
+            np.add(sym, np.int64(q_min), out=levels[pos:pos + count], casting="unsafe")  # symbols may be uint8
     return levels
 
 

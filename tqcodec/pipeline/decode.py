@@ -3,8 +3,9 @@ the stream layout the container reader asks of the modes (spec §10.1 step 2), e
 parameters parsed once."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import fail
@@ -13,6 +14,7 @@ from ..format.manifest import TensorRecord
 from ..format.reader import TensorChunks
 from ..limits import DEFAULT_LIMITS, Limits
 from ..modes import decode, mode_of
+from ..modes.streams import Predecoded
 from .tensors import storage_to_tensor
 
 
@@ -24,6 +26,8 @@ class Layout:
     def __init__(self, limits: Limits = DEFAULT_LIMITS):
         self.limits = limits
         self.params: dict[int, Any] = {}
+        self.modes: dict[int, Any] = {}
+        self.items: dict[int, tuple[int, ...]] = {}
 
     def __call__(self, index: int, record: TensorRecord, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
         # spec §12.1: this reader's own limit (default: Level 2's 2^36 bytes per tensor). Every shape
@@ -37,11 +41,63 @@ class Layout:
         params = mode.parse(record)
         items = mode.stream_items(params, index, records)
         self.params[index] = params
+        self.modes[index] = mode
+        self.items[index] = items
         return items
 
     def params_of(self, tc: TensorChunks) -> Any:
         """The parsed parameters of a tensor this layout has seen."""
         return self.params[tc.index]
+
+
+class Prefetch:
+    """Hands the range decoding of tensors' chunks to ``submit(payload, table, count)``
+    (``tqcodec.coding.workers.Pool.submit``: worker processes) as the chunks are read, before
+    their tensor is complete: :meth:`chunk` is the container reader's ``on_chunk``.
+
+    :meth:`tensor` then gives the tensor with each range-coded stream as a ``Predecoded`` list
+    (the same chunks, and the task of each chunk of at least ``min_items`` symbols). Decoding it
+    with :func:`decode_tensor` runs the mode's decoder unchanged, so the checks come in the same
+    order and the values are the same; only the range decoding (with §8.5's check) happened
+    elsewhere. Each record's parameters are the layout's (parsed once, not again here)."""
+
+    def __init__(self, layout: "Layout", submit: Callable[[bytes, np.ndarray, int], Any], min_items: int = 0):
+        self.layout = layout
+        self.submit = submit
+        self.min_items = min_items
+        self.tables: dict[int, tuple] = {}
+        self.tasks: dict[tuple[int, int], list] = {}  # (tensor, stream) -> the task (or None) of each chunk
+
+    def chunk(self, index: int, stream: int, items: int, payload: bytes) -> None:
+        tables = self.tables.get(index)
+        if tables is None:
+            tables = self.layout.modes[index].symbol_tables(self.layout.params[index])
+            self.tables = {index: tables}  # one tensor's at a time
+        table = tables[stream] if stream < len(tables) else None
+        if table is None:
+            return
+        task = None
+        if items >= self.min_items and payload and len(payload) % 4 == 0:  # else: decoded (or refused) in place
+            task = self.submit(payload, table, items)
+        self.tasks.setdefault((index, stream), []).append(task)
+
+    def tensor(self, tc: TensorChunks) -> tuple[TensorChunks, list]:
+        """``tc`` with its range-coded streams' tasks attached, and those tasks."""
+        streams = list(tc.streams)
+        tasks = []
+        for s, chunks in enumerate(streams):
+            pending = self.tasks.pop((tc.index, s), None)
+            if pending is None:
+                continue
+            wrapped = Predecoded(chunks)
+            wrapped.tasks = pending
+            streams[s] = wrapped
+            tasks += [t for t in pending if t is not None]
+        return TensorChunks(tc.index, tc.record, streams), tasks
+
+    def pending(self) -> list:
+        """Tasks of chunks whose tensor has not been handed out (to cancel)."""
+        return [t for ts in self.tasks.values() for t in ts if t is not None]
 
 
 def decode_array(tc: TensorChunks, params: Optional[Any] = None):

@@ -69,6 +69,11 @@ def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tupl
     return tuple(StreamSpec(p.n if f is not None else 0, PayloadKind.SYMBOLS) for f in p.freqs)
 
 
+def symbol_tables(p: Params) -> tuple[Optional[np.ndarray], ...]:
+    """The range-coder table of each stream (None: not range-coded): coordinate c's is stream c's."""
+    return p.freqs
+
+
 # --- §7.S.6 dither generator ----------------------------------------------------------------------
 
 GAMMA = np.uint64(0x9E3779B97F4A7C15)

@@ -2,6 +2,6 @@
 
 ``format`` holds the bitstream (parameters, decoder, writer); ``encoder`` the numerics that choose
 what to write (imported only by encoders)."""
-from .format import Params, decode, parse, parts, stream_items, write
+from .format import Params, decode, parse, parts, stream_items, symbol_tables, write
 
-__all__ = ["Params", "decode", "parse", "parts", "stream_items", "write"]
+__all__ = ["Params", "decode", "parse", "parts", "stream_items", "symbol_tables", "write"]

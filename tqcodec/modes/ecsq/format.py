@@ -69,6 +69,11 @@ def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tupl
             StreamSpec(records[index].numel if p.freqs is not None else 0, PayloadKind.SYMBOLS))
 
 
+def symbol_tables(p: Params) -> tuple[Optional[np.ndarray], ...]:
+    """The range-coder table of each stream (None: not range-coded): stream 1's."""
+    return None, p.freqs
+
+
 def reconstruct(recon: str, symbols: np.ndarray, *, step: int = 0, q_min: int = 0,
                 values: Optional[np.ndarray] = None) -> np.ndarray:
     """Spec §7.6.3 before rounding: float32 values of ``symbols`` (exact)."""

@@ -60,6 +60,11 @@ def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tupl
                             for r, f in zip(p.rows, p.freqs))
 
 
+def symbol_tables(p: Params) -> tuple[Optional[np.ndarray], ...]:
+    """The range-coder table of each stream (None: not range-coded): group g's is stream 1+g's."""
+    return (None,) + p.freqs
+
+
 def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
     """``codebooks`` (float32, one per group), ``symbols`` (int64 [rows_g, m] per group),
     ``group_rows``, ``precision``."""

@@ -57,6 +57,11 @@ def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tupl
             StreamSpec(p.n * p.s if p.freqs is not None else 0, PayloadKind.SYMBOLS))
 
 
+def symbol_tables(p: Params) -> tuple[Optional[np.ndarray], ...]:
+    """The range-coder table of each stream (None: not range-coded): stream 1's."""
+    return None, p.freqs
+
+
 def reconstruct(symbols: np.ndarray, codebook: np.ndarray, n: int, m: int) -> np.ndarray:
     """Spec §7.8.3 before rounding: [n, m] float32 from [n, s] indices and a [K, d] codebook."""
     d = codebook.shape[1]

@@ -8,10 +8,12 @@ the rows not kept are zero).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ... import limits as L
 from ...errors import fail
@@ -21,7 +23,7 @@ from ...format.leb128 import pack_counts, unpack_counts
 from ...format.manifest import TensorRecord
 from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
 from ..base import Chunks, Encoded, check_keys
-from ..streams import read_symbols, symbol_chunks, table
+from ..streams import Predecoded, iter_symbols, read_symbols, symbol_chunks, table
 
 LAYOUTS = ("out_in", "in_out")
 TRANSFORMS = ("none", "float16")
@@ -121,25 +123,66 @@ def _transform(p: Params, chunks: Chunks, name: str) -> np.ndarray:
     return s
 
 
+def symbol_tables(p: Params) -> tuple[Optional[np.ndarray], ...]:
+    """The range-coder table of each stream (None: not range-coded): band b's is stream 1+b's."""
+    return (None,) + p.freqs
+
+
 def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray:
     """Spec §7.5.3: levels -> coefficients -> (transform) -> dtype."""
-    cols = p.cols
-    steps = steps_from_codes(np.array(p.steps, dtype=np.int64))
-    coeff = np.empty((p.k, cols), dtype=np.float64)
-    r0 = 0
-    for b, rows in enumerate(p.rows):
-        lv = _band_levels(p, b, streams[1 + b], rows * cols, record.name)
-        coeff[r0:r0 + rows] = lv.reshape(rows, cols) * steps[b]  # exact (§7.5.3 step 2)
-        r0 += rows
     if p.transform == "none":
-        mat = coeff.astype(np.float32)  # exact: < 2^21 levels times a 3-bit-mantissa step
-    else:
-        s = _transform(p, streams[0], record.name).astype(np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            mat = (s @ coeff).T.astype(np.float32)  # [n, m]; §7.5.3 step 3 (tolerance stated there)
+        return _decode_direct(p, record, streams)
+    coeff = _coefficients(p, streams, record.name, lambda values: values).reshape(p.k, p.cols)
+    s = _transform(p, streams[0], record.name).astype(np.float64)
+    with _blas_threads(streams), np.errstate(over="ignore", invalid="ignore"):
+        mat = (s @ coeff).T.astype(np.float32)  # [n, m]; §7.5.3 step 3 (tolerance stated there)
     if p.layout == "in_out":
         mat = mat.T
     return round_binary32(record.dtype, np.ascontiguousarray(mat)).reshape(record.shape)
+
+
+def _blas_threads(streams: list[Chunks]):
+    """One BLAS thread while worker processes decode the next tensors' symbols (BLAS threads
+    spinning against them for the same cores made the product 2.5x slower); else BLAS's own
+    choice. Any number of threads gives the same bits: each element's sum runs in the same order."""
+    tasks = [t for c in streams if isinstance(c, Predecoded) for t in c.tasks if t is not None]
+    if tasks and tasks[0].pool.busy:
+        return threadpool_limits(limits=1, user_api="blas")
+    return contextlib.nullcontext()
+
+
+def _decode_direct(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray:
+    """Spec §7.5.3 without a transform: each element is its coefficient rounded to binary32, then
+    to the dtype (a function of its band's symbol alone, so done once per symbol of the band's
+    alphabet: the same bits as element by element)."""
+    out = _coefficients(p, streams, record.name, lambda values: round_binary32(record.dtype, values.astype(np.float32)))
+    mat = out.reshape(p.k, p.cols)  # [n, m]
+    if p.layout == "in_out":
+        mat = np.ascontiguousarray(mat.T)
+    return mat.reshape(record.shape)
+
+
+def _coefficients(p: Params, streams: list[Chunks], name: str, store) -> np.ndarray:
+    """Spec §7.5.3 steps 1-2, band by band (flat, [k * cols]): ``store(level * step)`` of each
+    symbol (the float64 products are exact), looked up in a table of the band's alphabet, so a
+    band costs one pass over its symbols whatever ``store`` does."""
+    steps = steps_from_codes(np.array(p.steps, dtype=np.int64))
+    out = None
+    start = 0
+    for b, rows in enumerate(p.rows):
+        freqs, count = p.freqs[b], rows * p.cols
+        levels = np.arange(p.q_min[b], p.q_min[b] + (1 if freqs is None else len(freqs)), dtype=np.int64)
+        values = store(levels * steps[b])
+        if out is None:
+            out = np.empty(p.k * p.cols, dtype=values.dtype)
+        band = out[start:start + count]
+        if freqs is None:
+            band.fill(values[0])
+        else:
+            for pos, items, sym in iter_symbols(streams[1 + b], freqs, name):
+                np.take(values, sym, out=band[pos:pos + items], mode="clip")  # symbols < alphabet
+        start += count
+    return out
 
 
 def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
