@@ -271,7 +271,7 @@ class _ReadAhead:
     def _for_workers(self, j: int) -> bool:
         """Whether tensor ``j`` has a range-coded stream the workers would decode."""
         tables = self.layout.modes[j].symbol_tables(self.layout.params[j])
-        return any(t is not None and n >= MIN_TASK_SYMBOLS for t, n in zip(tables, self.layout.items[j]))
+        return any(t is not None and spec.items >= MIN_TASK_SYMBOLS for t, spec in zip(tables, self.layout.items[j]))
 
     def _worth_reading(self, j: int) -> bool:
         """Whether tensor ``j`` may be read before the consumer asks for it (under ``cv``)."""

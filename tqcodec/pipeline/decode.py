@@ -27,7 +27,7 @@ class Layout:
         self.limits = limits
         self.params: dict[int, Any] = {}
         self.modes: dict[int, Any] = {}
-        self.items: dict[int, tuple[int, ...]] = {}
+        self.items: dict[int, tuple[StreamSpec, ...]] = {}
 
     def __call__(self, index: int, record: TensorRecord, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
         # spec §12.1: this reader's own limit (default: Level 2's 2^36 bytes per tensor). Every shape
