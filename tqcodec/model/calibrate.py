@@ -60,10 +60,12 @@ RNN_FUNCTIONS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tan
 # --- accumulators ---------------------------------------------------------------------------------
 
 class _Acc:
-    """Sums of x x^T and x per row group (float64), at most ``cap`` samples per group."""
+    """Sums of x x^T and x per row group (float64), at most ``cap`` samples per group; ``label``
+    names what the samples are in an error (NaN or Inf in them)."""
 
-    def __init__(self, kind: str, groups: int, cap: int, layout: str = "out_in"):
+    def __init__(self, kind: str, groups: int, cap: int, label: str, batch: "_Batch", layout: str = "out_in"):
         self.kind, self.groups, self.cap, self.layout = kind, groups, cap, layout
+        self.label, self.batch = label, batch
         self.h: Optional[np.ndarray] = None
         self.sum: Optional[np.ndarray] = None
         self.n = [0] * groups
@@ -91,6 +93,8 @@ class _Acc:
             if key is not None:
                 cache[key] = (source, part)
         hh, ss = part
+        if not (np.isfinite(ss).all() and np.isfinite(np.diagonal(hh, axis1=1, axis2=2)).all()):
+            _refuse(self.batch, self.label)  # x finite <=> every x_i^2 in diag(x^T x) finite
         if self.h is None:
             d = hh.shape[-1]
             self.h, self.sum = np.zeros((self.groups, d, d)), np.zeros((self.groups, d))
@@ -115,16 +119,20 @@ class _Acc:
 class _RowAcc:
     """Sums of x_c^2 per input channel (kind ``rows``), at most ``cap`` samples."""
 
-    def __init__(self, channels: int, cap: int):
+    def __init__(self, channels: int, cap: int, label: str, batch: "_Batch"):
         self.sq = np.zeros(channels)
         self.n, self.cap = 0, cap
+        self.label, self.batch = label, batch
 
     def add(self, x: torch.Tensor) -> None:
         """``x`` [samples, channels]."""
         take = min(len(x), self.cap - self.n)
         if take <= 0:
             return
-        self.sq += x[:take].detach().to(torch.float64).pow(2).sum(dim=0).numpy()
+        part = x[:take].detach().to(torch.float64).pow(2).sum(dim=0).numpy()
+        if not np.isfinite(part).all():
+            _refuse(self.batch, self.label)
+        self.sq += part
         self.n += take
 
     def result(self) -> Optional[TensorStats]:
@@ -166,10 +174,22 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
     return kwargs.get(name, default)
 
 
-def _finite(t: Any, batch: _Batch, what: str) -> None:
-    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise fail("BAD_INPUT", f"calibration batch {batch.index}: {what} holds NaN or Inf "
-                                "(statistics need finite activations)")
+def _check(x: Any, batch: _Batch, what: str) -> None:
+    """Refuse NaN or Inf anywhere in ``x`` (also where the samples cap leaves it unread): one
+    float64 sum, which no finite float32 values overflow and any NaN or Inf makes non-finite."""
+    if isinstance(x, PackedSequence):
+        x = x.data
+    if isinstance(x, (tuple, list)):  # an LSTM's (h0, c0)
+        for t in x:
+            _check(t, batch, what)
+    elif isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+        if not math.isfinite(float(x.detach().sum(dtype=torch.float64))):
+            _refuse(batch, what)
+
+
+def _refuse(batch: _Batch, what: str) -> None:
+    raise fail("BAD_INPUT", f"calibration batch {batch.index}: {what} holds NaN or Inf "
+                            "(statistics need finite activations)")
 
 
 def _layer(mname: str, mod: nn.Module) -> str:
@@ -340,7 +360,7 @@ class _Collector:
         self.accs: dict[str, Any] = {}
         self.hooks: list = []
         self.cap = cap
-        sd = set(module.state_dict(keep_vars=True).keys())
+        self.sd = sd = set(module.state_dict(keep_vars=True).keys())
         claimed: set[int] = set()
         for mname, mod in module.named_modules():
             prefix = f"{mname}." if mname else ""
@@ -373,24 +393,23 @@ class _Collector:
         self.hooks.append(mod.register_forward_hook(fn, with_kwargs=True))
 
     def _linear(self, mname: str, mod: nn.Module, wname: str, layout: str) -> None:
-        acc = self.accs[wname] = _Acc("linear", 1, self.cap, layout)
         b = self.batch
+        acc = self.accs[wname] = _Acc("linear", 1, self.cap, _layer(mname, mod), b, layout)
 
         def hook(m, args, kwargs, out):
             x = _arg(args, kwargs, 0, "input")
-            _finite(x, b, _layer(mname, m))
+            _check(x, b, acc.label)
             rows = _select(x.detach(), b.mask).reshape(-1, x.shape[-1])
             acc.add(rows, cache=b.cache, source=x)
         self._hook(mod, hook)
 
     def _conv(self, mname: str, mod: nn.Module, wname: str) -> None:
-        acc = self.accs[wname] = _Acc("conv", mod.groups, self.cap)
-        b = self.batch
+        acc = self.accs[wname] = _Acc("conv", mod.groups, self.cap, _layer(mname, mod), self.batch)
         nd = len(mod.kernel_size)
 
         def hook(m, args, kwargs, out):
             x = _arg(args, kwargs, 0, "input")
-            _finite(x, b, _layer(mname, m))
+            _check(x, acc.batch, acc.label)
             positions = math.prod(out.shape[-nd:])
             left = self.cap - acc.n[0]
             if left <= 0 or positions == 0:
@@ -400,13 +419,12 @@ class _Collector:
         self._hook(mod, hook)
 
     def _transposed(self, mname: str, mod: nn.Module, wname: str) -> None:
-        acc = self.accs[wname] = _RowAcc(mod.in_channels, self.cap)
-        b = self.batch
+        acc = self.accs[wname] = _RowAcc(mod.in_channels, self.cap, _layer(mname, mod), self.batch)
         nd = len(mod.kernel_size)
 
         def hook(m, args, kwargs, out):
             x = _arg(args, kwargs, 0, "input")
-            _finite(x, b, _layer(mname, m))
+            _check(x, acc.batch, acc.label)
             if x.dim() == nd + 1:
                 x = x.unsqueeze(0)
             acc.add(x.detach().transpose(0, 1).reshape(x.shape[1], -1).T)  # [B * positions, in]
@@ -425,24 +443,25 @@ class _Collector:
         ih: dict[int, _Acc] = {}
         hh: dict[tuple[int, int], _Acc] = {}
         for k in range(mod.num_layers):
-            acc = _Acc("linear", 1, self.cap)  # both directions read the layer's input: one accumulator
+            where = f"of layer {k} of {mname or 'the module'} ({type(mod).__name__})"
+            acc = _Acc("linear", 1, self.cap, f"the input {where}", self.batch)  # both directions read it
             for d in range(dirs):
                 sfx = f"_l{k}" + ("_reverse" if d else "")
                 wi, wh = name(f"weight_ih{sfx}"), name(f"weight_hh{sfx}")
                 if wi:
                     self.accs[wi] = ih[k] = acc
                 if wh:
-                    self.accs[wh] = hh[(k, d)] = _Acc("linear", 1, self.cap)
+                    self.accs[wh] = hh[(k, d)] = _Acc("linear", 1, self.cap, f"a hidden state {where}", self.batch)
         if not ih and not hh:
             return
-        b = self.batch
+
+        label = _layer(mname, mod)
 
         def hook(m, args, kwargs, out):
-            x = _arg(args, kwargs, 0, "input")
-            _finite(x.data if isinstance(x, PackedSequence) else x, b, _layer(mname, m))
+            _check(_arg(args, kwargs, 0, "input"), self.batch, label)
+            _check(_arg(args, kwargs, 1, "hx"), self.batch, f"the initial state of {label[len('the input of '):]}")
             with torch.no_grad():
                 for k, rows, prev in _rnn_layers(m, args, kwargs):
-                    _finite(rows, b, f"the input of layer {k} of {mname or 'the module'} ({type(m).__name__})")
                     if k in ih:
                         ih[k].add(rows)
                     for d, states in prev.items():
@@ -454,22 +473,24 @@ class _Collector:
         packed = name("in_proj_weight")
         qkv = [name(p) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")] if not packed else []
         out_w = prefix + "out_proj.weight"
+        where = f"{mname or 'the module'} ({type(mod).__name__})"
+        b = self.batch
         out_acc = None
-        if out_w in self._sd_names(mod, prefix) and out_w not in self.accs:
-            out_acc = self.accs[out_w] = _Acc("linear", 1, self.cap)
-        in_acc = _Acc("linear", 3, self.cap) if packed else None
+        if out_w in self.sd and out_w not in self.accs:
+            out_acc = self.accs[out_w] = _Acc("linear", 1, self.cap, f"the attention output of {where}", b)
+        in_acc = _Acc("linear", 3, self.cap, f"the query, key or value of {where}", b) if packed else None
         if packed:
             self.accs[packed] = in_acc
-        sep = [None if n is None else _Acc("linear", 1, self.cap) for n in qkv]
+        sep = [None if n is None else _Acc("linear", 1, self.cap, f"the {role} of {where}", b)
+               for n, role in zip(qkv, ("query", "key", "value"))]
         for n, acc in zip(qkv, sep):
             if n is not None:
                 self.accs[n] = acc
-        b = self.batch
 
         def hook(m, args, kwargs, out):
             q, k, v, a, keep, self_attention = _mha_inputs(m, args, kwargs)
             for t, role in ((q, "query"), (k, "key"), (v, "value")):
-                _finite(t, b, f"the {role} of {mname or 'the module'} ({type(m).__name__})")
+                _check(t, b, f"the {role} of {where}")
             qkeep = keep if self_attention else None
             rows = [_rows_of(q.detach(), qkeep), _rows_of(k.detach(), keep), _rows_of(v.detach(), keep)]
             src = [q, k, v]
@@ -483,10 +504,6 @@ class _Collector:
                     pre = _mha_pre_out(m, q.detach(), k.detach(), v.detach(), a)
                 out_acc.add(_rows_of(pre, qkeep))
         self._hook(mod, hook)
-
-    @staticmethod
-    def _sd_names(mod: nn.Module, prefix: str) -> set:
-        return {prefix + n for n in mod.state_dict(keep_vars=True)}
 
     def remove(self) -> None:
         self.batch.cache = {}
