@@ -37,7 +37,9 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
@@ -49,7 +51,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ..errors import TqzError, fail
 from .stats import LAYOUTS, Stats, TensorStats, local_distortion, share_identical
 
-__all__ = ["calibrate", "Stats", "TensorStats", "local_distortion", "LAYOUTS", "SENSITIVITY_METHODS"]
+__all__ = ["calibrate", "calibrate_folder", "output_tensors", "conv_rows", "Stats", "TensorStats",
+           "local_distortion", "LAYOUTS", "SENSITIVITY_METHODS"]
 
 SENSITIVITY_METHODS = ("probe", "perturb")
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -881,3 +884,196 @@ def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable, se
                 progress(wname, j + 1, len(params))
     _settle_gains(stats, measured)
     _biases_take_weight_gains(stats, params, hooked)
+
+
+# --- Hugging Face folders (tqz calibrate) ------------------------------------------------------------
+
+FOLDER_BATCH = 16          # sequences per batch
+FOLDER_SAMPLES = 128       # sequences by default
+SYNTHETIC_MEDIAN = 20      # synthetic sequences: log-normal lengths around 20 tokens, like sentences
+SYNTHETIC_SIGMA = 0.5
+SYNTHETIC_MIN = 4
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the folder is all there is: never the network
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise fail("BAD_OPTION", "calibrating a folder needs transformers: pip install transformers") from None
+    transformers.logging.set_verbosity_error()
+    with contextlib.suppress(AttributeError):
+        transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def load_folder_model(folder: Path) -> tuple[nn.Module, Any, Any]:
+    """(module in float32, its config, its tokenizer or None) of a Hugging Face folder, offline:
+    the class config.json's ``architectures`` names (so the checkpoint's head is part of the
+    module and its outputs count), or ``AutoModel`` when it names none transformers has."""
+    folder = Path(folder)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise fail("BAD_INPUT", "no model definition: calibrating needs a Hugging Face folder with config.json and "
+                                "its safetensors weights (a weights file alone cannot be run)", folder)
+    tf = _transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        cls = next((getattr(tf, a) for a in (getattr(config, "architectures", None) or [])
+                    if isinstance(getattr(tf, a, None), type) and hasattr(getattr(tf, a), "from_pretrained")),
+                   tf.AutoModel)
+        model = cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise fail("BAD_INPUT", f"transformers cannot build the model of this folder: {_one_line(exc)}", folder) from None
+    model.float()
+    model.eval()
+    tokenizer = None
+    if any((folder / n).is_file() for n in TOKENIZER_FILES):  # (transformers makes an empty one from nothing)
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception:
+            tokenizer = None
+    return model, config, tokenizer
+
+
+def _max_length(config: Any, tokenizer: Any) -> int:
+    limits = [getattr(tokenizer, "model_max_length", None), getattr(config, "max_position_embeddings", None), 512]
+    return min(x for x in limits if isinstance(x, int) and x > 0)
+
+
+def _accepted(model: nn.Module) -> set:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {"input_ids", "attention_mask"}
+
+
+def _finish(batch: dict, accepted: set) -> dict:
+    out = {k: v for k, v in batch.items() if k in accepted}
+    if "use_cache" in accepted:
+        out["use_cache"] = False  # no key/value caches among the outputs
+    return out
+
+
+def text_batches(lines: list[str], model: nn.Module, config: Any, tokenizer: Any,
+                 batch_size: int = FOLDER_BATCH) -> list[dict]:
+    """Tokenized batches (padded to the longest, ``attention_mask`` marking the padding, truncated
+    to the model's length) of ``lines``."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            batch_size = 1  # nothing to pad with: one sequence per batch
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    accepted, max_len = _accepted(model), _max_length(config, tokenizer)
+    out = []
+    for i in range(0, len(lines), batch_size):
+        enc = tokenizer(lines[i:i + batch_size], padding=batch_size > 1, truncation=True, max_length=max_len,
+                        return_tensors="pt")
+        out.append(_finish(dict(enc), accepted))
+    return out
+
+
+def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, seed: int = 0,
+                      batch_size: int = FOLDER_BATCH) -> list[dict]:
+    """``n`` random token sequences the codec makes itself: ids drawn uniformly from the
+    vocabulary (special tokens left out), log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens,
+    between the tokenizer's special tokens (``[CLS] ... [SEP]``, or ``<s> ...``), padded per batch
+    with an ``attention_mask``. Seeded: the same ``seed`` gives the same batches."""
+    vocab = int(getattr(config, "vocab_size", 0) or (len(tokenizer) if tokenizer is not None else 0))
+    if vocab < 1:
+        raise fail("BAD_INPUT", "the model's config has no vocab_size to draw synthetic tokens from")
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    pad = next((p for p in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None), 0)
+                if isinstance(p, int)), 0)
+    special.add(pad)
+    allowed = np.setdiff1d(np.arange(vocab), np.fromiter(special, dtype=np.int64, count=len(special)))
+    if not len(allowed):
+        allowed = np.arange(vocab)
+    first = [t for t in (getattr(tokenizer, "cls_token_id", None) or getattr(tokenizer, "bos_token_id", None),)
+             if isinstance(t, int)]
+    last = [t for t in (getattr(tokenizer, "sep_token_id", None),) if isinstance(t, int)]
+    longest = max(1, _max_length(config, tokenizer) - len(first) - len(last))
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.rint(np.exp(rng.normal(math.log(SYNTHETIC_MEDIAN), SYNTHETIC_SIGMA, size=n))),
+                      min(SYNTHETIC_MIN, longest), longest).astype(int)
+    seqs = [first + [int(t) for t in rng.choice(allowed, size=k)] + last for k in lengths]
+    accepted = _accepted(model)
+    out = []
+    for i in range(0, n, batch_size):
+        part = seqs[i:i + batch_size]
+        width = max(len(s) for s in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for j, s in enumerate(part):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        out.append(_finish({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)},
+                           accepted))
+    return out
+
+
+def checkpoint_names(stats: Stats, model: nn.Module, names: Iterable[str]) -> Stats:
+    """``stats`` under the names the folder's weights use: the module's state-dict names, or with
+    the base model prefix added or removed where the checkpoint was saved that way (a checkpoint of
+    ``BertForMaskedLM`` read as ``BertModel``). Statistics of tensors the checkpoint lacks are dropped."""
+    names = set(names)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = Stats(output_power=stats.output_power, default_gain=stats.default_gain)
+    for n, s in stats.tensors.items():
+        for cand in (n, f"{prefix}.{n}" if prefix else None,
+                     n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else None):
+            if cand is not None and cand in names and cand not in out.tensors:
+                out.tensors[cand] = s
+                break
+    return out
+
+
+def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: int = FOLDER_SAMPLES, seed: int = 0,
+                     batch_size: int = FOLDER_BATCH,
+                     progress: Optional[Callable[[str, int, int], None]] = None) -> tuple[Stats, dict]:
+    """Statistics of a Hugging Face folder's model (see :func:`load_folder_model`), named as its
+    weights are: on the first ``samples`` lines of the text file ``text`` (empty lines skipped;
+    needs the folder's tokenizer), or on ``samples`` synthetic sequences
+    (:func:`synthetic_batches`). Returns (stats, a summary: sequences, tokens, tensors)."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise fail("BAD_OPTION", f"samples must be a positive integer, got {samples!r}")
+    folder = Path(folder)
+    lines = None
+    if text is not None:
+        try:
+            raw = Path(text).read_text("utf-8", errors="replace")
+        except OSError as exc:
+            raise fail("IO_ERROR", f"cannot read the text: {exc.strerror or exc}", text, exc.errno) from None
+        lines = [ln.strip() for ln in raw.splitlines() if ln.strip()][:samples]
+        if not lines:
+            raise fail("BAD_INPUT", "the text file holds no line of text", text)
+    model, config, tokenizer = load_folder_model(folder)
+    from ..io.hf import read_folder  # the names the folder's weights carry
+    weights, _ = read_folder(folder)
+    if lines is not None:
+        if tokenizer is None:
+            raise fail("BAD_INPUT", "the folder has no tokenizer to read the text with (give no --text for "
+                                    "synthetic inputs)", folder)
+        batches = text_batches(lines, model, config, tokenizer, batch_size)
+    else:
+        batches = synthetic_batches(samples, model, config, tokenizer, seed, batch_size)
+    tell = progress or (lambda what, done, total: None)
+
+    def fed() -> Iterator[dict]:
+        for i, b in enumerate(batches):
+            tell("batches", i, len(batches))
+            yield b
+        tell("batches", len(batches), len(batches))
+    stats = calibrate(model, fed(), seed=seed, progress=lambda w, d, t: tell(f"sensitivity: {w}", d, t))
+    named = checkpoint_names(stats, model, weights.keys())
+    tokens = int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches))
+    return named, {"sequences": sum(len(b["input_ids"]) for b in batches), "tokens": tokens,
+                   "tensors": len(named.tensors), "weights": len(weights), "synthetic": lines is None}

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 from threadpoolctl import threadpool_limits
 
 from ..errors import fail
@@ -351,6 +351,12 @@ class Stats:
         ``compact`` (default: float16 correlations for d <= 512, top eigenpairs above),
         ``float64`` (lossless), ``float32``, ``float16`` or ``eig`` for every H. Every distinct H
         is stored once. The same statistics give the same bytes."""
+        data = self.to_bytes(precision=precision)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def to_bytes(self, *, precision: str = "compact") -> bytes:
+        """The bytes :meth:`save` writes."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
         blocks = _Blocks(precision)
@@ -372,7 +378,7 @@ class Stats:
         arrays.update(blocks.arrays)
         # one metadata entry: safetensors writes several in no fixed order (same statistics, same bytes)
         doc = {"format": FORMAT, "output_power": float(self.output_power), "tensors": meta, "blocks": blocks.meta}
-        save_file(arrays, str(path), metadata={"tqz.stats": json.dumps(doc, sort_keys=True)})
+        return safetensors_bytes(arrays, metadata={"tqz.stats": json.dumps(doc, sort_keys=True)})
 
     @classmethod
     def open(cls, path: str) -> "Stats":
