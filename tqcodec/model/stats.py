@@ -427,6 +427,8 @@ class Stats:
             if kind not in ("linear", "conv", "rows"):
                 raise ValueError(f"kind {kind!r} for {name!r} is not linear, conv or rows")
             if kind == "rows":
+                if lay != "out_in":
+                    raise ValueError(f"kind rows for {name!r} needs layout out_in (rows are the first axis)")
                 a = _as_array(x, name)
                 a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
                 out.tensors[name] = TensorStats("rows", rows=len(a), layout=lay,
