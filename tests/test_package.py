@@ -173,6 +173,8 @@ CLI = {
     "decode": ["--force", "--jobs", "--output", "--shard-size", "--threads", "-f", "-j", "-o", "input"],
     "info": ["--force", "--json", "--plot", "-f", "input"],
     "verify": ["input"],
+    "calibrate": ["--force", "--output", "--precision", "--samples", "--seed", "--text", "--threads", "-f", "-o",
+                  "input"],
 }
 
 

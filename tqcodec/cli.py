@@ -26,7 +26,7 @@ from typer.core import TyperCommand  # noqa: E402
 from . import FORMAT_VERSION, __version__, api, parallel  # noqa: E402
 from . import threads as thread_budget  # noqa: E402
 from .errors import TqzError, fail  # noqa: E402
-from .io.files import read_model, safetensors_bytes, same_file, write_model  # noqa: E402
+from .io.files import atomic_output, read_model, safetensors_bytes, same_file, write_model  # noqa: E402
 from .io.hf import parse_size, read_folder  # noqa: E402
 from .io.remote import is_url  # noqa: E402
 from .model.calibrate import Stats  # noqa: E402
@@ -395,6 +395,50 @@ def verify(input: str = typer.Argument(..., metavar=INPUT, help=".tqz file, or -
                 raise exc.with_path("<stdin>") if input == "-" else exc
         typer.echo(f"{'<stdin>' if input == '-' else input}: OK ({report.tensors} tensors, "
                    f"{report.parameters} parameters, {report.file_bytes} bytes)")
+
+
+@app.command("calibrate", cls=_Command)
+def calibrate_command(
+    input: Path = typer.Argument(..., metavar=INPUT, help="a Hugging Face folder with a model definition: "
+                                 "config.json, safetensors weights, and a tokenizer for --text"),
+    text: Optional[Path] = typer.Option(None, "--text", metavar="FILE",
+                                        help="calibration text, one sequence per line (empty lines skipped; "
+                                             "default: synthetic token sequences the codec makes)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH",
+                                          help="statistics file (default: INPUT.stats.safetensors beside INPUT)"),
+    samples: int = typer.Option(128, "--samples", metavar="N", help="sequences to run: the first N lines of "
+                                "--text, or N synthetic ones  [default: 128]", show_default=False),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="seed of the synthetic sequences and of the "
+                             "sensitivity probes  [default: 0]", show_default=False),
+    precision: str = typer.Option("compact", "--precision", metavar="P",
+                                  help="how H is stored: compact, float64 (lossless), float32, float16 or eig  "
+                                       "[default: compact]", show_default=False),
+    force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing output"),
+    threads: int = typer.Option(0, "--threads", metavar="N", help="threads for the run (0: every core this "
+                                "process may use)  [default: 0]", show_default=False),
+) -> None:
+    """Calibration statistics (for encode --stats) of a Hugging Face folder's model, run offline on
+    lines of text or on synthetic token sequences; batches of 16, padding masked."""
+    with _errors(), thread_budget.budget(threads):
+        from .model.calibrate import calibrate_folder
+        from .model.stats import PRECISIONS
+        if precision not in PRECISIONS:
+            raise fail("BAD_OPTION", f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if samples < 1:
+            raise fail("BAD_OPTION", f"--samples must be at least 1, not {samples}")
+        out = output or input.parent / (input.name.rstrip("/") + ".stats.safetensors")
+        if out.exists() and not force:
+            raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", out)
+        if same_file(out, input) or (text is not None and same_file(out, text)):
+            raise fail("BAD_OPTION", "output would overwrite an input", out)
+        with _progress("calibrating") as progress:
+            stats, summary = calibrate_folder(input, text, samples=samples, seed=seed, progress=progress)
+        data = stats.to_bytes(precision=precision)
+        with atomic_output(out, overwrite=force) as f:
+            f.write(data)
+        source = "synthetic sequences" if summary["synthetic"] else f"lines of {text}"
+        typer.echo(f"{out}: statistics of {summary['tensors']} of {summary['weights']} tensors from "
+                   f"{summary['sequences']} {source} ({summary['tokens']} tokens), {len(data)} bytes")
 
 
 def main() -> None:

@@ -1,244 +1,602 @@
 """Calibration statistics for the ``tq`` encoder (spec §7.5 is the mode; this is encoder-only).
 
 ``calibrate(module, batches)`` runs the module on calibration inputs with forward hooks and
-collects, per weight name of ``module.state_dict()``:
+collects, per weight name of ``module.state_dict()``, the :class:`~tqcodec.model.stats.TensorStats`
+the encoder reads (their meaning and file format: ``tqcodec.model.stats``):
 
-- ``nn.Linear``: the input second moment H = E[x x^T] (float64, [1, in, in]);
-- ``nn.Conv1d/2d``: the same over im2col rows, matching the weight flattened as
-  ``[out, in/groups * kh * kw]``; grouped and depthwise convs keep one H per group ([groups, d, d]);
-- ``nn.Embedding``: token counts (how often each row was used).
+- ``nn.Linear`` (and Hugging Face ``Conv1D``, layout ``in_out``): kind ``linear``, H = E[x x^T]
+  of the input vectors, [1, in, in];
+- ``nn.Conv1d/2d/3d``: kind ``conv``, H over im2col rows (padding modes, ``same``, strides and
+  dilations as the conv applies them), matching the weight flattened as [out, in/groups * k...];
+  grouped and depthwise convs keep one H per group ([groups, d, d]);
+- ``nn.ConvTranspose1d/2d/3d`` (weight [in, out/groups, k...]: its rows are input channels):
+  kind ``rows``, ``row_h`` [in] = E[x_c^2] of each input channel;
+- ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``: ``weight_ih_l{k}[_reverse]`` kind ``linear`` with H of
+  layer k's input sequence; ``weight_hh_l{k}[_reverse]`` with H of that direction's previous
+  hidden states h_{t-1} (the initial state included); the gates share it. The layer inputs and
+  hidden sequences are recomputed in a forward hook from the module's own weights (uni- and
+  bidirectional, batch_first or not, unbatched, packed sequences). LSTM projections
+  (``weight_hr``) get no H;
+- ``nn.MultiheadAttention``: ``in_proj_weight`` [3E, E] kind ``linear`` with h [3, E, E] (the
+  query, key and value inputs; identical for self-attention); separate ``q/k/v_proj_weight``
+  each their own input; ``out_proj.weight`` the attention output before ``out_proj``
+  (recomputed: MHA never calls ``out_proj``'s forward). Keys masked by ``key_padding_mask``
+  are left out of the key and value groups (and, for self-attention, of all of them);
+- ``nn.Embedding``: kind ``embedding``, token counts (how often each row was used).
 
-Optionally (``sensitivity=True``) a per-tensor *gain*: how much end-output squared error one unit
-of local error ``tr(E H E^T)`` causes, measured by perturbing each weight once with Gaussian noise.
-The encoder's distortion for a tensor is then ``gain * tr(E H E^T)`` (one Lagrange multiplier
-across the model works on these comparable units).
+Other tensors get no statistics (the encoder decides). With ``sensitivity=True`` every float
+parameter also gets a *gain* (see :func:`calibrate`).
+
+Degenerate inputs: all-zero inputs give H = 0, dead channels zero rows and columns, a single
+sample a rank-one H. NaN or Inf in a layer's input or in the module's output is refused with a
+``TqzError`` (``BAD_INPUT``) naming the layer and the batch; so is a forward that fails.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import inspect
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from ..errors import fail
+from ..errors import TqzError, fail
+from .stats import LAYOUTS, Stats, TensorStats, local_distortion, share_identical
 
-LAYOUTS = ("out_in", "in_out")
+__all__ = ["calibrate", "calibrate_folder", "output_tensors", "conv_rows", "Stats", "TensorStats",
+           "local_distortion", "LAYOUTS", "SENSITIVITY_METHODS"]
 
-
-@dataclass
-class TensorStats:
-    """Statistics of one weight: ``kind`` is linear/conv/embedding; ``h`` [groups, d, d] is
-    E[x x^T] (None for embeddings); ``counts`` token counts (embeddings); ``rows`` samples seen;
-    ``layout`` how the weight is stored (``out_in`` torch style, ``in_out`` e.g. ONNX MatMul);
-    ``gain`` the measured output sensitivity (1.0 when not measured)."""
-
-    kind: str
-    h: Optional[np.ndarray] = None
-    counts: Optional[np.ndarray] = None
-    rows: int = 0
-    layout: str = "out_in"
-    gain: float = 1.0
-    mean: Optional[np.ndarray] = None  # E[x] per group, [groups, d] (bias correction)
+SENSITIVITY_METHODS = ("probe", "perturb")
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+RNN_FUNCTIONS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
 
 
-class _StatsFile(Mapping):
-    """Read-only ``{weight name: TensorStats}`` over a file written by :meth:`Stats.save`: each
-    item's arrays are read when it is looked up (nothing is kept), so an encoder that works
-    tensor by tensor holds one layer's statistics at a time."""
-
-    def __init__(self, path: str, meta: dict):
-        self._path, self._meta = path, meta
-
-    def __getitem__(self, name: str) -> TensorStats:
-
-        m = self._meta[name]
-        try:
-            with safe_open(self._path, framework="numpy") as f:
-                keys = set(f.keys())
-                arr = {k: f.get_tensor(f"{name}::{k}") if f"{name}::{k}" in keys else None
-                       for k in ("h", "counts", "mean")}
-            kind, rows, layout, gain = m["kind"], int(m["rows"]), m.get("layout", "out_in"), float(m.get("gain", 1.0))
-        except Exception as exc:  # the file changed or is damaged after it was opened
-            raise fail("BAD_OPTION", f"cannot read the statistics of {name!r}: {exc}", self._path) from None
-        return TensorStats(kind, arr["h"], arr["counts"], rows, layout, gain, arr["mean"])
-
-    def __iter__(self):
-        return iter(self._meta)
-
-    def __len__(self) -> int:
-        return len(self._meta)
-
-    def gains(self) -> list[float]:
-        return [float(m.get("gain", 1.0)) for m in self._meta.values()]
-
-
-@dataclass
-class Stats:
-    """Per weight name: :class:`TensorStats`. Save/load as safetensors (no pickle)."""
-
-    tensors: Mapping[str, TensorStats] = field(default_factory=dict)
-    output_power: float = 0.0  # mean over samples of ||output||^2 (the unit of the gains' errors)
-    default_gain: Optional[float] = None  # gain for tensors without statistics (None: the largest gain)
-
-    def gains(self) -> list[float]:
-        """Every tensor's gain (without reading the arrays of a lazily opened file)."""
-        if isinstance(self.tensors, _StatsFile):
-            return self.tensors.gains()
-        return [s.gain for s in self.tensors.values()]
-
-    def subset(self, names: Iterable[str]) -> "Stats":
-        """The statistics of ``names`` only (read now), with this model's output power and the
-        largest gain of the whole model kept as ``default_gain`` for tensors without statistics."""
-        default = self.default_gain if self.default_gain is not None else max(self.gains(), default=1.0)
-        return Stats({n: self.tensors[n] for n in names if n in self.tensors}, self.output_power, default)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def get(self, name: str) -> Optional[TensorStats]:
-        return self.tensors.get(name)
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def save(self, path: str) -> None:
-        """Write a safetensors file: arrays ``<name>::h`` / ``<name>::counts``, the rest as JSON
-        in the metadata key ``tqz.stats``."""
-
-        arrays: dict[str, np.ndarray] = {}
-        meta: dict[str, Any] = {}
-        for name, s in self.tensors.items():
-            meta[name] = {"kind": s.kind, "rows": int(s.rows), "layout": s.layout, "gain": float(s.gain)}
-            if s.h is not None:
-                arrays[f"{name}::h"] = np.ascontiguousarray(s.h, dtype=np.float64)
-            if s.counts is not None:
-                arrays[f"{name}::counts"] = np.ascontiguousarray(s.counts, dtype=np.float64)
-            if s.mean is not None:
-                arrays[f"{name}::mean"] = np.ascontiguousarray(s.mean, dtype=np.float64)
-        save_file(arrays, str(path), metadata={"tqz.stats": json.dumps(meta, sort_keys=True),
-                                               "tqz.output_power": repr(float(self.output_power))})
-
-    @classmethod
-    def open(cls, path: str) -> "Stats":
-        """A file written by :meth:`save`, its arrays read only when a tensor is looked up."""
-
-        with safe_open(str(path), framework="numpy") as f:
-            md = f.metadata() or {}
-        return cls(_StatsFile(str(path), json.loads(md.get("tqz.stats", "{}"))),
-                   float(md.get("tqz.output_power", "0.0")))
-
-    @classmethod
-    def load(cls, path: str) -> "Stats":
-        """Read a file written by :meth:`save`."""
-
-        out = cls()
-        with safe_open(str(path), framework="numpy") as f:
-            md = f.metadata() or {}
-            meta = json.loads(md.get("tqz.stats", "{}"))
-            out.output_power = float(md.get("tqz.output_power", "0.0"))
-            keys = set(f.keys())
-            for name, m in meta.items():
-                h = f.get_tensor(f"{name}::h") if f"{name}::h" in keys else None
-                c = f.get_tensor(f"{name}::counts") if f"{name}::counts" in keys else None
-                mu = f.get_tensor(f"{name}::mean") if f"{name}::mean" in keys else None
-                out.tensors[name] = TensorStats(m["kind"], h, c, int(m["rows"]), m.get("layout", "out_in"),
-                                                float(m.get("gain", 1.0)), mu)
-        return out
-
-    @classmethod
-    def from_activations(cls, samples: Mapping[str, Any], layouts: Optional[Mapping[str, str]] = None) -> "Stats":
-        """Statistics from input activations ``{weight_name: [N, in] samples}`` of models that are
-        not torch modules. ``layouts[name]`` is ``out_in`` (weight stored [out, in], default) or
-        ``in_out`` (stored [in, out], as ONNX MatMul initialisers)."""
-        layouts = dict(layouts or {})
-        out = cls()
-        for name, x in samples.items():
-            a = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-            a = a.reshape(-1, a.shape[-1])
-            lay = layouts.get(name, "out_in")
-            if lay not in LAYOUTS:
-                raise ValueError(f"layout {lay!r} for {name!r} is not one of {LAYOUTS}")
-            h = (a.T @ a) / max(len(a), 1)
-            out.tensors[name] = TensorStats("linear", h[None], None, len(a), lay, 1.0,
-                                            a.mean(axis=0)[None] if len(a) else None)
-        return out
-
-
-# --- hooks ----------------------------------------------------------------------------------
-
-def _conv_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """im2col rows [N*L, in*kh*kw] of a Conv1d/2d input (channel-major, as the weight flattens)."""
-    if isinstance(mod, nn.Conv1d):
-        x = x.unsqueeze(2)
-        k, s, d = (1, mod.kernel_size[0]), (1, mod.stride[0]), (1, mod.dilation[0])
-        pad = mod.padding
-        pad = pad if isinstance(pad, str) else (0, pad[0])
-    else:
-        k, s, d, pad = mod.kernel_size, mod.stride, mod.dilation, mod.padding
-    if isinstance(pad, str):  # 'same' / 'valid'
-        if pad == "valid":
-            pad = (0, 0)
-        else:
-            tot = [dd * (kk - 1) for dd, kk in zip(d, k)]
-            x = F.pad(x, (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2))
-            pad = (0, 0)
-    cols = F.unfold(x, k, dilation=d, padding=pad, stride=s)  # [B, C*kh*kw, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
+# --- accumulators ---------------------------------------------------------------------------------
 
 class _Acc:
-    def __init__(self, kind: str, groups: int = 1):
-        self.kind, self.groups = kind, groups
+    """Sums of x x^T and x per row group (float64), at most ``cap`` samples per group; ``label``
+    names what the samples are in an error (NaN or Inf in them)."""
+
+    def __init__(self, kind: str, groups: int, cap: int, label: str, batch: "_Batch", layout: str = "out_in"):
+        self.kind, self.groups, self.cap, self.layout = kind, groups, cap, layout
+        self.label, self.batch = label, batch
         self.h: Optional[np.ndarray] = None
         self.sum: Optional[np.ndarray] = None
-        self.counts: Optional[np.ndarray] = None
-        self.rows = 0
+        self.n = [0] * groups
 
-    def add_rows(self, rows: torch.Tensor, cap: int, cache: Optional[dict] = None,
-                 source: Optional[torch.Tensor] = None) -> None:
-        """Add ``rows`` [N, in] (up to ``cap`` rows in all), products in float64. ``cache`` (one per batch) shares
-        them between layers whose rows come from the same input tensor ``source`` (e.g. query,
-        key and value); it holds ``source`` so that its memory cannot be reused meanwhile."""
-        take = min(len(rows), cap - self.rows)
+    def add(self, rows: torch.Tensor, group: Optional[int] = None, cache: Optional[dict] = None,
+            source: Optional[torch.Tensor] = None) -> None:
+        """Add ``rows`` [N, groups*d] to every group, or [N, d] to ``group`` only. ``cache`` (one
+        per batch) shares the products between layers whose rows come from the same input tensor
+        ``source`` (e.g. query, key and value); it holds ``source`` so that its memory cannot be
+        reused meanwhile."""
+        take = min(len(rows), self.cap - self.n[0 if group is None else group])
         if take <= 0:
             return
+        parts = self.groups if group is None else 1
         key = None
         if cache is not None and source is not None:
             key = (source.data_ptr(), tuple(source.shape), tuple(source.stride()), source._version,
-                   take, self.groups)
+                   take, parts, rows.shape[-1])
         hit = cache.get(key) if key is not None else None
         part = hit[1] if hit is not None and hit[0] is source else None
         if part is None:
             r = rows[:take].detach().to(torch.float64)
-            g = self.groups
-            rg = r.reshape(take, g, -1).transpose(0, 1)  # [g, N, d]
+            rg = r.reshape(take, parts, -1).transpose(0, 1)  # [parts, N, d]
             part = (torch.bmm(rg.transpose(1, 2), rg).numpy(), rg.sum(dim=1).numpy())
             if key is not None:
                 cache[key] = (source, part)
-        self.h = part[0].copy() if self.h is None else self.h + part[0]
-        self.sum = part[1].copy() if self.sum is None else self.sum + part[1]
-        self.rows += take
+        hh, ss = part
+        if not (np.isfinite(ss).all() and np.isfinite(np.diagonal(hh, axis1=1, axis2=2)).all()):
+            _refuse(self.batch, self.label)  # x finite <=> every x_i^2 in diag(x^T x) finite
+        if self.h is None:
+            d = hh.shape[-1]
+            self.h, self.sum = np.zeros((self.groups, d, d)), np.zeros((self.groups, d))
+        if group is None:
+            self.h += hh
+            self.sum += ss
+            self.n = [c + take for c in self.n]
+        else:
+            self.h[group] += hh[0]
+            self.sum[group] += ss[0]
+            self.n[group] += take
+
+    def result(self) -> Optional[TensorStats]:
+        if self.h is None or max(self.n) == 0:
+            return None
+        n = np.maximum(np.asarray(self.n, dtype=np.float64), 1.0)
+        h = self.h / n[:, None, None]
+        h = (h + h.transpose(0, 2, 1)) / 2  # exactly symmetric
+        return TensorStats(self.kind, h, None, min(self.n), self.layout, mean=self.sum / n[:, None])
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
+class _RowAcc:
+    """Sums of x_c^2 per input channel (kind ``rows``), at most ``cap`` samples."""
+
+    def __init__(self, channels: int, cap: int, label: str, batch: "_Batch"):
+        self.sq = np.zeros(channels)
+        self.n, self.cap = 0, cap
+        self.label, self.batch = label, batch
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x`` [samples, channels]."""
+        take = min(len(x), self.cap - self.n)
+        if take <= 0:
+            return
+        part = x[:take].detach().to(torch.float64).pow(2).sum(dim=0).numpy()
+        if not np.isfinite(part).all():
+            _refuse(self.batch, self.label)
+        self.sq += part
+        self.n += take
+
+    def result(self) -> Optional[TensorStats]:
+        if self.n == 0:
+            return None
+        return TensorStats("rows", rows=self.n, row_h=self.sq / self.n)
+
+
+class _CountAcc:
+    """Token counts of an embedding."""
+
+    def __init__(self, num: int):
+        self.counts = np.zeros(num, dtype=np.float64)
+        self.n = 0
+
+    def add(self, idx: torch.Tensor) -> None:
+        i = idx.reshape(-1).cpu().numpy().astype(np.int64)
+        self.counts += np.bincount(i, minlength=len(self.counts))[:len(self.counts)]
+        self.n += i.size
+
+    def result(self) -> Optional[TensorStats]:
+        return TensorStats("embedding", None, self.counts, self.n)
+
+
+# --- hooks ------------------------------------------------------------------------------------
+
+class _Batch:
+    """What the hooks need to know about the current batch."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.mask: Optional[torch.Tensor] = None
+        self.cache: dict = {}
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _check(x: Any, batch: _Batch, what: str) -> None:
+    """Refuse NaN or Inf anywhere in ``x`` (also where the samples cap leaves it unread): one
+    float64 sum, which no finite float32 values overflow and any NaN or Inf makes non-finite."""
+    if isinstance(x, PackedSequence):
+        x = x.data
+    if isinstance(x, (tuple, list)):  # an LSTM's (h0, c0)
+        for t in x:
+            _check(t, batch, what)
+    elif isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+        if not math.isfinite(float(x.detach().sum(dtype=torch.float64))):
+            _refuse(batch, what)
+
+
+def _refuse(batch: _Batch, what: str) -> None:
+    raise fail("BAD_INPUT", f"calibration batch {batch.index}: {what} holds NaN or Inf "
+                            "(statistics need finite activations)")
+
+
+def _layer(mname: str, mod: nn.Module) -> str:
+    return f"the input of {mname or 'the module'} ({type(mod).__name__})"
+
+
+def _select(x: torch.Tensor, mask: Optional[torch.Tensor], min_dim: int = 3) -> torch.Tensor:
+    """Rows of ``x`` [batch, tokens, ...] at unmasked positions (all rows when the shapes differ;
+    ``min_dim`` 3 for features, 2 for token ids)."""
+    if mask is not None and x.dim() >= min_dim and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    return x
+
+
+def _conv_padding(mod: nn.Module, nd: int) -> list[int]:
+    """F.pad's padding (last spatial dim first, left then right) the conv applies, ``same`` included."""
+    k, d = mod.kernel_size, mod.dilation
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            pads = [(0, 0)] * nd
+        else:  # same: as torch splits it (the extra pixel on the right)
+            pads = [(dd * (kk - 1) // 2, dd * (kk - 1) - dd * (kk - 1) // 2) for dd, kk in zip(d, k)]
+    else:
+        pads = [(p, p) for p in mod.padding]
+    out: list[int] = []
+    for lo, hi in reversed(pads):
+        out += [lo, hi]
+    return out
+
+
+def conv_rows(mod: nn.Module, x: torch.Tensor, items: Optional[int] = None) -> torch.Tensor:
+    """im2col rows [N * positions, in * prod(kernel)] of a Conv1d/2d/3d input (channel-major, as
+    the weight flattens), for the first ``items`` batch items (all when None)."""
+    nd = len(mod.kernel_size)
+    if x.dim() == nd + 1:  # unbatched
+        x = x.unsqueeze(0)
+    if items is not None:
+        x = x[:items]
+    pad = _conv_padding(mod, nd)
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if mod.padding_mode == "zeros" else mod.padding_mode)
+    for i in range(nd):
+        k, s, d = mod.kernel_size[i], mod.stride[i], mod.dilation[i]
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)
+        if d > 1:
+            x = x[..., ::d]
+    b, c = x.shape[:2]
+    perm = [0] + list(range(2, 2 + nd)) + [1] + list(range(2 + nd, 2 + 2 * nd))
+    return x.permute(perm).reshape(-1, c * math.prod(mod.kernel_size))
+
+
+def _rnn_layers(mod: nn.RNNBase, args: tuple, kwargs: dict) -> Iterator[tuple[int, torch.Tensor, dict]]:
+    """Per layer k of an RNN module's call: (k, the layer's input rows [N, in_k], {direction:
+    previous hidden states [N, H]}), recomputed with torch's own RNN functions, one layer at a time."""
+    x, hx = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "hx")
+    dirs = 2 if mod.bidirectional else 1
+    proj = getattr(mod, "proj_size", 0) or 0
+    hout = proj if proj > 0 else mod.hidden_size
+    lstm = mod.mode == "LSTM"
+    packed = isinstance(x, PackedSequence)
+    if packed:
+        data, batch_sizes, sorted_idx = x.data, x.batch_sizes, x.sorted_indices
+        b = int(batch_sizes[0])
+        if hx is not None and sorted_idx is not None:
+            hx = tuple(h.index_select(1, sorted_idx) for h in hx) if lstm else hx.index_select(1, sorted_idx)
+        lengths = (batch_sizes[None, :] > torch.arange(b)[:, None]).sum(dim=1)  # [b], sorted order
+        seq, steps = data, int(len(batch_sizes))
+    else:
+        if x.dim() == 2:  # unbatched [T, F]
+            x = x.unsqueeze(1)
+            if hx is not None:
+                hx = tuple(h.unsqueeze(1) for h in hx) if lstm else hx.unsqueeze(1)
+        elif mod.batch_first:
+            x = x.transpose(0, 1)
+        seq, steps, b = x, x.shape[0], x.shape[1]
+        lengths = torch.full((b,), steps)
+    if hx is None:
+        h0 = torch.zeros(mod.num_layers * dirs, b, hout, dtype=seq.dtype, device=seq.device)
+        c0 = torch.zeros(mod.num_layers * dirs, b, mod.hidden_size, dtype=seq.dtype, device=seq.device)
+    else:
+        h0, c0 = hx if lstm else (hx, None)
+    fn = RNN_FUNCTIONS[mod.mode]
+    t = torch.arange(steps)[:, None]
+    for k in range(mod.num_layers):
+        params = []
+        for d in range(dirs):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            params += [getattr(mod, f"weight_ih{sfx}"), getattr(mod, f"weight_hh{sfx}")]
+            if mod.bias:
+                params += [getattr(mod, f"bias_ih{sfx}"), getattr(mod, f"bias_hh{sfx}")]
+            if proj > 0:
+                params.append(getattr(mod, f"weight_hr{sfx}"))
+        hk = h0[k * dirs:(k + 1) * dirs]
+        state = (hk, c0[k * dirs:(k + 1) * dirs]) if lstm else hk
+        if packed:
+            out = fn(seq, batch_sizes, state, params, mod.bias, 1, 0.0, False, dirs == 2)[0]
+            padded, _ = pad_packed_sequence(PackedSequence(out, batch_sizes))  # [T, b, dirs*hout]
+        else:
+            out = fn(seq, state, params, mod.bias, 1, 0.0, False, dirs == 2, False)[0]
+            padded = out
+        prev = {}
+        for d in range(dirs):
+            o = padded[..., d * hout:(d + 1) * hout]
+            # forward: the states after steps 0..len-2 precede steps 1..len-1; reverse: 1..len-1
+            keep = (t < lengths[None, :] - 1) if d == 0 else ((t >= 1) & (t < lengths[None, :]))
+            prev[d] = torch.cat([hk[d], o[keep]])
+        yield k, seq.reshape(-1, seq.shape[-1]), prev
+        seq = out
+
+
+def _key_keep(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Positions a key_padding_mask [B, S] keeps (bool True or float -inf: ignored)."""
+    if mask is None:
+        return None
+    return ~mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+
+
+def _mha_inputs(m: nn.MultiheadAttention, args: tuple, kwargs: dict):
+    """(query, key, value [L, B, E] time-major, bound arguments, keep masks [S, B] or None)."""
+    bound = inspect.signature(m.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    q, k, v = a["query"], a["key"], a["value"]
+    self_attention = q is k and k is v
+    if q.dim() == 3 and m.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    keep = _key_keep(a.get("key_padding_mask"))
+    if keep is not None:
+        keep = keep.T if keep.dim() == 2 else keep[:, None]  # [S, B]
+    return q, k, v, a, keep, self_attention
+
+
+def _rows_of(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows [N, E] of a time-major [S, B, E] (or unbatched [S, E]) tensor at kept positions."""
+    if keep is not None:
+        t3 = t if t.dim() == 3 else t[:, None]
+        if tuple(t3.shape[:2]) == tuple(keep.shape):
+            return t3[keep]
+    return t.reshape(-1, t.shape[-1])
+
+
+def _mha_pre_out(m: nn.MultiheadAttention, q, k, v, a: Mapping) -> torch.Tensor:
+    """The attention output before ``out_proj`` (the same call with an identity out_proj)."""
+    e = m.embed_dim
+    eye = torch.eye(e, dtype=q.dtype, device=q.device)
+    separate = m.in_proj_weight is None
+    out, _ = F.multi_head_attention_forward(
+        q, k, v, e, m.num_heads, m.in_proj_weight, m.in_proj_bias, m.bias_k, m.bias_v, m.add_zero_attn, 0.0,
+        eye, None, training=False, key_padding_mask=a.get("key_padding_mask"), need_weights=False,
+        attn_mask=a.get("attn_mask"), use_separate_proj_weight=separate,
+        q_proj_weight=m.q_proj_weight if separate else None, k_proj_weight=m.k_proj_weight if separate else None,
+        v_proj_weight=m.v_proj_weight if separate else None, is_causal=bool(a.get("is_causal", False)))
+    return out
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored [in, out]."""
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and isinstance(w, torch.Tensor)
+            and w.dim() == 2 and w.shape[1] == mod.nf)
+
+
+class _Collector:
+    """Hooks on every supported layer of a module; ``accs`` maps weight names to accumulators."""
+
+    def __init__(self, module: nn.Module, cap: int):
+        self.batch = _Batch()
+        self.accs: dict[str, Any] = {}
+        self.hooks: list = []
+        self.cap = cap
+        self.sd = sd = set(module.state_dict(keep_vars=True).keys())
+        claimed: set[int] = set()
+        for mname, mod in module.named_modules():
+            prefix = f"{mname}." if mname else ""
+
+            def name(p: str) -> Optional[str]:
+                w = getattr(mod, p, None)
+                if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter):
+                    return None
+                n = prefix + p
+                return n if n in sd and n not in self.accs else None
+            if id(mod) in claimed:
+                continue
+            if isinstance(mod, nn.MultiheadAttention):
+                claimed.add(id(mod.out_proj))
+                self._mha(mname, mod, name, prefix)
+            elif isinstance(mod, nn.RNNBase) and mod.mode in RNN_FUNCTIONS:
+                self._rnn(mname, mod, name)
+            elif isinstance(mod, nn.Linear) and name("weight"):
+                self._linear(mname, mod, name("weight"), "out_in")
+            elif _is_hf_conv1d(mod) and name("weight"):
+                self._linear(mname, mod, name("weight"), "in_out")
+            elif isinstance(mod, CONVS) and name("weight"):
+                self._conv(mname, mod, name("weight"))
+            elif isinstance(mod, TRANSPOSED) and name("weight"):
+                self._transposed(mname, mod, name("weight"))
+            elif isinstance(mod, nn.Embedding) and name("weight"):
+                self._embedding(mname, mod, name("weight"))
+
+    def _hook(self, mod: nn.Module, fn: Callable) -> None:
+        self.hooks.append(mod.register_forward_hook(fn, with_kwargs=True))
+
+    def _linear(self, mname: str, mod: nn.Module, wname: str, layout: str) -> None:
+        b = self.batch
+        acc = self.accs[wname] = _Acc("linear", 1, self.cap, _layer(mname, mod), b, layout)
+
+        def hook(m, args, kwargs, out):
+            x = _arg(args, kwargs, 0, "input")
+            _check(x, b, acc.label)
+            rows = _select(x.detach(), b.mask).reshape(-1, x.shape[-1])
+            acc.add(rows, cache=b.cache, source=x)
+        self._hook(mod, hook)
+
+    def _conv(self, mname: str, mod: nn.Module, wname: str) -> None:
+        acc = self.accs[wname] = _Acc("conv", mod.groups, self.cap, _layer(mname, mod), self.batch)
+        nd = len(mod.kernel_size)
+
+        def hook(m, args, kwargs, out):
+            x = _arg(args, kwargs, 0, "input")
+            _check(x, acc.batch, acc.label)
+            positions = math.prod(out.shape[-nd:])
+            left = self.cap - acc.n[0]
+            if left <= 0 or positions == 0:
+                return
+            with torch.no_grad():
+                acc.add(conv_rows(m, x.detach(), -(-left // positions)))
+        self._hook(mod, hook)
+
+    def _transposed(self, mname: str, mod: nn.Module, wname: str) -> None:
+        acc = self.accs[wname] = _RowAcc(mod.in_channels, self.cap, _layer(mname, mod), self.batch)
+        nd = len(mod.kernel_size)
+
+        def hook(m, args, kwargs, out):
+            x = _arg(args, kwargs, 0, "input")
+            _check(x, acc.batch, acc.label)
+            if x.dim() == nd + 1:
+                x = x.unsqueeze(0)
+            acc.add(x.detach().transpose(0, 1).reshape(x.shape[1], -1).T)  # [B * positions, in]
+        self._hook(mod, hook)
+
+    def _embedding(self, mname: str, mod: nn.Module, wname: str) -> None:
+        acc = self.accs[wname] = _CountAcc(mod.num_embeddings)
+        b = self.batch
+
+        def hook(m, args, kwargs, out):
+            acc.add(_select(_arg(args, kwargs, 0, "input"), b.mask, 2))
+        self._hook(mod, hook)
+
+    def _rnn(self, mname: str, mod: nn.RNNBase, name: Callable) -> None:
+        dirs = 2 if mod.bidirectional else 1
+        ih: dict[int, _Acc] = {}
+        hh: dict[tuple[int, int], _Acc] = {}
+        for k in range(mod.num_layers):
+            where = f"of layer {k} of {mname or 'the module'} ({type(mod).__name__})"
+            acc = _Acc("linear", 1, self.cap, f"the input {where}", self.batch)  # both directions read it
+            for d in range(dirs):
+                sfx = f"_l{k}" + ("_reverse" if d else "")
+                wi, wh = name(f"weight_ih{sfx}"), name(f"weight_hh{sfx}")
+                if wi:
+                    self.accs[wi] = ih[k] = acc
+                if wh:
+                    self.accs[wh] = hh[(k, d)] = _Acc("linear", 1, self.cap, f"a hidden state {where}", self.batch)
+        if not ih and not hh:
+            return
+
+        label = _layer(mname, mod)
+
+        def hook(m, args, kwargs, out):
+            _check(_arg(args, kwargs, 0, "input"), self.batch, label)
+            _check(_arg(args, kwargs, 1, "hx"), self.batch, f"the initial state of {label[len('the input of '):]}")
+            with torch.no_grad():
+                for k, rows, prev in _rnn_layers(m, args, kwargs):
+                    if k in ih:
+                        ih[k].add(rows)
+                    for d, states in prev.items():
+                        if (k, d) in hh:
+                            hh[(k, d)].add(states)
+        self._hook(mod, hook)
+
+    def _mha(self, mname: str, mod: nn.MultiheadAttention, name: Callable, prefix: str) -> None:
+        packed = name("in_proj_weight")
+        qkv = [name(p) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")] if not packed else []
+        out_w = prefix + "out_proj.weight"
+        where = f"{mname or 'the module'} ({type(mod).__name__})"
+        b = self.batch
+        out_acc = None
+        if out_w in self.sd and out_w not in self.accs:
+            out_acc = self.accs[out_w] = _Acc("linear", 1, self.cap, f"the attention output of {where}", b)
+        in_acc = _Acc("linear", 3, self.cap, f"the query, key or value of {where}", b) if packed else None
+        if packed:
+            self.accs[packed] = in_acc
+        sep = [None if n is None else _Acc("linear", 1, self.cap, f"the {role} of {where}", b)
+               for n, role in zip(qkv, ("query", "key", "value"))]
+        for n, acc in zip(qkv, sep):
+            if n is not None:
+                self.accs[n] = acc
+
+        def hook(m, args, kwargs, out):
+            q, k, v, a, keep, self_attention = _mha_inputs(m, args, kwargs)
+            for t, role in ((q, "query"), (k, "key"), (v, "value")):
+                _check(t, b, f"the {role} of {where}")
+            qkeep = keep if self_attention else None
+            rows = [_rows_of(q.detach(), qkeep), _rows_of(k.detach(), keep), _rows_of(v.detach(), keep)]
+            src = [q, k, v]
+            for g in range(3):
+                if in_acc is not None:
+                    in_acc.add(rows[g], group=g, cache=b.cache, source=src[g])
+                elif sep[g] is not None:
+                    sep[g].add(rows[g])
+            if out_acc is not None:
+                with torch.no_grad():
+                    pre = _mha_pre_out(m, q.detach(), k.detach(), v.detach(), a)
+                out_acc.add(_rows_of(pre, qkeep))
+        self._hook(mod, hook)
+
+    def remove(self) -> None:
+        self.batch.cache = {}
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def stats(self) -> dict[str, TensorStats]:
+        out = {}
+        for wname, acc in self.accs.items():
+            st = acc.result()
+            if st is not None:
+                out[wname] = st
+        share_identical(out)
         return out
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    for o in out:
-        if isinstance(o, torch.Tensor):
-            return o
-    raise TypeError("the module's output holds no tensor")
 
+
+# --- outputs ----------------------------------------------------------------------------------------
+
+MAX_OUTPUT_DEPTH = 32
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every floating tensor in a module's output, in order: nested tuples, lists, dicts,
+    dataclasses and ``transformers`` ``ModelOutput`` objects are walked; other objects (and
+    non-float tensors) are left out, and a tensor met twice counts once."""
+    found: list[torch.Tensor] = []
+    seen: set = set()
+
+    def walk(o: Any, depth: int) -> None:
+        if depth > MAX_OUTPUT_DEPTH:
+            return
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() and o.numel():
+                key = (o.data_ptr(), tuple(o.shape), tuple(o.stride()), o.dtype)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(o)
+            return
+        if isinstance(o, Mapping):
+            items = list(o.values())
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            items = [getattr(o, f.name, None) for f in dataclasses.fields(o)]
+        elif isinstance(o, (tuple, list)):
+            items = list(o)
+        else:
+            return
+        for i in items:
+            walk(i, depth + 1)
+    walk(out, 0)
+    return found
+
+
+class _Counted:
+    """One output tensor whose error counts: its rows (``keep``: unmasked positions), its weight
+    1 / (its mean square on this batch) and the batch size it is divided by."""
+
+    def __init__(self, index: int, y: torch.Tensor, keep: Optional[torch.Tensor], weight: float, items: int):
+        self.index, self.y, self.keep, self.weight, self.items = index, y, keep, weight, items
+
+    def sq_error(self, y: torch.Tensor) -> float:
+        e = y.detach().to(torch.float64) - self.y.detach().to(torch.float64)
+        if self.keep is not None:
+            e = e[self.keep]
+        return self.weight * float(e.pow(2).sum()) / self.items
+
+
+def _counted(out: Any, mask: Optional[torch.Tensor], batch: int, need_grad: bool) -> tuple[list, float]:
+    """(the counted outputs, their power: sum of weight * ||y||^2 / items). Each output is
+    scaled by its own mean square, so a small head counts as much as a big one; an output that
+    is zero on this batch, or does not depend on the parameters, does not count."""
+    counted, power = [], 0.0
+    for j, y in enumerate(output_tensors(out)):
+        keep = mask if mask is not None and y.dim() >= 2 and tuple(y.shape[:2]) == tuple(mask.shape) else None
+        yd = y.detach().to(torch.float64)
+        sel = yd if keep is None else yd[keep]
+        if not bool(torch.isfinite(sel).all()):
+            raise fail("BAD_INPUT", f"calibration batch {batch}: the module's output holds NaN or Inf")
+        if need_grad and not y.requires_grad:
+            continue
+        ms = float(sel.pow(2).mean()) if sel.numel() else 0.0
+        if not (ms > 0 and math.isfinite(ms)):
+            continue
+        items = max(int(y.shape[0]) if y.dim() else 1, 1)
+        counted.append(_Counted(j, y, keep, 1.0 / ms, items))
+        power += float(sel.numel()) / items
+    return counted, power
+
+
+# --- calibrate --------------------------------------------------------------------------------------
 
 def _head(x: Any, k: int) -> Any:
     """The first ``k`` items of a batch (tensor, tuple/list or dict of tensors)."""
@@ -251,12 +609,19 @@ def _head(x: Any, k: int) -> Any:
     return x
 
 
-def _call(module: nn.Module, x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return module(**x)
-    if isinstance(x, (tuple, list)):
-        return module(*x)
-    return module(x)
+def _call(module: nn.Module, x: Any, batch: int) -> Any:
+    try:
+        if isinstance(x, Mapping):
+            return module(**x)
+        if isinstance(x, (tuple, list)):
+            return module(*x)
+        return module(x)
+    except TqzError:
+        raise
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise fail("BAD_INPUT", f"calibration batch {batch}: the module's forward failed: "
+                                f"{type(exc).__name__}: {msg}") from exc
 
 
 def _mask_of(x: Any) -> Optional[torch.Tensor]:
@@ -269,30 +634,60 @@ def _mask_of(x: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _select(x: torch.Tensor, mask: Optional[torch.Tensor], min_dim: int = 3) -> torch.Tensor:
-    """Rows of ``x`` [batch, tokens, ...] at unmasked positions (all rows when the shapes differ;
-    ``min_dim`` 3 for features, 2 for token ids)."""
-    if mask is not None and x.dim() >= min_dim and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]
-    return x
+@contextlib.contextmanager
+def _calibrating(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no fused attention fast path (it bypasses submodules' hooks) meanwhile;
+    both restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    fast = torch.backends.mha.get_fastpath_enabled()
+    module.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for m, t in modes:
+            m.training = t
 
 
-SENSITIVITY_METHODS = ("probe", "perturb")
+@contextlib.contextmanager
+def _grads(params: list) -> Iterator[None]:
+    saved = [p.requires_grad for _, p in params]
+    for _, p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for (_, p), rg in zip(params, saved):
+            p.requires_grad_(rg)
 
 
 def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 65536,
               sensitivity: bool = True, sensitivity_method: str = "probe", sensitivity_batches: int = 8,
-              sensitivity_samples: int = 64, output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+              sensitivity_samples: int = 64, output_fn: Optional[Callable[[Any], Any]] = None,
               progress: Optional[Callable[[str, int, int], None]] = None, seed: int = 0) -> Stats:
-    """Collect :class:`Stats` for ``module`` over ``batches`` (items: tensor, tuple or dict).
+    """Collect :class:`Stats` for ``module`` over ``batches`` (items: tensor, tuple or dict:
+    ``module(x)``, ``module(*x)``, ``module(**x)``).
 
-    ``max_samples`` caps the rows (tokens, pixels) accumulated per layer. A dict batch with an
-    ``attention_mask`` [batch, tokens] leaves padded tokens out of H and of the output error.
+    ``max_samples`` caps the samples (tokens, pixels, time steps) accumulated per layer. A dict
+    batch with an ``attention_mask`` [batch, tokens] leaves padded tokens out of H and of the
+    output error. The module runs in eval mode (its modes are restored after).
 
     With ``sensitivity`` every float parameter gets a *gain*: end-output squared error per unit
-    of its local error (``tr(E H E^T)`` for hooked weights, ``||E||^2`` for the rest, kind
-    ``plain``; a hooked layer's bias takes its weight's gain, since a bias error e is a local
-    error of ||e||^2 exactly as a weight error E with ||E x|| = ||e||). ``sensitivity_method``:
+    of its local error (``tr(E H E^T)`` for linear and conv weights, ``sum_c row_h[c] ||E_c||^2``
+    for kind rows, token frequencies for embeddings, ``||E||^2`` for the rest, kind ``plain``;
+    a linear or conv layer's bias takes its weight's gain, since a bias error e is a local error
+    of ||e||^2 exactly as a weight error E with ||E x|| = ||e||). A parameter with no effect on
+    the counted outputs over the calibration batches gets gain 0.
+
+    The output error counts every floating tensor of the module's output (nested tuples, lists,
+    dicts, dataclasses, ``transformers`` ``ModelOutput``), each scaled by its own mean square on
+    the batch, so a small head counts as much as a big one; outputs that are zero or do not
+    depend on the parameters are left out. ``output_fn(output)`` picks what counts instead (a
+    tensor or any such structure), e.g. ``lambda out: out.logits``. ``output_power`` is then the
+    number of output elements counted per sample.
+
+    ``sensitivity_method``:
 
     - ``probe`` (default): on each of the first ``sensitivity_batches`` batches, one backward
       pass of a seeded random sign probe v through the output gives every parameter's gradient
@@ -303,137 +698,94 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
       error over the first ``sensitivity_batches`` batches (at most ``sensitivity_samples``
       items each) compared with the predicted local error; one forward per parameter and batch.
 
-    ``output_fn`` maps the module's output to the tensor whose error counts (default: the first
-    tensor of the output).
+    Errors (``TqzError`` ``BAD_INPUT``, naming the batch): no batches; NaN or Inf in a layer's
+    input (naming the layer) or in the output; a forward that fails. The same module and batches
+    give the same statistics.
     """
     if sensitivity_method not in SENSITIVITY_METHODS:
         raise ValueError(f"sensitivity_method {sensitivity_method!r} is not one of {SENSITIVITY_METHODS}")
-    module.eval()
-    sd_names = set(module.state_dict(keep_vars=True).keys())
-    accs: dict[str, tuple[nn.Module, _Acc]] = {}
-    hooks = []
-    current: dict[str, Any] = {"mask": None, "cache": {}}
-    for mname, mod in module.named_modules():
-        wname = f"{mname}.weight" if mname else "weight"
-        if wname not in sd_names or getattr(mod, "weight", None) is None:
-            continue
-        if isinstance(mod, nn.Linear):
-            acc = _Acc("linear")
-
-            def hook(m, inp, acc=acc):
-                x = inp[0]
-                rows = _select(x.detach(), current["mask"]).reshape(-1, x.shape[-1])
-                acc.add_rows(rows, max_samples, current["cache"], x)
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            acc = _Acc("conv", mod.groups)
-
-            def hook(m, inp, acc=acc):
-                acc.add_rows(_conv_rows(m, inp[0].detach()), max_samples)
-        elif isinstance(mod, nn.Embedding):
-            acc = _Acc("embedding")
-            acc.counts = np.zeros(mod.num_embeddings, dtype=np.float64)
-
-            def hook(m, inp, acc=acc):
-                idx = _select(inp[0], current["mask"], 2).reshape(-1).cpu().numpy()
-                acc.counts += np.bincount(idx, minlength=len(acc.counts))
-                acc.rows += idx.size
-        else:
-            continue
-        if wname in accs:  # the same module reached twice by name: keep the first
-            continue
-        accs[wname] = (mod, acc)
-        hooks.append(mod.register_forward_pre_hook(hook))
-    fn = output_fn or _first_tensor
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1, not {max_samples}")
+    fn = output_fn or (lambda out: out)
+    params = _float_params(module)
     probing = sensitivity and sensitivity_method == "probe"
-    probe = _Probe(module, seed) if probing else None
+    probe = _Probe(params, seed) if probing else None
     kept: list[Any] = []
     power: list[float] = []
-    try:
-        for i, x in enumerate(batches):
-            current["mask"], current["cache"] = _mask_of(x), {}
-            with_grad = probe is not None and i < sensitivity_batches
-            with torch.set_grad_enabled(with_grad):
-                out = _call(module, x)
-            if sensitivity and i < sensitivity_batches:
-                y = fn(out)
-                mask = current["mask"]
-                keep = mask if mask is not None and tuple(y.shape[:2]) == tuple(mask.shape) else None
-                yy = y.detach().double() if keep is None else y.detach().double()[keep]
-                power.append(float(yy.pow(2).sum()) / max(y.shape[0], 1))
-                if probe is not None:
-                    probe.add(y, keep)
-                else:
-                    kept.append(_head(x, sensitivity_samples))
-            del out
-    finally:
-        current["cache"] = {}
-        for h in hooks:
-            h.remove()
-        if probe is not None:
-            probe.close()
-    stats = Stats()
-    for wname, (mod, acc) in accs.items():
-        n = max(acc.rows, 1)
-        if acc.kind == "embedding":
-            stats.tensors[wname] = TensorStats("embedding", None, acc.counts, acc.rows)
-        elif acc.h is not None:
-            stats.tensors[wname] = TensorStats(acc.kind, acc.h / n, None, acc.rows, mean=acc.sum / n)
-    if power:
-        stats.output_power = sum(power) / len(power)
-    if probe is not None and probe.batches:
-        _gains_from_probes(module, stats, probe, set(accs), progress)
-    elif sensitivity and kept:
-        with torch.no_grad():  # reference outputs of the (sliced) sensitivity batches, hooks removed
-            kept = [(xs, fn(_call(module, xs)).detach().to(torch.float64)) for xs in kept]
-        _measure_gains(module, stats, kept, fn, seed, progress, set(accs))
+    seen = 0
+    with _calibrating(module):
+        col = _Collector(module, max_samples)
+        try:
+            for i, x in enumerate(batches):
+                seen += 1
+                col.batch.index, col.batch.mask, col.batch.cache = i, _mask_of(x), {}
+                measuring = sensitivity and i < sensitivity_batches
+                with torch.set_grad_enabled(measuring), (_grads(params) if measuring else contextlib.nullcontext()):
+                    out = _call(module, x, i)
+                    if measuring:
+                        counted, pw = _counted(fn(out), col.batch.mask, i, need_grad=True)
+                        power.append(pw)
+                        if probe is not None:
+                            probe.add(counted)
+                        else:
+                            kept.append(_head(x, sensitivity_samples))
+                        del counted
+                del out
+        finally:
+            col.remove()
+        if seen == 0:
+            raise fail("BAD_INPUT", "no calibration batches")
+        stats = Stats(col.stats())
+        if power:
+            stats.output_power = sum(power) / len(power)
+        hooked = {n for n, s in stats.tensors.items() if s.kind in ("linear", "conv")}
+        if probe is not None and probe.batches:
+            _gains_from_probes(stats, probe, hooked, progress)
+        elif sensitivity and kept:
+            _measure_gains(module, stats, kept, fn, seed, progress, hooked, params)
     return stats
 
 
-class _Probe:
-    """Sums, per float parameter, E||grad of <v, output>||^2 / batch items over probe batches
-    (v: seeded random signs, zero at padded positions)."""
+def _float_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a gain is measured for: float, non-empty, as the state dict names them."""
+    return [(n, p) for n, p in module.named_parameters()
+            if p.dtype.is_floating_point and not isinstance(p, nn.parameter.UninitializedParameter) and p.numel()]
 
-    def __init__(self, module: nn.Module, seed: int):
-        self.params = _float_params(module)
-        self.saved = [p.requires_grad for _, p in self.params]
-        for _, p in self.params:
-            p.requires_grad_(True)
+
+class _Probe:
+    """Sums, per float parameter, ||grad of sum_j <v_j, y_j>||^2 over probe batches (v_j: seeded
+    random signs scaled by sqrt(weight_j / items_j), zero at padded positions)."""
+
+    def __init__(self, params: list, seed: int):
+        self.params = params
         self.gen = torch.Generator().manual_seed(seed)
-        self.sq = np.zeros(len(self.params))
+        self.sq = np.zeros(len(params))
         self.batches = 0
 
-    def add(self, y: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        if not y.requires_grad:
+    def add(self, counted: list) -> None:
+        if not counted:
             return
-        v = torch.randint(0, 2, y.shape, generator=self.gen).to(y.dtype) * 2 - 1
-        if keep is not None:
-            v = v * keep.reshape(*keep.shape, *([1] * (y.dim() - keep.dim()))).to(y.dtype)
-        grads = torch.autograd.grad(y, [p for _, p in self.params], grad_outputs=v, allow_unused=True)
+        ys, vs = [], []
+        for c in counted:
+            v = torch.randint(0, 2, c.y.shape, generator=self.gen).to(c.y.dtype) * 2 - 1
+            if c.keep is not None:
+                v = v * c.keep.reshape(*c.keep.shape, *([1] * (c.y.dim() - c.keep.dim()))).to(c.y.dtype)
+            ys.append(c.y)
+            vs.append(v * math.sqrt(c.weight / c.items))
+        grads = torch.autograd.grad(ys, [p for _, p in self.params], grad_outputs=vs, allow_unused=True)
         for j, g in enumerate(grads):
             if g is not None:
-                self.sq[j] += float(g.double().pow(2).sum()) / max(y.shape[0], 1)
+                self.sq[j] += float(g.detach().to(torch.float64).pow(2).sum())
         self.batches += 1
-
-    def close(self) -> None:
-        for (_, p), rg in zip(self.params, self.saved):
-            p.requires_grad_(rg)
 
 
 def _owner(wname: str, stats: Stats, hooked: set) -> Optional[str]:
-    """The hooked weight whose gain a bias takes (None: the parameter is measured itself)."""
+    """The linear or conv weight whose gain a bias takes (None: the parameter is measured itself)."""
     owner = wname[:-len("bias")] + "weight" if wname.endswith("bias") else None
-    if owner in hooked and owner in stats.tensors and stats.tensors[owner].kind != "embedding":
-        return owner
-    return None
-
-
-def _float_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The parameters a gain is measured for: float, non-empty."""
-    return [(n, p) for n, p in module.named_parameters() if p.dtype.is_floating_point and p.numel()]
+    return owner if owner in hooked else None
 
 
 def _biases_take_weight_gains(stats: Stats, params: list, hooked: set) -> None:
-    """Each hooked layer's bias gets its weight's gain (kind ``plain``)."""
     for wname, _ in params:
         owner = _owner(wname, stats, hooked)
         if owner:
@@ -447,47 +799,64 @@ def _local_per_variance(st: TensorStats, shape: tuple) -> float:
         return float(numel)
     if st.kind == "embedding":
         c = np.asarray(st.counts, dtype=np.float64)
-        return float(shape[-1] if c.sum() > 0 else numel)
+        return float(numel // max(shape[0], 1) if c.sum() > 0 else numel)
+    if st.kind == "rows":
+        return float(numel // max(shape[0], 1) * np.sum(st.row_h))
     g = st.h.shape[0]
-    rows_per_group = shape[0] // g
-    return float(rows_per_group * sum(np.trace(st.h[i]) for i in range(g)))
+    n = shape[1] if st.layout == "in_out" and len(shape) == 2 else shape[0]
+    return float(n // g * sum(np.trace(st.h[i]) for i in range(g)))
 
 
-def _gains_from_probes(module: nn.Module, stats: Stats, probe: _Probe, hooked: set,
+def _settle_gains(stats: Stats, names: list[str]) -> None:
+    """Gains that could not be measured (not finite: overflow) take the largest finite gain."""
+    bad = [n for n in names if not math.isfinite(stats.tensors[n].gain)]
+    if bad:
+        finite = [s.gain for s in stats.tensors.values() if math.isfinite(s.gain)]
+        fallback = max(finite, default=1.0)
+        for n in bad:
+            stats.tensors[n].gain = fallback
+        warnings.warn(f"calibrate: the gains of {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''} are not "
+                      f"finite (overflow): they take the largest measured gain", stacklevel=3)
+
+
+def _gain(out: float, per_var: float) -> float:
+    if not math.isfinite(out) or not math.isfinite(per_var):
+        return math.inf
+    if per_var <= 0:
+        return 1.0  # no local error possible (H = 0): the gain does not matter
+    return max(out, 0.0) / per_var
+
+
+def _gains_from_probes(stats: Stats, probe: _Probe, hooked: set,
                        progress: Optional[Callable[[str, int, int], None]]) -> None:
+    measured = []
     for j, (wname, w) in enumerate(probe.params):
         if _owner(wname, stats, hooked):
             continue
         if wname not in stats.tensors:
             stats.tensors[wname] = TensorStats("plain")
         st = stats.tensors[wname]
-        per_var = _local_per_variance(st, tuple(w.shape))
-        out = probe.sq[j] / probe.batches
-        st.gain = out / per_var if per_var > 0 and math.isfinite(out) and out > 0 else 1.0
+        st.gain = _gain(probe.sq[j] / probe.batches, _local_per_variance(st, tuple(w.shape)))
+        measured.append(wname)
         if progress:
             progress(wname, j + 1, len(probe.params))
+    _settle_gains(stats, measured)
     _biases_take_weight_gains(stats, probe.params, hooked)
 
 
-def local_distortion(w_err: np.ndarray, s: TensorStats) -> float:
-    """tr(E H E^T) for an error ``w_err`` shaped like the weight viewed [out, in] (embeddings:
-    [rows, dim] weighted by token frequency)."""
-    e = np.asarray(w_err, dtype=np.float64)
-    if s.kind == "embedding":
-        c = np.asarray(s.counts, dtype=np.float64)
-        p = c / max(c.sum(), 1.0)
-        return float(np.sum(p * np.sum(e.reshape(len(p), -1) ** 2, axis=1)))
-    g, d, _ = s.h.shape
-    e = e.reshape(g, -1, d)
-    return float(sum(np.sum((e[i] @ s.h[i]) * e[i]) for i in range(g)))
-
-
-def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable,
-                   seed: int, progress: Optional[Callable[[str, int, int], None]], hooked: set) -> None:
-    """Gain of every float parameter: hooked weights against tr(E H E^T), the others (biases,
-    norms) against ||E||^2 (they get kind ``plain``)."""
+def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable, seed: int,
+                   progress: Optional[Callable[[str, int, int], None]], hooked: set, params: list) -> None:
+    """Gain of every float parameter: hooked weights against their local distortion, the others
+    (biases, norms) against ||E||^2 (they get kind ``plain``)."""
+    refs = []
+    with torch.enable_grad(), _grads(params):  # which outputs depend on the parameters
+        for i, xs in enumerate(kept):
+            counted, _ = _counted(fn(_call(module, xs, i)), _mask_of(xs), i, need_grad=True)
+            for c in counted:
+                c.y = c.y.detach()
+            refs.append((xs, counted))
     gen = torch.Generator().manual_seed(seed)
-    params = _float_params(module)
+    measured = []
     with torch.no_grad():
         for j, (wname, w) in enumerate(params):
             if _owner(wname, stats, hooked):
@@ -498,20 +867,213 @@ def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable,
             if wname not in stats.tensors:
                 stats.tensors[wname] = TensorStats("plain")
             st = stats.tensors[wname]
-            if st.kind == "plain":
-                pred = float(noise.pow(2).sum())
-            else:
-                pred = local_distortion(noise.reshape(orig.shape[0], -1).numpy(), st)
+            view = noise.T if st.layout == "in_out" and noise.dim() == 2 else noise.reshape(orig.shape[0], -1)
+            pred = float(noise.pow(2).sum()) if st.kind == "plain" else local_distortion(view.numpy(), st)
             try:
                 w.copy_((orig.double() + noise).to(orig.dtype))
                 err = 0.0
-                for x, ref in kept:
-                    y = fn(_call(module, x)).detach().to(torch.float64)
-                    err += float((y - ref).pow(2).sum()) / max(ref.shape[0], 1)
-                err /= len(kept)
+                for i, (xs, counted) in enumerate(refs):
+                    ys = output_tensors(fn(_call(module, xs, i)))
+                    err += sum(c.sq_error(ys[c.index]) for c in counted)
+                err /= len(refs)
             finally:
                 w.copy_(orig)
-            st.gain = err / pred if pred > 0 and math.isfinite(err) else 1.0
+            st.gain = _gain(err, pred)
+            measured.append(wname)
             if progress:
                 progress(wname, j + 1, len(params))
+    _settle_gains(stats, measured)
     _biases_take_weight_gains(stats, params, hooked)
+
+
+# --- Hugging Face folders (tqz calibrate) ------------------------------------------------------------
+
+FOLDER_BATCH = 16          # sequences per batch
+FOLDER_SAMPLES = 128       # sequences by default
+SYNTHETIC_MEDIAN = 20      # synthetic sequences: log-normal lengths around 20 tokens, like sentences
+SYNTHETIC_SIGMA = 0.5
+SYNTHETIC_MIN = 4
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the folder is all there is: never the network
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise fail("BAD_OPTION", "calibrating a folder needs transformers: pip install transformers") from None
+    transformers.logging.set_verbosity_error()
+    with contextlib.suppress(AttributeError):
+        transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def load_folder_model(folder: Path) -> tuple[nn.Module, Any, Any]:
+    """(module in float32, its config, its tokenizer or None) of a Hugging Face folder, offline:
+    the class config.json's ``architectures`` names (so the checkpoint's head is part of the
+    module and its outputs count), or ``AutoModel`` when it names none transformers has."""
+    folder = Path(folder)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise fail("BAD_INPUT", "no model definition: calibrating needs a Hugging Face folder with config.json and "
+                                "its safetensors weights (a weights file alone cannot be run)", folder)
+    tf = _transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        cls = next((getattr(tf, a) for a in (getattr(config, "architectures", None) or [])
+                    if isinstance(getattr(tf, a, None), type) and hasattr(getattr(tf, a), "from_pretrained")),
+                   tf.AutoModel)
+        model = cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise fail("BAD_INPUT", f"transformers cannot build the model of this folder: {_one_line(exc)}", folder) from None
+    model.float()
+    model.eval()
+    tokenizer = None
+    if any((folder / n).is_file() for n in TOKENIZER_FILES):  # (transformers makes an empty one from nothing)
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception:
+            tokenizer = None
+    return model, config, tokenizer
+
+
+def _max_length(config: Any, tokenizer: Any) -> int:
+    limits = [getattr(tokenizer, "model_max_length", None), getattr(config, "max_position_embeddings", None), 512]
+    return min(x for x in limits if isinstance(x, int) and x > 0)
+
+
+def _accepted(model: nn.Module) -> set:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {"input_ids", "attention_mask"}
+
+
+def _finish(batch: dict, accepted: set) -> dict:
+    out = {k: v for k, v in batch.items() if k in accepted}
+    if "use_cache" in accepted:
+        out["use_cache"] = False  # no key/value caches among the outputs
+    return out
+
+
+def text_batches(lines: list[str], model: nn.Module, config: Any, tokenizer: Any,
+                 batch_size: int = FOLDER_BATCH) -> list[dict]:
+    """Tokenized batches (padded to the longest, ``attention_mask`` marking the padding, truncated
+    to the model's length) of ``lines``."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            batch_size = 1  # nothing to pad with: one sequence per batch
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    accepted, max_len = _accepted(model), _max_length(config, tokenizer)
+    out = []
+    for i in range(0, len(lines), batch_size):
+        enc = tokenizer(lines[i:i + batch_size], padding=batch_size > 1, truncation=True, max_length=max_len,
+                        return_tensors="pt")
+        out.append(_finish(dict(enc), accepted))
+    return out
+
+
+def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, seed: int = 0,
+                      batch_size: int = FOLDER_BATCH) -> list[dict]:
+    """``n`` random token sequences the codec makes itself: ids drawn uniformly from the
+    vocabulary (special tokens left out), log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens,
+    between the tokenizer's special tokens (``[CLS] ... [SEP]``, or ``<s> ...``), padded per batch
+    with an ``attention_mask``. Seeded: the same ``seed`` gives the same batches."""
+    vocab = int(getattr(config, "vocab_size", 0) or (len(tokenizer) if tokenizer is not None else 0))
+    if vocab < 1:
+        raise fail("BAD_INPUT", "the model's config has no vocab_size to draw synthetic tokens from")
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    pad = next((p for p in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None), 0)
+                if isinstance(p, int)), 0)
+    special.add(pad)
+    allowed = np.setdiff1d(np.arange(vocab), np.fromiter(special, dtype=np.int64, count=len(special)))
+    if not len(allowed):
+        allowed = np.arange(vocab)
+    first = [t for t in (getattr(tokenizer, "cls_token_id", None) or getattr(tokenizer, "bos_token_id", None),)
+             if isinstance(t, int)]
+    last = [t for t in (getattr(tokenizer, "sep_token_id", None),) if isinstance(t, int)]
+    longest = max(1, _max_length(config, tokenizer) - len(first) - len(last))
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.rint(np.exp(rng.normal(math.log(SYNTHETIC_MEDIAN), SYNTHETIC_SIGMA, size=n))),
+                      min(SYNTHETIC_MIN, longest), longest).astype(int)
+    seqs = [first + [int(t) for t in rng.choice(allowed, size=k)] + last for k in lengths]
+    accepted = _accepted(model)
+    out = []
+    for i in range(0, n, batch_size):
+        part = seqs[i:i + batch_size]
+        width = max(len(s) for s in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for j, s in enumerate(part):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        out.append(_finish({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)},
+                           accepted))
+    return out
+
+
+def checkpoint_names(stats: Stats, model: nn.Module, names: Iterable[str]) -> Stats:
+    """``stats`` under the names the folder's weights use: the module's state-dict names, or with
+    the base model prefix added or removed where the checkpoint was saved that way (a checkpoint of
+    ``BertForMaskedLM`` read as ``BertModel``). Statistics of tensors the checkpoint lacks are dropped."""
+    names = set(names)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = Stats(output_power=stats.output_power, default_gain=stats.default_gain)
+    for n, s in stats.tensors.items():
+        for cand in (n, f"{prefix}.{n}" if prefix else None,
+                     n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else None):
+            if cand is not None and cand in names and cand not in out.tensors:
+                out.tensors[cand] = s
+                break
+    return out
+
+
+def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: int = FOLDER_SAMPLES, seed: int = 0,
+                     batch_size: int = FOLDER_BATCH,
+                     progress: Optional[Callable[[str, int, int], None]] = None) -> tuple[Stats, dict]:
+    """Statistics of a Hugging Face folder's model (see :func:`load_folder_model`), named as its
+    weights are: on the first ``samples`` lines of the text file ``text`` (empty lines skipped;
+    needs the folder's tokenizer), or on ``samples`` synthetic sequences
+    (:func:`synthetic_batches`). Returns (stats, a summary: sequences, tokens, tensors)."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise fail("BAD_OPTION", f"samples must be a positive integer, got {samples!r}")
+    folder = Path(folder)
+    lines = None
+    if text is not None:
+        try:
+            raw = Path(text).read_text("utf-8", errors="replace")
+        except OSError as exc:
+            raise fail("IO_ERROR", f"cannot read the text: {exc.strerror or exc}", text, exc.errno) from None
+        lines = [ln.strip() for ln in raw.splitlines() if ln.strip()][:samples]
+        if not lines:
+            raise fail("BAD_INPUT", "the text file holds no line of text", text)
+    model, config, tokenizer = load_folder_model(folder)
+    from ..io.hf import read_folder  # the names the folder's weights carry
+    weights, _ = read_folder(folder)
+    if lines is not None:
+        if tokenizer is None:
+            raise fail("BAD_INPUT", "the folder has no tokenizer to read the text with (give no --text for "
+                                    "synthetic inputs)", folder)
+        batches = text_batches(lines, model, config, tokenizer, batch_size)
+    else:
+        batches = synthetic_batches(samples, model, config, tokenizer, seed, batch_size)
+    tell = progress or (lambda what, done, total: None)
+
+    def fed() -> Iterator[dict]:
+        for i, b in enumerate(batches):
+            tell("batches", i, len(batches))
+            yield b
+        tell("batches", len(batches), len(batches))
+    stats = calibrate(model, fed(), seed=seed, progress=lambda w, d, t: tell(f"sensitivity: {w}", d, t))
+    named = checkpoint_names(stats, model, weights.keys())
+    tokens = int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches))
+    return named, {"sequences": sum(len(b["input_ids"]) for b in batches), "tokens": tokens,
+                   "tensors": len(named.tensors), "weights": len(weights), "synthetic": lines is None}

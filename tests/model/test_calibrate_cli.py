@@ -1,0 +1,186 @@
+"""``tqz calibrate`` (tqcodec.cli, tqcodec.model.calibrate.calibrate_folder) on a tiny randomly
+initialised BERT folder made here (2 layers, hidden 32, a word-level vocabulary), offline: lines of
+text with the padding masked, synthetic sequences, names as the folder's weights, and the refusals
+through the real tqz entry point in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tqcodec
+from tqcodec.errors import TqzError
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = ("the a of and to in is it that was for on are with as this be at by from or an have not which but cat dog "
+         "sat mat ran far").split()
+LINES = ["the cat sat on the mat", "", "a dog ran far", "this is that", "it was the cat and the dog and the mat",
+         "   ", "which is not a cat"]
+
+
+def make_bert(folder: Path, architectures: tuple = (), with_tokenizer: bool = True, prefix_model: bool = False) -> Path:
+    """A randomly initialised BertModel (or BertForMaskedLM's weights with ``prefix_model``) saved
+    with save_pretrained, and a BertTokenizer over a small vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertForMaskedLM(cfg) if prefix_model else transformers.BertModel(cfg)
+    model.save_pretrained(folder)
+    if not architectures:  # a config that names no class: AutoModel builds the module
+        import json
+        c = json.loads((folder / "config.json").read_text())
+        c.pop("architectures", None)
+        (folder / "config.json").write_text(json.dumps(c))
+    if with_tokenizer:
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    return make_bert(tmp_path_factory.mktemp("hf") / "bert", architectures=("BertModel",))
+
+
+def _tqz() -> list[str]:
+    exe = Path(sys.executable).with_name("tqz")  # the console script: tqcodec.cli:main
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tqcodec.cli"]
+
+
+def _run(cwd: Path, *args: str, pythonpath: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, str(ROOT), env.get("PYTHONPATH", "")) if p)
+    p = subprocess.run(_tqz() + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def _tokens(bert: Path, lines: list[str]) -> int:
+    tok = transformers.AutoTokenizer.from_pretrained(str(bert), local_files_only=True)
+    return sum(len(tok(ln)["input_ids"]) for ln in lines)
+
+
+def test_calibrate_text_through_tqz(bert, tmp_path):
+    """tqz calibrate FOLDER --text lines.txt -o stats.safetensors: every weight of the folder has
+    statistics under its own name, padding counts nowhere, and the statistics encode the folder."""
+    (tmp_path / "lines.txt").write_text("\n".join(LINES * 5) + "\n")
+    p = _run(tmp_path, "calibrate", bert, "--text", "lines.txt", "-o", "stats.safetensors", "--samples", "18")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("\n") == 1 and "statistics of 39 of 39 tensors from 18 lines" in p.stdout, p.stdout
+    stats = tqcodec.Stats.load(str(tmp_path / "stats.safetensors"))
+    from safetensors import safe_open
+    with safe_open(str(bert / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert set(stats.keys()) == names
+    used = [ln for ln in LINES * 5 if ln.strip()][:18]
+    tokens = _tokens(bert, used)
+    emb = stats.get("embeddings.word_embeddings.weight")
+    assert emb.kind == "embedding" and emb.rows == tokens and emb.counts.sum() == tokens
+    assert emb.counts[0] == 0  # [PAD] never counted: the attention mask is respected
+    assert emb.counts[2] == emb.counts[3] == 18  # [CLS] and [SEP] once per line
+    q = stats.get("encoder.layer.0.attention.self.query.weight")
+    assert q.kind == "linear" and q.rows == tokens and q.h.shape == (1, 32, 32) and q.gain > 0
+    assert stats.get("encoder.layer.1.intermediate.dense.weight").h.shape == (1, 32, 32)
+    from tqcodec.io.hf import read_folder
+    weights, _ = read_folder(bert)
+    tqcodec.save(dict(weights.items()), tmp_path / "bert.tqz", stats=stats, bits=4)
+    assert set(tqcodec.load(tmp_path / "bert.tqz")) == names
+
+
+def test_calibrate_synthetic_through_tqz(bert, tmp_path):
+    """Without data: synthetic sequences (default output name beside the folder)."""
+    work = tmp_path / "w"
+    work.mkdir()
+    link = work / "bert"
+    link.symlink_to(bert, target_is_directory=True)
+    p = _run(work, "calibrate", "bert", "--samples", "20", "--seed", "3")
+    assert p.returncode == 0, p.stderr
+    assert "20 synthetic sequences" in p.stdout and (work / "bert.stats.safetensors").exists()
+    stats = tqcodec.Stats.load(str(work / "bert.stats.safetensors"))
+    assert len(stats.keys()) == 39 and stats.get("embeddings.word_embeddings.weight").counts[0] == 0
+    p = _run(work, "calibrate", "bert", "--samples", "20")
+    assert p.returncode == 1 and "OUTPUT_EXISTS" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_synthetic_inputs_are_seeded_and_like_sentences(bert):
+    from tqcodec.model.calibrate import calibrate_folder, load_folder_model, synthetic_batches
+    model, config, tok = load_folder_model(bert)
+    batches = synthetic_batches(100, model, config, tok, seed=1)
+    assert [len(b["input_ids"]) for b in batches] == [16] * 6 + [4]
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).float()
+    assert 12 < float(lengths.median()) < 30 and int(lengths.min()) >= 4 + 2 and int(lengths.max()) <= 64
+    ids = torch.cat([b["input_ids"][b["attention_mask"] == 1] for b in batches])
+    assert int(ids.max()) < config.vocab_size
+    specials = set(tok.all_special_ids)
+    firsts = {int(b["input_ids"][i, 0]) for b in batches for i in range(len(b["input_ids"]))}
+    assert firsts == {tok.cls_token_id} and (ids[torch.isin(ids, torch.tensor(sorted(specials)))].numel()
+                                             == 2 * len(lengths))  # only [CLS] and [SEP] among the specials
+    a, _ = calibrate_folder(bert, samples=24, seed=5)
+    b, _ = calibrate_folder(bert, samples=24, seed=5)
+    c, _ = calibrate_folder(bert, samples=24, seed=6)
+    assert a.to_bytes() == b.to_bytes() != c.to_bytes()
+
+
+def test_checkpoint_names_follow_the_weights(tmp_path):
+    """A config naming no class (AutoModel: BertModel) over BertForMaskedLM's weights ('bert.'
+    prefix): the statistics carry the weights' names."""
+    from tqcodec.model.calibrate import calibrate_folder
+    folder = make_bert(tmp_path / "mlm", prefix_model=True)
+    stats, summary = calibrate_folder(folder, samples=8)
+    assert "bert.encoder.layer.0.attention.self.query.weight" in stats.keys()
+    assert all(n.startswith(("bert.", "cls.")) for n in stats.keys())
+    assert summary["tensors"] == len(stats.keys()) and summary["weights"] > summary["tensors"]  # no head in BertModel
+
+
+def test_refusals_through_tqz(bert, tmp_path):
+    """One line on stderr each: no model definition, an empty text file (BAD_INPUT, exit 1);
+    --samples 0 and transformers missing (BAD_OPTION, exit 2)."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes((bert / "model.safetensors").read_bytes())
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    shadow = tmp_path / "shadow" / "transformers"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named transformers')\n")
+    cases = [
+        (("calibrate", "weights"), 1, "no model definition", ""),
+        (("calibrate", bert, "--text", "empty.txt"), 1, "holds no line of text", ""),
+        (("calibrate", bert, "--samples", "0"), 2, "--samples must be at least 1", ""),
+        (("calibrate", bert), 2, "needs transformers: pip install transformers", str(tmp_path / "shadow")),
+    ]
+    for args, code, words, pythonpath in cases:
+        p = _run(tmp_path, *args, pythonpath=pythonpath)
+        assert p.returncode == code, (args, p.stderr)
+        assert words in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
+        assert ("BAD_OPTION" if code == 2 else "BAD_INPUT") in p.stderr
+    assert not list(tmp_path.glob("*.stats.safetensors"))
+
+
+def test_calibrate_folder_refusals(bert, tmp_path):
+    """A weights file alone, a folder without tokenizer files for --text (transformers would make
+    an empty tokenizer), samples < 1."""
+    from tqcodec.model.calibrate import calibrate_folder
+    with pytest.raises(TqzError, match="no model definition") as e:
+        calibrate_folder(bert / "model.safetensors")
+    assert e.value.code == "BAD_INPUT"
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for n in ("config.json", "model.safetensors"):
+        (notok / n).write_bytes((bert / n).read_bytes())
+    (tmp_path / "lines.txt").write_text("the cat\n")
+    with pytest.raises(TqzError, match="no tokenizer") as e:
+        calibrate_folder(notok, tmp_path / "lines.txt")
+    assert e.value.code == "BAD_INPUT"
+    stats, summary = calibrate_folder(notok, samples=3)  # synthetic inputs need no tokenizer
+    assert summary["synthetic"] and summary["sequences"] == 3 and len(stats.keys()) == 39
+    for bad in (0, -1, 1.5):
+        with pytest.raises(TqzError, match="samples") as e:
+            calibrate_folder(bert, samples=bad)
+        assert e.value.code == "BAD_OPTION"
