@@ -305,14 +305,14 @@ def test_load_module_strict_and_shapes(tmp_path, mlp):
 
 def test_shared_submodule_swapped_everywhere(tmp_path):
     torch.manual_seed(4)
-    lin = nn.Linear(16, 16)
+    lin = nn.Linear(64, 64)  # big enough that tq is smaller than raw float32 (else the tensor is stored raw)
     model = nn.Sequential(lin, nn.ReLU(), lin)
     path = tmp_path / "s.tqz"
     tqcodec.save(model.state_dict(), path, mode="tq", quality=40)
     tdom = tqcodec.load_module(copy.deepcopy(model), path)
     assert isinstance(tdom[0], tqnn.TQLinear) and tdom[0] is tdom[2]
     dense = tqcodec.load_module(copy.deepcopy(model), path, transform_domain=False)
-    x = torch.randn(8, 16)
+    x = torch.randn(8, 64)
     with torch.no_grad():
         assert torch.allclose(tdom(x), dense(x), rtol=1e-5, atol=1e-6)
 
