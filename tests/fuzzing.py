@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 import tqcodec
 from tqcodec.coding.rangecoder import encode_symbols
-from tqcodec.errors import ERROR_CODES, TqzError
+from tqcodec.errors import ENCODER_CODES, ERROR_CODES, TqzError
 from tqcodec.format.chunks import CHUNK_TAG, pack_chunk
 from tqcodec.format.header import MAGIC
 from tqcodec.format.index import FOOTER_MAGIC, pack_footer, pack_index
@@ -51,7 +51,7 @@ from tqcodec.limits import Limits
 FUZZ_LIMITS = Limits(max_tensor_bytes=1 << 22)
 TIME_BOUND = 2.0          # seconds per case (both decodes)
 MEM_BOUND = 160 << 20     # peak traced bytes per case
-FILE_CODES = set(ERROR_CODES) - {"BAD_INPUT", "BAD_OPTION", "OUTPUT_EXISTS", "IO_ERROR"}
+FILE_CODES = set(ERROR_CODES) - set(ENCODER_CODES)
 
 
 # --- decoding one case -------------------------------------------------------------------------

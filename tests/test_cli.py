@@ -660,3 +660,59 @@ def test_classic_mode_bits_are_the_whole_files_through_the_command(tmp_path, mod
     p = _run(tmp_path, "encode", "m.pt", "--mode", mode, "--bits", "3", check=True)
     size = (tmp_path / "m.tqz").stat().st_size
     assert abs(8 * size / sum(t.numel() for t in sd.values()) / 3 - 1) <= 0.03, p.stdout
+
+
+# --- the smallest file that keeps a metric (--evaluate) ----------------------------------------
+
+EVAL_SCRIPT = """
+import math, sys, torch, tqcodec
+ref = torch.load(sys.argv[2], weights_only=True)
+dec = tqcodec.load(sys.argv[1])
+num = sum(float(((dec[k].float() - v.float()) ** 2).sum()) for k, v in ref.items())
+den = sum(float((v.float() ** 2).sum()) for v in ref.values())
+print("relative error follows")
+print(math.sqrt(num / den))
+"""
+
+
+def test_evaluate_writes_the_smallest_file_keeping_the_metric(tmp_path):
+    sd = layered_model(n=3)
+    model = tmp_path / "model.pt"
+    torch.save(sd, model)
+    script = tmp_path / "ev.py"
+    script.write_text(EVAL_SCRIPT)
+    cmd = f"{sys.executable} {script} {{file}} {model}"
+    r = tqz("encode", model, "--evaluate", cmd, "--max", "0.04")
+    assert r.exit_code == 0, r.output
+    assert "trial 1:" in r.output and "passes <= 0.04" in r.output
+    with tqcodec.open(tmp_path / "model.tqz") as f:
+        log = f.metadata["tqz.search"]
+    assert log["trials"][log["chosen"]]["passed"] and log["threshold"] == 0.04
+    info = tqz("info", tmp_path / "model.tqz")
+    assert "rate search for a metric <= 0.04" in info.output and info.output.count("bits/param, ") == len(log["trials"])
+    assert json.loads(tqz("info", tmp_path / "model.tqz", "--json").output)["search"]["chosen"] == log["chosen"]
+
+
+@pytest.mark.parametrize("command, words", [
+    ("exit 3", "exited with status 3"),
+    ("echo hello  #", "printed 'hello' as its last line, not a number"),
+    ("true", "printed nothing"),
+])
+def test_evaluate_command_failures_are_one_line_and_write_nothing(tmp_path, model_pt, command, words):
+    r = tqz("encode", model_pt, "-o", tmp_path / "m.tqz", "--evaluate", command, "--min", "0.5")
+    assert r.exit_code == 1 and words in r.output and "EVALUATE_FAILED" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "m.tqz").exists()
+
+
+def test_metric_never_reached_exits_1_and_writes_nothing(tmp_path, model_pt):
+    r = tqz("encode", model_pt, "-o", tmp_path / "m.tqz", "--evaluate", "echo accuracy: 0.1 #", "--min", "0.5")
+    assert r.exit_code == 1 and "METRIC_NOT_MET" in r.output and not (tmp_path / "m.tqz").exists()
+
+
+@pytest.mark.parametrize("args", [["--min", "0.5"], ["--evaluate", "echo 1"], ["--evaluate", "echo 1", "--min", "1",
+                                                                                 "--max", "2"],
+                                  ["--evaluate", "echo 1", "--min", "1", "--bits", "3"],
+                                  ["--evaluate", "echo 1", "--min", "1", "--lossless"]])
+def test_evaluate_option_conflicts_are_usage_errors(model_pt, args):
+    r = tqz("encode", model_pt, *args)
+    assert r.exit_code == 2 and "BAD_OPTION" in r.output and not model_pt.with_suffix(".tqz").exists()

@@ -168,8 +168,8 @@ PUBLIC = ["TqzError", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "Verif
           "load_module", "finetune"]
 
 CLI = {
-    "encode": ["--bits", "--force", "--granularity", "--jobs", "--lossless", "--mode", "--output", "--quality",
-               "--snr", "--stats", "--threads", "--tq-scope", "-f", "-j", "-o", "input"],
+    "encode": ["--bits", "--evaluate", "--force", "--granularity", "--jobs", "--lossless", "--max", "--min", "--mode",
+               "--output", "--quality", "--snr", "--stats", "--threads", "--tq-scope", "-f", "-j", "-o", "input"],
     "decode": ["--force", "--jobs", "--output", "--shard-size", "--threads", "-f", "-j", "-o", "input"],
     "info": ["--force", "--json", "--plot", "-f", "input"],
     "verify": ["input"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Union
 
@@ -15,7 +16,7 @@ import torch
 
 from . import __version__ as _version
 from . import parallel
-from .errors import fail
+from .errors import TqzError, fail
 from .format.manifest import TensorRecord, pack_canonical
 from .format.writer import ContainerWriter
 from .io import hf, remote, sources
@@ -24,7 +25,9 @@ from .limits import DEFAULT_LIMITS, Limits
 from .modes import alias
 from .modes.base import Encoded
 from .pipeline.classic import CLASSIC_MODES
-from .pipeline.encode import EncodeOptions, encode_classic_file, encode_tensor, encode_tq, no_larger_than_raw
+from .pipeline import search
+from .pipeline.encode import (EncodeOptions, encode_classic_file, encode_tensor, encode_tq, no_larger_than_raw,
+                              tq_encoder)
 from .pipeline.tensors import check_tensor, name_of_torch, plan_entries, tensor_to_storage
 
 PathLike = Union[str, os.PathLike]
@@ -209,7 +212,8 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
          granularity: Optional[str] = None, metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = False,
          progress: Progress = None, stats: Any = None, bits: Optional[float] = None,
          quality: Optional[float] = None, jobs: int = 1, files: Optional[Mapping[str, bytes]] = None,
-         tq_scope: str = "model", executor: Any = None) -> int:
+         tq_scope: str = "model", executor: Any = None, evaluate: Optional[Callable[[str], float]] = None,
+         threshold: Optional[float] = None, higher_is_better: bool = True) -> int:
     """Encode ``tensors`` into a .tqz file at ``path`` (or a writable binary file object).
 
     Deterministic: the same tensors and options give the same bytes. Tensors that share
@@ -226,17 +230,25 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
     encodes on instead of a local pool (e.g. dask's ``client.get_executor()``; same bytes).
     ``files``: small non-weight files (name -> bytes) carried in metadata ``tqz.files``
     (spec §5.2.1).
+
+    ``evaluate``, ``threshold``: the smallest file that keeps a metric. ``evaluate(path)`` is
+    called with the path of a candidate .tqz file (temporary, removed afterwards) and returns its
+    metric; the encoder searches the rate (mode tq: the curves are made once, each trial costs an
+    allocation, the coding and the evaluation) and writes the smallest candidate whose metric is
+    at least ``threshold`` (at most, with ``higher_is_better=False``). The trials are kept in the
+    file's metadata ``tqz.search`` (spec §5.2.1). Refused with ``bits``, ``quality``, a mode
+    other than tq, ``lossless`` and ``tq_scope="tensor"``; an evaluation that raises or gives no
+    number is ``EVALUATE_FAILED``; no rate up to 16 bits/param passing, ``METRIC_NOT_MET``
+    (nothing written).
     """
+    if evaluate is not None or threshold is not None:
+        return _save_searching(tensors, path, evaluate, threshold, higher_is_better, mode=mode, lossless=lossless,
+                               snr_db=snr_db, granularity=granularity, metadata=metadata, overwrite=overwrite,
+                               progress=progress, stats=stats, bits=bits, quality=quality, files=files,
+                               tq_scope=tq_scope)
     opts = EncodeOptions(mode, lossless, snr_db, granularity, stats, bits, quality, tq_scope)
-    meta = {"tqz.encoder": f"tqcodec {_version}"}
-    if metadata:
-        for k in metadata:
-            if not isinstance(k, str) or k.startswith("tqz."):
-                raise fail("BAD_OPTION", f"metadata key {k!r} must be a string not starting with 'tqz.'")
-        meta.update(metadata)
-    if files:
-        meta[hf.FILES_KEY] = hf.check_files(files, "BAD_OPTION")
-    pack_canonical(meta)  # raises BAD_OPTION for values the manifest cannot hold
+    _check_stats_names(stats, tensors)
+    meta = _file_metadata(metadata, files)
     jobs = parallel.check_jobs(jobs)
     lazy = callable(getattr(tensors, "refs", None))
     streaming = jobs != 1 or lazy or executor is not None
@@ -252,26 +264,7 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
     for name, t in items:
         check_tensor(name, t)  # BAD_INPUT: bad name, not a plain dense tensor, dtype not in spec §5.5
     entries = plan_entries(items)
-    done: dict[str, Encoded] = {}  # results without tq, kept across tq's trial writes
-
-    def write(out: Optional[BinaryIO], pre: Mapping[str, Encoded]) -> int:
-        """The file with the tensors of ``pre`` as they are and the rest encoded here, into
-        ``out`` (None: a trial, only its size)."""
-        writer = ContainerWriter(out if out is not None else io.BytesIO())
-        for i, (name, t, target) in enumerate(entries):
-            dtype = name_of_torch(t.dtype)
-            if target is not None:
-                encoded = alias.write(target)
-            elif name in pre:  # never more bytes than the tensor stored exactly
-                encoded = no_larger_than_raw(pre[name], tensor_to_storage(t)[1])
-            else:
-                if name not in done:
-                    done[name] = encode_tensor(name, t, opts)
-                encoded = done[name]
-            writer.add_tensor(TensorRecord(name, dtype, tuple(t.shape), encoded.mode, encoded.params), encoded.streams)
-            if progress and out is not None:
-                progress(f"writing: {name}", i + 1, len(entries))
-        return writer.finish(meta)
+    write = _file_writer(entries, opts, meta, progress)
 
     if opts.uses_tq:
         pre = encode_tq(items, opts, lambda enc: write(None, enc), progress=progress)
@@ -280,6 +273,123 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
     else:
         pre = {}
     return _write_to(path, overwrite, lambda out: write(out, pre))
+
+
+def _check_stats_names(stats: Any, tensors: Mapping[str, Any]) -> None:
+    """BAD_OPTION when statistics name none of the tensors (statistics of another model, or of
+    the same model under other names): they would be silently ignored."""
+    keys = getattr(stats, "keys", None)
+    if stats is None or keys is None:
+        return
+    names = list(keys())
+    if names and not any(n in tensors for n in names):
+        have = next(iter(tensors), None)
+        raise fail("BAD_OPTION", f"the statistics name none of the model's {len(tensors)} tensors (they name "
+                                 f"{names[0]!r}, ...; the model has {have!r}, ...): statistics of another model?")
+
+
+def _file_metadata(metadata: Optional[Mapping[str, Any]], files: Optional[Mapping[str, bytes]]) -> dict[str, Any]:
+    """The file's metadata: the encoder's name, the caller's keys (checked: strings, not ``tqz.``)
+    and the carried files (spec §5.2.1); BAD_OPTION for values the manifest cannot hold."""
+    meta: dict[str, Any] = {"tqz.encoder": f"tqcodec {_version}"}
+    for k in metadata or {}:
+        if not isinstance(k, str) or k.startswith("tqz."):
+            raise fail("BAD_OPTION", f"metadata key {k!r} must be a string not starting with 'tqz.'")
+    meta.update(metadata or {})
+    if files:
+        meta[hf.FILES_KEY] = hf.check_files(files, "BAD_OPTION")
+    pack_canonical(meta)
+    return meta
+
+
+def _file_writer(entries: list, opts: EncodeOptions, meta: Mapping[str, Any],
+                 progress: Progress) -> Callable[..., int]:
+    """``write(out, pre, extra_metadata={})``: the file of ``entries`` with the tensors of ``pre``
+    as they are (never more bytes than stored exactly) and the rest encoded here (once: kept
+    across trial writes), into ``out`` (None: a trial, only its size)."""
+    done: dict[str, Encoded] = {}
+
+    def write(out: Optional[BinaryIO], pre: Mapping[str, Encoded], extra: Mapping[str, Any] = {}) -> int:
+        writer = ContainerWriter(out if out is not None else io.BytesIO())
+        for i, (name, t, target) in enumerate(entries):
+            if target is not None:
+                encoded = alias.write(target)
+            elif name in pre:
+                encoded = no_larger_than_raw(pre[name], tensor_to_storage(t)[1])
+            else:
+                if name not in done:
+                    done[name] = encode_tensor(name, t, opts)
+                encoded = done[name]
+            writer.add_tensor(TensorRecord(name, name_of_torch(t.dtype), tuple(t.shape), encoded.mode, encoded.params),
+                              encoded.streams)
+            if progress and out is not None:
+                progress(f"writing: {name}", i + 1, len(entries))
+        return writer.finish({**meta, **extra})
+    return write
+
+
+def _save_searching(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO],
+                    evaluate: Optional[Callable[[str], float]], threshold: Optional[float], higher_is_better: bool, *,
+                    mode: Optional[str], lossless: bool, snr_db: Optional[float], granularity: Optional[str],
+                    metadata: Optional[Mapping[str, Any]], overwrite: bool, progress: Progress, stats: Any,
+                    bits: Optional[float], quality: Optional[float], files: Optional[Mapping[str, bytes]],
+                    tq_scope: str) -> int:
+    """``save(evaluate=..., threshold=...)``: :func:`tqcodec.pipeline.search.smallest_passing`
+    over mode tq's rate, each trial a whole file judged by ``evaluate``."""
+    if evaluate is None or not callable(evaluate):
+        raise fail("BAD_OPTION", "threshold needs evaluate, a function of a candidate file's path giving its metric")
+    if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold):
+        raise fail("BAD_OPTION", f"evaluate needs a finite threshold, got {threshold!r}")
+    for given, what in ((bits is not None, "bits"), (quality is not None, "quality"), (lossless, "lossless"),
+                        (mode not in (None, "tq"), f"mode {mode!r}"), (tq_scope != "model", "tq_scope 'tensor'"),
+                        (snr_db is not None, "snr_db"), (granularity is not None, "granularity")):
+        if given:
+            raise fail("BAD_OPTION", f"evaluate chooses the rate of a tq file: it cannot be combined with {what}")
+    opts = EncodeOptions("tq", False, None, None, stats, None, None, "model")
+    _check_stats_names(stats, tensors)
+    target = search.Target(float(threshold), bool(higher_is_better))
+    items = list(tensors.items())
+    for name, t in items:
+        check_tensor(name, t)
+    entries = plan_entries(items)
+    meta = _file_metadata(metadata, files)
+    if isinstance(path, (str, os.PathLike)) and not overwrite and os.path.exists(path):
+        raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path)  # before the search
+    write = _file_writer(entries, opts, meta, None)
+
+    encoder = tq_encoder(items, opts, lambda enc: write(None, enc), progress=progress)
+    with tempfile.TemporaryDirectory(prefix="tqz-search-") as tmp:
+        candidate = os.path.join(tmp, "candidate.tqz")
+
+        def trial(b: float) -> tuple[dict, int, float]:
+            pre = encoder.encode(bits=b)
+            with atomic_output(candidate, True) as f:
+                size = write(f, pre)
+            return pre, size, _metric_of(evaluate, candidate)
+
+        def report(t: search.Trial, n: int) -> None:
+            if progress:
+                progress(f"search: trial {n}: {t.bits:.3f} bits/param, {t.size} bytes, metric {t.metric:.6g} "
+                         f"({'passes' if t.passed else 'fails'} {target.describe()})", n, 0)
+
+        found = search.smallest_passing(trial, target, progress=report)
+    log = {"threshold": target.threshold, "higher_is_better": target.higher_is_better,
+           "trials": [t.as_dict() for t in found.trials], "chosen": found.trials.index(found.best)}
+    return _write_to(path, overwrite, lambda out: write(out, found.result, {"tqz.search": log}))
+
+
+def _metric_of(evaluate: Callable[[str], float], candidate: str) -> float:
+    """``evaluate(candidate)`` as a float; anything else (an exception included) EVALUATE_FAILED."""
+    try:
+        value = evaluate(candidate)
+    except TqzError:
+        raise
+    except Exception as exc:  # the user's evaluation: whatever it raises is reported, as one line
+        raise fail("EVALUATE_FAILED", f"evaluate raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise fail("EVALUATE_FAILED", f"evaluate gave {value!r}, not a finite number")
+    return float(value)
 
 
 def _write_to(path: Union[PathLike, BinaryIO], overwrite: bool, write: Callable[[BinaryIO], int]) -> int:

@@ -13,6 +13,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
@@ -177,6 +179,56 @@ def _human(n: float) -> str:
 INPUT = "INPUT"
 
 
+def _search_options(command: Optional[str], at_least: Optional[float], at_most: Optional[float]) -> dict:
+    """``save``'s evaluate/threshold/higher_is_better for ``--evaluate CMD --min X`` (or ``--max X``)."""
+    if command is None:
+        if at_least is not None or at_most is not None:
+            raise fail("BAD_OPTION", "--min and --max go with --evaluate")
+        return {}
+    if not command.strip():
+        raise fail("BAD_OPTION", "--evaluate needs a command")
+    if (at_least is None) == (at_most is None):
+        raise fail("BAD_OPTION", "--evaluate needs one of --min X (higher is better) or --max X (lower is better)")
+    threshold = at_least if at_least is not None else at_most
+    return {"evaluate": _command_metric(command), "threshold": threshold, "higher_is_better": at_most is None}
+
+
+def _command_metric(command: str) -> Callable[[str], float]:
+    """The metric of a candidate file: ``command`` run by the shell with ``{file}`` replaced by
+    the file's quoted path (appended when absent); the last word it prints is the metric."""
+
+    def metric(path: str) -> float:
+        quoted = shlex.quote(path)
+        line = command.replace("{file}", quoted) if "{file}" in command else f"{command} {quoted}"
+        try:
+            done = subprocess.run(line, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace")
+        except OSError as exc:
+            raise fail("EVALUATE_FAILED", f"cannot run the --evaluate command: {exc.strerror or exc}") from None
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or [""])[-1][:200]
+            raise fail("EVALUATE_FAILED", f"the --evaluate command exited with status {done.returncode}"
+                                          + (f": {tail}" if tail else ""))
+        lines = [x.strip() for x in done.stdout.splitlines() if x.strip()]
+        try:
+            return float(lines[-1].split()[-1])  # "0.991" or "accuracy: 0.991"
+        except (IndexError, ValueError):
+            said = repr(lines[-1][:80]) if lines else "nothing"
+            raise fail("EVALUATE_FAILED", f"the --evaluate command printed {said} as its last line, "
+                                          "not a number") from None
+    return metric
+
+
+def _with_trials(progress: Callable[[str, int, int], None]) -> Callable[[str, int, int], None]:
+    """``progress``, and each trial of the rate search as a line of its own on stderr."""
+
+    def report(what: str, done: int, total: int) -> None:
+        if what.startswith("search: "):
+            typer.echo(f"tqz: {what[len('search: '):]}", err=True)
+        progress(what, done, total)
+    return report
+
+
 @app.command(cls=_Command)
 def encode(
     input: Path = typer.Argument(..., metavar=INPUT, help="model file: .pt/.pth (plain tensors only) or "
@@ -213,6 +265,14 @@ def encode(
                              "same bytes for every N  [default: 1]", show_default=False),
     threads: int = typer.Option(0, "--threads", metavar="N", help="threads for the whole run, shared by its "
                                 "processes (0: every core this process may use)  [default: 0]", show_default=False),
+    evaluate: Optional[str] = typer.Option(None, "--evaluate", metavar="CMD",
+                                           help="the smallest tq file that keeps a metric: CMD is run on each "
+                                                "candidate ({file} is its path, else appended) and prints the "
+                                                "metric last; with --min or --max"),
+    min_metric: Optional[float] = typer.Option(None, "--min", metavar="X",
+                                               help="--evaluate: the metric must be at least X"),
+    max_metric: Optional[float] = typer.Option(None, "--max", metavar="X",
+                                               help="--evaluate: the metric must be at most X (lower is better)"),
 ) -> None:
     """Encode a model file (or a Hugging Face folder) into a .tqz file."""
     with _errors(), thread_budget.budget(threads):
@@ -224,11 +284,13 @@ def encode(
         if not to_stdout and same_file(out, input):
             raise fail("BAD_OPTION", "output would overwrite the input", out)
         options = dict(mode=mode, lossless=lossless, bits=bits, quality=quality, tq_scope=tq_scope)
+        search = _search_options(evaluate, min_metric, max_metric)
         if snr is not None:
             options["snr_db"] = snr
         if granularity is not None:
             options["granularity"] = granularity
-        api.EncodeOptions(stats=stats_path, **options)  # checked before any work (a path stands for the stats)
+        if not search:
+            api.EncodeOptions(stats=stats_path, **options)  # checked before any work (a path stands for the stats)
         stats = None
         if stats_path is not None:
             try:
@@ -247,8 +309,9 @@ def encode(
             # to standard output: the container writer spools every chunk and writes nothing
             # before the whole file is encoded, so an encoding error leaves the stream empty
             try:
-                size = api.save(tensors, _stdout_binary() if to_stdout else out, overwrite=force, progress=progress,
-                                stats=stats, jobs=jobs, files=files, **options)
+                size = api.save(tensors, _stdout_binary() if to_stdout else out, overwrite=force,
+                                progress=_with_trials(progress) if search else progress, stats=stats, jobs=jobs,
+                                files=files, **options, **search)
                 if to_stdout:
                     sys.stdout.buffer.flush()
             except TqzError:
@@ -333,6 +396,26 @@ def decode(
             typer.echo(_carried_note(carried), err=True)
 
 
+def _search_log(log: object) -> Optional[dict]:
+    """The metadata ``tqz.search`` (spec §5.2.1) when it has the documented form, else None (it is
+    informative and comes from the file: never trusted)."""
+    if not isinstance(log, dict) or not isinstance(log.get("trials"), list) or len(log["trials"]) > 1000:
+        return None
+    number = (int, float)
+    trials = []
+    for t in log["trials"]:
+        if not (isinstance(t, dict) and all(isinstance(t.get(k), number) and not isinstance(t.get(k), bool)
+                                            for k in ("bits", "size", "metric"))
+                and isinstance(t.get("passed"), bool)):
+            return None
+        trials.append({k: t[k] for k in ("bits", "size", "metric", "passed")})
+    chosen, threshold = log.get("chosen"), log.get("threshold")
+    if not (isinstance(chosen, int) and not isinstance(chosen, bool) and 0 <= chosen < len(trials)
+            and isinstance(threshold, number) and isinstance(log.get("higher_is_better"), bool)):
+        return None
+    return {"threshold": threshold, "higher_is_better": log["higher_is_better"], "chosen": chosen, "trials": trials}
+
+
 @app.command(cls=_Command)
 def info(
     input: str = typer.Argument(..., metavar=INPUT, help=".tqz file or URL (http(s)://, s3://, ...; read by ranges)"),
@@ -361,10 +444,12 @@ def info(
                      "format_version": "%d.%d" % f.version}
             metadata = {k: v for k, v in f.metadata.items() if isinstance(v, (str, int, float, bool))}
             files = [{"name": n, "bytes": len(b)} for n, b in sorted(f.files.items())]
+            search = _search_log(f.metadata.get("tqz.search"))
             if plot is not None:
                 plot_allocation(f, plot, overwrite=force)
         if as_json:
-            typer.echo(json.dumps({"total": total, "metadata": metadata, "files": files, "tensors": rows}, indent=1))
+            typer.echo(json.dumps({"total": total, "metadata": metadata, "files": files, "search": search,
+                                   "tensors": rows}, indent=1))
         else:
             typer.echo(f"{input}: .tqz format {total['format_version']}, {total['tensors']} tensors, "
                        f"{params} parameters, {total['file_bytes']} bytes ({_human(total['file_bytes'])}), "
@@ -372,6 +457,13 @@ def info(
             if files:
                 typer.echo(f"carried files ({len(files)}; tqz decode -o DIR writes them): "
                            + ", ".join(f"{_printable(x['name'])} ({x['bytes']} B)" for x in files))
+            if search:
+                typer.echo(f"rate search for a metric {'>=' if search['higher_is_better'] else '<='} "
+                           f"{search['threshold']:g}: {len(search['trials'])} trials"
+                           + "".join(f"\n  {'*' if i == search['chosen'] else ' '} {t['bits']:.3f} bits/param, "
+                                     f"{t['size']} bytes, metric {t['metric']:.6g} "
+                                     f"{'passes' if t['passed'] else 'fails'}"
+                                     for i, t in enumerate(search["trials"])))
             names = [_printable(r["name"]) for r in rows]
             width = max([len(n) for n in names] + [4])
             typer.echo(f"{'name':<{width}}  {'mode':<8} {'dtype':<9} {'shape':<18} {'bytes':>10} {'bits/w':>7}")

@@ -33,7 +33,12 @@ ERROR_CODES: dict[str, str] = {
     "BAD_OPTION": "an option or argument value that is not allowed",
     "OUTPUT_EXISTS": "the output file exists and overwriting was not asked for",
     "IO_ERROR": "the operating system failed to read or write a file",
+    "EVALUATE_FAILED": "the evaluation of a candidate file (save(evaluate=...), --evaluate) failed or gave no number",
+    "METRIC_NOT_MET": "no rate the encoder tried gives the metric asked for (save(evaluate=...), --evaluate)",
 }
+
+# codes of the encoder and the command line: they never concern a file's validity
+ENCODER_CODES = ("BAD_INPUT", "BAD_OPTION", "OUTPUT_EXISTS", "IO_ERROR", "EVALUATE_FAILED", "METRIC_NOT_MET")
 
 
 class TqzError(Exception):

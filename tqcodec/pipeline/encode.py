@@ -24,7 +24,7 @@ from ..format.dtypes import FLOAT_NAMES, all_finite, storage_to_float64
 from ..format.manifest import pack_canonical
 from ..modes import raw, uniform
 from ..modes.base import Encoded
-from ..modes.tq.encoder import Item, encode_model
+from ..modes.tq.encoder import Item, ModelEncoder, encode_model
 from .auto import chooser_for
 from .classic import CLASSIC_MODES, encode_classic
 from .tensors import check_tensor, is_lazy, name_of_torch, tensor_to_storage, tied_key
@@ -252,17 +252,12 @@ def encode_classic_file(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeO
 
 # --- mode tq over many tensors ----------------------------------------------------------------------
 
-def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
-              size_of: Callable[[Mapping[str, Encoded]], int], transforms: bool = True,
-              progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Encoded]:
-    """Mode tq (spec §7.5) with one multiplier over ``items`` for the tensors it takes (finite
-    float tensors; the rest go to :func:`encode_tensor`); mode ``auto`` also weighs the classic
-    modes per tensor (:mod:`tqcodec.pipeline.auto`). ``size_of(encoded)`` gives the file size for
-    a candidate result (the bits target is met on the real file). ``transforms``: offer
-    transforms (off for row blocks of one tensor, which share no S). Tied tensors count once.
-    ``progress(stage, done, total)``: the encoder's stages (curves, transforms, rate search)."""
+def tq_items(items: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[Item], int]:
+    """The tensors mode tq takes from ``items`` (finite float tensors; tied tensors once), as
+    encoder items whose float64 values are made when needed, and the parameter count of all of
+    ``items``."""
     seen: set = set()
-    tq_items = []
+    out = []
     total = 0
     for name, t in items:
         total += t.numel()
@@ -274,18 +269,40 @@ def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
         dtype, arr = tensor_to_storage(t)
         if dtype in FLOAT_NAMES and arr.size and all_finite(dtype, arr):
             # the float64 values are made when the encoder needs them (a few tensors at a time)
-            tq_items.append(Item(name, dtype, tuple(arr.shape), lambda dtype=dtype, arr=arr: storage_to_float64(dtype, arr)))
+            out.append(Item(name, dtype, tuple(arr.shape), lambda dtype=dtype, arr=arr: storage_to_float64(dtype, arr)))
+    return out, total
+
+
+def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
+              size_of: Callable[[Mapping[str, Encoded]], int], transforms: bool = True,
+              progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Encoded]:
+    """Mode tq (spec §7.5) with one multiplier over ``items`` for the tensors it takes (finite
+    float tensors; the rest go to :func:`encode_tensor`); mode ``auto`` also weighs the classic
+    modes per tensor (:mod:`tqcodec.pipeline.auto`). ``size_of(encoded)`` gives the file size for
+    a candidate result (the bits target is met on the real file). ``transforms``: offer
+    transforms (off for row blocks of one tensor, which share no S). Tied tensors count once.
+    ``progress(stage, done, total)``: the encoder's stages (curves, transforms, rate search)."""
+    tq, total = tq_items(items)
     if opts.mode == "auto":  # per tensor, tq or a classic mode by D + lam R
-        enc = encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
-                           size_of=size_of, alternatives=chooser_for(tq_items, opts.stats), transforms=transforms,
+        enc = encode_model(tq, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
+                           size_of=size_of, alternatives=chooser_for(tq, opts.stats), transforms=transforms,
                            progress=progress)
         if opts.bits is None or all(e.mode == "tq" for e in enc.values()):
             return enc
         if abs(8.0 * size_of(enc) / (opts.bits * max(total, 1)) - 1.0) <= AUTO_BITS_TOLERANCE:
             return enc
         # the other modes' coarser rate steps kept the file off its bits target: tq alone meets it
-    return encode_model(tq_items, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
+    return encode_model(tq, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
                         size_of=size_of, transforms=transforms, progress=progress)
+
+
+def tq_encoder(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
+               size_of: Callable[[Mapping[str, Encoded]], int],
+               progress: Optional[Callable[[str, int, int], None]] = None) -> ModelEncoder:
+    """Mode tq's whole-model encoder over ``items``, ready to encode at any bits or quality
+    (``ModelEncoder.encode``), its curves made once: the rate search of ``save(evaluate=...)``."""
+    tq, total = tq_items(items)
+    return ModelEncoder(tq, opts.stats, total_params=max(total, 1), size_of=size_of, progress=progress)
 
 
 def encode_tq_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, transforms: bool = True) -> Optional[Encoded]:

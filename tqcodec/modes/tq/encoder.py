@@ -359,111 +359,141 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
     """Encode ``items``: returns ``{name: ("tq", params, streams)}`` for the tensors tq codes.
     ``transforms``: offer each eligible tensor a transform (:func:`choose_transforms`).
 
-    numpy's BLAS runs single-threaded meanwhile: the encoder's matrices are small, and a
-    multi-threaded OpenBLAS beside torch's OpenMP pool was measured 20x slower on its Cholesky
-    factorisations (and one thread makes the float64 results independent of the core count).
-
     ``bits``: whole-file bits per parameter (``size_of(encoded)`` gives the real file bytes for a
     candidate result; the budget is corrected by the measured overhead until the file lands within
     ``tolerance``). ``quality``: predicted output SNR in dB (output power over the summed
     distortion estimate; without statistics, weight SNR). Neither: quality 40 dB.
     ``alternatives``: see :func:`with_alternatives` (mode ``auto``: other modes per tensor).
     """
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _encode_model(items, stats, bits, quality, total_params, size_of, tolerance, progress, alternatives,
-                             transforms)
+    encoder = ModelEncoder(items, stats, total_params=total_params, size_of=size_of, tolerance=tolerance,
+                           progress=progress, alternatives=alternatives, transforms=transforms)
+    return encoder.encode(bits=bits, quality=quality)
 
 
-def _encode_model(items, stats, bits, quality, total_params, size_of, tolerance, progress, alternatives=None,
-                  transforms_on=True):
-    matrices = Matrices()  # the large tensors' matrices, made when needed, two at a time
-    units, layouts = make_units(items, stats, matrices)
-    if not units:
-        return {}
-    feedback = stats is not None
-    tell = progress or (lambda what, done, total: None)
-    build_curves(units, feedback=False, progress=lambda done, total: tell("curves", done, total))
-    options = transform_options(items, stats, layouts, matrices) if transforms_on else {}
-    synthesis: dict[str, np.ndarray] = {}
+class ModelEncoder:
+    """The whole-model tq encoder for one set of tensors: the units with their rate-distortion
+    curves and the transform options are made once (here); :meth:`encode` then allocates and codes
+    at a bits or quality target, as often as asked, reusing them (a rate search over trials costs
+    each trial its allocation and coding, not the curves). Arguments as :func:`encode_model`.
 
-    def rate(pick: Mapping[str, int]) -> float:
-        return totals(units, dict(pick))[1]
+    numpy's BLAS runs single-threaded meanwhile: the encoder's matrices are small, and a
+    multi-threaded OpenBLAS beside torch's OpenMP pool was measured 20x slower on its Cholesky
+    factorisations (and one thread makes the float64 results independent of the core count)."""
 
-    def dist(pick: Mapping[str, int]) -> float:
-        return totals(units, dict(pick))[0]
+    def __init__(self, items: list[Item], stats, *, total_params: int, size_of: Callable[[dict], int],
+                 tolerance: float = 0.015, progress: Optional[Callable[[str, int, int], None]] = None,
+                 alternatives: Optional[Callable] = None, transforms: bool = True):
+        self.stats = stats
+        self.total_params = total_params
+        self.size_of = size_of
+        self.tolerance = tolerance
+        self.alternatives = alternatives
+        self.tell = progress or (lambda what, done, total: None)
+        self.feedback = stats is not None
+        self.matrices = Matrices()  # the large tensors' matrices, made when needed, two at a time
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.units, self.layouts = make_units(items, stats, self.matrices)
+            self.options: dict[str, TransformOption] = {}
+            if self.units:
+                build_curves(self.units, feedback=False,
+                             progress=lambda done, total: self.tell("curves", done, total))
+                if transforms:
+                    self.options = transform_options(items, stats, self.layouts, self.matrices)
+        self.bias_originals: dict[int, np.ndarray] = {}  # bias bands' values before any correction
 
-    def with_transforms(measure: Callable, target: float, increasing: bool) -> list[Unit]:
-        """The transform choice (spec §7.5 stream 0) at the multiplier that meets ``target``
-        with exact (error-feedback) points around the identity's pick."""
-        if not options:
-            return units
-        lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
-        if feedback:
-            refine(units, pick, 1)
+    def encode(self, *, bits: Optional[float] = None, quality: Optional[float] = None) -> dict[str, Encoded]:
+        """The tq tensors at whole-file ``bits`` per parameter, or at ``quality`` dB (neither: 40)."""
+        if not self.units:
+            return {}
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._encode(bits, quality)
+
+    def _encode(self, bits, quality):
+        units, stats, feedback, tell = self.units, self.stats, self.feedback, self.tell
+        options, layouts, alternatives = self.options, self.layouts, self.alternatives
+        synthesis: dict[str, np.ndarray] = {}
+
+        def rate(pick: Mapping[str, int]) -> float:
+            return totals(units, dict(pick))[1]
+
+        def dist(pick: Mapping[str, int]) -> float:
+            return totals(units, dict(pick))[0]
+
+        def with_transforms(measure: Callable, target: float, increasing: bool) -> list[Unit]:
+            """The transform choice (spec §7.5 stream 0) at the multiplier that meets ``target``
+            with exact (error-feedback) points around the identity's pick."""
+            if not options:
+                return units
             lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
-        tell("transforms", 0, len(options))
-        chosen, names = choose_transforms(units, options, lam)
-        tell("transforms", len(options), len(options))
-        synthesis.update({n: options[n].synthesis for n in names})
-        return chosen
+            if feedback:
+                refine(units, pick, 1)
+                lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
+            tell("transforms", 0, len(options))
+            chosen, names = choose_transforms(units, options, lam)
+            tell("transforms", len(options), len(options))
+            synthesis.update({n: options[n].synthesis for n in names})
+            return chosen
 
-    def result(pick: Mapping[str, int]) -> dict[str, Encoded]:
-        _correct_biases(corrections, originals, pick)
-        out = {}
-        by_parent = by_tensor(units)
-        for i, (name, bands) in enumerate(by_parent.items()):
-            codes = [pick[u.name] for u in bands]
-            if name in synthesis:
-                out[name] = encode_transformed(bands, codes, layouts[name], synthesis[name])
-            else:
-                out[name] = encode_tensor(bands, codes, layouts[name])
-            tell(f"rate search: coding {name}", i + 1, len(by_parent))
-        return out
+        def corrections_of(chosen: list[Unit]) -> tuple[list, dict[int, np.ndarray]]:
+            pairs = _bias_pairs(chosen, stats, layouts)
+            originals = {id(b): self.bias_originals.setdefault(id(b), b.w) for _, bands in pairs for b in bands}
+            return pairs, originals
 
-    if bits is None:
-        q = 40.0 if quality is None else float(quality)
-        power = stats.output_power if stats is not None and stats.output_power > 0 else None
-        if power is None:
-            power = sum(u.gain * float(np.sum(u.w * u.w)) for u in units)
-        target = power * 10.0 ** (-q / 10.0)
-        tell("rate search", 0, 1)
-        units = with_transforms(dist, target, True)
-        corrections = _bias_pairs(units, stats, layouts)
-        originals = {id(b): b.w for _, bands in corrections for b in bands}
-        lam, pick = bisect_lambda(units, dist, target, increasing=True)
-        if feedback:
-            refine(units, pick, 3)
+        def result(pick: Mapping[str, int]) -> dict[str, Encoded]:
+            _correct_biases(corrections, originals, pick)
+            out = {}
+            by_parent = by_tensor(units)
+            for i, (name, bands) in enumerate(by_parent.items()):
+                codes = [pick[u.name] for u in bands]
+                if name in synthesis:
+                    out[name] = encode_transformed(bands, codes, layouts[name], synthesis[name])
+                else:
+                    out[name] = encode_tensor(bands, codes, layouts[name])
+                tell(f"rate search: coding {name}", i + 1, len(by_parent))
+            return out
+
+        if bits is None:
+            q = 40.0 if quality is None else float(quality)
+            power = stats.output_power if stats is not None and stats.output_power > 0 else None
+            if power is None:
+                power = sum(u.gain * float(np.sum(u.w * u.w)) for u in units)
+            target = power * 10.0 ** (-q / 10.0)
+            tell("rate search", 0, 1)
+            units = with_transforms(dist, target, True)
+            corrections, originals = corrections_of(units)
             lam, pick = bisect_lambda(units, dist, target, increasing=True)
-            refine(units, pick, 0)
-        return with_alternatives(alternatives, lam, units, pick, result(pick))
+            if feedback:
+                refine(units, pick, 3)
+                lam, pick = bisect_lambda(units, dist, target, increasing=True)
+                refine(units, pick, 0)
+            return with_alternatives(alternatives, lam, units, pick, result(pick))
 
-    target_bits = float(bits) * total_params
-    units = with_transforms(rate, target_bits, False)
-    corrections = _bias_pairs(units, stats, layouts)
-    originals = {id(b): b.w for _, bands in corrections for b in bands}
-    overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
-    best = None
-    for attempt in range(ATTEMPTS):
-        tell(f"rate search: file size {attempt + 1} of at most {ATTEMPTS}", attempt, ATTEMPTS)
-        budget = max(target_bits - overhead, 1.0)
-        lam, pick = bisect_lambda(units, rate, budget, increasing=False)
-        if feedback:
-            refine(units, pick, 2)
+        target_bits = float(bits) * self.total_params
+        units = with_transforms(rate, target_bits, False)
+        corrections, originals = corrections_of(units)
+        overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
+        best = None
+        for attempt in range(ATTEMPTS):
+            tell(f"rate search: file size {attempt + 1} of at most {ATTEMPTS}", attempt, ATTEMPTS)
+            budget = max(target_bits - overhead, 1.0)
             lam, pick = bisect_lambda(units, rate, budget, increasing=False)
-            refine(units, pick, 0)  # the chosen points themselves are exact
-            pick = choose(units, lam)
-            refine(units, pick, 0)
-        pick = fill(units, pick, budget)
-        enc = with_alternatives(alternatives, lam, units, pick, result(pick))
-        actual = 8.0 * size_of(enc)
-        err = actual / target_bits - 1.0
-        if best is None or abs(err) < abs(best[0]):
-            best = (err, enc)
-        if abs(err) <= tolerance:
-            break
-        overhead = actual - rate(pick)
-    tell("rate search", ATTEMPTS, ATTEMPTS)
-    return best[1]
+            if feedback:
+                refine(units, pick, 2)
+                lam, pick = bisect_lambda(units, rate, budget, increasing=False)
+                refine(units, pick, 0)  # the chosen points themselves are exact
+                pick = choose(units, lam)
+                refine(units, pick, 0)
+            pick = fill(units, pick, budget)
+            enc = with_alternatives(alternatives, lam, units, pick, result(pick))
+            actual = 8.0 * self.size_of(enc)
+            err = actual / target_bits - 1.0
+            if best is None or abs(err) < abs(best[0]):
+                best = (err, enc)
+            if abs(err) <= self.tolerance:
+                break
+            overhead = actual - rate(pick)
+        tell("rate search", ATTEMPTS, ATTEMPTS)
+        return best[1]
 
 
 # --- hook for other coding modes (mode auto; tqcodec.pipeline.auto) ------------------------------

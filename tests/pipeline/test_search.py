@@ -1,0 +1,151 @@
+"""tqcodec.pipeline.search and save(evaluate=...): the smallest file that keeps a metric."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tqcodec
+from tqcodec.errors import TqzError
+from tqcodec.pipeline import search
+from tests.helpers import layered_model
+
+
+def fake_trials(threshold_bits: float, calls: list):
+    """A trial function whose metric passes from ``threshold_bits`` up, size proportional to bits."""
+
+    def trial(bits: float):
+        calls.append(bits)
+        return f"file@{bits:.4f}", int(1000 * bits), bits - threshold_bits
+    return trial
+
+
+@pytest.mark.parametrize("threshold_bits", [0.3, 0.6, 0.9, 1.7, 3.1, 4.0, 5.5, 11.0])
+def test_search_lands_within_tolerance_of_the_boundary_in_few_trials(threshold_bits):
+    calls: list = []
+    found = search.smallest_passing(fake_trials(threshold_bits, calls), search.Target(0.0))
+    assert found.best.passed and found.best.bits >= threshold_bits
+    assert found.best.size <= 1.03 * 1000 * threshold_bits + 1  # within 3% of the smallest passing size
+    # fewer than 10 trials from 0.5 to 16 bits/param (the doubling from 4 reaches them in 1-3)
+    assert len(found.trials) == len(calls) <= (10 if threshold_bits < 0.5 else 9)
+    assert found.result == f"file@{found.best.bits:.4f}"
+    # the answer is the smallest passing trial
+    assert found.best.size == min(t.size for t in found.trials if t.passed)
+
+
+def test_search_lower_is_better_and_passing_at_the_floor():
+    calls: list = []
+    # metric = error falling with the rate; passes when <= 0.5
+    found = search.smallest_passing(lambda b: (b, int(100 * b), 1.0 / b), search.Target(0.5, higher_is_better=False))
+    assert found.best.metric <= 0.5 and found.best.bits == pytest.approx(2.0, rel=0.03)
+    found = search.smallest_passing(lambda b: (calls.append(b) or b, int(100 * b), 1.0), search.Target(0.0))
+    assert found.best.bits == search.MIN_BITS and all(t.passed for t in found.trials)
+
+
+def test_search_never_passing_is_metric_not_met_naming_the_best_metric():
+    with pytest.raises(TqzError) as e:
+        search.smallest_passing(lambda b: (b, int(b), 0.5 + b / 100), search.Target(0.99))
+    assert e.value.code == "METRIC_NOT_MET" and "0.66" in e.value.message and "16" in e.value.message
+
+
+def test_nan_metric_never_passes():
+    assert not search.Target(0.0).passes(math.nan) and not search.Target(0.0, False).passes(math.nan)
+
+
+# --- through save ---------------------------------------------------------------------------------
+
+def relative_error(reference):
+    def metric(path: str) -> float:
+        dec = tqcodec.load(path)
+        num = sum(float(((dec[k].float() - v.float()) ** 2).sum()) for k, v in reference.items())
+        den = sum(float((v.float() ** 2).sum()) for v in reference.values())
+        return math.sqrt(num / den)
+    return metric
+
+
+def test_save_writes_the_smallest_passing_file_and_logs_the_search(tmp_path):
+    sd = layered_model(n=4, rows=64, cols=96)
+    seen = []
+    metric = relative_error(sd)
+
+    def evaluate(path):
+        seen.append(path)
+        return metric(path)
+    out = tmp_path / "m.tqz"
+    size = tqcodec.save(sd, out, evaluate=evaluate, threshold=0.05, higher_is_better=False)
+    assert out.stat().st_size == size and metric(str(out)) <= 0.05
+    with tqcodec.open(out) as f:
+        log = f.metadata["tqz.search"]
+    trials = log["trials"]
+    assert 2 <= len(trials) < 10 and len(seen) == len(trials)
+    chosen = trials[log["chosen"]]
+    assert chosen["passed"] and chosen["size"] == min(t["size"] for t in trials if t["passed"])
+    failing = [t["size"] for t in trials if not t["passed"]]
+    assert failing and chosen["size"] <= 1.03 * max(failing) + 600  # + the search log itself
+    assert all(not __import__("os").path.exists(p) for p in seen)  # candidates removed
+    # a stricter metric needs a larger file
+    strict = tqcodec.save(sd, tmp_path / "s.tqz", evaluate=metric, threshold=0.01, higher_is_better=False)
+    assert strict > size
+
+
+def test_search_reuses_the_curves(tmp_path, monkeypatch):
+    from tqcodec.modes.tq import encoder
+    built = []
+    real = encoder.build_curves
+    monkeypatch.setattr(encoder, "build_curves", lambda *a, **k: built.append(1) or real(*a, **k))
+    sd = layered_model(n=3)
+    tqcodec.save(sd, tmp_path / "m.tqz", evaluate=relative_error(sd), threshold=0.05, higher_is_better=False)
+    assert len(built) == 1
+
+
+def test_search_is_deterministic(tmp_path):
+    sd = layered_model(n=3)
+    a = tqcodec.save(sd, tmp_path / "a.tqz", evaluate=relative_error(sd), threshold=0.03, higher_is_better=False)
+    b = tqcodec.save(sd, tmp_path / "b.tqz", evaluate=relative_error(sd), threshold=0.03, higher_is_better=False)
+    assert a == b and (tmp_path / "a.tqz").read_bytes() == (tmp_path / "b.tqz").read_bytes()
+
+
+@pytest.mark.parametrize("evaluate, code, words", [
+    (lambda p: 1 / 0, "EVALUATE_FAILED", "ZeroDivisionError"),
+    (lambda p: "0.9", "EVALUATE_FAILED", "not a finite number"),
+    (lambda p: float("nan"), "EVALUATE_FAILED", "not a finite number"),
+    (lambda p: 0.5, "METRIC_NOT_MET", "no rate up to 16"),
+])
+def test_failing_evaluations_write_nothing(tmp_path, evaluate, code, words):
+    out = tmp_path / "m.tqz"
+    with pytest.raises(TqzError) as e:
+        tqcodec.save(layered_model(n=2), out, evaluate=evaluate, threshold=0.9)
+    assert e.value.code == code and words in e.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options", [dict(bits=3), dict(quality=30), dict(lossless=True), dict(mode="uniform"),
+                                     dict(tq_scope="tensor"), dict(threshold=None), dict(threshold=float("inf")),
+                                     dict(evaluate=None)])
+def test_conflicting_search_options_are_refused_before_any_work(tmp_path, options):
+    calls = []
+    kw = dict(evaluate=lambda p: calls.append(p) or 1.0, threshold=0.5)
+    kw.update(options)
+    with pytest.raises(TqzError) as e:
+        tqcodec.save(layered_model(n=2), tmp_path / "m.tqz", **kw)
+    assert e.value.code == "BAD_OPTION" and not calls
+
+
+def test_existing_output_refused_before_the_search(tmp_path):
+    (tmp_path / "m.tqz").write_bytes(b"old")
+    calls = []
+    with pytest.raises(TqzError) as e:
+        tqcodec.save(layered_model(n=2), tmp_path / "m.tqz", evaluate=lambda p: calls.append(p) or 1.0, threshold=0.5)
+    assert e.value.code == "OUTPUT_EXISTS" and not calls and (tmp_path / "m.tqz").read_bytes() == b"old"
+
+
+def test_statistics_of_another_model_are_refused(tmp_path):
+    sd = layered_model(n=2)
+    stats = tqcodec.Stats.from_activations({"other.weight": torch.randn(32, 96)})
+    with pytest.raises(TqzError) as e:
+        tqcodec.save(sd, tmp_path / "m.tqz", stats=stats, bits=4)
+    assert e.value.code == "BAD_OPTION" and "none of the model's" in e.value.message
+    # statistics naming some of the tensors are used
+    stats = tqcodec.Stats.from_activations({"layer0.weight": torch.randn(32, 96)})
+    assert tqcodec.save(sd, tmp_path / "m.tqz", stats=stats, bits=4) > 0
