@@ -152,16 +152,15 @@ def test_many_tensors_decode_in_linear_time():
     as a ratio of two sizes, so a busy machine does not matter: 4x the tensors, ~4x the time."""
     small, big = _many_tensors(3000), _many_tensors(12000)
 
-    def best(data: bytes) -> float:
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            out = tqcodec.load(data)
-            times.append(time.perf_counter() - t0)
+    def timed(data: bytes) -> float:
+        t0 = time.perf_counter()
+        out = tqcodec.load(data)
         assert "tied" in out
-        return min(times)
+        return time.perf_counter() - t0
 
-    ratio = best(big) / best(small)
+    # alternated, best of 4 each: a burst of load from other processes hits both sizes alike
+    pairs = [(timed(big), timed(small)) for _ in range(4)]
+    ratio = min(b for b, _ in pairs) / min(s for _, s in pairs)
     assert ratio < 9, f"12000 tensors took {ratio:.1f}x the time of 3000 (quadratic gives ~16x)"
 
 
