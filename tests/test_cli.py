@@ -716,3 +716,12 @@ def test_metric_never_reached_exits_1_and_writes_nothing(tmp_path, model_pt):
 def test_evaluate_option_conflicts_are_usage_errors(model_pt, args):
     r = tqz("encode", model_pt, *args)
     assert r.exit_code == 2 and "BAD_OPTION" in r.output and not model_pt.with_suffix(".tqz").exists()
+
+
+def test_data_free_warning_is_one_line(tmp_path):
+    model = tmp_path / "model.pt"
+    torch.save(layered_model(n=3), model)
+    r = tqz("encode", model, "--bits", "1")
+    assert r.exit_code == 0
+    lines = [x for x in r.output.splitlines() if x.startswith("tqz: warning")]
+    assert len(lines) == 1 and lines[0].startswith("tqz: warning: data-free tq at --bits 1") and ".py" not in lines[0]

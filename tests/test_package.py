@@ -163,7 +163,7 @@ def test_format_version_is_the_writers():
         assert f.version == (1, 0)  # a file declares the lowest version it needs
 
 
-PUBLIC = ["TqzError", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport", "encode_bytes",
+PUBLIC = ["TqzError", "TqzWarning", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport", "encode_bytes",
           "iter_tensors", "load", "open", "save", "verify", "__version__", "FORMAT_VERSION", "Stats", "calibrate",
           "load_module", "finetune"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import TqzError
+from .errors import TqzError, TqzWarning
 from .format.header import MAJOR_VERSION, MINOR_VERSION
 from .limits import Limits
 
@@ -30,7 +30,7 @@ _LAZY = {
     "load_module": "model.nn", "finetune": "model.finetune",
 }
 
-__all__ = ["TqzError", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport",
+__all__ = ["TqzError", "TqzWarning", "Limits", "EncodeOptions", "TensorInfo", "TqzFile", "VerifyReport",
            "encode_bytes", "iter_tensors", "load", "open", "save", "verify", "__version__",
            "FORMAT_VERSION", "Stats", "calibrate", "load_module", "finetune"]
 

@@ -9,6 +9,7 @@ import io
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Union
 
@@ -16,7 +17,7 @@ import torch
 
 from . import __version__ as _version
 from . import parallel
-from .errors import TqzError, fail
+from .errors import TqzError, TqzWarning, fail
 from .format.manifest import TensorRecord, pack_canonical
 from .format.writer import ContainerWriter
 from .io import hf, remote, sources
@@ -266,13 +267,33 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
     entries = plan_entries(items)
     write = _file_writer(entries, opts, meta, progress)
 
-    if opts.uses_tq:
+    if opts.uses_tq and opts.mode != "auto":
+        encoder = tq_encoder(items, opts, lambda enc: write(None, enc), progress=progress)
+        pre = encoder.encode(bits=opts.bits, quality=opts.quality)
+        _warn_if_data_free_and_coarse(opts, encoder.predicted_snr_db)
+    elif opts.uses_tq:
         pre = encode_tq(items, opts, lambda enc: write(None, enc), progress=progress)
     elif opts.mode in CLASSIC_MODES and opts.bits is not None:  # the whole file on its bits target
         pre = encode_classic_file(items, opts, lambda enc: write(None, enc), progress=progress)
     else:
         pre = {}
     return _write_to(path, overwrite, lambda out: write(out, pre))
+
+
+DATA_FREE_WARN_DB = 30.0
+"""Data-free tq whose predicted weight SNR is below this gets a warning: on the benchmark models the
+smallest transparent data-free files had 23.7 dB (digits, 2.9 bits/param) and 32.2 dB (MiniLM,
+5.5 bits/param), while calibrated files are transparent far lower (benchmarks/results/rd.md)."""
+
+
+def _warn_if_data_free_and_coarse(opts: EncodeOptions, snr_db: Optional[float]) -> None:
+    if opts.stats is not None or snr_db is None or snr_db >= DATA_FREE_WARN_DB:
+        return
+    rate = f"--bits {opts.bits:g}" if opts.bits is not None else f"--quality {opts.quality:g}"
+    warnings.warn(f"data-free tq at {rate} is predicted at {snr_db:.1f} dB weight SNR: without calibration "
+                  f"statistics, below about {DATA_FREE_WARN_DB:.0f} dB a model may lose accuracy. Check it "
+                  "(--evaluate CMD --min X finds the smallest file that keeps your metric) or calibrate "
+                  "(tqz calibrate, --stats)", TqzWarning, stacklevel=3)
 
 
 def _check_stats_names(stats: Any, tensors: Mapping[str, Any]) -> None:

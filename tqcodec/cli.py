@@ -17,6 +17,7 @@ import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 import urllib.parse  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import BinaryIO, Callable, Iterator, Optional, Union  # noqa: E402
@@ -66,10 +67,17 @@ def _die(exc: TqzError) -> None:
     raise typer.Exit(USAGE_EXIT if exc.code == "BAD_OPTION" else 1)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr (no source file, no code line)."""
+    typer.echo(f"tqz: warning: {message}", err=True)
+
+
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # restored when the block ends
+            yield
     except TqzError as exc:
         _die(exc)
     except KeyboardInterrupt:

@@ -118,3 +118,7 @@ def fail(code: str, message: str, path: Optional[Union[str, os.PathLike]] = None
     """Build (not raise) the error of the right class for ``code``."""
     cls = error_class_for(code, errno)
     return cls(code, message, path, errno) if issubclass(cls, TqzOSError) else cls(code, message, path)
+
+
+class TqzWarning(UserWarning):
+    """Work done, with something the user should know (e.g. a data-free rate likely too low)."""

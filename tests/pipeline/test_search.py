@@ -149,3 +149,17 @@ def test_statistics_of_another_model_are_refused(tmp_path):
     # statistics naming some of the tensors are used
     stats = tqcodec.Stats.from_activations({"layer0.weight": torch.randn(32, 96)})
     assert tqcodec.save(sd, tmp_path / "m.tqz", stats=stats, bits=4) > 0
+
+
+# --- the data-free warning ------------------------------------------------------------------------
+
+def test_data_free_tq_at_a_coarse_rate_warns_and_points_to_the_remedies(tmp_path):
+    sd = layered_model(n=3)
+    with pytest.warns(tqcodec.TqzWarning, match=r"data-free tq at --bits 1 is predicted at .* dB.*--evaluate.*--stats"):
+        tqcodec.save(sd, tmp_path / "a.tqz", bits=1)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tqcodec.TqzWarning)
+        tqcodec.save(sd, tmp_path / "b.tqz", bits=8)  # fine rate: no warning
+        stats = tqcodec.Stats.from_activations({k: torch.randn(400, 96) for k in sd if k.endswith("weight")})
+        tqcodec.save(sd, tmp_path / "c.tqz", bits=1, stats=stats)  # calibrated: no warning

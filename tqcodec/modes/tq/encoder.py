@@ -400,6 +400,7 @@ class ModelEncoder:
                 if transforms:
                     self.options = transform_options(items, stats, self.layouts, self.matrices)
         self.bias_originals: dict[int, np.ndarray] = {}  # bias bands' values before any correction
+        self.predicted_snr_db: Optional[float] = None  # of the last encode: power over estimated distortion
 
     def encode(self, *, bits: Optional[float] = None, quality: Optional[float] = None) -> dict[str, Encoded]:
         """The tq tensors at whole-file ``bits`` per parameter, or at ``quality`` dB (neither: 40)."""
@@ -407,6 +408,14 @@ class ModelEncoder:
             return {}
         with threadpool_limits(limits=1, user_api="blas"):
             return self._encode(bits, quality)
+
+    def _power(self) -> float:
+        """Output power (from the statistics), else the gain-weighted weight power: the reference
+        of ``quality`` and of :attr:`predicted_snr_db`."""
+        stats = self.stats
+        if stats is not None and stats.output_power > 0:
+            return float(stats.output_power)
+        return sum(u.gain * float(np.sum(u.w * u.w)) for u in self.units)
 
     def _encode(self, bits, quality):
         units, stats, feedback, tell = self.units, self.stats, self.feedback, self.tell
@@ -440,6 +449,8 @@ class ModelEncoder:
             return pairs, originals
 
         def result(pick: Mapping[str, int]) -> dict[str, Encoded]:
+            d = dist(pick)
+            self.predicted_snr_db = 10.0 * float(np.log10(self._power() / d)) if d > 0 else float("inf")
             _correct_biases(corrections, originals, pick)
             out = {}
             by_parent = by_tensor(units)
@@ -454,10 +465,7 @@ class ModelEncoder:
 
         if bits is None:
             q = 40.0 if quality is None else float(quality)
-            power = stats.output_power if stats is not None and stats.output_power > 0 else None
-            if power is None:
-                power = sum(u.gain * float(np.sum(u.w * u.w)) for u in units)
-            target = power * 10.0 ** (-q / 10.0)
+            target = self._power() * 10.0 ** (-q / 10.0)
             tell("rate search", 0, 1)
             units = with_transforms(dist, target, True)
             corrections, originals = corrections_of(units)
