@@ -358,5 +358,8 @@ def _iter_parallel(source: Source, limits: Limits, jobs: int) -> Iterator[tuple[
                 tasks = ()
                 yield tc.record.name, tensor
                 del tc, tensor, item
+        except KeyboardInterrupt:  # Ctrl-C: the workers' decoding is not wanted any more
+            workers.abort()
+            raise
         finally:
             ahead.close(tasks)
