@@ -67,14 +67,18 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def interrupt(tmp_path: Path, args: list[str], ready) -> tuple[subprocess.CompletedProcess, list]:
+def interrupt(tmp_path: Path, args: list[str], ready, stdin: bytes = None) -> tuple[subprocess.CompletedProcess, list]:
     """Run ``tqz ARGS`` in ``tmp_path`` in a process group of its own; once ``ready(descendants)``
-    is true, send SIGINT to the group. Returns the finished process and every descendant seen,
-    with its command line."""
+    is true, send SIGINT to the group. ``stdin``: bytes written to its standard input, which is
+    then held open until it exits (a stalled pipe). Returns the finished process and every
+    descendant seen, with its command line."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-m", "tqcodec.cli"] + args, cwd=tmp_path, env=env,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+                         stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    if stdin is not None:
+        p.stdin.write(stdin)
+        p.stdin.flush()
     me = psutil.Process(p.pid)
     seen: dict[int, tuple[psutil.Process, str]] = {}
     try:
@@ -89,12 +93,20 @@ def interrupt(tmp_path: Path, args: list[str], ready) -> tuple[subprocess.Comple
             assert time.monotonic() < deadline, f"tqz {' '.join(args)} was never seen working"
             time.sleep(0.02)
         os.killpg(p.pid, signal.SIGINT)
+        sent = time.monotonic()
+        if stdin is not None:  # still open until it exits: what it reads stalls
+            p.wait(timeout=60)
+            p.stdin.close()
+            p.stdin = None
         out, err = p.communicate(timeout=60)
+        exit_s = time.monotonic() - sent
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    return subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode()), list(seen.values())
+    result = subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())
+    result.exit_s = exit_s  # from the SIGINT to its exit
+    return result, list(seen.values())
 
 
 def assert_cleaned_up(tmp_path: Path, result: subprocess.CompletedProcess, seen: list,
@@ -149,6 +161,19 @@ def test_ctrl_c_during_decode(tmp_path, inputs, jobs):
     result, seen = interrupt(tmp_path, ["decode", "m.tqz", "-o", "out.pt"] + jobs, working)
     assert sum("tqcodec.coding.workers" in cmd for _, cmd in seen) >= 2
     assert_cleaned_up(tmp_path, result, seen, {"m.tqz": inputs["m.tqz"]})
+
+
+def test_ctrl_c_while_decoding_a_stalled_pipe(tmp_path, inputs):
+    """``tqz decode -`` whose standard input stops halfway (a stalled download): the reading thread
+    waits in a read that may never return; a Ctrl-C does not wait for it (it waited 10 s)."""
+    data = inputs["m.tqz"]
+
+    def working(kids) -> bool:
+        return sum("tqcodec.coding.workers" in _cmdline(k) for k in kids) >= 2
+
+    result, seen = interrupt(tmp_path, ["decode", "-", "-o", "out.pt", "-j", "2"], working, stdin=data[:len(data) // 2])
+    assert_cleaned_up(tmp_path, result, seen, {})
+    assert result.exit_s < 9  # not the 10 s the reading thread was given before (a bound, not a speed target)
 
 
 # --- the Python API ---------------------------------------------------------------------------------

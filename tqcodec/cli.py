@@ -150,7 +150,13 @@ def _decode_source(input: str) -> Union[str, BinaryIO]:
         return input
     if sys.stdin.isatty():
         raise fail("BAD_OPTION", "standard input is a terminal: pipe a .tqz file into it")
-    return sys.stdin.buffer
+    # a reader of its own over the same pipe: a decode's read-ahead thread may be blocked in a
+    # read when a Ctrl-C ends the run, and Python aborts ("could not acquire lock for <stdin> at
+    # interpreter shutdown", SIGABRT) if that thread holds sys.stdin's buffer
+    try:
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test runner's stdin)
+        return sys.stdin.buffer
 
 
 def _default_decode_output(input: str, folder: bool) -> Path:

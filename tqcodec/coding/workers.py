@@ -234,7 +234,7 @@ class Pool:
         started: then every task is decoded by the thread asking for it)."""
         with self.lock:
             self.workers = [w for w in self.workers if not w.dead]
-            if self.broken or len(self.workers) >= n:
+            if self.broken or self.closing or len(self.workers) >= n:  # closing: none after kill()
                 return
             env = worker_env(per_worker(current_budget(), n))
             while not self.broken and len(self.workers) < n:
