@@ -1,9 +1,9 @@
-"""What an encode of MiniLM costs a user: peak memory over the interpreter, and wall time on a quiet
-machine and beside a CPU-bound neighbour (issue 16).
+"""What an encode of MiniLM (and digits) costs a user: peak memory over the interpreter, and wall time
+on a quiet machine and beside a CPU-bound neighbour (issue 16).
 
-    .venv/bin/python benchmarks/encode.py [--bits 4] [--json benchmarks/results/encode.json]
+    .venv/bin/python benchmarks/encode.py [--bits 4] [--models minilm,digits] [--json benchmarks/results/encode.json]
 
-Every encode is the real command line, ``python -m tqcodec encode minilm.pt --bits B [--stats S]``,
+Every encode is the real command line, ``python -m tqcodec encode MODEL.pt --bits B [--stats S]``,
 in a process of its own; its peak resident memory is read from the kernel (``ru_maxrss`` of the
 child) and reported over the interpreter's own (the same command with ``--version``: Python, torch
 and tqcodec loaded, no model). Cases: data-free (no statistics), with statistics (the benchmark's
@@ -11,7 +11,8 @@ calibration batches, computed once by ``tqcodec.calibrate`` and saved; the encod
 and the calibration itself. The calibrated encode runs twice more: on its own, and with one other
 CPU-bound process (``python -c "while True: pass"``, started and stopped by this script) beside it;
 the ratio of the two wall times is the slowdown a user sees on a busy machine. The load average is
-recorded at every run. Needs the bench extras (``make bench-install``).
+recorded at every run. Each model is a section of the JSON file. Needs the bench extras (``make
+bench-install``).
 """
 from __future__ import annotations
 
@@ -61,21 +62,17 @@ def peak_rss_mib(cmd: list[str]) -> tuple[float, dict]:
                                       "stdout": res["out"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bits", type=float, default=4.0)
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "encode.json"))
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="tqz-encode-"))
+def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
+    """Every measurement of one model of ``benchmarks.rd.MODELS``."""
     work.mkdir(parents=True, exist_ok=True)
-    zoo = MODELS["minilm"]
+    zoo = MODELS[name]
     ref = zoo.reference_state_dict()
-    model = work / "minilm.pt"
+    model = work / f"{name}.pt"
     torch.save(ref, model)
-    ctx = Context("minilm", zoo, ref, model, work, args)
+    ctx = Context(name, zoo, ref, model, work, args)
     module = zoo.build_module()
     module.load_state_dict(ref, strict=True)
+    load = os.getloadavg()
     t0 = time.perf_counter()
     stats = tqcodec.calibrate(module, ctx.calibration_batches())
     calibration_s = time.perf_counter() - t0
@@ -83,16 +80,17 @@ def main() -> None:
     stats.save(str(stats_path))
     tqz = [sys.executable, "-m", "tqcodec"]
     base, _ = peak_rss_mib(tqz + ["--version"])
-    rows = {"interpreter_peak_mib": round(base, 1), "calibration_s": round(calibration_s, 2),
-            "stats_file_bytes": stats_path.stat().st_size}
+    rows = {"parameters": sum(v.numel() for v in ref.values()), "bits": args.bits,
+            "interpreter_peak_mib": round(base, 1), "calibration_s": round(calibration_s, 2),
+            "calibration_load_before": [round(x, 2) for x in load], "stats_file_bytes": stats_path.stat().st_size}
     cases = {"data-free": ["--bits", str(args.bits)],
              "with statistics": ["--bits", str(args.bits), "--stats", str(stats_path)]}
-    for name, extra in cases.items():
-        out = work / f"{name.replace(' ', '-')}.tqz"
+    for case, extra in cases.items():
+        out = work / f"{case.replace(' ', '-')}.tqz"
         peak, info = peak_rss_mib(tqz + ["encode", str(model), "-o", str(out), "-f"] + extra)
-        rows[name] = {"peak_mib": round(peak, 1), "peak_over_interpreter_mib": round(peak - base, 1),
+        rows[case] = {"peak_mib": round(peak, 1), "peak_over_interpreter_mib": round(peak - base, 1),
                       "bytes": out.stat().st_size, **info}
-        print(name, rows[name], flush=True)
+        print(name, case, rows[case], flush=True)
     calibrated = tqz + ["encode", str(model), "-o", str(work / "c.tqz"), "-f"] + cases["with statistics"]
     quiet = run(calibrated)
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -105,10 +103,26 @@ def main() -> None:
     rows["calibrated encode, quiet"] = quiet
     rows["calibrated encode, one CPU-bound neighbour"] = busy
     rows["slowdown with a neighbour"] = round(busy["wall_s"] / quiet["wall_s"], 2)
-    rows["machine"] = {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-                       "python": platform.python_version(), "tqcodec": tqcodec.__version__}
-    Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(rows, indent=1))
+    print(name, "calibrated encode", quiet, busy, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", type=float, default=4.0)
+    ap.add_argument("--models", default="minilm", help="comma-separated: minilm, digits")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "encode.json"))
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="tqz-encode-"))
+    out: dict = {}
+    for name in args.models.split(","):
+        out[name] = measure(name, args, work / name)
+    out["machine"] = {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+                      "python": platform.python_version(), "tqcodec": tqcodec.__version__,
+                      "note": "a shared machine: the load averages before each run say how quiet it was"}
+    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ PACKAGE = Path(tqcodec.__file__).parent
 # Bottom to top: a module may import from its own layer or a lower one. Within a layer, the cycle
 # test keeps the imports acyclic.
 LAYERS = [
-    ("errors", "limits"),
+    ("errors", "limits", "processes"),
     ("format",),
     ("coding",),
     ("modes",),

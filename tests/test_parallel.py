@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import multiprocessing as mp
+import os
 import random
 import threading
 import weakref
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tqcodec
-from tqcodec import api, parallel
+from tqcodec import api, parallel, threads
 from tqcodec.errors import TqzError
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.io import hf
@@ -121,6 +122,38 @@ def test_processes_reading_one_file_at_once(model_file, reference):
     assert len(results) == 6
     for name, how, got in results:
         assert got == reference[name], (name, how)
+
+
+def _what_a_worker_sees() -> dict:
+    import signal
+    from threadpoolctl import threadpool_info
+    return {"torch": torch.get_num_threads(), "blas": sorted({p["num_threads"] for p in threadpool_info()}),
+            "env": os.environ.get("OMP_NUM_THREADS"), "sigint": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+            "pid": os.getpid()}
+
+
+@pytest.mark.parametrize("budget, jobs, share", [(4, 2, 2), (6, 2, 3), (3, 2, 1), (1, 3, 1)])
+def test_each_encode_worker_gets_its_share_of_the_thread_budget(budget, jobs, share):
+    """``-j N --threads T``: each worker of the pool runs torch and numpy's BLAS/OpenMP pools at
+    max(1, T // N) threads (and leaves Ctrl-C to this process)."""
+    with threads.budget(budget):
+        pool = parallel.make_pool(jobs)
+    try:
+        seen = [f.result() for f in [pool.submit(_what_a_worker_sees) for _ in range(2 * jobs)]]
+    finally:
+        pool.shutdown()
+    for s in seen:
+        assert s["torch"] == share and s["env"] == str(share) and s["sigint"]
+        assert s["blas"] in ([], [share])  # every BLAS/OpenMP pool the worker has loaded
+
+
+def test_the_default_budget_is_shared_too():
+    """Without a ``budget`` block (the API's ``save(jobs=N)``): every core this process may use."""
+    pool = parallel.make_pool(2)
+    try:
+        assert pool.submit(_what_a_worker_sees).result()["torch"] == threads.per_worker(threads.available_cores(), 2)
+    finally:
+        pool.shutdown()
 
 
 def test_several_decode_workers_give_the_same_bytes_as_one(model_file, reference):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
 import threading
 import zlib
@@ -368,3 +369,30 @@ def test_cli_decode_jobs(big, tmp_path):
         assert res.exit_code == 0, res.output
         outs[jobs] = out.read_bytes()
     assert outs["1"] == outs["2"] == outs["0"] == outs[None]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc")
+def test_decode_workers_get_their_share_and_leave_ctrl_c_to_this_process(monkeypatch):
+    """Workers started for ``jobs`` 2 under a budget of 4 threads load numpy with its BLAS and
+    OpenMP pools at 2 threads (the environment they start with), and start with SIGINT blocked
+    (a Ctrl-C at the terminal reaches the whole process group: it is this process's to handle)."""
+    from tqcodec import threads
+    fresh = workers.Pool()
+    monkeypatch.setattr(workers, "_POOL", fresh)
+    procs = []
+    try:
+        with threads.budget(4):
+            workers.pool(2)
+        procs = [w.proc for w in fresh.workers]
+        assert fresh.wait_ready(60) == 2
+        for w in fresh.workers:
+            env = dict(kv.split("=", 1) for kv in
+                       open(f"/proc/{w.proc.pid}/environ", "rb").read().decode().split("\0") if "=" in kv)
+            assert [env.get(k) for k in threads.BLAS_ENV] == ["2", "2", "2"]
+            status = dict(line.split(":\t", 1) for line in open(f"/proc/{w.proc.pid}/status").read().splitlines()
+                          if ":\t" in line)
+            sigint = 1 << (signal.SIGINT - 1)
+            assert int(status["SigBlk"], 16) & sigint and int(status["SigIgn"], 16) & sigint
+    finally:
+        workers.abort()
+    assert len(procs) == 2 and all(p.poll() is not None for p in procs)  # abort: killed and reaped

@@ -11,29 +11,38 @@ import os
 # than spin on cores another process needs (tqcodec.threads)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-import urllib.parse  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import BinaryIO, Callable, Iterator, Optional, Union  # noqa: E402
 
-import click  # noqa: E402
-import typer  # noqa: E402
-from typer.core import TyperCommand  # noqa: E402
+INTERRUPTED = "tqz: interrupted"  # the one line a Ctrl-C prints (exit status 130)
 
-from . import FORMAT_VERSION, __version__, api, parallel  # noqa: E402
-from . import threads as thread_budget  # noqa: E402
-from .errors import TqzError, fail  # noqa: E402
-from .io.files import atomic_output, read_model, safetensors_bytes, same_file, write_model  # noqa: E402
-from .io.hf import parse_size, read_folder  # noqa: E402
-from .io.remote import is_url  # noqa: E402
-from .model.calibrate import Stats  # noqa: E402
-from .plot import plot_allocation  # noqa: E402
+try:  # loading torch and the rest takes a second or two: a Ctrl-C then is an interruption too
+    import contextlib  # noqa: E402
+    import json  # noqa: E402
+    import shlex  # noqa: E402
+    import signal  # noqa: E402
+    import subprocess  # noqa: E402
+    import time  # noqa: E402
+    import warnings  # noqa: E402
+    import urllib.parse  # noqa: E402
+    from pathlib import Path  # noqa: E402
+    from typing import BinaryIO, Callable, Iterator, Optional, Union  # noqa: E402
+
+    import click  # noqa: E402
+    import typer  # noqa: E402
+    from typer.core import TyperCommand  # noqa: E402
+
+    from . import FORMAT_VERSION, __version__, api, parallel  # noqa: E402
+    from . import threads as thread_budget  # noqa: E402
+    from .coding import workers  # noqa: E402
+    from .errors import TqzError, fail  # noqa: E402
+    from .io.files import atomic_output, read_model, safetensors_bytes, same_file, write_model  # noqa: E402
+    from .io.hf import parse_size, read_folder  # noqa: E402
+    from .io.remote import is_url  # noqa: E402
+    from .model.calibrate import Stats  # noqa: E402
+    from .plot import plot_allocation  # noqa: E402
+except KeyboardInterrupt:
+    print(INTERRUPTED, file=sys.stderr)
+    raise SystemExit(130) from None
 
 USAGE_EXIT = 2  # a usage error: a wrong option or argument (BAD_OPTION), as click's own usage errors
 DECODED = ".decoded"  # decode's default output: INPUT less .tqz, plus .decoded.pt (or .decoded/ for a folder)
@@ -81,8 +90,22 @@ def _errors() -> Iterator[None]:
     except TqzError as exc:
         _die(exc)
     except KeyboardInterrupt:
-        typer.echo("tqz: interrupted", err=True)
+        _interrupted()
         raise typer.Exit(130) from None
+
+
+_REPORTED: list[bool] = []  # main(): a command body has reported the interruption
+
+
+def _interrupted(unless_reported: bool = False) -> None:
+    """Ctrl-C: end the decode workers now (the encode pool ends where it was interrupted,
+    ``tqcodec.parallel.ordered_map``) and say so in one line."""
+    workers.abort()
+    if unless_reported and _REPORTED:
+        return
+    _REPORTED.append(True)
+    with contextlib.suppress(OSError, ValueError):
+        typer.echo(INTERRUPTED, err=True)
 
 
 PROGRESS_PERIOD = 10.0  # seconds between progress lines when standard error is not a terminal
@@ -137,7 +160,13 @@ def _decode_source(input: str) -> Union[str, BinaryIO]:
         return input
     if sys.stdin.isatty():
         raise fail("BAD_OPTION", "standard input is a terminal: pipe a .tqz file into it")
-    return sys.stdin.buffer
+    # a reader of its own over the same pipe: a decode's read-ahead thread may be blocked in a
+    # read when a Ctrl-C ends the run, and Python aborts ("could not acquire lock for <stdin> at
+    # interpreter shutdown", SIGABRT) if that thread holds sys.stdin's buffer
+    try:
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test runner's stdin)
+        return sys.stdin.buffer
 
 
 def _default_decode_output(input: str, folder: bool) -> Path:
@@ -543,11 +572,22 @@ def calibrate_command(
 
 def main() -> None:
     """Console entry point."""
+    _REPORTED.clear()
     try:
         app()
     except TqzError as exc:  # raised outside a command body
         typer.echo(f"tqz: error: {exc}", err=True)
         sys.exit(USAGE_EXIT if exc.code == "BAD_OPTION" else 1)
+    except SystemExit as exc:  # typer turns a Ctrl-C outside a command body into exit 130, silently
+        if exc.code == 130:
+            _interrupted(unless_reported=True)
+        raise
+    except KeyboardInterrupt:
+        _interrupted(unless_reported=True)
+        sys.exit(130)
+    finally:  # the run is over, its output complete or cleaned up: a Ctrl-C now changes nothing
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ threads would not help); ``iter_pieces`` decodes large tq tensors in row blocks 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import math
 import multiprocessing
 import os
+import signal
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -32,6 +34,8 @@ from .modes import alias
 from .pipeline.decode import decode_tensor
 from .pipeline.encode import EncodeOptions, TQ_BLOCK_PARAMS, encode_block, encode_entry, merge_tq_blocks, tq_blocks
 from .pipeline.tensors import is_lazy
+from .processes import current_budget, deferred, per_worker, sigint_blocked
+from .threads import limit_this_process
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,16 +64,47 @@ def _context():
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["tqcodec.parallel"])
+        from multiprocessing import forkserver, resource_tracker
+        # started with SIGINT blocked (as Python starts its resource tracker): a Ctrl-C at the
+        # terminal reaches the whole process group, and the server and the workers it forks
+        # (which inherit the mask) leave it to this process, even while they start up. (The
+        # tracker first: starting it unblocks SIGINT in this thread.)
+        resource_tracker.ensure_running()
+        with sigint_blocked():
+            forkserver.ensure_running()
         return ctx
     return multiprocessing.get_context("spawn")
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one process per core: no oversubscription
+def _worker_init(threads: int = 1) -> None:
+    """A pool worker: Ctrl-C is the parent's to handle (it ends the pool), and the worker's
+    threads are its share of the run's budget (``tqcodec.threads``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit_this_process(threads)
 
 
-def make_pool(jobs: int) -> cf.ProcessPoolExecutor:
-    return cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_worker_init)
+def make_pool(jobs: int, threads: Optional[int] = None) -> cf.ProcessPoolExecutor:
+    """``jobs`` worker processes, each with ``threads // jobs`` threads (``threads``: the budget
+    in force, ``tqcodec.threads.budget``, by default)."""
+    share = per_worker(current_budget() if threads is None else threads, jobs)
+    return cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_worker_init,
+                                  initargs=(share,))
+
+
+def terminate_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """End a pool now, its running tasks with it (Ctrl-C, or results no longer wanted): its
+    workers are terminated and reaped before this returns."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
 
 
 def ordered_map(fn: Callable, tasks: Iterable[tuple], jobs: int, window: Optional[int] = None,
@@ -81,22 +116,28 @@ def ordered_map(fn: Callable, tasks: Iterable[tuple], jobs: int, window: Optiona
             yield fn(*task)
         return
     own = pool is None
-    pool = pool or make_pool(jobs)
+    with deferred():  # a pool is made whole or not at all
+        pool = pool or make_pool(jobs)
     window = window or 2 * jobs
     pending: deque = deque()
+    finished = False
     try:
         it = iter(tasks)
         for task in it:
-            pending.append(pool.submit(fn, *task))
+            with deferred():  # a submit may start a worker: never cut that in the middle
+                pending.append(pool.submit(fn, *task))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+        finished = True
     finally:
         for fut in pending:
             fut.cancel()
-        if own:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if own and finished:
+            pool.shutdown(wait=True)
+        elif own:  # an error, Ctrl-C, or the consumer gone: the tasks still running are not wanted
+            terminate_pool(pool)
 
 
 # --- encoding -------------------------------------------------------------------------------------

@@ -17,14 +17,11 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from .errors import fail
+from .processes import BLAS_ENV, BUDGETS, available_cores, current_budget, per_worker, worker_env
 
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask; the CPU count where there is none)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+__all__ = ["BLAS_ENV", "available_cores", "budget", "check_threads", "current", "limit_this_process", "per_worker",
+           "worker_env"]
+current = current_budget
 
 
 def check_threads(threads: Any) -> int:
@@ -37,9 +34,14 @@ def check_threads(threads: Any) -> int:
     return threads
 
 
-def per_worker(threads: int, jobs: int) -> int:
-    """Each of ``jobs`` worker processes' share of a budget of ``threads``."""
-    return max(1, threads // max(1, jobs))
+def limit_this_process(share: int) -> None:
+    """A worker process's share of the budget, for the rest of its life: torch's intra-op
+    threads, and numpy's BLAS and OpenMP pools (threadpoolctl; already loaded by a forkserver's
+    preload, so the environment would come too late); the environment too, for programs it
+    starts."""
+    os.environ.update({name: str(share) for name in BLAS_ENV})
+    torch.set_num_threads(share)
+    threadpool_limits(limits=share)
 
 
 @contextlib.contextmanager
@@ -49,8 +51,10 @@ def budget(threads: Optional[int] = None) -> Iterator[int]:
     n = check_threads(threads)
     old = torch.get_num_threads()
     torch.set_num_threads(n)
+    BUDGETS.append(n)
     try:
         with threadpool_limits(limits=n):
             yield n
     finally:
+        BUDGETS.pop()
         torch.set_num_threads(old)

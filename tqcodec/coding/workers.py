@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import os
 import struct
 import subprocess
@@ -34,6 +35,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import TqzError
+from ..processes import current_budget, per_worker, sigint_blocked, worker_env
 from .rangecoder import Model, decode_symbols
 
 IDLE_S = 30.0  # a worker with no task for this long exits
@@ -83,7 +85,7 @@ class Task:
 class _Worker:
     """One worker process and the two threads of this process that feed it and read it."""
 
-    def __init__(self, pool: "Pool"):
+    def __init__(self, pool: "Pool", env: Optional[dict] = None):
         self.pool = pool
         self.inflight: collections.deque = collections.deque()
         self.slots = threading.Semaphore(DEPTH)
@@ -97,8 +99,9 @@ class _Worker:
         code = (f"import sys; sys.path.insert(0, {root!r}); "
                 f"from tqcodec.coding.workers import serve; serve({to_r}, {from_w})")
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_r, from_w),
-                                         stdin=subprocess.DEVNULL, close_fds=True)
+            with sigint_blocked():  # the worker starts with Ctrl-C blocked: it is the parent's to handle
+                self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_r, from_w),
+                                             stdin=subprocess.DEVNULL, close_fds=True, env=env)
         except BaseException:
             os.close(to_w)
             os.close(from_r)
@@ -231,9 +234,12 @@ class Pool:
         started: then every task is decoded by the thread asking for it)."""
         with self.lock:
             self.workers = [w for w in self.workers if not w.dead]
+            if self.broken or self.closing or len(self.workers) >= n:  # closing: none after kill()
+                return
+            env = worker_env(per_worker(current_budget(), n))
             while not self.broken and len(self.workers) < n:
                 try:
-                    self.workers.append(_Worker(self))
+                    self.workers.append(_Worker(self, env))
                 except (OSError, ValueError, subprocess.SubprocessError):
                     self.broken = True
 
@@ -311,6 +317,22 @@ class Pool:
         for w in workers:
             w.sender.join(timeout=5)
 
+    def kill(self) -> None:
+        """End every worker now, without waiting for its task (Ctrl-C); their tasks are left to
+        whoever waits for them (decoded there, as any task of a worker that died)."""
+        with self.lock:
+            self.closing = True
+            self.lock.notify_all()
+            workers = list(self.workers)
+        for w in workers:
+            w.dead = True
+            with contextlib.suppress(OSError):
+                w.proc.kill()
+            w.slots.release()  # a sender waiting for a slot sees ``dead`` and stops
+        for w in workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(timeout=5)
+
 
 _POOL: Optional[Pool] = None
 _POOL_LOCK = threading.Lock()
@@ -327,9 +349,22 @@ def pool(workers: int) -> Pool:
     return p
 
 
+def abort() -> None:
+    """Ctrl-C: kill this process's workers now (reaped before this returns) and forget the pool;
+    a later decode starts new ones."""
+    global _POOL
+    with _POOL_LOCK:
+        p, _POOL = _POOL, None
+    if p is not None:
+        p.kill()
+
+
 def _shutdown() -> None:
     if _POOL is not None:
-        _POOL.close()
+        try:
+            _POOL.close()
+        except KeyboardInterrupt:  # Ctrl-C while exiting: do not wait for the workers
+            abort()
 
 
 def _forget_in_child() -> None:  # a fork of this process has none of its threads: start afresh
@@ -369,11 +404,15 @@ def serve(read_fd: int, write_fd: int) -> None:
                 models[table] = model
             sym = decode_symbols(words, model, count)
             del words
-            narrow = sym.astype(np.uint8 if len(model.freqs) <= 256 else "<u2")
+            answer = [b"S" + (b"1" if len(model.freqs) <= 256 else b"2"),
+                      sym.astype(np.uint8 if len(model.freqs) <= 256 else "<u2")]
             del sym
-            out.send_bytes(b"S" + (b"1" if narrow.dtype == np.uint8 else b"2"))
-            out.send_bytes(narrow)
         except TqzError as exc:
-            out.send_bytes(b"E" + f"{exc.code}\n{exc.message}".encode("utf-8"))
+            answer = [b"E" + f"{exc.code}\n{exc.message}".encode("utf-8")]
         except Exception:  # noqa: BLE001 - any other failure: the parent decodes this chunk itself
-            out.send_bytes(b"X")
+            answer = [b"X"]
+        try:
+            while answer:
+                out.send_bytes(answer.pop(0))
+        except OSError:  # the parent has gone (or closed the pipe): no one to answer
+            return

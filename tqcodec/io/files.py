@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from ..errors import TqzError, fail
+from ..processes import interrupt_wins
 from ..pipeline.tensors import check_tensor
 
 PathLike = Union[str, os.PathLike]
@@ -162,7 +163,8 @@ def read_model(path: PathLike) -> dict[str, torch.Tensor]:
             raise fail("BAD_INPUT", f"not a readable safetensors file ({exc})", path) from None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with interrupt_wins():
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, ... on bad files
             raise fail("BAD_INPUT", _refusal(path, exc), path) from None
         return _plain_tensors(obj, path)
@@ -258,7 +260,8 @@ def write_model(tensors: Mapping[str, torch.Tensor], path: PathLike, overwrite: 
         with atomic_output(path, overwrite) as f:
             sink = _KeepOSError(f)
             try:
-                torch.save(dict(tensors), sink)
+                with interrupt_wins():
+                    torch.save(dict(tensors), sink)
             except RuntimeError:
                 # torch's C++ writer turns a failed write (ENOSPC, EIO) into a RuntimeError
                 if sink.error is not None:

@@ -321,9 +321,10 @@ class _ReadAhead:
             self.held -= size
             self.cv.notify_all()
 
-    def close(self, current: Sequence = ()) -> None:
+    def close(self, current: Sequence = (), wait: float = 10.0) -> None:
         """Stop reading; drop the range decoding no one will ask for (``current``: the tasks of
-        the tensor being decoded, if any)."""
+        the tensor being decoded, if any). Waits up to ``wait`` seconds for the reading thread
+        (a daemon: one blocked on a stalled pipe or URL ends with its read)."""
         with self.cv:
             self.stopped = True
             self.cv.notify_all()
@@ -331,7 +332,7 @@ class _ReadAhead:
             self.items.clear()
         if self.pool is not None:
             self.pool.cancel(list(current) + left)
-        self.thread.join(timeout=10)  # at most one read of the source in progress
+        self.thread.join(timeout=wait)  # at most one read of the source in progress
 
 
 def _iter_parallel(source: Source, limits: Limits, jobs: int) -> Iterator[tuple[str, "torch.Tensor"]]:
@@ -339,6 +340,7 @@ def _iter_parallel(source: Source, limits: Limits, jobs: int) -> Iterator[tuple[
     with naming(path):
         ahead = _ReadAhead(source, limits, jobs)
         tasks: Sequence = ()
+        wait = 10.0
         try:
             done: dict[int, torch.Tensor] = {}
             while True:
@@ -358,5 +360,9 @@ def _iter_parallel(source: Source, limits: Limits, jobs: int) -> Iterator[tuple[
                 tasks = ()
                 yield tc.record.name, tensor
                 del tc, tensor, item
+        except KeyboardInterrupt:  # Ctrl-C: the workers' decoding is not wanted any more
+            workers.abort()
+            wait = 0.5  # nor a read of a stalled source
+            raise
         finally:
-            ahead.close(tasks)
+            ahead.close(tasks, wait)
