@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ...format.steps import steps_from_codes
+from ...format.steps import MAX_CODED_MAGNITUDE, steps_from_codes
 from ..base import Encoded
 from . import transforms
 from .format import write
@@ -298,6 +298,8 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
             rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
         else:
             coef = coefficients(mat=mat)
+            if not np.abs(coef).max(initial=0.0) <= MAX_CODED_MAGNITUDE:
+                continue  # coefficients no step can code (H of a wide dynamic range; NaN): no transform
             rows = [coef[bounds[b]:bounds[b + 1]] for b in range(nb)]
         del mat
         bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b])
