@@ -62,6 +62,9 @@ class EncodeOptions:
     granularity: ``channel`` (one step per output channel, the default) or ``tensor``; ``uniform``
     only, refused where tq codes.
     stats: ``tqcodec.Stats`` from ``tqcodec.calibrate`` (mode ``tq``; with ``auto`` it selects tq).
+    Degenerate statistics (H = 0, rank-deficient, a handful of samples) are handled; NaN or Inf
+    in them, or negative gains, counts or channel powers, are refused (``BAD_OPTION`` naming the
+    tensor).
     bits: mode ``tq``: whole-file bits per parameter (the file lands within ±3%).
     quality: mode ``tq``: predicted output SNR in dB (output power over the estimated output
     error, spec-free encoder choice); without stats, weight SNR. Default 40 when neither is given.
