@@ -219,3 +219,21 @@ def test_transform_coefficients_of_a_wide_range_h_stay_codable():
     d, r = u.evaluate(103, False)
     assert np.isfinite(d) and np.isfinite(r) and r > 0
     assert MAX_CODED_MAGNITUDE / float(2.0 ** 23 * 7) == 32000 and MAX_LEVEL == 1 << 20
+
+
+@pytest.mark.parametrize("mode", [None, "auto", "ecsq"])
+def test_a_negative_second_moment_is_refused(mode):
+    """fuzz_statistics case 7979 of seed 1: an H whose diagonal held a negative entry (no input
+    makes E[x^2] < 0) gave negative distortions on tq's coarse curve. Refused; an H slightly
+    indefinite off its diagonal (a compact statistics file's rounding) still encodes."""
+    h, rows = degenerate_statistics(64, 3, "plain", 16)
+    bad = h.copy()
+    bad[0, 2, 2] = -1e-3
+    sd, stats = _one_layer(TensorStats("linear", bad, None, rows))
+    with pytest.raises(tqcodec.TqzError, match="l.weight") as err:
+        tqcodec.encode_bytes(sd, stats=stats, bits=3.0, mode=mode)
+    assert err.value.code == "BAD_OPTION"
+    off = h.copy()
+    off[0, 2, 3] = off[0, 3, 2] = 1.01 * np.sqrt(h[0, 2, 2] * h[0, 3, 3])  # indefinite, diagonal intact
+    sd, stats = _one_layer(TensorStats("linear", off, None, rows))
+    assert torch.isfinite(tqcodec.load(tqcodec.encode_bytes(sd, stats=stats, bits=3.0, mode=mode))["l.weight"]).all()

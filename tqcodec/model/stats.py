@@ -458,7 +458,8 @@ class Stats:
 def check_tensor_stats(name: str, s: TensorStats) -> None:
     """Refuse (``TqzError`` ``BAD_OPTION`` naming the tensor) statistics no encoder can weigh
     errors by: NaN or infinity in ``h``, ``mean``, ``counts`` or ``row_h``, a gain that is not a
-    finite number >= 0, negative token counts or channel powers (``row_h``). Degenerate but
+    finite number >= 0, negative token counts or channel powers (``row_h``), a negative diagonal
+    entry of ``h`` (a second moment below 0; H slightly indefinite off its diagonal is fine). Degenerate but
     valid statistics (H = 0, rank-deficient, 1e12 between columns, a handful of samples) pass:
     the encoders handle them."""
     gain = s.gain
@@ -473,6 +474,9 @@ def check_tensor_stats(name: str, s: TensorStats) -> None:
             raise fail("BAD_OPTION", f"statistics of {name!r}: {part} holds NaN or Inf")
         if part in ("counts", "row_h") and (a < 0).any():
             raise fail("BAD_OPTION", f"statistics of {name!r}: {part} holds a negative value")
+        if part == "h" and a.ndim >= 2 and a.shape[-1] == a.shape[-2] and (np.diagonal(a, axis1=-2, axis2=-1) < 0).any():
+            # E[x_j^2] < 0: no input makes it (an off-diagonal rounding below zero is fine)
+            raise fail("BAD_OPTION", f"statistics of {name!r}: h has a negative diagonal entry")
 
 
 def check_stats_scalars(stats: Any) -> None:
