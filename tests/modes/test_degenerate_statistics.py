@@ -237,3 +237,24 @@ def test_a_negative_second_moment_is_refused(mode):
     off[0, 2, 3] = off[0, 3, 2] = 1.01 * np.sqrt(h[0, 2, 2] * h[0, 3, 3])  # indefinite, diagonal intact
     sd, stats = _one_layer(TensorStats("linear", off, None, rows))
     assert torch.isfinite(tqcodec.load(tqcodec.encode_bytes(sd, stats=stats, bits=3.0, mode=mode))["l.weight"]).all()
+
+
+def test_an_indefinite_h_never_gives_a_negative_distortion():
+    """fuzz_statistics case 33491 of seed 1: an H with its diagonal intact but far from positive
+    semi-definite (off-diagonal entries above sqrt(h_ii h_jj)) gave negative exact distortions.
+    usable_h clips its negative eigenvalues; an H PSD up to rounding is used as it is."""
+    from tqcodec.modes.tq.allocation import candidate_codes
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)) * [1e3, 1.0, 1e-3, 1.0]
+    h = x.T @ x / 64
+    bad = h.copy()
+    bad[1, 2] = bad[2, 1] = 50 * np.sqrt(h[1, 1] * h[2, 2])
+    assert np.linalg.eigvalsh(bad).min() < 0
+    fixed = usable_h(bad[None], 64)[0]
+    assert np.linalg.eigvalsh(fixed).min() >= -1e-9 * np.abs(fixed).max()
+    assert np.array_equal(usable_h(h[None], 64)[0], h)
+    w = rng.normal(size=(3, 4))
+    units, _ = make_units([Item.of("w", "float32", w)], Stats({"w": TensorStats("linear", bad[None], None, 64)}, 1.0))
+    for code in candidate_codes(units[0].w):
+        d, r = units[0].evaluate(code, True)
+        assert d >= 0 and np.isfinite(r)

@@ -148,7 +148,7 @@ class Unit:
         tot = 0.0
         for i in range(g):
             tot += float(np.sum((e3[i] @ self.h[i]) * e3[i]))
-        return self.gain * tot
+        return self.gain * max(tot, 0.0)  # H is PSD (usable_h): below 0 only by rounding
 
     def distortion_diag(self, err: np.ndarray) -> float:
         """Cheap estimate for the coarse curve: ``tr(E diag(H) E^T)`` (errors taken as
