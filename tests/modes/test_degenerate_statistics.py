@@ -88,6 +88,11 @@ def test_whole_files_decode_and_never_exceed_raw(data, mode, seed, bits):
     w = torch.from_numpy(weights(seed, 32, m).astype(np.float32))
     stats = Stats({"l.weight": TensorStats("linear", h, None, rows, mean=np.zeros((1, m)))}, 1.0)
     sd = {"l.weight": w, "l.bias": torch.zeros(32)}
+    if not np.isfinite(h).all():  # NaN or Inf: refused, naming the tensor
+        with pytest.raises(tqcodec.TqzError, match="l.weight") as err:
+            tqcodec.encode_bytes(sd, stats=stats, bits=bits, mode=mode)
+        assert err.value.code == "BAD_OPTION"
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data_ = tqcodec.encode_bytes(sd, stats=stats, bits=bits, mode=mode)
@@ -114,3 +119,142 @@ def test_more_rate_never_makes_thin_statistics_worse(rows):
         errors.append(float((back - w).norm() / w.norm()))
     assert all(b <= a * 1.02 for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.1 * errors[0], errors
+
+
+# --- regressions found by benchmarks/fuzz_statistics.py ------------------------------------------
+
+def _one_layer(st: TensorStats, power: float = 1.0):
+    w = torch.from_numpy(weights(7, 32, 16).astype(np.float32))
+    return {"l.weight": w}, Stats({"l.weight": st}, power)
+
+
+@pytest.mark.parametrize("mode", [None, "tq", "auto", "ecsq", "kmeans"])
+@pytest.mark.parametrize("bad", ["gain", "mean", "power", "negative_gain"])
+def test_non_finite_statistics_are_refused_naming_the_tensor(mode, bad):
+    """A NaN/Inf gain or mean (or a negative gain) was read as it came: NaN distortions, a pick of
+    None (KeyError) in tq's allocation, NaN importance in the classic modes."""
+    h, rows = degenerate_statistics(64, 1, "plain", 16)
+    st = TensorStats("linear", h, None, rows, mean=np.zeros((1, 16)))
+    power = 1.0
+    if bad == "gain":
+        st.gain = float("nan")
+    elif bad == "negative_gain":
+        st.gain = -1.0
+    elif bad == "mean":
+        st.mean[0, 3] = float("inf")
+    else:
+        power = float("inf")
+    sd, stats = _one_layer(st, power)
+    with pytest.raises(tqcodec.TqzError) as err:
+        tqcodec.encode_bytes(sd, stats=stats, bits=3.0, mode=mode)
+    assert err.value.code == "BAD_OPTION"
+    assert bad == "power" or "l.weight" in str(err.value)
+
+
+@pytest.mark.parametrize("mode", [None, "tq", "auto", "pq", "dither"])
+@pytest.mark.parametrize("kind", ["embedding", "rows"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_counts_and_row_powers_are_refused(mode, kind, bad):
+    """NaN token counts gave NaN probabilities (kmeans/pq initialisation raised ValueError); a
+    negative channel power, negative importance."""
+    v = np.ones(32)
+    v[5] = bad
+    st = TensorStats("embedding", counts=v, rows=32) if kind == "embedding" else TensorStats("rows", rows=8, row_h=v)
+    sd, stats = _one_layer(st)
+    with pytest.raises(tqcodec.TqzError, match="l.weight") as err:
+        tqcodec.encode_bytes(sd, stats=stats, bits=2.0, mode=mode)
+    assert err.value.code == "BAD_OPTION"
+
+
+@pytest.mark.parametrize("mode", [None, "tq", "auto", "uniform", "ecsq", "kmeans", "pq", "dither"])
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_weights_beyond_the_coarsest_step_are_stored_exactly(mode, with_stats):
+    """Weights of 1e30: tq's levels overflowed (negative bincount: ValueError), ecsq raised
+    LIMIT_EXCEEDED, uniform BAD_OPTION. Now stored exactly (raw), with a warning."""
+    from tqcodec.pipeline.encode import MAX_CODED_MAGNITUDE
+    w = torch.from_numpy(weights(3, 32, 16).astype(np.float32)) * 1e30
+    small = torch.from_numpy(weights(4, 32, 16).astype(np.float32))
+    sd = {"big.weight": w, "small.weight": small}
+    stats = None
+    if with_stats and mode != "uniform":
+        h, rows = degenerate_statistics(64, 2, "plain", 16)
+        stats = Stats({n: TensorStats("linear", h, None, rows) for n in sd}, 1.0)
+    bits = None if mode == "uniform" else 4.0
+    with pytest.warns(UserWarning, match="big.weight"):
+        data = tqcodec.encode_bytes(sd, stats=stats, bits=bits, mode=mode)
+    back = tqcodec.load(data)
+    assert torch.equal(back["big.weight"], w)
+    assert torch.isfinite(back["small.weight"]).all()
+    with tqcodec.open(data) as f:
+        assert f.info("big.weight").mode == "raw"
+    assert float(w.abs().max()) > MAX_CODED_MAGNITUDE
+
+
+@pytest.mark.parametrize("mode", ["ecsq", "kmeans", "pq", "dither"])
+def test_a_zero_tensor_at_an_snr_target(mode):
+    """A tensor of zeros has one step code; the multiplier search started between neighbours and
+    found none (``min()`` of an empty sequence). And dither coded it at the coarsest step: noise
+    of ~3e7 came back."""
+    from tqcodec.pipeline.classic import encode_classic
+    h, rows = degenerate_statistics(4, 1, "range", 8)
+    stats = Stats({"w": TensorStats("linear", h, None, rows)}, 1.0)
+    res = encode_classic(mode, "w", np.zeros((8, 8)), "float32", stats, snr_db=30.0)
+    assert np.abs(res.recon).max() <= 2.0 ** -40
+    for bits in (None, 2.0):
+        data = tqcodec.encode_bytes({"w": torch.zeros(32, 16)}, mode=mode, bits=bits)
+        assert float(tqcodec.load(data)["w"].abs().max()) <= 2.0 ** -40
+
+
+def test_transform_coefficients_of_a_wide_range_h_stay_codable():
+    """fuzz_statistics case 172 of seed 1: an AAT fitted to an H with 1e12 between its columns
+    gave coefficients beyond any step (levels of 2.6e9: a 20 GiB bincount). Such a transform is
+    no longer offered, and a coarse curve point clips its levels as the rounding does."""
+    from benchmarks.fuzz_statistics import RUNNERS
+    from tqcodec.format.steps import MAX_CODED_MAGNITUDE
+    from tqcodec.modes.tq.allocation import MAX_LEVEL, Unit
+    rng = np.random.default_rng([1, 172])
+    rng.random()  # the path draw
+    RUNNERS["transforms"](rng, {})  # raised MemoryError (or ran out of memory) before
+    u = Unit("c", np.array([[1e15, -1e15, 3.0]]))
+    d, r = u.evaluate(103, False)
+    assert np.isfinite(d) and np.isfinite(r) and r > 0
+    assert MAX_CODED_MAGNITUDE / float(2.0 ** 23 * 7) == 32000 and MAX_LEVEL == 1 << 20
+
+
+@pytest.mark.parametrize("mode", [None, "auto", "ecsq"])
+def test_a_negative_second_moment_is_refused(mode):
+    """fuzz_statistics case 7979 of seed 1: an H whose diagonal held a negative entry (no input
+    makes E[x^2] < 0) gave negative distortions on tq's coarse curve. Refused; an H slightly
+    indefinite off its diagonal (a compact statistics file's rounding) still encodes."""
+    h, rows = degenerate_statistics(64, 3, "plain", 16)
+    bad = h.copy()
+    bad[0, 2, 2] = -1e-3
+    sd, stats = _one_layer(TensorStats("linear", bad, None, rows))
+    with pytest.raises(tqcodec.TqzError, match="l.weight") as err:
+        tqcodec.encode_bytes(sd, stats=stats, bits=3.0, mode=mode)
+    assert err.value.code == "BAD_OPTION"
+    off = h.copy()
+    off[0, 2, 3] = off[0, 3, 2] = 1.01 * np.sqrt(h[0, 2, 2] * h[0, 3, 3])  # indefinite, diagonal intact
+    sd, stats = _one_layer(TensorStats("linear", off, None, rows))
+    assert torch.isfinite(tqcodec.load(tqcodec.encode_bytes(sd, stats=stats, bits=3.0, mode=mode))["l.weight"]).all()
+
+
+def test_an_indefinite_h_never_gives_a_negative_distortion():
+    """fuzz_statistics case 33491 of seed 1: an H with its diagonal intact but far from positive
+    semi-definite (off-diagonal entries above sqrt(h_ii h_jj)) gave negative exact distortions.
+    usable_h clips its negative eigenvalues; an H PSD up to rounding is used as it is."""
+    from tqcodec.modes.tq.allocation import candidate_codes
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)) * [1e3, 1.0, 1e-3, 1.0]
+    h = x.T @ x / 64
+    bad = h.copy()
+    bad[1, 2] = bad[2, 1] = 50 * np.sqrt(h[1, 1] * h[2, 2])
+    assert np.linalg.eigvalsh(bad).min() < 0
+    fixed = usable_h(bad[None], 64)[0]
+    assert np.linalg.eigvalsh(fixed).min() >= -1e-9 * np.abs(fixed).max()
+    assert np.array_equal(usable_h(h[None], 64)[0], h)
+    w = rng.normal(size=(3, 4))
+    units, _ = make_units([Item.of("w", "float32", w)], Stats({"w": TensorStats("linear", bad[None], None, 64)}, 1.0))
+    for code in candidate_codes(units[0].w):
+        d, r = units[0].evaluate(code, True)
+        assert d >= 0 and np.isfinite(r)

@@ -54,6 +54,18 @@ def all_finite(name: str, arr: np.ndarray, block: int = 1 << 22) -> bool:
     return all(np.isfinite(storage_to_float64(name, flat[s:s + block])).all() for s in range(0, flat.size, block))
 
 
+def peak_abs(name: str, arr: np.ndarray, block: int = 1 << 22) -> float:
+    """The largest magnitude in a float tensor's storage (NaN if it holds one), in blocks."""
+    flat = arr.reshape(-1)
+    peak = 0.0
+    for s in range(0, flat.size, block):
+        v = np.abs(storage_to_float64(name, flat[s:s + block]))
+        if np.isnan(v).any():
+            return float("nan")
+        peak = max(peak, float(v.max()))
+    return peak
+
+
 def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """Round float32 to bfloat16 (nearest, ties to even) and return the uint16 bits."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)

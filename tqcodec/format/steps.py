@@ -20,6 +20,9 @@ from ..errors import fail
 # spec §12: allowed Step_Code range. step(-160) = 2^-40, step(103) ~ 1.1e8.
 STEP_CODE_MIN = -160
 STEP_CODE_MAX = 103
+MAX_CODED_MAGNITUDE = math.ldexp(4 + (STEP_CODE_MAX & 3), (STEP_CODE_MAX >> 2) - 2) * 32000
+"""Encoder-only: the largest magnitude the lossy modes code (about 1.9e12): beyond it even the
+coarsest step would need more than 65536 levels."""
 
 
 def step_from_code(code: int) -> float:

@@ -200,6 +200,8 @@ def search_monotone(keys: Sequence[Any], evaluate: Callable[[Any], Point], *, bi
     for j in (i - 1, i + 1):
         if 0 <= j < n:
             at(j)
+    if not cache:  # one key only (a tensor of zeros has one step code): no neighbour to start from
+        at(i)
     while True:
         best = min(cache, key=lambda j: (cost(j), at(j).r))
         moved = False

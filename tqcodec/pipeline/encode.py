@@ -20,10 +20,12 @@ import torch
 
 from ..errors import fail
 from ..format.chunks import CHUNK_HEADER_SIZE
-from ..format.dtypes import FLOAT_NAMES, all_finite, storage_to_float64
+from ..format.dtypes import FLOAT_NAMES, peak_abs, storage_to_float64
+from ..format.steps import MAX_CODED_MAGNITUDE
 from ..format.manifest import pack_canonical
 from ..modes import raw, uniform
 from ..modes.base import Encoded
+from ..model.stats import check_tensor_stats, check_stats_scalars
 from ..modes.tq.encoder import Item, ModelEncoder, encode_model
 from .auto import chooser_for
 from .classic import CLASSIC_MODES, encode_classic
@@ -60,6 +62,9 @@ class EncodeOptions:
     granularity: ``channel`` (one step per output channel, the default) or ``tensor``; ``uniform``
     only, refused where tq codes.
     stats: ``tqcodec.Stats`` from ``tqcodec.calibrate`` (mode ``tq``; with ``auto`` it selects tq).
+    Degenerate statistics (H = 0, rank-deficient, a handful of samples) are handled; NaN or Inf
+    in them, or negative gains, counts or channel powers, are refused (``BAD_OPTION`` naming the
+    tensor).
     bits: mode ``tq``: whole-file bits per parameter (the file lands within ±3%).
     quality: mode ``tq``: predicted output SNR in dB (output power over the estimated output
     error, spec-free encoder choice); without stats, weight SNR. Default 40 when neither is given.
@@ -117,6 +122,8 @@ class EncodeOptions:
             raise fail("BAD_OPTION", "give bits or quality, not both")
         if self.tq_scope not in ("model", "tensor"):
             raise fail("BAD_OPTION", f"tq_scope must be 'model' or 'tensor', got {self.tq_scope!r}")
+        if self.stats is not None:
+            check_stats_scalars(self.stats)  # BAD_OPTION: a NaN, infinite or negative gain or output power
 
     def for_tensor(self, name: str) -> "EncodeOptions":
         """These options with the calibration statistics of ``name`` only: a task carries (and a
@@ -148,6 +155,22 @@ def no_larger_than_raw(encoded: Encoded, arr: np.ndarray) -> Encoded:
     return exact if stored_bytes(exact) <= stored_bytes(encoded) else encoded
 
 
+def codable(dtype: str, arr: np.ndarray) -> bool:
+    """Whether a lossy mode can code a float tensor's storage ``arr``: every value finite and
+    within ``MAX_CODED_MAGNITUDE`` (about 1.9e12: even the coarsest step, spec §7.1 code 103, would
+    need more than 65536 levels beyond it). Other tensors are stored exactly, with a warning."""
+    return peak_abs(dtype, arr) <= MAX_CODED_MAGNITUDE  # False for NaN
+
+
+def stats_of(opts: EncodeOptions, name: str):
+    """The calibration statistics of ``name`` (None without), checked: BAD_OPTION naming the
+    tensor for NaN, infinite or negative values (``tqcodec.model.stats.check_tensor_stats``)."""
+    st = opts.stats.get(name) if opts.stats is not None and hasattr(opts.stats, "get") else None
+    if st is not None:
+        check_tensor_stats(name, st)
+    return st
+
+
 def classic_takes(opts: EncodeOptions, dtype: str, arr: np.ndarray) -> bool:
     """Whether a forced classic mode codes this tensor (floats of >= 2 dims and >= 256 elements)."""
     return (opts.mode in CLASSIC_MODES and not opts.lossless and dtype in FLOAT_NAMES and arr.ndim >= 2
@@ -158,12 +181,13 @@ def encode_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, bits: Optiona
     """``t`` in the mode ``opts`` gives it when no whole-model tq allocation takes it: a classic
     mode when forced (at ``bits`` per weight, default ``opts.bits``), ``uniform`` for float
     tensors of >= 2 dims and >= 256 elements (every float tensor in mode ``uniform``), else
-    ``raw``; never more bytes than ``raw``. Tensors with NaN or infinity stay ``raw`` (with a
-    warning)."""
+    ``raw``; never more bytes than ``raw``. Tensors with NaN or infinity, or magnitudes above
+    ``MAX_CODED_MAGNITUDE``, stay ``raw`` (with a warning)."""
     dtype, arr = tensor_to_storage(t)
     if classic_takes(opts, dtype, arr):
-        values = storage_to_float64(dtype, arr)
-        if np.isfinite(values).all():
+        if codable(dtype, arr):
+            stats_of(opts, name)
+            values = storage_to_float64(dtype, arr)
             snr = opts.quality if opts.quality is not None else opts.snr_db
             bits = opts.bits if bits is None else bits
             return no_larger_than_raw(
@@ -171,8 +195,12 @@ def encode_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, bits: Optiona
     use_uniform = (not opts.lossless and opts.mode != "raw" and dtype in FLOAT_NAMES and arr.size >= 1
                    and (opts.mode == "uniform" or (arr.ndim >= 2 and arr.size >= MIN_UNIFORM_ELEMENTS)))
     if use_uniform:
-        if not all_finite(dtype, arr):
+        peak = peak_abs(dtype, arr)
+        if not np.isfinite(peak):
             warnings.warn(f"{name}: NaN or infinite values, stored exactly (raw)", stacklevel=3)
+        elif peak > MAX_CODED_MAGNITUDE:
+            warnings.warn(f"{name}: values of magnitude {peak:.3g} (above {MAX_CODED_MAGNITUDE:.3g}), "
+                          "stored exactly (raw)", stacklevel=3)
         else:  # block by block: bounded memory however large the tensor
             return no_larger_than_raw(uniform.encode_storage(arr, dtype, opts.granularity, opts.snr_db), arr)
     return raw.encode(arr)
@@ -202,7 +230,7 @@ def encode_classic_file(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeO
         if key is not None:
             seen.add(key)
         dtype, arr = tensor_to_storage(t)
-        if classic_takes(opts, dtype, arr) and all_finite(dtype, arr):
+        if classic_takes(opts, dtype, arr) and codable(dtype, arr):
             taken.append((name, t))
     if not taken or opts.bits is None:
         return {}
@@ -252,10 +280,10 @@ def encode_classic_file(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeO
 
 # --- mode tq over many tensors ----------------------------------------------------------------------
 
-def tq_items(items: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[Item], int]:
-    """The tensors mode tq takes from ``items`` (finite float tensors; tied tensors once), as
-    encoder items whose float64 values are made when needed, and the parameter count of all of
-    ``items``."""
+def tq_items(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions) -> tuple[list[Item], int]:
+    """The tensors mode tq takes from ``items`` (float tensors it can code, :func:`codable`; tied
+    tensors once; their statistics checked, :func:`stats_of`), as encoder items whose float64
+    values are made when needed, and the parameter count of all of ``items``."""
     seen: set = set()
     out = []
     total = 0
@@ -267,7 +295,8 @@ def tq_items(items: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[Item], int
         if key is not None:
             seen.add(key)
         dtype, arr = tensor_to_storage(t)
-        if dtype in FLOAT_NAMES and arr.size and all_finite(dtype, arr):
+        if dtype in FLOAT_NAMES and arr.size and codable(dtype, arr):
+            stats_of(opts, name)
             # the float64 values are made when the encoder needs them (a few tensors at a time)
             out.append(Item(name, dtype, tuple(arr.shape), lambda dtype=dtype, arr=arr: storage_to_float64(dtype, arr)))
     return out, total
@@ -282,7 +311,7 @@ def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
     a candidate result (the bits target is met on the real file). ``transforms``: offer
     transforms (off for row blocks of one tensor, which share no S). Tied tensors count once.
     ``progress(stage, done, total)``: the encoder's stages (curves, transforms, rate search)."""
-    tq, total = tq_items(items)
+    tq, total = tq_items(items, opts)
     if opts.mode == "auto":  # per tensor, tq or a classic mode by D + lam R
         enc = encode_model(tq, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
                            size_of=size_of, alternatives=chooser_for(tq, opts.stats), transforms=transforms,
@@ -301,7 +330,7 @@ def tq_encoder(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
                progress: Optional[Callable[[str, int, int], None]] = None) -> ModelEncoder:
     """Mode tq's whole-model encoder over ``items``, ready to encode at any bits or quality
     (``ModelEncoder.encode``), its curves made once: the rate search of ``save(evaluate=...)``."""
-    tq, total = tq_items(items)
+    tq, total = tq_items(items, opts)
     return ModelEncoder(tq, opts.stats, total_params=max(total, 1), size_of=size_of, progress=progress)
 
 

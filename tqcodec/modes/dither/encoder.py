@@ -18,7 +18,7 @@ import numpy as np
 
 from ... import limits as L
 from ...format.dtypes import round_binary64, storage_to_float64
-from ...format.steps import code_at_most, steps_from_codes
+from ...format.steps import STEP_CODE_MIN, code_at_most, steps_from_codes
 from ..importance import full_importance
 from .format import H, numerators, splitmix64, write
 from .format import values as lattice_values
@@ -94,7 +94,10 @@ def encode(values: np.ndarray, dtype: str, imp: np.ndarray, *, bits: Optional[fl
     seed = seed_for(name) if seed is None else int(seed) & ((1 << 64) - 1)
     t_el, _ = numerators(splitmix64(seed, 0, x.size))
     t_p1, t_p2 = numerators(splitmix64(seed, 0, (x.size + 1) // 2))
-    codes = step_codes(x)
+    # subtractive dither errs by up to half a step whatever the input: a tensor of zeros (one step
+    # code, the coarsest, for the other modes) would come back as noise of ~1e7; the finest step
+    # keeps it within 2^-41
+    codes = step_codes(x) if np.any(x) else [STEP_CODE_MIN]
     hbar = float(np.mean(h)) if h.size and np.mean(h) > 0 else 1.0
     target = None if bits is None else bits * x.size
     chosen = []

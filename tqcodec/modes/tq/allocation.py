@@ -148,7 +148,7 @@ class Unit:
         tot = 0.0
         for i in range(g):
             tot += float(np.sum((e3[i] @ self.h[i]) * e3[i]))
-        return self.gain * tot
+        return self.gain * max(tot, 0.0)  # H is PSD (usable_h): below 0 only by rounding
 
     def distortion_diag(self, err: np.ndarray) -> float:
         """Cheap estimate for the coarse curve: ``tr(E diag(H) E^T)`` (errors taken as
@@ -198,7 +198,9 @@ class Unit:
                 w = w[::stride]
                 rw = None if rw is None else rw[::stride]
                 scale = self.shape[0] / w.shape[0]
-            lv = np.rint(w * (1.0 / step))  # candidate codes keep levels within ±2^20
+            # candidate codes keep a weight's levels within ±2^20, but not a transform's coefficients
+            # (an AAT from an H of wide dynamic range): clipped as quantize clips them
+            lv = np.clip(np.rint(w * (1.0 / step)), -MAX_LEVEL, MAX_LEVEL)
             err = w - lv * step
             saved = self.row_weights
             self.row_weights = rw

@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ...format.steps import steps_from_codes
+from ...format.steps import MAX_CODED_MAGNITUDE, steps_from_codes
 from ..base import Encoded
 from . import transforms
 from .format import write
@@ -72,11 +72,29 @@ def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     traces = np.trace(h, axis1=1, axis2=2)
     if not (traces > 0).all():
         return None
+    h = np.stack([_psd(h[g], traces[g] / d) for g in range(h.shape[0])])
     alpha = max(0.0, 1.0 - max(int(rows), 0) / d)
     if alpha == 0.0:
         return h
     eye = np.eye(d)
     return np.stack([(1.0 - alpha) * h[g] + alpha * (traces[g] / d) * eye for g in range(h.shape[0])])
+
+
+PSD_SLACK = 1e-9  # an H whose smallest eigenvalue is above -PSD_SLACK * mean(diag) is used as it is
+
+
+def _psd(h: np.ndarray, mean_diag: float) -> np.ndarray:
+    """``h`` where it is positive semi-definite up to ``PSD_SLACK`` (statistics from calibrate,
+    rounding included); else its eigenvalues clipped at 0 (statistics whose rounding or making
+    left directions of negative second moment: errors there would seem to lower the distortion)."""
+    try:
+        np.linalg.cholesky(h + PSD_SLACK * mean_diag * np.eye(len(h)))
+        return h
+    except np.linalg.LinAlgError:
+        pass
+    with threadpool_limits(limits=1, user_api="blas"):
+        vals, vecs = np.linalg.eigh((h + h.T) / 2)
+    return (vecs * np.clip(vals, 0.0, None)[None, :]) @ vecs.T
 
 
 def floored_counts(counts: np.ndarray) -> np.ndarray:
@@ -298,6 +316,8 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
             rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
         else:
             coef = coefficients(mat=mat)
+            if not np.abs(coef).max(initial=0.0) <= MAX_CODED_MAGNITUDE:
+                continue  # coefficients no step can code (H of a wide dynamic range; NaN): no transform
             rows = [coef[bounds[b]:bounds[b + 1]] for b in range(nb)]
         del mat
         bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b])
