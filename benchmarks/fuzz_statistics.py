@@ -249,7 +249,7 @@ KINDS = ("linear", "linear", "conv", "rows", "embedding", "plain")
 
 def checked(stats, name: str) -> None:
     """What save checks before an encoder reads the statistics (BAD_OPTION for NaN, Inf, negative)."""
-    from tqcodec.model.stats import check_stats_scalars, check_tensor_stats
+    from tqcodec.modes.statistics import check_stats_scalars, check_tensor_stats
     check_stats_scalars(stats)
     if stats.get(name) is not None:
         check_tensor_stats(name, stats.get(name))

@@ -313,6 +313,10 @@ class _StatsFile(Mapping):
     def gains(self) -> list[float]:
         return [float(m.get("gain", 1.0)) for m in self._meta.values()]
 
+    def gain_items(self) -> list[tuple[str, float]]:
+        """(name, gain) of every tensor, from the file's header (no arrays read)."""
+        return [(n, float(m.get("gain", 1.0))) for n, m in self._meta.items()]
+
 
 @dataclass
 class Stats:
@@ -453,47 +457,6 @@ class Stats:
             rows = min(len(p) for p in parts)
             out.tensors[name] = TensorStats(kind, h, None, rows, lay, 1.0, mean if rows else None)
         return out
-
-
-def check_tensor_stats(name: str, s: TensorStats) -> None:
-    """Refuse (``TqzError`` ``BAD_OPTION`` naming the tensor) statistics no encoder can weigh
-    errors by: NaN or infinity in ``h``, ``mean``, ``counts`` or ``row_h``, a gain that is not a
-    finite number >= 0, negative token counts or channel powers (``row_h``), a negative diagonal
-    entry of ``h`` (a second moment below 0; H slightly indefinite off its diagonal is fine). Degenerate but
-    valid statistics (H = 0, rank-deficient, 1e12 between columns, a handful of samples) pass:
-    the encoders handle them."""
-    gain = s.gain
-    if not isinstance(gain, (int, float, np.floating, np.integer)) or not math.isfinite(gain) or gain < 0:
-        raise fail("BAD_OPTION", f"statistics of {name!r}: gain {gain!r} is not a finite number >= 0")
-    for part in ("h", "mean", "counts", "row_h"):
-        a = getattr(s, part, None)
-        if a is None:
-            continue
-        a = np.asarray(a, dtype=np.float64)
-        if not np.isfinite(a).all():
-            raise fail("BAD_OPTION", f"statistics of {name!r}: {part} holds NaN or Inf")
-        if part in ("counts", "row_h") and (a < 0).any():
-            raise fail("BAD_OPTION", f"statistics of {name!r}: {part} holds a negative value")
-        if part == "h" and a.ndim >= 2 and a.shape[-1] == a.shape[-2] and (np.diagonal(a, axis1=-2, axis2=-1) < 0).any():
-            # E[x_j^2] < 0: no input makes it (an off-diagonal rounding below zero is fine)
-            raise fail("BAD_OPTION", f"statistics of {name!r}: h has a negative diagonal entry")
-
-
-def check_stats_scalars(stats: Any) -> None:
-    """Refuse (``BAD_OPTION``) an output power or any tensor's gain that is not a finite number
-    >= 0, naming the tensor (reads no arrays of a lazily opened file)."""
-    power = getattr(stats, "output_power", 0.0)
-    if not isinstance(power, (int, float, np.floating, np.integer)) or not math.isfinite(power) or power < 0:
-        raise fail("BAD_OPTION", f"statistics: output power {power!r} is not a finite number >= 0")
-    tensors = getattr(stats, "tensors", None)
-    named = (((n, float(m.get("gain", 1.0))) for n, m in tensors._meta.items()) if isinstance(tensors, _StatsFile)
-             else ((n, t.gain) for n, t in tensors.items()) if isinstance(tensors, Mapping) else ())
-    for name, gain in named:
-        if not isinstance(gain, (int, float, np.floating, np.integer)) or not math.isfinite(gain) or gain < 0:
-            raise fail("BAD_OPTION", f"statistics of {name!r}: gain {gain!r} is not a finite number >= 0")
-    default = getattr(stats, "default_gain", None)
-    if default is not None and not (math.isfinite(default) and default >= 0):
-        raise fail("BAD_OPTION", f"statistics: default gain {default!r} is not a finite number >= 0")
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:

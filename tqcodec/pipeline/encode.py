@@ -25,7 +25,7 @@ from ..format.steps import MAX_CODED_MAGNITUDE
 from ..format.manifest import pack_canonical
 from ..modes import raw, uniform
 from ..modes.base import Encoded
-from ..model.stats import check_tensor_stats, check_stats_scalars
+from ..modes.statistics import check_stats_scalars, check_tensor_stats
 from ..modes.tq.encoder import Item, ModelEncoder, encode_model
 from .auto import chooser_for
 from .classic import CLASSIC_MODES, encode_classic
@@ -164,7 +164,7 @@ def codable(dtype: str, arr: np.ndarray) -> bool:
 
 def stats_of(opts: EncodeOptions, name: str):
     """The calibration statistics of ``name`` (None without), checked: BAD_OPTION naming the
-    tensor for NaN, infinite or negative values (``tqcodec.model.stats.check_tensor_stats``)."""
+    tensor for NaN, infinite or negative values (``tqcodec.modes.statistics.check_tensor_stats``)."""
     st = opts.stats.get(name) if opts.stats is not None and hasattr(opts.stats, "get") else None
     if st is not None:
         check_tensor_stats(name, st)
