@@ -72,9 +72,11 @@ class Invalid(Exception):
     """A result that breaks a path's own checks (a failure, like an uncaught exception)."""
 
 
-def check(cond, what: str) -> None:
+def check(cond, what: str, detail: str = "") -> None:
+    """``Invalid`` unless ``cond``: ``what`` is the outcome label's category, ``detail`` goes to
+    the traceback."""
     if not cond:
-        raise Invalid(what)
+        raise Invalid(what, detail)
 
 
 # --- generators (numpy only: case i of seed S is always the same) --------------------------------
@@ -279,7 +281,7 @@ def path_units(rng, desc: dict, transforms: bool = False) -> None:
                 codes = candidate_codes(u.w)
                 for code in (codes[0], codes[-1]):
                     dd, r = u.evaluate(code, bool(rng.random() < 0.5))
-                    check(np.isfinite(dd) and dd >= 0 and np.isfinite(r) and r > 0, f"curve point {dd}, {r}")
+                    check(np.isfinite(dd) and dd >= 0 and np.isfinite(r) and r > 0, "transform curve point", f"{dd}, {r}")
         return
     for u in units:
         check(u.h is None or np.isfinite(u.h).all(), "unit H not finite")
@@ -287,7 +289,8 @@ def path_units(rng, desc: dict, transforms: bool = False) -> None:
         for code in (codes[0], codes[len(codes) // 2], codes[-1]):
             for fb in (False, True):
                 dd, r = u.evaluate(code, fb)
-                check(np.isfinite(dd) and dd >= 0 and np.isfinite(r) and r > 0, f"curve point {dd}, {r} (feedback {fb})")
+                check(np.isfinite(dd) and dd >= 0 and np.isfinite(r) and r > 0, "curve point",
+                      f"D {dd}, R {r} (feedback {fb})")
 
 
 def path_classic(rng, desc: dict) -> None:
@@ -346,9 +349,9 @@ def save_and_check(sd: dict, names: list, desc: dict, **opts) -> None:
     check(set(back) == set(sd), "the file does not hold every tensor")
     for k, t in sd.items():
         b = back[k]
-        check(b.shape == t.shape and b.dtype == t.dtype, f"{k}: shape or dtype changed")
+        check(b.shape == t.shape and b.dtype == t.dtype, "shape or dtype changed", k)
         if t.is_floating_point() and bool(torch.isfinite(t).all()):
-            check(bool(torch.isfinite(b).all()), f"{k}: decoded values not finite")
+            check(bool(torch.isfinite(b).all()), "decoded values not finite", k)
     desc["bytes"] = len(data)
 
 
@@ -446,9 +449,9 @@ def path_calibrate(rng, desc: dict) -> None:
         stats = tqcodec.calibrate(m, batches, max_samples=max_samples, sensitivity=sensitivity,
                                   sensitivity_method=method, sensitivity_batches=2, sensitivity_samples=3)
     except tqcodec.TqzError as exc:
-        check(exc.code == "BAD_INPUT", f"calibrate: {exc.code}, not BAD_INPUT")
+        check(exc.code == "BAD_INPUT", "calibrate refusal not BAD_INPUT", exc.code)
         raise
-    check(how not in ("nan", "inf", "bad_shape"), f"calibrate accepted a {how} input")
+    check(how not in ("nan", "inf", "bad_shape"), "calibrate accepted a bad input", how)
     check(math.isfinite(stats.output_power), "output power not finite")
     if rng.random() < 0.5:
         sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
@@ -497,7 +500,7 @@ def run_case(seed: int, case: int, paths: list[str]) -> tuple[str, str, dict, st
     except tqcodec.TqzError as exc:
         return path, f"TqzError:{exc.code}", desc, ""
     except Invalid as exc:
-        return path, f"invalid:{str(exc)[:60]}", desc, traceback.format_exc()
+        return path, f"invalid:{exc.args[0]}", desc, traceback.format_exc()
     except MemoryError:
         return path, "over-memory", desc, ""
     except ValueError as exc:
