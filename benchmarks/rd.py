@@ -125,7 +125,7 @@ def tqcodec_codec(name: str, label: str, param: str, sweeps: dict, options: Call
             if calibrated:
                 opts["stats"] = ctx.stats()
             t0 = time.perf_counter()
-            size = tqcodec.save(source, path, **opts)
+            size = tqcodec.save(source, path, overwrite=True, **opts)
             enc_s = time.perf_counter() - t0 + (ctx.calibration_s if calibrated else 0.0)
             t0 = time.perf_counter()
             decoded = tqcodec.load(path)
@@ -172,7 +172,7 @@ def _tq_finetuned_run(ctx: Context, values: list):
         src = ctx.workdir / f"{ctx.model}-tq-{v}.tqz"
         out = ctx.workdir / f"{ctx.model}-tq-finetuned-{v}.tqz"
         t0 = time.perf_counter()
-        tqcodec.save(ctx.reference, src, mode="tq", stats=ctx.stats(), bits=v)
+        tqcodec.save(ctx.reference, src, mode="tq", stats=ctx.stats(), bits=v, overwrite=True)
         module = ctx.zoo.build_module()
         module.load_state_dict(ctx.reference, strict=True)
         tqcodec.finetune(module, src, batches, loss, out=out, steps=FINETUNE_STEPS[ctx.model], seed=0,
@@ -354,7 +354,7 @@ def monotone(points: list[dict], up_to: float = MONOTONE_UP_TO) -> Optional[dict
         return None
     start = min(ok, key=lambda p: p["bytes"])
     span = [p for p in sorted(points, key=lambda p: p["bytes"])
-            if start["bytes"] <= p["bytes"] and p["bits_per_param"] <= up_to + 1e-9]
+            if start["bytes"] <= p["bytes"] and p["bits_per_param"] <= up_to + 1e-9] or [start]
     return {"from_bits_per_param": start["bits_per_param"], "to_bits_per_param": span[-1]["bits_per_param"],
             "points": len(span), "transparent": sum(p["transparent"] for p in span),
             "min_metric": min(p["metric"] for p in span),
