@@ -98,6 +98,9 @@ def main() -> None:
     sd = torch.load(args.input, map_location="cpu", weights_only=True)
     params = {}
     for k, v in sd.items():
+        # NNCodec indexes shape[0] of every array: a 0-dim tensor (BatchNorm's num_batches_tracked)
+        # goes in as shape (1,) and is reshaped back after decoding
+        v = v.reshape(1) if v.dim() == 0 else v
         if v.is_floating_point():
             params[k] = v.detach().to(torch.float32).contiguous().numpy().copy()
         elif v.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8, torch.bool):
@@ -128,9 +131,11 @@ def main() -> None:
         out = {}
         for k, v in sd.items():
             arr = np.asarray(dec[k])
+            if v.dim() == 0 and arr.size == 1:
+                arr = arr.reshape(())
             if tuple(arr.shape) != tuple(v.shape):
                 raise SystemExit(f"{k}: NNCodec decoded shape {arr.shape}, expected {tuple(v.shape)}")
-            out[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(v.dtype)
+            out[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(v.dtype).reshape(v.shape)  # ascontiguousarray makes 0-dim 1-dim
         torch.save(out, decoded_path)
         size = os.path.getsize(bitstream_path)
         print(json.dumps({"codec": "nncodec", "version": "2.1.3", "qp": qp, "bytes": size,

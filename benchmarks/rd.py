@@ -1,14 +1,17 @@
-"""Rate-distortion sweep: tqcodec's lossy options against NNCodec on the two benchmark models.
+"""Rate-distortion sweep: tqcodec's lossy options against NNCodec on the benchmark zoo.
 
-    python benchmarks/rd.py [--nncodec-python /work/nnc-venv/bin/python] [--models digits,minilm]
+    python benchmarks/rd.py [--nncodec-python /work/nnc-venv/bin/python]
+                            [--models digits,dwsep,seqrnn,autoenc,minilm]
                             [--codecs nncodec,uniform-channel,uniform-tensor] [--minilm-quick]
 
-For each model (``benchmarks/zoo``) and each codec in ``CODECS``, every setting of the codec's
-sweep is encoded from the reference weights, decoded, and evaluated with the model's fixed
-evaluation. Rate is the size of the whole file (the .tqz file, or NNCodec's whole bitstream)
-over the number of parameters. For each codec the smallest transparent point is reported
-(digits: top-1 >= 0.990; MiniLM: mean cosine >= 0.995); the metric need not be monotonic in
-the setting, so every point is listed.
+For each model (``benchmarks/zoo``: digits-cnn, dwsep-cnn, seqrnn-lstm, conv-autoencoder,
+minilm) and each codec in ``CODECS``, every setting of the codec's sweep is encoded from the
+reference weights, decoded, and evaluated with the model's fixed evaluation. Rate is the size of
+the whole file (the .tqz file, or NNCodec's whole bitstream) over the number of parameters (every
+value of the state dict, BatchNorm buffers included). For each codec the smallest transparent
+point is reported (each zoo module's ``TRANSPARENT``); the metric need not be monotonic in the
+setting, so every point is listed, and the "more rate never hurts" table shows, per codec, whether
+every point from its smallest transparent one up to 8 bits/param is transparent too.
 
 Writes ``benchmarks/results/rd.json`` (every point), ``rd.md`` (tables) and ``rd.png``
 (bits/param vs metric). Intermediate files go to ``benchmarks/results/tmp/`` (git-ignored).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -35,10 +39,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import tqcodec  # noqa: E402
+from benchmarks.zoo import MODELS as ZOO  # noqa: E402
 from benchmarks.zoo import digits, minilm  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = {"digits": digits, "minilm": minilm}
+# short names (the --models keys and the sweeps' keys) -> zoo modules, imported when used
+MODEL_NAMES = {"digits": "digits-cnn", "dwsep": "dwsep-cnn", "seqrnn": "seqrnn-lstm",
+               "autoenc": "conv-autoencoder", "minilm": "minilm"}
+MODELS = {short: name for short, name in MODEL_NAMES.items()}
+MONOTONE_UP_TO = 8.0  # the "more rate never hurts" table: points from the smallest transparent up to this bits/param
 
 
 # --- context: one model ----------------------------------------------------------------------
@@ -63,11 +72,11 @@ class Context:
     def calibration_batches(self) -> list:
         """Calibration inputs (disjoint from the evaluation inputs), as a list of batches:
         tensors for digits (call ``module(batch)``), dicts for MiniLM (``module(**batch)``)."""
-        if self.model == "digits":
-            x = digits.calibration_inputs(1024)
-            return [x[i:i + 64] for i in range(0, len(x), 64)]
-        sents = minilm.sentences()["calibration"]
-        return [minilm.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+        if self.model == "minilm":
+            sents = minilm.sentences()["calibration"]
+            return [minilm.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+        x = self.zoo.calibration_inputs(1024 if self.model == "digits" else 512)
+        return [x[i:i + 64] for i in range(0, len(x), 64)]
 
     def stats(self):
         """``tqcodec.calibrate(module, batches)`` on the reference weights, computed once."""
@@ -116,7 +125,7 @@ def tqcodec_codec(name: str, label: str, param: str, sweeps: dict, options: Call
             if calibrated:
                 opts["stats"] = ctx.stats()
             t0 = time.perf_counter()
-            size = tqcodec.save(source, path, **opts)
+            size = tqcodec.save(source, path, overwrite=True, **opts)
             enc_s = time.perf_counter() - t0 + (ctx.calibration_s if calibrated else 0.0)
             t0 = time.perf_counter()
             decoded = tqcodec.load(path)
@@ -128,7 +137,7 @@ def tqcodec_codec(name: str, label: str, param: str, sweeps: dict, options: Call
     return Codec(name, label, param, sweeps, run, available, {"calibrated": calibrated})
 
 
-FINETUNE_STEPS = {"digits": 300, "minilm": 40}
+FINETUNE_STEPS = {"digits": 300, "minilm": 40}  # the other models: no fine-tuning sweep
 
 
 def _finetune_data(ctx: Context) -> tuple[list, Callable]:
@@ -163,7 +172,7 @@ def _tq_finetuned_run(ctx: Context, values: list):
         src = ctx.workdir / f"{ctx.model}-tq-{v}.tqz"
         out = ctx.workdir / f"{ctx.model}-tq-finetuned-{v}.tqz"
         t0 = time.perf_counter()
-        tqcodec.save(ctx.reference, src, mode="tq", stats=ctx.stats(), bits=v)
+        tqcodec.save(ctx.reference, src, mode="tq", stats=ctx.stats(), bits=v, overwrite=True)
         module = ctx.zoo.build_module()
         module.load_state_dict(ctx.reference, strict=True)
         tqcodec.finetune(module, src, batches, loss, out=out, steps=FINETUNE_STEPS[ctx.model], seed=0,
@@ -210,25 +219,35 @@ def _tq_available(args) -> Optional[str]:
     return None if hasattr(tqcodec, "calibrate") else "this tqcodec has no calibrate()/mode 'tq' yet"
 
 
-# Sweeps: digits is cheap (fine steps); MiniLM costs ~15-20 s per point for the evaluation
+SMALL_SNR = {m: list(range(14, 45, 2)) for m in ("dwsep", "seqrnn", "autoenc")}
+
+# Sweeps: the small models are cheap (fine steps); MiniLM costs ~15-20 s per point for the evaluation
 # alone (NNCodec: +20-25 s to encode), so its sweeps are short and centred on the threshold.
 CODECS: list[Codec] = [
     Codec("nncodec", "NNCodec 2.1.3 (qp)", "qp",
-          {"digits": list(range(-32, -13)), "minilm": [-36, -34, -33, -32, -30]},
+          {"digits": list(range(-32, -13)) + [-34, -36, -40, -44], "minilm": [-36, -34, -33, -32, -30],
+           "dwsep": list(range(-40, -15)), "seqrnn": list(range(-40, -11)), "autoenc": list(range(-42, -19))},
           _nncodec_run, _nncodec_available),
     tqcodec_codec("uniform-channel", "tqcodec uniform, per channel (snr_db)", "snr_db",
-                  {"digits": list(range(14, 41)), "minilm": [26, 28, 29, 30, 32]},
+                  {"digits": list(range(14, 41)), "minilm": [26, 28, 29, 30, 32], **SMALL_SNR},
                   lambda v: {"mode": "auto", "granularity": "channel", "snr_db": v}),
     tqcodec_codec("uniform-tensor", "tqcodec uniform, per tensor (snr_db)", "snr_db",
-                  {"digits": list(range(14, 41)), "minilm": [26, 28, 29, 30, 32]},
+                  {"digits": list(range(14, 41)), "minilm": [26, 28, 29, 30, 32], **SMALL_SNR},
                   lambda v: {"mode": "auto", "granularity": "tensor", "snr_db": v}),
     # The calibrated transform-quantization mode (not in every tqcodec yet: skipped when absent).
+    # default mode (tq when bits or stats are given): tqcodec.save(sd, path, stats=stats, bits=B)
     tqcodec_codec("tq", "tqcodec tq, calibrated (bits; encode s include calibration)", "bits",
-                  {"digits": [0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0], "minilm": [3.5, 3.7, 3.8, 4.0, 4.5]},
-                  lambda v: {"mode": "tq", "bits": v}, calibrated=True, available=_tq_available),
+                  {"digits": [0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0],
+                   "minilm": [3.5, 3.7, 3.8, 4.0, 4.5],
+                   "dwsep": [3.0, 3.5, 4.0, 4.25, 4.5, 4.75, 5.0, 5.5, 6.0, 7.0, 8.0],
+                   "seqrnn": [1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0],
+                   "autoenc": [4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0]},
+                  lambda v: {"bits": v}, calibrated=True, available=_tq_available),
     tqcodec_codec("tq-datafree", "tqcodec tq, data-free (bits)", "bits",
-                  {"digits": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0], "minilm": [4.0, 4.5, 5.0, 5.5]},
-                  lambda v: {"mode": "tq", "bits": v}, available=_tq_available),
+                  {"digits": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0], "minilm": [4.0, 4.5, 5.0, 5.5],
+                   "dwsep": [3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0], "seqrnn": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0],
+                   "autoenc": [4.0, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0]},
+                  lambda v: {"bits": v}, available=_tq_available),
     # Modes ecsq, kmeans, pq, dither (spec 1.2, tqcodec.lineage): forced for every float tensor of
     # >= 2 dims and >= 256 elements, bits per weight of each such tensor (the rest raw: whole-file
     # rates are higher), importance from the same calibration statistics; and mode auto (tq or one of
@@ -249,7 +268,7 @@ CODECS: list[Codec] = [
           {"calibrated": True}),
     # the simple lossless-storage baseline: weights cast to fp16, then zstd (tqcodec raw mode)
     tqcodec_codec("fp16-zstd", "fp16 + zstd (tqcodec --lossless of the fp16 cast)", "variant",
-                  {"digits": ["fp16"], "minilm": ["fp16"]}, lambda v: {"lossless": True},
+                  {m: ["fp16"] for m in MODEL_NAMES}, lambda v: {"lossless": True},
                   prepare=lambda sd: {k: (t.half() if t.is_floating_point() else t) for k, t in sd.items()}),
 ]
 
@@ -257,14 +276,14 @@ CODECS: list[Codec] = [
 # --- the sweep ----------------------------------------------------------------------------------
 
 def sweep_model(model: str, codecs: list[Codec], args) -> dict:
-    zoo = MODELS[model]
+    zoo = ZOO[MODEL_NAMES[model]]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if model == "digits":
-        reference = digits.reference_state_dict(workdir / "digits-cnn.pt")
-    else:
+    if model == "minilm":
         reference = minilm.original_state_dict()
+    else:  # trained here, deterministically (cached in the work folder)
+        reference = zoo.reference_state_dict(workdir / f"{zoo.NAME}.pt")
     ref_path = workdir / f"{model}-reference.pt"
     torch.save(reference, ref_path)
     ctx = Context(model, zoo, reference, ref_path, workdir, args)
@@ -275,12 +294,13 @@ def sweep_model(model: str, codecs: list[Codec], args) -> dict:
     out = {"model": zoo.NAME, "parameters": params, "metric": zoo.METRIC, "transparent_at": zoo.TRANSPARENT,
            "reference_metric": ref_eval["value"], "reference_fp32_bytes": 4 * params, "codecs": {}}
     for codec in codecs:
-        why = codec.available(args)
+        why = codec.available(args) or (None if model in codec.sweeps else f"no sweep for {model}")
         if why:
             print(f"  {codec.name}: skipped ({why})", flush=True)
             out["codecs"][codec.name] = {"label": codec.label, "skipped": why}
             continue
         values = getattr(args, f"{model}_{codec.param}", None) or codec.sweeps[model]
+        load0 = os.getloadavg()[0]
         if args.minilm_quick and model == "minilm":
             values = values[1:-1] if len(values) > 3 else values
         points = []
@@ -299,8 +319,11 @@ def sweep_model(model: str, codecs: list[Codec], args) -> dict:
                   f"{p['bits_per_param']:6.3f} b/p  {zoo.METRIC} {ev['value']:.4f}"
                   f"{'  T' if p['transparent'] else ''}", flush=True)
         entry = {"label": codec.label, "param": codec.param, "points": points,
-                 "seconds": round(time.perf_counter() - t_codec, 1)}
+                 "seconds": round(time.perf_counter() - t_codec, 1),
+                 "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         entry.update(summarize(points))
+        entry["more_rate_never_hurts"] = monotone(points)
         out["codecs"][codec.name] = entry
     return out
 
@@ -322,6 +345,41 @@ def summarize(points: list[dict]) -> dict:
 
 
 # --- reports ------------------------------------------------------------------------------------
+
+def monotone(points: list[dict], up_to: float = MONOTONE_UP_TO) -> Optional[dict]:
+    """More rate never hurts: the points from the smallest transparent one up to ``up_to``
+    bits/param (None when no point is transparent)."""
+    ok = [p for p in points if p["transparent"]]
+    if not ok:
+        return None
+    start = min(ok, key=lambda p: p["bytes"])
+    span = [p for p in sorted(points, key=lambda p: p["bytes"])
+            if start["bytes"] <= p["bytes"] and p["bits_per_param"] <= up_to + 1e-9] or [start]
+    return {"from_bits_per_param": start["bits_per_param"], "to_bits_per_param": span[-1]["bits_per_param"],
+            "points": len(span), "transparent": sum(p["transparent"] for p in span),
+            "min_metric": min(p["metric"] for p in span),
+            "failing": [round(p["bits_per_param"], 3) for p in span if not p["transparent"]]}
+
+
+def monotone_table(result: dict) -> list[str]:
+    """Markdown rows: per model and codec, whether every point of the sweep from the codec's
+    smallest transparent point up to MONOTONE_UP_TO bits/param is transparent."""
+    rows = [f"| model | codec | points from smallest transparent up to {MONOTONE_UP_TO:g} bits/param | "
+            "transparent | lowest metric | failing points (bits/param) |", "|---|---|---|---|---|---|"]
+    for m in result["models"].values():
+        for c in m["codecs"].values():
+            if "points" not in c:
+                continue
+            mono = monotone(c["points"])
+            if mono is None:
+                rows.append(f"| {m['model']} | {c['label']} | none transparent | | | |")
+                continue
+            verdict = "all" if mono["transparent"] == mono["points"] else f"{mono['transparent']} of {mono['points']}"
+            rows.append(f"| {m['model']} | {c['label']} | {mono['points']} ({mono['from_bits_per_param']:.2f}"
+                        f"-{mono['to_bits_per_param']:.2f}) | {verdict} | {mono['min_metric']:.4f} | "
+                        f"{', '.join(map(str, mono['failing'])) or '-'} |")
+    return rows
+
 
 def summary_table(result: dict) -> list[str]:
     """Markdown rows: per codec and model, the smallest transparent file, bytes (bits/param), and
@@ -363,8 +421,10 @@ def summary_table(result: dict) -> list[str]:
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Rate-distortion: tqcodec vs NNCodec", "",
              "Generated by `benchmarks/rd.py` (see `benchmarks/README.md`). Rate = whole file "
-             "(.tqz, or NNCodec's whole bitstream) in bits per parameter. Transparent: digits top-1 "
-             ">= 0.990, MiniLM mean cosine >= 0.995.", "",
+             "(.tqz, or NNCodec's whole bitstream) in bits per parameter (every state-dict value counts, "
+             "BatchNorm buffers included). Transparent: "
+             + "; ".join(f"{m['model']} {m['metric']} >= {m['transparent_at']}" for m in result["models"].values())
+             + ".", "",
              f"Machine: {result['machine']}. Last run {result['started']} UTC, {result.get('seconds', 0):.0f} s"
              + (f"; 1-min load average at start {result['loadavg_start']}" if "loadavg_start" in result else "")
              + ". Encode/decode seconds are wall-clock (NNCodec single-threaded); on a shared machine they "
@@ -377,6 +437,16 @@ def write_markdown(result: dict, path: Path) -> None:
     if result.get("notes"):
         lines.append("")
     lines += summary_table(result) + [""]
+    lines += ["## More rate never hurts", "",
+              f"Every point of each sweep from the codec's smallest transparent point up to {MONOTONE_UP_TO:g} "
+              "bits/param (the sweeps are finite: this covers the points swept, not every rate between):", ""]
+    lines += monotone_table(result) + [""]
+    loads = [(m["model"], c["label"], c["loadavg"], c.get("peak_rss_mb")) for m in result["models"].values()
+             for c in m["codecs"].values() if "loadavg" in c]
+    if loads:
+        lines += ["1-min load average at the start and end of each codec's sweep, and the sweep process's peak "
+                  "RSS so far (MB): " + "; ".join(f"{mo} / {lab.split(' (')[0]}: {la[0]}-{la[1]}, {rss} MB"
+                                                  for mo, lab, la, rss in loads) + ".", ""]
     for m in result["models"].values():
         fp32 = m["reference_fp32_bytes"]
         lines += [f"## {m['model']} ({m['parameters']:,} parameters, reference {m['metric']} "
@@ -422,8 +492,12 @@ def write_plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models = list(result["models"].values())
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    for ax, m in zip(axes[0], models):
+    cols = min(3, len(models))
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, models):
         thr = m["transparent_at"]
         lo = thr - 4 * (1.0 - thr)
         for c in m["codecs"].values():
@@ -446,7 +520,8 @@ def write_plot(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nncodec-python", help="python of the venv where nncodec is installed")
-    ap.add_argument("--models", default="digits,minilm")
+    ap.add_argument("--models", default="digits,dwsep,seqrnn,autoenc,minilm",
+                    help="comma-separated from: " + ", ".join(MODEL_NAMES))
     ap.add_argument("--codecs", default=",".join(c.name for c in CODECS),
                     help="comma-separated names from: " + ", ".join(c.name for c in CODECS))
     ap.add_argument("--workdir", default=str(RESULTS / "tmp"))

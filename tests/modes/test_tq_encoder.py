@@ -68,7 +68,8 @@ def test_deterministic_and_decodes(model_and_stats):
     with tqcodec.open(a) as f:
         assert f.info("fc1.weight").mode == "tq"
         assert f.info("c2.weight").mode == "tq"
-    assert torch.equal(dec["bn.running_var"], sd["bn.running_var"])  # stored exactly
+    var, got = sd["bn.running_var"], dec["bn.running_var"]
+    assert (got >= 0.5 * var).all() and (got <= 1.5 * var).all()  # never coarser than the smallest variance
     assert torch.equal(dec["bn.num_batches_tracked"], sd["bn.num_batches_tracked"])
     m2 = Small()
     m2.load_state_dict(dec)
@@ -312,3 +313,99 @@ def test_embedding_rows_follow_token_frequency_and_unmeasured_tensors_stay_accur
     assert float(err[:40].mean()) < 0.25 * float(err[200:].mean())
     rel_pos = float((dec["pos"] - sd["pos"]).pow(2).sum() / sd["pos"].pow(2).sum())
     assert rel_pos < 1e-2
+
+
+# --- BatchNorm buffers (running statistics weighed by their effect, issue 19) -------------------
+
+class _BNNet(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> linear, with BN statistics spread over
+    decades (as trained models have them), so that a coarse step on them would be ruinous."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(32)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def bn_model():
+    torch.manual_seed(3)
+    m = _BNNet()
+    x = torch.randn(64, 3, 8, 8)
+    m.train()
+    with torch.no_grad():
+        for bn in (m.b1, m.b2):
+            bn.momentum = None  # cumulative: the running statistics are the batch statistics
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+        m(x)
+        m.b1.running_var.mul_(torch.logspace(-2, 1, 32))  # spread over three decades
+        m.b1.running_mean.add_(torch.linspace(-3, 3, 32))
+    m.eval()
+    return m, x
+
+
+def _sqnr(m, sd, x):
+    m2 = _BNNet()
+    m2.load_state_dict(sd)
+    m2.eval()
+    with torch.no_grad():
+        y, y2 = m(x), m2(x)
+    return float(10 * torch.log10(y.pow(2).sum() / (y - y2).pow(2).sum().clamp_min(1e-30)))
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+@pytest.mark.parametrize("bits", [2.0, 3.0])
+def test_low_rate_keeps_batchnorm_buffers_close(bn_model, calibrated, bits):
+    """At low rates the running statistics are coded (not stored raw at 32 bits), every decoded
+    variance stays within half of its value, num_batches_tracked is exact, and the statistics'
+    own error costs the outputs no more than the whole file's error (they are not starved)."""
+    m, x = bn_model
+    sd = m.state_dict()
+    stats = tqcodec.calibrate(m, [x[i:i + 16] for i in range(0, 64, 16)]) if calibrated else None
+    data = tqcodec.encode_bytes(sd, stats=stats, bits=bits)
+    dec = tqcodec.load(data)
+    for bn in ("b1", "b2"):
+        var, got = sd[f"{bn}.running_var"], dec[f"{bn}.running_var"]
+        assert (got >= 0.5 * var).all() and (got <= 1.5 * var).all()
+        assert torch.equal(dec[f"{bn}.num_batches_tracked"], sd[f"{bn}.num_batches_tracked"])
+    with tqcodec.open(data) as f:
+        assert f.info("b1.running_mean").mode == "tq"
+    only_buffers = dict(sd)
+    for k in sd:
+        if "running_" in k:
+            only_buffers[k] = dec[k]
+    assert _sqnr(m, only_buffers, x) >= _sqnr(m, dec, x)  # the buffers are not the weak point
+    if calibrated:
+        assert _sqnr(m, dec, x) > 5.0  # no collapse
+
+
+def test_batchnorm_variance_too_spread_for_any_step_is_exact():
+    """A running variance whose smallest positive value is below every candidate step is stored
+    exactly (a coarser step could make a variance vanish or go negative)."""
+    var = torch.ones(16) * 10.0
+    var[3] = 1e-12
+    sd = {"conv.weight": torch.randn(16, 8, 3, 3), "bn.weight": torch.ones(16), "bn.bias": torch.zeros(16),
+          "bn.running_mean": torch.randn(16), "bn.running_var": var}
+    dec = tqcodec.load(tqcodec.encode_bytes(sd, mode="tq", bits=2.0))
+    assert torch.equal(dec["bn.running_var"], var)
+
+
+def test_following_batchnorm_scale():
+    from tqcodec.modes.tq.encoder import following_batchnorm_scale
+    g = torch.tensor([1.0, 2.0])
+    v = torch.tensor([4.0, 1.0])
+    sd = {"c.weight": torch.randn(2, 3), "c.bias": torch.zeros(2), "bn.weight": g, "bn.bias": torch.zeros(2),
+          "bn.running_mean": torch.zeros(2), "bn.running_var": v, "fc.weight": torch.randn(4, 2)}
+    items = [Item.of(k, "float32", t.double().numpy()) for k, t in sd.items()]
+    s = following_batchnorm_scale(items, 0, 2)
+    np.testing.assert_allclose(s, (g * g / (v + 1e-5)).numpy(), rtol=1e-6)
+    assert following_batchnorm_scale(items, len(items) - 1, 4) is None  # nothing follows

@@ -119,6 +119,7 @@ class Unit:
     shared: Optional[dict] = None
     r0: int = 0
     h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
+    max_code: Optional[int] = None  # coarser step codes are never chosen (BatchNorm running variances)
 
     @property
     def w(self) -> np.ndarray:
@@ -237,11 +238,14 @@ def candidate_codes(w: np.ndarray, octaves_below: int = 10) -> list[int]:
 
 
 def choose(units: list[Unit], lam: float) -> dict[str, int]:
-    """Per unit, the code minimising D + lam * R on its curve (ties: the coarser step)."""
+    """Per unit, the code minimising D + lam * R on its curve (ties: the coarser step), never
+    one coarser than the unit's ``max_code``."""
     out = {}
     for u in units:
         best, best_cost = None, math.inf
         for code in sorted(u.curve, reverse=True):
+            if u.max_code is not None and code > u.max_code:
+                continue
             d, r = u.curve[code]
             cost = d + lam * r
             if cost < best_cost:

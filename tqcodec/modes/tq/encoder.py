@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ...format.steps import MAX_CODED_MAGNITUDE, steps_from_codes
+from ...format.steps import MAX_CODED_MAGNITUDE, code_at_most, steps_from_codes
 from ..base import Encoded
 from . import transforms
 from .format import write
@@ -123,8 +123,15 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
     total = sum(it.size for it in items)
     band_size = max(1, total // BAND_SHARE)
     default_gain = max(known) if known else 1.0
-    for it in items:
+    by_name = {it.name: it for it in items}
+    for index, it in enumerate(items):
         st = stats.get(it.name) if stats is not None else None
+        if it.name.endswith((".running_mean", ".running_var")) or it.name in ("running_mean", "running_var"):
+            unit = batchnorm_unit(it, by_name, stats, default_gain)
+            if unit is not None:
+                units.append(unit)
+                layouts[it.name] = "out_in"
+            continue
         if "running_var" in it.name or "running_mean" in it.name or it.size == 0:
             continue
         ndim = len(it.shape)
@@ -154,7 +161,12 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
                 rw = rw if np.isfinite(rw).all() and rw.sum() > 0 else None
             elif _h_fits(st.h, n, m):
                 h = usable_h(st.h, st.rows)
-        cap, size = (EMBED_BANDS, band_size // 8) if rw is not None else (MAX_BANDS, band_size)
+        row_banded = rw is not None
+        if rw is None and layout == "out_in":
+            scale = following_batchnorm_scale(items, index, n)
+            if scale is not None:  # calibrated: the gain holds the mean scale, the rows keep their shares
+                rw = scale if stats is None else scale / scale.mean()
+        cap, size = (EMBED_BANDS, band_size // 8) if row_banded else (MAX_BANDS, band_size)
         nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
         bounds = [n * i // nb for i in range(nb + 1)]
         shared = {"w": w2} if nb > 1 and h is not None else None
@@ -166,6 +178,82 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
     return units, layouts
+
+
+def following_batchnorm_scale(items: Sequence[Item], index: int, n: int) -> Optional[np.ndarray]:
+    """``g_c^2 / (var_c + eps)`` [n] when the weight ``items[index]`` (n output rows) is followed
+    in the state dict, after its own bias, by a BatchNorm of n channels (``P.weight``,
+    ``P.running_var``; torch registers a Sequential's modules in order): in eval mode that
+    BatchNorm multiplies output channel c, and so its error, by ``g_c / sqrt(var_c + eps)``.
+    None otherwise (or when the scale is not finite and positive somewhere)."""
+    name = items[index].name
+    j = index + 1
+    if j < len(items) and name.endswith("weight") and items[j].name == name[:-len("weight")] + "bias":
+        j += 1
+    if j >= len(items) or not items[j].name.endswith("weight") or items[j].shape != (n,):
+        return None
+    prefix = items[j].name[:-len("weight")]
+    var_item = next((x for x in items[j + 1:j + 4] if x.name == prefix + "running_var"), None)
+    if var_item is None or var_item.shape != (n,):
+        return None
+    gamma = np.asarray(items[j].values, dtype=np.float64).reshape(-1)
+    var = np.asarray(var_item.values, dtype=np.float64).reshape(-1)
+    scale = gamma * gamma / (var + BN_EPS)
+    if not np.isfinite(scale).all() or not (var >= 0).all() or scale.sum() <= 0:
+        return None
+    return scale
+
+
+BN_EPS = 1e-5  # BatchNorm's default eps: the state dict does not hold it (a larger eps only lowers the weights)
+
+
+def batchnorm_unit(it: Item, by_name: Mapping[str, Item], stats, default_gain: float) -> Optional[Unit]:
+    """A unit for a BatchNorm running mean or variance (``P.running_mean`` / ``P.running_var``
+    beside ``P.running_var``, and ``P.weight`` / ``P.bias`` when affine), or None (stored exactly).
+
+    In eval mode BN computes ``y = g (x - mean) / sqrt(var + eps) + b``: an error ``d`` of
+    channel c's mean moves y by ``g_c d / sqrt(var_c + eps)``, a bias error of ``s_c d``; an error
+    ``d`` of its variance by ``g_c (x - mean) d / (2 (var_c + eps)^1.5)``, of mean square
+    ``g_c^2 var_c d^2 / (4 (var_c + eps)^3)``. Each channel's error is weighed by that factor
+    (row weights) at the bias's gain (statistics of ``P.bias``, else ``P.weight``, else the
+    default gain), so the statistics are coded as finely as their effect needs, from the state
+    dict alone. A variance is never coded with a step coarser than its smallest positive value,
+    so every decoded variance stays at least half its value (never negative); when no candidate
+    step is that fine the variance is stored exactly."""
+    prefix = it.name[:-len("running_mean")] if it.name.endswith("running_mean") else it.name[:-len("running_var")]
+    var_item = by_name.get(prefix + "running_var")
+    if len(it.shape) != 1 or it.size == 0 or var_item is None or var_item.shape != it.shape:
+        return None
+    var = np.asarray(var_item.values, dtype=np.float64).reshape(-1)
+    if not np.isfinite(var).all() or var.min() < 0:
+        return None
+    gamma_item = by_name.get(prefix + "weight")
+    gamma = np.ones_like(var)
+    if gamma_item is not None and gamma_item.shape == it.shape:
+        gamma = np.asarray(gamma_item.values, dtype=np.float64).reshape(-1)
+    v = it.values.astype(np.float64).reshape(-1, 1)
+    if it.name.endswith("running_mean"):
+        rw = gamma * gamma / (var + BN_EPS)
+        max_code = None
+    else:
+        rw = gamma * gamma * var / (4.0 * (var + BN_EPS) ** 3)
+        positive = var[var > 0]
+        if positive.size == 0:
+            return None
+        max_code = code_at_most(float(positive.min()))
+        if min(candidate_codes(v)) > max_code:
+            return None
+    if not np.isfinite(rw).all():
+        return None
+    gain = default_gain
+    for partner in (prefix + "bias", prefix + "weight"):
+        pst = stats.get(partner) if stats is not None else None
+        if pst is not None:
+            gain = pst.gain
+            break
+    unit = Unit(band_name(it.name, 0), v, None, rw, gain)
+    unit.max_code = max_code
+    return unit
 
 
 def band_name(name: str, b: int) -> str:
