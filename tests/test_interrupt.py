@@ -67,6 +67,26 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _as_at_a_terminal() -> None:
+    """SIGINT as a command started at a terminal has it: default, not blocked. A test run started
+    in the background of a non-interactive shell (a CI job) inherits SIGINT ignored, and ignored
+    signals stay ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@pytest.fixture(autouse=True)
+def _python_handles_ctrl_c():
+    """This process's own SIGINT as Python installs it at a terminal, for the tests that interrupt
+    it (restored afterwards)."""
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def interrupt(tmp_path: Path, args: list[str], ready, stdin: bytes = None) -> tuple[subprocess.CompletedProcess, list]:
     """Run ``tqz ARGS`` in ``tmp_path`` in a process group of its own; once ``ready(descendants)``
     is true, send SIGINT to the group. ``stdin``: bytes written to its standard input, which is
@@ -75,7 +95,8 @@ def interrupt(tmp_path: Path, args: list[str], ready, stdin: bytes = None) -> tu
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-m", "tqcodec.cli"] + args, cwd=tmp_path, env=env,
                          stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=_as_at_a_terminal)
     if stdin is not None:
         p.stdin.write(stdin)
         p.stdin.flush()
