@@ -46,7 +46,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 # short names (the --models keys and the sweeps' keys) -> zoo modules, imported when used
 MODEL_NAMES = {"digits": "digits-cnn", "dwsep": "dwsep-cnn", "seqrnn": "seqrnn-lstm",
                "autoenc": "conv-autoencoder", "minilm": "minilm"}
-MODELS = {short: name for short, name in MODEL_NAMES.items()}
+
+
+class _ShortNames(dict):
+    """``MODELS[short]``: the zoo module of a short model name (imported on first use)."""
+
+    def __missing__(self, short: str):
+        return ZOO[MODEL_NAMES[short]]
+
+
+MODELS = _ShortNames()
 MONOTONE_UP_TO = 8.0  # the "more rate never hurts" table: points from the smallest transparent up to this bits/param
 
 
@@ -276,7 +285,7 @@ CODECS: list[Codec] = [
 # --- the sweep ----------------------------------------------------------------------------------
 
 def sweep_model(model: str, codecs: list[Codec], args) -> dict:
-    zoo = ZOO[MODEL_NAMES[model]]
+    zoo = MODELS[model]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -531,7 +540,7 @@ def main() -> None:
                     help="keep the other codecs' results already in OUT/rd.json (e.g. add one codec)")
     ap.add_argument("--report-only", action="store_true", help="rewrite rd.md and rd.png from OUT/rd.json")
     ap.add_argument("--minilm-quick", action="store_true", help="MiniLM: drop the first and last point of each sweep")
-    for model in MODELS:
+    for model in MODEL_NAMES:
         for param, typ in (("qp", int), ("snr_db", float), ("bits", float)):
             ap.add_argument(f"--{model}-{param.replace('_', '-')}", type=typ, nargs="+",
                             help=f"override the {param} sweep on {model}")
