@@ -1,6 +1,7 @@
 """Helpers shared by several test modules (fixtures that use them are in ``tests/conftest.py``)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -17,10 +18,15 @@ import tqcodec
 from tqcodec.format.chunks import CHUNK_HEADER_SIZE
 from tqcodec.format.header import HEADER_SIZE
 from tqcodec.format.index import FOOTER_SIZE
+from tqcodec.format.manifest import TensorRecord
 from tqcodec.format.steps import steps_from_codes
+from tqcodec.format.writer import ContainerWriter
 from tqcodec.io import hf
+from tqcodec.modes import raw as raw_mode
+from tqcodec.modes import tq as tq_mode
 from tqcodec.modes import uniform as uniform_mode
 from tqcodec.modes.rd import measured_bits, weighted_distortion
+from tqcodec.pipeline.tensors import tensor_to_storage
 
 # --- state dicts and models -----------------------------------------------------------------------
 
@@ -273,3 +279,41 @@ def uniform_point(w: np.ndarray, h: np.ndarray, code: int) -> tuple[float, float
     _, params, streams = uniform_mode.encode(w, "float32", "tensor", codes=np.array([code]))
     step = float(steps_from_codes([code])[0])
     return measured_bits(params, streams), weighted_distortion(np.rint(w / step) * step, w, h)
+
+
+# --- .tqz files with tq tensors written by the mode's own encoder (tests of tqcodec.model.nn) ---
+
+def tq_tensor(w: torch.Tensor, layout: str, k, codes: list):
+    """Params and streams of a tq tensor approximating ``w`` with ``len(codes)`` row bands: R per
+    ``layout``; with ``k`` a float16 synthesis transform S [m, k] from R's top right singular
+    vectors."""
+    w64 = w.detach().double().numpy()
+    r = w64.T if layout == "in_out" else w64.reshape(w64.shape[0], -1)
+    s = None
+    if k is None:
+        c = r
+    else:
+        _, _, vt = np.linalg.svd(r, full_matrices=False)
+        s = vt[:k].T.astype(np.float16)  # [m, k]
+        c = s.astype(np.float64).T @ r.T  # [k, n]
+    bounds = np.linspace(0, c.shape[0], len(codes) + 1).astype(int)
+    steps = steps_from_codes(np.array(codes))
+    levels = [np.round(c[a:b] / st).astype(np.int64) for a, b, st in zip(bounds[:-1], bounds[1:], steps)]
+    return tq_mode.write(levels, codes, layout=layout, transform=s)[1:]
+
+
+def tq_file(sd: dict, plan: dict) -> bytes:
+    """A .tqz of ``sd``: tensors in ``plan`` as tq (``name -> (layout, k, codes)``), the rest raw."""
+    buf = io.BytesIO()
+    w = ContainerWriter(buf)
+    for name, t in sd.items():
+        dtype, arr = tensor_to_storage(t)
+        if name in plan:
+            params, streams = tq_tensor(t, *plan[name])
+            mode = "tq"
+        else:
+            _, params, streams = raw_mode.write(arr, "none")
+            mode = "raw"
+        w.add_tensor(TensorRecord(name, dtype, tuple(t.shape), mode, params), streams)
+    w.finish({})
+    return buf.getvalue()

@@ -5,7 +5,6 @@ written directly with the mode's own encoder (``tqcodec.modes.tq.encode``)."""
 from __future__ import annotations
 
 import copy
-import io
 
 import numpy as np
 import pytest
@@ -15,12 +14,7 @@ from torch import nn
 
 import tqcodec
 from tqcodec.model import nn as tqnn
-from tqcodec.pipeline.tensors import tensor_to_storage
-from tqcodec.format.writer import ContainerWriter
-from tqcodec.format.manifest import TensorRecord
-from tqcodec.modes import raw
-from tqcodec.modes import tq as tq_mode
-from tqcodec.format.steps import steps_from_codes
+from tests.helpers import tq_file
 
 torch.manual_seed(0)
 
@@ -194,66 +188,30 @@ def test_cnn_encoder_files(tmp_path, cnn, with_stats):
 
 # --- files with transforms / in_out layout, written with the mode's encoder -------------------
 
-def _quantize_tq(w: torch.Tensor, layout: str, k, bands: int, codes: list):
-    """Params and streams of a tq tensor approximating ``w``: R per ``layout``; with ``k`` a
-    float16 synthesis transform S [m, k] from R's top right singular vectors."""
-    w64 = w.detach().double().numpy()
-    r = w64.T if layout == "in_out" else w64.reshape(w64.shape[0], -1)
-    n, m = r.shape
-    s = None
-    if k is None:
-        c = r
-    else:
-        _, _, vt = np.linalg.svd(r, full_matrices=False)
-        s = vt[:k].T.astype(np.float16)  # [m, k]
-        c = s.astype(np.float64).T @ r.T  # [k, n]
-    bounds = np.linspace(0, c.shape[0], bands + 1).astype(int)
-    steps = steps_from_codes(np.array(codes))
-    levels = [np.round(c[a:b] / st).astype(np.int64) for a, b, st in zip(bounds[:-1], bounds[1:], steps)]
-    return tq_mode.write(levels, codes, layout=layout, transform=s)[1:]
-
-
-def _write(sd: dict, plan: dict) -> bytes:
-    """A .tqz of ``sd``: tensors in ``plan`` as tq (``name -> (layout, k, bands, codes)``), the rest raw."""
-    buf = io.BytesIO()
-    w = ContainerWriter(buf)
-    for name, t in sd.items():
-        dtype, arr = tensor_to_storage(t)
-        if name in plan:
-            params, streams = _quantize_tq(t, *plan[name])
-            mode = "tq"
-        else:
-            _, params, streams = raw.write(arr, "none")
-            mode = "raw"
-        w.add_tensor(TensorRecord(name, dtype, tuple(t.shape), mode, params), streams)
-    w.finish({})
-    return buf.getvalue()
-
-
 def test_linear_transforms_and_layouts(tmp_path, mlp):
-    plan = {"fc1.weight": ("out_in", 12, 2, [-26, -30]),   # y = (x S) C
-            "fc2.weight": ("in_out", None, 3, [-24, -26, -28]),  # y = x C
-            "fc3.weight": ("in_out", 6, 1, [-26])}        # y = (x C^T) S^T
+    plan = {"fc1.weight": ("out_in", 12, [-26, -30]),   # y = (x S) C
+            "fc2.weight": ("in_out", None, [-24, -26, -28]),  # y = x C
+            "fc3.weight": ("in_out", 6, [-26])}        # y = (x C^T) S^T
     path = tmp_path / "t.tqz"
-    path.write_bytes(_write(mlp.state_dict(), plan))
+    path.write_bytes(tq_file(mlp.state_dict(), plan))
     dense, tdom = _check_model(mlp, _mlp_inputs(), path, min_swapped=3)
     assert tdom.fc1.transform is not None and tdom.fc1.transform.dtype == torch.float16 and tdom.fc1.k == 12
     assert tdom.fc2.layout == "in_out" and tdom.fc2.num_bands == 3
     # wide levels take a wider integer type
     path2 = tmp_path / "fine.tqz"
-    path2.write_bytes(_write(mlp.state_dict(), {"fc1.weight": ("out_in", None, 2, [-26, -60])}))
+    path2.write_bytes(tq_file(mlp.state_dict(), {"fc1.weight": ("out_in", None, [-26, -60])}))
     _, t2 = _check_model(mlp, _mlp_inputs(), path2, min_swapped=1)
     assert t2.fc1._levels(0).dtype == torch.int8 and t2.fc1._levels(1).dtype == torch.int16
 
 
 def test_conv_transforms(tmp_path, cnn):
-    plan = {"c1.weight": ("out_in", 10, 2, [-24, -28]),
-            "c2.weight": ("out_in", 9, 3, [-24, -26, -28]),   # grouped, k = 9 of m = 36
-            "dw.weight": ("out_in", 5, 1, [-26]),            # depthwise, m = 9
-            "t1.weight": ("out_in", 20, 2, [-26, -28]),
-            "fc.weight": ("out_in", None, 2, [-26, -28])}
+    plan = {"c1.weight": ("out_in", 10, [-24, -28]),
+            "c2.weight": ("out_in", 9, [-24, -26, -28]),   # grouped, k = 9 of m = 36
+            "dw.weight": ("out_in", 5, [-26]),            # depthwise, m = 9
+            "t1.weight": ("out_in", 20, [-26, -28]),
+            "fc.weight": ("out_in", None, [-26, -28])}
     path = tmp_path / "c.tqz"
-    path.write_bytes(_write(cnn.state_dict(), plan))
+    path.write_bytes(tq_file(cnn.state_dict(), plan))
     dense, tdom = _check_model(cnn, _cnn_inputs(), path, min_swapped=5)
     assert all(getattr(tdom, n).transform is not None for n in ("c1", "c2", "dw", "t1"))
 
@@ -261,11 +219,11 @@ def test_conv_transforms(tmp_path, cnn):
 def test_blocks_smaller_than_bands(tmp_path, cnn, monkeypatch):
     """Levels cast block by block (blocks cut at group boundaries) give the same outputs."""
     monkeypatch.setattr(tqnn, "BLOCK_ELEMENTS", 40)
-    plan = {"c1.weight": ("out_in", None, 2, [-24, -28]), "c2.weight": ("out_in", None, 3, [-24, -26, -28]),
-            "dw.weight": ("out_in", None, 1, [-26]), "t1.weight": ("out_in", 20, 2, [-26, -28]),
-            "fc.weight": ("out_in", None, 1, [-26])}
+    plan = {"c1.weight": ("out_in", None, [-24, -28]), "c2.weight": ("out_in", None, [-24, -26, -28]),
+            "dw.weight": ("out_in", None, [-26]), "t1.weight": ("out_in", 20, [-26, -28]),
+            "fc.weight": ("out_in", None, [-26])}
     path = tmp_path / "b.tqz"
-    path.write_bytes(_write(cnn.state_dict(), plan))
+    path.write_bytes(tq_file(cnn.state_dict(), plan))
     _check_model(cnn, _cnn_inputs(), path, min_swapped=5)
 
 
@@ -320,8 +278,8 @@ def test_shared_submodule_swapped_everywhere(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_other_input_dtypes(tmp_path, mlp, dtype):
     path = tmp_path / "d.tqz"
-    path.write_bytes(_write(mlp.state_dict(), {"fc1.weight": ("out_in", None, 2, [-26, -60]),
-                                               "fc3.weight": ("out_in", 6, 1, [-26])}))
+    path.write_bytes(tq_file(mlp.state_dict(), {"fc1.weight": ("out_in", None, [-26, -60]),
+                                               "fc3.weight": ("out_in", 6, [-26])}))
     tdom = tqcodec.load_module(copy.deepcopy(mlp), path)
     x = _mlp_inputs().to(dtype)
     with torch.no_grad():
@@ -352,10 +310,10 @@ def _tok_inputs():
 
 
 @pytest.mark.parametrize("plan", [None,
-                                  {"emb.weight": ("out_in", None, 5, [-26, -27, -28, -29, -40]),
-                                   "pos.weight": ("out_in", 8, 2, [-26, -28])},
-                                  {"emb.weight": ("in_out", None, 3, [-26, -27, -28]),
-                                   "pos.weight": ("in_out", 6, 1, [-26])}])
+                                  {"emb.weight": ("out_in", None, [-26, -27, -28, -29, -40]),
+                                   "pos.weight": ("out_in", 8, [-26, -28])},
+                                  {"emb.weight": ("in_out", None, [-26, -27, -28]),
+                                   "pos.weight": ("in_out", 6, [-26])}])
 def test_embeddings(tmp_path, plan):
     torch.manual_seed(6)
     model = Tok().eval()
@@ -365,7 +323,7 @@ def test_embeddings(tmp_path, plan):
         stats = tqcodec.calibrate(model, [ids], sensitivity=False)
         tqcodec.save(model.state_dict(), path, mode="tq", stats=stats, bits=4.0)
     else:
-        path.write_bytes(_write(model.state_dict(), plan))
+        path.write_bytes(tq_file(model.state_dict(), plan))
     dense, tdom = _check_model(model, ids, path, min_swapped=2)
     assert isinstance(tdom.emb, tqnn.TQEmbedding) and tdom.emb.padding_idx == 0
     with torch.no_grad():

@@ -7,7 +7,6 @@ buffer shared and never aliased by an output, autograd and inference mode, threa
 from __future__ import annotations
 
 import copy
-import io
 import threading
 
 import numpy as np
@@ -17,55 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import tqcodec
-from tqcodec.format.manifest import TensorRecord
-from tqcodec.format.steps import steps_from_codes
-from tqcodec.format.writer import ContainerWriter
 from tqcodec.model import nn as tqnn
-from tqcodec.modes import raw
-from tqcodec.modes import tq as tq_mode
-from tqcodec.pipeline.tensors import tensor_to_storage
-
-
-# --- files: tq tensors written with the mode's own encoder (any layout, transform, bands) -----
-
-def _quantize(w: torch.Tensor, layout: str, k, codes: list):
-    """Params and streams of a tq tensor approximating ``w`` with ``len(codes)`` row bands; with
-    ``k`` a float16 synthesis transform S [m, k] from R's top right singular vectors."""
-    w64 = w.detach().double().numpy()
-    r = w64.T if layout == "in_out" else w64.reshape(w64.shape[0], -1)
-    s = None
-    if k is None:
-        c = r
-    else:
-        _, _, vt = np.linalg.svd(r, full_matrices=False)
-        s = vt[:k].T.astype(np.float16)
-        c = s.astype(np.float64).T @ r.T
-    bounds = np.linspace(0, c.shape[0], len(codes) + 1).astype(int)
-    steps = steps_from_codes(np.array(codes))
-    levels = [np.round(c[a:b] / st).astype(np.int64) for a, b, st in zip(bounds[:-1], bounds[1:], steps)]
-    return tq_mode.write(levels, codes, layout=layout, transform=s)[1:]
-
-
-def _write(sd: dict, plan: dict) -> bytes:
-    """``plan``: name -> (layout, k, codes) for tq tensors; the rest raw."""
-    buf = io.BytesIO()
-    w = ContainerWriter(buf)
-    for name, t in sd.items():
-        dtype, arr = tensor_to_storage(t)
-        if name in plan:
-            params, streams = _quantize(t, *plan[name])
-            mode = "tq"
-        else:
-            _, params, streams = raw.write(arr, "none")
-            mode = "raw"
-        w.add_tensor(TensorRecord(name, dtype, tuple(t.shape), mode, params), streams)
-    w.finish({})
-    return buf.getvalue()
+from tests.helpers import tq_file
 
 
 def _swapped(model: nn.Module, plan: dict, tmp_path) -> tuple[nn.Module, dict]:
     path = tmp_path / "m.tqz"
-    path.write_bytes(_write(model.state_dict(), plan))
+    path.write_bytes(tq_file(model.state_dict(), plan))
     tdom = tqcodec.load_module(copy.deepcopy(model), path).eval()
     return tdom, tqcodec.load(path)
 
