@@ -51,8 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .digits import test_data, train_data
-from .shared import check_candidate, default_cache_path, deterministic_torch, load_or_train, sqnr_db
+from .digits import calibration_inputs, test_data, train_data  # noqa: F401 (calibration_inputs: the zoo API)
+from .shared import check_candidate, default_cache_path, deterministic_torch, fit, load_or_train, outputs, sqnr_db, train_and_save
 
 NAME = "conv-autoencoder"
 METRIC = "mse_ratio"  # reference's test reconstruction MSE / the candidate's (1.0 for the reference)
@@ -86,12 +86,6 @@ def build_module() -> nn.Module:
     return ConvAutoencoder()
 
 
-def calibration_inputs(n: int = 256) -> torch.Tensor:
-    """The first ``n`` images of the fixed training split, [n,1,8,8], values in [0, 1]."""
-    xtr, _ = train_data()
-    return xtr[:n].clone()
-
-
 def train(verbose: bool = False) -> dict[str, torch.Tensor]:
     """Train the reference weights from scratch (deterministic)."""
     with deterministic_torch():
@@ -99,25 +93,9 @@ def train(verbose: bool = False) -> dict[str, torch.Tensor]:
         m = build_module()
         xtr, _ = train_data()
         xte, _ = test_data()
-        opt = torch.optim.Adam(m.parameters(), lr=LR)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-        g = torch.Generator().manual_seed(SEED)
-        for ep in range(EPOCHS):
-            m.train()
-            perm = torch.randperm(len(xtr), generator=g)
-            for i in range(0, len(xtr), BATCH):
-                xb = xtr[perm[i:i + BATCH]]
-                loss = F.mse_loss(m(xb), xb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            sched.step()
-            if verbose and (ep % 10 == 9 or ep == EPOCHS - 1):
-                m.eval()
-                with torch.no_grad():
-                    mse = F.mse_loss(m(xte), xte).item()
-                print(f"epoch {ep + 1} loss {loss.item():.5f} test_mse {mse:.5f}")
-    return {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+        report = (lambda ep, loss: print(f"epoch {ep} loss {loss:.5f} test_mse {F.mse_loss(m(xte), xte).item():.5f}"))
+        return fit(m, xtr, None, lambda out, xb, yb: F.mse_loss(out, xb), epochs=EPOCHS, batch=BATCH, lr=LR,
+                   seed=SEED, report=report if verbose else None)
 
 
 def reference_state_dict(cache: Union[str, os.PathLike, None] = None, *,
@@ -128,15 +106,9 @@ def reference_state_dict(cache: Union[str, os.PathLike, None] = None, *,
     return load_or_train(path, lambda: train(verbose=verbose))
 
 
-@torch.no_grad()
 def reconstruct(sd: Mapping[str, torch.Tensor], x: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The model's float32 reconstructions of ``x`` (default: the 500 test images)."""
-    m = build_module()
-    m.load_state_dict(dict(sd), strict=True)
-    m.eval()
-    if x is None:
-        x, _ = test_data()
-    return m(x).float()
+    return outputs(build_module, sd, test_data()[0] if x is None else x)
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -177,9 +149,4 @@ def is_transparent(result: Mapping) -> bool:
 
 
 if __name__ == "__main__":  # python -m benchmarks.zoo.autoenc [OUT.pt]: train and save the reference
-    import sys
-    sd = train(verbose=True)
-    if len(sys.argv) > 1:
-        torch.save(sd, sys.argv[1])
-    mse = test_mse(sd)
-    print("params", sum(v.numel() for v in sd.values()), "test_mse", round(mse, 6), "psnr_db", round(_psnr_db(mse), 3))
+    train_and_save(train, lambda sd: f"test_mse {round(test_mse(sd), 6)} psnr_db {round(_psnr_db(test_mse(sd)), 3)}")

@@ -14,27 +14,24 @@ about 10 s on one core). The metric is top-1 accuracy on 500 fixed test images (
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .shared import check_candidate, sqnr_db
+from .shared import Classifier, accuracy_report, deterministic_torch, fit, train_and_save
 
 NAME = "digits-cnn"
 METRIC = "top1"
 TRANSPARENT = 0.990  # top-1 at or above this: transparent
-CACHE_ENV = "TQ_ZOO_CACHE"  # a directory; the reference weights are cached there as digits-cnn.pt
 
 SEED = 0
 N_TEST = 500
 EPOCHS = 60
 BATCH = 64
+LR = 2e-3
 
 
 class DigitsCNN(nn.Module):
@@ -93,101 +90,22 @@ def calibration_inputs(n: int = 256) -> torch.Tensor:
     return xtr[:n].clone()
 
 
-@contextlib.contextmanager
-def _deterministic_torch() -> Iterator[None]:
-    """One thread and deterministic algorithms while training; the caller's settings restored after."""
-    threads = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    rng = torch.get_rng_state()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det)
-        torch.set_rng_state(rng)
-
-
 def train(verbose: bool = False) -> dict[str, torch.Tensor]:
     """Train the reference weights from scratch (deterministic)."""
-    with _deterministic_torch():
+    with deterministic_torch():
         torch.manual_seed(SEED)
         m = build_module()
         xtr, ytr = train_data()
-        xte, yte = test_data()
-        opt = torch.optim.Adam(m.parameters(), lr=2e-3, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-        g = torch.Generator().manual_seed(SEED)
-        for ep in range(EPOCHS):
-            m.train()
-            perm = torch.randperm(len(xtr), generator=g)
-            for i in range(0, len(xtr), BATCH):
-                idx = perm[i:i + BATCH]
-                xb = xtr[idx]
-                sh = torch.randint(-1, 2, (2,), generator=g).tolist()  # random 1-pixel shifts
-                xb = torch.roll(xb, shifts=sh, dims=(2, 3))
-                loss = F.cross_entropy(m(xb), ytr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            sched.step()
-            if verbose and (ep % 10 == 9 or ep == EPOCHS - 1):
-                m.eval()
-                with torch.no_grad():
-                    acc = (m(xte).argmax(1) == yte).float().mean().item()
-                print(f"epoch {ep + 1} loss {loss.item():.4f} test_acc {acc:.4f}")
-    return {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+        return fit(m, xtr, ytr, lambda out, xb, yb: F.cross_entropy(out, yb), epochs=EPOCHS, batch=BATCH,
+                   lr=LR, weight_decay=1e-4, seed=SEED, shift=True,
+                   report=accuracy_report(m, *test_data()) if verbose else None)
 
 
-def default_cache_path() -> Optional[Path]:
-    root = os.environ.get(CACHE_ENV)
-    return Path(root) / f"{NAME}.pt" if root else None
-
-
-def reference_state_dict(cache: Union[str, os.PathLike, None] = None, *,
-                         verbose: bool = False) -> dict[str, torch.Tensor]:
-    """The reference weights: loaded from ``cache`` (default ``$TQ_ZOO_CACHE/digits-cnn.pt``) if
-    that file exists, else trained and, when a cache path is known, saved there."""
-    path = Path(cache) if cache is not None else default_cache_path()
-    if path is not None and path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    sd = train(verbose=verbose)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
-    return sd
-
-
-@torch.no_grad()
-def logits(sd: Mapping[str, torch.Tensor], x: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The model's float32 logits on ``x`` (default: the 500 test images)."""
-    m = build_module()
-    m.load_state_dict(dict(sd), strict=True)
-    m.eval()
-    if x is None:
-        x, _ = test_data()
-    return m(x).float()
-
-
-def top1(sd: Mapping[str, torch.Tensor]) -> float:
-    _, y = test_data()
-    return (logits(sd).argmax(1) == y).float().mean().item()
-
-
-def evaluate(sd: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> dict:
-    """Top-1 of ``sd`` on the 500 test images (``value``), and against ``reference``: its top-1,
-    the fraction of images where both predict the same class, and the logit SQNR in dB."""
-    nonfinite = check_candidate(sd, reference)
-    _, y = test_data()
-    ref_logits = logits(reference)
-    out = logits(sd)
-    return {"model": NAME, "metric": METRIC, "value": (out.argmax(1) == y).float().mean().item(),
-            "reference": (ref_logits.argmax(1) == y).float().mean().item(),
-            "argmax_agreement": (out.argmax(1) == ref_logits.argmax(1)).float().mean().item(),
-            "logit_sqnr_db": sqnr_db(ref_logits, out), "n": int(len(y)), "nonfinite_tensors": nonfinite}
+_CLASSIFIER = Classifier(NAME, METRIC, build_module, test_data, train)
+reference_state_dict = _CLASSIFIER.reference_state_dict
+logits = _CLASSIFIER.logits
+top1 = _CLASSIFIER.top1
+evaluate = _CLASSIFIER.evaluate
 
 
 def is_transparent(result: Mapping) -> bool:
@@ -195,8 +113,4 @@ def is_transparent(result: Mapping) -> bool:
 
 
 if __name__ == "__main__":  # python -m benchmarks.zoo.digits [OUT.pt]: train and save the reference
-    import sys
-    sd = train(verbose=True)
-    if len(sys.argv) > 1:
-        torch.save(sd, sys.argv[1])
-    print("params", sum(v.numel() for v in sd.values()), "top1", top1(sd))
+    train_and_save(train, lambda sd: f"top1 {top1(sd)}")

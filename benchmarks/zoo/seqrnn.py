@@ -25,16 +25,14 @@ reference's 0.992.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import digits
-from .shared import check_candidate, default_cache_path, deterministic_torch, load_or_train, sqnr_db
+from .shared import Classifier, accuracy_report, deterministic_torch, fit, train_and_save
 
 NAME = "seqrnn-lstm"
 METRIC = "top1"
@@ -87,64 +85,16 @@ def train(verbose: bool = False) -> dict[str, torch.Tensor]:
         torch.manual_seed(SEED)
         m = build_module()
         xtr, ytr = train_data()
-        xte, yte = test_data()
-        opt = torch.optim.Adam(m.parameters(), lr=LR, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-        g = torch.Generator().manual_seed(SEED)
-        for ep in range(EPOCHS):
-            m.train()
-            perm = torch.randperm(len(xtr), generator=g)
-            for i in range(0, len(xtr), BATCH):
-                idx = perm[i:i + BATCH]
-                loss = F.cross_entropy(m(xtr[idx]), ytr[idx])
-                opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-                opt.step()
-            sched.step()
-            if verbose and (ep % 10 == 9 or ep == EPOCHS - 1):
-                m.eval()
-                with torch.no_grad():
-                    acc = (m(xte).argmax(1) == yte).float().mean().item()
-                print(f"epoch {ep + 1} loss {loss.item():.4f} test_acc {acc:.4f}")
-    return {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+        return fit(m, xtr, ytr, lambda out, xb, yb: F.cross_entropy(out, yb), epochs=EPOCHS, batch=BATCH,
+                   lr=LR, weight_decay=1e-4, seed=SEED, clip=1.0,
+                   report=accuracy_report(m, *test_data()) if verbose else None)
 
 
-def reference_state_dict(cache: Union[str, os.PathLike, None] = None, *,
-                         verbose: bool = False) -> dict[str, torch.Tensor]:
-    """The reference weights: loaded from ``cache`` (default ``$TQ_ZOO_CACHE/seqrnn-lstm.pt``) if
-    that file exists, else trained and, when a cache path is known, saved there."""
-    path = Path(cache) if cache is not None else default_cache_path(NAME)
-    return load_or_train(path, lambda: train(verbose=verbose))
-
-
-@torch.no_grad()
-def logits(sd: Mapping[str, torch.Tensor], x: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The model's float32 logits on ``x`` (default: the 500 test images)."""
-    m = build_module()
-    m.load_state_dict(dict(sd), strict=True)
-    m.eval()
-    if x is None:
-        x, _ = test_data()
-    return m(x).float()
-
-
-def top1(sd: Mapping[str, torch.Tensor]) -> float:
-    _, y = test_data()
-    return (logits(sd).argmax(1) == y).float().mean().item()
-
-
-def evaluate(sd: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> dict:
-    """Top-1 of ``sd`` on the 500 test images (``value``), and against ``reference``: its top-1,
-    the fraction of images where both predict the same class, and the logit SQNR in dB."""
-    nonfinite = check_candidate(sd, reference)
-    _, y = test_data()
-    ref_logits = logits(reference)
-    out = logits(sd)
-    return {"model": NAME, "metric": METRIC, "value": (out.argmax(1) == y).float().mean().item(),
-            "reference": (ref_logits.argmax(1) == y).float().mean().item(),
-            "argmax_agreement": (out.argmax(1) == ref_logits.argmax(1)).float().mean().item(),
-            "logit_sqnr_db": sqnr_db(ref_logits, out), "n": int(len(y)), "nonfinite_tensors": nonfinite}
+_CLASSIFIER = Classifier(NAME, METRIC, build_module, test_data, train)
+reference_state_dict = _CLASSIFIER.reference_state_dict
+logits = _CLASSIFIER.logits
+top1 = _CLASSIFIER.top1
+evaluate = _CLASSIFIER.evaluate
 
 
 def is_transparent(result: Mapping) -> bool:
@@ -152,8 +102,4 @@ def is_transparent(result: Mapping) -> bool:
 
 
 if __name__ == "__main__":  # python -m benchmarks.zoo.seqrnn [OUT.pt]: train and save the reference
-    import sys
-    sd = train(verbose=True)
-    if len(sys.argv) > 1:
-        torch.save(sd, sys.argv[1])
-    print("params", sum(v.numel() for v in sd.values()), "top1", top1(sd))
+    train_and_save(train, lambda sd: f"top1 {top1(sd)}")

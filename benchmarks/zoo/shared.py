@@ -89,3 +89,102 @@ def load_or_train(path: Optional[Path], train: Callable[[], dict]) -> dict[str, 
         torch.save(sd, tmp)
         os.replace(tmp, path)
     return sd
+
+
+def fit(m: torch.nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], loss: Callable, *, epochs: int, batch: int,
+        lr: float, seed: int, weight_decay: float = 0.0, shift: bool = False, clip: Optional[float] = None,
+        report: Optional[Callable[[int, float], None]] = None) -> dict[str, torch.Tensor]:
+    """Train ``m`` (its weights already drawn from the seeded global RNG) with Adam and a cosine
+    schedule on minibatches in a seeded random order: ``loss(m(xb), xb, yb)`` (``yb`` None when ``y``
+    is), random 1-pixel shifts of each batch when ``shift``, gradient norm clipped at ``clip``.
+    ``report(epoch, last_loss)`` after every tenth epoch and the last. Returns the trained weights."""
+    opt = torch.optim.Adam(m.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    g = torch.Generator().manual_seed(seed)
+    for ep in range(epochs):
+        m.train()
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch):
+            idx = perm[i:i + batch]
+            xb = x[idx]
+            if shift:
+                sh = torch.randint(-1, 2, (2,), generator=g).tolist()
+                xb = torch.roll(xb, shifts=sh, dims=(2, 3))
+            value = loss(m(xb), xb, None if y is None else y[idx])
+            opt.zero_grad()
+            value.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+            opt.step()
+        sched.step()
+        if report is not None and (ep % 10 == 9 or ep == epochs - 1):
+            m.eval()
+            with torch.no_grad():
+                report(ep + 1, value.item())
+    return {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+
+
+@torch.no_grad()
+def outputs(build_module: Callable[[], torch.nn.Module], sd: Mapping[str, torch.Tensor],
+            x: torch.Tensor) -> torch.Tensor:
+    """The float32 outputs on ``x`` of the module ``build_module()`` holding ``sd``, in eval mode."""
+    m = build_module()
+    m.load_state_dict(dict(sd), strict=True)
+    m.eval()
+    return m(x).float()
+
+
+def classifier_result(name: str, metric: str, out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor,
+                      nonfinite: int) -> dict:
+    """A classifier's evaluation: top-1 of the logits ``out`` against labels ``y`` (``value``), the
+    reference logits' top-1, their argmax agreement and the logit SQNR in dB."""
+    return {"model": name, "metric": metric, "value": (out.argmax(1) == y).float().mean().item(),
+            "reference": (ref.argmax(1) == y).float().mean().item(),
+            "argmax_agreement": (out.argmax(1) == ref.argmax(1)).float().mean().item(),
+            "logit_sqnr_db": sqnr_db(ref, out), "n": int(len(y)), "nonfinite_tensors": nonfinite}
+
+
+def accuracy_report(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[int, float], None]:
+    """A :func:`fit` ``report`` that prints the last loss and ``m``'s top-1 on ``(x, y)``."""
+    return lambda ep, loss: print(f"epoch {ep} loss {loss:.4f} test_acc {(m(x).argmax(1) == y).float().mean().item():.4f}")
+
+
+class Classifier:
+    """The evaluation side shared by the zoo's digit classifiers: ``reference_state_dict``,
+    ``logits``, ``top1`` and ``evaluate`` of a model ``name`` (built by ``build_module``, its
+    reference weights from ``train``, its test images and labels from ``test_data``)."""
+
+    def __init__(self, name: str, metric: str, build_module: Callable[[], torch.nn.Module],
+                 test_data: Callable[[], tuple], train: Callable[..., dict]):
+        self.name, self.metric = name, metric
+        self.build_module, self.test_data, self.train = build_module, test_data, train
+
+    def reference_state_dict(self, cache=None, *, verbose: bool = False) -> dict[str, torch.Tensor]:
+        """The reference weights: loaded from ``cache`` (default ``$TQ_ZOO_CACHE/<name>.pt``) if that
+        file exists, else trained and, when a cache path is known, saved there."""
+        path = Path(cache) if cache is not None else default_cache_path(self.name)
+        return load_or_train(path, lambda: self.train(verbose=verbose))
+
+    def logits(self, sd: Mapping[str, torch.Tensor], x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's float32 logits on ``x`` (default: the 500 test images), in eval mode."""
+        return outputs(self.build_module, sd, self.test_data()[0] if x is None else x)
+
+    def top1(self, sd: Mapping[str, torch.Tensor]) -> float:
+        return (self.logits(sd).argmax(1) == self.test_data()[1]).float().mean().item()
+
+    def evaluate(self, sd: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> dict:
+        """Top-1 of ``sd`` on the 500 test images (``value``), and against ``reference``: its top-1,
+        the fraction of images where both predict the same class, and the logit SQNR in dB."""
+        nonfinite = check_candidate(sd, reference)
+        return classifier_result(self.name, self.metric, self.logits(sd), self.logits(reference),
+                                 self.test_data()[1], nonfinite)
+
+
+def train_and_save(train: Callable[..., dict], summary: Callable[[dict], str]) -> None:
+    """``python -m benchmarks.zoo.<model> [OUT.pt]``: train verbosely, save to OUT.pt if given,
+    print the parameter count and ``summary(sd)``."""
+    import sys
+    sd = train(verbose=True)
+    if len(sys.argv) > 1:
+        torch.save(sd, sys.argv[1])
+    print("params", sum(v.numel() for v in sd.values()), summary(sd))
