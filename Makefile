@@ -21,12 +21,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) examples/demo.py
 
-# The conformance run (tqcodec and the independent refdec on every vector) runs on the second
-# core while pytest, which is mostly one process, runs on the first; its report follows pytest's.
+# pytest runs on every core (pytest-xdist, -n auto), and the conformance run (tqcodec and the
+# independent refdec on every vector) beside it in one process; its report follows pytest's.
 test: install
 	@log=$$(mktemp); conf=; \
 	if [ -f conformance/run.py ]; then $(PY) conformance/run.py -j 1 > $$log 2>&1 & conf=$$!; fi; \
-	rc=0; $(PY) -m pytest || rc=$$?; \
+	rc=0; $(PY) -m pytest -n auto || rc=$$?; \
 	crc=0; if [ -n "$$conf" ]; then wait $$conf || crc=$$?; cat $$log; fi; rm -f $$log; \
 	echo "pytest exit $$rc, conformance exit $$crc"; test $$rc -eq 0 && test $$crc -eq 0
 

@@ -16,12 +16,14 @@ Two generators, both deterministic:
 
 Each case is decoded front to back (``load``) and by random access (``open`` + every tensor).
 Each must give tensors or a ``TqzError`` whose code is a file-validity code of spec §11, within
-``TIME_BOUND`` seconds and ``MEM_BOUND`` bytes of traced allocations. When ``load`` succeeds,
+``TIME_BOUND`` seconds (times the load average per core, when above 1) and ``MEM_BOUND`` bytes of
+traced allocations. When ``load`` succeeds,
 ``open`` must succeed with the same tensors (random access may accept more, spec §10.2).
 """
 from __future__ import annotations
 
 import io
+import os
 import random
 import struct
 import time
@@ -105,7 +107,9 @@ def check_case(data: bytes, trace: Optional[bool] = None) -> str:
     finally:
         if trace:
             tracemalloc.stop()
-    assert elapsed < TIME_BOUND * (3 if trace else 1), f"case took {elapsed:.2f} s"
+    # a hang guard, not a speed test: the bound grows with the machine's load (other processes' share)
+    busy = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    assert elapsed < TIME_BOUND * busy * (3 if trace else 1), f"case took {elapsed:.2f} s (load share {busy:.1f})"
     assert peak < MEM_BOUND, f"case allocated {peak >> 20} MiB"
     if a[0] == "ok":
         assert b[0] == "ok", f"load decoded the file but open said {b[1]}"
