@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,13 +55,19 @@ def synthetic_stats(model: str, zoo, ref: dict):
     return tqcodec.calibrate(module, [torch.randn(64, *shape, generator=g) for _ in range(16)])
 
 
-def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace) -> dict:
+def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace,
+        make_stats: Optional[Callable[[Context], Any]] = None) -> dict:
+    """One search on ``model`` with the ``statistics`` named (``make_stats(ctx)``, when given, makes
+    them instead: ``calibration_size.py``'s subsets of the calibration inputs)."""
     zoo = MODELS[model]
     ref = zoo.reference_state_dict()
     ctx = Context(model, zoo, ref, workdir / f"{model}.pt", workdir, args)
     data_free = statistics == "none"
     t0 = time.perf_counter()
-    stats = None if data_free else ctx.stats() if statistics == "calibrated" else synthetic_stats(model, zoo, ref)
+    if make_stats is not None:
+        stats = make_stats(ctx)
+    else:
+        stats = None if data_free else ctx.stats() if statistics == "calibrated" else synthetic_stats(model, zoo, ref)
     statistics_s = time.perf_counter() - t0
     evaluations = []
 

@@ -78,25 +78,33 @@ class Context:
     def parameters(self) -> int:
         return sum(v.numel() for v in self.reference.values())
 
-    def calibration_batches(self) -> list:
+    def calibration_batches(self, samples: Optional[int] = None) -> list:
         """Calibration inputs (disjoint from the evaluation inputs), as a list of batches:
-        tensors for digits (call ``module(batch)``), dicts for MiniLM (``module(**batch)``)."""
+        tensors for digits (call ``module(batch)``), dicts for MiniLM (``module(**batch)``).
+        ``samples``: the first that many of them (default: MiniLM's 128 sentences, 1024 digits
+        images, 512 for the other models)."""
         if self.model == "minilm":
-            sents = minilm.sentences()["calibration"]
+            sents = minilm.sentences()["calibration"][:samples]
             return [minilm.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
-        x = self.zoo.calibration_inputs(1024 if self.model == "digits" else 512)
+        x = self.zoo.calibration_inputs(samples or (1024 if self.model == "digits" else 512))
         return [x[i:i + 64] for i in range(0, len(x), 64)]
 
+    def calibrated(self, samples: Optional[int] = None):
+        """``tqcodec.calibrate(module, batches)`` on the reference weights (``samples``: as
+        :meth:`calibration_batches`)."""
+        module = self.zoo.build_module()
+        module.load_state_dict(self.reference, strict=True)
+        module.eval()
+        t0 = time.perf_counter()
+        stats = tqcodec.calibrate(module, self.calibration_batches(samples))
+        self.calibration_s = time.perf_counter() - t0
+        print(f"  calibrated in {self.calibration_s:.1f} s", flush=True)
+        return stats
+
     def stats(self):
-        """``tqcodec.calibrate(module, batches)`` on the reference weights, computed once."""
+        """:meth:`calibrated` with every calibration input, computed once."""
         if self._stats is None:
-            module = self.zoo.build_module()
-            module.load_state_dict(self.reference, strict=True)
-            module.eval()
-            t0 = time.perf_counter()
-            self._stats = tqcodec.calibrate(module, self.calibration_batches())
-            self.calibration_s = time.perf_counter() - t0
-            print(f"  calibrated in {self.calibration_s:.1f} s", flush=True)
+            self._stats = self.calibrated()
         return self._stats
 
 
