@@ -430,3 +430,18 @@ def test_data_free_small_tensors_never_coarser_than_one_slope():
         assert len(f.encoded("big.weight").params["band_rows"]) == max(1, 256 * 256 // DATA_FREE_MIN_BAND)
     mse = {k: float((dec[k] - v).pow(2).mean()) for k, v in sd.items()}
     assert mse["small.weight"] <= mse["big.weight"] and mse["tiny.weight"] <= mse["big.weight"]
+
+
+def test_data_free_embedding_table_takes_a_coarser_step():
+    """Without statistics an embedding table (by its module's name) weighs its weight error by
+    DATA_FREE_EMBED_GAIN: a step about 4x the projections' (8 step codes); a projection of the
+    same values is not affected."""
+    from tqcodec.modes.tq.encoder import is_embedding_name
+    assert is_embedding_name("model.embed_tokens.weight") and is_embedding_name("transformer.wte.weight")
+    assert not is_embedding_name("embeddings.LayerNorm.weight") and not is_embedding_name("lm_head.weight")
+    g = torch.Generator().manual_seed(6)
+    sd = {"tok.embed.weight": 0.05 * torch.randn(512, 64, generator=g),
+          "proj.weight": 0.05 * torch.randn(512, 64, generator=g)}
+    with tqcodec.open(tqcodec.encode_bytes(sd, bits=4.0)) as f:
+        emb, proj = f.encoded("tok.embed.weight").params["steps"], f.encoded("proj.weight").params["steps"]
+    assert min(emb) - max(proj) >= 6
