@@ -261,9 +261,10 @@ CODECS: list[Codec] = [
                    "autoenc": [4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0]},
                   lambda v: {"bits": v}, calibrated=True, available=_tq_available),
     tqcodec_codec("tq-datafree", "tqcodec tq, data-free (bits)", "bits",
-                  {"digits": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0], "minilm": [4.0, 4.5, 5.0, 5.5],
-                   "dwsep": [3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0], "seqrnn": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0],
-                   "autoenc": [4.0, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0]},
+                  {"digits": [1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0], "minilm": [4.0, 4.5, 4.75, 5.0, 5.5],
+                   "dwsep": [3.0, 4.0, 4.5, 5.0, 5.25, 5.5, 5.75, 6.0, 6.5, 7.0, 8.0],
+                   "seqrnn": [1.5, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0],
+                   "autoenc": [4.0, 5.0, 5.5, 5.75, 6.0, 6.25, 6.5, 7.0, 8.0]},
                   lambda v: {"bits": v}, available=_tq_available),
     # Modes ecsq, kmeans, pq, dither (spec 1.2, tqcodec.lineage): forced for every float tensor of
     # >= 2 dims and >= 256 elements, bits per weight of each such tensor (the rest raw: whole-file

@@ -282,8 +282,10 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
 
 DATA_FREE_WARN_DB = 30.0
 """Data-free tq whose predicted weight SNR is below this gets a warning: on the benchmark models the
-smallest transparent data-free files had 23.7 dB (digits, 2.9 bits/param) and 32.2 dB (MiniLM,
-5.5 bits/param), while calibrated files are transparent far lower (benchmarks/results/rd.md)."""
+smallest transparent data-free files had 13.6 dB (digits, 2.0 bits/param; every file from 17.7 dB,
+2.5 bits/param) and 29.8 dB (MiniLM, 4.55 bits/param; 28.2 dB at 4.3 was not), while calibrated
+files are transparent far lower (benchmarks/results/rd.md). The SNR weighs each tensor's power and
+error by its gain (an embedding table's is 1/16 without statistics)."""
 
 
 def _warn_if_data_free_and_coarse(opts: EncodeOptions, snr_db: Optional[float]) -> None:

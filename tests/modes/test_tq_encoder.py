@@ -367,7 +367,9 @@ def _sqnr(m, sd, x):
 def test_low_rate_keeps_batchnorm_buffers_close(bn_model, calibrated, bits):
     """At low rates the running statistics are coded (not stored raw at 32 bits), every decoded
     variance stays within half of its value, num_batches_tracked is exact, and the statistics'
-    own error costs the outputs no more than the whole file's error (they are not starved)."""
+    own error costs the outputs no more than the whole file's error (they are not starved).
+    Data-free, b1's statistics (variances over three decades: steps fine enough for its small
+    variances cost more than its 32-bit values) may be stored exactly instead; b2's are coded."""
     m, x = bn_model
     sd = m.state_dict()
     stats = tqcodec.calibrate(m, [x[i:i + 16] for i in range(0, 64, 16)]) if calibrated else None
@@ -378,7 +380,7 @@ def test_low_rate_keeps_batchnorm_buffers_close(bn_model, calibrated, bits):
         assert (got >= 0.5 * var).all() and (got <= 1.5 * var).all()
         assert torch.equal(dec[f"{bn}.num_batches_tracked"], sd[f"{bn}.num_batches_tracked"])
     with tqcodec.open(data) as f:
-        assert f.info("b1.running_mean").mode == "tq"
+        assert f.info("b1.running_mean" if calibrated else "b2.running_mean").mode == "tq"
     only_buffers = dict(sd)
     for k in sd:
         if "running_" in k:
@@ -409,3 +411,37 @@ def test_following_batchnorm_scale():
     s = following_batchnorm_scale(items, 0, 2)
     np.testing.assert_allclose(s, (g * g / (v + 1e-5)).numpy(), rtol=1e-6)
     assert following_batchnorm_scale(items, len(items) - 1, 4) is None  # nothing follows
+
+
+def test_data_free_small_tensors_never_coarser_than_one_slope():
+    """Without statistics every weight tensor takes at most the step of equal slope on weight MSE
+    (NNCodec's one step for all): a small tensor, whose table and chunk header weigh more per
+    weight, is not left coarser or zeroed (its error per weight is at most the big tensor's); the
+    big tensor's bands are not cut below DATA_FREE_MIN_BAND weights."""
+    from tqcodec.modes.tq.encoder import DATA_FREE_MIN_BAND
+    g = torch.Generator().manual_seed(5)
+    sd = {"big.weight": 0.05 * torch.randn(256, 256, generator=g),
+          "small.weight": 0.05 * torch.randn(8, 16, generator=g),
+          "tiny.weight": 0.05 * torch.randn(4, 1, 3, 3, generator=g)}
+    with pytest.warns(tqcodec.TqzWarning):
+        data = tqcodec.encode_bytes(sd, bits=2.0)
+    dec = tqcodec.load(data)
+    with tqcodec.open(data) as f:
+        assert len(f.encoded("big.weight").params["band_rows"]) == max(1, 256 * 256 // DATA_FREE_MIN_BAND)
+    mse = {k: float((dec[k] - v).pow(2).mean()) for k, v in sd.items()}
+    assert mse["small.weight"] <= mse["big.weight"] and mse["tiny.weight"] <= mse["big.weight"]
+
+
+def test_data_free_embedding_table_takes_a_coarser_step():
+    """Without statistics an embedding table (by its module's name) weighs its weight error by
+    DATA_FREE_EMBED_GAIN: a step about 4x the projections' (8 step codes); a projection of the
+    same values is not affected."""
+    from tqcodec.modes.tq.encoder import is_embedding_name
+    assert is_embedding_name("model.embed_tokens.weight") and is_embedding_name("transformer.wte.weight")
+    assert not is_embedding_name("embeddings.LayerNorm.weight") and not is_embedding_name("lm_head.weight")
+    g = torch.Generator().manual_seed(6)
+    sd = {"tok.embed.weight": 0.05 * torch.randn(512, 64, generator=g),
+          "proj.weight": 0.05 * torch.randn(512, 64, generator=g)}
+    with tqcodec.open(tqcodec.encode_bytes(sd, bits=4.0)) as f:
+        emb, proj = f.encoded("tok.embed.weight").params["steps"], f.encoded("proj.weight").params["steps"]
+    assert min(emb) - max(proj) >= 6

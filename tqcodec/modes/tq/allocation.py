@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ...format.leb128 import packed_counts_bytes
-from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, steps_from_codes
+from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, code_at_most, steps_from_codes
 from .rounding import gptq_round, prepare, round_nearest
 
 MAX_LEVEL = 1 << 20
@@ -120,6 +120,7 @@ class Unit:
     r0: int = 0
     h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
     max_code: Optional[int] = None  # coarser step codes are never chosen (BatchNorm running variances)
+    slope_floor: bool = False  # never coarser than the step of equal slope on its weight MSE (see choose)
 
     @property
     def w(self) -> np.ndarray:
@@ -243,8 +244,12 @@ def choose(units: list[Unit], lam: float) -> dict[str, int]:
     out = {}
     for u in units:
         best, best_cost = None, math.inf
+        cap = u.max_code
+        if u.slope_floor:
+            cap = equal_slope_code(u, lam) if cap is None else min(cap, equal_slope_code(u, lam))
+            cap = max(cap, min(u.curve))  # a unit with no code that fine takes its finest
         for code in sorted(u.curve, reverse=True):
-            if u.max_code is not None and code > u.max_code:
+            if cap is not None and code > cap:
                 continue
             d, r = u.curve[code]
             cost = d + lam * r
@@ -252,6 +257,19 @@ def choose(units: list[Unit], lam: float) -> dict[str, int]:
                 best, best_cost = code, cost
         out[u.name] = best
     return out
+
+
+def equal_slope_code(u: Unit, lam: float) -> int:
+    """The code of the largest step at most ``sqrt(6 lam / (ln 2 * g))``: where, at high rate
+    (distortion ``g s^2 / 12`` and rate ``log2(1 / s)`` + const per weight), a weight's slope
+    ``-dD/dR = g s^2 ln 2 / 6`` equals ``lam`` (``g``: the unit's gain times its mean row weight).
+    One step for every weight of equal ``g``, as NNCodec's one QP: the floor for data-free units,
+    whose table and header costs would otherwise make small tensors coarser (or zero) where their
+    few bits buy output accuracy the weight MSE does not see."""
+    g = u.gain * (1.0 if u.row_weights is None else float(np.mean(u.row_weights)))
+    if not g > 0:
+        return STEP_CODE_MAX
+    return code_at_most(math.sqrt(6.0 * lam / (math.log(2.0) * g)))
 
 
 def totals(units: list[Unit], pick: dict[str, int]) -> tuple[float, float]:

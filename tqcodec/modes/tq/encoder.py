@@ -20,6 +20,12 @@ BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into ro
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
 EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows, so rarely used tokens can get coarser steps
 EMBED_FLOOR = 0.05  # unseen tokens weigh this fraction of the mean token frequency
+DATA_FREE_EMBED_GAIN = 1 / 16  # without statistics, an embedding table's weight error counts this much
+# (a row's error reaches only the tokens that use it, a projection's error every token): 4x the
+# step of the other weights. MiniLM at 4.5 bits/param: mean cos 0.9884 with 1, 0.9955 with 1/16
+DATA_FREE_MIN_BAND = 1 << 16  # without statistics a row band holds at least this many weights: the
+# bands of a tensor then take about one step (one slope on weight MSE), so a band buys only its own
+# table, and its chunk header, table and parameters (~100 bytes) outweighed that on small models
 
 
 LAZY_ELEMENTS = 1 << 16  # tensors of more elements are made when needed (Matrices), not held
@@ -122,6 +128,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
     known = [] if stats is None else [stats.default_gain] if stats.default_gain is not None else stats.gains()
     total = sum(it.size for it in items)
     band_size = max(1, total // BAND_SHARE)
+    if stats is None:
+        band_size = max(band_size, DATA_FREE_MIN_BAND)
     default_gain = max(known) if known else 1.0
     by_name = {it.name: it for it in items}
     for index, it in enumerate(items):
@@ -150,7 +158,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         else:
             w2 = np.ascontiguousarray(matrix_view(it.values, layout))
         h = rw = None
-        gain = default_gain
+        gain = default_gain * (DATA_FREE_EMBED_GAIN if stats is None and is_embedding_name(it.name) and ndim == 2 else 1.0)
         if st is not None:
             gain = st.gain
             if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
@@ -162,10 +170,13 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             elif _h_fits(st.h, n, m):
                 h = usable_h(st.h, st.rows)
         row_banded = rw is not None
-        if rw is None and layout == "out_in":
+        if rw is None and layout == "out_in" and stats is not None:
+            # the gain holds the mean scale, the rows keep their shares. Not without statistics: a
+            # following BatchNorm's scale as row weights made data-free dwsep-cnn worse (issue 15:
+            # logit SQNR 9.7 -> 7.1 dB at 5 bits/param, 14.0 -> 11.8 dB at 6)
             scale = following_batchnorm_scale(items, index, n)
-            if scale is not None:  # calibrated: the gain holds the mean scale, the rows keep their shares
-                rw = scale if stats is None else scale / scale.mean()
+            if scale is not None:
+                rw = scale / scale.mean()
         cap, size = (EMBED_BANDS, band_size // 8) if row_banded else (MAX_BANDS, band_size)
         nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
         bounds = [n * i // nb for i in range(nb + 1)]
@@ -174,10 +185,19 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             r0, r1 = bounds[b], bounds[b + 1]
             rows = matrices.rows(it.name, r0, r1, (r1 - r0, m)) if isinstance(w2, Rows) else w2[r0:r1]
             units.append(Unit(band_name(it.name, b), rows, h, None if rw is None else rw[r0:r1], gain,
-                              shared=shared, r0=r0))
+                              shared=shared, r0=r0, slope_floor=stats is None))
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
     return units, layouts
+
+
+def is_embedding_name(name: str) -> bool:
+    """Whether a tensor's name says it is an embedding table (a lookup, rows picked by token ids):
+    its module's name holds ``embed`` (``word_embeddings``, ``embed_tokens``, ``tok_embeddings``) or
+    is GPT-2's ``wte``/``wpe``. Without statistics this is all that tells a lookup from a projection."""
+    parts = name.lower().split(".")
+    module = parts[-2] if len(parts) > 1 else parts[0]
+    return "embed" in module or module in ("wte", "wpe")
 
 
 def following_batchnorm_scale(items: Sequence[Item], index: int, n: int) -> Optional[np.ndarray]:
@@ -408,8 +428,8 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
                 continue  # coefficients no step can code (H of a wide dynamic range; NaN): no transform
             rows = [coef[bounds[b]:bounds[b + 1]] for b in range(nb)]
         del mat
-        bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b])
-                 for b in range(nb)]
+        bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b],
+                      slope_floor=stats is None) for b in range(nb)]
         out[it.name] = TransformOption(it.name, kind, s16, bands)
     return out
 
