@@ -37,12 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import QUIET, QUIET_WAIT, describe, load_range, wait_for_quiet  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 TMP = RESULTS / "tmp"
 BEFORE_REV = "32f574f"  # the commit issue 16's decode work started from
-QUIET_WAIT = 120.0  # seconds to wait for idle CPUs before each timing (--quiet-wait)
 
 CHILD = r"""
 import json, os, sys, time
@@ -120,29 +122,6 @@ print(json.dumps({"times": times, "cpu_s": cpus, "loadavg_1min": loads, "module"
 """
 
 
-def cpu_idle(seconds: float = 1.0) -> float:
-    """The fraction of the machine's CPU time that was idle over the next ``seconds``."""
-    def stat() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v)
-    a = stat()
-    time.sleep(seconds)
-    b = stat()
-    return (b[0] - a[0]) / max(1, b[1] - a[1])
-
-
-def wait_for_quiet(max_wait: float, want: float = 0.85) -> float:
-    """Wait (up to ``max_wait`` s) for a second in which ``want`` of the CPUs were idle: the
-    machine is shared, and a contender timed while another job holds a core measures that job.
-    Returns the idle fraction of the last second waited (recorded with the timing)."""
-    deadline = time.monotonic() + max_wait
-    idle = cpu_idle()
-    while idle < want and time.monotonic() < deadline:
-        idle = cpu_idle()
-    return round(idle, 2)
-
-
 def export_before(rev: str) -> Path:
     """The tree at ``rev`` (``git archive``), cached."""
     dest = TMP / f"before-{rev}"
@@ -178,15 +157,8 @@ def minilm_files() -> tuple[Path, Path, int]:
 def large_files(layers: int) -> tuple[Path, Path, int]:
     sys.path.insert(0, str(HERE))
     import scale  # the builder of the synthetic bf16 model
-    import tqcodec.api as api
-    cfg = dict(scale.CONFIG, layers=layers)
-    folder = TMP / f"synthetic-{layers}L"
-    info = scale.generate(folder, cfg)
-    tqz, f32 = TMP / f"synthetic-{layers}L-tq4.tqz", TMP / f"synthetic-{layers}L-f32.bin"
-    if not tqz.exists():
-        t0 = time.time()
-        api.encode_folder(folder, tqz, jobs=0, mode="tq", bits=4.0, tq_scope="tensor")
-        print(f"encoded {tqz.name} in {time.time() - t0:.0f} s", flush=True)
+    folder, tqz, info = scale.encoded(layers)
+    f32 = TMP / f"synthetic-{layers}L-f32.bin"
     if not f32.exists():
         import torch
         from safetensors.torch import load_file
@@ -266,7 +238,7 @@ def write_md(res: dict, path: Path) -> None:
             lines.append(f"| {label} | {r['file_bytes']:,} | {r['cold_s_best']:.3f} | {r['cold_mparams_per_s']} | "
                          f"{r['warm_s_best']:.3f} | {r['warm_mparams_per_s']} | "
                          f"{r['warm_speedup_vs_before_jobs1']}x | {r['cpu_s_median']:.2f} | {r['mparams_per_cpu_s']} | "
-                         f"{sum(x.get('cpu_idle_before', 0) >= 0.85 for x in r['runs'])}/{len(r['runs'])} |")
+                         f"{sum(x.get('cpu_idle_before', 0) >= QUIET for x in r['runs'])}/{len(r['runs'])} |")
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -289,9 +261,7 @@ def main() -> None:
     args = ap.parse_args()
     TMP.mkdir(parents=True, exist_ok=True)
     before = export_before(args.before)
-    res = {"before": args.before, "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-           "python": sys.version.split()[0], "rounds": args.rounds, "inner": args.inner, "models": {},
-           "loadavg_at_start": os.getloadavg()}
+    res = {"before": args.before, **describe(), "rounds": args.rounds, "inner": args.inner, "models": {}}
     if not args.no_minilm:
         tqz, f32, params = minilm_files()
         res["models"]["MiniLM (float32, tq 4 bits/param)"] = measure("minilm", tqz, f32, params, before,
@@ -305,9 +275,8 @@ def main() -> None:
     if args.merge and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
         res["models"] = {**old.get("models", {}), **res["models"]}
-    loads = [x for m in res["models"].values() for r in m["contenders"].values() for run in r["runs"]
-             for x in run["loadavg_1min"]]
-    res["loadavg_range"] = [min(loads), max(loads)] if loads else [0, 0]
+    res["loadavg_range"] = load_range(x for m in res["models"].values() for r in m["contenders"].values()
+                                      for run in r["runs"] for x in run["loadavg_1min"])
     res["loadavg_at_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     write_md(res, Path(args.out).with_suffix(".md"))

@@ -114,6 +114,21 @@ def generate(folder: Path, cfg: dict, shard_bytes: int = 300 << 20) -> dict:
     return {"parameters": params, "cached": False, "generate_s": round(time.time() - t0, 1)}
 
 
+def encoded(layers: int) -> tuple[Path, Path, dict]:
+    """The synthetic model of ``layers`` layers (generated if not cached) and its .tqz for the
+    decode benchmarks (``decode_speed.py``, ``ship.py``): ``encode_folder(mode="tq", bits=4,
+    tq_scope="tensor")`` on every core, cached in ``TMP``. (folder, .tqz, ``generate``'s info.)"""
+    from tqcodec import api
+    folder = TMP / f"synthetic-{layers}L"
+    info = generate(folder, dict(CONFIG, layers=layers))
+    tqz = TMP / f"synthetic-{layers}L-tq4.tqz"
+    if not tqz.exists():
+        t0 = time.time()
+        api.encode_folder(folder, tqz, jobs=0, mode="tq", bits=4.0, tq_scope="tensor")
+        print(f"encoded {tqz.name} in {time.time() - t0:.0f} s", flush=True)
+    return folder, tqz, info
+
+
 # --- one phase, in a child process --------------------------------------------------------------
 
 def _status(field: str) -> int:
