@@ -266,7 +266,9 @@ def measure(model: dict, rates: list[float], rounds: int, jobs1: bool, max_secon
                     n0 = len(srv.log)
                     res = run_child(kind, jobs, [srv.url(n, rate) for n in names])
                     res["cpu_idle_before"] = idle
-                    time.sleep(0.2)  # the server's log line of the last body
+                    deadline = time.monotonic() + 10.0  # the server's log line of each body (late on a busy machine)
+                    while len(srv.log) - n0 < len(names) and time.monotonic() < deadline:
+                        time.sleep(0.05)
                     bodies = srv.log[n0:]
                     if bodies:
                         last = max(b["end"] for b in bodies)
