@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import QUIET, QUIET_WAIT, describe, load_range, wait_for_quiet  # noqa: E402
@@ -190,11 +191,15 @@ def compressed(f32: Path, kind: str) -> Path:
 
 
 def measure(name: str, tqz: Path, f32: Path, params: int, before: Path, rounds: int, inner: int,
-            quiet_wait: float = QUIET_WAIT) -> dict:
+            quiet_wait: float = QUIET_WAIT, only: Optional[set] = None) -> dict:
     contenders = [("before jobs=1", "tqcodec", tqz, 1, before), ("before jobs=2", "tqcodec", tqz, 2, before),
                   ("after jobs=1", "tqcodec", tqz, 1, REPO), ("after jobs=2", "tqcodec", tqz, 2, REPO),
-                  ("zstd (float32)", "zstd", compressed(f32, "zstd"), 1, REPO),
-                  ("zipnn (float32)", "zipnn", compressed(f32, "zipnn"), 1, REPO)]
+                  ("zstd (float32)", "zstd", f32.with_suffix(".zstd"), 1, REPO),
+                  ("zipnn (float32)", "zipnn", f32.with_suffix(".zipnn"), 1, REPO)]
+    contenders = [c for c in contenders if only is None or c[0] in only or c[0] == "before jobs=1"]
+    for c in contenders:
+        if c[1] != "tqcodec":
+            compressed(f32, c[1])
     runs: dict[str, list] = {c[0]: [] for c in contenders}
     for r in range(rounds):
         for label, kind, path, jobs, tree in (contenders if r % 2 == 0 else contenders[::-1]):
@@ -253,6 +258,8 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=3, help="loads per fresh interpreter")
     ap.add_argument("--large-rounds", type=int, default=2)
     ap.add_argument("--large-inner", type=int, default=2)
+    ap.add_argument("--large-only", help="the large model's contenders, comma-separated labels (before jobs=1 "
+                    "always runs: the others are compared with it), e.g. 'after jobs=2,zstd (float32)'")
     ap.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
                     help="seconds to wait for a second with 85%% of the CPUs idle before each timing")
     ap.add_argument("--out", default=str(RESULTS / "decode_speed.json"))
@@ -268,8 +275,9 @@ def main() -> None:
                                                                       args.rounds, args.inner, args.quiet_wait)
     if args.large:
         tqz, f32, params = large_files(args.layers)
+        only = set(args.large_only.split(",")) if args.large_only else None
         res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"] = measure(
-            "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait)
+            "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait, only)
     for m in res["models"].values():
         m["measured"] = time.strftime("%Y-%m-%d %H:%M")
     if args.merge and Path(args.out).exists():
