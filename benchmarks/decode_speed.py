@@ -230,12 +230,13 @@ def measure(name: str, tqz: Path, f32: Path, params: int, before: Path, rounds: 
 
 def write_md(res: dict, path: Path) -> None:
     lines = ["# Decode throughput (benchmarks/decode_speed.py)", "",
-             f"{res['cpus']} CPUs ({res['affinity']} usable), Python {res['python']}; best of {res['rounds']} "
-             f"alternating rounds, {res['inner']} loads per fresh interpreter (cold = the first, with any worker "
+             f"{res['cpus']} CPUs ({res['affinity']} usable), Python {res['python']}; best of R alternating rounds "
+             f"of N loads per fresh interpreter (R and N under each model; cold = the first load, with any worker "
              f"start-up; warm = the best of the others). Load average (1 min) at each timing is in the JSON; "
              f"range {res['loadavg_range'][0]:.2f}-{res['loadavg_range'][1]:.2f} over the run.", ""]
     for model, m in res["models"].items():
         lines += [f"## {model}: {m['parameters']:,} parameters ({m['tqz']}; measured {m.get('measured', '?')})", "",
+                  f"{m.get('rounds', res['rounds'])} rounds of {m.get('inner', res['inner'])} loads.", "",
                   "| contender | file bytes | cold s | cold Mparams/s | warm s | warm Mparams/s | warm vs before jobs=1 "
                   "| CPU s (all processes, median warm) | Mparams per CPU s | runs started on idle CPUs |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -273,11 +274,14 @@ def main() -> None:
         tqz, f32, params = minilm_files()
         res["models"]["MiniLM (float32, tq 4 bits/param)"] = measure("minilm", tqz, f32, params, before,
                                                                       args.rounds, args.inner, args.quiet_wait)
+        res["models"]["MiniLM (float32, tq 4 bits/param)"].update(rounds=args.rounds, inner=args.inner)
     if args.large:
         tqz, f32, params = large_files(args.layers)
         only = set(args.large_only.split(",")) if args.large_only else None
         res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"] = measure(
             "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait, only)
+        res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"].update(rounds=args.large_rounds,
+                                                                                     inner=args.large_inner)
     for m in res["models"].values():
         m["measured"] = time.strftime("%Y-%m-%d %H:%M")
     if args.merge and Path(args.out).exists():
