@@ -24,6 +24,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -276,7 +277,8 @@ def cli_encode(model: Path, out: Path, bits: float, max_seconds: float) -> dict:
         time.sleep(0.05)
     load = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # its progress lines (a pipe nobody reads while it runs could fill)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     finished = False
     while time.perf_counter() - t0 < max_seconds:
         peak = max(peak, _hwm_kib(proc.pid))
@@ -286,7 +288,9 @@ def cli_encode(model: Path, out: Path, bits: float, max_seconds: float) -> dict:
         time.sleep(1.0)
     else:
         proc.kill()
-    err = proc.communicate()[1]
+    proc.wait()
+    log.seek(0)
+    err = log.read()
     res = {"command": " ".join(["tqz"] + cmd[3:]), "finished": finished, "wall_s": round(time.perf_counter() - t0, 1),
            "max_seconds": max_seconds, "peak_mib": round(peak / 1024, 1), "interpreter_mib": round(base / 1024, 1),
            "peak_over_interpreter_mib": round((peak - base) / 1024, 1), "load_before": load,
