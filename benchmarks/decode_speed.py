@@ -36,13 +36,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import QUIET, QUIET_WAIT, describe, load_range, wait_for_quiet  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 TMP = RESULTS / "tmp"
 BEFORE_REV = "32f574f"  # the commit issue 16's decode work started from
-QUIET_WAIT = 120.0  # seconds to wait for idle CPUs before each timing (--quiet-wait)
 
 CHILD = r"""
 import json, os, sys, time
@@ -120,29 +123,6 @@ print(json.dumps({"times": times, "cpu_s": cpus, "loadavg_1min": loads, "module"
 """
 
 
-def cpu_idle(seconds: float = 1.0) -> float:
-    """The fraction of the machine's CPU time that was idle over the next ``seconds``."""
-    def stat() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v)
-    a = stat()
-    time.sleep(seconds)
-    b = stat()
-    return (b[0] - a[0]) / max(1, b[1] - a[1])
-
-
-def wait_for_quiet(max_wait: float, want: float = 0.85) -> float:
-    """Wait (up to ``max_wait`` s) for a second in which ``want`` of the CPUs were idle: the
-    machine is shared, and a contender timed while another job holds a core measures that job.
-    Returns the idle fraction of the last second waited (recorded with the timing)."""
-    deadline = time.monotonic() + max_wait
-    idle = cpu_idle()
-    while idle < want and time.monotonic() < deadline:
-        idle = cpu_idle()
-    return round(idle, 2)
-
-
 def export_before(rev: str) -> Path:
     """The tree at ``rev`` (``git archive``), cached."""
     dest = TMP / f"before-{rev}"
@@ -178,15 +158,8 @@ def minilm_files() -> tuple[Path, Path, int]:
 def large_files(layers: int) -> tuple[Path, Path, int]:
     sys.path.insert(0, str(HERE))
     import scale  # the builder of the synthetic bf16 model
-    import tqcodec.api as api
-    cfg = dict(scale.CONFIG, layers=layers)
-    folder = TMP / f"synthetic-{layers}L"
-    info = scale.generate(folder, cfg)
-    tqz, f32 = TMP / f"synthetic-{layers}L-tq4.tqz", TMP / f"synthetic-{layers}L-f32.bin"
-    if not tqz.exists():
-        t0 = time.time()
-        api.encode_folder(folder, tqz, jobs=0, mode="tq", bits=4.0, tq_scope="tensor")
-        print(f"encoded {tqz.name} in {time.time() - t0:.0f} s", flush=True)
+    folder, tqz, info = scale.encoded(layers)
+    f32 = TMP / f"synthetic-{layers}L-f32.bin"
     if not f32.exists():
         import torch
         from safetensors.torch import load_file
@@ -218,11 +191,15 @@ def compressed(f32: Path, kind: str) -> Path:
 
 
 def measure(name: str, tqz: Path, f32: Path, params: int, before: Path, rounds: int, inner: int,
-            quiet_wait: float = QUIET_WAIT) -> dict:
+            quiet_wait: float = QUIET_WAIT, only: Optional[set] = None) -> dict:
     contenders = [("before jobs=1", "tqcodec", tqz, 1, before), ("before jobs=2", "tqcodec", tqz, 2, before),
                   ("after jobs=1", "tqcodec", tqz, 1, REPO), ("after jobs=2", "tqcodec", tqz, 2, REPO),
-                  ("zstd (float32)", "zstd", compressed(f32, "zstd"), 1, REPO),
-                  ("zipnn (float32)", "zipnn", compressed(f32, "zipnn"), 1, REPO)]
+                  ("zstd (float32)", "zstd", f32.with_suffix(".zstd"), 1, REPO),
+                  ("zipnn (float32)", "zipnn", f32.with_suffix(".zipnn"), 1, REPO)]
+    contenders = [c for c in contenders if only is None or c[0] in only or c[0] == "before jobs=1"]
+    for c in contenders:
+        if c[1] != "tqcodec":
+            compressed(f32, c[1])
     runs: dict[str, list] = {c[0]: [] for c in contenders}
     for r in range(rounds):
         for label, kind, path, jobs, tree in (contenders if r % 2 == 0 else contenders[::-1]):
@@ -253,12 +230,13 @@ def measure(name: str, tqz: Path, f32: Path, params: int, before: Path, rounds: 
 
 def write_md(res: dict, path: Path) -> None:
     lines = ["# Decode throughput (benchmarks/decode_speed.py)", "",
-             f"{res['cpus']} CPUs ({res['affinity']} usable), Python {res['python']}; best of {res['rounds']} "
-             f"alternating rounds, {res['inner']} loads per fresh interpreter (cold = the first, with any worker "
+             f"{res['cpus']} CPUs ({res['affinity']} usable), Python {res['python']}; best of R alternating rounds "
+             f"of N loads per fresh interpreter (R and N under each model; cold = the first load, with any worker "
              f"start-up; warm = the best of the others). Load average (1 min) at each timing is in the JSON; "
              f"range {res['loadavg_range'][0]:.2f}-{res['loadavg_range'][1]:.2f} over the run.", ""]
     for model, m in res["models"].items():
         lines += [f"## {model}: {m['parameters']:,} parameters ({m['tqz']}; measured {m.get('measured', '?')})", "",
+                  f"{m.get('rounds', res['rounds'])} rounds of {m.get('inner', res['inner'])} loads.", "",
                   "| contender | file bytes | cold s | cold Mparams/s | warm s | warm Mparams/s | warm vs before jobs=1 "
                   "| CPU s (all processes, median warm) | Mparams per CPU s | runs started on idle CPUs |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -266,7 +244,7 @@ def write_md(res: dict, path: Path) -> None:
             lines.append(f"| {label} | {r['file_bytes']:,} | {r['cold_s_best']:.3f} | {r['cold_mparams_per_s']} | "
                          f"{r['warm_s_best']:.3f} | {r['warm_mparams_per_s']} | "
                          f"{r['warm_speedup_vs_before_jobs1']}x | {r['cpu_s_median']:.2f} | {r['mparams_per_cpu_s']} | "
-                         f"{sum(x.get('cpu_idle_before', 0) >= 0.85 for x in r['runs'])}/{len(r['runs'])} |")
+                         f"{sum(x.get('cpu_idle_before', 0) >= QUIET for x in r['runs'])}/{len(r['runs'])} |")
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -281,6 +259,8 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=3, help="loads per fresh interpreter")
     ap.add_argument("--large-rounds", type=int, default=2)
     ap.add_argument("--large-inner", type=int, default=2)
+    ap.add_argument("--large-only", help="the large model's contenders, comma-separated labels (before jobs=1 "
+                    "always runs: the others are compared with it), e.g. 'after jobs=2,zstd (float32)'")
     ap.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
                     help="seconds to wait for a second with 85%% of the CPUs idle before each timing")
     ap.add_argument("--out", default=str(RESULTS / "decode_speed.json"))
@@ -289,25 +269,26 @@ def main() -> None:
     args = ap.parse_args()
     TMP.mkdir(parents=True, exist_ok=True)
     before = export_before(args.before)
-    res = {"before": args.before, "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-           "python": sys.version.split()[0], "rounds": args.rounds, "inner": args.inner, "models": {},
-           "loadavg_at_start": os.getloadavg()}
+    res = {"before": args.before, **describe(), "rounds": args.rounds, "inner": args.inner, "models": {}}
     if not args.no_minilm:
         tqz, f32, params = minilm_files()
         res["models"]["MiniLM (float32, tq 4 bits/param)"] = measure("minilm", tqz, f32, params, before,
                                                                       args.rounds, args.inner, args.quiet_wait)
+        res["models"]["MiniLM (float32, tq 4 bits/param)"].update(rounds=args.rounds, inner=args.inner)
     if args.large:
         tqz, f32, params = large_files(args.layers)
+        only = set(args.large_only.split(",")) if args.large_only else None
         res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"] = measure(
-            "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait)
+            "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait, only)
+        res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"].update(rounds=args.large_rounds,
+                                                                                     inner=args.large_inner)
     for m in res["models"].values():
         m["measured"] = time.strftime("%Y-%m-%d %H:%M")
     if args.merge and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
         res["models"] = {**old.get("models", {}), **res["models"]}
-    loads = [x for m in res["models"].values() for r in m["contenders"].values() for run in r["runs"]
-             for x in run["loadavg_1min"]]
-    res["loadavg_range"] = [min(loads), max(loads)] if loads else [0, 0]
+    res["loadavg_range"] = load_range(x for m in res["models"].values() for r in m["contenders"].values()
+                                      for run in r["runs"] for x in run["loadavg_1min"])
     res["loadavg_at_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     write_md(res, Path(args.out).with_suffix(".md"))

@@ -4,6 +4,7 @@ folder with jobs=1 and jobs=2: wall time, peak RSS over the interpreter baseline
 
     .venv/bin/python benchmarks/scale.py                 # ~600M parameters, writes results/scale.json
     .venv/bin/python benchmarks/scale.py --layers 2      # a quick small run
+    .venv/bin/python benchmarks/scale.py --cli           # tqz encode MODEL --bits 4 (tq_scope model): peak RSS
 
 Every phase runs in a fresh child process, which measures its own memory:
 - ``main_peak_mib``: the child's VmHWM (reset through /proc/self/clear_refs after imports) minus
@@ -23,6 +24,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -112,6 +114,21 @@ def generate(folder: Path, cfg: dict, shard_bytes: int = 300 << 20) -> dict:
     (folder / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}\n')
     stamp.write_text(key)
     return {"parameters": params, "cached": False, "generate_s": round(time.time() - t0, 1)}
+
+
+def encoded(layers: int) -> tuple[Path, Path, dict]:
+    """The synthetic model of ``layers`` layers (generated if not cached) and its .tqz for the
+    decode benchmarks (``decode_speed.py``, ``ship.py``): ``encode_folder(mode="tq", bits=4,
+    tq_scope="tensor")`` on every core, cached in ``TMP``. (folder, .tqz, ``generate``'s info.)"""
+    from tqcodec import api
+    folder = TMP / f"synthetic-{layers}L"
+    info = generate(folder, dict(CONFIG, layers=layers))
+    tqz = TMP / f"synthetic-{layers}L-tq4.tqz"
+    if not tqz.exists():
+        t0 = time.time()
+        api.encode_folder(folder, tqz, jobs=0, mode="tq", bits=4.0, tq_scope="tensor")
+        print(f"encoded {tqz.name} in {time.time() - t0:.0f} s", flush=True)
+    return folder, tqz, info
 
 
 # --- one phase, in a child process --------------------------------------------------------------
@@ -234,6 +251,58 @@ def minilm_speed() -> dict:
     return out
 
 
+def _hwm_kib(pid: int) -> int:
+    """VmHWM (peak RSS) of a live process, in KiB (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cli_encode(model: Path, out: Path, bits: float, max_seconds: float) -> dict:
+    """``python -m tqcodec encode MODEL -o OUT --bits B`` as a user runs it (tq_scope "model", the
+    command's default: one allocation over the whole model), its peak RSS (VmHWM, read every
+    second, so a run stopped at ``max_seconds`` still reports the peak it reached) over the
+    interpreter's own (``tqz --version``), wall time, and the load average before and after."""
+    cmd = [sys.executable, "-m", "tqcodec", "encode", str(model), "-o", str(out), "--bits", f"{bits:g}", "-f"]
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    probe = subprocess.Popen([sys.executable, "-m", "tqcodec", "--version"], env=env, stdout=subprocess.DEVNULL)
+    base = peak = 0
+    while probe.poll() is None:
+        base = max(base, _hwm_kib(probe.pid))
+        time.sleep(0.05)
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    log = tempfile.TemporaryFile("w+")  # its progress lines (a pipe nobody reads while it runs could fill)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    finished = False
+    while time.perf_counter() - t0 < max_seconds:
+        peak = max(peak, _hwm_kib(proc.pid))
+        if proc.poll() is not None:
+            finished = proc.returncode == 0
+            break
+        time.sleep(1.0)
+    else:
+        proc.kill()
+    proc.wait()
+    log.seek(0)
+    err = log.read()
+    res = {"command": " ".join(["tqz"] + cmd[3:]), "finished": finished, "wall_s": round(time.perf_counter() - t0, 1),
+           "max_seconds": max_seconds, "peak_mib": round(peak / 1024, 1), "interpreter_mib": round(base / 1024, 1),
+           "peak_over_interpreter_mib": round((peak - base) / 1024, 1), "load_before": load,
+           "load_after": os.getloadavg(), "last_progress": (err.strip().splitlines() or [""])[-1][-300:]}
+    if finished:
+        res["bytes"] = out.stat().st_size
+        res["sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    res["target_mib"] = 1.5e9 / 2**20
+    res["within_target"] = finished and res["peak_over_interpreter_mib"] <= res["target_mib"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--phase", choices=["encode", "decode"])
@@ -244,6 +313,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=CONFIG["layers"], help="model size (20: ~604M parameters)")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     ap.add_argument("--only-minilm", action="store_true", help="only the MiniLM part, merged into --out")
+    ap.add_argument("--cli", action="store_true", help="only the command line's encode (tqz encode MODEL --bits 4, "
+                    "tq_scope model): its peak RSS, merged into --out as cli_encode")
+    ap.add_argument("--cli-seconds", type=float, default=7200, help="--cli: stop the encode after this long")
     args = ap.parse_args()
     if args.phase:
         run_phase(args)
@@ -260,6 +332,13 @@ def main() -> None:
     TMP.mkdir(parents=True, exist_ok=True)
     model = TMP / f"synthetic-{args.layers}L"
     info = generate(model, cfg)
+    if args.cli:
+        res = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        res["cli_encode"] = {"parameters": info["parameters"], "layers": args.layers,
+                             **cli_encode(model, TMP / f"scale-cli-{args.layers}L.tqz", 4.0, args.cli_seconds)}
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["cli_encode"], indent=1))
+        return
     size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     print(f"model: {info['parameters'] / 1e6:.1f}M parameters, {size / 1e9:.2f} GB bf16 safetensors "
           f"({'cached' if info['cached'] else 'generated in %ss' % info['generate_s']})", flush=True)

@@ -42,34 +42,14 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import QUIET_WAIT, describe, load_range, wait_for_quiet  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 TMP = RESULTS / "tmp"
 MB = 10 ** 6
-
-
-def cpu_idle(seconds: float = 1.0) -> float:
-    """The fraction of the machine's CPU time that was idle over the next ``seconds``."""
-    def stat() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v)
-    a = stat()
-    time.sleep(seconds)
-    b = stat()
-    return (b[0] - a[0]) / max(1, b[1] - a[1])
-
-
-def wait_for_quiet(max_wait: float, want: float = 0.85) -> float:
-    """Wait (up to ``max_wait`` s) for a second in which ``want`` of the CPUs were idle: the
-    machine is shared, and a contender timed while another job holds a core measures that job.
-    Returns the idle fraction of the last second waited (recorded with the timing)."""
-    deadline = time.monotonic() + max_wait
-    idle = cpu_idle()
-    while idle < want and time.monotonic() < deadline:
-        idle = cpu_idle()
-    return round(idle, 2)
 
 
 # --- the server (run as: ship.py --serve ROOT) ------------------------------------------------------
@@ -253,16 +233,8 @@ def minilm_files() -> dict:
 
 def large_files(layers: int) -> dict:
     sys.path.insert(0, str(HERE))
-    import scale  # the builder of the synthetic bf16 model
-    import tqcodec.api as api
-    cfg = dict(scale.CONFIG, layers=layers)
-    folder = TMP / f"synthetic-{layers}L"
-    info = scale.generate(folder, cfg)
-    tqz = TMP / f"synthetic-{layers}L-tq4.tqz"  # shared with decode_speed.py
-    if not tqz.exists():
-        t0 = time.time()
-        api.encode_folder(folder, tqz, jobs=0, mode="tq", bits=4.0, tq_scope="tensor")
-        print(f"encoded {tqz.name} in {time.time() - t0:.0f} s", flush=True)
+    import scale  # the builder of the synthetic bf16 model (and its .tqz, shared with decode_speed.py)
+    folder, tqz, info = scale.encoded(layers)
     root = TMP / f"ship-synthetic-{layers}L"  # what the server serves: links to the folder's files and the .tqz
     root.mkdir(exist_ok=True)
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -294,7 +266,9 @@ def measure(model: dict, rates: list[float], rounds: int, jobs1: bool, max_secon
                     n0 = len(srv.log)
                     res = run_child(kind, jobs, [srv.url(n, rate) for n in names])
                     res["cpu_idle_before"] = idle
-                    time.sleep(0.2)  # the server's log line of the last body
+                    deadline = time.monotonic() + 10.0  # the server's log line of each body (late on a busy machine)
+                    while len(srv.log) - n0 < len(names) and time.monotonic() < deadline:
+                        time.sleep(0.05)
                     bodies = srv.log[n0:]
                     if bodies:
                         last = max(b["end"] for b in bodies)
@@ -354,7 +328,7 @@ def main() -> None:
     ap.add_argument("--large-rounds", type=int, default=1)
     ap.add_argument("--large-jobs1", action="store_true", help="also the one-thread .tqz run on the large model")
     ap.add_argument("--no-minilm", action="store_true")
-    ap.add_argument("--quiet-wait", type=float, default=120.0,
+    ap.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
                     help="seconds to wait for a second with 85%% of the CPUs idle before each run")
     ap.add_argument("--out", default=str(RESULTS / "ship.json"))
     args = ap.parse_args()
@@ -363,17 +337,14 @@ def main() -> None:
         return
     TMP.mkdir(parents=True, exist_ok=True)
     rates = [float(x) * MB for x in args.rates.split(",")]
-    res = {"rounds": args.rounds, "large_rounds": args.large_rounds, "cpus": os.cpu_count(),
-           "affinity": len(os.sched_getaffinity(0)), "python": sys.version.split()[0], "models": [],
-           "loadavg_at_start": os.getloadavg()}
+    res = {"rounds": args.rounds, "large_rounds": args.large_rounds, **describe(), "models": []}
     if not args.no_minilm:
         res["models"].append(measure(minilm_files(), rates, args.rounds, True, args.max_seconds, args.quiet_wait))
     if args.large:
         res["models"].append(measure(large_files(args.layers), rates, args.large_rounds, args.large_jobs1,
                                      args.max_seconds, args.quiet_wait))
-    loads = [run["loadavg_1min"] for m in res["models"] for rows in m["rates"].values() for r in rows.values()
-             for run in r["runs"]]
-    res["loadavg_range"] = [min(loads), max(loads)] if loads else [0, 0]
+    res["loadavg_range"] = load_range(run["loadavg_1min"] for m in res["models"] for rows in m["rates"].values()
+                                      for r in rows.values() for run in r["runs"])
     res["loadavg_at_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     write_md(res, Path(args.out).with_suffix(".md"))

@@ -28,10 +28,42 @@ def pack_leb128(values: np.ndarray) -> bytes:
     return bytes(out)
 
 
+def _unpack_regular(data: bytes, max_bytes: int) -> "np.ndarray | None":
+    """The integers of ``data`` (int64) when it breaks none of :func:`unpack_leb128`'s rules,
+    else None (:func:`_unpack_bytewise` then finds the first fault). Whole-array work: the
+    tables of a 600M-parameter model took 0.5 s byte by byte, before any chunk is decoded."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    if a.size == 0 or a[-1] & 0x80:
+        return None  # no values, or the last one cut short
+    ends = np.flatnonzero(a < 0x80)
+    if ends.size > L.MAX_ALPHABET:
+        return None
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    if int(lengths.max()) > max_bytes or bool(np.any((a[ends] == 0) & (lengths > 1))):
+        return None  # too long, or overlong
+    low = (a & 0x7F).astype(np.int64)
+    values = low[starts]
+    for j in range(1, int(lengths.max())):  # at most max_bytes - 1 passes; 7 * 5 + 7 bits < 2^63
+        more = starts[lengths > j]
+        values[lengths > j] |= low[more + j] << (7 * j)
+    return values
+
+
 def unpack_leb128(data: bytes, max_bytes: int, what: str, name: str) -> list[int]:
     """Parse 1..65536 unsigned LEB128 integers: ``BAD_TABLE`` for a varint over ``max_bytes``,
     an overlong one (last byte 00 after the first), a truncated one, none at all, or more than
     65536."""
+    regular = _unpack_regular(data, max_bytes)
+    if regular is not None:
+        return regular.tolist()
+    return _unpack_bytewise(data, max_bytes, what, name)
+
+
+def _unpack_bytewise(data: bytes, max_bytes: int, what: str, name: str) -> list[int]:
+    """:func:`unpack_leb128` byte by byte, raising the first fault in byte order."""
     values: list[int] = []
     cur = shift = nbytes = 0
     for byte in data:

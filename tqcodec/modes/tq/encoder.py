@@ -361,13 +361,18 @@ TRANSFORM_BANDS = 16     # coefficient rows (components, strongest first) cut in
 
 @dataclass
 class TransformOption:
-    """A tensor coded in a transform domain: ``synthesis`` S [m, m] (float16 values, float64),
-    ``bands`` the coefficient row bands (Units over rows of C [m, n]), ``kind`` klt or aat."""
+    """A tensor coded in a transform domain: ``stored`` S [m, m] as float16 (``synthesis``: its
+    values as float64), ``bands`` the coefficient row bands (Units over rows of C [m, n]),
+    ``kind`` klt or aat."""
 
     name: str
     kind: str
-    synthesis: np.ndarray
+    stored: np.ndarray
     bands: list[Unit]
+
+    @property
+    def synthesis(self) -> np.ndarray:
+        return self.stored.astype(np.float64)
 
 
 def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
@@ -378,6 +383,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
     The coefficient matrix of a large tensor is made when needed (``matrices``), not held."""
     matrices = matrices if matrices is not None else Matrices()
     out: dict[str, TransformOption] = {}
+    identity: dict[int, np.ndarray] = {}  # the KLT's error metric, one (read-only) per size for every option
     for it in items:
         layout = layouts.get(it.name)
         if layout is None or len(it.shape) < 2:
@@ -400,11 +406,15 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         mat = np.ascontiguousarray(matrix_view(it.values, layout).T)  # M [m, n]
         if h is None:
             _, s, _ = transforms.klt(mat)
-            kind, metric = "klt", np.eye(m)
+            if m not in identity:
+                identity[m] = np.eye(m)
+                identity[m].flags.writeable = False
+            kind, metric = "klt", identity[m]
         else:
             _, s, _ = transforms.aat(mat, h)
             kind, metric = "aat", h
-        s16 = s.astype(np.float16).astype(np.float64)
+        stored = s.astype(np.float16)
+        s16 = stored.astype(np.float64)
         if not np.isfinite(s16).all():
             continue
         # coefficients that are best for the stored (float16) synthesis, in the error metric
@@ -413,9 +423,15 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         gain = st.gain if st is not None else 1.0
         nb = min(TRANSFORM_BANDS, m)
         bounds = [m * i // nb for i in range(nb + 1)]
+        del s, s16, g
 
-        def coefficients(it=it, layout=layout, g=g, s16=s16, metric=metric, m=m, mat=None) -> np.ndarray:
+        def coefficients(it=it, layout=layout, stored=stored, metric=metric, m=m, mat=None) -> np.ndarray:
+            # S and G = S^T metric S made again from the float16 S (the same products, so the same
+            # bits) rather than held: three m x m float64 matrices per option were 2.4 GB of a
+            # 600M-parameter model's encode (42 options of m = 1536)
             mat = np.ascontiguousarray(matrix_view(it.values, layout).T) if mat is None else mat
+            s16 = stored.astype(np.float64)
+            g = s16.T @ metric @ s16
             ridge = 1e-12 * np.trace(g) / m if np.trace(g) > 0 else 1.0
             return np.linalg.solve(g + ridge * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
         if it.size > LAZY_ELEMENTS:
@@ -430,7 +446,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         del mat
         bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b],
                       slope_floor=stats is None) for b in range(nb)]
-        out[it.name] = TransformOption(it.name, kind, s16, bands)
+        out[it.name] = TransformOption(it.name, kind, stored, bands)
     return out
 
 

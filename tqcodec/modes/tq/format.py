@@ -135,9 +135,16 @@ def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray
     coeff = _coefficients(p, streams, record.name, lambda values: values).reshape(p.k, p.cols)
     s = _transform(p, streams[0], record.name).astype(np.float64)
     with _blas_threads(streams), np.errstate(over="ignore", invalid="ignore"):
-        mat = (s @ coeff).T.astype(np.float32)  # [n, m]; §7.5.3 step 3 (tolerance stated there)
-    if p.layout == "in_out":
-        mat = mat.T
+        # §7.5.3 step 3 (tolerance stated there): R^T = S · C [m, n], computed in the order the
+        # output is stored in (out_in: R = C^T · S^T [n, m]), so the float32 result needs no
+        # transposing copy. Both are one dgemm whose sums run in the same order, so the same
+        # bits; a matrix of one row or column keeps S · C (numpy computes it by gemv there).
+        if p.layout == "out_in" and p.n > 1 and p.m > 1:
+            mat = np.matmul(coeff.T, s.T).astype(np.float32)  # [n, m]
+        else:
+            mat = (s @ coeff).astype(np.float32)  # [m, n]
+            if p.layout == "out_in":
+                mat = mat.T
     return round_binary32(record.dtype, np.ascontiguousarray(mat)).reshape(record.shape)
 
 
