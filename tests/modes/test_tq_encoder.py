@@ -12,6 +12,7 @@ import torch.nn as nn
 import tqcodec
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import tq as tq_mode
+from tqcodec.model.stats import Stats, TensorStats
 from tqcodec.modes.tq.encoder import Item, make_units, reconstruction
 from tqcodec.modes.tq.rounding import gptq_round, round_nearest
 from tests.helpers import Small, param_count
@@ -409,3 +410,19 @@ def test_following_batchnorm_scale():
     s = following_batchnorm_scale(items, 0, 2)
     np.testing.assert_allclose(s, (g * g / (v + 1e-5)).numpy(), rtol=1e-6)
     assert following_batchnorm_scale(items, len(items) - 1, 4) is None  # nothing follows
+
+
+# --- issue 19: fewer bands where they do not pay -------------------------------------------------
+
+def test_small_tensor_takes_fewer_bands_when_they_do_not_pay():
+    """A tensor cut into 8 bands of rows alike: with statistics the encoder codes it in fewer
+    (each band is a table and a chunk header); without, the bands stay as cut."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 16, generator=g) * 0.1
+    sd = {"w": w}
+    st = Stats({"w": TensorStats("linear", np.eye(16)[None], None, 1000)}, 1.0)
+    with tqcodec.open(tqcodec.encode_bytes(sd, stats=st, bits=6.0)) as f:
+        calibrated = len(f.info("w").params["band_rows"])
+    with pytest.warns(tqcodec.TqzWarning), tqcodec.open(tqcodec.encode_bytes(sd, mode="tq", bits=6.0)) as f:
+        data_free = len(f.info("w").params["band_rows"])
+    assert data_free == 8 and calibrated < 8

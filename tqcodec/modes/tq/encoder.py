@@ -460,6 +460,80 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
     return out, chosen
 
 
+# --- band partitions: fewer bands where their tables and chunk headers cost more than they save ----
+
+PARTITION_MAX_ELEMENTS = LAZY_ELEMENTS  # only tensors held in memory are offered coarser cuts
+PARTITION_WINDOW = 2  # exact (error-feedback) curve points within this many codes of each cut's pick
+
+
+def coarser_partitions(units: list[Unit]) -> dict[str, list[list[Unit]]]:
+    """Per tensor of several row bands (at most ``PARTITION_MAX_ELEMENTS`` weights, held in
+    memory): its rows cut into 1, 2, 4, ... bands (fewer than it has), as units with coarse
+    curves. Each band keeps the tensor's H, gain, row weights, bias-correction mean and shared
+    error-feedback results. A band costs a table, a chunk header and manifest entries: on a small
+    model at a high rate these can cost more than a step per band saves."""
+    out: dict[str, list[list[Unit]]] = {}
+    for name, bands in by_tensor(units).items():
+        if len(bands) < 2 or any(isinstance(u.data, Rows) for u in bands):
+            continue
+        if sum(u.size for u in bands) > PARTITION_MAX_ELEMENTS or any(u.max_code is not None for u in bands):
+            continue
+        first = bands[0]
+        w = first.shared["w"] if first.shared is not None else np.concatenate([u.w for u in bands])
+        rw = None if first.row_weights is None else np.concatenate([u.row_weights for u in bands])
+        n = w.shape[0]
+        alts = []
+        k = 1
+        while k < len(bands):
+            bounds = [n * i // k for i in range(k + 1)]
+            alt = []
+            for b in range(k):
+                r0, r1 = bounds[b], bounds[b + 1]
+                u = Unit(band_name(name, b), w[r0:r1], first.h, None if rw is None else rw[r0:r1], first.gain,
+                         shared=first.shared, r0=r0)
+                u.h_mean = first.h_mean
+                for c in candidate_codes(u.w):
+                    u.evaluate(c, False)
+                alt.append(u)
+            alts.append(alt)
+            k *= 2
+        out[name] = alts
+    return out
+
+
+def _best_cost(bands: list[Unit], lam: float) -> float:
+    """D + lam R of ``bands`` at their best codes for ``lam``, exact within PARTITION_WINDOW."""
+    refine(bands, choose(bands, lam), PARTITION_WINDOW)
+    return _cost(bands, choose(bands, lam), lam)
+
+
+def choose_partitions(units: list[Unit], partitions: Mapping[str, list[list[Unit]]], lam: float) -> list[Unit]:
+    """``units`` with each tensor of ``partitions`` cut as the alternative (or its own bands) of
+    least D + lam R (ties: its own bands, then the fewest bands)."""
+    by_parent = by_tensor(units)
+    chosen: dict[str, list[Unit]] = {}
+    for name, alts in partitions.items():
+        own = by_parent.get(name)
+        if own is None:
+            continue
+        best, best_cost = own, _best_cost(own, lam)
+        for alt in alts:
+            cost = _best_cost(alt, lam)
+            if cost < best_cost:
+                best, best_cost = alt, cost
+        if best is not own:
+            chosen[name] = best
+    out = []
+    for u in units:
+        name = parent(u.name)
+        if name in chosen:
+            if u is by_parent[name][0]:
+                out.extend(chosen[name])
+        else:
+            out.append(u)
+    return out
+
+
 def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, quality: Optional[float] = None,
                  total_params: int, size_of: Callable[[dict], int], tolerance: float = 0.015,
                  progress: Optional[Callable[[str, int, int], None]] = None,
@@ -502,11 +576,14 @@ class ModelEncoder:
         with threadpool_limits(limits=1, user_api="blas"):
             self.units, self.layouts = make_units(items, stats, self.matrices)
             self.options: dict[str, TransformOption] = {}
+            self.partitions: dict[str, list[list[Unit]]] = {}
             if self.units:
                 build_curves(self.units, feedback=False,
                              progress=lambda done, total: self.tell("curves", done, total))
                 if transforms:
                     self.options = transform_options(items, stats, self.layouts, self.matrices)
+                if stats is not None:
+                    self.partitions = coarser_partitions(self.units)
         self.bias_originals: dict[int, np.ndarray] = {}  # bias bands' values before any correction
         self.predicted_snr_db: Optional[float] = None  # of the last encode: power over estimated distortion
 
@@ -535,6 +612,14 @@ class ModelEncoder:
 
         def dist(pick: Mapping[str, int]) -> float:
             return totals(units, dict(pick))[0]
+
+        def with_partitions(measure: Callable, target: float, increasing: bool) -> list[Unit]:
+            """Each small tensor's row bands, or a coarser cut of them (fewer bands: fewer tables
+            and chunk headers), whichever costs less D + lam R at the multiplier meeting ``target``."""
+            if not self.partitions:
+                return units
+            lam, _ = bisect_lambda(units, measure, target, increasing=increasing)
+            return choose_partitions(units, self.partitions, lam)
 
         def with_transforms(measure: Callable, target: float, increasing: bool) -> list[Unit]:
             """The transform choice (spec §7.5 stream 0) at the multiplier that meets ``target``
@@ -575,6 +660,7 @@ class ModelEncoder:
             q = 40.0 if quality is None else float(quality)
             target = self._power() * 10.0 ** (-q / 10.0)
             tell("rate search", 0, 1)
+            units = with_partitions(dist, target, True)
             units = with_transforms(dist, target, True)
             corrections, originals = corrections_of(units)
             lam, pick = bisect_lambda(units, dist, target, increasing=True)
@@ -585,6 +671,7 @@ class ModelEncoder:
             return with_alternatives(alternatives, lam, units, pick, result(pick))
 
         target_bits = float(bits) * self.total_params
+        units = with_partitions(rate, target_bits, False)
         units = with_transforms(rate, target_bits, False)
         corrections, originals = corrections_of(units)
         overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
