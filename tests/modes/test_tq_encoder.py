@@ -4,6 +4,8 @@ round trips, convs, bias correction, the choice of transforms. (The decoder's ru
 tests/modes/test_tq_format.py.)"""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -412,7 +414,56 @@ def test_following_batchnorm_scale():
     assert following_batchnorm_scale(items, len(items) - 1, 4) is None  # nothing follows
 
 
-# --- issue 19: fewer bands where they do not pay -------------------------------------------------
+# --- issue 19: more rate never hurts; transposed convolutions; fewer bands ----------------------
+
+def test_more_rate_never_hurts_with_few_statistics():
+    """Statistics of a handful of inputs (rank-deficient H): the decoded output error falls at
+    every step up the rate, and the file grows."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    x = torch.randn(256, 32)
+    st = tqcodec.calibrate(m, [x[:6]])
+    errs, sizes = [], []
+    for bits in (2.0, 4.0, 8.0):
+        data = tqcodec.encode_bytes(m.state_dict(), stats=st, bits=bits)
+        m2 = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+        m2.load_state_dict(tqcodec.load(data))
+        with torch.no_grad():
+            errs.append(float((m(x) - m2(x)).pow(2).mean()))
+        sizes.append(len(data))
+    assert sizes == sorted(sizes) and errs == sorted(errs, reverse=True), (sizes, errs)
+
+
+def _upsampler(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A transposed convolution reading channels that are strongly correlated."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.ConvTranspose2d(12, 12, 4, 2, 1), nn.Tanh()).eval()
+    base = torch.randn(64, 1, 4, 4, generator=g)
+    x = base * torch.linspace(1.0, 2.0, 12)[None, :, None, None] + 0.1 * torch.randn(64, 12, 4, 4, generator=g)
+    return m, x
+
+
+def test_transposed_conv_rounds_along_input_channels_with_their_second_moments():
+    m, x = _upsampler()
+    st = tqcodec.calibrate(m, [x[:32], x[32:]])
+    s = st.get("0.weight")
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    assert s.kind == "rows" and s.h.shape == (1, 12, 12)
+    np.testing.assert_allclose(s.h[0], (rows.T @ rows / len(rows)).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(s.row_h, np.diag(s.h[0]), rtol=1e-12)
+    diagonal = Stats({k: dataclasses.replace(v, h=None) for k, v in st.tensors.items()}, st.output_power)
+    # (the channels' energies only: rounding to nearest)
+
+    def out_err(stats):
+        m2 = nn.Sequential(nn.ConvTranspose2d(12, 12, 4, 2, 1), nn.Tanh()).eval()
+        data = tqcodec.encode_bytes(m.state_dict(), stats=stats, bits=4.0)
+        m2.load_state_dict(tqcodec.load(data))
+        with torch.no_grad():
+            return float((m(x) - m2(x)).pow(2).mean()), len(data)
+    (e_full, n_full), (e_diag, n_diag) = out_err(st), out_err(diagonal)
+    assert n_full <= 1.1 * n_diag, (n_full, n_diag)
+    assert e_full < 0.5 * e_diag, (e_full, e_diag)
+
 
 def test_small_tensor_takes_fewer_bands_when_they_do_not_pay():
     """A tensor cut into 8 bands of rows alike: with statistics the encoder codes it in fewer

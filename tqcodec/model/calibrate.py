@@ -10,7 +10,8 @@ the encoder reads (their meaning and file format: ``tqcodec.model.stats``):
   dilations as the conv applies them), matching the weight flattened as [out, in/groups * k...];
   grouped and depthwise convs keep one H per group ([groups, d, d]);
 - ``nn.ConvTranspose1d/2d/3d`` (weight [in, out/groups, k...]: its rows are input channels):
-  kind ``rows``, ``row_h`` [in] = E[x_c^2] of each input channel;
+  kind ``rows``, ``row_h`` [in] = E[x_c^2] of each input channel, and when ``groups == 1``
+  ``h`` [1, in, in] = E[x x^T] over the input channels (x: one input position's channels);
 - ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``: ``weight_ih_l{k}[_reverse]`` kind ``linear`` with H of
   layer k's input sequence; ``weight_hh_l{k}[_reverse]`` with H of that direction's previous
   hidden states h_{t-1} (the initial state included); the gates share it. The layer inputs and
@@ -120,10 +121,13 @@ class _Acc:
 
 
 class _RowAcc:
-    """Sums of x_c^2 per input channel (kind ``rows``), at most ``cap`` samples."""
+    """Sums of x_c^2 per input channel (kind ``rows``), at most ``cap`` samples; with ``full``
+    also of x x^T over the channels (``h`` [1, channels, channels]: the error-feedback rounding
+    of a transposed convolution's weight along its input channels, tq.encoder)."""
 
-    def __init__(self, channels: int, cap: int, label: str, batch: "_Batch"):
+    def __init__(self, channels: int, cap: int, label: str, batch: "_Batch", full: bool = False):
         self.sq = np.zeros(channels)
+        self.xx = np.zeros((channels, channels)) if full else None
         self.n, self.cap = 0, cap
         self.label, self.batch = label, batch
 
@@ -132,16 +136,23 @@ class _RowAcc:
         take = min(len(x), self.cap - self.n)
         if take <= 0:
             return
-        part = x[:take].detach().to(torch.float64).pow(2).sum(dim=0).numpy()
+        r = x[:take].detach().to(torch.float64)
+        part = r.pow(2).sum(dim=0).numpy()
         if not np.isfinite(part).all():
             _refuse(self.batch, self.label)
         self.sq += part
+        if self.xx is not None:
+            self.xx += (r.T @ r).numpy()
         self.n += take
 
     def result(self) -> Optional[TensorStats]:
         if self.n == 0:
             return None
-        return TensorStats("rows", rows=self.n, row_h=self.sq / self.n)
+        h = None
+        if self.xx is not None:
+            h = self.xx / self.n
+            h = ((h + h.T) / 2)[None]  # exactly symmetric
+        return TensorStats("rows", h=h, rows=self.n, row_h=self.sq / self.n)
 
 
 class _CountAcc:
@@ -422,7 +433,8 @@ class _Collector:
         self._hook(mod, hook)
 
     def _transposed(self, mname: str, mod: nn.Module, wname: str) -> None:
-        acc = self.accs[wname] = _RowAcc(mod.in_channels, self.cap, _layer(mname, mod), self.batch)
+        acc = self.accs[wname] = _RowAcc(mod.in_channels, self.cap, _layer(mname, mod), self.batch,
+                                         full=mod.groups == 1)
         nd = len(mod.kernel_size)
 
         def hook(m, args, kwargs, out):

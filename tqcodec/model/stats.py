@@ -13,6 +13,8 @@ into output error, the *local distortion* (:func:`local_distortion`); the encode
   ``mean`` [groups, d] = E[x] (bias correction);
 - ``rows`` (weights whose *first* axis is the input channel, e.g. ``ConvTranspose``): ``row_h``
   [n] = E[x_c^2] of the input channel row c multiplies; distortion ``sum_c row_h[c] ||E_c||^2``;
+  optionally ``h`` [1, n, n] = E[x x^T] over the input channels (the encoder then weighs the
+  columns j of E by ``E_j^T H E_j`` and rounds with error feedback along the input channels);
 - ``embedding``: ``counts`` [n] how often each row (token) was used; distortion
   ``sum_c p_c ||E_c||^2`` with p the counts' frequencies;
 - ``plain``: no statistics but a ``gain`` (biases, norms); distortion ``||E||^2``.

@@ -120,6 +120,7 @@ class Unit:
     r0: int = 0
     h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
     max_code: Optional[int] = None  # coarser step codes are never chosen (BatchNorm running variances)
+    transposed: bool = False  # ``data`` is the tensor's [n, m] view transposed (one band; tq.encoder)
 
     @property
     def w(self) -> np.ndarray:

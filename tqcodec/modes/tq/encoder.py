@@ -144,6 +144,12 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             continue
         layout = st.layout if st is not None and ndim == 2 else "out_in"
         n, m = view_shape(it.shape, layout)
+        if st is not None and st.kind == "rows" and layout == "out_in" and _h_fits(st.h, m, n) and st.h.shape[0] == 1:
+            unit = transposed_unit(it, st, n, m, matrices)
+            if unit is not None:
+                units.append(unit)
+                layouts[it.name] = layout
+                continue
         if it.size > LAZY_ELEMENTS:
             matrices.add(it.name, lambda it=it, layout=layout: np.ascontiguousarray(matrix_view(it.values, layout)))
             w2 = matrices.rows(it.name, 0, n, (n, m))
@@ -178,6 +184,23 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
     return units, layouts
+
+
+def transposed_unit(it: Item, st, n: int, m: int, matrices: Matrices) -> Optional[Unit]:
+    """One band over the transpose [m, n] of a kind ``rows`` weight (a transposed convolution,
+    its rows the n input channels) with ``st.h`` [1, n, n] = E[x x^T] over those channels: output
+    error ``sum_j E_j^T H E_j`` over the columns j (output channel and kernel tap) of the
+    [n, m] view, spatial correlations between taps left out. Error-feedback rounding then runs
+    along the input channels as it does for a linear layer. None when H is unusable."""
+    h = usable_h(st.h, st.rows)
+    if h is None:
+        return None
+    if it.size > LAZY_ELEMENTS:
+        matrices.add(it.name, lambda it=it: np.ascontiguousarray(matrix_view(it.values, "out_in").T))
+        data = matrices.rows(it.name, 0, m, (m, n))
+    else:
+        data = np.ascontiguousarray(matrix_view(it.values, "out_in").T)
+    return Unit(band_name(it.name, 0), data, h, None, st.gain, transposed=True)
 
 
 def following_batchnorm_scale(items: Sequence[Item], index: int, n: int) -> Optional[np.ndarray]:
@@ -277,9 +300,15 @@ def _levels(u: Unit, code: int) -> np.ndarray:
     return u.quantize(code, True) if lv is None else lv
 
 
+def _stored_levels(u: Unit, code: int) -> np.ndarray:
+    """The band's levels as the file holds them (rows of the tensor's [n, m] view)."""
+    lv = _levels(u, code)
+    return lv.T if u.transposed else lv
+
+
 def encode_tensor(bands: list[Unit], codes: list[int], layout: str) -> Encoded:
     """One tensor from its row bands (no transform)."""
-    return write([_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout)
+    return write([_stored_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout)
 
 
 def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthesis: np.ndarray) -> Encoded:
