@@ -414,7 +414,7 @@ def test_following_batchnorm_scale():
     assert following_batchnorm_scale(items, len(items) - 1, 4) is None  # nothing follows
 
 
-# --- issue 19: more rate never hurts; transposed convolutions; fewer bands ----------------------
+# --- issue 19: more rate never hurts; transposed convolutions; row gains; fewer bands -----------
 
 def test_more_rate_never_hurts_with_few_statistics():
     """Statistics of a handful of inputs (rank-deficient H): the decoded output error falls at
@@ -463,6 +463,31 @@ def test_transposed_conv_rounds_along_input_channels_with_their_second_moments()
     (e_full, n_full), (e_diag, n_diag) = out_err(st), out_err(diagonal)
     assert n_full <= 1.1 * n_diag, (n_full, n_diag)
     assert e_full < 0.5 * e_diag, (e_full, e_diag)
+
+
+def test_row_gains_follow_output_sensitivity():
+    """A linear layer whose first output the model multiplies by 10: that row's measured gain is
+    about 100 times the others', the bias takes the weight's row gains, and the encoder codes the
+    sensitive row more finely."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x) * torch.tensor([10.0] + [1.0] * 7)
+    m = Scaled().eval()
+    x = torch.randn(256, 16)
+    st = tqcodec.calibrate(m, [x[i:i + 64] for i in range(0, 256, 64)])
+    rg = st.get("lin.weight").row_gain
+    assert rg.shape == (8,) and 30 < rg[0] / np.median(rg[1:]) < 300
+    np.testing.assert_array_equal(st.get("lin.bias").row_gain, rg)
+    units, _ = make_units([Item.of("lin.weight", "float32", lin.weight.detach().double().numpy())], st)
+    rw = np.concatenate([u.row_weights for u in units])
+    assert rw[0] > 30 * np.median(rw[1:])
 
 
 def test_small_tensor_takes_fewer_bands_when_they_do_not_pay():

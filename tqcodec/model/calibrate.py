@@ -690,7 +690,10 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
     for kind rows, token frequencies for embeddings, ``||E||^2`` for the rest, kind ``plain``;
     a linear or conv layer's bias takes its weight's gain, since a bias error e is a local error
     of ||e||^2 exactly as a weight error E with ||E x|| = ||e||). A parameter with no effect on
-    the counted outputs over the calibration batches gets gain 0.
+    the counted outputs over the calibration batches gets gain 0. With the ``probe`` method,
+    linear and conv weights stored out_in and 1-D parameters also get ``row_gain``: the same
+    per output row (per element), each row's squared gradient over its own local error per unit
+    variance (a bias takes its weight's), so rows the rest of the model amplifies weigh more.
 
     The output error counts every floating tensor of the module's output (nested tuples, lists,
     dicts, dataclasses, ``transformers`` ``ModelOutput``), each scaled by its own mean square on
@@ -772,6 +775,7 @@ class _Probe:
         self.params = params
         self.gen = torch.Generator().manual_seed(seed)
         self.sq = np.zeros(len(params))
+        self.row_sq = [np.zeros(p.shape[0] if p.dim() else 1) for _, p in params]  # the same per first-axis row
         self.batches = 0
 
     def add(self, counted: list) -> None:
@@ -787,7 +791,10 @@ class _Probe:
         grads = torch.autograd.grad(ys, [p for _, p in self.params], grad_outputs=vs, allow_unused=True)
         for j, g in enumerate(grads):
             if g is not None:
-                self.sq[j] += float(g.detach().to(torch.float64).pow(2).sum())
+                g2 = g.detach().to(torch.float64).pow(2)
+                rows = g2.reshape(len(self.row_sq[j]), -1).sum(dim=1).numpy()
+                self.row_sq[j] += rows
+                self.sq[j] += float(rows.sum())
         self.batches += 1
 
 
@@ -801,7 +808,24 @@ def _biases_take_weight_gains(stats: Stats, params: list, hooked: set) -> None:
     for wname, _ in params:
         owner = _owner(wname, stats, hooked)
         if owner:
-            stats.tensors[wname] = TensorStats("plain", gain=stats.tensors[owner].gain)
+            o = stats.tensors[owner]
+            stats.tensors[wname] = TensorStats("plain", gain=o.gain, row_gain=o.row_gain)
+
+
+def _row_gains(st: TensorStats, row_sq: np.ndarray, shape: tuple) -> Optional[np.ndarray]:
+    """Per output row (first axis) of a linear or conv weight stored out_in, or per element of a
+    1-D plain parameter: the output error per unit of the row's local error (its share of
+    :func:`_gain`; a bias takes its weight's). None for other kinds and layouts, or when not finite."""
+    if st.kind == "plain" and len(shape) == 1:
+        per = np.ones(len(row_sq))
+    elif st.kind in ("linear", "conv") and st.layout == "out_in" and st.h is not None \
+            and len(row_sq) % st.h.shape[0] == 0:
+        per = np.repeat(np.trace(st.h, axis1=1, axis2=2), len(row_sq) // st.h.shape[0])
+    else:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(per > 0, row_sq / per, 0.0)
+    return out if np.isfinite(out).all() and out.sum() > 0 else None
 
 
 def _local_per_variance(st: TensorStats, shape: tuple) -> float:
@@ -849,6 +873,7 @@ def _gains_from_probes(stats: Stats, probe: _Probe, hooked: set,
             stats.tensors[wname] = TensorStats("plain")
         st = stats.tensors[wname]
         st.gain = _gain(probe.sq[j] / probe.batches, _local_per_variance(st, tuple(w.shape)))
+        st.row_gain = _row_gains(st, probe.row_sq[j] / probe.batches, tuple(w.shape))
         measured.append(wname)
         if progress:
             progress(wname, j + 1, len(probe.params))

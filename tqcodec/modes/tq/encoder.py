@@ -137,7 +137,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         ndim = len(it.shape)
         if st is not None and st.kind == "plain":
             v = it.values
-            units.append(Unit(band_name(it.name, 0), v.reshape(v.shape[0] if v.ndim else 1, -1), None, None, st.gain))
+            v2 = v.reshape(v.shape[0] if v.ndim else 1, -1)
+            units.append(Unit(band_name(it.name, 0), v2, None, relative_row_gains(st, v2.shape[0]), st.gain))
             layouts[it.name] = "out_in"
             continue
         if ndim < 2:
@@ -168,6 +169,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             elif _h_fits(st.h, n, m):
                 h = usable_h(st.h, st.rows)
         row_banded = rw is not None
+        if rw is None and layout == "out_in" and st is not None:
+            rw = relative_row_gains(st, n)
         if rw is None and layout == "out_in":
             scale = following_batchnorm_scale(items, index, n)
             if scale is not None:  # calibrated: the gain holds the mean scale, the rows keep their shares
@@ -184,6 +187,23 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
     return units, layouts
+
+
+ROW_GAIN_FLOOR = 0.05  # a row whose output sensitivity was not seen still weighs this share of the mean
+
+
+def relative_row_gains(st, n: int) -> Optional[np.ndarray]:
+    """The statistics' per-row output sensitivities (``row_gain``, measured by calibrate's probes)
+    over their mean, each at least ``ROW_GAIN_FLOOR``: [n] row weights, the gain holding the
+    scale. None when there are none for ``n`` rows (or they are not finite and positive)."""
+    rg = getattr(st, "row_gain", None)
+    if rg is None or len(rg) != n:
+        return None
+    rg = np.asarray(rg, dtype=np.float64)
+    mean = float(rg.mean()) if rg.size else 0.0
+    if not (np.isfinite(rg).all() and (rg >= 0).all() and mean > 0):
+        return None
+    return np.maximum(rg / mean, ROW_GAIN_FLOOR)
 
 
 def transposed_unit(it: Item, st, n: int, m: int, matrices: Matrices) -> Optional[Unit]:
@@ -273,6 +293,9 @@ def batchnorm_unit(it: Item, by_name: Mapping[str, Item], stats, default_gain: f
         pst = stats.get(partner) if stats is not None else None
         if pst is not None:
             gain = pst.gain
+            rel = relative_row_gains(pst, len(rw))  # the channels' own output sensitivities, when measured
+            if rel is not None:
+                rw = rw * rel
             break
     unit = Unit(band_name(it.name, 0), v, None, rw, gain)
     unit.max_code = max_code
