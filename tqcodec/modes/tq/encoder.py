@@ -169,12 +169,12 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             elif _h_fits(st.h, n, m):
                 h = usable_h(st.h, st.rows)
         row_banded = rw is not None
-        if rw is None and layout == "out_in" and st is not None:
-            rw = relative_row_gains(st, n)
         if rw is None and layout == "out_in":
             scale = following_batchnorm_scale(items, index, n)
             if scale is not None:  # calibrated: the gain holds the mean scale, the rows keep their shares
                 rw = scale if stats is None else scale / scale.mean()
+        if rw is None and layout == "out_in" and st is not None:
+            rw = relative_row_gains(st, n)  # measured (noisier than a following BatchNorm's exact scale)
         cap, size = (EMBED_BANDS, band_size // 8) if row_banded else (MAX_BANDS, band_size)
         nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
         bounds = [n * i // nb for i in range(nb + 1)]
