@@ -138,7 +138,12 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         if st is not None and st.kind == "plain":
             v = it.values
             v2 = v.reshape(v.shape[0] if v.ndim else 1, -1)
-            units.append(Unit(band_name(it.name, 0), v2, None, relative_row_gains(st, v2.shape[0]), st.gain))
+            # a BatchNorm's weight and bias (running statistics beside them) keep equal row weights:
+            # its channels' measured gains are noisy and its running statistics are weighed by its scale
+            bn = it.name.endswith(("weight", "bias")) and \
+                it.name.rsplit(".", 1)[0] + ".running_var" in by_name if "." in it.name else False
+            units.append(Unit(band_name(it.name, 0), v2, None, None if bn else relative_row_gains(st, v2.shape[0]),
+                              st.gain))
             layouts[it.name] = "out_in"
             continue
         if ndim < 2:
@@ -293,9 +298,6 @@ def batchnorm_unit(it: Item, by_name: Mapping[str, Item], stats, default_gain: f
         pst = stats.get(partner) if stats is not None else None
         if pst is not None:
             gain = pst.gain
-            rel = relative_row_gains(pst, len(rw))  # the channels' own output sensitivities, when measured
-            if rel is not None:
-                rw = rw * rel
             break
     unit = Unit(band_name(it.name, 0), v, None, rw, gain)
     unit.max_code = max_code
