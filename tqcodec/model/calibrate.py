@@ -128,6 +128,7 @@ class _RowAcc:
     def __init__(self, channels: int, cap: int, label: str, batch: "_Batch", full: bool = False):
         self.sq = np.zeros(channels)
         self.xx = np.zeros((channels, channels)) if full else None
+        self.sum = np.zeros(channels)
         self.n, self.cap = 0, cap
         self.label, self.batch = label, batch
 
@@ -143,16 +144,18 @@ class _RowAcc:
         self.sq += part
         if self.xx is not None:
             self.xx += (r.T @ r).numpy()
+            self.sum += r.sum(dim=0).numpy()
         self.n += take
 
     def result(self) -> Optional[TensorStats]:
         if self.n == 0:
             return None
-        h = None
+        h = mean = None
         if self.xx is not None:
             h = self.xx / self.n
             h = ((h + h.T) / 2)[None]  # exactly symmetric
-        return TensorStats("rows", h=h, rows=self.n, row_h=self.sq / self.n)
+            mean = (self.sum / self.n)[None]
+        return TensorStats("rows", h=h, rows=self.n, mean=mean, row_h=self.sq / self.n)
 
 
 class _CountAcc:
