@@ -420,13 +420,13 @@ def test_more_rate_never_hurts_with_few_statistics():
     """Statistics of a handful of inputs (rank-deficient H): the decoded output error falls at
     every step up the rate, and the file grows."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
     x = torch.randn(256, 32)
     st = tqcodec.calibrate(m, [x[:6]])
     errs, sizes = [], []
     for bits in (2.0, 4.0, 8.0):
         data = tqcodec.encode_bytes(m.state_dict(), stats=st, bits=bits)
-        m2 = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+        m2 = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
         m2.load_state_dict(tqcodec.load(data))
         with torch.no_grad():
             errs.append(float((m(x) - m2(x)).pow(2).mean()))
