@@ -4,6 +4,8 @@ round trips, convs, bias correction, the choice of transforms. (The decoder's ru
 tests/modes/test_tq_format.py.)"""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.nn as nn
 import tqcodec
 from tqcodec.format.manifest import TensorRecord
 from tqcodec.modes import tq as tq_mode
+from tqcodec.model.stats import Stats, TensorStats
 from tqcodec.modes.tq.encoder import Item, make_units, reconstruction
 from tqcodec.modes.tq.rounding import gptq_round, round_nearest
 from tests.helpers import Small, param_count
@@ -445,3 +448,93 @@ def test_data_free_embedding_table_takes_a_coarser_step():
     with tqcodec.open(tqcodec.encode_bytes(sd, bits=4.0)) as f:
         emb, proj = f.encoded("tok.embed.weight").params["steps"], f.encoded("proj.weight").params["steps"]
     assert min(emb) - max(proj) >= 6
+
+
+# --- issue 19: more rate never hurts; transposed convolutions; row gains; fewer bands -----------
+
+def test_more_rate_never_hurts_with_few_statistics():
+    """Statistics of a handful of inputs (rank-deficient H): the decoded output error falls at
+    every step up the rate, and the file grows."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = torch.randn(256, 32)
+    st = tqcodec.calibrate(m, [x[:6]])
+    errs, sizes = [], []
+    for bits in (2.0, 4.0, 8.0):
+        data = tqcodec.encode_bytes(m.state_dict(), stats=st, bits=bits)
+        m2 = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+        m2.load_state_dict(tqcodec.load(data))
+        with torch.no_grad():
+            errs.append(float((m(x) - m2(x)).pow(2).mean()))
+        sizes.append(len(data))
+    assert sizes == sorted(sizes) and errs == sorted(errs, reverse=True), (sizes, errs)
+
+
+def _upsampler(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A transposed convolution reading channels that are strongly correlated."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.ConvTranspose2d(12, 12, 4, 2, 1), nn.Tanh()).eval()
+    base = torch.randn(64, 1, 4, 4, generator=g)
+    x = base * torch.linspace(1.0, 2.0, 12)[None, :, None, None] + 0.1 * torch.randn(64, 12, 4, 4, generator=g)
+    return m, x
+
+
+def test_transposed_conv_rounds_along_input_channels_with_their_second_moments():
+    m, x = _upsampler()
+    st = tqcodec.calibrate(m, [x[:32], x[32:]])
+    s = st.get("0.weight")
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    assert s.kind == "rows" and s.h.shape == (1, 12, 12)
+    np.testing.assert_allclose(s.h[0], (rows.T @ rows / len(rows)).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(s.row_h, np.diag(s.h[0]), rtol=1e-12)
+    diagonal = Stats({k: dataclasses.replace(v, h=None) for k, v in st.tensors.items()}, st.output_power)
+    # (the channels' energies only: rounding to nearest)
+
+    def out_err(stats):
+        m2 = nn.Sequential(nn.ConvTranspose2d(12, 12, 4, 2, 1), nn.Tanh()).eval()
+        data = tqcodec.encode_bytes(m.state_dict(), stats=stats, bits=4.0)
+        m2.load_state_dict(tqcodec.load(data))
+        with torch.no_grad():
+            return float((m(x) - m2(x)).pow(2).mean()), len(data)
+    (e_full, n_full), (e_diag, n_diag) = out_err(st), out_err(diagonal)
+    assert n_full <= 1.1 * n_diag, (n_full, n_diag)
+    assert e_full < 0.5 * e_diag, (e_full, e_diag)
+
+
+def test_row_gains_follow_output_sensitivity():
+    """A linear layer whose first output the model multiplies by 10: that row's measured gain is
+    about 100 times the others', the bias takes the weight's row gains, and the encoder codes the
+    sensitive row more finely."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x) * torch.tensor([10.0] + [1.0] * 7)
+    m = Scaled().eval()
+    x = torch.randn(256, 16)
+    st = tqcodec.calibrate(m, [x[i:i + 64] for i in range(0, 256, 64)])
+    rg = st.get("lin.weight").row_gain
+    assert rg.shape == (8,) and 30 < rg[0] / np.median(rg[1:]) < 300
+    np.testing.assert_array_equal(st.get("lin.bias").row_gain, rg)
+    units, _ = make_units([Item.of("lin.weight", "float32", lin.weight.detach().double().numpy())], st)
+    rw = np.concatenate([u.row_weights for u in units])
+    assert rw[0] > 30 * np.median(rw[1:])
+
+
+def test_small_tensor_takes_fewer_bands_when_they_do_not_pay():
+    """A tensor cut into 8 bands of rows alike: with statistics the encoder codes it in fewer
+    (each band is a table and a chunk header); without, the bands stay as cut."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 16, generator=g) * 0.1
+    sd = {"w": w}
+    st = Stats({"w": TensorStats("linear", np.eye(16)[None], None, 1000)}, 1.0)
+    with tqcodec.open(tqcodec.encode_bytes(sd, stats=st, bits=6.0)) as f:
+        calibrated = len(f.info("w").params["band_rows"])
+    with pytest.warns(tqcodec.TqzWarning), tqcodec.open(tqcodec.encode_bytes(sd, mode="tq", bits=6.0)) as f:
+        data_free = len(f.info("w").params["band_rows"])
+    assert data_free == 8 and calibrated < 8

@@ -10,7 +10,8 @@ the encoder reads (their meaning and file format: ``tqcodec.model.stats``):
   dilations as the conv applies them), matching the weight flattened as [out, in/groups * k...];
   grouped and depthwise convs keep one H per group ([groups, d, d]);
 - ``nn.ConvTranspose1d/2d/3d`` (weight [in, out/groups, k...]: its rows are input channels):
-  kind ``rows``, ``row_h`` [in] = E[x_c^2] of each input channel;
+  kind ``rows``, ``row_h`` [in] = E[x_c^2] of each input channel, and when ``groups == 1``
+  ``h`` [1, in, in] = E[x x^T] over the input channels (x: one input position's channels);
 - ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``: ``weight_ih_l{k}[_reverse]`` kind ``linear`` with H of
   layer k's input sequence; ``weight_hh_l{k}[_reverse]`` with H of that direction's previous
   hidden states h_{t-1} (the initial state included); the gates share it. The layer inputs and
@@ -120,10 +121,14 @@ class _Acc:
 
 
 class _RowAcc:
-    """Sums of x_c^2 per input channel (kind ``rows``), at most ``cap`` samples."""
+    """Sums of x_c^2 per input channel (kind ``rows``), at most ``cap`` samples; with ``full``
+    also of x x^T over the channels (``h`` [1, channels, channels]: the error-feedback rounding
+    of a transposed convolution's weight along its input channels, tq.encoder)."""
 
-    def __init__(self, channels: int, cap: int, label: str, batch: "_Batch"):
+    def __init__(self, channels: int, cap: int, label: str, batch: "_Batch", full: bool = False):
         self.sq = np.zeros(channels)
+        self.xx = np.zeros((channels, channels)) if full else None
+        self.sum = np.zeros(channels)
         self.n, self.cap = 0, cap
         self.label, self.batch = label, batch
 
@@ -132,16 +137,25 @@ class _RowAcc:
         take = min(len(x), self.cap - self.n)
         if take <= 0:
             return
-        part = x[:take].detach().to(torch.float64).pow(2).sum(dim=0).numpy()
+        r = x[:take].detach().to(torch.float64)
+        part = r.pow(2).sum(dim=0).numpy()
         if not np.isfinite(part).all():
             _refuse(self.batch, self.label)
         self.sq += part
+        if self.xx is not None:
+            self.xx += (r.T @ r).numpy()
+            self.sum += r.sum(dim=0).numpy()
         self.n += take
 
     def result(self) -> Optional[TensorStats]:
         if self.n == 0:
             return None
-        return TensorStats("rows", rows=self.n, row_h=self.sq / self.n)
+        h = mean = None
+        if self.xx is not None:
+            h = self.xx / self.n
+            h = ((h + h.T) / 2)[None]  # exactly symmetric
+            mean = (self.sum / self.n)[None]
+        return TensorStats("rows", h=h, rows=self.n, mean=mean, row_h=self.sq / self.n)
 
 
 class _CountAcc:
@@ -422,7 +436,8 @@ class _Collector:
         self._hook(mod, hook)
 
     def _transposed(self, mname: str, mod: nn.Module, wname: str) -> None:
-        acc = self.accs[wname] = _RowAcc(mod.in_channels, self.cap, _layer(mname, mod), self.batch)
+        acc = self.accs[wname] = _RowAcc(mod.in_channels, self.cap, _layer(mname, mod), self.batch,
+                                         full=mod.groups == 1)
         nd = len(mod.kernel_size)
 
         def hook(m, args, kwargs, out):
@@ -678,7 +693,10 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
     for kind rows, token frequencies for embeddings, ``||E||^2`` for the rest, kind ``plain``;
     a linear or conv layer's bias takes its weight's gain, since a bias error e is a local error
     of ||e||^2 exactly as a weight error E with ||E x|| = ||e||). A parameter with no effect on
-    the counted outputs over the calibration batches gets gain 0.
+    the counted outputs over the calibration batches gets gain 0. With the ``probe`` method,
+    linear and conv weights stored out_in and 1-D parameters also get ``row_gain``: the same
+    per output row (per element), each row's squared gradient over its own local error per unit
+    variance (a bias takes its weight's), so rows the rest of the model amplifies weigh more.
 
     The output error counts every floating tensor of the module's output (nested tuples, lists,
     dicts, dataclasses, ``transformers`` ``ModelOutput``), each scaled by its own mean square on
@@ -760,6 +778,7 @@ class _Probe:
         self.params = params
         self.gen = torch.Generator().manual_seed(seed)
         self.sq = np.zeros(len(params))
+        self.row_sq = [np.zeros(p.shape[0] if p.dim() else 1) for _, p in params]  # the same per first-axis row
         self.batches = 0
 
     def add(self, counted: list) -> None:
@@ -775,7 +794,10 @@ class _Probe:
         grads = torch.autograd.grad(ys, [p for _, p in self.params], grad_outputs=vs, allow_unused=True)
         for j, g in enumerate(grads):
             if g is not None:
-                self.sq[j] += float(g.detach().to(torch.float64).pow(2).sum())
+                g2 = g.detach().to(torch.float64).pow(2)
+                rows = g2.reshape(len(self.row_sq[j]), -1).sum(dim=1).numpy()
+                self.row_sq[j] += rows
+                self.sq[j] += float(rows.sum())
         self.batches += 1
 
 
@@ -789,7 +811,24 @@ def _biases_take_weight_gains(stats: Stats, params: list, hooked: set) -> None:
     for wname, _ in params:
         owner = _owner(wname, stats, hooked)
         if owner:
-            stats.tensors[wname] = TensorStats("plain", gain=stats.tensors[owner].gain)
+            o = stats.tensors[owner]
+            stats.tensors[wname] = TensorStats("plain", gain=o.gain, row_gain=o.row_gain)
+
+
+def _row_gains(st: TensorStats, row_sq: np.ndarray, shape: tuple) -> Optional[np.ndarray]:
+    """Per output row (first axis) of a linear or conv weight stored out_in, or per element of a
+    1-D plain parameter: the output error per unit of the row's local error (its share of
+    :func:`_gain`; a bias takes its weight's). None for other kinds and layouts, or when not finite."""
+    if st.kind == "plain" and len(shape) == 1:
+        per = np.ones(len(row_sq))
+    elif st.kind in ("linear", "conv") and st.layout == "out_in" and st.h is not None \
+            and len(row_sq) % st.h.shape[0] == 0:
+        per = np.repeat(np.trace(st.h, axis1=1, axis2=2), len(row_sq) // st.h.shape[0])
+    else:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(per > 0, row_sq / per, 0.0)
+    return out if np.isfinite(out).all() and out.sum() > 0 else None
 
 
 def _local_per_variance(st: TensorStats, shape: tuple) -> float:
@@ -837,6 +876,7 @@ def _gains_from_probes(stats: Stats, probe: _Probe, hooked: set,
             stats.tensors[wname] = TensorStats("plain")
         st = stats.tensors[wname]
         st.gain = _gain(probe.sq[j] / probe.batches, _local_per_variance(st, tuple(w.shape)))
+        st.row_gain = _row_gains(st, probe.row_sq[j] / probe.batches, tuple(w.shape))
         measured.append(wname)
         if progress:
             progress(wname, j + 1, len(probe.params))

@@ -13,16 +13,22 @@ into output error, the *local distortion* (:func:`local_distortion`); the encode
   ``mean`` [groups, d] = E[x] (bias correction);
 - ``rows`` (weights whose *first* axis is the input channel, e.g. ``ConvTranspose``): ``row_h``
   [n] = E[x_c^2] of the input channel row c multiplies; distortion ``sum_c row_h[c] ||E_c||^2``;
+  optionally ``h`` [1, n, n] = E[x x^T] over the input channels (the encoder then weighs the
+  columns j of E by ``E_j^T H E_j`` and rounds with error feedback along the input channels);
 - ``embedding``: ``counts`` [n] how often each row (token) was used; distortion
   ``sum_c p_c ||E_c||^2`` with p the counts' frequencies;
 - ``plain``: no statistics but a ``gain`` (biases, norms); distortion ``||E||^2``.
+
+``row_gain`` [n] (optional, any kind): the measured output sensitivity of each row (of each
+element of a 1-D parameter), on the scale of ``gain``; the encoder weighs rows by their shares.
 
 ``rows`` is the number of samples (input vectors, positions, tokens) seen, per row group.
 
 File format (safetensors, no pickle), version 2 (``Stats.save``): one metadata entry
 ``tqz.stats``, a JSON document ``{"format": "2", "output_power", "tensors": {name: {kind, rows,
-layout, gain, "h": {"block", "n_groups", "groups"}, "counts", "row_h"}}, "blocks": {key: {d,
-count, encoding, mean}}}``; arrays ``<block>::<part>`` and ``<name>::counts`` / ``<name>::row_h``.
+layout, gain, "h": {"block", "n_groups", "groups"}, "counts", "row_h", "row_gain"}}, "blocks":
+{key: {d, count, encoding, mean}}}``; arrays ``<block>::<part>`` and ``<name>::counts`` /
+``<name>::row_h`` / ``<name>::row_gain``.
 Each distinct H is stored once, whoever uses it (query/key/value read one input; the three row
 groups of a self-attention ``in_proj_weight`` are one matrix), as:
 
@@ -71,7 +77,8 @@ class TensorStats:
     conv); ``counts`` [n] token counts (embedding); ``rows`` samples seen (per row group);
     ``layout`` how the weight is stored (``out_in`` torch style, ``in_out`` e.g. ONNX MatMul,
     Hugging Face ``Conv1D``); ``gain`` the measured output sensitivity (1.0 when not measured);
-    ``mean`` [groups, d] E[x] (linear, conv); ``row_h`` [n] E[x_c^2] (kind rows)."""
+    ``mean`` [groups, d] E[x] (linear, conv); ``row_h`` [n] E[x_c^2] (kind rows); ``row_gain``
+    [n] the output sensitivity of each row (optional)."""
 
     kind: str
     h: Optional[np.ndarray] = None
@@ -81,6 +88,7 @@ class TensorStats:
     gain: float = 1.0
     mean: Optional[np.ndarray] = None
     row_h: Optional[np.ndarray] = None
+    row_gain: Optional[np.ndarray] = None
 
 
 def local_distortion(w_err: np.ndarray, s: TensorStats) -> float:
@@ -259,8 +267,9 @@ def _tensor_stats(m: Mapping, get, blocks: Mapping, cache: Optional[dict] = None
             mean = None if means is None else means[idx]
     counts = get(f"{m['name']}::counts") if m.get("counts") else None
     row_h = get(f"{m['name']}::row_h") if m.get("row_h") else None
+    row_gain = get(f"{m['name']}::row_gain") if m.get("row_gain") else None
     return TensorStats(m["kind"], h, counts, int(m["rows"]), m.get("layout", "out_in"), float(m.get("gain", 1.0)),
-                       mean, row_h)
+                       mean, row_h, row_gain)
 
 
 def _tensor_stats_v1(name: str, m: Mapping, get, keys: set) -> TensorStats:
@@ -378,6 +387,9 @@ class Stats:
             if s.row_h is not None:
                 arrays[f"{name}::row_h"] = np.ascontiguousarray(s.row_h, dtype=np.float64)
                 entry["row_h"] = True
+            if s.row_gain is not None:
+                arrays[f"{name}::row_gain"] = np.ascontiguousarray(s.row_gain, dtype=np.float64)
+                entry["row_gain"] = True
             meta[name] = entry
         arrays.update(blocks.arrays)
         # one metadata entry: safetensors writes several in no fixed order (same statistics, same bytes)

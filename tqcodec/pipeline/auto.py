@@ -113,7 +113,7 @@ class Chooser:
                 continue
             view = view_shape(shape, "in_out" if in_out else "out_in")
             if params.get("transform", "none") != "none" or sum(u.shape[0] for u in bands) != view[0] \
-                    or any(u.shape[1] != view[1] for u in bands):
+                    or any(u.shape[1] != view[1] or u.transposed for u in bands):
                 continue  # units in a transform's coefficient domain: no common distortion to compare
             tq_d = sum(u.distortion(reconstruction(u, pick[u.name]) - u.w) for u in bands)
             tq_r = measured_bits(params, streams)

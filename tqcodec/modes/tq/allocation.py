@@ -121,6 +121,7 @@ class Unit:
     h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
     max_code: Optional[int] = None  # coarser step codes are never chosen (BatchNorm running variances)
     slope_floor: bool = False  # never coarser than the step of equal slope on its weight MSE (see choose)
+    transposed: bool = False  # ``data`` is the tensor's [n, m] view transposed (one band; tq.encoder)
 
     @property
     def w(self) -> np.ndarray:

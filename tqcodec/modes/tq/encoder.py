@@ -145,13 +145,25 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         ndim = len(it.shape)
         if st is not None and st.kind == "plain":
             v = it.values
-            units.append(Unit(band_name(it.name, 0), v.reshape(v.shape[0] if v.ndim else 1, -1), None, None, st.gain))
+            v2 = v.reshape(v.shape[0] if v.ndim else 1, -1)
+            # a BatchNorm's weight and bias (running statistics beside them) keep equal row weights:
+            # its channels' measured gains are noisy and its running statistics are weighed by its scale
+            bn = it.name.endswith(("weight", "bias")) and \
+                it.name.rsplit(".", 1)[0] + ".running_var" in by_name if "." in it.name else False
+            units.append(Unit(band_name(it.name, 0), v2, None, None if bn else relative_row_gains(st, v2.shape[0]),
+                              st.gain))
             layouts[it.name] = "out_in"
             continue
         if ndim < 2:
             continue
         layout = st.layout if st is not None and ndim == 2 else "out_in"
         n, m = view_shape(it.shape, layout)
+        if st is not None and st.kind == "rows" and layout == "out_in" and _h_fits(st.h, m, n) and st.h.shape[0] == 1:
+            unit = transposed_unit(it, st, n, m, matrices)
+            if unit is not None:
+                units.append(unit)
+                layouts[it.name] = layout
+                continue
         if it.size > LAZY_ELEMENTS:
             matrices.add(it.name, lambda it=it, layout=layout: np.ascontiguousarray(matrix_view(it.values, layout)))
             w2 = matrices.rows(it.name, 0, n, (n, m))
@@ -177,6 +189,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             scale = following_batchnorm_scale(items, index, n)
             if scale is not None:
                 rw = scale / scale.mean()
+        if rw is None and layout == "out_in" and st is not None:
+            rw = relative_row_gains(st, n)  # measured (noisier than a following BatchNorm's exact scale)
         cap, size = (EMBED_BANDS, band_size // 8) if row_banded else (MAX_BANDS, band_size)
         nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
         bounds = [n * i // nb for i in range(nb + 1)]
@@ -198,6 +212,40 @@ def is_embedding_name(name: str) -> bool:
     parts = name.lower().split(".")
     module = parts[-2] if len(parts) > 1 else parts[0]
     return "embed" in module or module in ("wte", "wpe")
+
+
+ROW_GAIN_FLOOR = 0.05  # a row whose output sensitivity was not seen still weighs this share of the mean
+
+
+def relative_row_gains(st, n: int) -> Optional[np.ndarray]:
+    """The statistics' per-row output sensitivities (``row_gain``, measured by calibrate's probes)
+    over their mean, each at least ``ROW_GAIN_FLOOR``: [n] row weights, the gain holding the
+    scale. None when there are none for ``n`` rows (or they are not finite and positive)."""
+    rg = getattr(st, "row_gain", None)
+    if rg is None or len(rg) != n:
+        return None
+    rg = np.asarray(rg, dtype=np.float64)
+    mean = float(rg.mean()) if rg.size else 0.0
+    if not (np.isfinite(rg).all() and (rg >= 0).all() and mean > 0):
+        return None
+    return np.maximum(rg / mean, ROW_GAIN_FLOOR)
+
+
+def transposed_unit(it: Item, st, n: int, m: int, matrices: Matrices) -> Optional[Unit]:
+    """One band over the transpose [m, n] of a kind ``rows`` weight (a transposed convolution,
+    its rows the n input channels) with ``st.h`` [1, n, n] = E[x x^T] over those channels: output
+    error ``sum_j E_j^T H E_j`` over the columns j (output channel and kernel tap) of the
+    [n, m] view, spatial correlations between taps left out. Error-feedback rounding then runs
+    along the input channels as it does for a linear layer. None when H is unusable."""
+    h = usable_h(st.h, st.rows)
+    if h is None:
+        return None
+    if it.size > LAZY_ELEMENTS:
+        matrices.add(it.name, lambda it=it: np.ascontiguousarray(matrix_view(it.values, "out_in").T))
+        data = matrices.rows(it.name, 0, m, (m, n))
+    else:
+        data = np.ascontiguousarray(matrix_view(it.values, "out_in").T)
+    return Unit(band_name(it.name, 0), data, h, None, st.gain, transposed=True)
 
 
 def following_batchnorm_scale(items: Sequence[Item], index: int, n: int) -> Optional[np.ndarray]:
@@ -297,9 +345,15 @@ def _levels(u: Unit, code: int) -> np.ndarray:
     return u.quantize(code, True) if lv is None else lv
 
 
+def _stored_levels(u: Unit, code: int) -> np.ndarray:
+    """The band's levels as the file holds them (rows of the tensor's [n, m] view)."""
+    lv = _levels(u, code)
+    return lv.T if u.transposed else lv
+
+
 def encode_tensor(bands: list[Unit], codes: list[int], layout: str) -> Encoded:
     """One tensor from its row bands (no transform)."""
-    return write([_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout)
+    return write([_stored_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout)
 
 
 def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthesis: np.ndarray) -> Encoded:
@@ -496,6 +550,80 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
     return out, chosen
 
 
+# --- band partitions: fewer bands where their tables and chunk headers cost more than they save ----
+
+PARTITION_MAX_ELEMENTS = LAZY_ELEMENTS  # only tensors held in memory are offered coarser cuts
+PARTITION_WINDOW = 2  # exact (error-feedback) curve points within this many codes of each cut's pick
+
+
+def coarser_partitions(units: list[Unit]) -> dict[str, list[list[Unit]]]:
+    """Per tensor of several row bands (at most ``PARTITION_MAX_ELEMENTS`` weights, held in
+    memory): its rows cut into 1, 2, 4, ... bands (fewer than it has), as units with coarse
+    curves. Each band keeps the tensor's H, gain, row weights, bias-correction mean and shared
+    error-feedback results. A band costs a table, a chunk header and manifest entries: on a small
+    model at a high rate these can cost more than a step per band saves."""
+    out: dict[str, list[list[Unit]]] = {}
+    for name, bands in by_tensor(units).items():
+        if len(bands) < 2 or any(isinstance(u.data, Rows) for u in bands):
+            continue
+        if sum(u.size for u in bands) > PARTITION_MAX_ELEMENTS or any(u.max_code is not None for u in bands):
+            continue
+        first = bands[0]
+        w = first.shared["w"] if first.shared is not None else np.concatenate([u.w for u in bands])
+        rw = None if first.row_weights is None else np.concatenate([u.row_weights for u in bands])
+        n = w.shape[0]
+        alts = []
+        k = 1
+        while k < len(bands):
+            bounds = [n * i // k for i in range(k + 1)]
+            alt = []
+            for b in range(k):
+                r0, r1 = bounds[b], bounds[b + 1]
+                u = Unit(band_name(name, b), w[r0:r1], first.h, None if rw is None else rw[r0:r1], first.gain,
+                         shared=first.shared, r0=r0)
+                u.h_mean = first.h_mean
+                for c in candidate_codes(u.w):
+                    u.evaluate(c, False)
+                alt.append(u)
+            alts.append(alt)
+            k *= 2
+        out[name] = alts
+    return out
+
+
+def _best_cost(bands: list[Unit], lam: float) -> float:
+    """D + lam R of ``bands`` at their best codes for ``lam``, exact within PARTITION_WINDOW."""
+    refine(bands, choose(bands, lam), PARTITION_WINDOW)
+    return _cost(bands, choose(bands, lam), lam)
+
+
+def choose_partitions(units: list[Unit], partitions: Mapping[str, list[list[Unit]]], lam: float) -> list[Unit]:
+    """``units`` with each tensor of ``partitions`` cut as the alternative (or its own bands) of
+    least D + lam R (ties: its own bands, then the fewest bands)."""
+    by_parent = by_tensor(units)
+    chosen: dict[str, list[Unit]] = {}
+    for name, alts in partitions.items():
+        own = by_parent.get(name)
+        if own is None:
+            continue
+        best, best_cost = own, _best_cost(own, lam)
+        for alt in alts:
+            cost = _best_cost(alt, lam)
+            if cost < best_cost:
+                best, best_cost = alt, cost
+        if best is not own:
+            chosen[name] = best
+    out = []
+    for u in units:
+        name = parent(u.name)
+        if name in chosen:
+            if u is by_parent[name][0]:
+                out.extend(chosen[name])
+        else:
+            out.append(u)
+    return out
+
+
 def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, quality: Optional[float] = None,
                  total_params: int, size_of: Callable[[dict], int], tolerance: float = 0.015,
                  progress: Optional[Callable[[str, int, int], None]] = None,
@@ -538,11 +666,14 @@ class ModelEncoder:
         with threadpool_limits(limits=1, user_api="blas"):
             self.units, self.layouts = make_units(items, stats, self.matrices)
             self.options: dict[str, TransformOption] = {}
+            self.partitions: dict[str, list[list[Unit]]] = {}
             if self.units:
                 build_curves(self.units, feedback=False,
                              progress=lambda done, total: self.tell("curves", done, total))
                 if transforms:
                     self.options = transform_options(items, stats, self.layouts, self.matrices)
+                if stats is not None:
+                    self.partitions = coarser_partitions(self.units)
         self.bias_originals: dict[int, np.ndarray] = {}  # bias bands' values before any correction
         self.predicted_snr_db: Optional[float] = None  # of the last encode: power over estimated distortion
 
@@ -571,6 +702,14 @@ class ModelEncoder:
 
         def dist(pick: Mapping[str, int]) -> float:
             return totals(units, dict(pick))[0]
+
+        def with_partitions(measure: Callable, target: float, increasing: bool) -> list[Unit]:
+            """Each small tensor's row bands, or a coarser cut of them (fewer bands: fewer tables
+            and chunk headers), whichever costs less D + lam R at the multiplier meeting ``target``."""
+            if not self.partitions:
+                return units
+            lam, _ = bisect_lambda(units, measure, target, increasing=increasing)
+            return choose_partitions(units, self.partitions, lam)
 
         def with_transforms(measure: Callable, target: float, increasing: bool) -> list[Unit]:
             """The transform choice (spec §7.5 stream 0) at the multiplier that meets ``target``
@@ -611,6 +750,7 @@ class ModelEncoder:
             q = 40.0 if quality is None else float(quality)
             target = self._power() * 10.0 ** (-q / 10.0)
             tell("rate search", 0, 1)
+            units = with_partitions(dist, target, True)
             units = with_transforms(dist, target, True)
             corrections, originals = corrections_of(units)
             lam, pick = bisect_lambda(units, dist, target, increasing=True)
@@ -621,6 +761,7 @@ class ModelEncoder:
             return with_alternatives(alternatives, lam, units, pick, result(pick))
 
         target_bits = float(bits) * self.total_params
+        units = with_partitions(rate, target_bits, False)
         units = with_transforms(rate, target_bits, False)
         corrections, originals = corrections_of(units)
         overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
