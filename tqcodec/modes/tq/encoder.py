@@ -518,6 +518,21 @@ def _cost(bands: Sequence[Unit], pick: Mapping[str, int], lam: float) -> float:
     return sum(u.curve[pick[u.name]][0] + lam * u.curve[pick[u.name]][1] for u in bands)
 
 
+def with_bands_replaced(units: list[Unit], replacement: Mapping[str, list[Unit]]) -> list[Unit]:
+    """``units`` with the bands of each tensor named in ``replacement`` replaced, where its first
+    band stood, by the units given for it (a transform's coefficient bands, another cut)."""
+    by_parent = by_tensor(units)
+    out = []
+    for u in units:
+        name = parent(u.name)
+        if name in replacement:
+            if u is by_parent[name][0]:
+                out.extend(replacement[name])
+        else:
+            out.append(u)
+    return out
+
+
 def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption], lam: float) -> tuple[list[Unit], set]:
     """Per tensor with an option: the transform when its cost D + lam R, with the stored S's
     ``16 m k`` bits counted, is below the identity's at the same multiplier. Returns the units
@@ -539,15 +554,7 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
             + lam * transforms.cost_bits(opt.synthesis.shape[0], k)
         if coded < identity:
             chosen.add(name)
-    out = []
-    for u in units:
-        name = parent(u.name)
-        if name in chosen:
-            if u is by_parent[name][0]:
-                out.extend(options[name].bands)
-        else:
-            out.append(u)
-    return out, chosen
+    return with_bands_replaced(units, {name: options[name].bands for name in chosen}), chosen
 
 
 # --- band partitions: fewer bands where their tables and chunk headers cost more than they save ----
@@ -613,15 +620,7 @@ def choose_partitions(units: list[Unit], partitions: Mapping[str, list[list[Unit
                 best, best_cost = alt, cost
         if best is not own:
             chosen[name] = best
-    out = []
-    for u in units:
-        name = parent(u.name)
-        if name in chosen:
-            if u is by_parent[name][0]:
-                out.extend(chosen[name])
-        else:
-            out.append(u)
-    return out
+    return with_bands_replaced(units, chosen)
 
 
 def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, quality: Optional[float] = None,
