@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.evaluate_search import RESULTS, run  # noqa: E402
+from benchmarks.evaluate_search import RESULTS, rd_smallest_transparent, run  # noqa: E402
 from benchmarks.zoo import minilm  # noqa: E402
 
 POOL = {"minilm": len(minilm.sentences()["calibration"])}
@@ -34,9 +34,8 @@ POOL = {"minilm": len(minilm.sentences()["calibration"])}
 
 def nncodec_point(model: str) -> dict:
     """NNCodec's smallest transparent point in results/rd.json, with that run's start."""
-    rd = json.loads((RESULTS / "rd.json").read_text())
-    best = rd.get("models", {}).get(model, {}).get("codecs", {}).get("nncodec", {}).get("smallest_transparent")
-    return {"bytes": best["bytes"], "bits": best["bits_per_param"], "started": rd.get("started")} if best else {}
+    best, started = rd_smallest_transparent(model, "nncodec")
+    return {"bytes": best["bytes"], "bits": best["bits_per_param"], "started": started} if best else {}
 
 
 def write_md(results: dict, path: Path) -> None:

@@ -96,16 +96,23 @@ def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace,
            "evaluations_s": round(sum(evaluations), 2), "one_encode_s": round(one_s, 2), "one_encode_bytes": one,
            "search_over_one_encode": round(search_s / one_s, 2), "loadavg_1min": [load_before, os.getloadavg()[0]],
            "peak_rss_mb": round(peak_rss_mb())}
-    rd_path = RESULTS / "rd.json"
-    if rd_path.exists():
-        rd = json.loads(rd_path.read_text())
-        codec = rd.get("models", {}).get(model, {}).get("codecs", {}).get("tq-datafree" if data_free else "tq", {})
-        res["rd_codec"] = "tq-datafree" if data_free else "tq"
-        best = codec.get("smallest_transparent")
-        if best:
-            res["rd_sweep"] = {"started": rd.get("started"), "bytes": best["bytes"], "bits": best["bits"]}
-            res["vs_rd_sweep"] = round(size / best["bytes"], 4)
+    res["rd_codec"] = "tq-datafree" if data_free else "tq"
+    best, started = rd_smallest_transparent(model, res["rd_codec"])
+    if best:
+        res["rd_sweep"] = {"started": started, "bytes": best["bytes"], "bits": best["bits"]}
+        res["vs_rd_sweep"] = round(size / best["bytes"], 4)
     return res
+
+
+def rd_smallest_transparent(model: str, codec: str) -> tuple[Optional[dict], Optional[str]]:
+    """``codec``'s smallest transparent point on ``model`` in ``results/rd.json`` (None when there is
+    none, or no file), and the start of that file's run."""
+    rd_path = RESULTS / "rd.json"
+    if not rd_path.exists():
+        return None, None
+    rd = json.loads(rd_path.read_text())
+    codecs = rd.get("models", {}).get(model, {}).get("codecs", {})
+    return codecs.get(codec, {}).get("smallest_transparent"), rd.get("started")
 
 
 def write_md(results: dict, path: Path) -> None:
