@@ -354,8 +354,12 @@ def unleb128(data: bytes) -> list:
 def parse_valid(data: bytes):
     """(manifest value, {tensor index: [(stream, Item_Count, payload), ...]}) of a valid file."""
     import msgpack
-    (mlen,) = struct.unpack_from("<I", data, 20)
-    manifest = msgpack.unpackb(data[32:32 + mlen], raw=False)
+    (required, _, mlen) = struct.unpack_from("<III", data, 12)
+    stored = data[32:32 + mlen]
+    if required & 1:  # spec §5.0: ZSTD_MANIFEST, the stored manifest is one zstd frame
+        import zstandard
+        stored = zstandard.ZstdDecompressor().decompress(stored)
+    manifest = msgpack.unpackb(stored, raw=False)
     pos = 32 + mlen
     chunks: dict = {}
     while data[pos:pos + 4] == CHUNK_TAG:

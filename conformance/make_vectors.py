@@ -51,7 +51,7 @@ from tqcodec.modes import uniform as uniform_mode  # noqa: E402
 from craft import (ST_DTYPES, Chunk, Pairs, Raw, TqzFile, crc32, leb128, mp, parse_valid, protocol_key,  # noqa: E402
                    rc_decode, step, unleb128, write_safetensors, zstd_frame)
 
-SPEC_VERSION = "1.2"
+SPEC_VERSION = "1.3"
 SPEC_MODES = ("raw", "uniform", "alias", "tq", "ecsq", "kmeans", "pq", "dither")
 TOTAL = 1 << 24
 NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
@@ -169,9 +169,17 @@ def manifest_value(ts, metadata=None, extra=None):
     return v
 
 
-def assemble(ts, metadata=None, extra=None, ancillary=(), manifest=None) -> TqzFile:
+def zstd_manifest(manifest: bytes) -> bytes:
+    """Spec §5.0: a manifest as one zstd frame, as tqcodec's writer makes it (level 19, content size,
+    no checksum)."""
+    import zstandard
+    return zstandard.ZstdCompressor(level=19, write_content_size=True, write_checksum=False).compress(manifest)
+
+
+def assemble(ts, metadata=None, extra=None, ancillary=(), manifest=None, compress=None) -> TqzFile:
     """A TqzFile of tensors ``ts`` in order. ``ancillary``: (before tensor k, Chunk) pairs, k may be
-    len(ts) for after the last."""
+    len(ts) for after the last. ``compress``: a function making the stored manifest from the manifest
+    (spec §5.0); the file then sets ZSTD_MANIFEST and declares Minor_Version 3."""
     chunks = []
     anc = sorted(ancillary, key=lambda a: a[0])
     for i, t in enumerate(ts):
@@ -189,6 +197,8 @@ def assemble(ts, metadata=None, extra=None, ancillary=(), manifest=None) -> TqzF
         f.minor = 2  # modes of spec/mode-lineage.md are format 1.2
     elif any(t.record.get("mode") == "tq" for t in ts):
         f.minor = 1  # mode tq is format 1.1 (spec §13: the lowest minor version defining what the file uses)
+    if compress is not None:
+        f.manifest, f.required, f.minor = compress(mbytes), 1, 3
     return f
 
 
@@ -549,10 +559,13 @@ def encode_with_tqcodec(tensors: dict, **opts) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data = tqcodec.encode_bytes(tensors, **opts)
-    # spec §13: the encoder writes the lowest minor version defining what the file uses (tq: 1.1)
+    # spec §13: the encoder writes the lowest minor version defining what the file uses (tq: 1.1; the
+    # 1.2 modes; a compressed manifest, required feature bit 0: 1.3)
     manifest, _ = parse_valid(data)
     modes = {r["mode"] for r in manifest["tensors"]}
     want = 2 if modes & {"ecsq", "kmeans", "pq", "dither"} else 1 if "tq" in modes else 0
+    if struct.unpack_from("<I", data, 12)[0] & 1:
+        want = 3
     got = struct.unpack_from("<H", data, 10)[0]
     assert got == want, f"tqcodec's encoder wrote Minor_Version {got}, expected {want} (spec §13)"
     return data
@@ -711,10 +724,10 @@ def make_valid(out: Out):
                "signed zeros, subnormals kept bit for bit", "§7.2 §5.5", [raw_t("x", dt, vals)])
         simple(f"raw_zstd_{dt}", f"mode raw, codec zstd (frame by tqcodec's encoder), dtype {dt}", "§7.2 §5.5",
                [raw_t("x", dt, np.tile(vals.reshape(-1), 20), codec="zstd")])
-    base = np.arange(3000, dtype="<u2")
+    u16 = np.arange(3000, dtype="<u2")
     simple("raw_zstd_raw_blocks_no_content_size", "zstd frame without Frame_Content_Size (window descriptor), "
            "Raw blocks of 1000 bytes: the decoder must bound output by Item_Count itself", "§7.2",
-           [raw_t("x", "uint16", base, codec="zstd", frame=lambda b: zstd_frame(b, False, max_block=1000))])
+           [raw_t("x", "uint16", u16, codec="zstd", frame=lambda b: zstd_frame(b, False, max_block=1000))])
     simple("raw_zstd_rle_block", "zstd frame of one RLE block", "§7.2",
            [raw_t("x", "uint8", np.full(500, 7), codec="zstd", frame=lambda b: zstd_frame(b, True, "rle"))])
     simple("raw_zstd_content_size_4_byte_field", "zstd frame with a 4-byte Frame_Content_Size field and Raw blocks",
@@ -741,6 +754,32 @@ def make_valid(out: Out):
            "element limit", "§5.3 §12", [T("x", "uint8", [1 << 36, 0], "raw", {"codec": "none"}, [], b"")])
     simple("ndim_8", "8 dimensions (the limit)", "§12", [raw_t("x", "int16", np.arange(256).reshape((2,) * 8))])
     simple("no_tensors", "a file with no tensors (index is the tag alone)", "§9", [])
+
+    # compressed manifest (§4 ZSTD_MANIFEST, §5.0; format 1.3)
+    def zman(name, what, ts, compress, metadata=None, minor=None):
+        f = assemble(ts, metadata=metadata, compress=compress)
+        if minor is not None:
+            f.minor = minor
+        V(name, what, "§4 §5.0", f.build(), expected_list(ts))
+
+    zman("manifest_zstd", "the invalid vectors' base file (every 1.0 mode, several chunks per stream, an alias, "
+         "empty tensors) with its manifest stored as one zstd frame (level 19, content size, no checksum), "
+         "ZSTD_MANIFEST set, Minor_Version 3", base(), zstd_manifest)
+    zman("manifest_zstd_raw_blocks", "a compressed manifest whose frame is single-segment Raw blocks (a "
+         "frame longer than the manifest is still valid: compressing is the encoder's choice)", base(), zstd_frame)
+    zman("manifest_zstd_checksum", "a compressed manifest whose frame carries a content checksum", base(),
+         lambda m: __import__("zstandard").ZstdCompressor(level=3, write_checksum=True).compress(m))
+    zman("manifest_zstd_multiblock", "a compressed manifest of 300,000 bytes (metadata holding a long string) in "
+         "Raw blocks of at most 128 KiB, 4-byte Frame_Content_Size", base(), zstd_frame,
+         metadata={"notes": "x" * 299_800})
+    def windowed_frame(m: bytes) -> bytes:  # descriptor 0x80: 4-byte content size, a 2^17 window, Raw blocks
+        single = zstd_frame(m)
+        fcs_bytes = {0x20: 1, 0x60: 2, 0xA0: 4, 0xE0: 8}[single[4]]
+        return b"\x28\xb5\x2f\xfd\x80" + bytes([(17 - 10) << 3]) + struct.pack("<I", len(m)) + single[5 + fcs_bytes:]
+    zman("manifest_zstd_window_descriptor", "a compressed manifest whose frame has a Window_Descriptor (2^17) and "
+         "a 4-byte Frame_Content_Size (not single-segment)", base(), windowed_frame)
+    zman("manifest_zstd_minor_0", "ZSTD_MANIFEST set in a file declaring Minor_Version 0: a decoder does not "
+         "compare what a file uses with its Minor_Version (§3, §13)", base(), zstd_manifest, minor=0)
 
     # uniform
     r = rng(1)
@@ -2190,7 +2229,11 @@ def make_invalid(out: Out):
     hdr("header_crc", "Header_CRC32 off by one", "CHECKSUM_MISMATCH", header_crc=crc32(g[:28]) ^ 1)
     hdr("header_crc_version_changed", "Minor_Version changed without updating Header_CRC32",
         "CHECKSUM_MISMATCH", minor=1, header_crc=struct.unpack_from("<I", g, 28)[0])
-    hdr("required_feature_bit0", "Required_Features bit 0 set", "UNKNOWN_REQUIRED_FEATURE", required=1)
+    hdr("required_feature_bit1", "Required_Features bit 1 set (bit 0 is ZSTD_MANIFEST since 1.3)",
+        "UNKNOWN_REQUIRED_FEATURE", required=2)
+    hdr("required_feature_bits_0_and_1", "Required_Features bits 0 and 1 set over a compressed manifest: the "
+        "unknown bit is found in the header, before the manifest is read", "UNKNOWN_REQUIRED_FEATURE",
+        required=3, manifest=zstd_manifest(f0.manifest), minor=3)
     hdr("required_feature_bit31", "Required_Features bit 31 set", "UNKNOWN_REQUIRED_FEATURE", required=1 << 31)
     hdr("manifest_length_0", "Manifest_Length 0", "LIMIT_EXCEEDED", manifest_length=0)
     hdr("manifest_length_over_limit", "Manifest_Length 2^26 + 1", "LIMIT_EXCEEDED", manifest_length=(1 << 26) + 1)
@@ -2288,6 +2331,69 @@ def make_invalid(out: Out):
     man_v("manifest_no_metadata", "manifest without 'metadata'", "§5.2", {"tensors": tv}, "BAD_MANIFEST")
     man_v("manifest_no_tensors", "manifest without 'tensors'", "§5.2", {"metadata": {}}, "BAD_MANIFEST",
           tensor_count=0, keep_chunks=False)
+
+    # --- compressed manifest (§4 ZSTD_MANIFEST, §5.0; format 1.3): the base file, its manifest stored as given
+    import zstandard
+
+    def zman(name, what, stored, code, required=1, **fields):
+        f = good()
+        f.manifest, f.required, f.minor = stored, required, 3
+        for k, v in fields.items():
+            setattr(f, k, v)
+        X(name, what, "§5.0", f.build(), code)
+
+    plain = f0.manifest
+    zs = zstd_manifest(plain)
+    raw_blocks = zstd_frame(plain)[5 + {0x20: 1, 0x60: 2, 0xA0: 4, 0xE0: 8}[zstd_frame(plain)[4]]:]
+    zmagic = b"\x28\xb5\x2f\xfd"
+    zman("manifest_zstd_plain", "ZSTD_MANIFEST set over a plain (MessagePack) manifest", plain, "BAD_MANIFEST")
+    zman("manifest_zstd_bit_clear", "a compressed manifest with ZSTD_MANIFEST clear: read as MessagePack, the "
+         "frame's first byte (0x28) is a whole value followed by more bytes", zs, "BAD_MANIFEST", required=0)
+    zman("manifest_zstd_crc_of_content", "Manifest_CRC32 of the decompressed manifest instead of the stored bytes",
+         zs, "CHECKSUM_MISMATCH", manifest_crc=crc32(plain))
+    zman("manifest_zstd_magic_only", "a stored manifest of the 4 zstd magic bytes alone", zmagic, "BAD_MANIFEST")
+    zman("manifest_zstd_skippable", "a skippable frame followed by the manifest's frame",
+         b"\x50\x2a\x4d\x18" + struct.pack("<I", 4) + b"skip" + zs, "BAD_MANIFEST")
+    zman("manifest_zstd_reserved_bit", "a frame header with the reserved bit set",
+         zs[:4] + bytes([zs[4] | 0x08]) + zs[5:], "BAD_MANIFEST")
+    zman("manifest_zstd_dictionary", "a frame header naming dictionary 7",
+         zmagic + bytes([zstd_frame(plain)[4] | 0x01, 7]) + zstd_frame(plain)[5:], "BAD_MANIFEST")
+    zman("manifest_zstd_no_content_size", "a frame without Frame_Content_Size (Raw blocks, window descriptor)",
+         zstd_frame(plain, content_size=False), "BAD_MANIFEST")
+    zman("manifest_zstd_content_size_0", "a frame declaring (and holding) 0 bytes", zstd_frame(b""), "BAD_MANIFEST")
+    zman("manifest_zstd_content_size_over_limit", "a single-segment frame declaring 2^26 + 1 bytes (4-byte field) "
+         "over the manifest's Raw blocks: the size limit comes before the blocks",
+         zmagic + b"\xa0" + struct.pack("<I", (1 << 26) + 1) + raw_blocks, "LIMIT_EXCEEDED")
+    zman("manifest_zstd_content_size_larger", "a frame declaring one byte more than its blocks hold",
+         zmagic + b"\xa0" + struct.pack("<I", len(plain) + 1) + raw_blocks, "BAD_MANIFEST")
+    zman("manifest_zstd_content_size_smaller", "a frame declaring one byte less than its blocks hold",
+         zmagic + b"\xa0" + struct.pack("<I", len(plain) - 1) + raw_blocks, "BAD_MANIFEST")
+    zman("manifest_zstd_window_over_limit", "a frame with a 2^31-byte Window_Descriptor and the right 4-byte "
+         "Frame_Content_Size", zmagic + b"\x80" + bytes([(31 - 10) << 3]) + struct.pack("<I", len(plain))
+         + raw_blocks, "LIMIT_EXCEEDED")
+    zman("manifest_zstd_trailing_byte", "the manifest's frame followed by one more stored byte", zs + b"\x00",
+         "BAD_MANIFEST")
+    half = len(plain) // 2
+    zman("manifest_zstd_two_frames", "the manifest in two frames, one after the other",
+         zstd_manifest(plain[:half]) + zstd_manifest(plain[half:]), "BAD_MANIFEST")
+    zman("manifest_zstd_truncated", "the manifest's frame without its last 3 bytes (Manifest_Length matches)",
+         zs[:-3], "BAD_MANIFEST")
+    reserved_block = bytearray(zstd_frame(plain))
+    first_block = 5 + {0x20: 1, 0x60: 2, 0xA0: 4, 0xE0: 8}[reserved_block[4]]
+    reserved_block[first_block] |= 0b110  # Block_Type 3, reserved
+    zman("manifest_zstd_reserved_block_type", "a frame whose first block has the reserved Block_Type 3",
+         bytes(reserved_block), "BAD_MANIFEST")
+    ck = bytearray(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(plain))
+    ck[-1] ^= 0xFF
+    zman("manifest_zstd_bad_checksum", "a frame whose content checksum does not match", bytes(ck), "BAD_MANIFEST")
+    zman("manifest_zstd_bomb", "a frame declaring the manifest's length whose RLE blocks expand to 4 MiB",
+         zmagic + b"\xa0" + struct.pack("<I", len(plain)) + b"".join(
+             struct.pack("<I", (1 if i == 31 else 0) | (1 << 1) | ((1 << 17) << 3))[:3] + b"\x00"
+             for i in range(32)), "BAD_MANIFEST")
+    zman("manifest_zstd_content_trailing_byte", "the frame's content is the manifest followed by one more byte "
+         "(§5.1 after §5.0)", zstd_manifest(plain + b"\xc0"), "BAD_MANIFEST")
+    zman("manifest_zstd_content_keys_unsorted", "the frame's content has its top-level keys in the wrong order "
+         "(§5.1 after §5.0)", zstd_manifest(mp(Pairs([("tensors", tv), ("metadata", {})]))), "BAD_MANIFEST")
     man_v("metadata_not_map", "'metadata' is an array", "§5.2", {"metadata": [], "tensors": tv}, "BAD_MANIFEST")
     man_v("tensors_not_array", "'tensors' is a map", "§5.2", {"metadata": {}, "tensors": {"w": tv[0]}},
           "BAD_MANIFEST", tensor_count=0, keep_chunks=False)
@@ -2809,8 +2915,10 @@ README_HEAD = """# .tqz conformance vectors
 Test files for decoders of the `.tqz` format, spec version {ver} ([`spec/tqz.md`](../spec/tqz.md), its §8
 [`spec/range-coder.md`](../spec/range-coder.md), its §7.5 [`spec/mode-tq.md`](../spec/mode-tq.md), mode `tq`,
 added in 1.1, and its §7.6-§7.9 [`spec/mode-lineage.md`](../spec/mode-lineage.md), modes `ecsq`, `kmeans`, `pq`
-and `dither`, added in 1.2). Files with a tensor in one of the 1.2 modes have header Minor_Version 2, other
-files with a `tq` tensor Minor_Version 1; every other vector is a 1.0 file.
+and `dither`, added in 1.2; the compressed manifest, required feature bit 0 `ZSTD_MANIFEST`, spec §5.0, was
+added in 1.3). Files with a compressed manifest have header Minor_Version 3 (most files tqcodec's encoder writes
+since 1.3: the `encoder_*` vectors and `fixtures/v1.3/`), other files with a tensor in one of the 1.2 modes
+Minor_Version 2, other files with a `tq` tensor Minor_Version 1; every other vector is a 1.0 file.
 
 **Generated file**: this README's tables are written by `conformance/make_vectors.py` from the
 `vector.json` files; do not edit them by hand.
@@ -3025,7 +3133,26 @@ def fixtures_v1_2():
     return items
 
 
-FIXTURES = {"1.0": fixtures_v1_0, "1.1": fixtures_v1_1, "1.2": fixtures_v1_2}
+def fixtures_v1_3():
+    """fixtures/v1.3: files written by tqcodec's encoder with a compressed manifest (format 1.3): tq with and
+    without statistics, a lossless file, mode auto, and a model carrying small files (tqz.files)."""
+    items = []
+    sd, _ = tiny_state(60, False)
+    items.append(("tq_bits3", "mode tq, bits 3, no calibration statistics, tiny conv+MLP model", sd,
+                  {"mode": "tq", "bits": 3.0}))
+    sd, st = tiny_state(61, True)
+    items.append(("tq_stats_bits4", "mode tq, bits 4, stats from tqcodec.calibrate, tiny conv+MLP model", sd,
+                  {"mode": "tq", "bits": 4.0, "stats": st}))
+    items.append(("lossless_mixed_dtypes", "lossless (raw zstd and none) on a model with float16/bfloat16/"
+                  "float64 and integer tensors", model_state(62), {"lossless": True}))
+    sd, _ = tiny_state(63, False)
+    items.append(("auto_bits4_files", "mode auto, bits 4, with metadata and two carried files", sd,
+                  {"mode": "auto", "bits": 4.0, "metadata": {"fixture": "1.3"}, "files": {
+                      "config.json": b'{"model_type": "tiny"}', "README.md": b"# tiny\n"}}))
+    return items
+
+
+FIXTURES = {"1.0": fixtures_v1_0, "1.1": fixtures_v1_1, "1.2": fixtures_v1_2, "1.3": fixtures_v1_3}
 
 
 def init_fixtures(root: Path) -> None:

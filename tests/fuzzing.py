@@ -34,16 +34,17 @@ from typing import Any, Callable, Optional
 import msgpack
 import numpy as np
 import torch
+import zstandard
 from hypothesis import strategies as st
 
 import tqcodec
 from tqcodec.coding.rangecoder import encode_symbols
 from tqcodec.errors import ENCODER_CODES, ERROR_CODES, TqzError
 from tqcodec.format.chunks import CHUNK_TAG, pack_chunk
-from tqcodec.format.header import MAGIC
+from tqcodec.format.header import MAGIC, ZSTD_MANIFEST
 from tqcodec.format.index import FOOTER_MAGIC, pack_footer, pack_index
 from tqcodec.format.leb128 import pack_freqs
-from tqcodec.format.manifest import TensorRecord
+from tqcodec.format.manifest import TensorRecord, unstore_manifest
 from tqcodec.format.writer import ContainerWriter
 from tqcodec.limits import Limits
 
@@ -187,7 +188,8 @@ def fields(data) -> list[tuple[int, int]]:
 
 
 def split(data: bytes) -> Optional[tuple[bytes, list[tuple[Optional[int], bytes]]]]:
-    """(manifest bytes, [(Tensor_Index or None for ancillary, chunk bytes)]) of a well-formed file."""
+    """(manifest bytes, [(Tensor_Index or None for ancillary, chunk bytes)]) of a well-formed file.
+    A compressed manifest (spec §5.0) is given decompressed; one that does not decompress, as is."""
     w = walk(data)
     if not w["manifest"] or w["index"] is None:
         return None
@@ -196,13 +198,24 @@ def split(data: bytes) -> Optional[tuple[bytes, list[tuple[Optional[int], bytes]
     for pos, plen in w["chunks"]:
         ctype = struct.unpack_from("<H", data, pos + 4)[0]
         chunks.append((None if ctype & 0x8000 else u32(data, pos + 8), bytes(data[pos:pos + 32 + plen])))
-    return bytes(data[off:off + mlen]), chunks
+    manifest = bytes(data[off:off + mlen])
+    if u32(data, 12) & ZSTD_MANIFEST:
+        try:
+            manifest = unstore_manifest(manifest, ZSTD_MANIFEST)
+        except TqzError:
+            pass
+    return manifest, chunks
 
 
-def assemble(manifest: bytes, chunks: list[tuple[Optional[int], bytes]], tensor_count: int) -> bytes:
-    """A file with right CRCs, index and footer around ``manifest`` and ``chunks`` (in order)."""
+def assemble(manifest: bytes, chunks: list[tuple[Optional[int], bytes]], tensor_count: int,
+             compress: bool = False) -> bytes:
+    """A file with right CRCs, index and footer around ``manifest`` and ``chunks`` (in order);
+    ``compress``: the manifest stored as one zstd frame with ZSTD_MANIFEST set (spec §5.0)."""
+    required = 0
+    if compress:
+        manifest, required = zstandard.ZstdCompressor(write_content_size=True).compress(manifest), ZSTD_MANIFEST
     body = bytearray()
-    body += struct.pack("<8sHHIII", MAGIC, 1, 0, 0, 0, len(manifest)) + struct.pack("<I", crc(manifest))
+    body += struct.pack("<8sHHIII", MAGIC, 1, 0, required, 0, len(manifest)) + struct.pack("<I", crc(manifest))
     body += struct.pack("<I", crc(body[:28]))
     body += manifest
     spans: list[list[int]] = [[0, 0] for _ in range(tensor_count)]
@@ -365,7 +378,7 @@ def mutate_manifest(data: bytes, rng: random.Random) -> Optional[bytes]:
     count = tensor_count(new)
     if rng.random() < 0.2:
         count = tensor_count(manifest)
-    return assemble(new, chunks, count)
+    return assemble(new, chunks, count, compress=rng.random() < 0.5)
 
 
 def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:

@@ -153,13 +153,14 @@ def test_the_byte_layer_coding_and_modes_load_without_torch():
 def test_format_version_is_the_writers():
     from tqcodec.format import header
     assert tqcodec.FORMAT_VERSION == (header.MAJOR_VERSION, header.MINOR_VERSION)
-    assert header.MINOR_VERSION == max(header.MODE_SINCE_MINOR.values())  # the newest mode sets it
+    # the newest mode or required feature sets it: since 1.3 the compressed manifest (spec §5.0)
+    assert header.MINOR_VERSION == max(*header.MODE_SINCE_MINOR.values(), *header.FEATURE_SINCE_MINOR.values())
     import torch
     w = torch.linspace(-1, 1, 600).reshape(20, 30)
-    newest = [m for m, v in header.MODE_SINCE_MINOR.items() if v == header.MINOR_VERSION][0]
-    with tqcodec.open(tqcodec.encode_bytes({"w": w}, mode=newest, bits=4)) as f:
+    newest = {f"layer{i}.w": w for i in range(4)}  # four records: the manifest compresses
+    with tqcodec.open(tqcodec.encode_bytes(newest, mode="tq", bits=4)) as f:
         assert f.version == tqcodec.FORMAT_VERSION
-    with tqcodec.open(tqcodec.encode_bytes({"w": w})) as f:
+    with tqcodec.open(tqcodec.encode_bytes({"w": w[:4, :4]}, lossless=True)) as f:
         assert f.version == (1, 0)  # a file declares the lowest version it needs
 
 

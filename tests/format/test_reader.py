@@ -11,7 +11,9 @@ import torch
 import tqcodec
 from tqcodec.errors import TqzError
 from tqcodec.format.chunks import CHUNK_HEADER_SIZE
+from tqcodec.format import header
 from tqcodec.format.header import HEADER_SIZE
+from tqcodec.format.manifest import unstore_manifest
 from tqcodec.format.index import FOOTER_SIZE
 from tqcodec.limits import Limits
 from tests.fuzzing import decode_load, decode_open
@@ -78,12 +80,16 @@ def test_bytes_after_footer(good):
 def test_manifest_over_this_readers_limit(good):
     """A Manifest_Length over this reader's limit is LIMIT_EXCEEDED, not an allocation: a huge
     declared length (CRC fixed), and a real manifest one byte over a lowered limit; at the limit the
-    file decodes, the same both ways."""
+    file decodes, the same both ways. The limit is on the manifest, so on a compressed one (§5.0)
+    it applies to the frame's content size."""
     bad = bytearray(good)
     struct.pack_into("<I", bad, 20, 0xFFFFFFFF)
     fix_header_crc(bad)
     assert "LIMIT_EXCEEDED" in decode_both(bytes(bad))
-    mlen = struct.unpack_from("<I", good, 20)[0]
+    stored = good[32:32 + struct.unpack_from("<I", good, 20)[0]]
+    assert struct.unpack_from("<I", good, 12)[0] == header.ZSTD_MANIFEST  # the case §5.0 adds
+    mlen = len(unstore_manifest(stored, header.ZSTD_MANIFEST))
+    assert mlen > len(stored)
     for fn in (tqcodec.load, tqcodec.open):
         with pytest.raises(TqzError) as e:
             fn(good, limits=Limits(max_manifest_bytes=mlen - 1))

@@ -72,7 +72,8 @@ def test_save_load_keeps_dtype_and_shape_and_version_2():
         # bits are the whole file's: at 8 bits/param the raw tensors, headers and manifest of this tiny
         # model leave the coded tensors about 3 bits/weight
         data = tqcodec.encode_bytes(sd, mode=mode, bits=8)
-        assert data[8:12] == bytes([1, 0, 2, 0])  # spec §3/§13: Minor_Version 2
+        # spec §3/§13: Minor_Version 2, or 3 where the manifest is stored compressed (§5.0)
+        assert data[8:12] == bytes([1, 0, 3 if data[12] & 1 else 2, 0])
         back = tqcodec.load(data)
         with tqcodec.open(data) as f:
             modes = {n: f.info(n).mode for n in f.keys()}
@@ -82,8 +83,9 @@ def test_save_load_keeps_dtype_and_shape_and_version_2():
             rel = float((back[k].double() - v.double()).pow(2).mean() / v.double().pow(2).mean())
             if v.numel() >= 400:  # a few bits/weight include the params and chunk headers: tiny tensors get few
                 assert rel < 0.5, (mode, k, rel)
-    # files without these modes keep their minor version (spec §13)
-    assert tqcodec.encode_bytes(sd, mode="uniform")[8:12] == bytes([1, 0, 0, 0])
+    # files without these modes keep their minor version (spec §13): 0, or 3 for a compressed manifest
+    data = tqcodec.encode_bytes(sd, mode="uniform")
+    assert data[8:12] == bytes([1, 0, 3 if data[12] & 1 else 0, 0])
 
 
 # --- determinism and rate targets ------------------------------------------------------------------

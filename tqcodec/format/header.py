@@ -12,18 +12,23 @@ from .checksum import crc32
 MAGIC = b"\x89TQZ\r\n\x1a\n"
 HEADER_SIZE = 32
 MAJOR_VERSION = 1
-MINOR_VERSION = 2  # the newest minor version this reader and writer implement
+MINOR_VERSION = 3  # the newest minor version this reader and writer implement
 # Spec §13: a writer puts the lowest minor version that defines everything a file uses. Modes not
 # listed here are from 1.0.
 MODE_SINCE_MINOR = {"tq": 1, "ecsq": 2, "kmeans": 2, "pq": 2, "dither": 2}
-KNOWN_REQUIRED_FEATURES = 0  # spec §4: v1.0 defines none
+# Spec §4: required feature bits, and the minor version that defined each.
+ZSTD_MANIFEST = 1 << 0  # the manifest is stored as one zstd frame (§5.0), since 1.3
+FEATURE_SINCE_MINOR = {ZSTD_MANIFEST: 3}
+KNOWN_REQUIRED_FEATURES = ZSTD_MANIFEST
 
 _HEADER = struct.Struct("<8sHHIIIII")
 
 
-def minor_version_for(modes: Iterable[str]) -> int:
-    """Spec §13: the lowest minor version that defines every mode in ``modes``."""
-    return max((MODE_SINCE_MINOR.get(m, 0) for m in modes), default=0)
+def minor_version_for(modes: Iterable[str], required_features: int = 0) -> int:
+    """Spec §13: the lowest minor version that defines every mode in ``modes`` and every bit of
+    ``required_features``."""
+    features = (v for bit, v in FEATURE_SINCE_MINOR.items() if required_features & bit)
+    return max((*(MODE_SINCE_MINOR.get(m, 0) for m in modes), *features), default=0)
 
 
 @dataclass(frozen=True)
@@ -36,9 +41,11 @@ class Header:
     manifest_crc: int
 
 
-def pack_header(manifest: bytes, minor: int = MINOR_VERSION) -> bytes:
-    """Spec §3: the 32-byte header for ``manifest``."""
-    body = _HEADER.pack(MAGIC, MAJOR_VERSION, minor, 0, 0, len(manifest), crc32(manifest), 0)[:28]
+def pack_header(stored_manifest: bytes, minor: int = MINOR_VERSION, required_features: int = 0) -> bytes:
+    """Spec §3: the 32-byte header for ``stored_manifest`` (the manifest's bytes as the file holds
+    them, §5.0)."""
+    body = _HEADER.pack(MAGIC, MAJOR_VERSION, minor, required_features, 0, len(stored_manifest),
+                        crc32(stored_manifest), 0)[:28]
     return body + struct.pack("<I", crc32(body))
 
 

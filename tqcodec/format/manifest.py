@@ -15,6 +15,8 @@ import msgpack
 from .. import limits as L
 from ..errors import fail
 from .dtypes import DTYPES
+from .header import ZSTD_MANIFEST
+from .zstdframe import compress_frame, decompress_frame
 
 
 
@@ -184,6 +186,34 @@ def parse_record(value: Any, index: int) -> TensorRecord:
     if not isinstance(params, dict):
         raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: params is not a map")
     return TensorRecord(name, dtype, tuple(shape), mode, params)
+
+
+# --- spec §5.0 the stored manifest ---------------------------------------------------------
+
+# Encoder choice (informative in §5.0): zstd level 19 up to 4 MiB of manifest, level 9 above
+# (a manifest that carries a tokenizer can reach megabytes, and level 19 runs at a few MB/s).
+_ZSTD_LEVELS = ((1 << 22, 19), (L.MAX_MANIFEST_LENGTH, 9))
+
+
+def store_manifest(manifest: bytes) -> tuple[bytes, int]:
+    """Spec §5.0: the manifest's bytes as the file holds them, and the required feature bits that
+    says. One zstd frame (``ZSTD_MANIFEST``) where that is shorter, else the manifest itself."""
+    level = next(lv for size, lv in _ZSTD_LEVELS if len(manifest) <= size)
+    frame = compress_frame(manifest, level)
+    if len(frame) < len(manifest):
+        return frame, ZSTD_MANIFEST
+    return manifest, 0
+
+
+def unstore_manifest(stored: bytes, required_features: int,
+                     max_manifest_length: int = L.MAX_MANIFEST_LENGTH) -> bytes:
+    """Spec §5.0: the manifest from its stored bytes (after their CRC was checked). With
+    ``ZSTD_MANIFEST`` the frame's checks come first, in §7.2's order, with ``BAD_MANIFEST`` for a
+    bad frame and ``LIMIT_EXCEEDED`` for a content size over ``max_manifest_length``."""
+    if not required_features & ZSTD_MANIFEST:
+        return stored
+    return decompress_frame(stored, what="compressed manifest", bad="BAD_MANIFEST",
+                            max_size=max_manifest_length)
 
 
 def parse_manifest(data: bytes) -> Manifest:

@@ -17,7 +17,7 @@ from .chunks import (CHUNK_HEADER_SIZE, CHUNK_TAG, ChunkOrder, StreamSpec, check
                      parse_chunk_header)
 from .header import HEADER_SIZE, Header, parse_header
 from .index import FOOTER_SIZE, INDEX_ENTRY_SIZE, INDEX_TAG, check_footer, parse_footer, parse_index
-from .manifest import Manifest, TensorRecord, parse_manifest
+from .manifest import Manifest, TensorRecord, parse_manifest, unstore_manifest
 
 StreamLayout = Callable[[int, TensorRecord, Sequence[TensorRecord]], tuple[StreamSpec, ...]]
 """(tensor index, record, all records) -> each stream's item count and payload kind; validates the
@@ -86,7 +86,8 @@ def read_header_and_manifest(read: Callable[[int], bytes], max_manifest_length: 
         raise fail("TRUNCATED", "file ends inside the manifest")
     if crc32(manifest_bytes) != header.manifest_crc:
         raise fail("CHECKSUM_MISMATCH", "manifest CRC32 does not match")
-    return header, parse_manifest(manifest_bytes), manifest_bytes
+    plain = unstore_manifest(manifest_bytes, header.required_features, max_manifest_length)
+    return header, parse_manifest(plain), manifest_bytes
 
 
 def iter_chunks_front_to_back(fileobj: BinaryIO, layout: StreamLayout,

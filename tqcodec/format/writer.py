@@ -10,7 +10,7 @@ from ..errors import fail
 from .chunks import pack_chunk
 from .header import HEADER_SIZE, minor_version_for, pack_header
 from .index import FOOTER_SIZE, pack_footer, pack_index
-from .manifest import Manifest, TensorRecord
+from .manifest import Manifest, TensorRecord, store_manifest
 
 
 class ContainerWriter:
@@ -55,14 +55,15 @@ class ContainerWriter:
 
     def finish(self, metadata: dict) -> int:
         """Write everything to ``out``; returns the number of bytes written."""
-        manifest = Manifest(metadata, tuple(self._records)).to_bytes()
-        if len(manifest) > L.MAX_MANIFEST_LENGTH:
-            raise fail("LIMIT_EXCEEDED", f"manifest of {len(manifest)} bytes is over 64 MiB")
+        plain = Manifest(metadata, tuple(self._records)).to_bytes()
+        if len(plain) > L.MAX_MANIFEST_LENGTH:
+            raise fail("LIMIT_EXCEEDED", f"manifest of {len(plain)} bytes is over 64 MiB")
         if len(self._records) > L.MAX_TENSORS:
             raise fail("LIMIT_EXCEEDED", f"{len(self._records)} tensors (limit {L.MAX_TENSORS})")
+        manifest, required = store_manifest(plain)
         data_start = HEADER_SIZE + len(manifest)
-        minor = minor_version_for(r.mode for r in self._records)
-        self._out.write(pack_header(manifest, minor))
+        minor = minor_version_for((r.mode for r in self._records), required)
+        self._out.write(pack_header(manifest, minor, required))
         self._out.write(manifest)
         self._spool.seek(0)
         shutil.copyfileobj(self._spool, self._out, 1 << 20)

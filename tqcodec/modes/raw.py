@@ -11,6 +11,7 @@ from ..errors import fail
 from ..format.chunks import PayloadKind, StreamSpec
 from ..format.dtypes import STORAGE
 from ..format.manifest import TensorRecord
+from ..format.zstdframe import decompress_frame
 from .base import Chunks, Encoded, check_keys
 
 CODECS = ("none", "zstd")
@@ -70,28 +71,7 @@ def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray
 
 def _decompress(payload: bytes, count: int, name: str) -> bytes:
     """Spec §7.2's order: frame header, content size against ``count``, window limit, blocks."""
-    try:
-        params = zstandard.get_frame_parameters(payload)
-    except zstandard.ZstdError as exc:
-        raise fail("BAD_PAYLOAD", f"tensor {name!r}: not a zstd frame ({exc})") from None
-    if params.dict_id != 0:  # step 1 (libzstd would also refuse it, but only after the window check)
-        raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame needs dictionary {params.dict_id}")
-    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, count):
-        raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame declares {params.content_size} bytes, "
-                                  f"chunk declares {count}")
-    if params.window_size > 1 << 27:
-        # spec §7.2 / §12: a window over 2^27 (also libzstd's default decoder limit)
-        raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: zstd frame declares a {params.window_size}-byte "
-                                     "window (the limit is 2^27)")
-    try:
-        # the frame's declared size was checked above, so max_output_size bounds every case
-        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=count,
-                                                      allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise fail("BAD_PAYLOAD", f"tensor {name!r}: corrupt zstd frame ({exc})") from None
-    if len(out) != count:
-        raise fail("BAD_PAYLOAD", f"tensor {name!r}: zstd frame gives {len(out)} bytes, chunk declares {count}")
-    return out
+    return decompress_frame(payload, what=f"tensor {name!r}", bad="BAD_PAYLOAD", size=count)
 
 
 def write(arr: np.ndarray, codec: str = "zstd", level: int = 9) -> Encoded:
