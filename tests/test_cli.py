@@ -87,6 +87,24 @@ def test_info_escapes_names_a_terminal_would_interpret(tmp_path):
     assert "\u202e" not in result.output and "\u0085" not in result.output
 
 
+def test_info_shows_the_manifest_and_whether_it_is_compressed(tmp_path):
+    """Spec §5.0: the manifest's stored bytes and ZSTD_MANIFEST, in the text and JSON views; the size is
+    the header's Manifest_Length."""
+    import struct
+    path = tmp_path / "m.tqz"
+    tqcodec.save(layered_model(4, 16, 16), path, lossless=True)
+    data = path.read_bytes()
+    stored = struct.unpack_from("<I", data, 20)[0]
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"format 1.3," in result.output and f"manifest {stored} bytes (zstd)" in result.output
+    total = json.loads(runner.invoke(app, ["info", "--json", str(path)]).output)["total"]
+    assert total["manifest_bytes"] == stored and total["manifest_compressed"] is True
+    tqcodec.save({"w": torch.ones(3)}, path, overwrite=True, lossless=True)  # too small to compress
+    total = json.loads(runner.invoke(app, ["info", "--json", str(path)]).output)["total"]
+    assert total["manifest_compressed"] is False and total["format_version"] == "1.0"
+
+
 # --- errors: one line, an exit code -----------------------------------------------------------
 
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path, marker):

@@ -18,6 +18,7 @@ import torch
 from . import __version__ as _version
 from . import parallel
 from .errors import TqzError, TqzWarning, fail
+from .format.header import ZSTD_MANIFEST
 from .format.manifest import TensorRecord, pack_canonical
 from .format.writer import ContainerWriter
 from .io import hf, remote, sources
@@ -113,6 +114,12 @@ class TqzFile:
     @property
     def version(self) -> tuple[int, int]:
         return self._file.reader.header.major, self._file.reader.header.minor
+
+    @property
+    def manifest_bytes(self) -> tuple[int, bool]:
+        """The manifest's bytes in the file, and whether they are one zstd frame (spec §5.0)."""
+        header = self._file.reader.header
+        return header.manifest_length, bool(header.required_features & ZSTD_MANIFEST)
 
     def keys(self) -> list[str]:
         return [r.name for r in self._file.records]

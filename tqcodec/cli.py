@@ -478,7 +478,8 @@ def info(
             params = sum(f.info(n).numel for n in f.keys())
             total = {"file_bytes": f.file_size, "tensors": len(rows), "parameters": params,
                      "bits_per_param": 8 * f.file_size / params if params else 0.0,
-                     "format_version": "%d.%d" % f.version}
+                     "format_version": "%d.%d" % f.version, "manifest_bytes": f.manifest_bytes[0],
+                     "manifest_compressed": f.manifest_bytes[1]}
             metadata = {k: v for k, v in f.metadata.items() if isinstance(v, (str, int, float, bool))}
             files = [{"name": n, "bytes": len(b)} for n, b in sorted(f.files.items())]
             search = _search_log(f.metadata.get("tqz.search"))
@@ -490,7 +491,8 @@ def info(
         else:
             typer.echo(f"{input}: .tqz format {total['format_version']}, {total['tensors']} tensors, "
                        f"{params} parameters, {total['file_bytes']} bytes ({_human(total['file_bytes'])}), "
-                       f"{total['bits_per_param']:.3f} bits/param")
+                       f"{total['bits_per_param']:.3f} bits/param; manifest {total['manifest_bytes']} bytes"
+                       + (" (zstd)" if total["manifest_compressed"] else ""))
             if files:
                 typer.echo(f"carried files ({len(files)}; tqz decode -o DIR writes them): "
                            + ", ".join(f"{_printable(x['name'])} ({x['bytes']} B)" for x in files))
