@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Independent reference decoder for the .tqz format, written from spec/ alone.
 
-Spec files used (format version 1.2, with the "1.2, clarifications" entry of §15): spec/tqz.md
-(sections cited as "§N"), spec/range-coder.md (its §8), spec/mode-tq.md (its §7.5) and
-spec/mode-lineage.md (its §7.S and §7.6-§7.9: modes ecsq, kmeans, pq, dither).  Only numpy is
-imported at start; the `zstandard` package is imported lazily, and only when a raw tensor with
-codec "zstd" is met (writing a Zstandard decoder is out of scope; the frame header and block
-structure are checked here in §7.2's order, the blocks are decoded by zstandard with output
-bounded by Item_Count).
+Spec files used (format version 1.3: required feature bit 0 ZSTD_MANIFEST, the stored manifest
+of §5.0; and 1.2 with its "clarifications" entries of §15): spec/tqz.md (sections cited as "§N"),
+spec/range-coder.md (its §8), spec/mode-tq.md (its §7.5) and spec/mode-lineage.md (its §7.S and
+§7.6-§7.9: modes ecsq, kmeans, pq, dither).  Only numpy is imported at start; the `zstandard`
+package is imported lazily, and only when a raw tensor with codec "zstd" or a compressed
+manifest is met (writing a Zstandard decoder is out of scope; the frame header and block
+structure are checked here in §7.2's / §5.0's order, the blocks are decoded by zstandard with
+output bounded by Item_Count, or by a compressed manifest's Frame_Content_Size).
 
 Conformance level (§12.1): refdec is a **Level 1** decoder.  It decodes every valid file within
 Level 1 (B1 <= 2^30, BT <= 2^32, W <= 2^36, L <= 2^32).  It computes the four measures right
@@ -124,6 +125,10 @@ LEVEL_1 = (("B1", "tensor bytes", 1 << 30), ("BT", "decoded bytes", 1 << 32),
 MAGIC = b"\x89TQZ\r\n\x1a\n"
 HEADER_SIZE = 32
 
+# §4 Feature bits
+FEATURE_ZSTD_MANIFEST = 1 << 0       # required bit 0, since 1.3: the manifest is one zstd frame
+KNOWN_REQUIRED_FEATURES = FEATURE_ZSTD_MANIFEST
+
 
 def parse_header(data):
     """§3, checks in the order given there."""
@@ -142,9 +147,11 @@ def parse_header(data):
     if crc32(data[0:28]) != u32(data, 28):
         fail("CHECKSUM_MISMATCH", "header CRC32 does not match")
     required, optional = u32(data, 12), u32(data, 16)
-    # §4 Feature bits: version 1.x defines no required bit; every set bit is unknown.
-    if required != 0:
-        bit = (required & -required).bit_length() - 1
+    # §4 Feature bits: this version (1.3) knows required bit 0, ZSTD_MANIFEST (§5.0); any other
+    # set bit is unknown and named (the lowest, if several), whatever the manifest holds.
+    unknown = required & ~KNOWN_REQUIRED_FEATURES
+    if unknown != 0:
+        bit = (unknown & -unknown).bit_length() - 1
         fail("UNKNOWN_REQUIRED_FEATURE", "required feature bit %d is set" % bit)
     # Optional_Features: unknown bits are ignored (§4).
     manifest_length = u32(data, 20)
@@ -533,27 +540,30 @@ ZSTD_MAGIC = 0xFD2FB528
 ZSTD_BLOCK_MAX = 128 * 1024          # RFC 8878: Block_Maximum_Size <= 128 KiB
 
 
-def zstd_bad(msg):
-    fail("BAD_PAYLOAD", "zstd: " + msg)
+def zstd_bad(msg, code="BAD_PAYLOAD"):
+    """A frame that breaks §7.2's checks 1, 2 or 4: BAD_PAYLOAD for a chunk's payload (§7.2),
+    BAD_MANIFEST for a stored manifest (§5.0, which applies the same checks)."""
+    fail(code, "zstd: " + msg)
 
 
-def zstd_frame_header(p):
+def zstd_frame_header(p, code="BAD_PAYLOAD"):
     """§7.2 check 1, frame header (RFC 8878 §3.1.1.1), in the order of §7.2: at least 4 bytes
     and the frame magic (a skippable frame's magic is not allowed); the whole header that the
     Frame_Header_Descriptor declares; Reserved_Bit 0 (Unused_Bit ignored); Dictionary_ID 0 or
     absent.  All BAD_PAYLOAD (an empty or short payload included: "zstd" has no Payload_Length
-    rule, so never BAD_CHUNK).  Returns (header length, Single_Segment_Flag, Window_Size from
-    the Window_Descriptor or None, Frame_Content_Size or None, Content_Checksum_Flag)."""
+    rule, so never BAD_CHUNK); `code` is BAD_MANIFEST for a stored manifest (§5.0 check 1).
+    Returns (header length, Single_Segment_Flag, Window_Size from the Window_Descriptor or
+    None, Frame_Content_Size or None, Content_Checksum_Flag)."""
     n = len(p)
     if n < 4:
-        zstd_bad("payload of %d bytes, too short for a frame's magic number" % n)
+        zstd_bad("payload of %d bytes, too short for a frame's magic number" % n, code)
     magic = u32(p, 0)
     if (magic & 0xFFFFFFF0) == 0x184D2A50:
-        zstd_bad("skippable frame")
+        zstd_bad("skippable frame", code)
     if magic != ZSTD_MAGIC:
-        zstd_bad("not a Zstandard frame (magic)")
+        zstd_bad("not a Zstandard frame (magic)", code)
     if n < 5:
-        zstd_bad("truncated frame header (no Frame_Header_Descriptor)")
+        zstd_bad("truncated frame header (no Frame_Header_Descriptor)", code)
     fhd = p[4]
     fcs_flag = fhd >> 6
     single = (fhd >> 5) & 1
@@ -565,9 +575,10 @@ def zstd_frame_header(p):
     fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
     header_len = 5 + (0 if single else 1) + did_size + fcs_size
     if n < header_len:
-        zstd_bad("truncated frame header (%d bytes declared, %d present)" % (header_len, n))
+        zstd_bad("truncated frame header (%d bytes declared, %d present)" % (header_len, n),
+                 code)
     if reserved:
-        zstd_bad("Reserved_Bit of the Frame_Header_Descriptor is set")
+        zstd_bad("Reserved_Bit of the Frame_Header_Descriptor is set", code)
     pos = 5
     window = None
     if not single:
@@ -579,7 +590,7 @@ def zstd_frame_header(p):
     did = int.from_bytes(p[pos:pos + did_size], "little")
     pos += did_size
     if did != 0:
-        zstd_bad("frame needs dictionary %d" % did)
+        zstd_bad("frame needs dictionary %d" % did, code)
     content_size = None
     if fcs_size:
         content_size = int.from_bytes(p[pos:pos + fcs_size], "little")
@@ -590,33 +601,34 @@ def zstd_frame_header(p):
     return header_len, single, window, content_size, has_checksum
 
 
-def zstd_frame_end(p, pos, window, has_checksum):
+def zstd_frame_end(p, pos, window, has_checksum, code="BAD_PAYLOAD"):
     """§7.2 check 4, block structure (RFC 8878 §3.1.1.2): a reserved block type, a block over
-    Block_Maximum_Size = min(Window_Size, 128 KiB), a truncated block or checksum: BAD_PAYLOAD.
-    Returns the offset just after the frame."""
+    Block_Maximum_Size = min(Window_Size, 128 KiB), a truncated block or checksum: BAD_PAYLOAD
+    (`code`: BAD_MANIFEST for a stored manifest, §5.0 check 4).  Returns the offset just after
+    the frame."""
     n = len(p)
     block_max = min(window, ZSTD_BLOCK_MAX)
     while True:
         if pos + 3 > n:
-            zstd_bad("truncated block header")
+            zstd_bad("truncated block header", code)
         bh = int.from_bytes(p[pos:pos + 3], "little")
         pos += 3
         last = bh & 1
         btype = (bh >> 1) & 3
         bsize = bh >> 3
         if btype == 3:
-            zstd_bad("reserved block type")
+            zstd_bad("reserved block type", code)
         if bsize > block_max:
-            zstd_bad("block size %d over Block_Maximum_Size %d" % (bsize, block_max))
+            zstd_bad("block size %d over Block_Maximum_Size %d" % (bsize, block_max), code)
         adv = 1 if btype == 1 else bsize               # RLE block: one byte of content
         if pos + adv > n:
-            zstd_bad("truncated block")
+            zstd_bad("truncated block", code)
         pos += adv
         if last:
             break
     if has_checksum:
         if pos + 4 > n:
-            zstd_bad("truncated content checksum")
+            zstd_bad("truncated content checksum", code)
         pos += 4
     return pos
 
@@ -642,22 +654,29 @@ def zstd_decode(payload, item_count):
     flen = zstd_frame_end(payload, header_len, window, has_checksum)
     if flen != len(payload):
         zstd_bad("%d payload bytes after the frame" % (len(payload) - flen))
-    import zstandard  # lazily: only files with zstd tensors need it
-    # Memory (§7.2): the output is bounded by Item_Count (at most Item_Count + 1 bytes are ever
+    return zstd_decompress_bounded(payload, item_count, "the chunk declares")
+
+
+def zstd_decompress_bounded(frame, size, what, code="BAD_PAYLOAD"):
+    """§7.2 check 4, the decompression itself: one frame whose structure has been checked,
+    decoded into one buffer of `size` bytes (Item_Count, or a compressed manifest's
+    Frame_Content_Size, §5.0), never more; a block libzstd cannot decode, a content checksum that
+    does not match, or output of more or fewer than `size` bytes: `code`."""
+    import zstandard  # lazily: only files with zstd tensors or a compressed manifest need it
+    # Memory (§7.2): the output is bounded by `size` (at most size + 1 bytes are ever
     # requested); a streaming window is at most 2^27 bytes (check 3, max_window_size).  A
     # frame whose matches reach further back than its Window_Size but stay within its output
-    # is decoded or rejected by libzstd -- either is allowed (§7.2), and a rejection is
-    # BAD_PAYLOAD.
+    # is decoded or rejected by libzstd -- either is allowed (§7.2), and a rejection is `code`.
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-    out = np.empty(item_count, dtype=np.uint8)
+    out = np.empty(size, dtype=np.uint8)
     total = 0
     try:
-        reader = dctx.stream_reader(bytes(payload), read_across_frames=False)
-        while total <= item_count:
-            b = reader.read(min(item_count + 1 - total, 1 << 22))
+        reader = dctx.stream_reader(bytes(frame), read_across_frames=False)
+        while total <= size:
+            b = reader.read(min(size + 1 - total, 1 << 22))
             if not b:
                 break
-            if total + len(b) > item_count:
+            if total + len(b) > size:
                 total += len(b)
                 break
             out[total:total + len(b)] = np.frombuffer(b, dtype=np.uint8)
@@ -665,11 +684,57 @@ def zstd_decode(payload, item_count):
     except zstandard.ZstdError as e:
         if "alloc" in str(e).lower():                 # out of memory (§12.1): not the file's fault
             raise MemoryError(str(e))
-        zstd_bad(str(e))
-    if total != item_count:
-        zstd_bad("frame decompresses to %s bytes, the chunk declares %d"
-                 % ("more than %d" % item_count if total > item_count else total, item_count))
+        zstd_bad(str(e), code)
+    if total != size:
+        zstd_bad("frame decompresses to %s bytes, %s %d"
+                 % ("more than %d" % size if total > size else total, what, size), code)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.0 Stored manifest (since 1.3: with ZSTD_MANIFEST, one zstd frame)
+# ----------------------------------------------------------------------------------------------
+
+def manifest_from_stored(stored, required):
+    """§5.0: the stored manifest's bytes (Manifest_CRC32 already checked, §10.1 step 2) ->
+    the manifest's bytes, which §5.1 parses.  Without ZSTD_MANIFEST (§4 bit 0) the stored bytes
+    are the manifest.  With it they are exactly one Zstandard frame, checked in §5.0's order
+    (first failure wins, §1), by §7.2's rules for a frame but with §5.0's codes."""
+    if not required & FEATURE_ZSTD_MANIFEST:
+        return stored
+    code = "BAD_MANIFEST"
+    # 1. Frame header, as §7.2 check 1 (magic 28 B5 2F FD, not a skippable frame, the whole
+    #    header present, Reserved_Bit 0, Dictionary_ID 0 or absent): else BAD_MANIFEST.  A plain
+    #    MessagePack manifest under the bit fails here (its first byte is not the magic's).
+    header_len, single, window, content_size, has_checksum = zstd_frame_header(stored, code)
+    # 2. Content size: Frame_Content_Size present and >= 1 (BAD_MANIFEST), then <= 2^26
+    #    (§12, LIMIT_EXCEEDED).  refdec has no lower limit of its own on the manifest.  This is
+    #    checked before anything of that size is allocated (§12).
+    if content_size is None:
+        zstd_bad("compressed manifest without Frame_Content_Size", code)
+    if content_size < 1:
+        zstd_bad("compressed manifest of Frame_Content_Size 0", code)
+    if content_size > MAX_MANIFEST_LENGTH:
+        fail("LIMIT_EXCEEDED", "compressed manifest's Frame_Content_Size %d over 2^26"
+             % content_size)
+    # 3. Window, as §7.2 check 3: Window_Size <= 2^27 (LIMIT_EXCEEDED); a single-segment
+    #    frame's Window_Size is its Frame_Content_Size (RFC 8878 §3.1.1.1.2), <= 2^26 by
+    #    check 2, so this never rejects a single-segment frame.
+    if single:
+        window = content_size
+    if window > MAX_ZSTD_WINDOW:
+        fail("LIMIT_EXCEEDED", "compressed manifest's Window_Size %d over 2^27" % window)
+    # 4. Blocks, as §7.2 check 4 (the same closed list of breaches): structure, any stored byte
+    #    after the frame, then decompression into one buffer of Frame_Content_Size bytes (§7.2's
+    #    note on memory, with Frame_Content_Size in place of Item_Count): output of more or fewer
+    #    bytes, a block that cannot be decoded, a content checksum that does not match: all
+    #    BAD_MANIFEST.  (A frame whose matches reach beyond its Window_Size but stay within its
+    #    output is decoded or, if libzstd refuses it, BAD_MANIFEST: SPEC_FINDINGS 1.3C-2.)
+    flen = zstd_frame_end(stored, header_len, window, has_checksum, code)
+    if flen != len(stored):
+        zstd_bad("%d stored manifest bytes after the frame" % (len(stored) - flen), code)
+    out = zstd_decompress_bounded(stored, content_size, "Frame_Content_Size is", code)
+    return memoryview(out)            # bytes-like for §5.1's parser (indexing gives Python ints)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1585,9 +1650,13 @@ def decode_file(data, want_tensors=True):
     # §10.1 step 2: manifest
     if len(data) < HEADER_SIZE + ml:
         fail("TRUNCATED", "file ends inside the manifest")
-    mbytes = data[HEADER_SIZE:HEADER_SIZE + ml]
-    if crc32(mbytes) != header["Manifest_CRC32"]:
+    stored = data[HEADER_SIZE:HEADER_SIZE + ml]                  # §5.0: the stored manifest
+    if crc32(stored) != header["Manifest_CRC32"]:                # of the stored bytes (§3)
         fail("CHECKSUM_MISMATCH", "manifest CRC32 does not match")
+    # with ZSTD_MANIFEST, §5.0's frame checks (BAD_MANIFEST / LIMIT_EXCEEDED) and decompression;
+    # "the manifest's length" (§5.1) is then Frame_Content_Size, else Manifest_Length
+    mbytes = manifest_from_stored(stored, header["Required_Features"])
+    header["Manifest_Content_Length"] = len(mbytes)               # for `info` only
     doc = MsgpackCanonicalParser(mbytes).parse_document()       # §5.1
     records = check_manifest(doc)                                 # §5.2, §5.3 (§5.4, §5.5, §7)
     T = len(records)
