@@ -2366,8 +2366,10 @@ def make_invalid(out: Out):
          zmagic + b"\xa0" + struct.pack("<I", (1 << 26) + 1) + raw_blocks, "LIMIT_EXCEEDED")
     zman("manifest_zstd_content_size_larger", "a frame declaring one byte more than its blocks hold",
          zmagic + b"\xa0" + struct.pack("<I", len(plain) + 1) + raw_blocks, "BAD_MANIFEST")
-    zman("manifest_zstd_content_size_smaller", "a frame declaring one byte less than its blocks hold",
-         zmagic + b"\xa0" + struct.pack("<I", len(plain) - 1) + raw_blocks, "BAD_MANIFEST")
+    window_2e17 = b"\x80" + bytes([(17 - 10) << 3])  # not single-segment: a 2^17 window, a 4-byte content size
+    zman("manifest_zstd_content_size_smaller", "a frame (2^17 window) declaring one byte less than its blocks "
+         "hold: the output bound rejects it", zmagic + window_2e17 + struct.pack("<I", len(plain) - 1) + raw_blocks,
+         "BAD_MANIFEST")
     zman("manifest_zstd_window_over_limit", "a frame with a 2^31-byte Window_Descriptor and the right 4-byte "
          "Frame_Content_Size", zmagic + b"\x80" + bytes([(31 - 10) << 3]) + struct.pack("<I", len(plain))
          + raw_blocks, "LIMIT_EXCEEDED")
@@ -2386,8 +2388,9 @@ def make_invalid(out: Out):
     ck = bytearray(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(plain))
     ck[-1] ^= 0xFF
     zman("manifest_zstd_bad_checksum", "a frame whose content checksum does not match", bytes(ck), "BAD_MANIFEST")
-    zman("manifest_zstd_bomb", "a frame declaring the manifest's length whose RLE blocks expand to 4 MiB",
-         zmagic + b"\xa0" + struct.pack("<I", len(plain)) + b"".join(
+    zman("manifest_zstd_bomb", "a frame (2^17 window) declaring the manifest's length whose 128 KiB RLE blocks "
+         "expand to 4 MiB: the output bound rejects it",
+         zmagic + window_2e17 + struct.pack("<I", len(plain)) + b"".join(
              struct.pack("<I", (1 if i == 31 else 0) | (1 << 1) | ((1 << 17) << 3))[:3] + b"\x00"
              for i in range(32)), "BAD_MANIFEST")
     zman("manifest_zstd_content_trailing_byte", "the frame's content is the manifest followed by one more byte "
