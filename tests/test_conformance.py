@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import json
 import subprocess
+import struct
 import sys
 from pathlib import Path
 
@@ -161,29 +162,30 @@ def test_missing_refdec_is_skipped_not_passed():
 
 
 def _manifest_and_minor(folder):
-    import struct
     data = (folder / "in.tqz").read_bytes()
     manifest, _ = craft.parse_valid(data)
     return manifest, struct.unpack_from("<H", data, 10)[0]
 
 
 def test_files_declare_the_lowest_minor_version_they_need():
-    """Spec §13: a file declares the lowest minor version defining every mode it uses: 2 with an
-    ecsq/kmeans/pq/dither tensor (1.2), else 1 with a tq tensor (1.1), else 0 (except the vector
-    testing a future minor version). Fixtures of each version say that version."""
+    """Spec §13: a file declares the lowest minor version defining every mode and feature it uses: 3
+    with a compressed manifest (required feature bit 0, §5.0, 1.3), else 2 with an ecsq/kmeans/pq/dither
+    tensor (1.2), else 1 with a tq tensor (1.1), else 0 (except the vectors testing a future minor
+    version or a mismatched one). Fixtures of each version say that version."""
     lineage = {"ecsq", "kmeans", "pq", "dither"}
-    seen = {0: 0, 1: 0, 2: 0}
+    seen = {0: 0, 1: 0, 2: 0, 3: 0}
     for group, folder, _ in VECTORS:
         if group == "invalid":
             continue
         manifest, minor = _manifest_and_minor(folder)
         modes = {r["mode"] for r in manifest["tensors"]}
-        want = 2 if modes & lineage else 1 if "tq" in modes else 0
-        if folder.name != "future_minor_and_optional_features":
+        compressed = struct.unpack_from("<I", (folder / "in.tqz").read_bytes(), 12)[0] & 1
+        want = 3 if compressed else 2 if modes & lineage else 1 if "tq" in modes else 0
+        if folder.name not in ("future_minor_and_optional_features", "manifest_zstd_minor_0"):
             assert minor == want, (folder, minor)
             seen[want] += 1
-    assert seen[1] >= 20 and seen[2] >= 20 and seen[0] >= 20
-    for version, minor in (("v1.1", 1), ("v1.2", 2)):
+    assert seen[1] >= 20 and seen[2] >= 20 and seen[0] >= 20 and seen[3] >= 10
+    for version, minor in (("v1.1", 1), ("v1.2", 2), ("v1.3", 3)):
         for folder in sorted((CONF / "fixtures" / version).glob("*")):
             manifest, got = _manifest_and_minor(folder)
             assert got == minor, folder
