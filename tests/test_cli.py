@@ -636,7 +636,7 @@ def test_carried_files_are_listed_and_never_dropped_silently(tmp_path, hf_src):
 
 def test_version_and_help_read_plainly(tmp_path):
     p = _run(tmp_path, "--version", check=True)
-    assert p.stdout.decode().startswith(f"tqz (tqcodec) {tqcodec.__version__}") and b"format 1.2" in p.stdout
+    assert p.stdout.decode().startswith(f"tqz (tqcodec) {tqcodec.__version__}") and b"format %d.%d" % tqcodec.FORMAT_VERSION in p.stdout
     for sub in ("encode", "decode", "info", "verify"):
         text = _run(tmp_path, sub, "--help", check=True).stdout.decode()
         assert f"Usage: tqz {sub} [OPTIONS] INPUT" in text.replace("python -m tqcodec.cli", "tqz")
