@@ -13,6 +13,9 @@ KeyboardInterrupt to its caller. Workers never act on it: they start with SIGINT
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 import signal
 import threading
@@ -53,6 +56,25 @@ def worker_env(share: int, env: Optional[dict] = None) -> dict:
     for name in BLAS_ENV:
         env[name] = str(share)
     return env
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+ARENAS = 2
+
+
+@functools.lru_cache(maxsize=None)
+def few_malloc_arenas() -> bool:
+    """glibc: at most ``ARENAS`` malloc arenas in this process (where mallopt exists; effective
+    for the threads that first allocate after it, so ``tqz`` calls it before torch loads). Each
+    thread would otherwise get an arena of its own, which keeps the float64 matrices it freed: a
+    calibrated MiniLM encode on 2 threads (the tq encoder's, ``tqcodec.modes.tq.pool``) peaked at
+    1,278 MB resident, 1,074 MB with MALLOC_ARENA_MAX=2 (1,062 MB on one thread). Returns
+    whether it was set."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, ARENAS))
+    except (OSError, AttributeError):
+        return False
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------
