@@ -10,9 +10,6 @@ import os
 # before torch loads (tqcodec's own __init__ does not load it): idle OpenMP threads sleep rather
 # than spin on cores another process needs (tqcodec.threads)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from .processes import few_malloc_arenas  # noqa: E402
-
-few_malloc_arenas()  # before torch's threads: the encoder's threads share malloc arenas (tqcodec.processes)
 
 import sys  # noqa: E402
 

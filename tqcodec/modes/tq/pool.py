@@ -14,7 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from ...processes import few_malloc_arenas
+from ...processes import trim_malloc
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -29,10 +29,9 @@ def each(fn: Callable[[T], R], tasks: Iterable[T], threads: int) -> Iterator[R]:
         for task in tasks:
             yield fn(task)
         return
-    few_malloc_arenas()
     pool = cf.ThreadPoolExecutor(max_workers=min(threads, len(tasks)), thread_name_prefix="tq-encoder")
     try:
-        futures = [pool.submit(fn, task) for task in tasks]
+        futures = [pool.submit(_trimmed, fn, task) for task in tasks]
         for fut in futures:
             yield fut.result()
     finally:
@@ -52,3 +51,12 @@ def grouped(items: Sequence[T], key: Callable[[T], object]) -> list[list[T]]:
         groups.setdefault(key(x), []).append(x)
     return list(groups.values())
 
+
+
+
+def _trimmed(fn: Callable[[T], R], task: T) -> R:
+    """``fn(task)``, then the memory it freed handed back to the OS (:func:`trim_malloc`)."""
+    try:
+        return fn(task)
+    finally:
+        trim_malloc()
