@@ -11,7 +11,10 @@ calibration batches, computed once by ``tqcodec.calibrate`` and saved; the encod
 and the calibration itself. The calibrated encode runs twice more: on its own, and with one other
 CPU-bound process (``python -c "while True: pass"``, started and stopped by this script) beside it;
 the ratio of the two wall times is the slowdown a user sees on a busy machine. The load average is
-recorded at every run. Each model is a section of the JSON file. Needs the bench extras (``make
+recorded at every run, and so are the CPU seconds (user + system) of the encode: on a shared machine
+the wall time says how much of the CPUs it got, the CPU time how much work it did. The quiet run
+first waits (up to ``--quiet-wait`` seconds) for a second in which 85% of the CPUs were idle
+(``machine.wait_for_quiet``; the idle fraction is recorded). Each model is a section of the JSON file. Needs the bench extras (``make
 bench-install``).
 """
 from __future__ import annotations
@@ -32,18 +35,23 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import tqcodec  # noqa: E402
+from benchmarks.machine import QUIET_WAIT, wait_for_quiet  # noqa: E402
 from benchmarks.rd import MODELS, Context  # noqa: E402
 
 
 def run(cmd: list[str]) -> dict:
-    """Run ``cmd`` in a child process: wall seconds and the load average before it."""
+    """Run ``cmd`` in a child process: wall and CPU seconds, and the load average before it."""
     load = os.getloadavg()
+    before = os.times()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = os.times()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    return {"wall_s": round(wall, 2), "load_before": [round(x, 2) for x in load], "stdout": proc.stdout.strip()}
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "load_before": [round(x, 2) for x in load],
+            "stdout": proc.stdout.strip()}
 
 
 def peak_rss_mib(cmd: list[str]) -> tuple[float, dict]:
@@ -92,7 +100,8 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
                       "bytes": out.stat().st_size, **info}
         print(name, case, rows[case], flush=True)
     calibrated = tqz + ["encode", str(model), "-o", str(work / "c.tqz"), "-f"] + cases["with statistics"]
-    quiet = run(calibrated)
+    idle = wait_for_quiet(args.quiet_wait)
+    quiet = dict(run(calibrated), idle_before=idle)
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(2.0)
@@ -113,6 +122,8 @@ def main() -> None:
     ap.add_argument("--models", default="minilm", help="comma-separated: minilm, digits")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "encode.json"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
+                    help="seconds to wait for idle CPUs before the quiet calibrated encode")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tqz-encode-"))
     out: dict = {}

@@ -129,13 +129,13 @@ def _what_a_worker_sees() -> dict:
     from threadpoolctl import threadpool_info
     return {"torch": torch.get_num_threads(), "blas": sorted({p["num_threads"] for p in threadpool_info()}),
             "env": os.environ.get("OMP_NUM_THREADS"), "sigint": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "encoder": threads.current()}
 
 
 @pytest.mark.parametrize("budget, jobs, share", [(4, 2, 2), (6, 2, 3), (3, 2, 1), (1, 3, 1)])
 def test_each_encode_worker_gets_its_share_of_the_thread_budget(budget, jobs, share):
-    """``-j N --threads T``: each worker of the pool runs torch and numpy's BLAS/OpenMP pools at
-    max(1, T // N) threads (and leaves Ctrl-C to this process)."""
+    """``-j N --threads T``: each worker of the pool runs torch and numpy's BLAS/OpenMP pools, and
+    the tq encoder, at max(1, T // N) threads (and leaves Ctrl-C to this process)."""
     with threads.budget(budget):
         pool = parallel.make_pool(jobs)
     try:
@@ -144,6 +144,7 @@ def test_each_encode_worker_gets_its_share_of_the_thread_budget(budget, jobs, sh
         pool.shutdown()
     for s in seen:
         assert s["torch"] == share and s["env"] == str(share) and s["sigint"]
+        assert s["encoder"] == share  # the tq encoder's threads (tqcodec.modes.tq.pool) in that worker
         assert s["blas"] in ([], [share])  # every BLAS/OpenMP pool the worker has loaded
 
 

@@ -301,7 +301,8 @@ def encode(
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="encode tensors in N processes (0: every core); "
                              "same bytes for every N  [default: 1]", show_default=False),
     threads: int = typer.Option(0, "--threads", metavar="N", help="threads for the whole run, shared by its "
-                                "processes (0: every core this process may use)  [default: 0]", show_default=False),
+                                "processes and the tq encoder's curves (0: every core this process may use); "
+                                "same bytes for every N  [default: 0]", show_default=False),
     evaluate: Optional[str] = typer.Option(None, "--evaluate", metavar="CMD",
                                            help="the smallest tq file that keeps a metric: CMD is run on each "
                                                 "candidate ({file} is its path, else appended) and prints the "

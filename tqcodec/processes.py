@@ -13,6 +13,9 @@ KeyboardInterrupt to its caller. Workers never act on it: they start with SIGINT
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 import signal
 import threading
@@ -53,6 +56,25 @@ def worker_env(share: int, env: Optional[dict] = None) -> dict:
     for name in BLAS_ENV:
         env[name] = str(share)
     return env
+
+
+@functools.lru_cache(maxsize=None)
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def trim_malloc() -> bool:
+    """glibc: hand the free memory of every malloc arena back to the OS (``malloc_trim``; nothing
+    elsewhere). Each thread that allocates gets an arena of its own, which keeps what it freed: a
+    calibrated MiniLM encode on the tq encoder's 2 threads (``tqcodec.modes.tq.pool``) peaked at
+    1,179 MB resident, 1,062-1,080 MB with a trim after each of its tasks (1,062 MB on one thread),
+    in the same time (37 s, load 5). Returns whether memory was released."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    return bool(trim(0)) if trim is not None else False
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def limit_this_process(share: int) -> None:
     """A worker process's share of the budget, for the rest of its life: torch's intra-op
     threads, and numpy's BLAS and OpenMP pools (threadpoolctl; already loaded by a forkserver's
     preload, so the environment would come too late); the environment too, for programs it
-    starts."""
+    starts; and the budget :func:`current` gives there (the tq encoder's threads)."""
+    BUDGETS[:] = [share]
     os.environ.update({name: str(share) for name in BLAS_ENV})
     torch.set_num_threads(share)
     threadpool_limits(limits=share)

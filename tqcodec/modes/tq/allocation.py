@@ -10,6 +10,7 @@ to meet a bit budget or a distortion target.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -17,7 +18,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ...format.leb128 import packed_counts_bytes
-from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, code_at_most, steps_from_codes
+from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, code_at_most, step_from_code
+from .pool import each, grouped, run
 from .rounding import gptq_round, prepare, round_nearest
 
 MAX_LEVEL = 1 << 20
@@ -46,8 +48,9 @@ def coded_bits(levels: np.ndarray, scale: float = 1.0) -> float:
     """Estimated stored bits of one band: N * empirical entropy + table + chunk header
     (``scale``: the levels are a subsample of 1/scale of the band)."""
     flat = np.asarray(levels).reshape(-1)
-    lo = flat.min()
-    counts = np.bincount((flat - lo).astype(np.intp))
+    idx = flat.astype(np.intp)  # levels are whole numbers (float from rint, or integers): exact
+    idx -= idx.min()
+    counts = np.bincount(idx)
     counts_nz = counts[counts > 0]
     if len(counts_nz) < 2:
         return float(BAND_PARAM_BITS + 32)
@@ -59,25 +62,28 @@ def coded_bits(levels: np.ndarray, scale: float = 1.0) -> float:
 class Matrices:
     """Float64 matrices made when asked and held a few at a time (least recently used first out),
     so that the encoder's working set is about the largest tensor, not the model: a unit keeps
-    curves and a way to remake its rows, not its rows."""
+    curves and a way to remake its rows, not its rows. Safe to use from several threads (a
+    matrix is made by one of them at a time)."""
 
     def __init__(self, keep: int = 2):
         self.keep = keep
         self._make: dict[str, Callable[[], np.ndarray]] = {}
         self._held: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        self._lock = threading.Lock()
 
     def add(self, key: str, make: Callable[[], np.ndarray]) -> None:
         self._make[key] = make
 
     def get(self, key: str) -> np.ndarray:
-        arr = self._held.get(key)
-        if arr is None:
-            while len(self._held) >= self.keep:
-                self._held.popitem(last=False)
-            arr = self._held[key] = self._make[key]()
-        else:
-            self._held.move_to_end(key)
-        return arr
+        with self._lock:
+            arr = self._held.get(key)
+            if arr is None:
+                while len(self._held) >= self.keep:
+                    self._held.popitem(last=False)
+                arr = self._held[key] = self._make[key]()
+            else:
+                self._held.move_to_end(key)
+            return arr
 
     def rows(self, key: str, r0: int, r1: int, shape: tuple[int, int]) -> "Rows":
         return Rows(self, key, r0, r1, shape)
@@ -127,6 +133,14 @@ class Unit:
     def w(self) -> np.ndarray:
         return self.data() if isinstance(self.data, Rows) else self.data
 
+    @property
+    def group(self) -> object:
+        """Units of equal ``group`` share state (one lazily made matrix, one error-feedback cache)
+        and are evaluated by one thread at a time (:mod:`.pool`)."""
+        if isinstance(self.data, Rows):
+            return self.data.key
+        return id(self.shared) if self.shared is not None else id(self)
+
     @w.setter
     def w(self, value: np.ndarray) -> None:
         self.data = value
@@ -153,12 +167,13 @@ class Unit:
             tot += float(np.sum((e3[i] @ self.h[i]) * e3[i]))
         return self.gain * max(tot, 0.0)  # H is PSD (usable_h): below 0 only by rounding
 
-    def distortion_diag(self, err: np.ndarray) -> float:
+    def distortion_diag(self, err: np.ndarray, overwrite: bool = False) -> float:
         """Cheap estimate for the coarse curve: ``tr(E diag(H) E^T)`` (errors taken as
-        uncorrelated across input columns, as nearest rounding makes them at fine steps)."""
-        e2 = err * err
+        uncorrelated across input columns, as nearest rounding makes them at fine steps).
+        ``overwrite``: ``err`` may be used as scratch space."""
+        e2 = np.multiply(err, err, out=err if overwrite else None)
         if self.row_weights is not None:
-            e2 = e2 * self.row_weights[:, None]
+            np.multiply(e2, self.row_weights[:, None], out=e2)
         if self.h is None:
             return self.gain * float(np.sum(e2))
         if self._diag is None:
@@ -168,7 +183,7 @@ class Unit:
 
     def quantize(self, code: int, feedback: bool) -> np.ndarray:
         """Levels at step code ``code``: error-feedback rounding when ``feedback`` and H exists."""
-        step = float(steps_from_codes([code])[0])
+        step = step_from_code(code)
         if not feedback or self.h is None:
             return round_nearest(self.w, step, -MAX_LEVEL, MAX_LEVEL)
         if self.shared is not None:
@@ -192,7 +207,7 @@ class Unit:
         """Curve point at ``code``. ``feedback``: exact (the rounding the file will hold, full
         distortion); else a coarse estimate by nearest rounding, diagonal distortion and, for
         big tensors, a deterministic subsample of rows scaled up."""
-        step = float(steps_from_codes([code])[0])
+        step = step_from_code(code)
         if not feedback:
             w, rw, scale = self.w, self.row_weights, 1.0
             grouped = self.h is not None and self.h.shape[0] > 1
@@ -203,11 +218,15 @@ class Unit:
                 scale = self.shape[0] / w.shape[0]
             # candidate codes keep a weight's levels within ±2^20, but not a transform's coefficients
             # (an AAT from an H of wide dynamic range): clipped as quantize clips them
-            lv = np.clip(np.rint(w * (1.0 / step)), -MAX_LEVEL, MAX_LEVEL)
-            err = w - lv * step
+            # (in place: the same values as np.clip(np.rint(w * (1 / step)), ...) and w - lv * step)
+            lv = np.multiply(w, 1.0 / step)
+            np.rint(lv, out=lv)
+            np.clip(lv, -MAX_LEVEL, MAX_LEVEL, out=lv)
+            err = np.multiply(lv, step)
+            np.subtract(w, err, out=err)
             saved = self.row_weights
             self.row_weights = rw
-            d = scale * self.distortion_diag(err)
+            d = scale * self.distortion_diag(err, overwrite=True)
             self.row_weights = saved
             r = coded_bits(lv, scale)
             self.curve[code] = (d, r)
@@ -235,7 +254,7 @@ def candidate_codes(w: np.ndarray, octaves_below: int = 10) -> list[int]:
     bottom = int(math.floor(4 * math.log2(rms))) - 4 * octaves_below
     floor_step = max(peak / (MAX_LEVEL - 1), 2 * peak / 65000, 2.0 ** -40)
     codes = [c for c in range(bottom, top + 1)
-             if STEP_CODE_MIN <= c <= STEP_CODE_MAX and steps_from_codes([c])[0] >= floor_step]
+             if STEP_CODE_MIN <= c <= STEP_CODE_MAX and step_from_code(c) >= floor_step]
     return codes or [min(STEP_CODE_MAX, max(STEP_CODE_MIN, top))]
 
 
@@ -335,25 +354,39 @@ def bisect_lambda(units: list[Unit], measure: Callable[[dict[str, int]], float],
 
 
 def build_curves(units: list[Unit], *, window: int = 3, lam_hint: Optional[float] = None,
-                 feedback: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> None:
+                 feedback: bool = True, progress: Optional[Callable[[int, int], None]] = None,
+                 threads: int = 1) -> None:
     """Coarse curves by nearest rounding over every candidate code; then, when ``feedback``,
     the codes within ``window`` of the choice at ``lam_hint`` are re-evaluated with
-    error-feedback rounding (levels kept for encoding)."""
-    for i, u in enumerate(units):
-        if not u.curve:
-            for c in candidate_codes(u.w):
-                u.evaluate(c, False)
+    error-feedback rounding (levels kept for encoding). ``threads``: units of different
+    :attr:`Unit.group` evaluated at once (the same curves for every count)."""
+    done = 0
+
+    def coarse(group: list[Unit]) -> None:
+        for u in group:
+            if not u.curve:
+                for c in candidate_codes(u.w):
+                    u.evaluate(c, False)
+
+    groups = grouped(units, lambda u: u.group)
+    for group, _ in zip(groups, each(coarse, groups, threads)):
+        done += len(group)
         if progress:
-            progress(i + 1, len(units))
+            progress(done, len(units))
     if feedback and lam_hint is not None:
-        refine(units, choose(units, lam_hint), window)
+        refine(units, choose(units, lam_hint), window, threads)
 
 
-def refine(units: list[Unit], pick: dict[str, int], window: int) -> None:
-    """Error-feedback rounding for the codes within ``window`` of each unit's pick."""
-    for u in units:
-        codes = sorted(u.curve)
-        c0 = pick[u.name]
-        for c in codes:
-            if abs(c - c0) <= window and c not in u.exact:
-                u.evaluate(c, True, keep=True)
+def refine(units: list[Unit], pick: dict[str, int], window: int, threads: int = 1) -> None:
+    """Error-feedback rounding for the codes within ``window`` of each unit's pick
+    (``threads``: as :func:`build_curves`)."""
+
+    def exact(group: list[Unit]) -> None:
+        for u in group:
+            codes = sorted(u.curve)
+            c0 = pick[u.name]
+            for c in codes:
+                if abs(c - c0) <= window and c not in u.exact:
+                    u.evaluate(c, True, keep=True)
+
+    run(exact, grouped(units, lambda u: u.group), threads)

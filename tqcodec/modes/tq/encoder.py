@@ -10,11 +10,13 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ...format.steps import MAX_CODED_MAGNITUDE, code_at_most, steps_from_codes
+from ...format.steps import MAX_CODED_MAGNITUDE, code_at_most, step_from_code
+from ...processes import current_budget
 from ..base import Encoded
 from . import transforms
 from .format import write
 from .allocation import Matrices, Rows, Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, refine, totals
+from .pool import run
 
 BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
@@ -367,7 +369,7 @@ def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthes
 
 def reconstruction(u: Unit, code: int) -> np.ndarray:
     """What the decoder rebuilds for a band (float64, in the unit's [rows, m] view)."""
-    return _levels(u, code) * float(steps_from_codes([code])[0])
+    return _levels(u, code) * step_from_code(code)
 
 
 def _bias_pairs(units: list[Unit], stats, layouts: Mapping[str, str]) -> list:
@@ -533,19 +535,25 @@ def with_bands_replaced(units: list[Unit], replacement: Mapping[str, list[Unit]]
     return out
 
 
-def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption], lam: float) -> tuple[list[Unit], set]:
+def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption], lam: float,
+                      threads: int = 1) -> tuple[list[Unit], set]:
     """Per tensor with an option: the transform when its cost D + lam R, with the stored S's
     ``16 m k`` bits counted, is below the identity's at the same multiplier. Returns the units
-    with the chosen tensors' row bands replaced by their coefficient bands, and their names."""
+    with the chosen tensors' row bands replaced by their coefficient bands, and their names.
+    ``threads``: options whose curves are made at once (the same choice for every count)."""
     by_parent = by_tensor(units)
     chosen = set()
-    for name, opt in options.items():
-        if name not in by_parent:
-            continue
+
+    def curves(opt: TransformOption) -> None:
         for u in opt.bands:
             if not u.curve:
                 for c in candidate_codes(u.w):
                     u.evaluate(c, True, keep=True)
+
+    run(curves, [opt for name, opt in options.items() if name in by_parent], threads)
+    for name, opt in options.items():
+        if name not in by_parent:
+            continue
         # the two alternatives' bands share names: each is chosen on its own
         identity = _cost(by_parent[name], choose(by_parent[name], lam), lam)
         pick = choose(opt.bands, lam)
@@ -604,23 +612,26 @@ def _best_cost(bands: list[Unit], lam: float) -> float:
     return _cost(bands, choose(bands, lam), lam)
 
 
-def choose_partitions(units: list[Unit], partitions: Mapping[str, list[list[Unit]]], lam: float) -> list[Unit]:
+def choose_partitions(units: list[Unit], partitions: Mapping[str, list[list[Unit]]], lam: float,
+                      threads: int = 1) -> list[Unit]:
     """``units`` with each tensor of ``partitions`` cut as the alternative (or its own bands) of
-    least D + lam R (ties: its own bands, then the fewest bands)."""
+    least D + lam R (ties: its own bands, then the fewest bands). ``threads``: tensors weighed at
+    once (their cuts share error-feedback results: one tensor is one task)."""
     by_parent = by_tensor(units)
     chosen: dict[str, list[Unit]] = {}
-    for name, alts in partitions.items():
-        own = by_parent.get(name)
-        if own is None:
-            continue
+
+    def weigh(name: str) -> None:
+        own = by_parent[name]
         best, best_cost = own, _best_cost(own, lam)
-        for alt in alts:
+        for alt in partitions[name]:
             cost = _best_cost(alt, lam)
             if cost < best_cost:
                 best, best_cost = alt, cost
         if best is not own:
             chosen[name] = best
-    return with_bands_replaced(units, chosen)
+
+    run(weigh, [name for name in partitions if name in by_parent], threads)
+    return with_bands_replaced(units, {name: chosen[name] for name in partitions if name in chosen})
 
 
 def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, quality: Optional[float] = None,
@@ -649,12 +660,15 @@ class ModelEncoder:
 
     numpy's BLAS runs single-threaded meanwhile: the encoder's matrices are small, and a
     multi-threaded OpenBLAS beside torch's OpenMP pool was measured 20x slower on its Cholesky
-    factorisations (and one thread makes the float64 results independent of the core count)."""
+    factorisations (and one thread makes the float64 results independent of the core count).
+    The run's thread budget (``tqcodec.threads``; ``threads`` overrides it) goes to evaluating
+    tensors at once instead (:mod:`.pool`: the same bytes for every count)."""
 
     def __init__(self, items: list[Item], stats, *, total_params: int, size_of: Callable[[dict], int],
                  tolerance: float = 0.015, progress: Optional[Callable[[str, int, int], None]] = None,
-                 alternatives: Optional[Callable] = None, transforms: bool = True):
+                 alternatives: Optional[Callable] = None, transforms: bool = True, threads: Optional[int] = None):
         self.stats = stats
+        self.threads = current_budget() if threads is None else max(1, int(threads))
         self.total_params = total_params
         self.size_of = size_of
         self.tolerance = tolerance
@@ -667,7 +681,7 @@ class ModelEncoder:
             self.options: dict[str, TransformOption] = {}
             self.partitions: dict[str, list[list[Unit]]] = {}
             if self.units:
-                build_curves(self.units, feedback=False,
+                build_curves(self.units, feedback=False, threads=self.threads,
                              progress=lambda done, total: self.tell("curves", done, total))
                 if transforms:
                     self.options = transform_options(items, stats, self.layouts, self.matrices)
@@ -694,6 +708,7 @@ class ModelEncoder:
     def _encode(self, bits, quality):
         units, stats, feedback, tell = self.units, self.stats, self.feedback, self.tell
         options, layouts, alternatives = self.options, self.layouts, self.alternatives
+        threads = self.threads
         synthesis: dict[str, np.ndarray] = {}
 
         def rate(pick: Mapping[str, int]) -> float:
@@ -708,7 +723,7 @@ class ModelEncoder:
             if not self.partitions:
                 return units
             lam, _ = bisect_lambda(units, measure, target, increasing=increasing)
-            return choose_partitions(units, self.partitions, lam)
+            return choose_partitions(units, self.partitions, lam, self.threads)
 
         def with_transforms(measure: Callable, target: float, increasing: bool) -> list[Unit]:
             """The transform choice (spec §7.5 stream 0) at the multiplier that meets ``target``
@@ -717,10 +732,10 @@ class ModelEncoder:
                 return units
             lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
             if feedback:
-                refine(units, pick, 1)
+                refine(units, pick, 1, threads)
                 lam, pick = bisect_lambda(units, measure, target, increasing=increasing)
             tell("transforms", 0, len(options))
-            chosen, names = choose_transforms(units, options, lam)
+            chosen, names = choose_transforms(units, options, lam, threads)
             tell("transforms", len(options), len(options))
             synthesis.update({n: options[n].synthesis for n in names})
             return chosen
@@ -754,9 +769,9 @@ class ModelEncoder:
             corrections, originals = corrections_of(units)
             lam, pick = bisect_lambda(units, dist, target, increasing=True)
             if feedback:
-                refine(units, pick, 3)
+                refine(units, pick, 3, threads)
                 lam, pick = bisect_lambda(units, dist, target, increasing=True)
-                refine(units, pick, 0)
+                refine(units, pick, 0, threads)
             return with_alternatives(alternatives, lam, units, pick, result(pick))
 
         target_bits = float(bits) * self.total_params
@@ -770,11 +785,11 @@ class ModelEncoder:
             budget = max(target_bits - overhead, 1.0)
             lam, pick = bisect_lambda(units, rate, budget, increasing=False)
             if feedback:
-                refine(units, pick, 2)
+                refine(units, pick, 2, threads)
                 lam, pick = bisect_lambda(units, rate, budget, increasing=False)
-                refine(units, pick, 0)  # the chosen points themselves are exact
+                refine(units, pick, 0, threads)  # the chosen points themselves are exact
                 pick = choose(units, lam)
-                refine(units, pick, 0)
+                refine(units, pick, 0, threads)
             pick = fill(units, pick, budget)
             enc = with_alternatives(alternatives, lam, units, pick, result(pick))
             actual = 8.0 * self.size_of(enc)
