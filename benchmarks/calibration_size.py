@@ -2,11 +2,15 @@
 found by ``tqcodec.save(evaluate=..., threshold=...)``, with statistics from the first 32, 128 and
 1024 calibration inputs.
 
-    .venv/bin/python benchmarks/calibration_size.py [--models digits,minilm] [--samples 32,128,1024]
+    .venv/bin/python benchmarks/calibration_size.py [--models digits,minilm] [--samples 0,32,128,1024]
+
+``0`` samples: no statistics (the data-free encoder), the floor calibration must never be worse
+than; it is left out of the spread.
 
 Digits: the first N images of the training split (``zoo.digits.calibration_inputs``). MiniLM: the
-first N sentences of the benchmark's calibration pool (``zoo/sentences.json``), which holds 128,
-so its larger counts stop there (the sample counts asked beyond the pool are skipped and said so).
+first N sentences of the benchmark's calibration pool (``zoo.minilm.calibration_pool``: the 128 of
+``zoo/sentences.json`` that ``rd.py`` calibrates with, then 896 more from ``zoo/make_sentences.py``;
+sample counts asked beyond the pool are skipped and said so).
 Both are disjoint from the evaluation inputs. Each point is one rate search (``evaluate_search.run``:
 the same search, evaluation and threshold), so a file is within the search's 3% of the smallest
 passing rate; the spread between sample counts is therefore measured to about 3%. NNCodec's
@@ -29,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.evaluate_search import RESULTS, rd_smallest_transparent, run  # noqa: E402
 from benchmarks.zoo import minilm  # noqa: E402
 
-POOL = {"minilm": len(minilm.sentences()["calibration"])}
+POOL = {"minilm": len(minilm.calibration_pool())}
 
 
 def nncodec_point(model: str) -> dict:
@@ -49,6 +53,7 @@ def write_md(results: dict, path: Path) -> None:
     for model, m in results["models"].items():
         ref = m.get("nncodec", {})
         for n, r in m["runs"].items():
+            n = n if n != "0" else "0 (no statistics)"
             vs = f"{r['file_bytes'] / ref['bytes']:.2f}x" if ref else "-"
             bits = r["trials"][r["chosen"]]["bits"]
             lines.append(f"| {model} | {n} | {r['file_bytes']:,} | {bits:.3f} | {vs} | {r['file_metric']:.4f} | "
@@ -57,7 +62,7 @@ def write_md(results: dict, path: Path) -> None:
     lines.append("")
     for model, m in results["models"].items():
         ref = m.get("nncodec", {})
-        lines.append(f"- {model}: spread {m['spread']:.1%} over {', '.join(m['runs'])} samples"
+        lines.append(f"- {model}: spread {m['spread']:.1%} over {', '.join(n for n in m['runs'] if n != '0')} samples"
                      + (f"; NNCodec's smallest transparent file {ref['bytes']:,} B (rd.json run of {ref['started']})"
                         if ref else "") + (f"; {m['skipped']}" if m.get("skipped") else ""))
     path.write_text("\n".join(lines) + "\n")
@@ -66,7 +71,7 @@ def write_md(results: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="digits,minilm")
-    ap.add_argument("--samples", default="32,128,1024")
+    ap.add_argument("--samples", default="0,32,128,1024")
     ap.add_argument("--out", default=str(RESULTS / "calibration_size.json"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -81,12 +86,12 @@ def main() -> None:
                                  if len(counts) < len(asked) else "")}
             for n in counts:
                 print(f"{model}, {n} samples:", flush=True)
-                r = run(model, f"calibrated, {n} samples", Path(tmp), args,
-                        make_stats=lambda ctx, n=n: ctx.calibrated(n))
+                r = run(model, f"calibrated, {n} samples" if n else "none", Path(tmp), args,
+                        make_stats=lambda ctx, n=n: ctx.calibrated(n) if n else None)
                 r["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 entry["runs"][str(n)] = r
                 print(f"  {r['file_bytes']} bytes, {len(r['trials'])} trials, load {os.getloadavg()[0]:.1f}", flush=True)
-            sizes = [r["file_bytes"] for r in entry["runs"].values()]
+            sizes = [r["file_bytes"] for n, r in entry["runs"].items() if n != "0"]
             entry["spread"] = max(sizes) / min(sizes) - 1.0 if sizes else None
             results["models"][model] = entry
     out.write_text(json.dumps(results, indent=1) + "\n")

@@ -82,9 +82,9 @@ class Context:
         """Calibration inputs (disjoint from the evaluation inputs), as a list of batches:
         tensors for digits (call ``module(batch)``), dicts for MiniLM (``module(**batch)``).
         ``samples``: the first that many of them (default: MiniLM's 128 sentences, 1024 digits
-        images, 512 for the other models)."""
+        images, 512 for the other models; MiniLM's pool holds 1024, ``minilm.calibration_pool``)."""
         if self.model == "minilm":
-            sents = minilm.sentences()["calibration"][:samples]
+            sents = minilm.calibration_pool()[:samples or 128]
             return [minilm.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
         x = self.zoo.calibration_inputs(samples or (1024 if self.model == "digits" else 512))
         return [x[i:i + 64] for i in range(0, len(x), 64)]

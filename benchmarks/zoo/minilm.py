@@ -10,6 +10,7 @@ and the original's on 600 fixed sentences (``sentences.json``, Python stdlib doc
     original_state_dict()     -> the original weights (= reference_state_dict())
     calibration_inputs(n)     -> dict(input_ids, attention_mask, token_type_ids) for n <= 128 sentences
                                  disjoint from the evaluation ones; call module(**calibration_inputs())
+    calibration_pool()        -> the 128 calibration sentences then 896 more (1024, disjoint from eval)
     embed(module, sentences)  -> float32 [N,384] L2-normalised sentence embeddings
     evaluate(sd, ref_sd)      -> {"value": mean cos, "min_cos", "nn_top1_agreement", ...}
 """
@@ -88,7 +89,8 @@ _SENTS: Optional[dict] = None
 
 
 def sentences() -> dict:
-    """{"eval": 600 sentences, "calibration": 128 others}."""
+    """{"eval": 600 sentences, "calibration": 128 others, "calibration_extra": 896 more (made by
+    ``make_sentences.py``), ...}."""
     global _SENTS
     if _SENTS is None:
         with open(SENTENCES, encoding="utf-8") as f:
@@ -101,6 +103,13 @@ def encode(sents: Sequence[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor([e.ids for e in enc], dtype=torch.long),
             "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.long),
             "token_type_ids": torch.tensor([e.type_ids for e in enc], dtype=torch.long)}
+
+
+def calibration_pool() -> list[str]:
+    """Every calibration sentence, disjoint from the evaluation ones: the 128 of ``calibration``
+    first (the benchmark's default calibration set), then the 896 of ``calibration_extra``."""
+    s = sentences()
+    return list(s["calibration"]) + list(s.get("calibration_extra", []))
 
 
 def calibration_inputs(n: int = 128) -> dict[str, torch.Tensor]:
