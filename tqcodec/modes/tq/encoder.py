@@ -316,7 +316,11 @@ def batchnorm_unit(it: Item, by_name: Mapping[str, Item], stats, default_gain: f
     if not np.isfinite(rw).all():
         return None
     gain = default_gain
-    for partner in (prefix + "bias", prefix + "weight"):
+    # A mean error shifts the channel by a constant, as a bias error does; a variance error scales
+    # the centred activation, as an error of the BatchNorm weight does: each takes that partner's
+    # measured output gain first.
+    partners = (prefix + "bias", prefix + "weight")
+    for partner in (partners if it.name.endswith("running_mean") else partners[::-1]):
         pst = stats.get(partner) if stats is not None else None
         if pst is not None:
             gain = pst.gain
