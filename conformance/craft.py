@@ -226,7 +226,14 @@ def zstd_frame(data: bytes, content_size: bool = True, block: str = "raw", max_b
         need = max(1, min(n, max_block))
         exp = max(0, math.ceil(math.log2(need)) - 10)
         out += bytes([0x00, exp << 3])
-    blocks = [data[i:i + max_block] for i in range(0, n, max_block)] or [b""]
+    return bytes(out) + zstd_blocks(data, block, max_block)
+
+
+def zstd_blocks(data: bytes, block: str = "raw", max_block: int = 1 << 17) -> bytes:
+    """The blocks of :func:`zstd_frame` (what follows its frame header): ``data`` in Raw (or RLE)
+    blocks of at most ``max_block`` bytes, the last one marked."""
+    out = bytearray()
+    blocks = [data[i:i + max_block] for i in range(0, len(data), max_block)] or [b""]
     for i, b in enumerate(blocks):
         last = 1 if i == len(blocks) - 1 else 0
         if block == "rle" and b and b == bytes([b[0]]) * len(b):

@@ -49,7 +49,7 @@ from tqcodec.modes import raw as raw_mode  # noqa: E402
 from tqcodec.modes import uniform as uniform_mode  # noqa: E402
 
 from craft import (ST_DTYPES, Chunk, Pairs, Raw, TqzFile, crc32, leb128, mp, parse_valid, protocol_key,  # noqa: E402
-                   rc_decode, step, unleb128, write_safetensors, zstd_frame)
+                   rc_decode, step, unleb128, write_safetensors, zstd_blocks, zstd_frame)
 
 SPEC_VERSION = "1.3"
 SPEC_MODES = ("raw", "uniform", "alias", "tq", "ecsq", "kmeans", "pq", "dither")
@@ -773,9 +773,7 @@ def make_valid(out: Out):
          "Raw blocks of at most 128 KiB, 4-byte Frame_Content_Size", base(), zstd_frame,
          metadata={"notes": "x" * 299_800})
     def windowed_frame(m: bytes) -> bytes:  # descriptor 0x80: 4-byte content size, a 2^17 window, Raw blocks
-        single = zstd_frame(m)
-        fcs_bytes = {0x20: 1, 0x60: 2, 0xA0: 4, 0xE0: 8}[single[4]]
-        return b"\x28\xb5\x2f\xfd\x80" + bytes([(17 - 10) << 3]) + struct.pack("<I", len(m)) + single[5 + fcs_bytes:]
+        return b"\x28\xb5\x2f\xfd\x80" + bytes([(17 - 10) << 3]) + struct.pack("<I", len(m)) + zstd_blocks(m)
     zman("manifest_zstd_window_descriptor", "a compressed manifest whose frame has a Window_Descriptor (2^17) and "
          "a 4-byte Frame_Content_Size (not single-segment)", base(), windowed_frame)
     zman("manifest_zstd_minor_0", "ZSTD_MANIFEST set in a file declaring Minor_Version 0: a decoder does not "
@@ -2344,7 +2342,7 @@ def make_invalid(out: Out):
 
     plain = f0.manifest
     zs = zstd_manifest(plain)
-    raw_blocks = zstd_frame(plain)[5 + {0x20: 1, 0x60: 2, 0xA0: 4, 0xE0: 8}[zstd_frame(plain)[4]]:]
+    raw_blocks = zstd_blocks(plain)
     zmagic = b"\x28\xb5\x2f\xfd"
     zman("manifest_zstd_plain", "ZSTD_MANIFEST set over a plain (MessagePack) manifest", plain, "BAD_MANIFEST")
     zman("manifest_zstd_bit_clear", "a compressed manifest with ZSTD_MANIFEST clear: read as MessagePack, the "
@@ -2381,8 +2379,7 @@ def make_invalid(out: Out):
     zman("manifest_zstd_truncated", "the manifest's frame without its last 3 bytes (Manifest_Length matches)",
          zs[:-3], "BAD_MANIFEST")
     reserved_block = bytearray(zstd_frame(plain))
-    first_block = 5 + {0x20: 1, 0x60: 2, 0xA0: 4, 0xE0: 8}[reserved_block[4]]
-    reserved_block[first_block] |= 0b110  # Block_Type 3, reserved
+    reserved_block[len(reserved_block) - len(raw_blocks)] |= 0b110  # the first block's Block_Type 3, reserved
     zman("manifest_zstd_reserved_block_type", "a frame whose first block has the reserved Block_Type 3",
          bytes(reserved_block), "BAD_MANIFEST")
     ck = bytearray(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(plain))

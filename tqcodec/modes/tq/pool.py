@@ -52,8 +52,6 @@ def grouped(items: Sequence[T], key: Callable[[T], object]) -> list[list[T]]:
     return list(groups.values())
 
 
-
-
 def _trimmed(fn: Callable[[T], R], task: T) -> R:
     """``fn(task)``, then the memory it freed handed back to the OS (:func:`trim_malloc`)."""
     try:
