@@ -258,3 +258,32 @@ def test_an_indefinite_h_never_gives_a_negative_distortion():
     for code in candidate_codes(units[0].w):
         d, r = units[0].evaluate(code, True)
         assert d >= 0 and np.isfinite(r)
+
+
+def test_fewer_samples_than_inputs_still_steer_the_rounding():
+    """32 samples of a 256-dimensional input whose energy falls off as 1/k over its directions
+    (as real activations' does): H is singular, and the directions no sample reached must not
+    count as much as an average one. Output SQNR on fresh inputs at 2 bits/param, measured: no
+    statistics 10.1 dB, 1024 samples 24.6, 32 samples 15.8 when the unreached directions were
+    shrunk toward the mean input energy, 20.2 with UNREACHED_SHARE of it."""
+    d, n = 256, 128
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    spread = torch.arange(1, d + 1, dtype=torch.float32) ** -1.0
+
+    def inputs(k: int, seed: int) -> torch.Tensor:
+        return (torch.randn(k, d, generator=torch.Generator().manual_seed(seed)) * spread) @ basis.T
+    sd = {"fc.weight": torch.randn(n, d, generator=g) / d ** 0.5}
+    fresh = inputs(4000, 99)
+    reference = fresh @ sd["fc.weight"].T
+
+    def output_sqnr(samples: int) -> float:
+        stats = tqcodec.Stats.from_activations({"fc.weight": inputs(samples, 1)}) if samples else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the data-free warning
+            w = tqcodec.load(tqcodec.encode_bytes(sd, stats=stats, bits=2.0, mode="tq"))["fc.weight"]
+        error = fresh @ w.float().T - reference
+        return 10 * float(torch.log10((reference ** 2).sum() / (error ** 2).sum()))
+    free, few, many = output_sqnr(0), output_sqnr(32), output_sqnr(1024)
+    assert free < few < many
+    assert few - free >= 0.55 * (many - free)  # 32 samples give most of what 1024 give

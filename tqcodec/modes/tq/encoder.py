@@ -66,13 +66,23 @@ def _h_fits(h: Optional[np.ndarray], n: int, m: int) -> bool:
     return h is not None and h.ndim == 3 and h.shape[1] == h.shape[2] == m and n % h.shape[0] == 0
 
 
+UNREACHED_SHARE = 0.2  # the directions no sample reached weigh this share of the mean input energy:
+# real inputs hold their energy in few directions, so the unseen ones are weaker than the mean.
+# Digits CNN, fc1 (d = 512) from 32 images, calibrated tq at 1 bit/param: logit SQNR 13.5 dB with
+# a share of 1 (the data-free encoder gives 16.2 dB, 1024 images 28.7), 23.8 with 0.2, 22.3 with 0.05.
+# MiniLM from 32 sentences (579 tokens; the FFN down-projections have d = 1536) at 3.6 bits/param:
+# mean cosine 0.9746 with a share of 1, 0.9925 with 0.4, 0.9929 with 0.2 and 0.1, 0.9928 with 0.05
+# (128 sentences: 0.9950, every H full rank)
+
+
 def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     """The input second moments H [groups, d, d] as the encoder weighs errors by them, from
     statistics of ``rows`` input vectors: None when they hold nothing to go by (not finite, or no
     energy in a group: an input that was always zero says nothing of other inputs, so the tensor
     is coded as without statistics); shrunk toward ``tr(H)/d * I`` when fewer vectors than
     dimensions were seen (H is then singular: directions no sample reached would cost nothing),
-    by the share ``1 - rows/d`` of the dimensions no sample can have reached."""
+    by ``UNREACHED_SHARE`` of the share ``1 - rows/d`` of the dimensions no sample can have
+    reached."""
     h = np.asarray(h, dtype=np.float64)
     if not np.isfinite(h).all():
         return None
@@ -81,7 +91,7 @@ def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     if not (traces > 0).all():
         return None
     h = np.stack([_psd(h[g], traces[g] / d) for g in range(h.shape[0])])
-    alpha = max(0.0, 1.0 - max(int(rows), 0) / d)
+    alpha = UNREACHED_SHARE * max(0.0, 1.0 - max(int(rows), 0) / d)
     if alpha == 0.0:
         return h
     eye = np.eye(d)
