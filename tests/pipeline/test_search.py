@@ -34,6 +34,33 @@ def test_search_lands_within_tolerance_of_the_boundary_in_few_trials(threshold_b
     assert found.best.size == min(t.size for t in found.trials if t.passed)
 
 
+@pytest.mark.parametrize("threshold", [0.99, 0.995, 0.999])
+def test_a_smooth_metric_is_interpolated_in_fewer_trials_than_bisection(threshold):
+    # a cosine-like metric whose error falls 8x per bit (MiniLM's, measured): bisecting from the
+    # bracket [2, 4] took 7 trials; interpolating lands near the boundary and confirms it
+    trials = []
+    found = search.smallest_passing(lambda b: (trials.append(b) or b, int(1000 * b), 1 - 0.18 * 8.0 ** (2 - b)),
+                                    search.Target(threshold))
+    boundary = 2 + math.log(0.18 / (1 - threshold), 8)
+    assert found.best.bits >= boundary and found.best.size <= 1.03 * 1000 * boundary + 1
+    assert len(trials) <= 5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_noisy_metric_costs_at_most_two_trials_more_than_bisection(seed):
+    # top-1 accuracy on a few hundred images: saturating, quantized, noisy
+    import numpy as np
+    rng = np.random.default_rng(seed)
+
+    def accuracy(b):
+        return round((0.993 - 0.04 * 4.0 ** (-b) * 4 + rng.normal(0, 0.0015)) * 500) / 500
+    trials = []
+    found = search.smallest_passing(lambda b: (trials.append(b) or b, int(1000 * b), accuracy(b)), search.Target(0.99))
+    assert found.best.passed and len(trials) <= 10
+    failing = [t.size for t in found.trials if not t.passed]
+    assert not failing or found.best.size <= 1.03 * max(failing) + 1 or len(trials) == search.MAX_TRIALS
+
+
 def test_search_lower_is_better_and_passing_at_the_floor():
     calls: list = []
     # metric = error falling with the rate; passes when <= 0.5
