@@ -24,11 +24,12 @@ LINES = ["the cat sat on the mat", "", "a dog ran far", "this is that", "it was 
          "   ", "which is not a cat"]
 
 
-def make_bert(folder: Path, architectures: tuple = (), with_tokenizer: bool = True, prefix_model: bool = False) -> Path:
+def make_bert(folder: Path, architectures: tuple = (), with_tokenizer: bool = True, prefix_model: bool = False,
+              placeholders: int = 0) -> Path:
     """A randomly initialised BertModel (or BertForMaskedLM's weights with ``prefix_model``) saved
     with save_pretrained, and a BertTokenizer over a small vocabulary."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"[unused{i}]" for i in range(placeholders)] + list(WORDS)
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=64)
@@ -41,7 +42,8 @@ def make_bert(folder: Path, architectures: tuple = (), with_tokenizer: bool = Tr
         (folder / "config.json").write_text(json.dumps(c))
     if with_tokenizer:
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+        # the vocabulary file positionally: transformers 5 ignores vocab_file=, 4 names it so
+        transformers.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
     return folder
 
 
@@ -108,6 +110,20 @@ def test_calibrate_synthetic_through_tqz(bert, tmp_path):
     assert len(stats.keys()) == 39 and stats.get("embeddings.word_embeddings.weight").counts[0] == 0
     p = _run(work, "calibrate", "bert", "--samples", "20")
     assert p.returncode == 1 and "OUTPUT_EXISTS" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_synthetic_tokens_follow_the_vocabulary_order_and_skip_placeholders(tmp_path):
+    from tqcodec.model.calibrate import load_folder_model, synthetic_batches
+    model, config, tok = load_folder_model(make_bert(tmp_path / "b", placeholders=6))
+    batches = synthetic_batches(200, model, config, tok, seed=0)
+    ids = torch.cat([b["input_ids"][b["attention_mask"] == 1] for b in batches])
+    words = ids[~torch.isin(ids, torch.tensor([tok.cls_token_id, tok.sep_token_id]))]
+    first_word = 5 + 6
+    assert int(words.min()) >= first_word  # no special token, no [unusedN]
+    counts = torch.bincount(words - first_word, minlength=len(WORDS)).float()
+    assert counts.min() > 0  # every word is drawn
+    half = len(WORDS) // 2
+    assert counts[:half].sum() > 2 * counts[half:].sum()  # Zipf: the vocabulary's first words most often
 
 
 def test_synthetic_inputs_are_seeded_and_like_sentences(bert):

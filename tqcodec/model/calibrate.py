@@ -39,6 +39,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
@@ -933,6 +934,12 @@ FOLDER_SAMPLES = 128       # sequences by default
 SYNTHETIC_MEDIAN = 20      # synthetic sequences: log-normal lengths around 20 tokens, like sentences
 SYNTHETIC_SIGMA = 0.5
 SYNTHETIC_MIN = 4
+SYNTHETIC_ZIPF = 1.2       # token ids drawn with probability ~ 1/rank**this, rank = place in id order
+# (subword vocabularies list frequent tokens first: BPE merges, WordPiece, SentencePiece scores).
+# MiniLM, tq at 4 bits/param from 128 synthetic sequences, mean cosine on real sentences: uniform
+# ids 0.9882, exponent 1.0 0.9922, 1.2 0.9935, 1.5 0.9941, 2.0 0.9763 (a few punctuation tokens
+# crowd out the rest): 1.2 keeps clear of that edge. Real sentences: 0.9972
+PLACEHOLDER = re.compile(r"\[[^\]]*\]|<[^>]*>")  # vocabulary entries that stand for no text
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
@@ -1020,10 +1027,24 @@ def text_batches(lines: list[str], model: nn.Module, config: Any, tokenizer: Any
     return out
 
 
+def _real_tokens(ids: np.ndarray, tokenizer: Any) -> np.ndarray:
+    """``ids`` without the vocabulary's placeholders (``[unused7]``, ``<extra_id_3>``: tokens no text
+    holds); all of ``ids`` when the tokenizer cannot name its tokens."""
+    to_tokens = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if to_tokens is None:
+        return ids
+    try:
+        names = to_tokens([int(i) for i in ids])
+    except Exception:  # a tokenizer that cannot name some id: keep every id
+        return ids
+    keep = np.array([not (isinstance(t, str) and PLACEHOLDER.fullmatch(t)) for t in names], dtype=bool)
+    return ids[keep]
+
+
 def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, seed: int = 0,
                       batch_size: int = FOLDER_BATCH) -> list[dict]:
-    """``n`` random token sequences the codec makes itself: ids drawn uniformly from the
-    vocabulary (special tokens left out), log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens,
+    """``n`` random token sequences the codec makes itself: ids drawn from the vocabulary (special
+    tokens and placeholders left out) with Zipf's law over their order, log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens,
     between the tokenizer's special tokens (``[CLS] ... [SEP]``, or ``<s> ...``), padded per batch
     with an ``attention_mask``. Seeded: the same ``seed`` gives the same batches."""
     vocab = int(getattr(config, "vocab_size", 0) or (len(tokenizer) if tokenizer is not None else 0))
@@ -1034,8 +1055,11 @@ def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, see
                 if isinstance(p, int)), 0)
     special.add(pad)
     allowed = np.setdiff1d(np.arange(vocab), np.fromiter(special, dtype=np.int64, count=len(special)))
+    allowed = _real_tokens(allowed, tokenizer)
     if not len(allowed):
         allowed = np.arange(vocab)
+    rank = np.arange(1, len(allowed) + 1, dtype=np.float64)
+    frequency = rank ** -SYNTHETIC_ZIPF
     first = [t for t in (getattr(tokenizer, "cls_token_id", None) or getattr(tokenizer, "bos_token_id", None),)
              if isinstance(t, int)]
     last = [t for t in (getattr(tokenizer, "sep_token_id", None),) if isinstance(t, int)]
@@ -1043,7 +1067,8 @@ def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, see
     rng = np.random.default_rng(seed)
     lengths = np.clip(np.rint(np.exp(rng.normal(math.log(SYNTHETIC_MEDIAN), SYNTHETIC_SIGMA, size=n))),
                       min(SYNTHETIC_MIN, longest), longest).astype(int)
-    seqs = [first + [int(t) for t in rng.choice(allowed, size=k)] + last for k in lengths]
+    seqs = [first + [int(t) for t in rng.choice(allowed, size=k, p=frequency / frequency.sum())] + last
+            for k in lengths]
     accepted = _accepted(model)
     out = []
     for i in range(0, n, batch_size):
