@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/decode_speed.py --large --layers 4    # a smaller model of that family
 
 Files (cached in ``benchmarks/results/tmp/``): MiniLM (float32) saved with ``mode="tq", bits=4``
-(data-free), and the synthetic Llama-like bf16 model of ``scale.py`` (its builder) saved with
-``encode_folder(mode="tq", bits=4, tq_scope="tensor")``.
+(data-free) by the ``--before`` tree's writer, so that both readers read it (a newer writer may
+use a feature an older reader lacks), and the synthetic Llama-like bf16 model of ``scale.py``
+(its builder) saved with ``encode_folder(mode="tq", bits=4, tq_scope="tensor")``.
 
 Contenders, each timed in its own fresh interpreter (torch and tqcodec imported before the clock;
 ``--inner`` loads in a row: the first one "cold", i.e. with any worker processes started inside
@@ -140,16 +141,28 @@ def run_child(kind: str, path: Path, jobs: int, inner: int, params: int, pythonp
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def minilm_files() -> tuple[Path, Path, int]:
+def write_with(tree: Path, sd: dict, tqz: Path) -> None:
+    """``sd`` saved with ``mode="tq", bits=4`` by the tqcodec of ``tree`` (in a child process), so
+    that the file is one both trees read: a newer writer may use a feature the older reader lacks."""
+    from safetensors.torch import save_file
+    src = TMP / f"{tqz.stem}-source.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(src))
+    code = ("import sys, tqcodec; from safetensors.torch import load_file; "
+            "tqcodec.save(load_file(sys.argv[1]), sys.argv[2], mode='tq', bits=4)")
+    subprocess.run([sys.executable, "-c", code, str(src), str(tqz)], check=True, cwd=tempfile.gettempdir(),
+                   env=dict(os.environ, PYTHONPATH=str(tree)))
+    src.unlink()
+
+
+def minilm_files(before: Path) -> tuple[Path, Path, int]:
     sys.path.insert(0, str(REPO))
     import torch
-    import tqcodec
     from benchmarks.zoo import minilm
     tqz, f32 = TMP / "minilm-tq4.tqz", TMP / "minilm-f32.bin"
     sd = minilm.reference_state_dict()
     params = sum(t.numel() for t in sd.values())
     if not tqz.exists():
-        tqcodec.save(sd, tqz, mode="tq", bits=4)
+        write_with(before, sd, tqz)
     if not f32.exists():
         f32.write_bytes(b"".join(t.to(torch.float32).contiguous().numpy().tobytes() for t in sd.values()))
     return tqz, f32, params
@@ -271,7 +284,7 @@ def main() -> None:
     before = export_before(args.before)
     res = {"before": args.before, **describe(), "rounds": args.rounds, "inner": args.inner, "models": {}}
     if not args.no_minilm:
-        tqz, f32, params = minilm_files()
+        tqz, f32, params = minilm_files(before)
         res["models"]["MiniLM (float32, tq 4 bits/param)"] = measure("minilm", tqz, f32, params, before,
                                                                       args.rounds, args.inner, args.quiet_wait)
         res["models"]["MiniLM (float32, tq 4 bits/param)"].update(rounds=args.rounds, inner=args.inner)
