@@ -287,3 +287,24 @@ def test_fewer_samples_than_inputs_still_steer_the_rounding():
     free, few, many = output_sqnr(0), output_sqnr(32), output_sqnr(1024)
     assert free < few < many
     assert few - free >= 0.55 * (many - free)  # 32 samples give most of what 1024 give
+
+
+def test_a_small_token_sample_still_weighs_the_tokens_it_missed():
+    """An embedding's token counts from 300 tokens of a Zipf-distributed vocabulary of 4000 miss
+    most tokens; the error weighted by the true token frequencies must stay near what 30,000
+    tokens give. Measured at 2 bits/param: 14.2 dB from 300 tokens and 15.2 dB from 30,000 with
+    the Good-Turing floor; 12.7 dB from 300 with a fixed 5% floor."""
+    from tqcodec.model.calibrate import TensorStats
+    vocab, dim = 4000, 32
+    table = torch.randn(vocab, dim, generator=torch.Generator().manual_seed(0))
+    p = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** 1.1
+    p /= p.sum()
+
+    def sqnr(tokens: int) -> float:
+        idx = torch.multinomial(p, tokens, replacement=True, generator=torch.Generator().manual_seed(1))
+        counts = np.bincount(idx.numpy(), minlength=vocab).astype(np.float64)
+        stats = Stats({"emb.weight": TensorStats("embedding", None, counts, tokens)}, 1.0)
+        decoded = tqcodec.load(tqcodec.encode_bytes({"emb.weight": table}, stats=stats, bits=2.0, mode="tq"))
+        error = (p * ((decoded["emb.weight"] - table) ** 2).sum(1).double()).sum()
+        return 10 * float(torch.log10((p * (table.double() ** 2).sum(1)).sum() / error))
+    assert sqnr(300) > sqnr(30000) - 1.5

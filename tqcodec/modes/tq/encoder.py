@@ -116,10 +116,16 @@ def _psd(h: np.ndarray, mean_diag: float) -> np.ndarray:
 
 
 def floored_counts(counts: np.ndarray) -> np.ndarray:
-    """An embedding's token counts with every token raised by ``EMBED_FLOOR`` of the mean count
-    (unseen tokens still weigh something); the rows weigh their share of the sum."""
+    """An embedding's token counts with every token raised by a share of the mean count (unseen
+    tokens still weigh something); the rows weigh their share of the sum. The share is the
+    Good-Turing estimate of the probability of a token the sample missed, the fraction of tokens
+    seen exactly once, and at least ``EMBED_FLOOR``. MiniLM at 3.6 bits/param, mean (min) cosine:
+    from 32 sentences (579 tokens, a third seen once) 0.9929 (0.964) with the fixed floor, 0.9937
+    (0.982) with this one; from 128, 0.99505 (0.977) and 0.99507 (0.980); from 1024 the same."""
     c = np.asarray(counts, dtype=np.float64)
-    return c + EMBED_FLOOR * max(float(c.mean()), 1e-12)
+    total = float(c.sum())
+    once = float(np.count_nonzero(c == 1)) / total if total > 0 else 0.0
+    return c + max(EMBED_FLOOR, once) * max(float(c.mean()), 1e-12)
 
 
 def view_shape(shape: Sequence[int], layout: str) -> tuple[int, int]:
