@@ -56,10 +56,12 @@ def synthetic_stats(model: str, zoo, ref: dict):
 
 
 def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace,
-        make_stats: Optional[Callable[[Context], Any]] = None, measure: Optional[tuple[str, float]] = None) -> dict:
+        make_stats: Optional[Callable[[Context], Any]] = None, measure: Optional[tuple[str, float]] = None,
+        tolerance: Optional[float] = None) -> dict:
     """One search on ``model`` with the ``statistics`` named (``make_stats(ctx)``, when given, makes
     them instead: ``calibration_size.py``'s subsets of the calibration inputs). ``measure``: (a
-    key of the model's evaluation, its threshold) to search on instead of the transparency metric."""
+    key of the model's evaluation, its threshold) to search on instead of the transparency metric;
+    ``tolerance``: the search's (``save``'s default when None)."""
     zoo = MODELS[model]
     ref = zoo.reference_state_dict()
     ctx = Context(model, zoo, ref, workdir / f"{model}.pt", workdir, args)
@@ -82,7 +84,7 @@ def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace,
     load_before = os.getloadavg()[0]
     out = workdir / f"{model}-search.tqz"
     t0 = time.perf_counter()
-    size = tqcodec.save(ref, out, stats=stats, evaluate=evaluate, threshold=threshold, overwrite=True,
+    size = tqcodec.save(ref, out, stats=stats, evaluate=evaluate, threshold=threshold, overwrite=True, tolerance=tolerance,
                         progress=lambda what, d, t: print(f"  {what}", flush=True) if what.startswith("search") else None)
     search_s = time.perf_counter() - t0
     with tqcodec.open(out) as f:

@@ -221,7 +221,8 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
          progress: Progress = None, stats: Any = None, bits: Optional[float] = None,
          quality: Optional[float] = None, jobs: int = 1, files: Optional[Mapping[str, bytes]] = None,
          tq_scope: str = "model", executor: Any = None, evaluate: Optional[Callable[[str], float]] = None,
-         threshold: Optional[float] = None, higher_is_better: bool = True) -> int:
+         threshold: Optional[float] = None, higher_is_better: bool = True,
+         tolerance: Optional[float] = None) -> int:
     """Encode ``tensors`` into a .tqz file at ``path`` (or a writable binary file object).
 
     Deterministic: the same tensors and options give the same bytes. Tensors that share
@@ -244,16 +245,18 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
     metric; the encoder searches the rate (mode tq: the curves are made once, each trial costs an
     allocation, the coding and the evaluation) and writes the smallest candidate whose metric is
     at least ``threshold`` (at most, with ``higher_is_better=False``). The trials are kept in the
-    file's metadata ``tqz.search`` (spec §5.2.1). Refused with ``bits``, ``quality``, a mode
+    file's metadata ``tqz.search`` (spec §5.2.1). ``tolerance``: the search stops once the
+    passing file is within this fraction of the largest failing one (default 0.03; smaller costs
+    more trials). Refused with ``bits``, ``quality``, a mode
     other than tq, ``lossless`` and ``tq_scope="tensor"``; an evaluation that raises or gives no
     number is ``EVALUATE_FAILED``; no rate up to 16 bits/param passing, ``METRIC_NOT_MET``
     (nothing written).
     """
-    if evaluate is not None or threshold is not None:
+    if evaluate is not None or threshold is not None or tolerance is not None:
         return _save_searching(tensors, path, evaluate, threshold, higher_is_better, mode=mode, lossless=lossless,
                                snr_db=snr_db, granularity=granularity, metadata=metadata, overwrite=overwrite,
                                progress=progress, stats=stats, bits=bits, quality=quality, files=files,
-                               tq_scope=tq_scope)
+                               tq_scope=tq_scope, tolerance=tolerance)
     opts = EncodeOptions(mode, lossless, snr_db, granularity, stats, bits, quality, tq_scope)
     _check_stats_names(stats, tensors)
     meta = _file_metadata(metadata, files)
@@ -363,7 +366,7 @@ def _save_searching(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, B
                     mode: Optional[str], lossless: bool, snr_db: Optional[float], granularity: Optional[str],
                     metadata: Optional[Mapping[str, Any]], overwrite: bool, progress: Progress, stats: Any,
                     bits: Optional[float], quality: Optional[float], files: Optional[Mapping[str, bytes]],
-                    tq_scope: str) -> int:
+                    tq_scope: str, tolerance: Optional[float] = None) -> int:
     """``save(evaluate=..., threshold=...)``: :func:`tqcodec.pipeline.search.smallest_passing`
     over mode tq's rate, each trial a whole file judged by ``evaluate``."""
     if evaluate is None or not callable(evaluate):
@@ -371,6 +374,10 @@ def _save_searching(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, B
     if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
             or not math.isfinite(threshold):
         raise fail("BAD_OPTION", f"evaluate needs a finite threshold, got {threshold!r}")
+    if tolerance is None:
+        tolerance = search.SIZE_TOLERANCE
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.001 <= tolerance <= 1:
+        raise fail("BAD_OPTION", f"the search tolerance must be a fraction from 0.001 to 1, got {tolerance!r}")
     for given, what in ((bits is not None, "bits"), (quality is not None, "quality"), (lossless, "lossless"),
                         (mode not in (None, "tq"), f"mode {mode!r}"), (tq_scope != "model", "tq_scope 'tensor'"),
                         (snr_db is not None, "snr_db"), (granularity is not None, "granularity")):
@@ -403,7 +410,7 @@ def _save_searching(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, B
                 progress(f"search: trial {n}: {t.bits:.3f} bits/param, {t.size} bytes, metric {t.metric:.6g} "
                          f"({'passes' if t.passed else 'fails'} {target.describe()})", n, 0)
 
-        found = search.smallest_passing(trial, target, progress=report)
+        found = search.smallest_passing(trial, target, tolerance=float(tolerance), progress=report)
     log = {"threshold": target.threshold, "higher_is_better": target.higher_is_better,
            "trials": [t.as_dict() for t in found.trials], "chosen": found.trials.index(found.best)}
     return _write_to(path, overwrite, lambda out: write(out, found.result, {"tqz.search": log}))

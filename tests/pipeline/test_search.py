@@ -116,6 +116,16 @@ def test_save_writes_the_smallest_passing_file_and_logs_the_search(tmp_path):
     assert strict > size
 
 
+def test_a_finer_tolerance_lands_nearer_the_boundary(tmp_path):
+    sd = layered_model(n=4, rows=64, cols=96)
+    tqcodec.save(sd, tmp_path / "m.tqz", evaluate=relative_error(sd), threshold=0.05, higher_is_better=False,
+                 tolerance=0.01)
+    with tqcodec.open(tmp_path / "m.tqz") as f:
+        trials = f.metadata["tqz.search"]["trials"]
+    passing = min(t["size"] for t in trials if t["passed"])
+    assert passing <= 1.01 * max(t["size"] for t in trials if not t["passed"])
+
+
 def test_search_reuses_the_curves(tmp_path, monkeypatch):
     from tqcodec.modes.tq import encoder
     built = []
@@ -149,7 +159,8 @@ def test_failing_evaluations_write_nothing(tmp_path, evaluate, code, words):
 
 @pytest.mark.parametrize("options", [dict(bits=3), dict(quality=30), dict(lossless=True), dict(mode="uniform"),
                                      dict(tq_scope="tensor"), dict(threshold=None), dict(threshold=float("inf")),
-                                     dict(evaluate=None)])
+                                     dict(evaluate=None), dict(tolerance=0), dict(tolerance=True),
+                                     dict(tolerance=2.0)])
 def test_conflicting_search_options_are_refused_before_any_work(tmp_path, options):
     calls = []
     kw = dict(evaluate=lambda p: calls.append(p) or 1.0, threshold=0.5)
