@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,7 +114,7 @@ def test_calibrate_synthetic_through_tqz(bert, tmp_path):
 
 
 def test_synthetic_tokens_follow_the_vocabulary_order_and_skip_placeholders(tmp_path):
-    from tqcodec.model.calibrate import load_folder_model, synthetic_batches
+    from tqcodec.model.calibrate import calibrate_folder, load_folder_model, synthetic_batches
     model, config, tok = load_folder_model(make_bert(tmp_path / "b", placeholders=6))
     batches = synthetic_batches(200, model, config, tok, seed=0)
     ids = torch.cat([b["input_ids"][b["attention_mask"] == 1] for b in batches])
@@ -124,6 +125,10 @@ def test_synthetic_tokens_follow_the_vocabulary_order_and_skip_placeholders(tmp_
     assert counts.min() > 0  # every word is drawn
     half = len(WORDS) // 2
     assert counts[:half].sum() > 2 * counts[half:].sum()  # Zipf: the vocabulary's first words most often
+    # the word embedding's statistics count each drawn id by the law, not by the sample
+    stats, _ = calibrate_folder(tmp_path / "b", samples=20, seed=0)
+    counts = [s.counts for s in stats.tensors.values() if s.kind == "embedding" and len(s.counts) == len(tok)][0]
+    assert (counts[5:first_word] == 0).all() and (np.diff(counts[first_word:]) < 0).all()
 
 
 def test_synthetic_inputs_are_seeded_and_like_sentences(bert):

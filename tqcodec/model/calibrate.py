@@ -1041,12 +1041,9 @@ def _real_tokens(ids: np.ndarray, tokenizer: Any) -> np.ndarray:
     return ids[keep]
 
 
-def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, seed: int = 0,
-                      batch_size: int = FOLDER_BATCH) -> list[dict]:
-    """``n`` random token sequences the codec makes itself: ids drawn from the vocabulary (special
-    tokens and placeholders left out) with Zipf's law over their order, log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens,
-    between the tokenizer's special tokens (``[CLS] ... [SEP]``, or ``<s> ...``), padded per batch
-    with an ``attention_mask``. Seeded: the same ``seed`` gives the same batches."""
+def synthetic_token_law(config: Any, tokenizer: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """(the ids synthetic sequences draw from, the probability of each, the padding id): every id
+    of the vocabulary but the special tokens and placeholders, with Zipf's law over their order."""
     vocab = int(getattr(config, "vocab_size", 0) or (len(tokenizer) if tokenizer is not None else 0))
     if vocab < 1:
         raise fail("BAD_INPUT", "the model's config has no vocab_size to draw synthetic tokens from")
@@ -1058,8 +1055,35 @@ def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, see
     allowed = _real_tokens(allowed, tokenizer)
     if not len(allowed):
         allowed = np.arange(vocab)
-    rank = np.arange(1, len(allowed) + 1, dtype=np.float64)
-    frequency = rank ** -SYNTHETIC_ZIPF
+    frequency = np.arange(1, len(allowed) + 1, dtype=np.float64) ** -SYNTHETIC_ZIPF
+    return allowed, frequency / frequency.sum(), pad
+
+
+def expected_token_counts(stats: Stats, config: Any, tokenizer: Any) -> Stats:
+    """``stats`` of synthetic sequences with the token counts of every embedding indexed by the
+    drawn ids replaced, for those ids, by their expected counts under the law they were drawn
+    from: a sample's counts would say that the tokens it missed are rare, which the law already
+    says better (and the encoder's floor for missed tokens would read the sample's many
+    singletons as missing mass)."""
+    allowed, frequency, _ = synthetic_token_law(config, tokenizer)
+    out = Stats(dict(stats.tensors), stats.output_power, stats.default_gain)
+    for name, st in stats.tensors.items():
+        if st.kind != "embedding" or st.counts is None or len(st.counts) <= int(allowed.max()):
+            continue
+        counts = np.asarray(st.counts, dtype=np.float64).copy()
+        drawn = float(counts[allowed].sum())
+        counts[allowed] = drawn * frequency
+        out.tensors[name] = dataclasses.replace(st, counts=counts)
+    return out
+
+
+def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, seed: int = 0,
+                      batch_size: int = FOLDER_BATCH) -> list[dict]:
+    """``n`` random token sequences the codec makes itself: ids drawn from the vocabulary (special
+    tokens and placeholders left out) with Zipf's law over their order, log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens,
+    between the tokenizer's special tokens (``[CLS] ... [SEP]``, or ``<s> ...``), padded per batch
+    with an ``attention_mask``. Seeded: the same ``seed`` gives the same batches."""
+    allowed, frequency, pad = synthetic_token_law(config, tokenizer)
     first = [t for t in (getattr(tokenizer, "cls_token_id", None) or getattr(tokenizer, "bos_token_id", None),)
              if isinstance(t, int)]
     last = [t for t in (getattr(tokenizer, "sep_token_id", None),) if isinstance(t, int)]
@@ -1067,8 +1091,7 @@ def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, see
     rng = np.random.default_rng(seed)
     lengths = np.clip(np.rint(np.exp(rng.normal(math.log(SYNTHETIC_MEDIAN), SYNTHETIC_SIGMA, size=n))),
                       min(SYNTHETIC_MIN, longest), longest).astype(int)
-    seqs = [first + [int(t) for t in rng.choice(allowed, size=k, p=frequency / frequency.sum())] + last
-            for k in lengths]
+    seqs = [first + [int(t) for t in rng.choice(allowed, size=k, p=frequency)] + last for k in lengths]
     accepted = _accepted(model)
     out = []
     for i in range(0, n, batch_size):
@@ -1137,6 +1160,8 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: int = 
             yield b
         tell("batches", len(batches), len(batches))
     stats = calibrate(model, fed(), seed=seed, progress=lambda w, d, t: tell(f"sensitivity: {w}", d, t))
+    if lines is None:
+        stats = expected_token_counts(stats, config, tokenizer)
     named = checkpoint_names(stats, model, weights.keys())
     tokens = int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in batches))
