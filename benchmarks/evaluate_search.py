@@ -5,9 +5,9 @@ on the benchmark models, against the smallest transparent file of ``benchmarks/r
 
 For each model: statistics (``--statistics``): ``calibrated`` from the model's calibration inputs
 (as ``rd.py`` makes them), ``synthetic`` from inputs the codec makes itself (MiniLM:
-``tqcodec.model.calibrate.calibrate_folder`` of the model's Hugging Face folder, 128 seeded
-synthetic token sequences, as ``tqz calibrate`` without ``--text``; digits: 1024 standard normal
-images), or ``none`` (data-free); then one search with the model's fixed evaluation as ``evaluate`` and its
+``tqcodec.model.calibrate.calibrate_folder`` of the model's Hugging Face folder, its default
+number of seeded synthetic token sequences (512), as ``tqz calibrate`` without ``--text``; digits:
+1024 standard normal images), or ``none`` (data-free); then one search with the model's fixed evaluation as ``evaluate`` and its
 transparency threshold, then one plain encode at the rate the search chose (``bits=``), the cost
 of "one encode" the search is compared with. Reports the trials, the chosen file, the search's
 wall time over the one encode's (calibration excluded from both: it is made once either way),
@@ -46,7 +46,7 @@ def synthetic_stats(model: str, zoo, ref: dict):
     import torch
     if model == "minilm":
         from tqcodec.model.calibrate import calibrate_folder
-        return calibrate_folder(zoo.model_dir(), samples=128, seed=0)[0]
+        return calibrate_folder(zoo.model_dir(), seed=0)[0]
     module = zoo.build_module()
     module.load_state_dict(ref)
     module.eval()

@@ -538,8 +538,9 @@ def calibrate_command(
                                              "default: synthetic token sequences the codec makes)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH",
                                           help="statistics file (default: INPUT.stats.safetensors beside INPUT)"),
-    samples: int = typer.Option(128, "--samples", metavar="N", help="sequences to run: the first N lines of "
-                                "--text, or N synthetic ones  [default: 128]", show_default=False),
+    samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help="sequences to run: the first N "
+                                          "lines of --text, or N synthetic ones  [default: 128 lines, 512 "
+                                          "synthetic]", show_default=False),
     seed: int = typer.Option(0, "--seed", metavar="S", help="seed of the synthetic sequences and of the "
                              "sensitivity probes  [default: 0]", show_default=False),
     precision: str = typer.Option("compact", "--precision", metavar="P",
@@ -556,7 +557,7 @@ def calibrate_command(
         from .model.stats import PRECISIONS
         if precision not in PRECISIONS:
             raise fail("BAD_OPTION", f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        if samples < 1:
+        if samples is not None and samples < 1:
             raise fail("BAD_OPTION", f"--samples must be at least 1, not {samples}")
         out = output or input.parent / (input.name.rstrip("/") + ".stats.safetensors")
         if out.exists() and not force:

@@ -144,6 +144,8 @@ def test_synthetic_inputs_are_seeded_and_like_sentences(bert):
     firsts = {int(b["input_ids"][i, 0]) for b in batches for i in range(len(b["input_ids"]))}
     assert firsts == {tok.cls_token_id} and (ids[torch.isin(ids, torch.tensor(sorted(specials)))].numel()
                                              == 2 * len(lengths))  # only [CLS] and [SEP] among the specials
+    from tqcodec.model.calibrate import SYNTHETIC_SAMPLES
+    assert calibrate_folder(bert)[1]["sequences"] == SYNTHETIC_SAMPLES  # the synthetic default
     a, _ = calibrate_folder(bert, samples=24, seed=5)
     b, _ = calibrate_folder(bert, samples=24, seed=5)
     c, _ = calibrate_folder(bert, samples=24, seed=6)
