@@ -90,6 +90,22 @@ def write_md(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def searches(model: str, counts: list[int], workdir: Path, args: argparse.Namespace,
+             measure: Optional[tuple[str, float]] = None) -> dict:
+    """One search per sample count (``evaluate_search.run`` with the first N calibration inputs;
+    ``measure``: as ``run``'s), keyed by the count as a string."""
+    runs = {}
+    for n in counts:
+        print(f"{model}, {n} samples" + (f", {measure[0]} >= {measure[1]}" if measure else "") + ":", flush=True)
+        r = run(model, f"calibrated, {n} samples" if n else "none", workdir, args,
+                make_stats=lambda ctx, n=n: ctx.calibrated(n) if n else None, measure=measure,
+                tolerance=args.tolerance)
+        r["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        runs[str(n)] = r
+        print(f"  {r['file_bytes']} bytes, {len(r['trials'])} trials, load {os.getloadavg()[0]:.1f}", flush=True)
+    return runs
+
+
 def _spread(runs: dict) -> Optional[float]:
     """The largest file over the smallest, minus 1, over the calibrated runs (not the data-free one)."""
     sizes = [r["file_bytes"] for n, r in runs.items() if n != "0"]
@@ -114,30 +130,15 @@ def main() -> None:
         for model in args.models.split(","):
             pool = POOL.get(model)
             counts = [n for n in asked if pool is None or n <= pool]
-            entry = {"runs": {}, "nncodec": nncodec_point(model),
+            entry = {"nncodec": nncodec_point(model),
                      "skipped": (f"{[n for n in asked if n not in counts]} asked, the pool holds {pool}"
                                  if len(counts) < len(asked) else "")}
-            for n in counts:
-                print(f"{model}, {n} samples:", flush=True)
-                r = run(model, f"calibrated, {n} samples" if n else "none", Path(tmp), args,
-                        make_stats=lambda ctx, n=n: ctx.calibrated(n) if n else None, tolerance=args.tolerance)
-                r["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-                entry["runs"][str(n)] = r
-                print(f"  {r['file_bytes']} bytes, {len(r['trials'])} trials, load {os.getloadavg()[0]:.1f}", flush=True)
+            entry["runs"] = searches(model, counts, Path(tmp), args)
             entry["spread"] = _spread(entry["runs"])
             if model in SMOOTH:
                 key, threshold = SMOOTH[model]
-                smooth = {"measure": key, "threshold": threshold, "runs": {}}
-                for n in counts:
-                    print(f"{model}, {n} samples, {key} >= {threshold}:", flush=True)
-                    r = run(model, f"calibrated, {n} samples" if n else "none", Path(tmp), args,
-                            make_stats=lambda ctx, n=n: ctx.calibrated(n) if n else None, measure=(key, threshold),
-                            tolerance=args.tolerance)
-                    r["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-                    smooth["runs"][str(n)] = r
-                    print(f"  {r['file_bytes']} bytes, {len(r['trials'])} trials", flush=True)
-                smooth["spread"] = _spread(smooth["runs"])
-                entry["smooth"] = smooth
+                runs = searches(model, counts, Path(tmp), args, measure=(key, threshold))
+                entry["smooth"] = {"measure": key, "threshold": threshold, "runs": runs, "spread": _spread(runs)}
             results["models"][model] = entry
     out.write_text(json.dumps(results, indent=1) + "\n")
     write_md(results, out.with_suffix(".md"))

@@ -102,11 +102,10 @@ def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace,
            "search_over_one_encode": round(search_s / one_s, 2), "loadavg_1min": [load_before, os.getloadavg()[0]],
            "peak_rss_mb": round(peak_rss_mb())}
     res["rd_codec"] = "tq-datafree" if data_free else "tq"
-    best, started = rd_smallest_transparent(model, res["rd_codec"])
+    best, stable, started = rd_transparent(model, res["rd_codec"])
     if best:
         res["rd_sweep"] = {"started": started, "bytes": best["bytes"], "bits": best["bits"]}
         res["vs_rd_sweep"] = round(size / best["bytes"], 4)
-    stable = rd_stable_transparent(model, res["rd_codec"])
     if stable:
         res["rd_sweep_stable"] = {"bytes": stable["bytes"], "bits": stable["bits"]}
         res["vs_rd_sweep_stable"] = round(size / stable["bytes"], 4)
@@ -116,24 +115,23 @@ def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace,
 def rd_smallest_transparent(model: str, codec: str) -> tuple[Optional[dict], Optional[str]]:
     """``codec``'s smallest transparent point on ``model`` in ``results/rd.json`` (None when there is
     none, or no file), and the start of that file's run."""
-    rd_path = RESULTS / "rd.json"
-    if not rd_path.exists():
-        return None, None
-    rd = json.loads(rd_path.read_text())
-    codecs = rd.get("models", {}).get(model, {}).get("codecs", {})
-    return codecs.get(codec, {}).get("smallest_transparent"), rd.get("started")
+    best, _, started = rd_transparent(model, codec)
+    return best, started
 
 
-def rd_stable_transparent(model: str, codec: str) -> Optional[dict]:
-    """``codec``'s smallest *stable* transparent point on ``model`` in ``results/rd.json`` (the
-    smallest from which every larger point of its sweep is transparent: ``rd.summarize``)."""
+def rd_transparent(model: str, codec: str) -> tuple[Optional[dict], Optional[dict], Optional[str]]:
+    """From one read of ``results/rd.json``: ``codec``'s smallest transparent point on ``model``,
+    its smallest *stable* one (from which every larger point of the sweep is transparent:
+    ``rd.summarize``), each None when there is none (or no file), and the start of its run."""
     from benchmarks.rd import summarize
     rd_path = RESULTS / "rd.json"
     if not rd_path.exists():
-        return None
-    points = json.loads(rd_path.read_text()).get("models", {}).get(model, {}).get("codecs", {}).get(
-        codec, {}).get("points")
-    return summarize(points)["smallest_stable_transparent"] if points else None
+        return None, None, None
+    rd = json.loads(rd_path.read_text())
+    entry = rd.get("models", {}).get(model, {}).get("codecs", {}).get(codec, {})
+    points = entry.get("points")
+    stable = summarize(points)["smallest_stable_transparent"] if points else None
+    return entry.get("smallest_transparent"), stable, rd.get("started")
 
 
 def write_md(results: dict, path: Path) -> None:
