@@ -14,9 +14,8 @@ sample counts asked beyond the pool are skipped and said so).
 Both are disjoint from the evaluation inputs. Each point is one rate search (``evaluate_search.run``:
 the same search, evaluation and threshold) stopped once the passing file is within ``--tolerance``
 (default 1%, finer than ``save``'s 3%) of the largest failing one, so the spread between sample
-counts is measured to about that. NNCodec's
-smallest transparent file from ``results/rd.json`` is beside each (its run's date given). Writes
-``results/calibration_size.json`` and ``.md``.
+counts is measured to about that. NNCodec's smallest transparent file from ``results/rd.json`` is
+beside each (its run's date given). Writes ``results/calibration_size.json`` and ``.md``.
 """
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ For each model: statistics (``--statistics``): ``calibrated`` from the model's c
 (as ``rd.py`` makes them), ``synthetic`` from inputs the codec makes itself (MiniLM:
 ``tqcodec.model.calibrate.calibrate_folder`` of the model's Hugging Face folder, its default
 number of seeded synthetic token sequences (512), as ``tqz calibrate`` without ``--text``; digits:
-1024 standard normal images), or ``none`` (data-free); then one search with the model's fixed evaluation as ``evaluate`` and its
-transparency threshold, then one plain encode at the rate the search chose (``bits=``), the cost
-of "one encode" the search is compared with. Reports the trials, the chosen file, the search's
-wall time over the one encode's (calibration excluded from both: it is made once either way),
-and the ratio of the chosen file to the smallest transparent point of the same codec in
+1024 standard normal images), or ``none`` (data-free); then one search with the model's fixed
+evaluation as ``evaluate`` and its transparency threshold, then one plain encode at the rate the
+search chose (``bits=``), the cost of "one encode" the search is compared with. Reports the
+trials, the chosen file, the search's wall time over the one encode's (calibration excluded from
+both: it is made once either way), and the ratio of the chosen file to the smallest transparent point of the same codec in
 ``results/rd.json`` (``tq`` calibrated or ``tq-datafree``; the sweep's date is reported beside
 it). Peak RSS and the load average are recorded. Writes ``results/evaluate_search.json`` and
 ``.md`` (``--merge`` keeps other models' entries).
@@ -84,7 +84,8 @@ def run(model: str, statistics: str, workdir: Path, args: argparse.Namespace,
     load_before = os.getloadavg()[0]
     out = workdir / f"{model}-search.tqz"
     t0 = time.perf_counter()
-    size = tqcodec.save(ref, out, stats=stats, evaluate=evaluate, threshold=threshold, overwrite=True, tolerance=tolerance,
+    size = tqcodec.save(ref, out, stats=stats, evaluate=evaluate, threshold=threshold, overwrite=True,
+                        tolerance=tolerance,
                         progress=lambda what, d, t: print(f"  {what}", flush=True) if what.startswith("search") else None)
     search_s = time.perf_counter() - t0
     with tqcodec.open(out) as f:

@@ -247,10 +247,9 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
     at least ``threshold`` (at most, with ``higher_is_better=False``). The trials are kept in the
     file's metadata ``tqz.search`` (spec §5.2.1). ``tolerance``: the search stops once the
     passing file is within this fraction of the largest failing one (default 0.03; smaller costs
-    more trials). Refused with ``bits``, ``quality``, a mode
-    other than tq, ``lossless`` and ``tq_scope="tensor"``; an evaluation that raises or gives no
-    number is ``EVALUATE_FAILED``; no rate up to 16 bits/param passing, ``METRIC_NOT_MET``
-    (nothing written).
+    more trials). Refused with ``bits``, ``quality``, a mode other than tq, ``lossless`` and
+    ``tq_scope="tensor"``; an evaluation that raises or gives no number is ``EVALUATE_FAILED``; no
+    rate up to 16 bits/param passing, ``METRIC_NOT_MET`` (nothing written).
     """
     if evaluate is not None or threshold is not None or tolerance is not None:
         return _save_searching(tensors, path, evaluate, threshold, higher_is_better, mode=mode, lossless=lossless,

@@ -1083,9 +1083,10 @@ def expected_token_counts(stats: Stats, config: Any, tokenizer: Any) -> Stats:
 def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, seed: int = 0,
                       batch_size: int = FOLDER_BATCH) -> list[dict]:
     """``n`` random token sequences the codec makes itself: ids drawn from the vocabulary (special
-    tokens and placeholders left out) with Zipf's law over their order, log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens,
-    between the tokenizer's special tokens (``[CLS] ... [SEP]``, or ``<s> ...``), padded per batch
-    with an ``attention_mask``. Seeded: the same ``seed`` gives the same batches."""
+    tokens and placeholders left out) with Zipf's law over their order (:func:`synthetic_token_law`),
+    log-normal lengths around ``SYNTHETIC_MEDIAN`` tokens, between the tokenizer's special tokens
+    (``[CLS] ... [SEP]``, or ``<s> ...``), padded per batch with an ``attention_mask``. Seeded: the
+    same ``seed`` gives the same batches."""
     allowed, frequency, pad = synthetic_token_law(config, tokenizer)
     first = [t for t in (getattr(tokenizer, "cls_token_id", None) or getattr(tokenizer, "bos_token_id", None),)
              if isinstance(t, int)]

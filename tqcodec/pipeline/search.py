@@ -6,8 +6,8 @@ The metric is assumed to improve with the rate: the search brackets the passing 
 the bracket in log scale as Brent's root finder does, stepping to where the metric interpolated
 through the last trials meets the threshold, and bisecting where the trials say the metric is noisy
 (trials whose metric does not strictly improve with the rate) or where interpolating has cost
-more trials than bisection would. Every trial
-is kept in the log, which the caller stores with the file.
+more trials than bisection would. Every trial is kept in the log, which the caller stores with
+the file.
 """
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def smallest_passing(trial: Callable[[float], tuple[T, int, float]], target: Tar
 
     ``trial(bits) -> (candidate, size_bytes, metric)``. The search doubles or halves from
     ``start`` until the pass/fail boundary is bracketed (or ``min_bits`` passes), then narrows
-    it in log scale (interpolating the metric, or bisecting: see the module's docstring) until the passing file is within ``tolerance`` of the failing one's size, or
-    ``max_trials`` trials are spent; it returns the smallest passing candidate seen.
+    it in log scale (interpolating the metric, or bisecting: see the module's docstring) until
+    the passing file is within ``tolerance`` of the failing one's size, or ``max_trials`` trials
+    are spent; it returns the smallest passing candidate seen.
     ``progress(trial, number)`` after each trial. No rate up to ``max_bits`` passing:
     ``TqzError`` ``METRIC_NOT_MET``."""
     if not (0 < min_bits <= start <= max_bits):
