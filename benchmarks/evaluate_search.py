@@ -11,9 +11,9 @@ number of seeded synthetic token sequences (512), as ``tqz calibrate`` without `
 evaluation as ``evaluate`` and its transparency threshold, then one plain encode at the rate the
 search chose (``bits=``), the cost of "one encode" the search is compared with. Reports the
 trials, the chosen file, the search's wall time over the one encode's (calibration excluded from
-both: it is made once either way), and the ratio of the chosen file to the smallest transparent point of the same codec in
-``results/rd.json`` (``tq`` calibrated or ``tq-datafree``; the sweep's date is reported beside
-it). Peak RSS and the load average are recorded. Writes ``results/evaluate_search.json`` and
+both: it is made once either way), and the ratio of the chosen file to the smallest transparent
+point of the same codec in ``results/rd.json`` (``tq`` calibrated or ``tq-datafree``; the sweep's
+date is reported beside it). Peak RSS and the load average are recorded. Writes ``results/evaluate_search.json`` and
 ``.md`` (``--merge`` keeps other models' entries).
 """
 from __future__ import annotations
