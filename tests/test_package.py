@@ -153,12 +153,21 @@ def test_the_byte_layer_coding_and_modes_load_without_torch():
 def test_format_version_is_the_writers():
     from tqcodec.format import header
     assert tqcodec.FORMAT_VERSION == (header.MAJOR_VERSION, header.MINOR_VERSION)
-    # the newest mode or required feature sets it: since 1.3 the compressed manifest (spec §5.0)
-    assert header.MINOR_VERSION == max(*header.MODE_SINCE_MINOR.values(), *header.FEATURE_SINCE_MINOR.values())
+    # the newest mode, required feature or parameter sets it: since 1.4 tq's row_band (spec §7.5.1)
+    assert header.MINOR_VERSION == max(*header.MODE_SINCE_MINOR.values(), *header.FEATURE_SINCE_MINOR.values(),
+                                       *header.PARAM_SINCE_MINOR.values())
     import torch
     w = torch.linspace(-1, 1, 600).reshape(20, 30)
-    newest = {f"layer{i}.w": w for i in range(4)}  # four records: the manifest compresses
-    with tqcodec.open(tqcodec.encode_bytes(newest, mode="tq", bits=4)) as f:
+    compressed = {f"layer{i}.w": w for i in range(4)}  # four records: the manifest compresses (1.3)
+    with tqcodec.open(tqcodec.encode_bytes(compressed, mode="tq", bits=4)) as f:
+        assert f.version == (1, 3)
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(400, 32)
+    weights = 1.0 / (1.0 + torch.randperm(400).float())  # token frequencies in no order of id
+    ids = torch.multinomial(weights, 4096, replacement=True, generator=torch.Generator().manual_seed(1))
+    stats = tqcodec.calibrate(emb, [ids.reshape(64, 64)])
+    with tqcodec.open(tqcodec.encode_bytes(emb.state_dict(), stats=stats, mode="tq", bits=3)) as f:
+        assert f.parts("weight")["row_band"] is not None  # bands of rows by frequency, not runs of ids
         assert f.version == tqcodec.FORMAT_VERSION
     with tqcodec.open(tqcodec.encode_bytes({"w": w[:4, :4]}, lossless=True)) as f:
         assert f.version == (1, 0)  # a file declares the lowest version it needs

@@ -324,6 +324,9 @@ def test_embeddings(tmp_path, plan):
         tqcodec.save(model.state_dict(), path, mode="tq", stats=stats, bits=4.0)
     else:
         path.write_bytes(tq_file(model.state_dict(), plan))
+    if plan is None:  # bands by token frequency (spec 1.4 row_band), not runs of ids
+        with tqcodec.open(path) as f:
+            assert f.parts("emb.weight")["row_band"] is not None
     dense, tdom = _check_model(model, ids, path, min_swapped=2)
     assert isinstance(tdom.emb, tqnn.TQEmbedding) and tdom.emb.padding_idx == 0
     with torch.no_grad():

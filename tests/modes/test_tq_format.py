@@ -69,3 +69,80 @@ def test_transform_rows_bounded_by_min_dimension():
     with pytest.raises(TqzError) as ei:
         tq_mode.stream_items(tq_mode.parse(rec), 0, [rec])
     assert ei.value.code == "BAD_TENSOR_RECORD"
+
+
+# --- row_band (spec 1.4, §7.5.1 rule 5): bands that are sets of rows ----------------------------
+
+def _row_band_record(transform=None):
+    rng = np.random.default_rng(11)
+    n, m = 9, 5
+    lv = rng.integers(-6, 7, size=(n, m))
+    band = np.array([2, 0, 1, 0, 2, 2, 1, 0, 0], dtype=np.uint8)
+    codes = [-8, -4, 0]
+    _, params, streams = tq_mode.write([lv[band == b] for b in range(3)], codes, row_band=band)
+    return lv, band, codes, params, streams, _rec(params, shape=(n, m))
+
+
+def test_row_band_rows_take_their_bands_step():
+    lv, band, codes, params, streams, rec = _row_band_record()
+    assert params["row_band"] == band.tobytes()
+    got = tq_mode.decode(tq_mode.parse(rec), rec, streams)
+    want = lv * steps_from_codes(codes)[band][:, None]
+    assert np.array_equal(got, want.astype(np.float32))
+    parts = tq_mode.parts(tq_mode.parse(rec), rec, streams)
+    assert np.array_equal(parts["row_band"], band)
+    assert all(np.array_equal(parts["levels"][b], lv[band == b]) for b in range(3))
+
+
+def test_row_band_of_consecutive_runs_is_left_out_and_means_the_same():
+    lv = np.arange(24).reshape(4, 6) % 5
+    band = np.array([0, 0, 1, 1], dtype=np.uint8)
+    _, params, streams = tq_mode.write([lv[:2], lv[2:]], [-4, -6], row_band=band)
+    assert "row_band" not in params
+    rec = _rec({**params, "row_band": band.tobytes()})  # written anyway: the same tensor
+    plain = _rec(params)
+    assert np.array_equal(tq_mode.decode(tq_mode.parse(rec), rec, streams),
+                          tq_mode.decode(tq_mode.parse(plain), plain, streams))
+
+
+@pytest.mark.parametrize("row_band,why", [
+    (bytes([0, 1, 0, 1, 0, 1, 0, 1]), "8 bytes for 9 rows"),
+    (bytes([0, 1, 2, 3, 0, 1, 2, 0, 0]), "band 3 of 3"),
+    (bytes([0, 0, 1, 0, 2, 2, 1, 0, 0]), "band 0 named 5 times, band_rows says 4"),
+    ("abc", "not a bin"),
+])
+def test_bad_row_band_rejected(row_band, why):
+    *_, params, _, _ = _row_band_record()
+    rec = _rec({**params, "row_band": row_band}, shape=(9, 5))
+    with pytest.raises(TqzError) as ei:
+        tq_mode.parse(rec)
+    assert ei.value.code == "BAD_TENSOR_RECORD", why
+
+
+def test_row_band_allows_at_most_256_bands():
+    lv = np.zeros((257, 2), dtype=np.int64)
+    band = np.arange(257)
+    band[-1], band[0] = 0, 256  # 257 bands, not in order
+    with pytest.raises(ValueError):
+        tq_mode.write([lv[band == b] for b in range(257)], [0] * 257, row_band=band)
+    _, params, _ = tq_mode.write([lv[:1]] * 257, [0] * 257)
+    rec = _rec({**params, "row_band": bytes(range(256)) + b"\x00"}, shape=(257, 2))
+    with pytest.raises(TqzError) as ei:
+        tq_mode.parse(rec)
+    assert ei.value.code == "BAD_TENSOR_RECORD"
+
+
+def test_row_band_with_a_transform_matches_reference():
+    rng = np.random.default_rng(3)
+    n, m, k = 6, 5, 4
+    s = rng.normal(size=(m, k)).astype(np.float16)
+    lv = rng.integers(-7, 8, size=(k, n))
+    band = np.array([1, 0, 1, 0], dtype=np.uint8)
+    codes = [-8, -12]
+    _, params, streams = tq_mode.write([lv[band == b] for b in range(2)], codes, transform=s, row_band=band)
+    rec = _rec(params, shape=(n, m))
+    got = tq_mode.decode(tq_mode.parse(rec), rec, streams)
+    c = lv * steps_from_codes(codes)[band][:, None]
+    want = (s.astype(np.float64) @ c).T
+    bound = 2.0 ** -20 * (np.abs(s.astype(np.float64)) @ np.abs(c)).T + np.spacing(np.abs(want).astype(np.float32))
+    assert np.all(np.abs(got - want) <= bound)

@@ -12,7 +12,7 @@ from .checksum import crc32
 MAGIC = b"\x89TQZ\r\n\x1a\n"
 HEADER_SIZE = 32
 MAJOR_VERSION = 1
-MINOR_VERSION = 3  # the newest minor version this reader and writer implement
+MINOR_VERSION = 4  # the newest minor version this reader and writer implement
 # Spec §13: a writer puts the lowest minor version that defines everything a file uses. Modes not
 # listed here are from 1.0.
 MODE_SINCE_MINOR = {"tq": 1, "ecsq": 2, "kmeans": 2, "pq": 2, "dither": 2}
@@ -20,15 +20,19 @@ MODE_SINCE_MINOR = {"tq": 1, "ecsq": 2, "kmeans": 2, "pq": 2, "dither": 2}
 ZSTD_MANIFEST = 1 << 0  # the manifest is stored as one zstd frame (§5.0), since 1.3
 FEATURE_SINCE_MINOR = {ZSTD_MANIFEST: 3}
 KNOWN_REQUIRED_FEATURES = ZSTD_MANIFEST
+# Spec §13: optional parameters of a mode that a later minor version added ((mode, key) -> minor).
+PARAM_SINCE_MINOR = {("tq", "row_band"): 4}
 
 _HEADER = struct.Struct("<8sHHIIIII")
 
 
-def minor_version_for(modes: Iterable[str], required_features: int = 0) -> int:
-    """Spec §13: the lowest minor version that defines every mode in ``modes`` and every bit of
-    ``required_features``."""
+def minor_version_for(modes: Iterable[str], required_features: int = 0,
+                      params: Iterable[tuple[str, str]] = ()) -> int:
+    """Spec §13: the lowest minor version that defines every mode in ``modes``, every bit of
+    ``required_features`` and every (mode, parameter key) of ``params``."""
     features = (v for bit, v in FEATURE_SINCE_MINOR.items() if required_features & bit)
-    return max((*(MODE_SINCE_MINOR.get(m, 0) for m in modes), *features), default=0)
+    keys = (PARAM_SINCE_MINOR.get(mk, 0) for mk in params)
+    return max((*(MODE_SINCE_MINOR.get(m, 0) for m in modes), *features, *keys), default=0)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ class ContainerWriter:
             raise fail("LIMIT_EXCEEDED", f"{len(self._records)} tensors (limit {L.MAX_TENSORS})")
         manifest, required = store_manifest(plain)
         data_start = HEADER_SIZE + len(manifest)
-        minor = minor_version_for((r.mode for r in self._records), required)
+        minor = minor_version_for((r.mode for r in self._records), required,
+                                  ((r.mode, key) for r in self._records for key in r.params))
         self._out.write(pack_header(manifest, minor, required))
         self._out.write(manifest)
         self._spool.seek(0)

@@ -232,10 +232,17 @@ class TqGrid(GridQuant):
     def __init__(self, parts: dict, shape: tuple[int, ...], dtype: torch.dtype, learn_step: bool):
         rows = np.asarray(parts["band_rows"], dtype=np.int64)
         levels = np.concatenate([np.asarray(lv, dtype=np.int64) for lv in parts["levels"]], axis=0)
-        groups = np.repeat(np.arange(len(rows)), rows)
-        lo = np.repeat([int(lv.min()) for lv in parts["levels"]], rows)
-        hi = np.repeat([int(lv.max()) for lv in parts["levels"]], rows)
-        row_steps = np.repeat(np.asarray(parts["steps"], dtype=np.float64), rows)
+        groups = np.repeat(np.arange(len(rows)), rows)  # band after band
+        self.row_band = parts.get("row_band")
+        if self.row_band is not None:  # spec 1.4: bands are sets of rows; here C in row order
+            groups = self.row_band.astype(np.int64)
+            order = np.argsort(groups, kind="stable")
+            in_rows = np.empty_like(levels)
+            in_rows[order] = levels
+            levels = in_rows
+        lo = np.array([int(lv.min()) for lv in parts["levels"]])[groups]
+        hi = np.array([int(lv.max()) for lv in parts["levels"]])[groups]
+        row_steps = np.asarray(parts["steps"], dtype=np.float64)[groups]
         transform = parts["transform"]
         super().__init__(levels, row_steps, groups, lo, hi, shape, dtype, layout=parts["layout"],
                          transform=None if transform is None else np.asarray(transform, dtype=np.float32),
@@ -246,6 +253,9 @@ class TqGrid(GridQuant):
     def encode(self, value: torch.Tensor) -> Encoded:
         codes = [nearest_code(float(s)) for s in self.group_steps()]
         lv = self.levels()
+        if self.row_band is not None:
+            bands = [lv[self.row_band == b] for b in range(len(self.band_rows))]
+            return tq.write(bands, codes, layout=self.layout, transform=self.transform_f16, row_band=self.row_band)
         bands, r0 = [], 0
         for r in self.band_rows:
             bands.append(lv[r0:r0 + r])

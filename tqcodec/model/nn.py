@@ -52,6 +52,7 @@ from ..errors import fail
 from ..format.dtypes import round_binary32
 from ..limits import DEFAULT_LIMITS
 from ..pipeline.tensors import storage_to_tensor
+from ..modes.tq.format import consecutive_bands
 
 __all__ = ["TQLinear", "TQConv1d", "TQConv2d", "TQEmbedding", "load_module", "resident_bytes", "scratch_bytes",
            "release_scratch", "ELIGIBLE"]
@@ -115,6 +116,7 @@ class _TQBase(nn.Module):
     of one integer type), steps, the per-row step column, transform."""
 
     def _init_tq(self, parts: dict, dtype: str, shape: tuple) -> None:
+        parts = consecutive_bands(parts)  # a row_band tensor (spec 1.4) as runs of consecutive rows
         self.weight_dtype = dtype  # the stored tensor's dtype (spec §5.5 name)
         self.weight_shape = tuple(int(d) for d in shape)
         self.layout = parts["layout"]

@@ -1,8 +1,9 @@
 """Mode ``tq`` (spec §7.5, ``spec/mode-tq.md``): transform quantization.
 
 A weight is viewed as a matrix R [n, m] (n output channels); its integer coefficient matrix is
-cut into bands of rows, each band with its own exact dyadic step (§7.1) and its own frequency
-table (§7.3.1), range-coded (§8) in its own stream. Optionally a synthesis transform S [m, k]
+cut into bands of rows (consecutive runs, or any sets of rows named by ``row_band``, 1.4), each
+band with its own exact dyadic step (§7.1) and its own frequency table (§7.3.1), range-coded (§8)
+in its own stream. Optionally a synthesis transform S [m, k]
 stored as float16 rebuilds R = (S · C)^T from k coefficient rows (dimensionality reduction:
 the rows not kept are zero).
 """
@@ -28,9 +29,10 @@ from ..streams import Predecoded, iter_symbols, read_symbols, symbol_chunks, tab
 LAYOUTS = ("out_in", "in_out")
 TRANSFORMS = ("none", "float16")
 MAX_BANDS = 4096  # spec §7.5.1
+MAX_MAPPED_BANDS = 256  # spec §7.5.1 rule 5: with row_band, one byte names a row's band
 
 _REQUIRED = {"band_rows": list, "steps": list, "q_min": list, "counts": list}
-_OPTIONAL = {"layout": str, "transform": str}  # spec §7.5.1: absent = "out_in", "none"
+_OPTIONAL = {"layout": str, "transform": str, "row_band": bytes}  # spec §7.5.1: absent = "out_in", "none", runs
 _ELEMENTS = {"band_rows": int, "steps": int, "q_min": int, "counts": bytes}
 
 
@@ -39,7 +41,8 @@ class Params:
     """A ``tq`` record's parameters, checked (spec §7.5.1): the matrix R is [n, m]; the
     coefficient matrix C has ``k`` rows of ``cols`` values (cols = m without a transform, n
     with one) in bands of ``rows[b]`` rows, each with a step code, q_min and range-coder table
-    (None for a one-entry table)."""
+    (None for a one-entry table). ``order``: with ``row_band`` (1.4), the rows of C band after
+    band (each band's rows increasing), as an index array; None when the bands are consecutive."""
 
     layout: str
     transform: str
@@ -51,6 +54,7 @@ class Params:
     steps: tuple[int, ...]
     q_min: tuple[int, ...]
     freqs: tuple[Optional[np.ndarray], ...]
+    order: Optional[np.ndarray] = None
 
 
 def parse(record: TensorRecord) -> Params:
@@ -83,6 +87,7 @@ def parse(record: TensorRecord) -> Params:
     if transform == "float16" and k > min(m, n):
         raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: {k} coefficient rows for a {n}x{m} matrix "
                                         "(at most min(n, m))")
+    order = _row_order(p.get("row_band"), rows, k, name)
     if min(steps) < STEP_CODE_MIN or max(steps) > STEP_CODE_MAX:
         raise fail("BAD_STEP", f"tensor {name!r}: step code outside [{STEP_CODE_MIN}, {STEP_CODE_MAX}]")
     cols = m if transform == "none" else n
@@ -92,7 +97,35 @@ def parse(record: TensorRecord) -> Params:
         if q0 < -L.MAX_LEVEL or q0 + len(c) - 1 > L.MAX_LEVEL:
             raise fail("LIMIT_EXCEEDED", f"tensor {name!r}: band {b} levels outside -2^20..2^20")
         freqs.append(table(c))  # spec §8.6, normative here
-    return Params(layout, transform, n, m, k, cols, tuple(rows), tuple(steps), tuple(qmins), tuple(freqs))
+    return Params(layout, transform, n, m, k, cols, tuple(rows), tuple(steps), tuple(qmins), tuple(freqs), order)
+
+
+def _row_order(row_band: Optional[bytes], rows: Sequence[int], k: int, name: str) -> Optional[np.ndarray]:
+    """Spec §7.5.1 rule 5, ``row_band`` (1.4): k bytes, at most 256 bands, each byte a band, band b
+    named by exactly ``rows[b]`` bytes. Returns the rows of C band after band (None when that is
+    0..k-1, the order of consecutive bands)."""
+    if row_band is None:
+        return None
+    if len(row_band) != k:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: row_band has {len(row_band)} bytes for {k} coefficient rows")
+    if len(rows) > MAX_MAPPED_BANDS:
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: row_band with {len(rows)} bands (at most {MAX_MAPPED_BANDS})")
+    band = np.frombuffer(row_band, dtype=np.uint8)
+    if int(band.max()) >= len(rows):
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: row_band names band {int(band.max())} of {len(rows)}")
+    if not np.array_equal(np.bincount(band, minlength=len(rows)), np.asarray(rows)):
+        raise fail("BAD_TENSOR_RECORD", f"tensor {name!r}: row_band's rows per band differ from band_rows")
+    order = np.argsort(band, kind="stable")
+    return None if bool((order == np.arange(k)).all()) else order
+
+
+def in_row_order(p: Params, flat: np.ndarray) -> np.ndarray:
+    """Spec §7.5.1: values of C [k * cols] laid out band after band, put in C's row order."""
+    if p.order is None:
+        return flat
+    out = np.empty_like(flat).reshape(p.k, p.cols)
+    out[p.order] = flat.reshape(p.k, p.cols)
+    return out.reshape(-1)
 
 
 def stream_items(p: Params, index: int, records: Sequence[TensorRecord]) -> tuple[StreamSpec, ...]:
@@ -189,14 +222,15 @@ def _coefficients(p: Params, streams: list[Chunks], name: str, store) -> np.ndar
             for pos, items, sym in iter_symbols(streams[1 + b], freqs, name):
                 np.take(values, sym, out=band[pos:pos + items], mode="clip")  # symbols < alphabet
         start += count
-    return out
+    return in_row_order(p, out)
 
 
 def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
     """Spec §7.5.3 steps 1-2 only (the integer stage, for transform-domain layers and training):
     ``levels`` (band b's [band_rows[b], c] levels, narrowest of int8/int16/int32), ``steps``
     (float64 step of each band), ``band_rows``, ``transform`` (S [m, k] float16, or None),
-    ``layout``, ``n``, ``m``, ``k``. Same checks as :func:`decode`."""
+    ``layout``, ``n``, ``m``, ``k``, ``row_band`` (uint8 [k], the band of each row of C; None when
+    the bands are consecutive runs). Same checks as :func:`decode`."""
     steps = steps_from_codes(np.array(p.steps, dtype=np.int64)).astype(np.float64)
     levels = []
     for b, rows in enumerate(p.rows):
@@ -207,8 +241,34 @@ def parts(p: Params, record: TensorRecord, streams: list[Chunks]) -> dict:
     s = None
     if p.transform == "float16":
         s = _transform(p, streams[0], record.name)
+    band = None
+    if p.order is not None:
+        band = np.repeat(np.arange(len(p.rows), dtype=np.uint8), p.rows)[np.argsort(p.order, kind="stable")]
     return {"levels": levels, "steps": steps, "band_rows": list(p.rows), "transform": s, "layout": p.layout,
-            "n": p.n, "m": p.m, "k": p.k}
+            "n": p.n, "m": p.m, "k": p.k, "row_band": band}
+
+
+def consecutive_bands(parts: dict) -> dict:
+    """:func:`parts` with bands that are runs of consecutive rows of C: a ``row_band`` tensor's
+    rows regrouped into its runs of one band (each run a band with that band's step), for users
+    of the integer stage that walk C by row ranges. The same C."""
+    band = parts.get("row_band")
+    if band is None:
+        return parts
+    within = np.zeros(len(band), dtype=np.int64)  # each row's index within its band
+    for b in range(len(parts["band_rows"])):
+        idx = np.flatnonzero(band == b)
+        within[idx] = np.arange(len(idx))
+    starts = np.flatnonzero(np.r_[True, band[1:] != band[:-1]])
+    ends = np.r_[starts[1:], len(band)]
+    levels, steps, rows = [], [], []
+    for a, e in zip(starts, ends):
+        b = int(band[a])
+        levels.append(parts["levels"][b][within[a]:within[a] + (e - a)])
+        steps.append(parts["steps"][b])
+        rows.append(int(e - a))
+    return {**parts, "levels": levels, "steps": np.asarray(steps, dtype=np.float64), "band_rows": rows,
+            "row_band": None}
 
 
 # --- writer -------------------------------------------------------------------------------
@@ -223,12 +283,14 @@ def counts_for(levels: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def write(band_levels: Sequence[np.ndarray], band_steps: Sequence[int], *, layout: str = "out_in",
-          transform: Optional[np.ndarray] = None) -> Encoded:
+          transform: Optional[np.ndarray] = None, row_band: Optional[np.ndarray] = None) -> Encoded:
     """A ``tq`` tensor from its bands.
 
     ``band_levels[b]``: int levels [rows_b, cols] (cols = m without transform, n with one);
     ``band_steps[b]``: its step code; ``transform``: synthesis S [m, k] (stored as float16, so
-    pass values already rounded to float16 if the encoder's reconstruction must match).
+    pass values already rounded to float16 if the encoder's reconstruction must match);
+    ``row_band``: the band of each row of C (1.4; band b's levels are then its rows in increasing
+    order). Left out when the bands are consecutive runs, band 0 first.
     """
     streams: list[Chunks] = []
     if transform is None:
@@ -249,4 +311,11 @@ def write(band_levels: Sequence[np.ndarray], band_steps: Sequence[int], *, layou
         params["layout"] = layout
     if transform is not None:
         params["transform"] = "float16"
+    if row_band is not None:
+        band = np.asarray(row_band)
+        if len(rows) > MAX_MAPPED_BANDS or band.shape != (sum(rows),) or \
+                not np.array_equal(np.bincount(band, minlength=len(rows)), rows):
+            raise ValueError("row_band must name one of at most 256 bands for each row, band b for rows[b] rows")
+        if (np.diff(band.astype(np.int64)) < 0).any():
+            params["row_band"] = band.astype(np.uint8).tobytes()
     return Encoded("tq", params, streams)
