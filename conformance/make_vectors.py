@@ -51,7 +51,7 @@ from tqcodec.modes import uniform as uniform_mode  # noqa: E402
 from craft import (ST_DTYPES, Chunk, Pairs, Raw, TqzFile, crc32, leb128, mp, parse_valid, protocol_key,  # noqa: E402
                    rc_decode, step, unleb128, write_safetensors, zstd_blocks, zstd_frame)
 
-SPEC_VERSION = "1.3"
+SPEC_VERSION = "1.4"
 SPEC_MODES = ("raw", "uniform", "alias", "tq", "ecsq", "kmeans", "pq", "dither")
 TOTAL = 1 << 24
 NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
@@ -199,6 +199,8 @@ def assemble(ts, metadata=None, extra=None, ancillary=(), manifest=None, compres
         f.minor = 1  # mode tq is format 1.1 (spec §13: the lowest minor version defining what the file uses)
     if compress is not None:
         f.manifest, f.required, f.minor = compress(mbytes), 1, 3
+    if any(t.record.get("mode") == "tq" and "row_band" in t.record.get("params", {}) for t in ts):
+        f.minor = 4  # tq's row_band is format 1.4
     return f
 
 
@@ -276,9 +278,10 @@ def tq_reconstruct(dtype, shape, layout, coeff: np.ndarray, S):
 
 
 def tq_t(name, dtype, shape, bands, layout="out_in", S=None, chunks=None, s_chunks=None, explicit=False,
-         check=True) -> T:
+         check=True, row_band=None) -> T:
     """Mode tq. ``bands``: [(levels [rows, c] ints, step code)]; ``S``: synthesis [m, k] (rounded to
-    float16 here); ``chunks``: per band, as ``_split``; ``s_chunks``: stream 0's split (bytes)."""
+    float16 here); ``chunks``: per band, as ``_split``; ``s_chunks``: stream 0's split (bytes);
+    ``row_band`` (1.4): the band of each coefficient row (band b's levels are its rows in order)."""
     out = []
     if S is not None:
         S = np.asarray(S, dtype=np.float16)
@@ -311,10 +314,14 @@ def tq_t(name, dtype, shape, bands, layout="out_in", S=None, chunks=None, s_chun
         params["layout"] = layout
     if S is not None or explicit:
         params["transform"] = "none" if S is None else "float16"
+    if row_band is not None:
+        params["row_band"] = bytes(row_band)
     t = T(name, dtype, shape, "tq", params, out, b"")
     t.bounds = None
     if check:
         c = np.concatenate(coeff)
+        if row_band is not None:  # band after band -> C's row order (spec §7.5.1)
+            c = c[np.argsort(np.argsort(np.asarray(row_band), kind="stable"), kind="stable")]
         c[c == 0] = 0.0
         t.expected, t.bounds = tq_reconstruct(dtype, list(shape), layout, c,
                                               None if S is None else S.astype(np.float64))
@@ -324,7 +331,7 @@ def tq_t(name, dtype, shape, bands, layout="out_in", S=None, chunks=None, s_chun
 def tq_by_spec(r, parts):
     """Spec §7.5 (decode of a valid tq tensor): (bytes, bound or None)."""
     p, shape = r["params"], r["shape"]
-    assert set(p) <= {"band_rows", "steps", "q_min", "counts", "layout", "transform"}
+    assert set(p) <= {"band_rows", "steps", "q_min", "counts", "layout", "transform", "row_band"}
     layout, transform = p.get("layout", "out_in"), p.get("transform", "none")
     numel = int(np.prod(shape, dtype=object))
     n = shape[0] if layout == "out_in" else shape[1]
@@ -345,6 +352,13 @@ def tq_by_spec(r, parts):
         rows_c.append((np.array(sym, dtype=np.int64) + p["q_min"][b]).astype(np.float64).reshape(rows, c)
                       * step(p["steps"][b]))
     coeff = np.concatenate(rows_c)
+    if "row_band" in p:  # spec §7.5.1 (1.4): band b holds the rows whose byte is b, in increasing order
+        band = list(p["row_band"])
+        assert len(band) == coeff.shape[0] and max(band) < len(p["band_rows"]) <= 256
+        order = [i for b in range(len(p["band_rows"])) for i in range(len(band)) if band[i] == b]
+        placed = np.empty_like(coeff)
+        placed[order] = coeff
+        coeff = placed
     coeff[coeff == 0] = 0.0
     S = None
     if transform == "float16":
@@ -560,12 +574,14 @@ def encode_with_tqcodec(tensors: dict, **opts) -> bytes:
         warnings.simplefilter("ignore")
         data = tqcodec.encode_bytes(tensors, **opts)
     # spec §13: the encoder writes the lowest minor version defining what the file uses (tq: 1.1; the
-    # 1.2 modes; a compressed manifest, required feature bit 0: 1.3)
+    # 1.2 modes; a compressed manifest, required feature bit 0: 1.3; tq's row_band: 1.4)
     manifest, _ = parse_valid(data)
     modes = {r["mode"] for r in manifest["tensors"]}
     want = 2 if modes & {"ecsq", "kmeans", "pq", "dither"} else 1 if "tq" in modes else 0
     if struct.unpack_from("<I", data, 12)[0] & 1:
         want = 3
+    if any(r["mode"] == "tq" and "row_band" in r["params"] for r in manifest["tensors"]):
+        want = 4
     got = struct.unpack_from("<H", data, 10)[0]
     assert got == want, f"tqcodec's encoder wrote Minor_Version {got}, expected {want} (spec §13)"
     return data
@@ -1363,6 +1379,111 @@ def make_tq_valid(out: Out):
       "an alias and a constant uniform tensor (no groups) before t3's, one right after the last chunk of a tq "
       "tensor whose last band has A_b = 1 (the tensor is complete there)", "§6.2",
       assemble(ts, ancillary=anc).build(), expected_list(ts))
+
+
+# --- tq row_band (spec 1.4, spec/mode-tq.md §7.5.1) ----------------------------------------------
+
+def row_band_bands(levels: np.ndarray, band, codes) -> list:
+    """tq_t's bands for rows of ``levels`` [k, c] grouped by ``band`` (each band's rows in order)."""
+    band = np.asarray(band)
+    return [(levels[band == b], code) for b, code in enumerate(codes)]
+
+
+def row_band_base():
+    """Base file of the row_band invalid vectors: a [9, 5] tensor in 3 bands named by row_band."""
+    r = rng(400)
+    band = [2, 0, 1, 0, 2, 2, 1, 0, 0]
+    return [tq_t("w", "float32", (9, 5), row_band_bands(r.integers(-6, 7, (9, 5)), band, [-8, -4, 0]),
+                 row_band=band),
+            raw_t("r", "int8", np.arange(-3, 3))]
+
+
+def embedding_state(seed: int, vocab: int = 120):
+    """A tiny seeded embedding + linear model and its tqcodec.calibrate statistics from token ids whose
+    frequencies follow no order of id (so the encoder's bands by frequency are sets of rows)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, 8)).eval()
+    weights = 1.0 / (1.0 + torch.randperm(vocab, generator=g).float())
+    ids = torch.multinomial(weights, 2048, replacement=True, generator=g).reshape(32, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = tqcodec.calibrate(model, [ids[i:i + 8] for i in range(0, 32, 8)])
+    return model.state_dict(), st
+
+
+def make_tq_row_band(out: Out):
+    V, X = out.valid, out.invalid
+    S7 = "§7.5.1"
+
+    def simple(name, what, spec, ts):
+        f = assemble(ts)
+        assert f.minor == 4
+        V(name, what, spec, f.build(), expected_list(ts))
+
+    r = rng(410)
+    band = [2, 0, 1, 0, 2, 2, 1, 0, 0]
+    band_t = [1, 0, 1, 1, 0, 0]
+    simple("tq_row_band", "tq row_band (1.4): a float32 [9, 5] tensor whose 3 bands are the rows named 0, 1 "
+           "and 2 in row_band [2, 0, 1, 0, 2, 2, 1, 0, 0] (band 1 constant, A_b = 1); a layout in_out [7, 6] "
+           "tensor (n = 6 rows) in 2 interleaved bands, the first band's symbols split into two chunks",
+           "§7.5.1 §7.5.2 §7.5.3",
+           [tq_t("w", "float32", (9, 5), [(r.integers(-6, 7, (4, 5)), -8), (np.full((2, 5), 3), -4),
+                                          (r.integers(-40, 41, (3, 5)), -12)], row_band=band),
+            tq_t("t", "float32", (7, 6), row_band_bands(r.integers(-9, 10, (6, 7)), band_t, [-6, -9]),
+                 layout="in_out", row_band=band_t, chunks=[[10, 11], None])])
+    S = rng(411).standard_normal((8, 4)) * 0.3
+    simple("tq_row_band_transform", "tq row_band with a float16 transform: k = 4 coefficient rows of a "
+           "[6, 8] tensor in 2 bands, row_band [1, 0, 0, 1] (rows of C, not of the tensor)", "§7.5.1 §7.5.3",
+           [tq_t("s", "float32", (6, 8), row_band_bands(r.integers(-20, 21, (4, 6)), [1, 0, 0, 1], [-6, -8]),
+                 S=S, row_band=[1, 0, 0, 1])])
+    simple("tq_row_band_consecutive", "tq row_band written although its bands are consecutive runs, band 0 "
+           "first ([0, 0, 1, 1, 1]): the same as without it", S7,
+           [tq_t("w", "float32", (5, 4), [(r.integers(-5, 6, (2, 4)), -3), (r.integers(-5, 6, (3, 4)), -5)],
+                 row_band=[0, 0, 1, 1, 1])])
+    band = [(i * 37) % 256 for i in range(300)]
+    simple("tq_row_band_256_bands", "tq row_band with B = 256 bands (the limit with row_band) over 300 rows of "
+           "a [300, 2] tensor, band (37 i) mod 256 for row i", S7,
+           [tq_t("x", "float32", (300, 2), row_band_bands(r.integers(-3, 4, (300, 2)), band,
+                                                          [-4 - b % 5 for b in range(256)]), row_band=band)])
+
+    # tqcodec's encoder: an embedding's rows banded by token frequency
+    sd, st = embedding_state(3)
+    data = encode_with_tqcodec(sd, mode="tq", bits=3.0, stats=st)
+    manifest, _ = parse_valid(data)
+    assert "row_band" in manifest["tensors"][0]["params"]
+    V("encoder_tq_row_band", "tqcodec.save(mode='tq', bits=3, stats=tqcodec.calibrate(...)) of a tiny seeded "
+      "embedding + linear model whose token counts follow no order of id: the embedding's bands are sets of "
+      "rows (row_band); header Minor_Version 4", "§7.5.1 §13", data, expected_by_spec(data), notes=ENC_NOTE)
+
+    BTR = "BAD_TENSOR_RECORD"
+
+    def par(name, what, change, code=BTR):
+        ts = row_band_base()
+        change(ts[0].record["params"])
+        f = assemble(ts)
+        assert f.minor == 4
+        X(name, what, S7, f.build(), code)
+
+    par("tq_row_band_short", "row_band of 8 bytes for k = 9 rows", lambda p: p.update(row_band=p["row_band"][:-1]))
+    par("tq_row_band_long", "row_band of 10 bytes for k = 9 rows (the extra byte 0)",
+        lambda p: p.update(row_band=p["row_band"] + b"\x00"))
+    par("tq_row_band_unknown_band", "row_band naming band 3 of B = 3 bands (row 1; bytes must be below B)",
+        lambda p: p.update(row_band=bytes([2, 3, 1, 0, 2, 2, 1, 0, 0])))
+    par("tq_row_band_counts_mismatch", "row_band naming band 0 five times and band 1 once (band_rows [4, 2, 3])",
+        lambda p: p.update(row_band=bytes([2, 0, 0, 0, 2, 2, 1, 0, 0])))
+    par("tq_row_band_not_bin", "row_band as a string", lambda p: p.update(row_band="201022100"))
+    par("tq_row_band_array", "row_band as an array of integers", lambda p: p.update(row_band=list(p["row_band"])))
+    r = rng(420)
+    band = list(range(257))
+    band[0], band[-1] = 256, 0
+    lv = r.integers(-3, 4, (257, 2))
+    ts = [tq_t("x", "float32", (257, 2), [(lv[[i]], -4) for i in range(257)], check=False)]
+    ts[0].record["params"]["row_band"] = bytes(b % 256 for b in band)
+    f = assemble(ts)
+    assert f.minor == 4
+    X("tq_row_band_257_bands", "row_band with B = 257 bands (at most 256 with row_band; its bytes could only "
+      "name 256 of them)", S7, f.build(), BTR)
 
 
 # --- modes ecsq, kmeans, pq, dither (spec 1.2, spec/mode-lineage.md §7.6-§7.9) -----------------------
@@ -2916,9 +3037,11 @@ Test files for decoders of the `.tqz` format, spec version {ver} ([`spec/tqz.md`
 [`spec/range-coder.md`](../spec/range-coder.md), its §7.5 [`spec/mode-tq.md`](../spec/mode-tq.md), mode `tq`,
 added in 1.1, and its §7.6-§7.9 [`spec/mode-lineage.md`](../spec/mode-lineage.md), modes `ecsq`, `kmeans`, `pq`
 and `dither`, added in 1.2; the compressed manifest, required feature bit 0 `ZSTD_MANIFEST`, spec §5.0, was
-added in 1.3). Files with a compressed manifest have header Minor_Version 3 (most files tqcodec's encoder writes
-since 1.3: the `encoder_*` vectors and `fixtures/v1.3/`), other files with a tensor in one of the 1.2 modes
-Minor_Version 2, other files with a `tq` tensor Minor_Version 1; every other vector is a 1.0 file.
+added in 1.3; `tq`'s `row_band`, bands that are sets of rows, §7.5.1, in 1.4). Files with a `tq` tensor that has
+`row_band` have header Minor_Version 4 (the `tq_row_band*` vectors, `encoder_tq_row_band` and `fixtures/v1.4/`),
+other files with a compressed manifest Minor_Version 3 (most files tqcodec's encoder writes since 1.3: the other
+`encoder_*` vectors and `fixtures/v1.3/`), other files with a tensor in one of the 1.2 modes Minor_Version 2,
+other files with a `tq` tensor Minor_Version 1; every other vector is a 1.0 file.
 
 **Generated file**: this README's tables are written by `conformance/make_vectors.py` from the
 `vector.json` files; do not edit them by hand.
@@ -3152,7 +3275,20 @@ def fixtures_v1_3():
     return items
 
 
-FIXTURES = {"1.0": fixtures_v1_0, "1.1": fixtures_v1_1, "1.2": fixtures_v1_2, "1.3": fixtures_v1_3}
+def fixtures_v1_4():
+    """fixtures/v1.4: files written by tqcodec's encoder with tq's row_band (format 1.4): an embedding
+    model with statistics at two rates."""
+    items = []
+    for seed, bits in ((70, 3.0), (71, 5.0)):
+        sd, st = embedding_state(seed, vocab=300)
+        items.append((f"tq_row_band_bits{bits:g}", f"mode tq, bits {bits:g}, stats from tqcodec.calibrate, an "
+                      "embedding (bands of rows by token frequency) and a linear layer", sd,
+                      {"mode": "tq", "bits": bits, "stats": st}))
+    return items
+
+
+FIXTURES = {"1.0": fixtures_v1_0, "1.1": fixtures_v1_1, "1.2": fixtures_v1_2, "1.3": fixtures_v1_3,
+            "1.4": fixtures_v1_4}
 
 
 def init_fixtures(root: Path) -> None:
@@ -3307,6 +3443,7 @@ def generate(root: Path, fixtures_root: Path) -> tuple[int, int, int]:
     make_tq_valid(out)
     make_invalid(out)
     make_tq_invalid(out)
+    make_tq_row_band(out)
     make_lineage_valid(out)
     make_lineage_invalid(out)
     make_resource_limits(out)

@@ -85,22 +85,26 @@ class Matrices:
                 self._held.move_to_end(key)
             return arr
 
-    def rows(self, key: str, r0: int, r1: int, shape: tuple[int, int]) -> "Rows":
-        return Rows(self, key, r0, r1, shape)
+    def rows(self, key: str, r0: int, r1: int, shape: tuple[int, int],
+             index: Optional[np.ndarray] = None) -> "Rows":
+        return Rows(self, key, r0, r1, shape, index)
 
 
 @dataclass(frozen=True)
 class Rows:
-    """Rows ``r0:r1`` of the matrix ``key`` of a :class:`Matrices` (``shape``: of those rows)."""
+    """Rows ``r0:r1`` of the matrix ``key`` of a :class:`Matrices` (``shape``: of those rows), or
+    the rows ``index`` (increasing) when given."""
 
     matrices: Matrices
     key: str
     r0: int
     r1: int
     shape: tuple[int, int]
+    index: Optional[np.ndarray] = None
 
     def __call__(self) -> np.ndarray:
-        return self.matrices.get(self.key)[self.r0:self.r1]
+        full = self.matrices.get(self.key)
+        return full[self.r0:self.r1] if self.index is None else full[self.index]
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Unit:
     max_code: Optional[int] = None  # coarser step codes are never chosen (BatchNorm running variances)
     slope_floor: bool = False  # never coarser than the step of equal slope on its weight MSE (see choose)
     transposed: bool = False  # ``data`` is the tensor's [n, m] view transposed (one band; tq.encoder)
+    row_index: Optional[np.ndarray] = None  # the band's rows of the tensor's view when not r0.. (spec 1.4 row_band)
 
     @property
     def w(self) -> np.ndarray:

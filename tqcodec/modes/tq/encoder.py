@@ -21,6 +21,8 @@ from .pool import run
 BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
 EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows, so rarely used tokens can get coarser steps
+ROW_CLASS_OCTAVES = 1.0  # rows with weights (token counts) are banded by this many octaves of weight
+ROW_CLASS_MIN = 1 << 13  # ... a band at least this many weights (or 1/192 of the model: a table and a chunk header cost ~100 bytes)
 EMBED_FLOOR = 0.05  # unseen tokens weigh this fraction of the mean token frequency
 DATA_FREE_EMBED_GAIN = 1 / 16  # without statistics, an embedding table's weight error counts this much
 # (a row's error reaches only the tokens that use it, a projection's error every token): 4x the
@@ -209,7 +211,16 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
                 rw = scale / scale.mean()
         if rw is None and layout == "out_in" and st is not None:
             rw = relative_row_gains(st, n)  # measured (noisier than a following BatchNorm's exact scale)
-        cap, size = (EMBED_BANDS, band_size // 8) if row_banded else (MAX_BANDS, band_size)
+        if row_banded:
+            for b, index in enumerate(row_classes(rw, m, min(ROW_CLASS_MIN, band_size // 8), EMBED_BANDS)):
+                whole = len(index) == n
+                rows = w2 if whole else matrices.rows(it.name, int(index[0]), int(index[-1]) + 1,
+                                                      (len(index), m), index) if isinstance(w2, Rows) else w2[index]
+                units.append(Unit(band_name(it.name, b), rows, None, rw[index], gain, r0=int(index[0]),
+                                  row_index=None if whole else index))
+            layouts[it.name] = layout
+            continue
+        cap, size = MAX_BANDS, band_size
         nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
         bounds = [n * i // nb for i in range(nb + 1)]
         shared = {"w": w2} if nb > 1 and h is not None else None
@@ -221,6 +232,29 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
     return units, layouts
+
+
+def row_classes(rw: np.ndarray, m: int, min_size: int, cap: int) -> list[np.ndarray]:
+    """Rows grouped by the octave (``ROW_CLASS_OCTAVES``) of their weight ``rw`` [n], heaviest
+    first, each group's rows increasing (spec §7.5.1 ``row_band``: a band is any set of rows, so
+    rows of like weight share a step and a table, wherever they are). Neighbouring octaves are
+    merged until a group holds at least ``min_size`` weights (each band costs a table and a
+    chunk), at most ``cap`` groups."""
+    n = len(rw)
+    level = np.floor(np.log2(np.maximum(rw, np.finfo(np.float64).tiny) / float(rw.max())) / ROW_CLASS_OCTAVES)
+    order = np.argsort(-level, kind="stable")  # heaviest octave first, rows increasing within one
+    keys = level[order]
+    cuts = np.flatnonzero(np.diff(keys)) + 1  # where the octave changes
+    per = max(1, -(-min_size // max(m, 1)))  # rows a group needs
+    groups, start = [], 0
+    for c in list(cuts) + [n]:
+        if c - start >= per and n - c >= per:
+            groups.append(order[start:c])
+            start = c
+    groups.append(order[start:])
+    while len(groups) > cap:  # the lightest merged first
+        groups[-2:] = [np.concatenate(groups[-2:])]
+    return [np.sort(g) for g in groups]
 
 
 def is_embedding_name(name: str) -> bool:
@@ -374,8 +408,14 @@ def _stored_levels(u: Unit, code: int) -> np.ndarray:
 
 
 def encode_tensor(bands: list[Unit], codes: list[int], layout: str) -> Encoded:
-    """One tensor from its row bands (no transform)."""
-    return write([_stored_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout)
+    """One tensor from its row bands (no transform); bands that are sets of rows are named by
+    ``row_band`` (spec 1.4)."""
+    row_band = None
+    if any(u.row_index is not None for u in bands):
+        row_band = np.empty(sum(u.shape[0] for u in bands), dtype=np.uint8)
+        for b, u in enumerate(bands):
+            row_band[u.row_index] = b
+    return write([_stored_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout, row_band=row_band)
 
 
 def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthesis: np.ndarray) -> Encoded:
@@ -599,7 +639,7 @@ def coarser_partitions(units: list[Unit]) -> dict[str, list[list[Unit]]]:
     model at a high rate these can cost more than a step per band saves."""
     out: dict[str, list[list[Unit]]] = {}
     for name, bands in by_tensor(units).items():
-        if len(bands) < 2 or any(isinstance(u.data, Rows) for u in bands):
+        if len(bands) < 2 or any(isinstance(u.data, Rows) or u.row_index is not None for u in bands):
             continue
         if sum(u.size for u in bands) > PARTITION_MAX_ELEMENTS or any(u.max_code is not None for u in bands):
             continue
