@@ -87,6 +87,32 @@ def test_info_escapes_names_a_terminal_would_interpret(tmp_path):
     assert "\u202e" not in result.output and "\u0085" not in result.output
 
 
+def test_info_says_how_each_tensor_is_coded(tmp_path):
+    """tq: its bands (runs, or sets of rows by row_band), transform and layout; uniform: granularity."""
+    from tqcodec.format.manifest import TensorRecord
+    from tqcodec.format.writer import ContainerWriter
+    from tqcodec.modes import tq as tq_mode
+    import numpy as np
+    path = tmp_path / "c.tqz"
+    lv = np.arange(24).reshape(6, 4) % 5
+    band = np.array([1, 0, 1, 0, 0, 1], dtype=np.uint8)
+    s = np.eye(4, 2, dtype=np.float16)
+    with open(path, "wb") as out:
+        w = ContainerWriter(out)
+        _, params, streams = tq_mode.write([lv[band == b] for b in range(2)], [-4, -6], row_band=band)
+        w.add_tensor(TensorRecord("by_rows", "float32", (6, 4), "tq", params), streams)
+        _, params, streams = tq_mode.write([lv[:2]], [-4], transform=s, layout="in_out")  # k = 2 rows of n = 4
+        w.add_tensor(TensorRecord("transformed", "float32", (4, 4), "tq", params), streams)
+        w.finish({})
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[2:]}
+    assert lines["by_rows"].endswith("2 bands of rows by row_band")
+    assert lines["transformed"].endswith("1 band, transform float16 k=2, layout in_out")
+    rows = json.loads(runner.invoke(app, ["info", "--json", str(path)]).output)["tensors"]
+    assert [r["coding"] for r in rows] == ["2 bands of rows by row_band", "1 band, transform float16 k=2, layout in_out"]
+
+
 def test_info_shows_the_manifest_and_whether_it_is_compressed(tmp_path):
     """Spec §5.0: the manifest's stored bytes and ZSTD_MANIFEST, in the text and JSON views; the size is
     the header's Manifest_Length."""

@@ -474,7 +474,7 @@ def info(
             for name in f.keys():
                 ti = f.info(name)
                 rows.append({"name": name, "dtype": ti.dtype, "shape": list(ti.shape), "mode": ti.mode,
-                             "bytes": ti.stored_bytes,
+                             "coding": _coding(ti.mode, ti.params), "bytes": ti.stored_bytes,
                              "bits_per_weight": (8 * ti.stored_bytes / ti.numel) if ti.numel else 0.0})
             params = sum(f.info(n).numel for n in f.keys())
             total = {"file_bytes": f.file_size, "tensors": len(rows), "parameters": params,
@@ -506,13 +506,32 @@ def info(
                                      for i, t in enumerate(search["trials"])))
             names = [_printable(r["name"]) for r in rows]
             width = max([len(n) for n in names] + [4])
-            typer.echo(f"{'name':<{width}}  {'mode':<8} {'dtype':<9} {'shape':<18} {'bytes':>10} {'bits/w':>7}")
+            typer.echo(f"{'name':<{width}}  {'mode':<8} {'dtype':<9} {'shape':<18} {'bytes':>10} {'bits/w':>7}  coding")
             for r, name in zip(rows, names):
                 shape = "x".join(map(str, r["shape"])) or "()"
                 typer.echo(f"{name:<{width}}  {r['mode']:<8} {r['dtype']:<9} {shape:<18} {r['bytes']:>10} "
-                           f"{r['bits_per_weight']:>7.3f}")
+                           f"{r['bits_per_weight']:>7.3f}  {r['coding']}".rstrip())
         if plot is not None:
             typer.echo(f"bit-depth map: {plot}", err=as_json)
+
+
+def _coding(mode: str, params: object) -> str:
+    """How a tensor is coded, in a few words: for ``tq`` its bands (runs of rows, or sets of rows
+    by ``row_band``), its transform and layout; for ``uniform`` its granularity."""
+    if not isinstance(params, dict):
+        return ""
+    if mode == "tq":
+        bands = params.get("band_rows", [])
+        words = [f"{len(bands)} band{'s' if len(bands) != 1 else ''}"
+                 + (" of rows by row_band" if "row_band" in params else "")]
+        if params.get("transform", "none") != "none":
+            words.append(f"transform {params['transform']} k={sum(bands)}")
+        if params.get("layout", "out_in") != "out_in":
+            words.append(f"layout {params['layout']}")
+        return ", ".join(words)
+    if mode == "uniform":
+        return f"per {params.get('granularity', 'tensor')}"
+    return ""
 
 
 @app.command(cls=_Command)

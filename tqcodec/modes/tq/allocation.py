@@ -191,6 +191,11 @@ class Unit:
         step = step_from_code(code)
         if not feedback or self.h is None:
             return round_nearest(self.w, step, -MAX_LEVEL, MAX_LEVEL)
+        if self.shared is not None and self.row_index is not None:  # rows of one band of a row_band tensor
+            sh = self.shared
+            if "prepared" not in sh:
+                sh["prepared"] = [prepare(self.h[0])]
+            return gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0])
         if self.shared is not None:
             sh = self.shared
             if code not in sh:
@@ -241,7 +246,7 @@ class Unit:
         r = coded_bits(lv)
         self.curve[code] = (d, r)
         self.exact.add(code)
-        if keep and self.shared is None and self.h is not None:
+        if keep and (self.shared is None or self.row_index is not None) and self.h is not None:
             # error-feedback levels are costly to compute again: kept, in the narrowest integer type
             # (plain rounding, without H, is recomputed when the tensor is written)
             self.levels[code] = narrow(lv)

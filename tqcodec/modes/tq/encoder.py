@@ -22,6 +22,7 @@ BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into ro
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
 EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows, so rarely used tokens can get coarser steps
 ROW_CLASS_OCTAVES = 1.0  # rows with weights (token counts) are banded by this many octaves of weight
+MAX_ROW_CLASSES = 16  # a linear layer's rows (measured output sensitivities): at most this many bands
 ROW_CLASS_MIN = 1 << 13  # ... a band at least this many weights (or 1/192 of the model: a table and a chunk header cost ~100 bytes)
 EMBED_FLOOR = 0.05  # unseen tokens weigh this fraction of the mean token frequency
 DATA_FREE_EMBED_GAIN = 1 / 16  # without statistics, an embedding table's weight error counts this much
@@ -218,6 +219,18 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
                                                       (len(index), m), index) if isinstance(w2, Rows) else w2[index]
                 units.append(Unit(band_name(it.name, b), rows, None, rw[index], gain, r0=int(index[0]),
                                   row_index=None if whole else index))
+            layouts[it.name] = layout
+            continue
+        classes = row_classes(rw, m, ROW_CLASS_MIN, MAX_ROW_CLASSES) \
+            if h is not None and h.shape[0] == 1 and rw is not None else []
+        if len(classes) > 1:  # rows of like output sensitivity share a step and a table (row_band)
+            shared = {}  # the tensor's error-feedback preparation, one for its classes
+            for b, index in enumerate(classes):
+                rows = matrices.rows(it.name, int(index[0]), int(index[-1]) + 1, (len(index), m), index) \
+                    if isinstance(w2, Rows) else w2[index]
+                units.append(Unit(band_name(it.name, b), rows, h, rw[index], gain, shared=shared,
+                                  r0=int(index[0]), row_index=index))
+                units[-1].h_mean = st.mean
             layouts[it.name] = layout
             continue
         cap, size = MAX_BANDS, band_size
@@ -455,7 +468,10 @@ def _correct_biases(pairs: list, originals: Mapping[int, np.ndarray], pick: Mapp
     weight causes (encoder-only; the corrected bias is then quantized as usual)."""
     for bands, bias in pairs:
         st_mean = bands[0].h_mean
-        err = np.concatenate([reconstruction(u, pick[u.name]) - u.w for u in bands])  # [n, m]
+        err = np.empty((sum(u.shape[0] for u in bands), bands[0].shape[1]))  # [n, m]
+        for u in bands:
+            rows = u.row_index if u.row_index is not None else slice(u.r0, u.r0 + u.shape[0])
+            err[rows] = reconstruction(u, pick[u.name]) - u.w
         g = st_mean.shape[0]
         shift = np.einsum("gij,gj->gi", err.reshape(g, -1, err.shape[1]), st_mean).reshape(-1)
         r0 = 0
