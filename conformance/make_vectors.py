@@ -1474,6 +1474,8 @@ def make_tq_row_band(out: Out):
         lambda p: p.update(row_band=bytes([2, 0, 0, 0, 2, 2, 1, 0, 0])))
     par("tq_row_band_not_bin", "row_band as a string", lambda p: p.update(row_band="201022100"))
     par("tq_row_band_array", "row_band as an array of integers", lambda p: p.update(row_band=list(p["row_band"])))
+    par("tq_row_band_nil", "row_band nil (absence, its default, has no written form)",
+        lambda p: p.update(row_band=None))
     r = rng(420)
     band = list(range(257))
     band[0], band[-1] = 256, 0

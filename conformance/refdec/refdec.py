@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Independent reference decoder for the .tqz format, written from spec/ alone.
 
-Spec files used (format version 1.3: required feature bit 0 ZSTD_MANIFEST, the stored manifest
-of §5.0; and 1.2 with its "clarifications" entries of §15): spec/tqz.md (sections cited as "§N"),
+Spec files used (format version 1.4: mode tq's optional parameter row_band, mode-tq.md §7.5.1;
+1.3: required feature bit 0 ZSTD_MANIFEST, the stored manifest of §5.0; and 1.2 with its
+"clarifications" entries of §15): spec/tqz.md (sections cited as "§N"),
 spec/range-coder.md (its §8), spec/mode-tq.md (its §7.5) and spec/mode-lineage.md (its §7.S and
 §7.6-§7.9: modes ecsq, kmeans, pq, dither).  Only numpy is imported at start; the `zstandard`
 package is imported lazily, and only when a raw tensor with codec "zstd" or a compressed
@@ -147,8 +148,9 @@ def parse_header(data):
     if crc32(data[0:28]) != u32(data, 28):
         fail("CHECKSUM_MISMATCH", "header CRC32 does not match")
     required, optional = u32(data, 12), u32(data, 16)
-    # §4 Feature bits: this version (1.3) knows required bit 0, ZSTD_MANIFEST (§5.0); any other
-    # set bit is unknown and named (the lowest, if several), whatever the manifest holds.
+    # §4 Feature bits: this version (1.4, as 1.3) knows required bit 0, ZSTD_MANIFEST (§5.0);
+    # any other set bit is unknown and named (the lowest, if several), whatever the manifest
+    # holds.
     unknown = required & ~KNOWN_REQUIRED_FEATURES
     if unknown != 0:
         bit = (unknown & -unknown).bit_length() - 1
@@ -878,10 +880,11 @@ def check_params_alias(rec, index, records):
 
 
 def check_params_tq(rec):
-    """mode-tq.md §7.5.1, checks 1-7 in their order."""
+    """mode-tq.md §7.5.1, checks 1-7 in their order (row_band, since 1.4: its type in check 1,
+    its rules at the end of check 5)."""
     p = rec["params"]
     # 1. keys and types
-    check_keys(p, ("band_rows", "steps", "q_min", "counts"), ("layout", "transform"))
+    check_keys(p, ("band_rows", "steps", "q_min", "counts"), ("layout", "transform", "row_band"))
     for key in ("band_rows", "steps", "q_min"):
         v = p[key]
         if type(v) is not list or not all(is_int(x) for x in v):
@@ -893,6 +896,11 @@ def check_params_tq(rec):
     transform = p.get("transform", "none")
     if type(layout) is not str or type(transform) is not str:
         fail("BAD_TENSOR_RECORD", "tq layout/transform is not a string")
+    # row_band: a bin (§5.1 bin 8/16/32; nil, a string or an array of integers is the wrong
+    # type: its default is "absent", which no value spells, SPEC_FINDINGS 1.4C-2)
+    row_band = p.get("row_band")
+    if "row_band" in p and type(row_band) is not bytes:
+        fail("BAD_TENSOR_RECORD", "tq row_band is not a binary")
     # 2. dtype, ndim, numel
     shape = rec["shape"]
     if rec["dtype"] not in FLOAT_DTYPES:
@@ -924,6 +932,23 @@ def check_params_tq(rec):
             fail("BAD_TENSOR_RECORD", "tq band rows add up to %d, not n=%d" % (k, n))
     elif k > min(m, n):
         fail("BAD_TENSOR_RECORD", "tq band rows add up to %d > min(m, n)" % k)
+    # 5, row_band (1.4): exactly k bytes, B <= 256, every byte below B, and for every band b
+    # exactly band_rows[b] bytes equal to b, in this order (all BAD_TENSOR_RECORD)
+    if row_band is not None:
+        if len(row_band) != k:
+            fail("BAD_TENSOR_RECORD", "tq row_band holds %d bytes, not k=%d"
+                 % (len(row_band), k))
+        if B > 256:
+            fail("BAD_TENSOR_RECORD", "tq row_band with %d bands (at most 256)" % B)
+        rb = np.frombuffer(row_band, dtype=np.uint8)
+        top = int(rb.max())                            # k >= 1 bytes here
+        if top >= B:
+            fail("BAD_TENSOR_RECORD", "tq row_band names band %d of %d" % (top, B))
+        have = np.bincount(rb, minlength=B)
+        for b in range(B):
+            if int(have[b]) != band_rows[b]:
+                fail("BAD_TENSOR_RECORD", "tq row_band gives band %d %d rows, band_rows %d"
+                     % (b, int(have[b]), band_rows[b]))
     c = m if transform == "none" else n
     # 6. step codes
     for s in steps:
@@ -945,7 +970,7 @@ def check_params_tq(rec):
         if q_mins[b] < MIN_LEVEL or q_mins[b] + A - 1 > MAX_LEVEL:
             fail("LIMIT_EXCEEDED", "tq band %d levels outside -2^20..2^20" % b)
     rec.update(layout=layout, transform=transform, n=n, m=m, k=k, c=c,
-               band_rows=band_rows, step_codes=steps, q_mins=q_mins,
+               band_rows=band_rows, row_band=row_band, step_codes=steps, q_mins=q_mins,
                A_list=[len(t) for t in tables],
                models=[Model(table_from_counts(t)) if len(t) > 1 else None for t in tables])
     # §7.5.2 streams
@@ -1390,20 +1415,52 @@ def check_tq_transform(raw):
     return S
 
 
+def tq_band_map(rec):
+    """mode-tq.md §7.5.1 with row_band (1.4): for every row i of C its band row_band[i] and its
+    place t in that band (band b holds the rows whose byte is b, in increasing order of i, so
+    row i's values are the band's values t*c .. t*c + c - 1).  Made once per tensor, when it is
+    reconstructed; the counts per band were checked against band_rows (check 5)."""
+    band_of = np.frombuffer(rec["row_band"], dtype=np.uint8)
+    order = np.argsort(band_of, kind="stable")         # rows of band 0, then band 1, ..., each
+    first = np.zeros(len(rec["band_rows"]), dtype=np.int64)   # in increasing order of i
+    np.cumsum(rec["band_rows"][:-1], out=first[1:])
+    place = np.empty(len(band_of), dtype=np.int64)
+    place[order] = np.arange(len(band_of), dtype=np.int64) - first[band_of[order]]
+    return band_of, place
+
+
+def tq_band_levels(rec, stream_data, b, rows, count, j0, j1):
+    """Levels of `count` rows of band b, `rows` (a slice or an index array of places within the
+    band), columns j0..j1-1 (§7.5.3 step 1), as int64."""
+    if rec["A_list"][b] == 1:                          # no symbols: every level is q_min[b]
+        return np.full((count, j1 - j0), rec["q_mins"][b], dtype=np.int64)
+    sym = stream_data[1 + b].reshape(rec["band_rows"][b], rec["c"])[rows, j0:j1]
+    return sym.astype(np.int64) + rec["q_mins"][b]
+
+
 def tq_coefficients(rec, stream_data, r0, r1, j0, j1):
     """mode-tq.md §7.5.3 steps 1-2: the block C[r0:r1, j0:j1] of the coefficient matrix
-    (k x c; band b holds rows r_b .. r_b + band_rows[b] - 1, row-major), exact in binary64."""
-    c = rec["c"]
+    (k x c; without row_band band b holds rows r_b .. r_b + band_rows[b] - 1; with row_band the
+    rows whose byte is b, in increasing order; each band row-major), exact in binary64."""
     C = np.empty((r1 - r0, j1 - j0), dtype=np.float64)
+    if rec["row_band"] is not None:
+        if "band_map" not in rec:
+            rec["band_map"] = tq_band_map(rec)
+        band_of, place = rec["band_map"]
+        bo = band_of[r0:r1]
+        order = np.argsort(bo, kind="stable")          # this block's rows grouped by band
+        sb = bo[order]
+        cuts = np.flatnonzero(np.diff(sb)) + 1
+        for sel in np.split(order, cuts):              # the block's rows of one band
+            b = int(bo[sel[0]])
+            lv = tq_band_levels(rec, stream_data, b, place[r0 + sel], len(sel), j0, j1)
+            C[sel, :] = lv.astype(np.float64) * step_value(rec["step_codes"][b]) + 0.0
+        return C
     rb = 0
     for b, rows in enumerate(rec["band_rows"]):
         lo, hi = max(r0, rb), min(r1, rb + rows)
         if lo < hi:
-            if rec["A_list"][b] == 1:                  # no symbols: every level is q_min[b]
-                lv = np.full((hi - lo, j1 - j0), rec["q_mins"][b], dtype=np.int64)
-            else:
-                sym = stream_data[1 + b].reshape(rows, c)[lo - rb:hi - rb, j0:j1]
-                lv = sym.astype(np.int64) + rec["q_mins"][b]
+            lv = tq_band_levels(rec, stream_data, b, slice(lo - rb, hi - rb), hi - lo, j0, j1)
             C[lo - r0:hi - r0, :] = lv.astype(np.float64) * step_value(rec["step_codes"][b]) + 0.0
         rb += rows
     return C
@@ -1445,6 +1502,7 @@ def reconstruct_tq(rec, stream_data):
                 with np.errstate(over="ignore", invalid="ignore"):
                     R = (S @ C).T                                      # (i1 - i0) x (j1 - j0)
                     put(i0, i1, j0, j1, R.astype(np.float32))
+    rec.pop("band_map", None)                          # row_band's map, made by tq_coefficients
     return out
 
 
