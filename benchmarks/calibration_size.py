@@ -105,6 +105,11 @@ def searches(model: str, counts: list[int], workdir: Path, args: argparse.Namesp
     return runs
 
 
+def _ordered(runs: dict) -> dict:
+    """Runs keyed by sample count, in increasing count."""
+    return {n: runs[n] for n in sorted(runs, key=int)}
+
+
 def _spread(runs: dict) -> Optional[float]:
     """The largest file over the smallest, minus 1, over the calibrated runs (not the data-free one)."""
     sizes = [r["file_bytes"] for n, r in runs.items() if n != "0"]
@@ -132,11 +137,14 @@ def main() -> None:
             entry = {"nncodec": nncodec_point(model),
                      "skipped": (f"{[n for n in asked if n not in counts]} asked, the pool holds {pool}"
                                  if len(counts) < len(asked) else "")}
-            entry["runs"] = searches(model, counts, Path(tmp), args)
+            # sample counts not asked this time keep their earlier searches (each says when it was measured)
+            before = results["models"].get(model, {})
+            entry["runs"] = _ordered({**before.get("runs", {}), **searches(model, counts, Path(tmp), args)})
             entry["spread"] = _spread(entry["runs"])
             if model in SMOOTH:
                 key, threshold = SMOOTH[model]
-                runs = searches(model, counts, Path(tmp), args, measure=(key, threshold))
+                runs = _ordered({**before.get("smooth", {}).get("runs", {}),
+                                 **searches(model, counts, Path(tmp), args, measure=(key, threshold))})
                 entry["smooth"] = {"measure": key, "threshold": threshold, "runs": runs, "spread": _spread(runs)}
             results["models"][model] = entry
     out.write_text(json.dumps(results, indent=1) + "\n")
