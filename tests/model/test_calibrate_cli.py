@@ -92,6 +92,7 @@ def test_calibrate_text_through_tqz(bert, tmp_path):
     q = stats.get("encoder.layer.0.attention.self.query.weight")
     assert q.kind == "linear" and q.rows == tokens and q.h.shape == (1, 32, 32) and q.gain > 0
     assert stats.get("encoder.layer.1.intermediate.dense.weight").h.shape == (1, 32, 32)
+    assert not stats.synthetic
     from tqcodec.io.hf import read_folder
     weights, _ = read_folder(bert)
     tqcodec.save(dict(weights.items()), tmp_path / "bert.tqz", stats=stats, bits=4)
@@ -109,6 +110,7 @@ def test_calibrate_synthetic_through_tqz(bert, tmp_path):
     assert "20 synthetic sequences" in p.stdout and (work / "bert.stats.safetensors").exists()
     stats = tqcodec.Stats.load(str(work / "bert.stats.safetensors"))
     assert len(stats.keys()) == 39 and stats.get("embeddings.word_embeddings.weight").counts[0] == 0
+    assert stats.synthetic  # said in the file: the encoder does not band rows by its sensitivities
     p = _run(work, "calibrate", "bert", "--samples", "20")
     assert p.returncode == 1 and "OUTPUT_EXISTS" in p.stderr and p.stderr.count("\n") == 1
 
@@ -150,6 +152,7 @@ def test_synthetic_inputs_are_seeded_and_like_sentences(bert):
     b, _ = calibrate_folder(bert, samples=24, seed=5)
     c, _ = calibrate_folder(bert, samples=24, seed=6)
     assert a.to_bytes() == b.to_bytes() != c.to_bytes()
+    assert a.synthetic  # the encoder does not band rows by sensitivities measured on them
 
 
 def test_checkpoint_names_follow_the_weights(tmp_path):

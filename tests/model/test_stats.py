@@ -202,3 +202,18 @@ def test_the_encoder_takes_every_kind(tmp_path):
         assert set(back) == set(sd)
         size = (tmp_path / f"m{i}.tqz").stat().st_size
         assert 0.9 < 8 * size / sum(t.numel() for t in sd.values()) / 4 < 1.1
+
+
+def test_synthetic_flag_survives_the_file(tmp_path):
+    """Statistics of made-up inputs say so in their file; others keep their bytes."""
+    st = Stats({"w": TensorStats("linear", h=np.eye(3)[None], rows=10)}, 2.0)
+    plain = st.to_bytes()
+    st.synthetic = True
+    marked = st.to_bytes()
+    assert marked != plain
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(marked)
+    assert Stats.load(str(path)).synthetic and Stats.open(str(path)).synthetic
+    assert Stats.open(str(path)).subset(["w"]).synthetic
+    path.write_bytes(plain)
+    assert not Stats.load(str(path)).synthetic

@@ -1069,7 +1069,7 @@ def expected_token_counts(stats: Stats, config: Any, tokenizer: Any) -> Stats:
     says better (and the encoder's floor for missed tokens would read the sample's many
     singletons as missing mass)."""
     allowed, frequency, _ = synthetic_token_law(config, tokenizer)
-    out = Stats(dict(stats.tensors), stats.output_power, stats.default_gain)
+    out = Stats(dict(stats.tensors), stats.output_power, stats.default_gain, synthetic=True)
     for name, st in stats.tensors.items():
         if st.kind != "embedding" or st.counts is None or len(st.counts) <= int(allowed.max()):
             continue
@@ -1117,7 +1117,7 @@ def checkpoint_names(stats: Stats, model: nn.Module, names: Iterable[str]) -> St
     ``BertForMaskedLM`` read as ``BertModel``). Statistics of tensors the checkpoint lacks are dropped."""
     names = set(names)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    out = Stats(output_power=stats.output_power, default_gain=stats.default_gain)
+    out = Stats(output_power=stats.output_power, default_gain=stats.default_gain, synthetic=stats.synthetic)
     for n, s in stats.tensors.items():
         for cand in (n, f"{prefix}.{n}" if prefix else None,
                      n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else None):

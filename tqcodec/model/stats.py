@@ -279,8 +279,8 @@ def _tensor_stats_v1(name: str, m: Mapping, get, keys: set) -> TensorStats:
                        float(m.get("gain", 1.0)), arr["mean"], arr["row_h"])
 
 
-def _read_header(path: str) -> tuple[dict, dict, Optional[str], float]:
-    """(per-tensor metadata, blocks, format or None for the first format, output power)."""
+def _read_header(path: str) -> tuple[dict, dict, Optional[str], float, bool]:
+    """(per-tensor metadata, blocks, format or None for the first format, output power, synthetic)."""
     with safe_open(str(path), framework="numpy") as f:
         md = f.metadata() or {}
     if "tqz.stats" not in md:
@@ -289,9 +289,10 @@ def _read_header(path: str) -> tuple[dict, dict, Optional[str], float]:
     if isinstance(doc.get("format"), str) and isinstance(doc.get("tensors"), dict):
         if doc["format"] != FORMAT:
             raise ValueError(f"statistics format {doc['format']!r} is not one this tqcodec reads ({FORMAT})")
-        return doc["tensors"], doc.get("blocks", {}), doc["format"], float(doc.get("output_power", 0.0))
+        return (doc["tensors"], doc.get("blocks", {}), doc["format"], float(doc.get("output_power", 0.0)),
+                doc.get("synthetic") is True)
     # the first format: per-tensor entries, the output power in a second key
-    return doc, {}, None, float(md.get("tqz.output_power", "0.0"))
+    return doc, {}, None, float(md.get("tqz.output_power", "0.0")), False
 
 
 class _StatsFile(Mapping):
@@ -332,11 +333,13 @@ class Stats:
 
     ``output_power``: mean over samples of the squared output the gains' errors are measured
     against (with calibrate's per-output scaling: the number of output elements counted per
-    sample). ``default_gain``: gain for tensors without statistics (None: the largest gain)."""
+    sample). ``default_gain``: gain for tensors without statistics (None: the largest gain).
+    ``synthetic``: measured on inputs the codec made up (``tqz calibrate`` without ``--text``)."""
 
     tensors: Mapping[str, TensorStats] = field(default_factory=dict)
     output_power: float = 0.0
     default_gain: Optional[float] = None
+    synthetic: bool = False
 
     def gains(self) -> list[float]:
         """Every tensor's gain (without reading the arrays of a lazily opened file)."""
@@ -348,7 +351,8 @@ class Stats:
         """The statistics of ``names`` only (read now), with this model's output power and the
         largest gain of the whole model kept as ``default_gain`` for tensors without statistics."""
         default = self.default_gain if self.default_gain is not None else max(self.gains(), default=1.0)
-        return Stats({n: self.tensors[n] for n in names if n in self.tensors}, self.output_power, default)
+        return Stats({n: self.tensors[n] for n in names if n in self.tensors}, self.output_power, default,
+                     self.synthetic)
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
@@ -394,21 +398,23 @@ class Stats:
         arrays.update(blocks.arrays)
         # one metadata entry: safetensors writes several in no fixed order (same statistics, same bytes)
         doc = {"format": FORMAT, "output_power": float(self.output_power), "tensors": meta, "blocks": blocks.meta}
+        if self.synthetic:  # written only when set: other statistics keep their bytes
+            doc["synthetic"] = True
         return safetensors_bytes(arrays, metadata={"tqz.stats": json.dumps(doc, sort_keys=True)})
 
     @classmethod
     def open(cls, path: str) -> "Stats":
         """A file written by :meth:`save` (either format), its arrays read only when a tensor is
         looked up."""
-        meta, blocks, fmt, power = _read_header(path)
-        return cls(_StatsFile(str(path), meta, blocks, fmt), power)
+        meta, blocks, fmt, power, synthetic = _read_header(path)
+        return cls(_StatsFile(str(path), meta, blocks, fmt), power, synthetic=synthetic)
 
     @classmethod
     def load(cls, path: str) -> "Stats":
         """Read a file written by :meth:`save` (either format). Weights that share an H share
         one array."""
-        meta, blocks, fmt, power = _read_header(path)
-        out = cls(output_power=power)
+        meta, blocks, fmt, power, synthetic = _read_header(path)
+        out = cls(output_power=power, synthetic=synthetic)
         cache: dict = {}
         with safe_open(str(path), framework="numpy") as f:
             keys = set(f.keys())
