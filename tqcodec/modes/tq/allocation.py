@@ -9,6 +9,7 @@ to meet a bit budget or a distortion target.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections import OrderedDict
@@ -107,6 +108,9 @@ class Rows:
         return full[self.r0:self.r1] if self.index is None else full[self.index]
 
 
+_SERIALS = itertools.count()
+
+
 @dataclass
 class Unit:
     """One tensor to allocate: ``data`` its [n, m] float64 rows, or :class:`Rows` that remake them
@@ -133,6 +137,8 @@ class Unit:
     slope_floor: bool = False  # never coarser than the step of equal slope on its weight MSE (see choose)
     transposed: bool = False  # ``data`` is the tensor's [n, m] view transposed (one band; tq.encoder)
     row_index: Optional[np.ndarray] = None  # the band's rows of the tensor's view when not r0.. (spec 1.4 row_band)
+    curve_version: int = 0  # counts changes of ``curve`` (choose's table is rebuilt when one changes)
+    serial: int = field(default_factory=lambda: next(_SERIALS), init=False)  # unique, unlike id()
 
     @property
     def w(self) -> np.ndarray:
@@ -195,7 +201,11 @@ class Unit:
             sh = self.shared
             if "prepared" not in sh:
                 sh["prepared"] = [prepare(self.h[0])]
-            return gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0])
+            key = (self.r0, code)  # kept as the runs' full-matrix results are: a search asks again
+            if key not in sh:
+                sh[key] = narrow(gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
+                                            prepared=sh["prepared"][0]))
+            return sh[key].astype(np.int64)
         if self.shared is not None:
             sh = self.shared
             if code not in sh:
@@ -240,13 +250,15 @@ class Unit:
             self.row_weights = saved
             r = coded_bits(lv, scale)
             self.curve[code] = (d, r)
+            self.curve_version += 1
             return d, r
         lv = self.quantize(code, True)
         d = self.distortion(self.w - lv * step)  # the same rows as quantize used (held by Matrices)
         r = coded_bits(lv)
         self.curve[code] = (d, r)
+        self.curve_version += 1
         self.exact.add(code)
-        if keep and (self.shared is None or self.row_index is not None) and self.h is not None:
+        if keep and self.shared is None and self.h is not None:
             # error-feedback levels are costly to compute again: kept, in the narrowest integer type
             # (plain rounding, without H, is recomputed when the tensor is written)
             self.levels[code] = narrow(lv)
@@ -268,24 +280,60 @@ def candidate_codes(w: np.ndarray, octaves_below: int = 10) -> list[int]:
     return codes or [min(STEP_CODE_MAX, max(STEP_CODE_MIN, top))]
 
 
+class _CurveTable:
+    """Every unit's curve as arrays [units, points], codes coarsest first (padding: code +inf),
+    so one choice of every unit is a few array operations. Rebuilt when a curve changes."""
+
+    def __init__(self, units: list[Unit]):
+        width = max((len(u.curve) for u in units), default=0)
+        self.codes = np.full((len(units), width), np.inf)
+        self.d = np.zeros((len(units), width))
+        self.r = np.zeros((len(units), width))
+        for i, u in enumerate(units):
+            codes = sorted(u.curve, reverse=True)
+            self.codes[i, :len(codes)] = codes
+            self.d[i, :len(codes)] = [u.curve[c][0] for c in codes]
+            self.r[i, :len(codes)] = [u.curve[c][1] for c in codes]
+
+
+_TABLES: "OrderedDict[tuple, _CurveTable]" = OrderedDict()  # a few recent tables (one per unit list)
+_TABLES_LOCK = threading.Lock()
+
+
+def _curve_table(units: list[Unit]) -> _CurveTable:
+    key = tuple((u.serial, u.curve_version) for u in units)
+    with _TABLES_LOCK:
+        table = _TABLES.get(key)
+    if table is None:
+        table = _CurveTable(units)
+        with _TABLES_LOCK:
+            _TABLES[key] = table
+            while len(_TABLES) > 8:
+                _TABLES.popitem(last=False)
+    return table
+
+
 def choose(units: list[Unit], lam: float) -> dict[str, int]:
     """Per unit, the code minimising D + lam * R on its curve (ties: the coarser step), never
     one coarser than the unit's ``max_code``."""
-    out = {}
-    for u in units:
-        best, best_cost = None, math.inf
+    if not units:
+        return {}
+    table = _curve_table(units)
+    caps = np.full(len(units), np.inf)
+    for i, u in enumerate(units):
         cap = u.max_code
         if u.slope_floor:
             cap = equal_slope_code(u, lam) if cap is None else min(cap, equal_slope_code(u, lam))
             cap = max(cap, min(u.curve))  # a unit with no code that fine takes its finest
-        for code in sorted(u.curve, reverse=True):
-            if cap is not None and code > cap:
-                continue
-            d, r = u.curve[code]
-            cost = d + lam * r
-            if cost < best_cost:
-                best, best_cost = code, cost
-        out[u.name] = best
+        if cap is not None:
+            caps[i] = cap
+    cost = table.d + lam * table.r  # the same float64 sums as one at a time
+    allowed = (table.codes <= caps[:, None]) & np.isfinite(table.codes)
+    cost[~allowed] = np.inf
+    best = np.argmin(cost, axis=1)  # the first (coarsest) of equal costs
+    out = {}
+    for i, u in enumerate(units):
+        out[u.name] = int(table.codes[i, best[i]]) if allowed[i, best[i]] and cost[i, best[i]] < math.inf else None
     return out
 
 
