@@ -24,6 +24,9 @@ from .pool import each, grouped, run
 from .rounding import gptq_round, prepare, round_nearest
 
 MAX_LEVEL = 1 << 20
+WHOLE_MATRIX_ROUNDING = 1 << 17  # row_band bands of smaller weights round the whole matrix at a code
+# (rows round independently, so a band's levels are its rows of it): one Python column loop per code,
+# not one per band; larger weights round each band's rows alone (less arithmetic per code)
 SUBSAMPLE = 1 << 18  # coarse curves of bigger tensors use about this many weights
 CHUNK_HEADER_BITS = 32 * 8
 BAND_PARAM_BITS = 8 * 8  # band_rows, step, q_min entries and the bytes header in the manifest
@@ -201,6 +204,12 @@ class Unit:
             sh = self.shared
             if "prepared" not in sh:
                 sh["prepared"] = [prepare(self.h[0])]
+            full = sh["w"].shape
+            if full[0] * full[1] <= WHOLE_MATRIX_ROUNDING:  # the column loop's overhead dominates: once
+                if code not in sh:
+                    w = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
+                    sh[code] = narrow(gptq_round(w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0]))
+                return sh[code][self.row_index].astype(np.int64)
             key = (self.r0, code)  # kept as the runs' full-matrix results are: a search asks again
             if key not in sh:
                 sh[key] = narrow(gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL,

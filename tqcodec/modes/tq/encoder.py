@@ -226,7 +226,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         classes = row_classes(rw, m, ROW_CLASS_MIN, MAX_ROW_CLASSES) \
             if h is not None and h.shape[0] == 1 and rw is not None and not getattr(stats, "synthetic", False) else []
         if len(classes) > 1:  # rows of like output sensitivity share a step and a table (row_band)
-            shared = {}  # the tensor's error-feedback preparation, one for its classes
+            shared = {"w": w2}  # the tensor's error-feedback preparation (and results), one for its classes
             for b, index in enumerate(classes):
                 rows = matrices.rows(it.name, int(index[0]), int(index[-1]) + 1, (len(index), m), index) \
                     if isinstance(w2, Rows) else w2[index]
