@@ -106,6 +106,9 @@ def test_info_says_how_each_tensor_is_coded(tmp_path):
         w.finish({})
     result = runner.invoke(app, ["info", str(path)])
     assert result.exit_code == 0, result.output
+    from tqcodec.plot import allocation_rows
+    with tqcodec.open(path) as f:
+        assert [r["row_band"] for r in allocation_rows(f)] == [True, False]  # the plot marks it +R
     lines = {line.split()[0]: line for line in result.output.splitlines()[2:]}
     assert lines["by_rows"].endswith("2 bands of rows by row_band")
     assert lines["transformed"].endswith("1 band, transform float16 k=2, layout in_out")
@@ -498,6 +501,7 @@ def test_info_plot_draws_the_bit_depth_map(tmp_path):
         bands = by_name[name]["bands"]
         assert by_name[name]["mode"] == "tq" and abs(sum(fr for fr, _ in bands) - 1.0) < 1e-9
         assert all(0.0 <= bits <= 20.0 for _, bits in bands)
+        assert by_name[name]["row_band"] is False
     png = tmp_path / "alloc.png"
     result = CliRunner().invoke(app, ["info", str(path), "--plot", str(png)])
     assert result.exit_code == 0, result.output

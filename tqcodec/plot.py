@@ -26,13 +26,13 @@ def band_bits(counts: np.ndarray) -> float:
 
 def allocation_rows(f) -> list[dict]:
     """Per tensor of an open TqzFile: its bands as (fraction of rows, bits per weight), the
-    transform choice and the rows dropped. Non-tq tensors are one band at their stored bits."""
+    transform choice, the rows dropped and whether its bands are sets of rows (``row_band``). Non-tq tensors are one band at their stored bits."""
 
     rows = []
     for name in f.keys():
         info = f.info(name)
         entry = {"name": name, "mode": info.mode, "numel": info.numel, "transform": "none",
-                 "bands": [], "dropped": 0.0}
+                 "bands": [], "dropped": 0.0, "row_band": False}
         if info.mode == "tq" and info.numel:
             p = info.params
             n = info.shape[0] if p.get("layout", "out_in") == "out_in" else info.shape[1]
@@ -43,6 +43,7 @@ def allocation_rows(f) -> list[dict]:
             for r, blob in zip(p["band_rows"], p["counts"]):
                 entry["bands"].append((r / total_rows, band_bits(unpack_counts(blob, r * cols, name))))
             entry["transform"] = transform
+            entry["row_band"] = "row_band" in p  # bands are sets of rows (spec 1.4), drawn band by band
             entry["dropped"] = 1.0 - sum(p["band_rows"]) / total_rows
         elif info.numel:
             entry["bands"].append((1.0, 8.0 * info.stored_bytes / info.numel))
@@ -82,13 +83,14 @@ def plot_allocation(f, path: Union[str, os.PathLike], title: str = "", overwrite
             x += frac
         if r["dropped"] > 0:
             ax.barh(y, r["dropped"], left=x, color="white", edgecolor="grey", hatch="///", linewidth=0.3)
-        label = f"{r['mode']}" + (" +T" if r["transform"] != "none" else "")
+        label = f"{r['mode']}" + (" +T" if r["transform"] != "none" else "") + (" +R" if r["row_band"] else "")
         ax.text(1.01, y, label, va="center", fontsize=6)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r["name"][-48:] for r in rows], fontsize=6)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.12)
-    ax.set_xlabel("fraction of the tensor's rows (bands in order; hatched: dropped by the transform)")
+    ax.set_xlabel("fraction of the tensor's rows (bands in order; +R: bands are sets of rows, drawn band by "
+                  "band; +T: transform, hatched: rows it dropped)")
     total_bits = 8 * f.file_size
     params = sum(r["numel"] for r in rows)
     ax.set_title(title or f"bits per weight by band; whole file {total_bits / max(params, 1):.3f} bits/param")
