@@ -20,7 +20,7 @@ from .pool import run
 
 BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
-EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows, so rarely used tokens can get coarser steps
+EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows (by token frequency), so rare tokens get coarser steps
 ROW_CLASS_OCTAVES = 1.0  # rows with weights (token counts) are banded by this many octaves of weight
 MAX_ROW_CLASSES = 16  # a linear layer's rows (measured output sensitivities): at most this many bands
 ROW_CLASS_MIN = 1 << 13  # ... a band at least this many weights (or 1/192 of the model: a table and a chunk header cost ~100 bytes)
