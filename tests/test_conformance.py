@@ -168,24 +168,26 @@ def _manifest_and_minor(folder):
 
 
 def test_files_declare_the_lowest_minor_version_they_need():
-    """Spec §13: a file declares the lowest minor version defining every mode and feature it uses: 3
+    """Spec §13: a file declares the lowest minor version defining every mode and feature it uses: 4
+    with a tq tensor that has row_band (§7.5.1, 1.4), else 3
     with a compressed manifest (required feature bit 0, §5.0, 1.3), else 2 with an ecsq/kmeans/pq/dither
     tensor (1.2), else 1 with a tq tensor (1.1), else 0 (except the vectors testing a future minor
     version or a mismatched one). Fixtures of each version say that version."""
     lineage = {"ecsq", "kmeans", "pq", "dither"}
-    seen = {0: 0, 1: 0, 2: 0, 3: 0}
+    seen = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
     for group, folder, _ in VECTORS:
         if group == "invalid":
             continue
         manifest, minor = _manifest_and_minor(folder)
         modes = {r["mode"] for r in manifest["tensors"]}
         compressed = struct.unpack_from("<I", (folder / "in.tqz").read_bytes(), 12)[0] & 1
-        want = 3 if compressed else 2 if modes & lineage else 1 if "tq" in modes else 0
+        row_band = any(r["mode"] == "tq" and "row_band" in r["params"] for r in manifest["tensors"])
+        want = 4 if row_band else 3 if compressed else 2 if modes & lineage else 1 if "tq" in modes else 0
         if folder.name not in ("future_minor_and_optional_features", "manifest_zstd_minor_0"):
             assert minor == want, (folder, minor)
             seen[want] += 1
-    assert seen[1] >= 20 and seen[2] >= 20 and seen[0] >= 20 and seen[3] >= 10
-    for version, minor in (("v1.1", 1), ("v1.2", 2), ("v1.3", 3)):
+    assert seen[1] >= 20 and seen[2] >= 20 and seen[0] >= 20 and seen[3] >= 10 and seen[4] >= 5
+    for version, minor in (("v1.1", 1), ("v1.2", 2), ("v1.3", 3), ("v1.4", 4)):
         for folder in sorted((CONF / "fixtures" / version).glob("*")):
             manifest, got = _manifest_and_minor(folder)
             assert got == minor, folder
