@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import struct
@@ -1806,7 +1805,7 @@ def make_lineage_valid(out: Out):
     bookx = np.unique(allf16[np.isfinite(allf16)].astype(np.float64))  # 63487 values: -0 and +0 are one
     bookx[bookx == 0] = 0.0  # np.unique keeps -0.0 or +0.0 depending on the numpy version: pin +0.0
     bookx = np.concatenate([bookx, 70000.0 + np.arange(65536 - len(bookx))])
-    simple("kmeans_max_codebook", f"kmeans one group with K = 65536 (the limit): every finite float16 value once "
+    simple("kmeans_max_codebook", "kmeans one group with K = 65536 (the limit): every finite float16 value once "
            "(-0 and +0 are one entry) and larger float32 values, precision float32, float32 [256, 257]",
            "§7.7.1 §12", [kmeans_t("x", "float32", (256, 257), [(kk.reshape(256, 257), bookx)], precision="float32")])
     # pq (§7.8)

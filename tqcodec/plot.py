@@ -4,7 +4,6 @@ Needs matplotlib (``pip install 'tqcodec[plot]'``).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Union
 
