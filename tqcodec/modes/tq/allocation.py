@@ -195,26 +195,60 @@ class Unit:
         g, d = self._diag.shape
         return self.gain * float(np.sum(e2.reshape(g, -1, d).sum(axis=1) * self._diag))
 
+    def _whole_matrix_rounding(self) -> bool:
+        """Whether this band's levels come from the shared rounding of the whole matrix (row_band
+        bands of small weights, and runs of rows): then that cache holds them."""
+        if self.row_index is None:
+            return True
+        full = self.shared["w"].shape
+        return full[0] * full[1] <= WHOLE_MATRIX_ROUNDING
+
+    def _band_distortion(self, lv: np.ndarray, step: float) -> float:
+        """:meth:`distortion` of the levels ``lv`` at ``step``; a row_band band without H (an
+        embedding's: tens of thousands of rows) a block of rows at a time, so that no temporary is
+        the size of the band."""
+        d = self.data
+        if self.h is not None or not isinstance(d, Rows) or d.index is None:
+            return self.distortion(self.w - lv * step)  # the same rows as quantize used (held by Matrices)
+        full, total = d.matrices.get(d.key), 0.0
+        per = max(1, (1 << 20) // max(self.shape[1], 1))
+        for a in range(0, self.shape[0], per):
+            e = full[d.index[a:a + per]] - lv[a:a + per] * step
+            if self.row_weights is not None:
+                e *= np.sqrt(self.row_weights[a:a + per])[:, None]
+            total += float(np.sum(e * e))
+        return self.gain * total
+
+    def rows_every(self, stride: int) -> np.ndarray:
+        """Every ``stride``-th of the unit's rows (of a lazily made matrix: only those rows)."""
+        d = self.data
+        if isinstance(d, Rows):
+            full = d.matrices.get(d.key)
+            return full[d.r0:d.r1:stride] if d.index is None else full[d.index[::stride]]
+        return d[::stride]
+
     def quantize(self, code: int, feedback: bool) -> np.ndarray:
         """Levels at step code ``code``: error-feedback rounding when ``feedback`` and H exists."""
         step = step_from_code(code)
         if not feedback or self.h is None:
+            d = self.data
+            if isinstance(d, Rows) and d.index is not None:  # a row_band band: its rows a block at a time
+                full, out = d.matrices.get(d.key), np.empty(self.shape, dtype=np.int64)
+                per = max(1, (1 << 20) // max(self.shape[1], 1))
+                for a in range(0, self.shape[0], per):
+                    out[a:a + per] = round_nearest(full[d.index[a:a + per]], step, -MAX_LEVEL, MAX_LEVEL)
+                return out
             return round_nearest(self.w, step, -MAX_LEVEL, MAX_LEVEL)
         if self.shared is not None and self.row_index is not None:  # rows of one band of a row_band tensor
             sh = self.shared
             if "prepared" not in sh:
                 sh["prepared"] = [prepare(self.h[0])]
-            full = sh["w"].shape
-            if full[0] * full[1] <= WHOLE_MATRIX_ROUNDING:  # the column loop's overhead dominates: once
+            if self._whole_matrix_rounding():  # the column loop's overhead dominates: once per code
                 if code not in sh:
                     w = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
                     sh[code] = narrow(gptq_round(w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0]))
                 return sh[code][self.row_index].astype(np.int64)
-            key = (self.r0, code)  # kept as the runs' full-matrix results are: a search asks again
-            if key not in sh:
-                sh[key] = narrow(gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
-                                            prepared=sh["prepared"][0]))
-            return sh[key].astype(np.int64)
+            return gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0])
         if self.shared is not None:
             sh = self.shared
             if code not in sh:
@@ -238,13 +272,15 @@ class Unit:
         big tensors, a deterministic subsample of rows scaled up."""
         step = step_from_code(code)
         if not feedback:
-            w, rw, scale = self.w, self.row_weights, 1.0
+            rw, scale = self.row_weights, 1.0
             grouped = self.h is not None and self.h.shape[0] > 1
-            if w.size > SUBSAMPLE and not grouped and w.shape[0] > 1:
-                stride = -(-w.size // SUBSAMPLE)
-                w = w[::stride]
+            if self.size > SUBSAMPLE and not grouped and self.shape[0] > 1:
+                stride = -(-self.size // SUBSAMPLE)
+                w = self.rows_every(stride)  # only the sampled rows are made (a row_band band's are a copy)
                 rw = None if rw is None else rw[::stride]
                 scale = self.shape[0] / w.shape[0]
+            else:
+                w = self.w
             # candidate codes keep a weight's levels within ±2^20, but not a transform's coefficients
             # (an AAT from an H of wide dynamic range): clipped as quantize clips them
             # (in place: the same values as np.clip(np.rint(w * (1 / step)), ...) and w - lv * step)
@@ -262,12 +298,12 @@ class Unit:
             self.curve_version += 1
             return d, r
         lv = self.quantize(code, True)
-        d = self.distortion(self.w - lv * step)  # the same rows as quantize used (held by Matrices)
+        d = self._band_distortion(lv, step)
         r = coded_bits(lv)
         self.curve[code] = (d, r)
         self.curve_version += 1
         self.exact.add(code)
-        if keep and self.shared is None and self.h is not None:
+        if keep and self.h is not None and (self.shared is None or not self._whole_matrix_rounding()):
             # error-feedback levels are costly to compute again: kept, in the narrowest integer type
             # (plain rounding, without H, is recomputed when the tensor is written)
             self.levels[code] = narrow(lv)
