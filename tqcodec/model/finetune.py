@@ -253,14 +253,9 @@ class TqGrid(GridQuant):
     def encode(self, value: torch.Tensor) -> Encoded:
         codes = [nearest_code(float(s)) for s in self.group_steps()]
         lv = self.levels()
-        if self.row_band is not None:
-            bands = [lv[self.row_band == b] for b in range(len(self.band_rows))]
-            return tq.write(bands, codes, layout=self.layout, transform=self.transform_f16, row_band=self.row_band)
-        bands, r0 = [], 0
-        for r in self.band_rows:
-            bands.append(lv[r0:r0 + r])
-            r0 += r
-        return tq.write(bands, codes, layout=self.layout, transform=self.transform_f16)
+        group = self.group.numpy()  # each row's band (runs, or sets of rows by row_band)
+        bands = [lv[group == b] for b in range(len(self.band_rows))]
+        return tq.write(bands, codes, layout=self.layout, transform=self.transform_f16, row_band=self.row_band)
 
 
 class UniformGrid(GridQuant):

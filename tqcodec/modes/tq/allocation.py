@@ -28,6 +28,7 @@ WHOLE_MATRIX_ROUNDING = 1 << 17  # row_band bands of smaller weights round the w
 # (rows round independently, so a band's levels are its rows of it): one Python column loop per code,
 # not one per band; larger weights round each band's rows alone (less arithmetic per code)
 SUBSAMPLE = 1 << 18  # coarse curves of bigger tensors use about this many weights
+ROW_BLOCK = 1 << 20  # a row_band band of a lazily made matrix is read this many weights at a time
 CHUNK_HEADER_BITS = 32 * 8
 BAND_PARAM_BITS = 8 * 8  # band_rows, step, q_min entries and the bytes header in the manifest
 
@@ -203,19 +204,28 @@ class Unit:
         full = self.shared["w"].shape
         return full[0] * full[1] <= WHOLE_MATRIX_ROUNDING
 
-    def _band_distortion(self, lv: np.ndarray, step: float) -> float:
-        """:meth:`distortion` of the levels ``lv`` at ``step``; a row_band band without H (an
-        embedding's: tens of thousands of rows) a block of rows at a time, so that no temporary is
-        the size of the band."""
+    def _indexed_blocks(self):
+        """(first row, rows) of a row_band band of a lazily made matrix (``Rows`` with an index),
+        ``ROW_BLOCK`` weights at a time, so that no temporary is the size of the band (an
+        embedding's: tens of thousands of rows); None for any other unit."""
         d = self.data
-        if self.h is not None or not isinstance(d, Rows) or d.index is None:
+        if not isinstance(d, Rows) or d.index is None:
+            return None
+        full = d.matrices.get(d.key)
+        per = max(1, ROW_BLOCK // max(self.shape[1], 1))
+        return ((a, full[d.index[a:a + per]]) for a in range(0, self.shape[0], per))
+
+    def _band_distortion(self, lv: np.ndarray, step: float) -> float:
+        """:meth:`distortion` of the levels ``lv`` at ``step``; a row_band band without H by
+        :meth:`_indexed_blocks`."""
+        blocks = self._indexed_blocks() if self.h is None else None
+        if blocks is None:
             return self.distortion(self.w - lv * step)  # the same rows as quantize used (held by Matrices)
-        full, total = d.matrices.get(d.key), 0.0
-        per = max(1, (1 << 20) // max(self.shape[1], 1))
-        for a in range(0, self.shape[0], per):
-            e = full[d.index[a:a + per]] - lv[a:a + per] * step
+        total = 0.0
+        for a, rows in blocks:
+            e = rows - lv[a:a + len(rows)] * step
             if self.row_weights is not None:
-                e *= np.sqrt(self.row_weights[a:a + per])[:, None]
+                e *= np.sqrt(self.row_weights[a:a + len(rows)])[:, None]
             total += float(np.sum(e * e))
         return self.gain * total
 
@@ -231,14 +241,13 @@ class Unit:
         """Levels at step code ``code``: error-feedback rounding when ``feedback`` and H exists."""
         step = step_from_code(code)
         if not feedback or self.h is None:
-            d = self.data
-            if isinstance(d, Rows) and d.index is not None:  # a row_band band: its rows a block at a time
-                full, out = d.matrices.get(d.key), np.empty(self.shape, dtype=np.int64)
-                per = max(1, (1 << 20) // max(self.shape[1], 1))
-                for a in range(0, self.shape[0], per):
-                    out[a:a + per] = round_nearest(full[d.index[a:a + per]], step, -MAX_LEVEL, MAX_LEVEL)
-                return out
-            return round_nearest(self.w, step, -MAX_LEVEL, MAX_LEVEL)
+            blocks = self._indexed_blocks()
+            if blocks is None:
+                return round_nearest(self.w, step, -MAX_LEVEL, MAX_LEVEL)
+            out = np.empty(self.shape, dtype=np.int64)
+            for a, rows in blocks:
+                out[a:a + len(rows)] = round_nearest(rows, step, -MAX_LEVEL, MAX_LEVEL)
+            return out
         if self.shared is not None and self.row_index is not None:  # rows of one band of a row_band tensor
             sh = self.shared
             if "prepared" not in sh:
@@ -378,7 +387,7 @@ def choose(units: list[Unit], lam: float) -> dict[str, int]:
     best = np.argmin(cost, axis=1)  # the first (coarsest) of equal costs
     out = {}
     for i, u in enumerate(units):
-        out[u.name] = int(table.codes[i, best[i]]) if allowed[i, best[i]] and cost[i, best[i]] < math.inf else None
+        out[u.name] = int(table.codes[i, best[i]]) if cost[i, best[i]] < math.inf else None  # inf: none allowed
     return out
 
 

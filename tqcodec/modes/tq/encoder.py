@@ -5,7 +5,7 @@ real container size through ``size_of`` so that a bits target holds for the whol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -215,10 +215,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         if row_banded:
             for b, index in enumerate(row_classes(rw, m, min(ROW_CLASS_MIN, band_size // 8), EMBED_BANDS)):
                 whole = len(index) == n
-                rows = w2 if whole else matrices.rows(it.name, int(index[0]), int(index[-1]) + 1,
-                                                      (len(index), m), index) if isinstance(w2, Rows) else w2[index]
-                units.append(Unit(band_name(it.name, b), rows, None, rw[index], gain, r0=int(index[0]),
-                                  row_index=None if whole else index))
+                units.append(Unit(band_name(it.name, b), _rows_of(w2, index, matrices, it.name), None, rw[index],
+                                  gain, r0=int(index[0]), row_index=None if whole else index))
             layouts[it.name] = layout
             continue
         # not from made-up inputs: MiniLM, synthetic statistics, 4.1 bits/param, mean cosine 0.99499
@@ -228,10 +226,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         if len(classes) > 1:  # rows of like output sensitivity share a step and a table (row_band)
             shared = {"w": w2}  # the tensor's error-feedback preparation (and results), one for its classes
             for b, index in enumerate(classes):
-                rows = matrices.rows(it.name, int(index[0]), int(index[-1]) + 1, (len(index), m), index) \
-                    if isinstance(w2, Rows) else w2[index]
-                units.append(Unit(band_name(it.name, b), rows, h, rw[index], gain, shared=shared,
-                                  r0=int(index[0]), row_index=index))
+                units.append(Unit(band_name(it.name, b), _rows_of(w2, index, matrices, it.name), h, rw[index], gain,
+                                  shared=shared, r0=int(index[0]), row_index=index))
                 units[-1].h_mean = st.mean
             layouts[it.name] = layout
             continue
@@ -247,6 +243,17 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
     return units, layouts
+
+
+def _rows_of(w2: Any, index: np.ndarray, matrices: Matrices, name: str) -> Any:
+    """The rows ``index`` (increasing) of a tensor's [n, m] view ``w2``: ``w2`` itself when they
+    are all its rows, a lazily made :class:`Rows` when ``w2`` is one, else a copy."""
+    n, m = w2.shape
+    if len(index) == n:
+        return w2
+    if isinstance(w2, Rows):
+        return matrices.rows(name, int(index[0]), int(index[-1]) + 1, (len(index), m), index)
+    return w2[index]
 
 
 def row_classes(rw: np.ndarray, m: int, min_size: int, cap: int) -> list[np.ndarray]:
