@@ -168,10 +168,21 @@ def minilm_files(before: Path) -> tuple[Path, Path, int]:
     return tqz, f32, params
 
 
-def large_files(layers: int) -> tuple[Path, Path, int]:
+def large_files(layers: int, before: Path) -> tuple[Path, Path, int]:
+    """The synthetic model's .tqz, written as ``scale.encoded`` writes it but by the tree at
+    ``before`` (a file both trees read, as :func:`minilm_files`), and its float32 bytes."""
     sys.path.insert(0, str(HERE))
     import scale  # the builder of the synthetic bf16 model
-    folder, tqz, info = scale.encoded(layers)
+    folder = TMP / f"synthetic-{layers}L"
+    info = scale.generate(folder, dict(scale.CONFIG, layers=layers))
+    tqz = TMP / f"synthetic-{layers}L-tq4-{before.name}.tqz"
+    if not tqz.exists():
+        t0 = time.time()
+        code = ("import sys; from tqcodec import api; "
+                "api.encode_folder(sys.argv[1], sys.argv[2], jobs=0, mode='tq', bits=4.0, tq_scope='tensor')")
+        subprocess.run([sys.executable, "-c", code, str(folder), str(tqz)], check=True, cwd=tempfile.gettempdir(),
+                       env=dict(os.environ, PYTHONPATH=str(before)))
+        print(f"encoded {tqz.name} in {time.time() - t0:.0f} s", flush=True)
     f32 = TMP / f"synthetic-{layers}L-f32.bin"
     if not f32.exists():
         import torch
@@ -289,7 +300,7 @@ def main() -> None:
                                                                       args.rounds, args.inner, args.quiet_wait)
         res["models"]["MiniLM (float32, tq 4 bits/param)"].update(rounds=args.rounds, inner=args.inner)
     if args.large:
-        tqz, f32, params = large_files(args.layers)
+        tqz, f32, params = large_files(args.layers, before)
         only = set(args.large_only.split(",")) if args.large_only else None
         res["models"][f"synthetic {args.layers}-layer bf16 (tq 4 bits/param)"] = measure(
             "large", tqz, f32, params, before, args.large_rounds, args.large_inner, args.quiet_wait, only)

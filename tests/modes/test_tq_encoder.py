@@ -47,6 +47,24 @@ def test_gptq_respects_level_range_and_identity_h_is_nearest():
                                   round_nearest(w, 0.1, -99, 99))
 
 
+def test_gptq_step_per_row_is_each_row_rounded_at_its_step():
+    """Rows round independently under one H: one pass with a step per row gives every row the
+    levels a pass over its own rows at its step gives (what the tq encoder's per-band refine uses)."""
+    rng = np.random.default_rng(3)
+    m, n = 48, 30
+    x = rng.normal(size=(500, m)) @ rng.normal(size=(m, m))
+    h = x.T @ x / len(x)
+    w = rng.normal(size=(n, m))
+    bands = [np.arange(0, n, 3), np.arange(1, n, 3), np.arange(2, n, 3)]
+    steps = [0.05, 0.11, 0.3]
+    rows = np.concatenate(bands)
+    per_row = np.concatenate([np.full(len(b), s) for b, s in zip(bands, steps)])
+    together = gptq_round(w[rows], h, per_row, -1000, 1000)
+    alone = np.concatenate([gptq_round(w[b], h, s, -1000, 1000) for b, s in zip(bands, steps)])
+    np.testing.assert_array_equal(together, alone)
+    assert not np.array_equal(together, gptq_round(w[rows], h, 0.11, -1000, 1000))
+
+
 # --- whole-file rate control, determinism, round trip ------------------------------------------
 
 @pytest.mark.parametrize("bits", [2.0, 3.0, 4.0, 6.0])
@@ -608,6 +626,12 @@ def test_rows_of_unequal_sensitivity_get_their_own_bands(monkeypatch):
             return len(data), err, f.info("fc.weight").params
 
     size, err, params = encoded()
+    from tqcodec.modes.tq import allocation
+    monkeypatch.setattr(allocation, "WHOLE_MATRIX_ROUNDING", 0)  # each band rounds its own rows
+    own_rows = encoded()
+    monkeypatch.setattr(allocation, "_feed_row_bands", lambda group, wanted: None)  # band by band
+    assert encoded() == own_rows  # the same file as the bands' refine in one pass per code
+    monkeypatch.undo()
     stats.synthetic = True  # sensitivities measured on made-up inputs set row weights, not bands
     assert "row_band" not in encoded()[2]
     stats.synthetic = False

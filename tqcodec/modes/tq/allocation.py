@@ -14,7 +14,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -142,6 +142,7 @@ class Unit:
     transposed: bool = False  # ``data`` is the tensor's [n, m] view transposed (one band; tq.encoder)
     row_index: Optional[np.ndarray] = None  # the band's rows of the tensor's view when not r0.. (spec 1.4 row_band)
     curve_version: int = 0  # counts changes of ``curve`` (choose's table is rebuilt when one changes)
+    _fed: dict = field(default_factory=dict)  # code -> levels made ahead by refine for one band of many
     serial: int = field(default_factory=lambda: next(_SERIALS), init=False)  # unique, unlike id()
 
     @property
@@ -257,6 +258,9 @@ class Unit:
                     w = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
                     sh[code] = narrow(gptq_round(w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0]))
                 return sh[code][self.row_index].astype(np.int64)
+            fed = self._fed.pop(code, None)
+            if fed is not None:
+                return fed
             return gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0])
         if self.shared is not None:
             sh = self.shared
@@ -494,11 +498,41 @@ def refine(units: list[Unit], pick: dict[str, int], window: int, threads: int = 
     (``threads``: as :func:`build_curves`)."""
 
     def exact(group: list[Unit]) -> None:
+        wanted = {u.name: [c for c in sorted(u.curve) if abs(c - pick[u.name]) <= window and c not in u.exact]
+                  for u in group}
+        if len(group) > 1 and all(_banded_feedback(u) for u in group):
+            _feed_row_bands(group, wanted)
         for u in group:
-            codes = sorted(u.curve)
-            c0 = pick[u.name]
-            for c in codes:
-                if abs(c - c0) <= window and c not in u.exact:
-                    u.evaluate(c, True, keep=True)
+            for c in wanted[u.name]:
+                u.evaluate(c, True, keep=True)
 
     run(exact, grouped(units, lambda u: u.group), threads)
+
+
+def _banded_feedback(u: Unit) -> bool:
+    """Whether ``u`` is a row_band band whose error-feedback rounding runs on its own rows."""
+    return u.h is not None and u.shared is not None and u.row_index is not None \
+        and not u._whole_matrix_rounding()
+
+
+def _feed_row_bands(group: list[Unit], wanted: Mapping[str, list[int]]) -> None:
+    """The error-feedback levels of a row_band tensor's bands at their ``wanted`` codes, made
+    ahead for :meth:`Unit.quantize`: rows round independently of each other under the tensor's
+    one H, so the k-th wanted code of every band is one pass over their rows with a step per row,
+    and the column loop runs once per k instead of once per band and code. Same levels as
+    band by band."""
+    sh = group[0].shared
+    if "prepared" not in sh:
+        sh["prepared"] = [prepare(group[0].h[0])]
+    full = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
+    for k in range(max((len(wanted[u.name]) for u in group), default=0)):
+        taking = [u for u in group if len(wanted[u.name]) > k]
+        if len(taking) < 2:  # one band alone: quantize rounds it as before
+            continue
+        rows = np.concatenate([u.row_index for u in taking])
+        steps = np.concatenate([np.full(len(u.row_index), step_from_code(wanted[u.name][k])) for u in taking])
+        levels = gptq_round(full[rows], group[0].h[0], steps, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0])
+        at = 0
+        for u in taking:
+            u._fed[wanted[u.name][k]] = levels[at:at + len(u.row_index)]
+            at += len(u.row_index)

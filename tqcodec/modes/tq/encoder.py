@@ -153,6 +153,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         band_size = max(band_size, DATA_FREE_MIN_BAND)
     default_gain = max(known) if known else 1.0
     by_name = {it.name: it for it in items}
+    usable: dict[tuple[int, int], Optional[np.ndarray]] = {}  # tensors reading one input share its H (Q, K, V)
     for index, it in enumerate(items):
         st = stats.get(it.name) if stats is not None else None
         if it.name.endswith((".running_mean", ".running_var")) or it.name in ("running_mean", "running_var"):
@@ -201,7 +202,10 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
                 rw = np.asarray(st.row_h, dtype=np.float64)  # inputs on the rows (transposed convolutions)
                 rw = rw if np.isfinite(rw).all() and rw.sum() > 0 else None
             elif _h_fits(st.h, n, m):
-                h = usable_h(st.h, st.rows)
+                key = (id(st.h), int(st.rows))
+                if key not in usable:
+                    usable[key] = usable_h(st.h, st.rows)
+                h = usable[key]
         row_banded = rw is not None
         if rw is None and layout == "out_in" and stats is not None:
             # the gain holds the mean scale, the rows keep their shares. Not without statistics: a

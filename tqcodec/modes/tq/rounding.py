@@ -5,7 +5,16 @@ All arithmetic is float64 and deterministic (fixed column order, no randomness).
 """
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+
 import numpy as np
+
+PREPARED_KEEP = 4  # damped inverses kept by content (tensors reading one input share one H: Q, K and V)
+PREPARED_MAX_BYTES = 32 << 20  # ... each at most this big (d <= 2048)
+_PREPARED: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+_PREPARED_LOCK = threading.Lock()
 
 
 def round_nearest(w: np.ndarray, step: float, q_min: int, q_max: int) -> np.ndarray:
@@ -40,13 +49,30 @@ def _hinv_upper(h: np.ndarray, damp: float) -> np.ndarray:
 
 def prepare(h: np.ndarray, *, damp: float = 0.01, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The column order and the upper Cholesky factor of the damped inverse H that
-    :func:`gptq_round` uses; compute once per H and reuse across step sizes."""
-    h = np.asarray(h, dtype=np.float64)
+    :func:`gptq_round` uses; compute once per H and reuse across step sizes. The last few are
+    kept by H's content (read-only), so tensors with one input (Q, K and V) factor it once."""
+    h = np.ascontiguousarray(h, dtype=np.float64)
+    key = None
+    if h.nbytes <= PREPARED_MAX_BYTES:
+        key = (hashlib.blake2b(h.tobytes(), digest_size=20).digest(), h.shape, float(damp), bool(act_order))
+        with _PREPARED_LOCK:
+            hit = _PREPARED.get(key)
+            if hit is not None:
+                _PREPARED.move_to_end(key)
+                return hit
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
-    return perm, _hinv_upper(h[np.ix_(perm, perm)], damp)
+    u = _hinv_upper(h[np.ix_(perm, perm)], damp)
+    perm.setflags(write=False)
+    u.setflags(write=False)
+    if key is not None:
+        with _PREPARED_LOCK:
+            _PREPARED[key] = (perm, u)
+            while len(_PREPARED) > PREPARED_KEEP:
+                _PREPARED.popitem(last=False)
+    return perm, u
 
 
-def gptq_round(w: np.ndarray, h: np.ndarray, step: float, q_min: int, q_max: int, *,
+def gptq_round(w: np.ndarray, h: np.ndarray, step: float | np.ndarray, q_min: int, q_max: int, *,
                damp: float = 0.01, block: int = 32, act_order: bool = True,
                prepared: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Levels (int64, shaped like ``w`` [out, in]) minimising ``tr(E H E^T)`` greedily.
@@ -54,7 +80,8 @@ def gptq_round(w: np.ndarray, h: np.ndarray, step: float, q_min: int, q_max: int
     Columns are quantized one at a time (largest ``diag H`` first when ``act_order``; ties by
     index); each column's rounding error is spread over the not-yet-quantized columns through
     the inverse of the damped H, so errors along cheap input directions absorb those along
-    expensive ones. Same inputs give the same levels. ``prepared``: :func:`prepare`'s result.
+    expensive ones. Same inputs give the same levels. ``step``: one for all rows, or one per row
+    [out] (rows round independently of each other). ``prepared``: :func:`prepare`'s result.
     """
     perm, u = prepared if prepared is not None else prepare(h, damp=damp, act_order=act_order)
     # work on the transpose: input column i is then a contiguous row (the loop is row-wise)
