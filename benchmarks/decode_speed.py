@@ -7,7 +7,7 @@
 Files (cached in ``benchmarks/results/tmp/``): MiniLM (float32) saved with ``mode="tq", bits=4``
 (data-free) by the ``--before`` tree's writer, so that both readers read it (a newer writer may
 use a feature an older reader lacks), and the synthetic Llama-like bf16 model of ``scale.py``
-(its builder) saved with ``encode_folder(mode="tq", bits=4, tq_scope="tensor")``.
+(its builder) saved by the same tree with ``encode_folder(mode="tq", bits=4, tq_scope="tensor")``.
 
 Contenders, each timed in its own fresh interpreter (torch and tqcodec imported before the clock;
 ``--inner`` loads in a row: the first one "cold", i.e. with any worker processes started inside
