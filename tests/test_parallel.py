@@ -269,3 +269,23 @@ def test_lazy_encode_holds_one_tensor_at_a_time(hf_src):
     data = api.encode_bytes(counting)
     assert _CountingRef.peak == 1 and _CountingRef.live == 0
     assert data == api.encode_bytes(tensors)
+
+
+def test_whole_model_tq_keeps_lazy_tensors_lazy(tmp_path):
+    """Mode tq over the whole model (the default with --bits) reads a folder's tensors where it
+    needs them, never all at once, and writes the same bytes as from the tensors in memory."""
+    g = torch.Generator().manual_seed(11)
+    sd = {f"layers.{i}.weight": (torch.randn(300, 256, generator=g) / (i + 1)).to(torch.bfloat16) for i in range(6)}
+    sd.update({f"layers.{i}.bias": torch.randn(300, generator=g) for i in range(6)})
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file(sd, str(folder / "model.safetensors"))
+    tensors, _ = hf.read_folder(folder)
+    counting = hf.LazyTensors((k, _CountingRef(r.path, r.key)) for k, r in tensors.refs())
+    _CountingRef.live = _CountingRef.peak = 0
+    lazy = api.encode_bytes(counting, mode="tq", bits=4)
+    assert _CountingRef.peak <= 3, _CountingRef.peak  # the encoder keeps two matrices, makes a third
+    assert lazy == api.encode_bytes({k: r.load() for k, r in tensors.refs()}, mode="tq", bits=4)  # the folder's order
+    with tqcodec.open(lazy) as f:
+        assert all(f.info(f"layers.{i}.weight").mode == "tq" for i in range(6))
+        assert f.info("layers.0.weight").dtype == "bfloat16"

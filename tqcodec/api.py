@@ -18,6 +18,7 @@ import torch
 from . import __version__ as _version
 from . import parallel
 from .errors import TqzError, TqzWarning, fail
+from .format.dtypes import storage_bytes
 from .format.header import ZSTD_MANIFEST
 from .format.manifest import TensorRecord, pack_canonical
 from .format.writer import ContainerWriter
@@ -30,7 +31,7 @@ from .pipeline.classic import CLASSIC_MODES
 from .pipeline import search
 from .pipeline.encode import (EncodeOptions, encode_classic_file, encode_tensor, encode_tq, no_larger_than_raw,
                               tq_encoder)
-from .pipeline.tensors import check_tensor, name_of_torch, plan_entries, tensor_to_storage
+from .pipeline.tensors import check_tensor, header_of, loaded, plan_entries, tensor_to_storage
 
 PathLike = Union[str, os.PathLike]
 Progress = Optional[Callable[[str, int, int], None]]
@@ -270,9 +271,11 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
                 parallel.write_entries(writer, entries, opts, jobs, progress, executor)
                 return writer.finish(meta)
         return _write_to(path, overwrite, stream)
-    items = list(tensors.items())
-    for name, t in items:
-        check_tensor(name, t)  # BAD_INPUT: bad name, not a plain dense tensor, dtype not in spec §5.5
+    # mode tq over the whole model: lazy tensors stay lazy (loaded where needed, a few at a time)
+    items = tensors.refs() if lazy else list(tensors.items())
+    if not lazy:
+        for name, t in items:
+            check_tensor(name, t)  # BAD_INPUT: bad name, not a plain dense tensor, dtype not in spec §5.5
     entries = plan_entries(items)
     write = _file_writer(entries, opts, meta, progress)
 
@@ -341,19 +344,22 @@ def _file_writer(entries: list, opts: EncodeOptions, meta: Mapping[str, Any],
     across trial writes), into ``out`` (None: a trial, only its size)."""
     done: dict[str, Encoded] = {}
 
+    headers = [header_of(t) for _, t, _ in entries]  # a lazy tensor's from its file, nothing loaded
+
     def write(out: Optional[BinaryIO], pre: Mapping[str, Encoded], extra: Mapping[str, Any] = {}) -> int:
         writer = ContainerWriter(out if out is not None else io.BytesIO())
         for i, (name, t, target) in enumerate(entries):
+            dtype, shape = headers[i]
             if target is not None:
                 encoded = alias.write(target)
             elif name in pre:
-                encoded = no_larger_than_raw(pre[name], tensor_to_storage(t)[1])
+                encoded = no_larger_than_raw(pre[name], lambda t=t: tensor_to_storage(loaded(name, t))[1],
+                                             storage_bytes(dtype, shape))
             else:
                 if name not in done:
-                    done[name] = encode_tensor(name, t, opts)
+                    done[name] = encode_tensor(name, loaded(name, t), opts)
                 encoded = done[name]
-            writer.add_tensor(TensorRecord(name, name_of_torch(t.dtype), tuple(t.shape), encoded.mode, encoded.params),
-                              encoded.streams)
+            writer.add_tensor(TensorRecord(name, dtype, shape, encoded.mode, encoded.params), encoded.streams)
             if progress and out is not None:
                 progress(f"writing: {name}", i + 1, len(entries))
         return writer.finish({**meta, **extra})
@@ -385,9 +391,11 @@ def _save_searching(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, B
     opts = EncodeOptions("tq", False, None, None, stats, None, None, "model")
     _check_stats_names(stats, tensors)
     target = search.Target(float(threshold), bool(higher_is_better))
-    items = list(tensors.items())
-    for name, t in items:
-        check_tensor(name, t)
+    lazy = callable(getattr(tensors, "refs", None))
+    items = tensors.refs() if lazy else list(tensors.items())
+    if not lazy:
+        for name, t in items:
+            check_tensor(name, t)
     entries = plan_entries(items)
     meta = _file_metadata(metadata, files)
     if isinstance(path, (str, os.PathLike)) and not overwrite and os.path.exists(path):

@@ -640,3 +640,48 @@ def test_rows_of_unequal_sensitivity_get_their_own_bands(monkeypatch):
     assert "row_band" in params and len(params["band_rows"]) > 1 and "row_band" not in params_one
     assert abs(size / size_one - 1) < 0.03
     assert err < 0.9 * err_one
+
+
+def test_transform_coefficients_in_column_blocks_are_one_solve():
+    """``coefficients`` solves COEFFICIENT_COLUMNS columns at a time to keep its temporaries
+    small; the bits must be those of one solve over every column (the file's bytes depend on
+    them), for a float32 view as for float64, at any width."""
+    from threadpoolctl import threadpool_limits
+    from tqcodec.modes.tq.encoder import COEFFICIENT_COLUMNS, coefficients
+    rng = np.random.default_rng(3)
+    m = 48
+    with threadpool_limits(limits=1, user_api="blas"):  # as the encoder runs it
+        for n in (COEFFICIENT_COLUMNS * 2 + 37, COEFFICIENT_COLUMNS - 5, 3):
+            view = rng.standard_normal((n, m)).astype(np.float32)
+            stored = np.linalg.qr(rng.standard_normal((m, m)))[0].astype(np.float16)
+            for metric in (np.eye(m), np.cov(rng.standard_normal((m, 4 * m))) + np.eye(m)):
+                s16 = stored.astype(np.float64)
+                g = s16.T @ metric @ s16
+                one = np.linalg.solve(g + 1e-12 * np.trace(g) / m * np.eye(m),
+                                      s16.T @ metric @ np.ascontiguousarray(view.T, dtype=np.float64))
+                got = coefficients(view, stored, metric)
+                assert got.dtype == np.float64 and np.array_equal(got, one), n
+                assert np.array_equal(coefficients(view.astype(np.float64), stored, metric), one)
+
+
+def test_matrices_kept_as_float32_give_the_same_bytes_as_float64():
+    """A float32/bfloat16 weight's matrix is kept as float32 (Item.load_narrow) and widened
+    where it is computed with: the same numbers, so the same file."""
+    from tqcodec.modes.tq.encoder import LAZY_ELEMENTS, encode_model
+    g = torch.Generator().manual_seed(4)
+    rows = LAZY_ELEMENTS // 64 + 40  # above LAZY_ELEMENTS: made when needed
+    values = {"a": torch.randn(rows, 64, generator=g).to(torch.bfloat16).double().numpy(),
+              "b": (torch.randn(4 * rows, 32, generator=g) * torch.rand(4 * rows, 1, generator=g)).numpy().astype(np.float64)}
+
+    def items(narrow: bool) -> list:
+        return [Item(k, "float32", v.shape, lambda v=v: v.copy(), (lambda v=v: v.astype(np.float32)) if narrow else None)
+                for k, v in values.items()]
+
+    def size_of(enc):
+        return sum(len(p) for e in enc.values() for chunks in e.streams for _, p in chunks)
+    total = sum(v.size for v in values.values())
+    wide = encode_model(items(False), None, bits=3.0, total_params=total, size_of=size_of)
+    narrow = encode_model(items(True), None, bits=3.0, total_params=total, size_of=size_of)
+    assert wide.keys() == narrow.keys() == values.keys()
+    for k in values:
+        assert wide[k].params == narrow[k].params and wide[k].streams == narrow[k].streams

@@ -5,6 +5,7 @@ dtype with the same bytes (bfloat16 is stored as uint16 bits, since numpy has no
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +41,38 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
 STORAGE: dict[str, np.dtype] = {n: d.storage for n, d in DTYPES.items()}
 
 
-def storage_to_float64(name: str, arr: np.ndarray) -> np.ndarray:
-    """Exact float64 values of a float tensor's storage."""
-    if name == "bfloat16":
-        return (arr.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return arr.astype(np.float64)
+def storage_bytes(name: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor's storage array (dtype ``name``, ``shape``)."""
+    return math.prod(shape) * DTYPES[name].itemsize
+
+
+def storage_to_float64(name: str, arr: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """Exact float64 values of a float tensor's storage (bfloat16 widened in blocks: no float32
+    copy of the whole tensor beside the result)."""
+    if name != "bfloat16":
+        return arr.astype(np.float64)
+    out = np.empty(arr.shape, dtype=np.float64)
+    flat, dest = arr.reshape(-1), out.reshape(-1)
+    for s in range(0, flat.size, block):
+        dest[s:s + block] = (flat[s:s + block].astype(np.uint32) << 16).view(np.float32)
+    return out
+
+
+EXACT_IN_FLOAT32 = ("float32", "float16", "bfloat16")
+
+
+def storage_to_float32(name: str, arr: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """Exact float32 values of a float32, float16 or bfloat16 tensor's storage (half the memory
+    of :func:`storage_to_float64`, the same values once widened)."""
+    if name not in EXACT_IN_FLOAT32:
+        raise ValueError(f"float32 does not hold every {name} value exactly")
+    if name != "bfloat16":
+        return arr.astype(np.float32, copy=False)
+    out = np.empty(arr.shape, dtype=np.float32)
+    flat, dest = arr.reshape(-1), out.reshape(-1)
+    for s in range(0, flat.size, block):
+        dest[s:s + block] = (flat[s:s + block].astype(np.uint32) << 16).view(np.float32)
+    return out
 
 
 def all_finite(name: str, arr: np.ndarray, block: int = 1 << 22) -> bool:

@@ -104,6 +104,9 @@ def carried_files(folder: PathLike, max_file_bytes: int = MAX_FILE_BYTES,
 
 # --- reading a folder -------------------------------------------------------------------------------
 
+_FROM_SAFETENSORS = {d.safetensors: d.name for d in DTYPES.values()}
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor that is not loaded yet: key ``key`` of the safetensors file ``path``.
@@ -123,6 +126,19 @@ class TensorRef:
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError
             raise fail("BAD_INPUT", f"cannot read tensor {self.key!r} ({exc})", self.path) from None
         return t
+
+    def header(self) -> tuple[str, tuple[int, ...]]:
+        """(spec §5.5 dtype name, shape) from the file's header, nothing loaded; BAD_INPUT for a
+        dtype the format lacks."""
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                sl = f.get_slice(self.key)
+                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+        except Exception as exc:
+            raise fail("BAD_INPUT", f"cannot read tensor {self.key!r} ({exc})", self.path) from None
+        if dtype not in _FROM_SAFETENSORS:
+            raise fail("BAD_INPUT", f"tensor {self.key!r} has dtype {dtype}, which cannot be stored", self.path)
+        return _FROM_SAFETENSORS[dtype], shape
 
     def layout(self) -> tuple[tuple[int, ...], bool]:
         """(shape, is a float dtype) from the file's header, nothing loaded."""

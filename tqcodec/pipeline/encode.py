@@ -13,14 +13,14 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import fail
 from ..format.chunks import CHUNK_HEADER_SIZE
-from ..format.dtypes import FLOAT_NAMES, peak_abs, storage_to_float64
+from ..format.dtypes import EXACT_IN_FLOAT32, FLOAT_NAMES, peak_abs, storage_to_float32, storage_to_float64
 from ..format.steps import MAX_CODED_MAGNITUDE
 from ..format.manifest import pack_canonical
 from ..modes import raw, uniform
@@ -29,7 +29,7 @@ from ..modes.statistics import check_stats_scalars, check_tensor_stats
 from ..modes.tq.encoder import Item, ModelEncoder, encode_model
 from .auto import chooser_for
 from .classic import CLASSIC_MODES, encode_classic
-from .tensors import check_tensor, is_lazy, name_of_torch, tensor_to_storage, tied_key
+from .tensors import check_tensor, is_lazy, loaded, name_of_torch, tensor_to_storage, tied_key
 
 ENCODE_MODES = ("auto", "raw", "uniform", "tq") + CLASSIC_MODES
 MIN_UNIFORM_ELEMENTS = 256  # smaller float tensors: raw (side data would outweigh the gain)
@@ -145,13 +145,17 @@ def stored_bytes(encoded: Encoded) -> int:
         CHUNK_HEADER_SIZE + len(p) for chunks in encoded.streams for _, p in chunks)
 
 
-def no_larger_than_raw(encoded: Encoded, arr: np.ndarray) -> Encoded:
+def no_larger_than_raw(encoded: Encoded, arr: Union[np.ndarray, Callable[[], np.ndarray]],
+                       nbytes: Optional[int] = None) -> Encoded:
     """``encoded``, or the tensor stored exactly (mode raw, the storage array ``arr``) where that
     takes no more bytes: a lossy encoding never costs more than the exact one (tiny tensors, whose
-    tables and parameters outweigh their data)."""
-    if encoded.mode == "raw" or stored_bytes(encoded) < arr.nbytes:
+    tables and parameters outweigh their data). ``arr`` may be a function giving the array, with
+    ``nbytes`` its size: it is called only when the exact payload could be the smaller."""
+    if nbytes is None:
+        nbytes = arr.nbytes
+    if encoded.mode == "raw" or stored_bytes(encoded) < nbytes:
         return encoded  # the exact payload alone is larger: no need to make it
-    exact = raw.encode(arr)
+    exact = raw.encode(arr() if callable(arr) else arr)
     return exact if stored_bytes(exact) <= stored_bytes(encoded) else encoded
 
 
@@ -280,16 +284,19 @@ def encode_classic_file(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeO
 
 # --- mode tq over many tensors ----------------------------------------------------------------------
 
-def tq_items(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions) -> tuple[list[Item], int]:
+def tq_items(items: Sequence[tuple[str, Any]], opts: EncodeOptions) -> tuple[list[Item], int]:
     """The tensors mode tq takes from ``items`` (float tensors it can code, :func:`codable`; tied
     tensors once; their statistics checked, :func:`stats_of`), as encoder items whose float64
-    values are made when needed, and the parameter count of all of ``items``."""
+    values are made when needed, and the parameter count of all of ``items``. A lazy value
+    (``tqcodec.io.hf.TensorRef``) is loaded here once to be checked and again each time the
+    encoder asks for its values, so no more than a few tensors are in memory at a time."""
     seen: set = set()
     out = []
     total = 0
-    for name, t in items:
+    for name, value in items:
+        t = loaded(name, value)
         total += t.numel()
-        key = tied_key(t)
+        key = tied_key(t) if value is t else None
         if key is not None and key in seen:
             continue
         if key is not None:
@@ -297,8 +304,13 @@ def tq_items(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions) -> 
         dtype, arr = tensor_to_storage(t)
         if dtype in FLOAT_NAMES and arr.size and codable(dtype, arr):
             stats_of(opts, name)
-            # the float64 values are made when the encoder needs them (a few tensors at a time)
-            out.append(Item(name, dtype, tuple(arr.shape), lambda dtype=dtype, arr=arr: storage_to_float64(dtype, arr)))
+            # the values are made when the encoder needs them (a few tensors at a time)
+            storage = (lambda arr=arr: arr) if value is t else (lambda value=value: tensor_to_storage(value.load())[1])
+            narrow = (lambda dtype=dtype, storage=storage: storage_to_float32(dtype, storage())) \
+                if dtype in EXACT_IN_FLOAT32 else None
+            out.append(Item(name, dtype, tuple(arr.shape), lambda dtype=dtype, storage=storage: storage_to_float64(
+                dtype, storage()), narrow))
+        del t, arr
     return out, total
 
 

@@ -95,6 +95,20 @@ def is_lazy(value: Any) -> bool:
     return not isinstance(value, torch.Tensor) and callable(getattr(value, "load", None))
 
 
+def header_of(value: Any) -> tuple[str, tuple[int, ...]]:
+    """(spec §5.5 dtype name, shape) of a tensor or of a lazy one (from its file's header)."""
+    if is_lazy(value):
+        return value.header()
+    return name_of_torch(value.dtype), tuple(value.shape)
+
+
+def loaded(name: str, value: Any) -> torch.Tensor:
+    """``value``, loaded if lazy, checked by :func:`check_tensor` (a lazy tensor's file named)."""
+    t = value.load() if is_lazy(value) else value
+    check_tensor(name, t, getattr(value, "path", None))
+    return t
+
+
 # --- tied tensors ---------------------------------------------------------------------------------
 
 def tied_key(t: Any) -> Optional[tuple]:

@@ -9,12 +9,14 @@ to meet a bit budget or a distortion target.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -65,15 +67,19 @@ def coded_bits(levels: np.ndarray, scale: float = 1.0) -> float:
 
 
 class Matrices:
-    """Float64 matrices made when asked and held a few at a time (least recently used first out),
+    """Matrices made when asked and held a few at a time (least recently used first out),
     so that the encoder's working set is about the largest tensor, not the model: a unit keeps
-    curves and a way to remake its rows, not its rows. Safe to use from several threads (a
-    matrix is made by one of them at a time)."""
+    curves and a way to remake its rows, not its rows. A weight's matrix is kept as float32 when
+    that holds its values exactly (the encoder's Item.narrow_values); whoever reads rows widens
+    them (:func:`wide`, :class:`Rows`). Safe to use from several threads (a matrix is made by one
+    of them at a time)."""
 
     def __init__(self, keep: int = 2):
         self.keep = keep
         self._make: dict[str, Callable[[], np.ndarray]] = {}
         self._held: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        # matrices pushed out of _held that someone still uses (a task's pin): found, not made again
+        self._alive: "weakref.WeakValueDictionary[str, np.ndarray]" = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
     def add(self, key: str, make: Callable[[], np.ndarray]) -> None:
@@ -85,10 +91,19 @@ class Matrices:
             if arr is None:
                 while len(self._held) >= self.keep:
                     self._held.popitem(last=False)
-                arr = self._held[key] = self._make[key]()
+                arr = self._alive.get(key)
+                if arr is None:
+                    arr = self._alive[key] = self._make[key]()
+                self._held[key] = arr
             else:
                 self._held.move_to_end(key)
             return arr
+
+    def release(self) -> None:
+        """Drop every held matrix (each is made again when next asked): between the encoder's
+        stages, so that one stage's matrices do not sit beside the next stage's."""
+        with self._lock:
+            self._held.clear()  # a matrix someone still holds stays findable (_alive)
 
     def rows(self, key: str, r0: int, r1: int, shape: tuple[int, int],
              index: Optional[np.ndarray] = None) -> "Rows":
@@ -109,7 +124,30 @@ class Rows:
 
     def __call__(self) -> np.ndarray:
         full = self.matrices.get(self.key)
-        return full[self.r0:self.r1] if self.index is None else full[self.index]
+        return wide(full[self.r0:self.r1] if self.index is None else full[self.index])
+
+
+def wide(a: np.ndarray) -> np.ndarray:
+    """``a`` as float64: itself, or a float64 copy of a matrix that :class:`Matrices` keeps as
+    float32 (values float32 holds exactly: the same numbers, so the same results)."""
+    return a if a.dtype == np.float64 else a.astype(np.float64)
+
+
+@contextlib.contextmanager
+def pinned(units: Sequence["Unit"]) -> Iterator[None]:
+    """Hold the lazily made matrices ``units`` read while the caller works on those units:
+    :class:`Matrices` finds a matrix someone holds instead of making it again, however often
+    other threads' work pushes it out (a thread on an embedding's bands beside one going through
+    many small tensors remade the embedding's matrix for every band)."""
+    held: dict[tuple[int, str], np.ndarray] = {}
+    for u in units:
+        d = u.data
+        if isinstance(d, Rows) and (id(d.matrices), d.key) not in held:
+            held[(id(d.matrices), d.key)] = d.matrices.get(d.key)
+    try:
+        yield
+    finally:
+        held.clear()
 
 
 _SERIALS = itertools.count()
@@ -214,7 +252,7 @@ class Unit:
             return None
         full = d.matrices.get(d.key)
         per = max(1, ROW_BLOCK // max(self.shape[1], 1))
-        return ((a, full[d.index[a:a + per]]) for a in range(0, self.shape[0], per))
+        return ((a, wide(full[d.index[a:a + per]])) for a in range(0, self.shape[0], per))
 
     def _band_distortion(self, lv: np.ndarray, step: float) -> float:
         """:meth:`distortion` of the levels ``lv`` at ``step``; a row_band band without H by
@@ -235,7 +273,7 @@ class Unit:
         d = self.data
         if isinstance(d, Rows):
             full = d.matrices.get(d.key)
-            return full[d.r0:d.r1:stride] if d.index is None else full[d.index[::stride]]
+            return wide(full[d.r0:d.r1:stride] if d.index is None else full[d.index[::stride]])
         return d[::stride]
 
     def quantize(self, code: int, feedback: bool) -> np.ndarray:
@@ -479,10 +517,11 @@ def build_curves(units: list[Unit], *, window: int = 3, lam_hint: Optional[float
     done = 0
 
     def coarse(group: list[Unit]) -> None:
-        for u in group:
-            if not u.curve:
-                for c in candidate_codes(u.w):
-                    u.evaluate(c, False)
+        with pinned(group):
+            for u in group:
+                if not u.curve:
+                    for c in candidate_codes(u.w):
+                        u.evaluate(c, False)
 
     groups = grouped(units, lambda u: u.group)
     for group, _ in zip(groups, each(coarse, groups, threads)):
@@ -500,11 +539,14 @@ def refine(units: list[Unit], pick: dict[str, int], window: int, threads: int = 
     def exact(group: list[Unit]) -> None:
         wanted = {u.name: [c for c in sorted(u.curve) if abs(c - pick[u.name]) <= window and c not in u.exact]
                   for u in group}
-        if len(group) > 1 and all(_banded_feedback(u) for u in group):
-            _feed_row_bands(group, wanted)
-        for u in group:
-            for c in wanted[u.name]:
-                u.evaluate(c, True, keep=True)
+        if not any(wanted.values()):
+            return
+        with pinned(group):
+            if len(group) > 1 and all(_banded_feedback(u) for u in group):
+                _feed_row_bands(group, wanted)
+            for u in group:
+                for c in wanted[u.name]:
+                    u.evaluate(c, True, keep=True)
 
     run(exact, grouped(units, lambda u: u.group), threads)
 

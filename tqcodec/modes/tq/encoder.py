@@ -15,8 +15,9 @@ from ...processes import current_budget
 from ..base import Encoded
 from . import transforms
 from .format import write
-from .allocation import Matrices, Rows, Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, refine, totals
-from .pool import run
+from .allocation import (Matrices, Rows, Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, pinned, refine,
+                         totals)
+from .pool import each, run
 
 BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
@@ -39,16 +40,24 @@ LAZY_ELEMENTS = 1 << 16  # tensors of more elements are made when needed (Matric
 @dataclass
 class Item:
     """One tensor offered to the tq encoder: its dtype name, shape, and ``load()`` giving its
-    float64 values (called when needed: the encoder holds a few tensors' values at a time)."""
+    float64 values (called when needed: the encoder holds a few tensors' values at a time);
+    ``load_narrow()``, when given, the same values as float32 (float32, float16 and bfloat16
+    tensors): what the encoder keeps of a large matrix, widened to float64 where it computes."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    load_narrow: Optional[Callable[[], np.ndarray]] = None
 
     @property
     def values(self) -> np.ndarray:
         return self.load()
+
+    @property
+    def narrow_values(self) -> np.ndarray:
+        """The values in the narrowest float dtype that holds them exactly (float32 or float64)."""
+        return self.load() if self.load_narrow is None else self.load_narrow()
 
     @property
     def size(self) -> int:
@@ -187,7 +196,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
                 layouts[it.name] = layout
                 continue
         if it.size > LAZY_ELEMENTS:
-            matrices.add(it.name, lambda it=it, layout=layout: np.ascontiguousarray(matrix_view(it.values, layout)))
+            matrices.add(it.name, lambda it=it, layout=layout: np.ascontiguousarray(matrix_view(it.narrow_values, layout)))
             w2 = matrices.rows(it.name, 0, n, (n, m))
         else:
             w2 = np.ascontiguousarray(matrix_view(it.values, layout))
@@ -319,7 +328,7 @@ def transposed_unit(it: Item, st, n: int, m: int, matrices: Matrices) -> Optiona
     if h is None:
         return None
     if it.size > LAZY_ELEMENTS:
-        matrices.add(it.name, lambda it=it: np.ascontiguousarray(matrix_view(it.values, "out_in").T))
+        matrices.add(it.name, lambda it=it: np.ascontiguousarray(matrix_view(it.narrow_values, "out_in").T))
         data = matrices.rows(it.name, 0, m, (m, n))
     else:
         data = np.ascontiguousarray(matrix_view(it.values, "out_in").T)
@@ -548,7 +557,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
             if full is None:
                 continue
             h = full[0]
-        mat = np.ascontiguousarray(matrix_view(it.values, layout).T)  # M [m, n]
+        mat = np.ascontiguousarray(matrix_view(it.narrow_values, layout).T, dtype=np.float64)  # M [m, n]
         if h is None:
             _, s, _ = transforms.klt(mat)
             if m not in identity:
@@ -570,21 +579,13 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         bounds = [m * i // nb for i in range(nb + 1)]
         del s, s16, g
 
-        def coefficients(it=it, layout=layout, stored=stored, metric=metric, m=m, mat=None) -> np.ndarray:
-            # S and G = S^T metric S made again from the float16 S (the same products, so the same
-            # bits) rather than held: three m x m float64 matrices per option were 2.4 GB of a
-            # 600M-parameter model's encode (42 options of m = 1536)
-            mat = np.ascontiguousarray(matrix_view(it.values, layout).T) if mat is None else mat
-            s16 = stored.astype(np.float64)
-            g = s16.T @ metric @ s16
-            ridge = 1e-12 * np.trace(g) / m if np.trace(g) > 0 else 1.0
-            return np.linalg.solve(g + ridge * np.eye(m), s16.T @ metric @ mat)  # C [m, n]
         if it.size > LAZY_ELEMENTS:
             key = "coefficients\x00" + it.name
-            matrices.add(key, coefficients)
+            matrices.add(key, lambda it=it, layout=layout, stored=stored, metric=metric: coefficients(
+                matrix_view(it.narrow_values, layout), stored, metric))
             rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
         else:
-            coef = coefficients(mat=mat)
+            coef = coefficients(mat.T, stored, metric)
             if not np.abs(coef).max(initial=0.0) <= MAX_CODED_MAGNITUDE:
                 continue  # coefficients no step can code (H of a wide dynamic range; NaN): no transform
             rows = [coef[bounds[b]:bounds[b + 1]] for b in range(nb)]
@@ -592,6 +593,30 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b],
                       slope_floor=stats is None) for b in range(nb)]
         out[it.name] = TransformOption(it.name, kind, stored, bands)
+    return out
+
+
+COEFFICIENT_COLUMNS = 2048
+"""Columns of C solved at a time: a multiple of the BLAS kernels' widths, so the same bits as one
+solve over all columns (checked: tests/modes/test_tq_encoder.py), without temporaries of C's size."""
+
+
+def coefficients(view: np.ndarray, stored: np.ndarray, metric: np.ndarray) -> np.ndarray:
+    """The coefficients C [m, n] that are best for the stored (float16) synthesis S [m, m] in
+    the error metric: C = (G + ridge I)^-1 S^T metric M with G = S^T metric S and M = ``view``^T
+    (``view``: the weight's [n, m] matrix, float32 or float64). S and G are made again from the
+    float16 S (the same products, so the same bits) rather than held: three m x m float64
+    matrices per option were 2.4 GB of a 600M-parameter model's encode (42 options of m = 1536)."""
+    n, m = view.shape
+    s16 = stored.astype(np.float64)
+    p = s16.T @ metric
+    g = p @ s16
+    ridge = 1e-12 * np.trace(g) / m if np.trace(g) > 0 else 1.0
+    a = g + ridge * np.eye(m)
+    out = np.empty((m, n))
+    for j in range(0, n, COEFFICIENT_COLUMNS):
+        block = np.ascontiguousarray(view[j:j + COEFFICIENT_COLUMNS].T, dtype=np.float64)  # M's columns j..
+        out[:, j:j + COEFFICIENT_COLUMNS] = np.linalg.solve(a, p @ block)
     return out
 
 
@@ -633,22 +658,21 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
     by_parent = by_tensor(units)
     chosen = set()
 
-    def curves(opt: TransformOption) -> None:
-        for u in opt.bands:
-            if not u.curve:
-                for c in candidate_codes(u.w):
-                    u.evaluate(c, True, keep=True)
+    def coded_cost(opt: TransformOption) -> float:
+        """The option's curves and its D + lam R, its coefficient matrix made once for both."""
+        with pinned(opt.bands):
+            for u in opt.bands:
+                if not u.curve:
+                    for c in candidate_codes(u.w):
+                        u.evaluate(c, True, keep=True)
+            pick = choose(opt.bands, lam)
+            k = kept_components(opt.bands, [pick[u.name] for u in opt.bands])
+        return _cost([u for u in opt.bands if u.r0 < k], pick, lam) + lam * transforms.cost_bits(opt.stored.shape[0], k)
 
-    run(curves, [opt for name, opt in options.items() if name in by_parent], threads)
-    for name, opt in options.items():
-        if name not in by_parent:
-            continue
+    offered = [name for name in options if name in by_parent]
+    for name, coded in zip(offered, each(coded_cost, [options[name] for name in offered], threads)):
         # the two alternatives' bands share names: each is chosen on its own
         identity = _cost(by_parent[name], choose(by_parent[name], lam), lam)
-        pick = choose(opt.bands, lam)
-        k = kept_components(opt.bands, [pick[u.name] for u in opt.bands])
-        coded = _cost([u for u in opt.bands if u.r0 < k], pick, lam) \
-            + lam * transforms.cost_bits(opt.synthesis.shape[0], k)
         if coded < identity:
             chosen.add(name)
     return with_bands_replaced(units, {name: options[name].bands for name in chosen}), chosen
@@ -772,6 +796,7 @@ class ModelEncoder:
             if self.units:
                 build_curves(self.units, feedback=False, threads=self.threads,
                              progress=lambda done, total: self.tell("curves", done, total))
+                self.matrices.release()
                 if transforms:
                     self.options = transform_options(items, stats, self.layouts, self.matrices)
                 if stats is not None:
