@@ -271,11 +271,7 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
                 parallel.write_entries(writer, entries, opts, jobs, progress, executor)
                 return writer.finish(meta)
         return _write_to(path, overwrite, stream)
-    # mode tq over the whole model: lazy tensors stay lazy (loaded where needed, a few at a time)
-    items = tensors.refs() if lazy else list(tensors.items())
-    if not lazy:
-        for name, t in items:
-            check_tensor(name, t)  # BAD_INPUT: bad name, not a plain dense tensor, dtype not in spec §5.5
+    items = _checked_items(tensors)
     entries = plan_entries(items)
     write = _file_writer(entries, opts, meta, progress)
 
@@ -321,6 +317,19 @@ def _check_stats_names(stats: Any, tensors: Mapping[str, Any]) -> None:
         have = next(iter(tensors), None)
         raise fail("BAD_OPTION", f"the statistics name none of the model's {len(tensors)} tensors (they name "
                                  f"{names[0]!r}, ...; the model has {have!r}, ...): statistics of another model?")
+
+
+def _checked_items(tensors: Mapping[str, Any]) -> list:
+    """``(name, value)`` of every tensor for mode tq over the whole model: a lazy mapping's
+    references stay lazy (loaded where the encoder needs them, a few at a time, and checked
+    then); tensors in memory are checked here (BAD_INPUT: a bad name, not a plain dense tensor,
+    a dtype spec §5.5 lacks)."""
+    if callable(getattr(tensors, "refs", None)):
+        return tensors.refs()
+    items = list(tensors.items())
+    for name, t in items:
+        check_tensor(name, t)
+    return items
 
 
 def _file_metadata(metadata: Optional[Mapping[str, Any]], files: Optional[Mapping[str, bytes]]) -> dict[str, Any]:
@@ -374,7 +383,7 @@ class _Discard(io.RawIOBase):
         return True
 
     def write(self, b) -> int:  # type: ignore[override]
-        return len(memoryview(b))
+        return memoryview(b).nbytes
 
 
 def _save_searching(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO],
@@ -402,11 +411,7 @@ def _save_searching(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, B
     opts = EncodeOptions("tq", False, None, None, stats, None, None, "model")
     _check_stats_names(stats, tensors)
     target = search.Target(float(threshold), bool(higher_is_better))
-    lazy = callable(getattr(tensors, "refs", None))
-    items = tensors.refs() if lazy else list(tensors.items())
-    if not lazy:
-        for name, t in items:
-            check_tensor(name, t)
+    items = _checked_items(tensors)
     entries = plan_entries(items)
     meta = _file_metadata(metadata, files)
     if isinstance(path, (str, os.PathLike)) and not overwrite and os.path.exists(path):

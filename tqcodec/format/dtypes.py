@@ -46,33 +46,30 @@ def storage_bytes(name: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * DTYPES[name].itemsize
 
 
-def storage_to_float64(name: str, arr: np.ndarray, block: int = 1 << 20) -> np.ndarray:
-    """Exact float64 values of a float tensor's storage (bfloat16 widened in blocks: no float32
-    copy of the whole tensor beside the result)."""
-    if name != "bfloat16":
-        return arr.astype(np.float64)
-    out = np.empty(arr.shape, dtype=np.float64)
-    flat, dest = arr.reshape(-1), out.reshape(-1)
+def _bfloat16_values(bits: np.ndarray, dtype: type, block: int = 1 << 20) -> np.ndarray:
+    """The values of bfloat16 storage ``bits`` as ``dtype`` (float32 or float64), widened in
+    blocks: no uint32 or float32 copy of the whole tensor beside the result."""
+    out = np.empty(bits.shape, dtype=dtype)
+    flat, dest = bits.reshape(-1), out.reshape(-1)
     for s in range(0, flat.size, block):
         dest[s:s + block] = (flat[s:s + block].astype(np.uint32) << 16).view(np.float32)
     return out
+
+
+def storage_to_float64(name: str, arr: np.ndarray) -> np.ndarray:
+    """Exact float64 values of a float tensor's storage."""
+    return _bfloat16_values(arr, np.float64) if name == "bfloat16" else arr.astype(np.float64)
 
 
 EXACT_IN_FLOAT32 = ("float32", "float16", "bfloat16")
 
 
-def storage_to_float32(name: str, arr: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+def storage_to_float32(name: str, arr: np.ndarray) -> np.ndarray:
     """Exact float32 values of a float32, float16 or bfloat16 tensor's storage (half the memory
     of :func:`storage_to_float64`, the same values once widened)."""
     if name not in EXACT_IN_FLOAT32:
         raise ValueError(f"float32 does not hold every {name} value exactly")
-    if name != "bfloat16":
-        return arr.astype(np.float32, copy=False)
-    out = np.empty(arr.shape, dtype=np.float32)
-    flat, dest = arr.reshape(-1), out.reshape(-1)
-    for s in range(0, flat.size, block):
-        dest[s:s + block] = (flat[s:s + block].astype(np.uint32) << 16).view(np.float32)
-    return out
+    return _bfloat16_values(arr, np.float32) if name == "bfloat16" else arr.astype(np.float32, copy=False)
 
 
 def all_finite(name: str, arr: np.ndarray, block: int = 1 << 22) -> bool:

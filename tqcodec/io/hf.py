@@ -127,27 +127,27 @@ class TensorRef:
             raise fail("BAD_INPUT", f"cannot read tensor {self.key!r} ({exc})", self.path) from None
         return t
 
-    def header(self) -> tuple[str, tuple[int, ...]]:
-        """(spec §5.5 dtype name, shape) from the file's header, nothing loaded; BAD_INPUT for a
-        dtype the format lacks."""
+    def _slice_header(self) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype string) from the file's header, nothing loaded."""
         try:
             with safe_open(self.path, framework="pt") as f:
                 sl = f.get_slice(self.key)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                return tuple(sl.get_shape()), sl.get_dtype()
         except Exception as exc:
             raise fail("BAD_INPUT", f"cannot read tensor {self.key!r} ({exc})", self.path) from None
+
+    def header(self) -> tuple[str, tuple[int, ...]]:
+        """(spec §5.5 dtype name, shape) from the file's header, nothing loaded; BAD_INPUT for a
+        dtype the format lacks."""
+        shape, dtype = self._slice_header()
         if dtype not in _FROM_SAFETENSORS:
             raise fail("BAD_INPUT", f"tensor {self.key!r} has dtype {dtype}, which cannot be stored", self.path)
         return _FROM_SAFETENSORS[dtype], shape
 
     def layout(self) -> tuple[tuple[int, ...], bool]:
         """(shape, is a float dtype) from the file's header, nothing loaded."""
-        try:
-            with safe_open(self.path, framework="pt") as f:
-                sl = f.get_slice(self.key)
-                return tuple(sl.get_shape()), sl.get_dtype() in ("F64", "F32", "F16", "BF16")
-        except Exception as exc:
-            raise fail("BAD_INPUT", f"cannot read tensor {self.key!r} ({exc})", self.path) from None
+        shape, dtype = self._slice_header()
+        return shape, dtype in ("F64", "F32", "F16", "BF16")
 
 
 class LazyTensors(Mapping):

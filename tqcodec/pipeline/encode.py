@@ -294,7 +294,7 @@ def tq_items(items: Sequence[tuple[str, Any]], opts: EncodeOptions) -> tuple[lis
     out = []
     total = 0
     for name, value in items:
-        t = loaded(name, value)
+        t = loaded(name, value) if is_lazy(value) else value  # in memory: checked by the caller
         total += t.numel()
         key = tied_key(t) if value is t else None
         if key is not None and key in seen:
@@ -406,8 +406,7 @@ def encode_entry(name: str, src: Any, opts: EncodeOptions, rows: Optional[tuple[
     """Load (a lazy ``src``: ``load(rows=None)``, ``path``), check and encode one tensor:
     ``(dtype, shape, Encoded)``. With ``rows``: only that row block, in mode tq:
     ``(dtype, Encoded or None)``."""
-    t = (src.load() if rows is None else src.load(rows)) if is_lazy(src) else src
-    check_tensor(name, t, getattr(src, "path", None))
+    t = loaded(name, src, rows)
     if rows is not None:
         return name_of_torch(t.dtype), encode_tq_tensor(name, t, opts, transforms=False)
     if opts.uses_tq:  # tq_scope "tensor": this tensor on its own to the bits/quality target

@@ -102,9 +102,10 @@ def header_of(value: Any) -> tuple[str, tuple[int, ...]]:
     return name_of_torch(value.dtype), tuple(value.shape)
 
 
-def loaded(name: str, value: Any) -> torch.Tensor:
-    """``value``, loaded if lazy, checked by :func:`check_tensor` (a lazy tensor's file named)."""
-    t = value.load() if is_lazy(value) else value
+def loaded(name: str, value: Any, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``value`` (a lazy one loaded: all of it, or its ``rows`` alone), checked by
+    :func:`check_tensor` (a lazy tensor's file named)."""
+    t = (value.load() if rows is None else value.load(rows)) if is_lazy(value) else value
     check_tensor(name, t, getattr(value, "path", None))
     return t
 
