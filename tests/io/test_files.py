@@ -366,3 +366,22 @@ def test_failed_save_leaves_previous_file(tmp_path):
         tqcodec.save({"w": torch.ones(3), "bad": torch.ones(2, dtype=torch.complex64)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tqz"]
+
+
+def test_ctrl_c_as_the_temporary_file_appears_leaves_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C that lands just after the ``.part`` file is created (before its name is known to
+    the cleanup) must still remove it: ``tqz encode`` interrupted there left one behind."""
+    import tempfile
+    from tqcodec.io import files
+    real = tempfile.mkstemp
+
+    def mkstemp_then_ctrl_c(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once: the handler runs on return
+        return made
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_output(tmp_path / "out.tqz") as f:
+            f.write(b"never")
+    assert listing(tmp_path) == []

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from ..errors import TqzError, fail
-from ..processes import interrupt_wins
+from ..processes import deferred, interrupt_wins
 from ..pipeline.tensors import check_tensor
 
 PathLike = Union[str, os.PathLike]
@@ -75,11 +75,15 @@ def atomic_output(path: PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
     if not overwrite and path.exists():
         raise fail("OUTPUT_EXISTS", "output exists (use --force to overwrite)", path)
     directory = path.parent if str(path.parent) else Path(".")
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TEMP_SUFFIX, dir=directory)
-    except OSError as exc:
-        raise fail("IO_ERROR", f"cannot create a file in {directory}: {exc.strerror or exc}", path, exc.errno) from None
-    try:
+        try:
+            # a Ctrl-C as the file appears is raised once its name is known, so that it is removed
+            with deferred():
+                fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TEMP_SUFFIX, dir=directory)
+        except OSError as exc:
+            raise fail("IO_ERROR", f"cannot create a file in {directory}: {exc.strerror or exc}", path,
+                       exc.errno) from None
         with contextlib.suppress(OSError, AttributeError):
             os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
@@ -92,8 +96,9 @@ def atomic_output(path: PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
             _link_new(tmp, path)
         _fsync_directory(directory)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, TqzError):  # a TqzError keeps its own words
             raise fail("IO_ERROR", f"cannot write: {exc.strerror or exc}", path, exc.errno) from None
         raise
