@@ -685,3 +685,52 @@ def test_matrices_kept_as_float32_give_the_same_bytes_as_float64():
     assert wide.keys() == narrow.keys() == values.keys()
     for k in values:
         assert wide[k].params == narrow[k].params and wide[k].streams == narrow[k].streams
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_rounding_and_distortion_by_row_blocks_match_the_whole_matrix(monkeypatch, lazy):
+    """Without H, a unit's levels and exact distortion are made ROW_BLOCK weights at a time (no
+    float64 copy of an embedding-sized unit), the levels in the narrowest integer type: the same
+    levels and the same float64 sum as the whole-matrix formulas, for rows held as an array and
+    for rows of a float32 Matrices entry."""
+    from tqcodec.modes.tq import allocation
+    from tqcodec.modes.tq.allocation import Matrices, Unit
+    from tqcodec.format.steps import step_from_code
+    monkeypatch.setattr(allocation, "ROW_BLOCK", 7 * 24 + 5)  # 7 rows a block, the last one short
+    rng = np.random.default_rng(5)
+    # enough rows that a sum of per-block sums would differ from the one sum (pairwise summation)
+    full = (rng.standard_normal((701, 24)) * rng.random((701, 1))).astype(np.float32)
+    row_weights = rng.random(600) + 0.5
+    if lazy:
+        matrices = Matrices()
+        matrices.add("w", lambda: full)
+        data = matrices.rows("w", 30, 630, (600, 24))
+    else:
+        data = full[30:630].astype(np.float64)
+    w = full[30:630].astype(np.float64)
+    for rw in (None, row_weights):
+        unit = Unit("u", data, row_weights=rw, gain=1.7)
+        code = allocation.candidate_codes(w)[3]
+        step = step_from_code(code)
+        lv = unit.quantize(code, True)
+        expected = round_nearest(w, step, -2**20, 2**20)
+        assert np.array_equal(lv, expected) and lv.dtype == allocation.narrow(expected).dtype
+        e = w - lv * step
+        if rw is not None:
+            e = e * np.sqrt(rw)[:, None]
+        d, _ = unit.evaluate(code, True)
+        assert d == 1.7 * float(np.sum(e * e))
+
+
+def test_band_symbols_count_and_shift_levels_of_any_integer_type(monkeypatch):
+    """The writer's symbols (level - q_min, int32) and counts, counted COUNT_BLOCK at a time,
+    are those of the int64 levels, whatever integer type the levels come in."""
+    from tqcodec.modes.tq import format as tq_format
+    monkeypatch.setattr(tq_format, "COUNT_BLOCK", 1000)
+    rng = np.random.default_rng(6)
+    levels = rng.integers(-40, 90, size=(57, 61))
+    for dtype in (np.int8, np.int16, np.int32, np.int64):
+        q_min, symbols, counts = tq_format.band_symbols(levels.astype(dtype))
+        assert q_min == levels.min() and symbols.dtype == np.int32
+        assert np.array_equal(symbols, levels.reshape(-1) - q_min)
+        assert np.array_equal(counts, np.bincount(levels.reshape(-1) - q_min))

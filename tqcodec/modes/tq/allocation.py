@@ -30,9 +30,18 @@ WHOLE_MATRIX_ROUNDING = 1 << 17  # row_band bands of smaller weights round the w
 # (rows round independently, so a band's levels are its rows of it): one Python column loop per code,
 # not one per band; larger weights round each band's rows alone (less arithmetic per code)
 SUBSAMPLE = 1 << 18  # coarse curves of bigger tensors use about this many weights
-ROW_BLOCK = 1 << 20  # a row_band band of a lazily made matrix is read this many weights at a time
+ROW_BLOCK = 1 << 20  # a unit without H is rounded and measured this many weights at a time
+COUNT_BLOCK = 1 << 22  # levels counted at a time by coded_bits
 CHUNK_HEADER_BITS = 32 * 8
 BAND_PARAM_BITS = 8 * 8  # band_rows, step, q_min entries and the bytes header in the manifest
+
+
+def level_type(largest: float) -> type:
+    """The narrowest of int8, int16, int32 that holds levels of magnitude up to ``largest``."""
+    for t in (np.int8, np.int16):
+        if largest <= np.iinfo(t).max:
+            return t
+    return np.int32
 
 
 def narrow(levels: np.ndarray) -> np.ndarray:
@@ -53,11 +62,13 @@ def table_bits(counts: np.ndarray) -> int:
 
 def coded_bits(levels: np.ndarray, scale: float = 1.0) -> float:
     """Estimated stored bits of one band: N * empirical entropy + table + chunk header
-    (``scale``: the levels are a subsample of 1/scale of the band)."""
+    (``scale``: the levels are a subsample of 1/scale of the band). Counted ``COUNT_BLOCK``
+    levels at a time (np.bincount widens its input to intp)."""
     flat = np.asarray(levels).reshape(-1)
-    idx = flat.astype(np.intp)  # levels are whole numbers (float from rint, or integers): exact
-    idx -= idx.min()
-    counts = np.bincount(idx)
+    lo = int(flat.min())  # levels are whole numbers (float from rint, or integers): exact
+    counts = np.zeros(int(flat.max()) - lo + 1, dtype=np.intp)
+    for start in range(0, flat.size, COUNT_BLOCK):
+        counts += np.bincount(flat[start:start + COUNT_BLOCK].astype(np.intp) - lo, minlength=len(counts))
     counts_nz = counts[counts > 0]
     if len(counts_nz) < 2:
         return float(BAND_PARAM_BITS + 32)
@@ -208,12 +219,14 @@ class Unit:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
-    def distortion(self, err: np.ndarray) -> float:
+    def distortion(self, err: np.ndarray, overwrite: bool = False) -> float:
+        """``gain * tr(E H E^T)`` with rows weighted by ``row_weights``; ``overwrite``: ``err``
+        may be used as scratch space (the same values: the products are made in place)."""
         e = err
         if self.row_weights is not None:
-            e = e * np.sqrt(self.row_weights)[:, None]
+            e = np.multiply(e, np.sqrt(self.row_weights)[:, None], out=e if overwrite else None)
         if self.h is None:
-            return self.gain * float(np.sum(e * e))
+            return self.gain * float(np.sum(np.multiply(e, e, out=e if overwrite else None)))
         g, d, _ = self.h.shape
         e3 = e.reshape(g, -1, d)
         tot = 0.0
@@ -243,25 +256,35 @@ class Unit:
         full = self.shared["w"].shape
         return full[0] * full[1] <= WHOLE_MATRIX_ROUNDING
 
-    def _indexed_blocks(self):
-        """(first row, rows) of a row_band band of a lazily made matrix (``Rows`` with an index),
-        ``ROW_BLOCK`` weights at a time, so that no temporary is the size of the band (an
-        embedding's: tens of thousands of rows); None for any other unit."""
+    def _row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows as float64) of the unit, ``ROW_BLOCK`` weights at a time, so that no
+        float64 temporary is the size of the unit (an embedding's or a head's: 49M weights): rows
+        of a lazily made matrix are widened a block at a time."""
         d = self.data
-        if not isinstance(d, Rows) or d.index is None:
-            return None
-        full = d.matrices.get(d.key)
+        if isinstance(d, Rows):
+            full = d.matrices.get(d.key)
+            rows = full[d.r0:d.r1] if d.index is None else None
+        else:
+            full, rows = None, d
         per = max(1, ROW_BLOCK // max(self.shape[1], 1))
-        return ((a, wide(full[d.index[a:a + per]])) for a in range(0, self.shape[0], per))
+        for a in range(0, self.shape[0], per):
+            yield a, wide(rows[a:a + per] if rows is not None else full[d.index[a:a + per]])
 
     def _band_distortion(self, lv: np.ndarray, step: float) -> float:
-        """:meth:`distortion` of the levels ``lv`` at ``step``; a row_band band without H by
-        :meth:`_indexed_blocks`."""
-        blocks = self._indexed_blocks() if self.h is None else None
-        if blocks is None:
+        """:meth:`distortion` of the levels ``lv`` at ``step``. Without H, the error is made a
+        block of rows at a time: a row_band band sums its blocks' distortions; any other unit
+        fills one error matrix and takes :meth:`distortion` of it in place (the same sum, in
+        the same order, as of ``w - lv * step``)."""
+        if self.h is not None:
             return self.distortion(self.w - lv * step)  # the same rows as quantize used (held by Matrices)
+        indexed = isinstance(self.data, Rows) and self.data.index is not None
+        if not indexed:
+            err = np.empty(self.shape, dtype=np.float64)
+            for a, rows in self._row_blocks():
+                np.subtract(rows, lv[a:a + len(rows)] * step, out=err[a:a + len(rows)])
+            return self.distortion(err, overwrite=True)
         total = 0.0
-        for a, rows in blocks:
+        for a, rows in self._row_blocks():
             e = rows - lv[a:a + len(rows)] * step
             if self.row_weights is not None:
                 e *= np.sqrt(self.row_weights[a:a + len(rows)])[:, None]
@@ -280,11 +303,11 @@ class Unit:
         """Levels at step code ``code``: error-feedback rounding when ``feedback`` and H exists."""
         step = step_from_code(code)
         if not feedback or self.h is None:
-            blocks = self._indexed_blocks()
-            if blocks is None:
-                return round_nearest(self.w, step, -MAX_LEVEL, MAX_LEVEL)
-            out = np.empty(self.shape, dtype=np.int64)
-            for a, rows in blocks:
+            # rounded a block at a time (no float64 copy of w) into the narrowest integer type that
+            # holds the largest level: rint is monotonic, so that is the largest |w| rounded
+            peak = max((float(np.max(np.abs(rows))) for _, rows in self._row_blocks() if rows.size), default=0.0)
+            out = np.empty(self.shape, dtype=level_type(min(float(np.rint(peak / step)), MAX_LEVEL)))
+            for a, rows in self._row_blocks():
                 out[a:a + len(rows)] = round_nearest(rows, step, -MAX_LEVEL, MAX_LEVEL)
             return out
         if self.shared is not None and self.row_index is not None:  # rows of one band of a row_band tensor

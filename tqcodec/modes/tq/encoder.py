@@ -450,7 +450,7 @@ def encode_tensor(bands: list[Unit], codes: list[int], layout: str) -> Encoded:
         row_band = np.empty(sum(u.shape[0] for u in bands), dtype=np.uint8)
         for b, u in enumerate(bands):
             row_band[u.row_index] = b
-    return write([_stored_levels(u, c) for u, c in zip(bands, codes)], codes, layout=layout, row_band=row_band)
+    return write((_stored_levels(u, c) for u, c in zip(bands, codes)), codes, layout=layout, row_band=row_band)
 
 
 def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthesis: np.ndarray) -> Encoded:
@@ -458,7 +458,7 @@ def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthes
     are left out, and so are their columns of S (k < m)."""
     k = kept_components(bands, codes)
     kept = [(u, c) for u, c in zip(bands, codes) if u.r0 < k]
-    return write([_levels(u, c) for u, c in kept], [c for _, c in kept], layout=layout,
+    return write((_levels(u, c) for u, c in kept), [c for _, c in kept], layout=layout,
                           transform=synthesis[:, :k])
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -273,20 +273,31 @@ def consecutive_bands(parts: dict) -> dict:
 
 # --- writer -------------------------------------------------------------------------------
 
-def counts_for(levels: np.ndarray) -> tuple[int, np.ndarray]:
-    """(q_min, symbol counts) of one band's levels."""
-    flat = np.asarray(levels, dtype=np.int64).reshape(-1)
+COUNT_BLOCK = 1 << 22  # symbols counted at a time (np.bincount widens its input to int64)
+
+
+def band_symbols(levels: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(q_min, symbols, symbol counts) of one band's levels (spec §7.5.2: symbol = level - q_min),
+    the symbols as a flat int32 array: no int64 copy of a band the size of an embedding."""
+    flat = np.asarray(levels).reshape(-1)
+    if flat.dtype.kind not in "iu":
+        flat = flat.astype(np.int64)
     q_min, q_max = int(flat.min()), int(flat.max())
     if q_max - q_min + 1 > L.MAX_ALPHABET or q_min < -L.MAX_LEVEL or q_max > L.MAX_LEVEL:
         raise fail("BAD_OPTION", "levels span more than the format allows (65536 symbols within ±2^20)")
-    return q_min, np.bincount(flat - q_min, minlength=q_max - q_min + 1)
+    symbols = np.subtract(flat, q_min, dtype=np.int32)  # exact: |level| <= 2^20
+    counts = np.zeros(q_max - q_min + 1, dtype=np.int64)
+    for start in range(0, symbols.size, COUNT_BLOCK):
+        counts += np.bincount(symbols[start:start + COUNT_BLOCK], minlength=len(counts))
+    return q_min, symbols, counts
 
 
-def write(band_levels: Sequence[np.ndarray], band_steps: Sequence[int], *, layout: str = "out_in",
+def write(band_levels: Iterable[np.ndarray], band_steps: Sequence[int], *, layout: str = "out_in",
           transform: Optional[np.ndarray] = None, row_band: Optional[np.ndarray] = None) -> Encoded:
     """A ``tq`` tensor from its bands.
 
-    ``band_levels[b]``: int levels [rows_b, cols] (cols = m without transform, n with one);
+    ``band_levels[b]``: int levels [rows_b, cols] (cols = m without transform, n with one), in
+    band order; read once, so a generator lets each band's levels go once they are coded;
     ``band_steps[b]``: its step code; ``transform``: synthesis S [m, k] (stored as float16, so
     pass values already rounded to float16 if the encoder's reconstruction must match);
     ``row_band``: the band of each row of C (1.4; band b's levels are then its rows in increasing
@@ -300,12 +311,12 @@ def write(band_levels: Sequence[np.ndarray], band_steps: Sequence[int], *, layou
         streams.append([(len(data), data)])
     rows, qmins, blobs = [], [], []
     for lv in band_levels:
-        lv = np.asarray(lv, dtype=np.int64)
-        q_min, counts = counts_for(lv)
-        rows.append(int(lv.shape[0]))
+        q_min, symbols, counts = band_symbols(lv)
+        rows.append(int(np.shape(lv)[0]))
         qmins.append(q_min)
         blobs.append(pack_counts(counts))
-        streams.append(symbol_chunks(lv.reshape(-1) - q_min, counts))
+        streams.append(symbol_chunks(symbols, counts))
+        del lv, symbols  # before the next band's levels are made
     params = {"band_rows": rows, "steps": [int(c) for c in band_steps], "q_min": qmins, "counts": blobs}
     if layout != "out_in":
         params["layout"] = layout
