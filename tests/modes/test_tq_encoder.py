@@ -734,3 +734,27 @@ def test_band_symbols_count_and_shift_levels_of_any_integer_type(monkeypatch):
         assert q_min == levels.min() and symbols.dtype == np.int32
         assert np.array_equal(symbols, levels.reshape(-1) - q_min)
         assert np.array_equal(counts, np.bincount(levels.reshape(-1) - q_min))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_bits_search_returns_the_attempt_closest_to_the_target_coded_again(model_and_stats, calibrated):
+    """The bits loop keeps one attempt's coded tensors at a time: when an earlier attempt was
+    closer to the target than the last, its allocation is coded again, and that must give the
+    very tensors whose size was measured."""
+    from tqcodec.modes.tq.encoder import encode_model
+    from tqcodec.pipeline.encode import EncodeOptions, tq_items
+    m, st, _ = model_and_stats
+    stats = st if calibrated else None
+    items, total = tq_items(list(m.state_dict().items()), EncodeOptions(mode="tq", bits=4.0, stats=stats))
+    measured = []
+
+    def size_of(enc):  # the first attempt's size is the real one; every later one looks 10x the target
+        size = sum(len(p) for e in enc.values() for chunks in e.streams for _, p in chunks)
+        measured.append(repr(sorted((k, e.params, e.streams) for k, e in enc.items())))
+        return size if len(measured) == 1 else 10 * total * 4 // 8
+    coded = []
+    got = encode_model(items, stats, bits=4.0, total_params=total, size_of=size_of, tolerance=0.0,
+                       progress=lambda what, done, n: coded.append(what) if what.startswith("rate search: coding") else None)
+    assert len(measured) > 1  # more attempts were made, each worse than the first
+    assert len(coded) == (len(measured) + 1) * len(got)  # ... and the first one was coded again
+    assert repr(sorted((k, e.params, e.streams) for k, e in got.items())) == measured[0]

@@ -893,7 +893,8 @@ class ModelEncoder:
         units = with_transforms(rate, target_bits, False)
         corrections, originals = corrections_of(units)
         overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
-        best = None
+        best = None  # (relative size error, multiplier, allocation) of the attempt closest to the target
+        best_enc = None  # its coded tensors while no later attempt is being coded
         for attempt in range(ATTEMPTS):
             tell(f"rate search: file size {attempt + 1} of at most {ATTEMPTS}", attempt, ATTEMPTS)
             budget = max(target_bits - overhead, 1.0)
@@ -905,16 +906,21 @@ class ModelEncoder:
                 pick = choose(units, lam)
                 refine(units, pick, 0, threads)
             pick = fill(units, pick, budget)
+            best_enc = None  # one model's coded tensors at a time (a 600M model's: 300 MB)
             enc = with_alternatives(alternatives, lam, units, pick, result(pick))
             actual = 8.0 * self.size_of(enc)
             err = actual / target_bits - 1.0
             if best is None or abs(err) < abs(best[0]):
-                best = (err, enc)
+                best, best_enc = (err, lam, dict(pick)), enc
+            del enc
             if abs(err) <= self.tolerance:
                 break
             overhead = actual - rate(pick)
         tell("rate search", ATTEMPTS, ATTEMPTS)
-        return best[1]
+        if best_enc is None:  # an earlier attempt was closer: coded again (the same tensors)
+            _, lam, pick = best
+            best_enc = with_alternatives(alternatives, lam, units, pick, result(pick))
+        return best_enc
 
 
 # --- hook for other coding modes (mode auto; tqcodec.pipeline.auto) ------------------------------
