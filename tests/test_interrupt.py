@@ -237,6 +237,10 @@ def test_save_interrupted_cleans_up_and_raises(tmp_path, monkeypatch):
 def test_load_interrupted_kills_the_workers_and_raises(tmp_path, monkeypatch, inputs):
     src = tmp_path / "m.tqz"
     src.write_bytes(inputs["m.tqz"])
+    def running_workers() -> set[int]:
+        return {k.pid for k in _descendants(psutil.Process()) if _alive(k) and "coding.workers" in _cmdline(k)}
+
+    earlier = running_workers()  # an earlier test's pool in this process: not this test's to kill
     fresh = workers.Pool()
     monkeypatch.setattr(workers, "_POOL", fresh)
     procs = []
@@ -255,7 +259,7 @@ def test_load_interrupted_kills_the_workers_and_raises(tmp_path, monkeypatch, in
     watcher.join()
     assert procs and all(p.poll() is not None for p in procs)  # killed and reaped
     assert fresh.closing and workers._POOL is None  # forgotten: the next decode starts new workers
-    assert [k for k in _descendants(psutil.Process()) if _alive(k) and "coding.workers" in _cmdline(k)] == []
+    assert running_workers() - earlier == set()
     assert sorted(os.listdir(tmp_path)) == ["m.tqz"]
 
 
