@@ -651,7 +651,7 @@ def test_transform_coefficients_in_column_blocks_are_one_solve():
     rng = np.random.default_rng(3)
     m = 48
     with threadpool_limits(limits=1, user_api="blas"):  # as the encoder runs it
-        for n in (COEFFICIENT_COLUMNS * 2 + 37, COEFFICIENT_COLUMNS - 5, 3):
+        for n in (COEFFICIENT_COLUMNS * 2 + 37, COEFFICIENT_COLUMNS * 2 + 1, COEFFICIENT_COLUMNS - 5, 3):
             view = rng.standard_normal((n, m)).astype(np.float32)
             stored = np.linalg.qr(rng.standard_normal((m, m)))[0].astype(np.float16)
             for metric in (np.eye(m), np.cov(rng.standard_normal((m, 4 * m))) + np.eye(m)):

@@ -614,9 +614,13 @@ def coefficients(view: np.ndarray, stored: np.ndarray, metric: np.ndarray) -> np
     ridge = 1e-12 * np.trace(g) / m if np.trace(g) > 0 else 1.0
     a = g + ridge * np.eye(m)
     out = np.empty((m, n))
-    for j in range(0, n, COEFFICIENT_COLUMNS):
-        block = np.ascontiguousarray(view[j:j + COEFFICIENT_COLUMNS].T, dtype=np.float64)  # M's columns j..
-        out[:, j:j + COEFFICIENT_COLUMNS] = np.linalg.solve(a, p @ block)
+    # The last block takes the remainder (COEFFICIENT_COLUMNS to twice that wide): a narrow tail
+    # block can take another BLAS kernel (OpenBLAS's small-matrix kernels on AVX-512 machines)
+    # whose last bits differ from one product over every column.
+    starts = list(range(0, max(n - COEFFICIENT_COLUMNS, 0) + 1, COEFFICIENT_COLUMNS))
+    for j, k in zip(starts, starts[1:] + [n]):
+        block = np.ascontiguousarray(view[j:k].T, dtype=np.float64)  # M's columns j..k-1
+        out[:, j:k] = np.linalg.solve(a, p @ block)
     return out
 
 
