@@ -1,8 +1,9 @@
 """Fixtures shared by several test modules: state dicts, the hostile-pickle marker, a Hugging Face
-folder, mode tq's test model with its statistics, an HTTP server with files (the builders they use
-are in tests/helpers.py)."""
+folder, mode tq's test model with its statistics, an HTTP server with files, Python's own Ctrl-C
+handler (the builders they use are in tests/helpers.py)."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,16 @@ def srv(remote_files):
     """A real HTTP/1.1 server on 127.0.0.1 with Range support (tests/rangeserver.py)."""
     with ServerThread(remote_files, max_requests=40) as s:
         yield s
+
+
+@pytest.fixture
+def python_handles_ctrl_c():
+    """This process's own SIGINT as Python installs it at a terminal, for the tests that interrupt
+    it (restored afterwards). A test run started in the background of a non-interactive shell (a
+    CI job) inherits SIGINT ignored, and Python then keeps it ignored."""
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -75,16 +75,7 @@ def _as_at_a_terminal() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-@pytest.fixture(autouse=True)
-def _python_handles_ctrl_c():
-    """This process's own SIGINT as Python installs it at a terminal, for the tests that interrupt
-    it (restored afterwards)."""
-    old = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
+pytestmark = pytest.mark.usefixtures("python_handles_ctrl_c")  # tests/conftest.py
 
 
 def interrupt(tmp_path: Path, args: list[str], ready, stdin: bytes = None) -> tuple[subprocess.CompletedProcess, list]:

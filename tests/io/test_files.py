@@ -368,7 +368,7 @@ def test_failed_save_leaves_previous_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tqz"]
 
 
-def test_ctrl_c_as_the_temporary_file_appears_leaves_nothing(tmp_path, monkeypatch):
+def test_ctrl_c_as_the_temporary_file_appears_leaves_nothing(tmp_path, monkeypatch, python_handles_ctrl_c):
     """A Ctrl-C that lands just after the ``.part`` file is created (before its name is known to
     the cleanup) must still remove it: ``tqz encode`` interrupted there left one behind."""
     import tempfile
