@@ -10,7 +10,7 @@ use a feature an older reader lacks), and the synthetic Llama-like bf16 model of
 (its builder) saved by the same tree with ``encode_folder(mode="tq", bits=4, tq_scope="tensor")``.
 
 Contenders, each timed in its own fresh interpreter (torch and tqcodec imported before the clock;
-``--inner`` loads in a row: the first one "cold", i.e. with any worker processes started inside
+``--inner`` loads in a row: the first one "cold", i.e. with any worker (process or thread) started inside
 the timing, the best of the others "warm"), in alternating rounds so that all see the same load, each after waiting (up to ``--quiet-wait``
 seconds) for a second in which 85% of the CPUs were idle (the idle fraction is recorded):
 

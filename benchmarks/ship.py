@@ -19,7 +19,7 @@ imported before the clock) and is timed from its first request to the whole stat
   shard index, config and shards, one after the other) into a temporary folder on disk, then
   ``safetensors.torch.load_file`` of each shard;
 - ``tqz streamed``: ``dict(tqcodec.iter_tensors(url))`` (one GET; range-coded chunks decoded by
-  worker processes as they arrive; jobs = every CPU this process may use, workers started inside
+  worker threads as they arrive; jobs = every CPU this process may use, workers started inside
   the timing);
 - ``tqz streamed, jobs=1`` (MiniLM only unless ``--large-jobs1``): the same in one thread.
 

@@ -1,12 +1,11 @@
-"""Parallel decode (issue 16): range-coded chunks decoded by worker processes
+"""Parallel decode (issue 16): range-coded chunks decoded by worker threads
 (``tqcodec.coding.workers``) give the same tensors, in the same order, and the same errors as the
-serial decoder, for every ``jobs``; spec §8.5's re-encode check is made in the workers; each
-record's parameters are parsed once."""
+serial decoder, for every ``jobs``; spec §8.5's check is made in the workers; each record's
+parameters are parsed once."""
 from __future__ import annotations
 
 import io
 import os
-import signal
 import struct
 import threading
 import zlib
@@ -36,10 +35,9 @@ def every_chunk_to_workers(monkeypatch):
 
 @pytest.fixture(scope="module")
 def warm_pool():
-    """Workers started before the decode, so chunks are decoded by them rather than taken back by
-    the decoding thread while the workers start."""
+    """This process's pool with 4 workers (the C decoder is built: ``test_the_c_decoder_is_built``)."""
     pool = workers.pool(4)
-    assert pool.wait_ready(60) >= 1
+    assert len(pool.workers) >= 4
     return pool
 
 
@@ -306,31 +304,51 @@ def test_each_record_is_parsed_once(files, monkeypatch, every_chunk_to_workers):
         assert calls == want
 
 
-def test_a_dead_worker_changes_nothing(big, monkeypatch):
-    """Workers killed before and during a decode: what they had is decoded by the decoding
-    thread; the tensors are the same."""
+def test_a_failing_worker_changes_nothing(big, monkeypatch):
+    """A worker whose decode fails other than with a TqzError (out of memory, a bug): the chunk
+    is decoded by the thread that asks for it; the tensors are the same."""
     fresh = workers.Pool()
     monkeypatch.setattr(workers, "_POOL", fresh)
+    failed = []
+
+    def failing(*args, **kwargs):
+        failed.append(threading.current_thread().name)
+        raise MemoryError
     try:
         ref = tqcodec.load(big, jobs=1)
-        workers.pool(2).wait_ready(60)
-        for w in list(fresh.workers):
-            w.proc.kill()
+        monkeypatch.setattr(workers, "Model", failing)  # the workers' table (the asker's is its own)
         same(ref, tqcodec.load(big, jobs=2))
-        it = tqcodec.iter_tensors(big, jobs=2)
-        for w in list(fresh.workers):
-            w.proc.kill()
-        same(ref, dict(it))
+        same(ref, dict(tqcodec.iter_tensors(big, jobs=2)))
     finally:
-        fresh.close()
+        fresh.stop()
+    assert failed and set(failed) == {"tqcodec-range-decode"}
 
 
-def test_no_worker_can_start(big, monkeypatch):
-    """Where no process can be started, every chunk is decoded by the decoding thread."""
+def test_without_the_c_decoder_no_worker_is_started(big, monkeypatch):
+    """constriction's decoder holds the GIL: where the C decoder was not built, every chunk is
+    decoded by the decoding thread (by constriction, with §8.5's re-encode), the same tensors."""
+    from tqcodec.coding import rangecoder
+    ref = tqcodec.load(big, jobs=1)
+    monkeypatch.setattr(rangecoder, "native", None)
+    monkeypatch.setattr(workers, "native", None)
     fresh = workers.Pool()
     monkeypatch.setattr(workers, "_POOL", fresh)
-    monkeypatch.setattr(workers.sys, "executable", "/nonexistent/python")
+    same(ref, tqcodec.load(big, jobs=2))
+    assert fresh.broken and not fresh.workers
+
+
+def test_no_thread_can_start(big, monkeypatch):
+    fresh = workers.Pool()
+    monkeypatch.setattr(workers, "_POOL", fresh)
+
+    start = threading.Thread.start
+
+    def refuse(self):  # a worker's thread (the process's thread limit reached)
+        if self.name == "tqcodec-range-decode":
+            raise RuntimeError("can't start new thread")
+        start(self)
     ref = tqcodec.load(big, jobs=1)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
     same(ref, tqcodec.load(big, jobs=2))
     assert fresh.broken and not fresh.workers
 
@@ -370,28 +388,20 @@ def test_cli_decode_jobs(big, tmp_path):
     assert outs["1"] == outs["2"] == outs["0"] == outs[None]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc")
-def test_decode_workers_get_their_share_and_leave_ctrl_c_to_this_process(monkeypatch):
-    """Workers started for ``jobs`` 2 under a budget of 4 threads load numpy with its BLAS and
-    OpenMP pools at 2 threads (the environment they start with), and start with SIGINT blocked
-    (a Ctrl-C at the terminal reaches the whole process group: it is this process's to handle)."""
-    from tqcodec import threads
+def test_idle_workers_end_and_a_stopped_pool_takes_nothing(big, monkeypatch):
+    """Workers end after IDLE_S without work; a stopped pool leaves its tasks to their askers."""
     fresh = workers.Pool()
+    monkeypatch.setattr(workers, "IDLE_S", 0.2)
     monkeypatch.setattr(workers, "_POOL", fresh)
-    procs = []
-    try:
-        with threads.budget(4):
-            workers.pool(2)
-        procs = [w.proc for w in fresh.workers]
-        assert fresh.wait_ready(60) == 2
-        for w in fresh.workers:
-            env = dict(kv.split("=", 1) for kv in
-                       open(f"/proc/{w.proc.pid}/environ", "rb").read().decode().split("\0") if "=" in kv)
-            assert [env.get(k) for k in threads.BLAS_ENV] == ["2", "2", "2"]
-            status = dict(line.split(":\t", 1) for line in open(f"/proc/{w.proc.pid}/status").read().splitlines()
-                          if ":\t" in line)
-            sigint = 1 << (signal.SIGINT - 1)
-            assert int(status["SigBlk"], 16) & sigint and int(status["SigIgn"], 16) & sigint
-    finally:
-        workers.abort()
-    assert len(procs) == 2 and all(p.poll() is not None for p in procs)  # abort: killed and reaped
+    ref = tqcodec.load(big, jobs=1)
+    same(ref, tqcodec.load(big, jobs=2))
+    threads = [w.thread for w in fresh.workers]
+    assert len(threads) == 2
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads) and fresh.workers == []
+    fresh.ensure(2)
+    fresh.stop()
+    assert fresh.workers == []
+    task = fresh.submit(b"\0" * 4, None, 1)
+    assert task.state == workers._QUEUED and fresh.claim(task)  # no worker took it

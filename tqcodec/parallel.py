@@ -7,8 +7,8 @@ so the bytes do not depend on ``jobs``. At most ``2 * jobs`` tensors are in flig
 process never holds more than the encoded (compressed) results of the tensors in flight.
 
 Decoding: ``iter_decoded(source, jobs)`` reads the file front to back and has its range-coded
-chunks decoded by worker processes (``tqcodec.coding.workers``: constriction holds the GIL, so
-threads would not help); ``iter_pieces`` decodes large tq tensors in row blocks in a process pool
+chunks decoded by worker threads (``tqcodec.coding.workers``: the C range decoder releases the
+GIL); ``iter_pieces`` decodes large tq tensors in row blocks in a process pool
 (Hugging Face folders, bounded memory).
 """
 from __future__ import annotations

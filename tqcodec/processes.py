@@ -1,6 +1,6 @@
 """What a run's worker processes start with (issue 16): their share of the thread budget, and
-Ctrl-C left to the process the user started. Light on purpose (no torch): the decode workers
-import it; ``tqcodec.threads`` holds the budget itself.
+Ctrl-C left to the process the user started. Light on purpose (no torch); ``tqcodec.threads``
+holds the budget itself.
 
 Threads: a run has one budget (``tqcodec.threads.budget``, default every core this process may
 use); each of ``jobs`` workers gets ``max(1, budget // jobs)`` threads.

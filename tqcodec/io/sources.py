@@ -167,7 +167,7 @@ def iter_tensors(source: Source, limits: Limits = DEFAULT_LIMITS, jobs: int = 1,
     ``jobs`` <= 1: in this thread; holds the tensor being decoded and its chunks, and the
     tensors an alias refers to. ``jobs`` > 1: the source is read ahead by a thread (at most
     READ_AHEAD_BYTES of chunks beyond the tensor being decoded, plus one tensor) and the
-    range-coded chunks are decoded by ``jobs`` worker processes as they arrive
+    range-coded chunks are decoded by ``jobs`` worker threads as they arrive
     (:mod:`tqcodec.coding.workers`); the tensors, their order and every error are the same."""
     if jobs > 1:
         yield from _iter_parallel(source, limits, jobs)
@@ -193,7 +193,7 @@ def iter_tensors(source: Source, limits: Limits = DEFAULT_LIMITS, jobs: int = 1,
 READ_AHEAD_BYTES = 64 << 20  # parallel decode: chunks and worker results held beyond the tensor asked for
 SMALL_TENSOR_BYTES = 1 << 20  # a tensor this small (decoded) is read ahead whatever it holds
 TASKS_PER_JOB = 4  # read ahead while fewer than this many chunks per worker wait to be decoded
-MIN_TASK_SYMBOLS = 1 << 14  # a smaller range-coded chunk is decoded in this process (IPC would cost more)
+MIN_TASK_SYMBOLS = 1 << 14  # a smaller range-coded chunk is decoded by its asker (a hand-over would cost more)
 
 
 class _Stopped(Exception):
@@ -202,7 +202,7 @@ class _Stopped(Exception):
 
 class _ReadAhead:
     """Spec §10.1 front to back in a thread: each range-coded chunk, once read and CRC-checked,
-    is handed to the worker processes; each tensor, once complete, is queued for the consumer;
+    is handed to the worker threads; each tensor, once complete, is queued for the consumer;
     an error is queued where it was found, after the tensors read before it.
 
     The next tensor is read when the consumer asks for it, or ahead of that to give the workers

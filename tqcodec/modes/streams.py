@@ -74,7 +74,7 @@ def value_chunks(values: np.ndarray, precision: str) -> Chunks:
 
 class Predecoded(list):
     """A range-coded stream's chunks (``(Item_Count, payload)``, as any ``Chunks``) whose symbols
-    were asked of worker processes ahead of the decode (``tqcodec.pipeline.decode.Prefetch``):
+    were asked of worker threads ahead of the decode (``tqcodec.pipeline.decode.Prefetch``):
     ``tasks[j]`` gives chunk j's symbols (``tqcodec.coding.workers.Task``), or is None for a chunk
     decoded here. :func:`iter_symbols` takes them in the same order, with the same checks."""
 

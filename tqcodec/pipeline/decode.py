@@ -52,7 +52,7 @@ class Layout:
 
 class Prefetch:
     """Hands the range decoding of tensors' chunks to ``submit(payload, table, count)``
-    (``tqcodec.coding.workers.Pool.submit``: worker processes) as the chunks are read, before
+    (``tqcodec.coding.workers.Pool.submit``: worker threads) as the chunks are read, before
     their tensor is complete: :meth:`chunk` is the container reader's ``on_chunk``.
 
     :meth:`tensor` then gives the tensor with each range-coded stream as a ``Predecoded`` list

@@ -182,7 +182,7 @@ def decode(p: Params, record: TensorRecord, streams: list[Chunks]) -> np.ndarray
 
 
 def _blas_threads(streams: list[Chunks]):
-    """One BLAS thread while worker processes decode the next tensors' symbols (BLAS threads
+    """One BLAS thread while worker threads decode the next tensors' symbols (BLAS threads
     spinning against them for the same cores made the product 2.5x slower); else BLAS's own
     choice. Any number of threads gives the same bits: each element's sum runs in the same order."""
     tasks = [t for c in streams if isinstance(c, Predecoded) for t in c.tasks if t is not None]
