@@ -21,6 +21,7 @@ from .errors import TqzError, TqzWarning, fail
 from .format.dtypes import storage_bytes
 from .format.header import ZSTD_MANIFEST
 from .format.manifest import TensorRecord, pack_canonical
+from .coding import workers
 from .format.writer import ContainerWriter
 from .io import hf, remote, sources
 from .io.files import atomic_output
@@ -57,7 +58,7 @@ def iter_tensors(source: Union[PathLike, BinaryIO, bytes], *,
     chunks read ahead). Every check of the spec is made; an error may therefore come after some
     tensors were yielded.
 
-    ``jobs``: processes decoding range-coded chunks (None or 0: every CPU this process may use;
+    ``jobs``: threads decoding range-coded chunks (None or 0: every CPU this process may use;
     1: this thread only). The tensors, their order and every error are the same for every
     ``jobs``; with ``jobs`` > 1 a file object is read ahead of the tensors yielded.
     """
@@ -68,10 +69,15 @@ def load(path: Union[PathLike, BinaryIO, bytes], *, limits: Limits = DEFAULT_LIM
          jobs: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Decode a whole .tqz file into ``{name: tensor}`` in file order (tied tensors shared).
 
-    ``jobs``: processes decoding range-coded chunks (None or 0: every CPU this process may use;
+    ``jobs``: threads decoding range-coded chunks (None or 0: every CPU this process may use;
     1: this thread only), for any source; the tensors are the same for every ``jobs``
-    (``tqcodec.parallel.iter_decoded``)."""
-    return dict(parallel.iter_decoded(path, parallel.check_jobs(jobs), limits))
+    (``tqcodec.parallel.iter_decoded``). Ctrl-C stops the decode workers and raises
+    KeyboardInterrupt, wherever in the decode it lands."""
+    try:
+        return dict(parallel.iter_decoded(path, parallel.check_jobs(jobs), limits))
+    except KeyboardInterrupt:  # landed between two tensors: the generator was closed, not interrupted
+        workers.abort()
+        raise
 
 
 @dataclass(frozen=True)

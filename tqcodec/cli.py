@@ -378,7 +378,7 @@ def decode(
                                    help="folder output: largest shard (5GB, 500MB, 2GiB)  [default: 5GB]",
                                    show_default=False),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
-                                       help="decode in N processes (0 or default: every core this process may use; "
+                                       help="decode on N threads (0 or default: every core this process may use; "
                                             "a folder output: 1 by default)", show_default=False),
     threads: int = typer.Option(0, "--threads", metavar="N", help="threads for the whole run, shared by its "
                                 "processes (0: every core this process may use)  [default: 0]", show_default=False),

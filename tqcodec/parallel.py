@@ -211,7 +211,7 @@ def _opened(path: str, limits: Limits) -> RandomAccess:
 def iter_decoded(source: Source, jobs: int, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[str, torch.Tensor]]:
     """Decode a .tqz file's tensors front to back (spec §10.1, every check), yielding (name,
     tensor) in file order; with ``jobs`` > 1 the range-coded chunks are decoded by ``jobs``
-    worker processes as they are read (:func:`tqcodec.io.sources.iter_tensors`), from any
+    worker threads as they are read (:func:`tqcodec.io.sources.iter_tensors`), from any
     source (path, bytes, stream, URL). The tensors are the same for every ``jobs``; tied tensors
     (alias) are shared."""
     yield from iter_tensors(source, limits, jobs)

@@ -221,12 +221,15 @@ def pool(workers: int) -> Pool:
 
 def abort() -> None:
     """Ctrl-C: stop this process's workers (each ends after its chunk) and forget the pool; a
-    later decode starts new ones."""
+    later decode starts new ones. Does not wait for them: a KeyboardInterrupt raised just after a
+    ``with lock:`` took its lock and before the block began leaves that lock held by this thread
+    (Python does not guard that instant), and a worker waiting for it would then never end; it
+    is a daemon thread, idle, and the next decode does not use this pool."""
     global _POOL
     with _POOL_LOCK:
         p, _POOL = _POOL, None
     if p is not None:
-        p.stop()
+        p.stop(wait=0.0)
 
 
 def _forget_in_child() -> None:  # a fork of this process has none of its threads: start afresh
