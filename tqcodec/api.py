@@ -17,11 +17,11 @@ import torch
 
 from . import __version__ as _version
 from . import parallel
+from .coding import workers
 from .errors import TqzError, TqzWarning, fail
 from .format.dtypes import storage_bytes
 from .format.header import ZSTD_MANIFEST
 from .format.manifest import TensorRecord, pack_canonical
-from .coding import workers
 from .format.writer import ContainerWriter
 from .io import hf, remote, sources
 from .io.files import atomic_output
