@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import weakref
+from multiprocessing import resource_sharer
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,25 @@ def test_tq_tensor_scope_streams_with_identical_bytes(hf_src, tmp_path):
     assert a == b
     with tqcodec.open(a) as f:
         assert "tq" in {f.info(n).mode for n in f.keys()}
+
+
+def test_tensors_reach_encode_workers_as_bytes(monkeypatch):
+    """A tensor sent to a worker process is pickled as its bytes: torch's own reduction would hand
+    its storage over as a file descriptor through multiprocessing's resource sharer, a listening
+    thread in this process that a Ctrl-C could meet mid-accept (a traceback, not "interrupted")."""
+    shared = []
+    real = resource_sharer.DupFd
+    monkeypatch.setattr(resource_sharer, "DupFd", lambda fd: shared.append(fd) or real(fd))
+    g = torch.Generator().manual_seed(5)
+    sd = {"w": torch.randn(300, 200, generator=g), "half": torch.randn(64, 48, generator=g).bfloat16(),
+          "view": torch.randn(40, 80, generator=g)[:, ::2], "scalar": torch.tensor(3.5),
+          "ints": torch.arange(10), "empty": torch.zeros(0, 4)}
+    for opts in ({"mode": "tq", "bits": 3, "tq_scope": "tensor"}, {}):
+        one = api.encode_bytes(sd, **opts)
+        assert api.encode_bytes(sd, jobs=2, **opts) == one
+        back = api.load(one)
+        assert all(back[k].dtype == v.dtype and back[k].shape == v.shape for k, v in sd.items())
+    assert shared == []
 
 
 def _write(p: Path, data: bytes) -> Path:

@@ -158,13 +158,13 @@ def write_entries(writer: ContainerWriter, entries: list[tuple[str, Any, Optiona
             if target is not None:
                 continue
             if bl is None:
-                yield encode_entry, name, src, opts.for_tensor(name)
+                yield encode_entry, name, (_Plain(src) if remote else src), opts.for_tensor(name)
                 continue
             for r0, r1 in bl:
                 if is_lazy(src):  # the worker reads its rows itself
                     yield encode_entry, name, src, opts, (r0, r1)
-                else:  # an in-memory block sent to a worker: a copy, not the whole storage
-                    yield encode_block, name, (src[r0:r1].clone() if remote else src[r0:r1]), opts
+                else:  # an in-memory block sent to a worker: its bytes, not the whole storage
+                    yield encode_block, name, (_Plain(src[r0:r1]) if remote else src[r0:r1]), opts
 
     results = ordered_map(_call, tasks(), jobs, pool=executor)
     for i, ((name, src, target), bl) in enumerate(zip(entries, blocks)):
@@ -192,8 +192,28 @@ def write_entries(writer: ContainerWriter, entries: list[tuple[str, Any, Optiona
 
 
 def _call(fn: Callable, *args: Any) -> Any:
-    """A task of the pool: ``fn(*args)`` (``fn`` a module-level function, so it pickles)."""
-    return fn(*args)
+    """A task of the pool: ``fn(*args)`` (``fn`` a module-level function, so it pickles), each
+    :class:`_Plain` argument as its tensor."""
+    return fn(*(a.tensor() if isinstance(a, _Plain) else a for a in args))
+
+
+class _Plain:
+    """A tensor sent to a worker process as its bytes. Pickled for a process pool, a torch tensor
+    takes torch's own reduction: its storage is moved to shared memory and a file descriptor
+    handed over through multiprocessing's resource sharer, a listening thread started in this
+    process, which a Ctrl-C could meet in the middle of an accept (a traceback from that thread
+    instead of "tqz: interrupted"). Bytes pickle plainly; tensors that are not plain strided ones
+    (sparse, quantized: the worker's checks refuse them) are sent as they are."""
+
+    def __init__(self, t: Any) -> None:
+        plain = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_quantized
+        self.dtype, self.shape = (t.dtype, tuple(t.shape)) if plain else (None, None)
+        self.data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if plain else t
+
+    def tensor(self) -> Any:
+        if self.dtype is None:
+            return self.data
+        return torch.from_numpy(self.data).view(self.dtype).reshape(self.shape)
 
 
 # --- decoding -------------------------------------------------------------------------------------
