@@ -110,7 +110,8 @@ def terminate_pool(pool: cf.ProcessPoolExecutor) -> None:
 def ordered_map(fn: Callable, tasks: Iterable[tuple], jobs: int, window: Optional[int] = None,
                 pool: Optional[cf.Executor] = None) -> Iterator[Any]:
     """``fn(*task)`` for each task, results in task order; with jobs > 1 in a process pool with at
-    most ``window`` (default 2 * jobs) tasks submitted and not yet consumed."""
+    most ``window`` (default 2 * jobs) tasks submitted and not yet consumed. A task's tensors
+    reach the pool as their bytes (:class:`_Plain`)."""
     if jobs <= 1 and pool is None:
         for task in tasks:
             yield fn(*task)
@@ -125,7 +126,8 @@ def ordered_map(fn: Callable, tasks: Iterable[tuple], jobs: int, window: Optiona
         it = iter(tasks)
         for task in it:
             with deferred():  # a submit may start a worker: never cut that in the middle
-                pending.append(pool.submit(fn, *task))
+                pending.append(pool.submit(_with_tensors, fn, *(_Plain(a) if isinstance(a, torch.Tensor) else a
+                                                                 for a in task)))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -150,7 +152,6 @@ def write_entries(writer: ContainerWriter, entries: list[tuple[str, Any, Optiona
     the parameter count of each entry."""
     dtypes: dict[int, tuple[str, tuple[int, ...]]] = {}
     numels: list[int] = []
-    remote = jobs > 1 or executor is not None
     blocks = [tq_blocks(src, opts) if target is None else None for _, src, target in entries]
 
     def tasks() -> Iterator[tuple]:
@@ -158,13 +159,13 @@ def write_entries(writer: ContainerWriter, entries: list[tuple[str, Any, Optiona
             if target is not None:
                 continue
             if bl is None:
-                yield encode_entry, name, (_Plain(src) if remote else src), opts.for_tensor(name)
+                yield encode_entry, name, src, opts.for_tensor(name)
                 continue
             for r0, r1 in bl:
                 if is_lazy(src):  # the worker reads its rows itself
                     yield encode_entry, name, src, opts, (r0, r1)
-                else:  # an in-memory block sent to a worker: its bytes, not the whole storage
-                    yield encode_block, name, (_Plain(src[r0:r1]) if remote else src[r0:r1]), opts
+                else:  # an in-memory block (sent to a worker: its bytes, not the whole storage)
+                    yield encode_block, name, src[r0:r1], opts
 
     results = ordered_map(_call, tasks(), jobs, pool=executor)
     for i, ((name, src, target), bl) in enumerate(zip(entries, blocks)):
@@ -192,13 +193,17 @@ def write_entries(writer: ContainerWriter, entries: list[tuple[str, Any, Optiona
 
 
 def _call(fn: Callable, *args: Any) -> Any:
-    """A task of the pool: ``fn(*args)`` (``fn`` a module-level function, so it pickles), each
-    :class:`_Plain` argument as its tensor."""
+    """A task of the pool: ``fn(*args)`` (``fn`` a module-level function, so it pickles)."""
+    return fn(*args)
+
+
+def _with_tensors(fn: Callable, *args: Any) -> Any:
+    """In a pool's worker: ``fn(*args)``, each :class:`_Plain` argument as its tensor."""
     return fn(*(a.tensor() if isinstance(a, _Plain) else a for a in args))
 
 
 class _Plain:
-    """A tensor sent to a worker process as its bytes. Pickled for a process pool, a torch tensor
+    """A tensor sent to a worker process as its bytes (:func:`ordered_map`). Pickled for a process pool, a torch tensor
     takes torch's own reduction: its storage is moved to shared memory and a file descriptor
     handed over through multiprocessing's resource sharer, a listening thread started in this
     process, which a Ctrl-C could meet in the middle of an accept (a traceback from that thread
