@@ -1,21 +1,26 @@
-"""Ablation (issue 17): what each of the encoder's techniques of format 1.4 buys, switched on and off
-in one run, as the smallest transparent file of each variant.
+"""Ablation (issue 17): what each of the tq encoder's techniques buys, switched on and off in one
+run, as the smallest transparent file of each variant.
 
     .venv/bin/python benchmarks/ablation.py [--models digits,minilm] [--tolerance 0.01]
 
-Techniques (``tqcodec.modes.tq.encoder``; each makes bands that are sets of rows, ``row_band``):
+Techniques (``tqcodec.modes.tq``):
 
-- ``embedding rows by frequency``: an embedding's rows banded by the octave of their token counts
-  (off: the 1.3 encoder's up to 64 runs of consecutive ids);
-- ``layer rows by sensitivity``: a weight with error-feedback statistics banded by the octave of its
-  rows' measured output sensitivities (off: ``MAX_ROW_CLASSES = 1``, one band as in 1.3).
+- ``embedding rows by frequency`` (format 1.4, ``row_band``): an embedding's rows banded by the
+  octave of their token counts (off: the 1.3 encoder's up to 64 runs of consecutive ids);
+- ``layer rows by sensitivity`` (format 1.4, ``row_band``): a weight with error-feedback statistics
+  banded by the octave of its rows' measured output sensitivities (off: ``MAX_ROW_CLASSES = 1``,
+  one band as in 1.3);
+- ``unseen tokens by likeness`` (encoder only, any format): the token mass a calibration sample
+  missed goes mostly to the unseen tokens near the seen ones in the embedding
+  (``tokens.NEAR_SHARE``; off: 0, a uniform floor).
 
-Each variant: one search (``evaluate_search.run``: the model's evaluation and transparency threshold,
+Variants: all on, each one off with the others on, and all off (the 1.3 encoder's bytes). Each
+variant: one search (``evaluate_search.run``: the model's evaluation and transparency threshold,
 stopped within ``--tolerance`` of the largest failing file) with the calibrated statistics of
-``rd.py`` (MiniLM: 128 sentences; digits: 1024 images). Without statistics neither technique
-applies: the data-free file at a fixed rate is checked to be the same bytes in every variant.
-NNCodec's smallest transparent file comes from ``results/rd.json`` (its run's date given).
-Writes ``results/ablation.json`` and ``.md``, with the load average and peak RSS.
+``rd.py`` (MiniLM: 128 sentences; digits: 1024 images). Without statistics no technique applies:
+the data-free file at a fixed rate is checked to be the same bytes in every variant. NNCodec's
+smallest transparent file comes from ``results/rd.json`` (its run's date given). Writes
+``results/ablation.json`` and ``.md``, with the load average and peak RSS.
 """
 from __future__ import annotations
 
@@ -35,24 +40,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import tqcodec  # noqa: E402
-from tqcodec.modes.tq import encoder  # noqa: E402
+from tqcodec.modes.tq import encoder, tokens  # noqa: E402
 from benchmarks.evaluate_search import RESULTS, peak_rss_mb, rd_smallest_transparent, run  # noqa: E402
 from benchmarks.rd import MODELS  # noqa: E402
 
-TECHNIQUES = ("embedding rows by frequency", "layer rows by sensitivity")
-VARIANTS = {  # name -> (embedding rows by frequency, layer rows by sensitivity)
-    "both (1.4 encoder)": (True, True),
-    "embedding rows by frequency only": (True, False),
-    "layer rows by sensitivity only": (False, True),
-    "neither (1.3 encoder)": (False, False),
-}
+TECHNIQUES = ("embedding rows by frequency", "layer rows by sensitivity", "unseen tokens by likeness")
+ALL, NONE = "all (this encoder)", "none (1.3 encoder)"
+VARIANTS = {ALL: (True, True, True),  # name -> the TECHNIQUES on
+            **{f"without {t}": tuple(u != t for u in TECHNIQUES) for t in TECHNIQUES},
+            NONE: (False, False, False)}
 DATA_FREE_BITS = {"digits": 2.0, "minilm": 4.5}
 
 
 @contextmanager
-def variant(embedding_sets: bool, layer_sets: bool):
-    """The encoder with the two techniques switched as asked (module attributes, restored after)."""
-    row_classes, max_classes = encoder.row_classes, encoder.MAX_ROW_CLASSES
+def variant(embedding_sets: bool, layer_sets: bool, near_tokens: bool):
+    """The encoder with the techniques switched as asked (module attributes, restored after)."""
+    row_classes, max_classes, near_share = encoder.row_classes, encoder.MAX_ROW_CLASSES, tokens.NEAR_SHARE
 
     def classes(rw: np.ndarray, m: int, min_size: int, cap: int) -> list:
         if cap == encoder.EMBED_BANDS and not embedding_sets:  # 1.3: runs of consecutive rows
@@ -63,10 +66,11 @@ def variant(embedding_sets: bool, layer_sets: bool):
 
     encoder.row_classes = classes
     encoder.MAX_ROW_CLASSES = max_classes if layer_sets else 1
+    tokens.NEAR_SHARE = near_share if near_tokens else 0.0
     try:
         yield
     finally:
-        encoder.row_classes, encoder.MAX_ROW_CLASSES = row_classes, max_classes
+        encoder.row_classes, encoder.MAX_ROW_CLASSES, tokens.NEAR_SHARE = row_classes, max_classes, near_share
 
 
 def data_free_hashes(model: str, workdir: Path) -> dict:
@@ -82,14 +86,14 @@ def data_free_hashes(model: str, workdir: Path) -> dict:
 
 
 def write_md(results: dict, path: Path) -> None:
-    lines = ["# Ablation: the encoder's techniques of format 1.4, on and off", "",
+    lines = ["# Ablation: the tq encoder's techniques, on and off", "",
              "Generated by `benchmarks/ablation.py`. Smallest transparent file of one search per variant, "
              "calibrated statistics as rd.py makes them.", "",
-             "| model | variant | file bytes | bits/param | vs NNCodec | vs neither | metric | trials | load |",
+             "| model | variant | file bytes | bits/param | vs NNCodec | vs none | metric | trials | load |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, m in results["models"].items():
         ref = m.get("nncodec")
-        base = m["runs"]["neither (1.3 encoder)"]["file_bytes"]
+        base = m["runs"][NONE]["file_bytes"]
         for name, r in m["runs"].items():
             bits = r["trials"][r["chosen"]]["bits"]
             vs = f"{r['file_bytes'] / ref['bytes']:.3f}x" if ref else "-"
@@ -100,7 +104,7 @@ def write_md(results: dict, path: Path) -> None:
     for model, m in results["models"].items():
         same = len(set(m["data_free_sha256"].values())) == 1
         lines.append(f"- {model}: data-free at {DATA_FREE_BITS[model]} bits/param: "
-                     + ("the same bytes in every variant (neither technique applies without statistics)" if same
+                     + ("the same bytes in every variant (no technique applies without statistics)" if same
                         else "bytes differ between variants"))
         if m.get("nncodec"):
             lines.append(f"- {model}: NNCodec's smallest transparent file {m['nncodec']['bytes']:,} B "

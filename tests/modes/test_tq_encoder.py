@@ -590,6 +590,77 @@ def test_embedding_bands_follow_frequency_wherever_the_rows_are():
     assert abs(scattered[1] / by_rank[1] - 1) < 0.05
 
 
+def _clustered_embedding(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(weight [2048, 32] in 8 clusters of 256 rows, rows scattered; calibration ids: 48 tokens of
+    cluster 0; cluster of each row)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, 32, generator=g)
+    cluster = torch.randperm(2048, generator=g) % 8
+    weight = (centres[cluster] + 0.35 * torch.randn(2048, 32, generator=g)) * 0.05
+    members = torch.nonzero(cluster == 0).flatten()
+    ids = members[torch.randint(0, 48, (8, 64), generator=g)]  # a sample on one subject
+    return weight, ids, cluster.numpy()
+
+
+def test_unseen_tokens_near_the_seen_ones_weigh_more():
+    """Statistics from text on one subject: the unseen tokens that lie near the seen ones in the
+    embedding (the subject's other words) get the larger part of the missed mass, so they are
+    coded finer than unseen tokens far away; without that share (NEAR_SHARE = 0, a uniform
+    floor) the two kinds of unseen rows are coded alike."""
+    from tqcodec.modes.tq import tokens
+    weight, ids, cluster = _clustered_embedding()
+    emb = torch.nn.Embedding(*weight.shape)
+    emb.weight.data.copy_(weight)
+    st = tqcodec.calibrate(emb, [ids])
+    counts = np.asarray(st.get("weight").counts)
+    unseen = counts == 0
+    near, far = unseen & (cluster == 0), unseen & (cluster != 0)
+    assert near.sum() > 100 and far.sum() > 1000
+
+    def row_errors(near_share: float) -> tuple[int, float, float]:
+        old = tokens.NEAR_SHARE
+        tokens.NEAR_SHARE = near_share
+        try:
+            data = tqcodec.encode_bytes(emb.state_dict(), stats=st, mode="tq", bits=2.0)
+        finally:
+            tokens.NEAR_SHARE = old
+        err = (tqcodec.load(data)["weight"].double() - weight.double()).pow(2).sum(dim=1).numpy()
+        return len(data), float(err[near].mean()), float(err[far].mean())
+
+    size, near_err, far_err = row_errors(tokens.NEAR_SHARE)
+    assert near_err < 0.5 * far_err
+    flat_size, flat_near, flat_far = row_errors(0.0)
+    assert 0.8 < flat_near / flat_far < 1.25
+    assert abs(size / flat_size - 1) < 0.05
+    assert near_err < flat_near
+
+
+def test_floored_counts_hand_out_the_missed_mass():
+    """The floor adds the same mass with or without the embedding; with it the unseen tokens'
+    part goes by likeness (the nearest cluster's rows get most), and the seen tokens keep theirs."""
+    from tqcodec.modes.tq import tokens
+    weight, ids, cluster = _clustered_embedding()
+    counts = np.bincount(ids.flatten().numpy(), minlength=len(weight)).astype(np.float64)
+    flat = tokens.floored_counts(counts)
+    shaped = tokens.floored_counts(counts, weight.numpy())
+    assert np.isclose(flat.sum(), shaped.sum())
+    seen = counts > 0
+    np.testing.assert_allclose(shaped[seen], flat[seen])
+    near, far = ~seen & (cluster == 0), ~seen & (cluster != 0)
+    assert shaped[near].mean() > 5 * shaped[far].mean()
+    assert (shaped[~seen] > 0).all()  # every unseen token keeps part of the floor
+    np.testing.assert_array_equal(shaped, tokens.floored_counts(counts, weight.numpy()))  # deterministic
+    # rows of more columns than MAX_DIM are compared in a projection, with the same outcome here
+    wide = torch.cat([weight, weight], dim=1).numpy()
+    old = tokens.MAX_DIM
+    tokens.MAX_DIM = 16
+    try:
+        projected = tokens.floored_counts(counts, wide)
+    finally:
+        tokens.MAX_DIM = old
+    assert projected[near].mean() > 5 * projected[far].mean()
+
+
 class _Scaled(nn.Module):
     """A linear layer whose outputs matter unequally: output i is scaled by ``scale[i]`` (spread over
     four octaves) before a second layer."""

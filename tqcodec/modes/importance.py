@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .tq.encoder import floored_counts, usable_h
+from .tq.encoder import usable_h
+from .tq.tokens import floored_counts
 
 
 def default_gain(stats: Any) -> float:
@@ -20,13 +21,14 @@ def default_gain(stats: Any) -> float:
     return max(known) if known else 1.0
 
 
-def importance(name: str, shape: tuple[int, ...], stats: Any) -> np.ndarray:
+def importance(name: str, shape: tuple[int, ...], stats: Any, values: Optional[np.ndarray] = None) -> np.ndarray:
     """Importance of each weight of tensor ``name`` in its row view [n, m] (spec §7.S.1: n =
     shape[0]), as an array broadcastable to [n, m] (float64, >= 0).
 
     - linear/conv weights whose H fits: ``gain * diag(H_g)[j]`` for column j of a row in group g
       (``out_in``); for an ``in_out`` 2-D weight (stored [in, out]) row j weighs ``gain * H[j, j]``;
-    - embeddings with token counts: ``gain * frequency`` of each row (floored as ``tq`` does);
+    - embeddings with token counts: ``gain * frequency`` of each row (floored as ``tq`` does;
+      ``values``, the tensor, lets unseen tokens near the seen ones weigh more);
     - anything else: the gain (1 without statistics).
     """
     n = int(shape[0]) if shape else 1
@@ -39,7 +41,7 @@ def importance(name: str, shape: tuple[int, ...], stats: Any) -> np.ndarray:
         return np.full((1, 1), default_gain(stats))
     gain = float(st.gain)
     if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
-        c = floored_counts(st.counts)
+        c = floored_counts(st.counts, None if values is None else np.asarray(values).reshape(n, -1))
         return (gain * c / c.sum())[:, None]
     if st.kind == "rows" and getattr(st, "row_h", None) is not None and len(st.row_h) == n:
         rh = np.asarray(st.row_h, dtype=np.float64)

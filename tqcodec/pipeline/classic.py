@@ -36,7 +36,7 @@ def encode_classic(mode: str, name: str, values: np.ndarray, dtype: str, stats: 
     v = np.asarray(values, dtype=np.float64)
     if mode in ROW_MODES and v.ndim == 0:
         v = v.reshape(1)
-    h = importance(name, v.shape, stats) if imp is None else imp
+    h = importance(name, v.shape, stats, v) if imp is None else imp
     if bits is None and lam is None:
         n = v.shape[0] if v.ndim else 1
         lam = lam_for_snr(v.reshape(n, -1), h, snr_db)

@@ -18,6 +18,7 @@ from .format import write
 from .allocation import (Matrices, Rows, Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, pinned, refine,
                          totals)
 from .pool import each, run
+from .tokens import floored_counts
 
 BAND_SHARE = 24  # a tensor holding more than 1/24 of the weights is cut into row bands (own step
 MAX_BANDS = 8    # and table each), at most 8: finer rate control and per-band steps
@@ -25,7 +26,6 @@ EMBED_BANDS = 64  # embedding tables: up to 64 bands of rows (by token frequency
 ROW_CLASS_OCTAVES = 1.0  # rows with weights (token counts) are banded by this many octaves of weight
 MAX_ROW_CLASSES = 16  # a linear layer's rows (measured output sensitivities): at most this many bands
 ROW_CLASS_MIN = 1 << 13  # ... a band at least this many weights (or 1/192 of the model: a table and a chunk header cost ~100 bytes)
-EMBED_FLOOR = 0.05  # unseen tokens weigh this fraction of the mean token frequency
 DATA_FREE_EMBED_GAIN = 1 / 16  # without statistics, an embedding table's weight error counts this much
 # (a row's error reaches only the tokens that use it, a projection's error every token): 4x the
 # step of the other weights. MiniLM at 4.5 bits/param: mean cos 0.9884 with 1, 0.9955 with 1/16
@@ -127,19 +127,6 @@ def _psd(h: np.ndarray, mean_diag: float) -> np.ndarray:
     return (vecs * np.clip(vals, 0.0, None)[None, :]) @ vecs.T
 
 
-def floored_counts(counts: np.ndarray) -> np.ndarray:
-    """An embedding's token counts with every token raised by a share of the mean count (unseen
-    tokens still weigh something); the rows weigh their share of the sum. The share is the
-    Good-Turing estimate of the probability of a token the sample missed, the fraction of tokens
-    seen exactly once, and at least ``EMBED_FLOOR``. MiniLM at 3.6 bits/param, mean (min) cosine:
-    from 32 sentences (579 tokens, a third seen once) 0.9929 (0.964) with the fixed floor, 0.9937
-    (0.982) with this one; from 128, 0.99505 (0.977) and 0.99507 (0.980); from 1024 the same."""
-    c = np.asarray(counts, dtype=np.float64)
-    total = float(c.sum())
-    once = float(np.count_nonzero(c == 1)) / total if total > 0 else 0.0
-    return c + max(EMBED_FLOOR, once) * max(float(c.mean()), 1e-12)
-
-
 def view_shape(shape: Sequence[int], layout: str) -> tuple[int, int]:
     """The [n, m] shape of :func:`matrix_view` for a tensor of ``shape``."""
     if layout == "in_out":
@@ -205,7 +192,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         if st is not None:
             gain = st.gain
             if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
-                c = floored_counts(st.counts)
+                c = floored_counts(st.counts, matrices.get(it.name) if isinstance(w2, Rows) else w2)
                 rw = c / c.sum()
             elif st.kind == "rows" and getattr(st, "row_h", None) is not None and len(st.row_h) == n:
                 rw = np.asarray(st.row_h, dtype=np.float64)  # inputs on the rows (transposed convolutions)
