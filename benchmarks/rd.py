@@ -255,7 +255,7 @@ CODECS: list[Codec] = [
     # default mode (tq when bits or stats are given): tqcodec.save(sd, path, stats=stats, bits=B)
     tqcodec_codec("tq", "tqcodec tq, calibrated (bits; encode s include calibration)", "bits",
                   {"digits": [0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0],
-                   "minilm": [3.5, 3.7, 3.8, 4.0, 4.5],
+                   "minilm": [2.8, 2.9, 3.0, 3.1, 3.2, 3.4, 3.7],
                    "dwsep": [3.0, 3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0, 8.0],
                    "seqrnn": [1.25, 1.35, 1.5, 1.6, 1.75, 1.9, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0],
                    "autoenc": [3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0]},
