@@ -637,6 +637,20 @@ def test_unseen_tokens_near_the_seen_ones_weigh_more():
     assert near_err < flat_near
 
 
+def test_classic_modes_weigh_unseen_tokens_by_likeness_too():
+    """Modes ecsq, kmeans, pq and dither take an embedding's row weights from the same floored
+    counts (``importance`` with the tensor): coded in ``ecsq`` from text on one subject, the
+    subject's unseen tokens come back closer than the unseen tokens far from it."""
+    weight, ids, cluster = _clustered_embedding()
+    emb = torch.nn.Embedding(*weight.shape)
+    emb.weight.data.copy_(weight)
+    st = tqcodec.calibrate(emb, [ids])
+    unseen = np.asarray(st.get("weight").counts) == 0
+    data = tqcodec.encode_bytes(emb.state_dict(), stats=st, mode="ecsq", bits=2.0)
+    err = (tqcodec.load(data)["weight"].double() - weight.double()).pow(2).sum(dim=1).numpy()
+    assert err[unseen & (cluster == 0)].mean() < 0.5 * err[unseen & (cluster != 0)].mean()
+
+
 def test_floored_counts_hand_out_the_missed_mass():
     """The floor adds the same mass with or without the embedding; with it the unseen tokens'
     part goes by likeness (the nearest cluster's rows get most), and the seen tokens keep theirs."""
