@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import tqcodec  # noqa: E402
 from tqcodec.modes.tq import encoder, tokens  # noqa: E402
-from benchmarks.evaluate_search import RESULTS, peak_rss_mb, rd_smallest_transparent, run  # noqa: E402
+from benchmarks.evaluate_search import RESULTS, peak_rss_mb, rd_smallest_transparent, run, write_results  # noqa: E402
 from benchmarks.rd import MODELS  # noqa: E402
 
 TECHNIQUES = ("embedding rows by frequency", "layer rows by sensitivity", "unseen tokens by likeness")
@@ -134,10 +133,7 @@ def main() -> None:
                                         "nncodec": {"bytes": best["bytes"], "started": started} if best else None}
     results["peak_rss_mb"] = round(peak_rss_mb())
     results["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    out = Path(args.out)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    write_md(results, out.with_suffix(".md"))
-    print(out.with_suffix(".md").read_text())
+    print(write_results(results, Path(args.out), write_md))
 
 
 if __name__ == "__main__":

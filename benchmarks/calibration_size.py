@@ -31,7 +31,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.evaluate_search import RESULTS, rd_smallest_transparent, run  # noqa: E402
+from benchmarks.evaluate_search import RESULTS, rd_smallest_transparent, run, write_results  # noqa: E402
 from benchmarks.zoo import minilm  # noqa: E402
 
 POOL = {"minilm": len(minilm.calibration_pool())}
@@ -147,8 +147,7 @@ def main() -> None:
                                  **searches(model, counts, Path(tmp), args, measure=(key, threshold))})
                 entry["smooth"] = {"measure": key, "threshold": threshold, "runs": runs, "spread": _spread(runs)}
             results["models"][model] = entry
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    write_md(results, out.with_suffix(".md"))
+    write_results(results, out, write_md)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def write_results(results: dict, out: Path, write_md: Callable[[dict, Path], None]) -> str:
+    """``results`` written to ``out`` (JSON) and, by ``write_md``, beside it as ``.md``; returns
+    the ``.md`` text."""
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    md = out.with_suffix(".md")
+    write_md(results, md)
+    return md.read_text()
+
+
 def synthetic_stats(model: str, zoo, ref: dict):
     """Statistics from inputs the codec makes (no data): see the module docstring."""
     import torch
@@ -180,8 +189,7 @@ def main() -> None:
             results["runs"][f"{model}, {args.statistics}"] = r
             print(f"  {len(r['trials'])} trials, {r['file_bytes']} bytes, {r['search_s']} s "
                   f"({r['search_over_one_encode']}x one encode)", flush=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    write_md(results, out.with_suffix(".md"))
+    write_results(results, out, write_md)
 
 
 if __name__ == "__main__":

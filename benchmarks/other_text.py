@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import tqcodec  # noqa: E402
 from tqcodec.modes.tq import tokens  # noqa: E402
 from benchmarks import rd  # noqa: E402
-from benchmarks.evaluate_search import RESULTS, peak_rss_mb  # noqa: E402
+from benchmarks.evaluate_search import RESULTS, peak_rss_mb, write_results  # noqa: E402
 from benchmarks.zoo import minilm  # noqa: E402
 
 EMBEDDING = "embeddings.word_embeddings.weight"
@@ -112,10 +112,7 @@ def main() -> None:
     result = {"bits": args.bits, "samples": args.samples, "default_share": tokens.NEAR_SHARE, "runs": runs,
               "loadavg": [load0, os.getloadavg()[0]], "peak_rss_mb": round(peak_rss_mb()),
               "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out = Path(args.out)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    write_md(result, out.with_suffix(".md"))
-    print(out.with_suffix(".md").read_text())
+    print(write_results(result, Path(args.out), write_md))
 
 
 if __name__ == "__main__":
