@@ -604,7 +604,7 @@ def _clustered_embedding(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, np.
     return weight, ids, cluster.numpy()
 
 
-def test_unseen_tokens_near_the_seen_ones_weigh_more():
+def test_unseen_tokens_near_the_seen_ones_weigh_more(monkeypatch):
     """Statistics from text on one subject: the unseen tokens that lie near the seen ones in the
     embedding (the subject's other words) get the larger part of the missed mass, so they are
     coded finer than unseen tokens far away; without that share (NEAR_SHARE = 0, a uniform
@@ -620,12 +620,8 @@ def test_unseen_tokens_near_the_seen_ones_weigh_more():
     assert near.sum() > 100 and far.sum() > 1000
 
     def row_errors(near_share: float) -> tuple[int, float, float]:
-        old = tokens.NEAR_SHARE
-        tokens.NEAR_SHARE = near_share
-        try:
-            data = tqcodec.encode_bytes(emb.state_dict(), stats=st, mode="tq", bits=2.0)
-        finally:
-            tokens.NEAR_SHARE = old
+        monkeypatch.setattr(tokens, "NEAR_SHARE", near_share)
+        data = tqcodec.encode_bytes(emb.state_dict(), stats=st, mode="tq", bits=2.0)
         err = (tqcodec.load(data)["weight"].double() - weight.double()).pow(2).sum(dim=1).numpy()
         return len(data), float(err[near].mean()), float(err[far].mean())
 
@@ -651,7 +647,7 @@ def test_classic_modes_weigh_unseen_tokens_by_likeness_too():
     assert err[unseen & (cluster == 0)].mean() < 0.5 * err[unseen & (cluster != 0)].mean()
 
 
-def test_floored_counts_hand_out_the_missed_mass():
+def test_floored_counts_hand_out_the_missed_mass(monkeypatch):
     """The floor adds the same mass with or without the embedding; with it the unseen tokens'
     part goes by likeness (the nearest cluster's rows get most), and the seen tokens keep theirs."""
     from tqcodec.modes.tq import tokens
@@ -668,12 +664,8 @@ def test_floored_counts_hand_out_the_missed_mass():
     np.testing.assert_array_equal(shaped, tokens.floored_counts(counts, weight.numpy()))  # deterministic
     # rows of more columns than MAX_DIM are compared in a projection, with the same outcome here
     wide = torch.cat([weight, weight], dim=1).numpy()
-    old = tokens.MAX_DIM
-    tokens.MAX_DIM = 16
-    try:
-        projected = tokens.floored_counts(counts, wide)
-    finally:
-        tokens.MAX_DIM = old
+    monkeypatch.setattr(tokens, "MAX_DIM", 16)
+    projected = tokens.floored_counts(counts, wide)
     assert projected[near].mean() > 5 * projected[far].mean()
 
 
