@@ -12,7 +12,10 @@ Techniques (``tqcodec.modes.tq``):
   one band as in 1.3);
 - ``unseen tokens by likeness`` (encoder only, any format): the token mass a calibration sample
   missed goes mostly to the unseen tokens near the seen ones in the embedding
-  (``tokens.NEAR_SHARE``; off: 0, a uniform floor).
+  (``tokens.NEAR_SHARE``; off: 0, a uniform floor);
+- ``embedding column metric`` (encoder only, any format): an embedding's rows rounded with error
+  feedback under the calibrated second moment of the output gradient they receive
+  (``encoder.column_metric``; off: None, each row's error weighed alike in every direction).
 
 Variants: all on, each one off with the others on, and all off (the 1.3 encoder's bytes). Each
 variant: one search (``evaluate_search.run``: the model's evaluation and transparency threshold,
@@ -43,18 +46,20 @@ from tqcodec.modes.tq import encoder, tokens  # noqa: E402
 from benchmarks.evaluate_search import RESULTS, peak_rss_mb, rd_smallest_transparent, run, write_results  # noqa: E402
 from benchmarks.rd import MODELS  # noqa: E402
 
-TECHNIQUES = ("embedding rows by frequency", "layer rows by sensitivity", "unseen tokens by likeness")
+TECHNIQUES = ("embedding rows by frequency", "layer rows by sensitivity", "unseen tokens by likeness",
+              "embedding column metric")
 ALL, NONE = "all (this encoder)", "none (1.3 encoder)"
-VARIANTS = {ALL: (True, True, True),  # name -> the TECHNIQUES on
+VARIANTS = {ALL: (True,) * len(TECHNIQUES),  # name -> the TECHNIQUES on
             **{f"without {t}": tuple(u != t for u in TECHNIQUES) for t in TECHNIQUES},
-            NONE: (False, False, False)}
+            NONE: (False,) * len(TECHNIQUES)}
 DATA_FREE_BITS = {"digits": 2.0, "minilm": 4.5}
 
 
 @contextmanager
-def variant(embedding_sets: bool, layer_sets: bool, near_tokens: bool):
+def variant(embedding_sets: bool, layer_sets: bool, near_tokens: bool, column_metric: bool):
     """The encoder with the techniques switched as asked (module attributes, restored after)."""
     row_classes, max_classes, near_share = encoder.row_classes, encoder.MAX_ROW_CLASSES, tokens.NEAR_SHARE
+    metric = encoder.column_metric
 
     def classes(rw: np.ndarray, m: int, min_size: int, cap: int) -> list:
         if cap == encoder.EMBED_BANDS and not embedding_sets:  # 1.3: runs of consecutive rows
@@ -66,10 +71,12 @@ def variant(embedding_sets: bool, layer_sets: bool, near_tokens: bool):
     encoder.row_classes = classes
     encoder.MAX_ROW_CLASSES = max_classes if layer_sets else 1
     tokens.NEAR_SHARE = near_share if near_tokens else 0.0
+    encoder.column_metric = metric if column_metric else (lambda st, m: None)
     try:
         yield
     finally:
         encoder.row_classes, encoder.MAX_ROW_CLASSES, tokens.NEAR_SHARE = row_classes, max_classes, near_share
+        encoder.column_metric = metric
 
 
 def data_free_hashes(model: str, workdir: Path) -> dict:

@@ -82,6 +82,24 @@ def test_embedding_counts_and_dict_batches():
     assert st.output_power > 0
 
 
+def test_embedding_column_metric_is_what_reaches_the_output():
+    """An embedding's ``h`` is the second moment of the output gradient its rows receive: with a
+    projection that passes only the first two of four columns on, errors in the other two reach
+    nothing (exact zeros); scaled to a mean diagonal of 1; the same for the same inputs."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Embedding(20, 4), nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        m[1].weight.copy_(torch.tensor([[1.0, 0.5, 0, 0], [0.2, 2.0, 0, 0], [1.0, -1.0, 0, 0]]))
+    ids = torch.randint(0, 20, (8, 5), generator=torch.Generator().manual_seed(1))
+    st = calibrate(m, [ids[i:i + 2] for i in range(0, 8, 2)])
+    h = st.get("0.weight").h
+    assert st.get("0.weight").kind == "embedding" and h.shape == (1, 4, 4)
+    assert np.all(h[0, 2:, :] == 0) and np.all(h[0, :, 2:] == 0)
+    assert np.trace(h[0]) == pytest.approx(4.0) and np.all(np.diag(h[0])[:2] > 0)
+    np.testing.assert_array_equal(h, calibrate(m, [ids[i:i + 2] for i in range(0, 8, 2)]).get("0.weight").h)
+    assert calibrate(m, [ids], sensitivity=False).get("0.weight").h is None
+
+
 def test_sensitivity_gain_reflects_downstream_scaling():
     """A layer followed by a x10 gain is ~100x more sensitive per unit of local error."""
     torch.manual_seed(2)

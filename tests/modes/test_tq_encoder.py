@@ -592,6 +592,50 @@ def test_embedding_bands_follow_frequency_wherever_the_rows_are():
     assert abs(scattered[1] / by_rank[1] - 1) < 0.08
 
 
+def test_embedding_rows_round_by_what_reaches_the_output():
+    """An embedding followed by a LayerNorm and a projection to fewer dimensions: its calibrated
+    column metric (the output gradients' second moment) lets the encoder round each row with
+    error feedback, pushing error into the directions that reach the output least. At the same
+    file size the output error is well below what the same statistics without the metric give."""
+    torch.manual_seed(8)
+    vocab, dim = 1024, 32
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim)
+            self.norm = nn.LayerNorm(dim)
+            self.head = nn.Linear(dim, 6)
+
+        def forward(self, ids):
+            return self.head(self.norm(self.emb(ids)))
+
+    model = M().eval()
+    with torch.no_grad():
+        model.emb.weight.mul_(0.05)
+        model.head.weight.copy_(torch.randn(6, dim) @ torch.diag(torch.linspace(0.1, 3.0, dim)) * 0.3)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, vocab, (16, 64), generator=g)
+    st = tqcodec.calibrate(model, [ids[i:i + 4] for i in range(0, 16, 4)])
+    assert st.get("emb.weight").h is not None
+    plain = dataclasses.replace(st, tensors={**st.tensors, "emb.weight": dataclasses.replace(st.get("emb.weight"), h=None)})
+    test_ids = torch.randint(0, vocab, (8, 64), generator=g)
+    with torch.no_grad():
+        reference = model(test_ids)
+
+    def coded(stats) -> tuple[int, float]:
+        data = tqcodec.encode_bytes(model.state_dict(), stats=stats, mode="tq", bits=3.0)
+        copy = M().eval()
+        copy.load_state_dict(tqcodec.load(data))
+        with torch.no_grad():
+            return len(data), float((copy(test_ids) - reference).pow(2).mean())
+
+    size, err = coded(st)
+    plain_size, plain_err = coded(plain)
+    assert abs(size / plain_size - 1) < 0.03
+    assert err < 0.5 * plain_err
+
+
 def _clustered_embedding(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(weight [2048, 32] in 8 clusters of 256 rows, rows scattered; calibration ids: 48 tokens of
     cluster 0; cluster of each row)."""

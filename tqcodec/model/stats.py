@@ -16,7 +16,10 @@ into output error, the *local distortion* (:func:`local_distortion`); the encode
   optionally ``h`` [1, n, n] = E[x x^T] over the input channels (the encoder then weighs the
   columns j of E by ``E_j^T H E_j`` and rounds with error feedback along the input channels);
 - ``embedding``: ``counts`` [n] how often each row (token) was used; distortion
-  ``sum_c p_c ||E_c||^2`` with p the counts' frequencies;
+  ``sum_c p_c ||E_c||^2`` with p the counts' frequencies; optionally ``h`` [1, d, d] (d = m), the
+  second moment of the output gradient a looked-up row receives, scaled to a mean diagonal of 1:
+  the distortion is then ``sum_c p_c E_c^T H E_c`` (the same for an error of i.i.d. entries) and
+  the encoder rounds each row with error feedback along its columns;
 - ``plain``: no statistics but a ``gain`` (biases, norms); distortion ``||E||^2``.
 
 ``row_gain`` [n] (optional, any kind): the measured output sensitivity of each row (of each
@@ -98,7 +101,9 @@ def local_distortion(w_err: np.ndarray, s: TensorStats) -> float:
     if s.kind == "embedding":
         c = np.asarray(s.counts, dtype=np.float64)
         p = c / max(c.sum(), 1.0)
-        return float(np.sum(p * np.sum(e.reshape(len(p), -1) ** 2, axis=1)))
+        e = e.reshape(len(p), -1)
+        per_row = np.sum(e ** 2, axis=1) if s.h is None else np.sum((e @ s.h[0]) * e, axis=1)
+        return float(np.sum(p * per_row))
     if s.kind == "rows":
         r = np.asarray(s.row_h, dtype=np.float64)
         return float(np.sum(r * np.sum(e.reshape(len(r), -1) ** 2, axis=1)))

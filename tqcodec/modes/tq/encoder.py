@@ -194,6 +194,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
                 c = floored_counts(st.counts, matrices.get(it.name) if isinstance(w2, Rows) else w2)
                 rw = c / c.sum()
+                h = column_metric(st, m)
             elif st.kind == "rows" and getattr(st, "row_h", None) is not None and len(st.row_h) == n:
                 rw = np.asarray(st.row_h, dtype=np.float64)  # inputs on the rows (transposed convolutions)
                 rw = rw if np.isfinite(rw).all() and rw.sum() > 0 else None
@@ -215,7 +216,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
         if row_banded:
             for b, index in enumerate(row_classes(rw, m, min(ROW_CLASS_MIN, band_size // 8), EMBED_BANDS)):
                 whole = len(index) == n
-                units.append(Unit(band_name(it.name, b), _rows_of(w2, index, matrices, it.name), None, rw[index],
+                units.append(Unit(band_name(it.name, b), _rows_of(w2, index, matrices, it.name), h, rw[index],
                                   gain, r0=int(index[0]), row_index=None if whole else index))
             layouts[it.name] = layout
             continue
@@ -243,6 +244,21 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             units[-1].h_mean = st.mean if (h is not None and st.mean is not None) else None
         layouts[it.name] = layout
     return units, layouts
+
+
+def column_metric(st, m: int) -> Optional[np.ndarray]:
+    """An embedding's metric over its columns ([1, m, m]: the output gradients' second moment a
+    row receives, mean diagonal 1), made positive semi-definite; None when it has none or it does
+    not fit. Its rows are then rounded with error feedback along the columns: MiniLM's word
+    embedding feeds a LayerNorm and attention, which pass some directions of a row's error on far
+    less than others (128 sentences, 3.0 bits/param: mean cosine 0.99441 -> 0.99480)."""
+    h = getattr(st, "h", None)
+    if h is None or np.shape(h) != (1, m, m) or not np.isfinite(h).all():
+        return None
+    mean = float(np.trace(h[0])) / m
+    if not mean > 0:
+        return None
+    return _psd(np.asarray(h[0], dtype=np.float64) / mean, 1.0)[None]
 
 
 def _rows_of(w2: Any, index: np.ndarray, matrices: Matrices, name: str) -> Any:
