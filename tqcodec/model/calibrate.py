@@ -715,7 +715,9 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
       pass of a seeded random sign probe v through the output gives every parameter's gradient
       g of <v, output> at once; for an i.i.d. weight error of variance s^2 the expected output
       error is s^2 E||g||^2 (Hutchinson), so gain = E||g||^2 / (local error per s^2). Costs one
-      backward per batch, whatever the number of parameters.
+      backward per batch, whatever the number of parameters; a module with an ``nn.Embedding``
+      takes ``COLUMN_PROBES - 1`` more per batch for the embeddings' ``h`` (the sum of g_t g_t^T
+      over the looked-up rows t of their gradients, over all probes).
     - ``perturb``: each parameter perturbed once (seeded Gaussian noise) and the end-output
       error over the first ``sensitivity_batches`` batches (at most ``sensitivity_samples``
       items each) compared with the predicted local error; one forward per parameter and batch.
