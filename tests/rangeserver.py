@@ -100,10 +100,10 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
                         self.wfile.flush()
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
+                with srv.lock:  # counted before the write: the client may have read it before this thread runs on
+                    srv.bytes_sent += n
                 self.wfile.write(body[pos:pos + n])
                 pos += n
-                with srv.lock:
-                    srv.bytes_sent += n
                 if srv.slow:
                     self.wfile.flush()
                     time.sleep(srv.slow)
