@@ -45,7 +45,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -181,12 +181,14 @@ class _CountAcc:
 # --- hooks ------------------------------------------------------------------------------------
 
 class _Batch:
-    """What the hooks need to know about the current batch."""
+    """What the hooks need to know about the current batch (and ``looked_up``: what they saw of
+    it, each embedding's outputs on a probe batch)."""
 
     def __init__(self) -> None:
         self.index = 0
         self.mask: Optional[torch.Tensor] = None
         self.cache: dict = {}
+        self.looked_up: dict[str, list[torch.Tensor]] = {}
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -458,6 +460,8 @@ class _Collector:
 
         def hook(m, args, kwargs, out):
             acc.add(_select(_arg(args, kwargs, 0, "input"), b.mask, 2))
+            if isinstance(out, torch.Tensor) and out.requires_grad:  # a probe batch: its column metric
+                b.looked_up.setdefault(wname, []).append(out)
         self._hook(mod, hook)
 
     def _rnn(self, mname: str, mod: nn.RNNBase, name: Callable) -> None:
@@ -716,8 +720,9 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
       g of <v, output> at once; for an i.i.d. weight error of variance s^2 the expected output
       error is s^2 E||g||^2 (Hutchinson), so gain = E||g||^2 / (local error per s^2). Costs one
       backward per batch, whatever the number of parameters; a module with an ``nn.Embedding``
-      takes ``COLUMN_PROBES - 1`` more per batch for the embeddings' ``h`` (the sum of g_t g_t^T
-      over the looked-up rows t of their gradients, over all probes).
+      takes ``COLUMN_PROBES - 1`` more per batch for the embeddings' ``h`` (the sum of g g^T over
+      the output gradient g of every row looked up, over all probes), each a backward pass to the
+      embeddings' outputs only.
     - ``perturb``: each parameter perturbed once (seeded Gaussian noise) and the end-output
       error over the first ``sensitivity_batches`` batches (at most ``sensitivity_samples``
       items each) compared with the predicted local error; one forward per parameter and batch.
@@ -738,12 +743,13 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
     seen = 0
     with _calibrating(module):
         col = _Collector(module, max_samples)
-        embeddings = [n for n, acc in col.accs.items() if isinstance(acc, _CountAcc)]
+        embeddings = {n: int(p.shape[1]) for n, p in params
+                      if isinstance(col.accs.get(n), _CountAcc) and p.dim() == 2}
         probe = _Probe(params, seed, embeddings) if probing else None
         try:
             for i, x in enumerate(batches):
                 seen += 1
-                col.batch.index, col.batch.mask, col.batch.cache = i, _mask_of(x), {}
+                col.batch.index, col.batch.mask, col.batch.cache, col.batch.looked_up = i, _mask_of(x), {}, {}
                 measuring = sensitivity and i < sensitivity_batches
                 with torch.set_grad_enabled(measuring), (_grads(params) if measuring else contextlib.nullcontext()):
                     out = _call(module, x, i)
@@ -751,7 +757,7 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
                         counted, pw = _counted(fn(out), col.batch.mask, i, need_grad=True)
                         power.append(pw)
                         if probe is not None:
-                            probe.add(counted)
+                            probe.add(counted, col.batch.looked_up)
                         else:
                             kept.append(_head(x, sensitivity_samples))
                         del counted
@@ -783,17 +789,15 @@ COLUMN_PROBES = 8  # probes per sensitivity batch for an embedding's column metr
 class _Probe:
     """Sums, per float parameter, ||grad of sum_j <v_j, y_j>||^2 over probe batches (v_j: seeded
     random signs scaled by sqrt(weight_j / items_j), zero at padded positions). For the embedding
-    tables named in ``columns``, also the sum of g_t g_t^T over the gradient's rows g_t: the
-    second moment of the output gradient a looked-up row receives (K-FAC's output-side factor)."""
+    tables in ``columns`` (name: width d), also the sum of g g^T over the output gradient g of
+    every row looked up (K-FAC's output-side factor), over ``COLUMN_PROBES`` probes a batch."""
 
-    def __init__(self, params: list, seed: int, columns: Iterable[str] = ()):
+    def __init__(self, params: list, seed: int, columns: Optional[Mapping[str, int]] = None):
         self.params = params
         self.gen = torch.Generator().manual_seed(seed)
         self.sq = np.zeros(len(params))
         self.row_sq = [np.zeros(p.shape[0] if p.dim() else 1) for _, p in params]  # the same per first-axis row
-        wanted = set(columns)
-        self.outer = {j: np.zeros((p.shape[1], p.shape[1])) for j, (n, p) in enumerate(params)
-                      if n in wanted and p.dim() == 2}
+        self.outer = {name: np.zeros((d, d)) for name, d in (columns or {}).items()}
         self.batches = 0
 
     def _probes(self, counted: list) -> list:
@@ -805,37 +809,36 @@ class _Probe:
             vs.append(v * math.sqrt(c.weight / c.items))
         return vs
 
-    def _add_outer(self, j: int, g: torch.Tensor) -> None:
-        g = g.detach().to(torch.float64)
-        used = g[g.pow(2).sum(dim=1) > 0]  # the rows looked up
-        self.outer[j] += (used.T @ used).numpy()
+    def _add_outer(self, names: list, grads: Sequence) -> None:
+        for name, g in zip(names, grads):
+            if g is not None:
+                rows = g.detach().to(torch.float64).reshape(-1, g.shape[-1])
+                self.outer[name] += (rows.T @ rows).numpy()
 
-    def add(self, counted: list) -> None:
+    def add(self, counted: list, looked_up: Optional[Mapping[str, list]] = None) -> None:
+        """One probe batch: ``counted`` outputs; ``looked_up`` each embedding's outputs on it."""
         if not counted:
             return
         ys = [c.y for c in counted]
-        more = COLUMN_PROBES - 1 if self.outer else 0
-        grads = torch.autograd.grad(ys, [p for _, p in self.params], grad_outputs=self._probes(counted),
+        names = [n for n, outs in (looked_up or {}).items() if n in self.outer for _ in outs]
+        outputs = [o for n, outs in (looked_up or {}).items() if n in self.outer for o in outs]
+        more = COLUMN_PROBES - 1 if outputs else 0
+        grads = torch.autograd.grad(ys, [p for _, p in self.params] + outputs, grad_outputs=self._probes(counted),
                                     allow_unused=True, retain_graph=more > 0)
-        for j, g in enumerate(grads):
+        for j, g in enumerate(grads[:len(self.params)]):
             if g is not None:
                 g2 = g.detach().to(torch.float64).pow(2)
                 rows = g2.reshape(len(self.row_sq[j]), -1).sum(dim=1).numpy()
                 self.row_sq[j] += rows
                 self.sq[j] += float(rows.sum())
-                if j in self.outer:
-                    self._add_outer(j, g)
+        self._add_outer(names, grads[len(self.params):])
         del grads
         # an embedding's column metric from one probe per batch is too noisy to round by (MiniLM,
         # 128 sentences, 3.0 bits/param: mean cosine 0.99379 from 1 probe, 0.99505 from 8): more
-        # probes, each a backward pass to the embeddings only
-        tables = list(self.outer)
+        # probes, each a backward pass to the embeddings' outputs only
         for k in range(more):
-            grads = torch.autograd.grad(ys, [self.params[j][1] for j in tables], grad_outputs=self._probes(counted),
-                                        allow_unused=True, retain_graph=k + 1 < more)
-            for j, g in zip(tables, grads):
-                if g is not None:
-                    self._add_outer(j, g)
+            self._add_outer(names, torch.autograd.grad(ys, outputs, grad_outputs=self._probes(counted),
+                                                       allow_unused=True, retain_graph=k + 1 < more))
         self.batches += 1
 
 
@@ -925,8 +928,8 @@ def _gains_from_probes(stats: Stats, probe: _Probe, hooked: set,
         st = stats.tensors[wname]
         st.gain = _gain(probe.sq[j] / probe.batches, _local_per_variance(st, tuple(w.shape)))
         st.row_gain = _row_gains(st, probe.row_sq[j] / probe.batches, tuple(w.shape))
-        if j in probe.outer and st.kind == "embedding":
-            st.h = _column_metric(probe.outer[j])
+        if wname in probe.outer and st.kind == "embedding":
+            st.h = _column_metric(probe.outer[wname])
         measured.append(wname)
         if progress:
             progress(wname, j + 1, len(probe.params))
