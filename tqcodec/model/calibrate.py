@@ -532,7 +532,7 @@ class _Collector:
         self._hook(mod, hook)
 
     def remove(self) -> None:
-        self.batch.cache = {}
+        self.batch.cache, self.batch.looked_up = {}, {}
         for h in self.hooks:
             h.remove()
         self.hooks = []
@@ -820,8 +820,8 @@ class _Probe:
         if not counted:
             return
         ys = [c.y for c in counted]
-        names = [n for n, outs in (looked_up or {}).items() if n in self.outer for _ in outs]
-        outputs = [o for n, outs in (looked_up or {}).items() if n in self.outer for o in outs]
+        pairs = [(n, o) for n, outs in (looked_up or {}).items() if n in self.outer for o in outs]
+        names, outputs = [n for n, _ in pairs], [o for _, o in pairs]
         more = COLUMN_PROBES - 1 if outputs else 0
         grads = torch.autograd.grad(ys, [p for _, p in self.params] + outputs, grad_outputs=self._probes(counted),
                                     allow_unused=True, retain_graph=more > 0)
