@@ -40,7 +40,7 @@ def test_conv_stats_predict_the_output_error(conv):
     conv = conv.double()
     nd = len(conv.kernel_size)
     x = torch.randn(3, 4, *([7] * nd), dtype=torch.float64)
-    s = calibrate(conv, [x[:2], x[2:]], sensitivity=False).get("weight")
+    s = calibrate(conv, [x[:2], x[2:]], sensitivity=False, views=False).get("weight")
     y = conv(x)
     assert s.kind == "conv" and s.h.shape[0] == conv.groups
     assert s.rows == y.numel() // y.shape[1]  # positions seen: batch x output positions
@@ -300,7 +300,7 @@ def test_samples_cap_on_every_kind():
     torch.manual_seed(10)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ConvTranspose2d(4, 2, 2, stride=2), nn.Flatten(),
                       nn.Linear(2 * 12 * 12, 3))
-    st = calibrate(m, [torch.randn(4, 2, 6, 6)] * 3, max_samples=100, sensitivity=False)
+    st = calibrate(m, [torch.randn(4, 2, 6, 6)] * 3, max_samples=100, sensitivity=False, views=False)
     assert st.get("0.weight").rows == st.get("1.weight").rows == 100
     assert st.get("3.weight").rows == 12
     with pytest.raises(ValueError):
