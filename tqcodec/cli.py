@@ -558,8 +558,8 @@ def calibrate_command(
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH",
                                           help="statistics file (default: INPUT.stats.safetensors beside INPUT)"),
     samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help="sequences to run: the first N "
-                                          "lines of --text, or N synthetic ones  [default: 128 lines, 512 "
-                                          "synthetic]", show_default=False),
+                                          "lines of --text (the tokens of every line are counted), or N "
+                                          "synthetic ones  [default: 128 lines, 512 synthetic]", show_default=False),
     seed: int = typer.Option(0, "--seed", metavar="S", help="seed of the synthetic sequences and of the "
                              "sensitivity probes  [default: 0]", show_default=False),
     precision: str = typer.Option("compact", "--precision", metavar="P",
@@ -589,8 +589,10 @@ def calibrate_command(
         with atomic_output(out, overwrite=force) as f:
             f.write(data)
         source = "synthetic sequences" if summary["synthetic"] else f"lines of {text}"
+        counted = (f"; tokens counted in {summary['counted_lines']} lines ({summary['counted_tokens']} tokens)"
+                   if summary["counted_lines"] > summary["sequences"] else "")
         typer.echo(f"{out}: statistics of {summary['tensors']} of {summary['weights']} tensors from "
-                   f"{summary['sequences']} {source} ({summary['tokens']} tokens), {len(data)} bytes")
+                   f"{summary['sequences']} {source} ({summary['tokens']} tokens){counted}, {len(data)} bytes")
 
 
 def main() -> None:

@@ -74,10 +74,12 @@ def _tokens(bert: Path, lines: list[str]) -> int:
 def test_calibrate_text_through_tqz(bert, tmp_path):
     """tqz calibrate FOLDER --text lines.txt -o stats.safetensors: every weight of the folder has
     statistics under its own name, padding counts nowhere, and the statistics encode the folder."""
-    (tmp_path / "lines.txt").write_text("\n".join(LINES * 5) + "\n")
+    (tmp_path / "lines.txt").write_text("\n".join(LINES * 5 + ["to by from or an"]) + "\n")
     p = _run(tmp_path, "calibrate", bert, "--text", "lines.txt", "-o", "stats.safetensors", "--samples", "18")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("\n") == 1 and "statistics of 39 of 39 tensors from 18 lines" in p.stdout, p.stdout
+    every = [ln for ln in LINES * 5 + ["to by from or an"] if ln.strip()]
+    assert f"tokens counted in {len(every)} lines ({_tokens(bert, every)} tokens)" in p.stdout, p.stdout
     stats = tqcodec.Stats.load(str(tmp_path / "stats.safetensors"))
     from safetensors import safe_open
     with safe_open(str(bert / "model.safetensors"), framework="pt") as f:
@@ -86,9 +88,19 @@ def test_calibrate_text_through_tqz(bert, tmp_path):
     used = [ln for ln in LINES * 5 if ln.strip()][:18]
     tokens = _tokens(bert, used)
     emb = stats.get("embeddings.word_embeddings.weight")
-    assert emb.kind == "embedding" and emb.rows == tokens and emb.counts.sum() == tokens
-    assert emb.counts[0] == 0  # [PAD] never counted: the attention mask is respected
-    assert emb.counts[2] == emb.counts[3] == 18  # [CLS] and [SEP] once per line
+    # 18 lines run; the tokens of every line counted (a tokenizer reads more text than the model runs)
+    assert emb.kind == "embedding" and emb.rows == tokens and emb.counts.sum() == _tokens(bert, every)
+    assert emb.counts[0] == 0  # [PAD] never counted
+    assert emb.counts[2] == emb.counts[3] == len(every)  # [CLS] and [SEP] once per line
+    tok = transformers.AutoTokenizer.from_pretrained(str(bert), local_files_only=True)
+    late = set(tok(" ".join(every[18:]))["input_ids"]) - set(tok(" ".join(used))["input_ids"])
+    assert late and all(emb.counts[i] > 0 for i in late)  # words only the lines not run hold
+    (tmp_path / "run.txt").write_text("\n".join(used) + "\n")
+    from tqcodec.model.calibrate import calibrate_folder
+    alone, summary = calibrate_folder(bert, tmp_path / "run.txt")
+    assert summary["counted_lines"] == 18 and alone.get("embeddings.word_embeddings.weight").counts.sum() == tokens
+    for other in ("embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"):
+        assert np.array_equal(stats.get(other).counts, alone.get(other).counts)  # the lines run
     q = stats.get("encoder.layer.0.attention.self.query.weight")
     assert q.kind == "linear" and q.rows == tokens and q.h.shape == (1, 32, 32) and q.gain > 0
     assert stats.get("encoder.layer.1.intermediate.dense.weight").h.shape == (1, 32, 32)

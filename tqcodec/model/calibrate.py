@@ -990,6 +990,12 @@ def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable, se
 
 FOLDER_BATCH = 16          # sequences per batch
 FOLDER_SAMPLES = 128       # sequences by default: lines of text
+COUNTED_LINES = 1_000_000  # lines of the text whose tokens are counted, run through the model or not.
+# An embedding's rows are weighed by how often text uses their tokens, and few sentences miss most of
+# the vocabulary new text uses: MiniLM from 32 sentences (579 tokens, 270 distinct) meets 38% of the
+# evaluation sentences' tokens never seen (1024 sentences: 6%). Tokenizing costs little next to a
+# forward pass: tq at 3.1 bits/param from 32 sentences, mean cosine 0.99282, with the token counts of
+# 1024 sentences 0.99553 (128 sentences run: 0.99551)
 SYNTHETIC_SAMPLES = 512    # synthetic sequences by default. MiniLM, tq at 4.0 (4.3) bits/param, mean
 # cosine: 128 sequences 0.9934 (0.9958), 512 0.9945 (0.9963), 2048 0.9948 (0.9967); calibration
 # 17 s for 512 and 56 s for 2048 on 2 cores
@@ -1192,8 +1198,10 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: Option
     """Statistics of a Hugging Face folder's model (see :func:`load_folder_model`), named as its
     weights are: on the first ``samples`` lines of the text file ``text`` (empty lines skipped;
     needs the folder's tokenizer; default ``FOLDER_SAMPLES``), or on ``samples`` synthetic
-    sequences (:func:`synthetic_batches`; default ``SYNTHETIC_SAMPLES``). Returns (stats, a
-    summary: sequences, tokens, tensors)."""
+    sequences (:func:`synthetic_batches`; default ``SYNTHETIC_SAMPLES``). The input embedding's
+    token counts come from every line of the text (at most ``COUNTED_LINES``), run or not: a
+    tokenizer reads far more text than the model can run. Returns (stats, a summary: sequences
+    and tokens run, counted_lines and counted_tokens, tensors, weights, synthetic)."""
     if samples is None:
         samples = FOLDER_SAMPLES if text is not None else SYNTHETIC_SAMPLES
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -1205,9 +1213,10 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: Option
             raw = Path(text).read_text("utf-8", errors="replace")
         except OSError as exc:
             raise fail("IO_ERROR", f"cannot read the text: {exc.strerror or exc}", text, exc.errno) from None
-        lines = [ln.strip() for ln in raw.splitlines() if ln.strip()][:samples]
-        if not lines:
+        counted = [ln.strip() for ln in raw.splitlines() if ln.strip()][:COUNTED_LINES]
+        if not counted:
             raise fail("BAD_INPUT", "the text file holds no line of text", text)
+        lines = counted[:samples]
     model, config, tokenizer = load_folder_model(folder)
     from ..io.hf import read_folder  # the names the folder's weights carry
     weights, _ = read_folder(folder)
@@ -1226,10 +1235,51 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: Option
             yield b
         tell("batches", len(batches), len(batches))
     stats = calibrate(model, fed(), seed=seed, progress=lambda w, d, t: tell(f"sensitivity: {w}", d, t))
-    if lines is None:
-        stats = expected_token_counts(stats, config, tokenizer)
-    named = checkpoint_names(stats, model, weights.keys())
     tokens = int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in batches))
-    return named, {"sequences": sum(len(b["input_ids"]) for b in batches), "tokens": tokens,
-                   "tensors": len(named.tensors), "weights": len(weights), "synthetic": lines is None}
+    summary = {"sequences": sum(len(b["input_ids"]) for b in batches), "tokens": tokens,
+               "counted_lines": len(lines) if lines is not None else 0, "counted_tokens": tokens}
+    if lines is None:
+        stats = expected_token_counts(stats, config, tokenizer)
+    elif len(counted) > len(lines):
+        counts = text_token_counts(counted, tokenizer, _max_length(config, tokenizer),
+                                   progress=lambda done, total: tell("counting tokens", done, total))
+        stats = with_token_counts(stats, model, counts)
+        summary.update(counted_lines=len(counted), counted_tokens=int(counts.sum()))
+    named = checkpoint_names(stats, model, weights.keys())
+    return named, {**summary, "tensors": len(named.tensors), "weights": len(weights), "synthetic": lines is None}
+
+
+def text_token_counts(lines: Sequence[str], tokenizer: Any, max_length: int, chunk: int = 4096,
+                      progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """How often each token id occurs in ``lines`` as the model reads them (special tokens added,
+    truncated to ``max_length``), [the largest id + 1] float64."""
+    counts = np.zeros(0, dtype=np.float64)
+    for i in range(0, len(lines), chunk):
+        if progress is not None:
+            progress(i, len(lines))
+        ids = tokenizer(list(lines[i:i + chunk]), truncation=True, max_length=max_length)["input_ids"]
+        flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
+        part = np.bincount(flat).astype(np.float64) if len(flat) else counts[:0]
+        if len(part) > len(counts):
+            counts = np.concatenate([counts, np.zeros(len(part) - len(counts))])
+        counts[:len(part)] += part
+    return counts
+
+
+def with_token_counts(stats: Stats, model: nn.Module, counts: np.ndarray) -> Stats:
+    """``stats`` with the token counts of the model's input embedding (``get_input_embeddings()``,
+    a Hugging Face model's) replaced by ``counts`` (ids past the table's rows left out); unchanged
+    when the model names no input embedding or it has no statistics."""
+    get = getattr(model, "get_input_embeddings", None)
+    table = get() if callable(get) else None
+    name = next((f"{n}.weight" for n, m in model.named_modules() if m is table), None) if table is not None else None
+    st = stats.tensors.get(name) if name else None
+    if st is None or st.kind != "embedding" or st.counts is None:
+        return stats
+    rows = len(st.counts)
+    replaced = np.zeros(rows, dtype=np.float64)
+    replaced[:min(rows, len(counts))] = counts[:rows]
+    out = Stats(dict(stats.tensors), stats.output_power, stats.default_gain, synthetic=stats.synthetic)
+    out.tensors[name] = dataclasses.replace(st, counts=replaced)
+    return out
