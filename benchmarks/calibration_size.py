@@ -11,7 +11,9 @@ Digits: the first N images of the training split (``zoo.digits.calibration_input
 first N sentences of the benchmark's calibration pool (``zoo.minilm.calibration_pool``: the 128 of
 ``zoo/sentences.json`` that ``rd.py`` calibrates with, then 896 more from ``zoo/make_sentences.py``;
 sample counts asked beyond the pool are skipped and said so).
-Both are disjoint from the evaluation inputs. Each point is one rate search (``evaluate_search.run``:
+Both are disjoint from the evaluation inputs. MiniLM also as ``tqz calibrate --text POOL --samples N``
+does it (``calibrate_folder``): the first N sentences run through the model, the tokens of all 1024
+counted (a tokenizer reads far more text than the model can run). Each point is one rate search (``evaluate_search.run``:
 the same search, evaluation and threshold) stopped once the passing file is within ``--tolerance``
 (default 1%, finer than ``save``'s 3%) of the largest failing one, so the spread between sample
 counts is measured to about that. NNCodec's smallest transparent file from ``results/rd.json`` is
@@ -40,6 +42,7 @@ POOL = {"minilm": len(minilm.calibration_pool())}
 # where rd.py's calibrated sweep (results/rd.json) became transparent for good (33.9 dB at 1.36
 # bits/param, every larger point transparent). MiniLM's mean cosine is smooth already.
 SMOOTH = {"digits": ("logit_sqnr_db", 34.0)}
+COUNTED = {"minilm": (minilm.model_dir, minilm.calibration_pool)}  # a folder the tokenizer comes from, the text
 
 
 def nncodec_point(model: str) -> dict:
@@ -77,8 +80,23 @@ def write_md(results: dict, path: Path) -> None:
                 lines.append(f"| {model} | {n if n != '0' else '0 (no statistics)'} | {sm['measure']} >= "
                              f"{sm['threshold']:g} | {r['file_bytes']:,} | {r['trials'][r['chosen']]['bits']:.3f} | "
                              f"{vs} | {r['file_metric']:.2f} | {len(r['trials'])} |")
+    counted = {model: m["counted"] for model, m in results["models"].items() if m.get("counted")}
+    if counted:
+        lines += ["", "As `tqz calibrate --text POOL --samples N` makes them: the first N inputs run, the tokens of "
+                  "the whole pool counted:", "",
+                  "| model | samples run | tokens counted in | file bytes | bits/param | vs NNCodec | metric | "
+                  "trials | calibration s |", "|---|---|---|---|---|---|---|---|---|"]
+        for model, c in counted.items():
+            ref = results["models"][model].get("nncodec", {})
+            for n, r in c["runs"].items():
+                vs = f"{r['file_bytes'] / ref['bytes']:.2f}x" if ref else "-"
+                lines.append(f"| {model} | {n} | {c['pool']} | {r['file_bytes']:,} | "
+                             f"{r['trials'][r['chosen']]['bits']:.3f} | {vs} | {r['file_metric']:.4f} | "
+                             f"{len(r['trials'])} | {r['statistics_s']} |")
     lines.append("")
     for model, m in results["models"].items():
+        if m.get("counted"):
+            lines.append(f"- {model}, tokens counted in all {m['counted']['pool']}: spread {m['counted']['spread']:.1%}")
         if m.get("smooth"):
             lines.append(f"- {model}, {m['smooth']['measure']} >= {m['smooth']['threshold']:g}: spread "
                          f"{m['smooth']['spread']:.1%}")
@@ -90,15 +108,25 @@ def write_md(results: dict, path: Path) -> None:
 
 
 def searches(model: str, counts: list[int], workdir: Path, args: argparse.Namespace,
-             measure: Optional[tuple[str, float]] = None) -> dict:
+             measure: Optional[tuple[str, float]] = None, counted_in: Optional[Path] = None) -> dict:
     """One search per sample count (``evaluate_search.run`` with the first N calibration inputs;
-    ``measure``: as ``run``'s), keyed by the count as a string."""
+    ``measure``: as ``run``'s; ``counted_in``: a text file, one input a line, whose first N lines
+    run and whose every line's tokens count, by ``calibrate_folder``), keyed by the count as a string."""
+    from tqcodec.model.calibrate import calibrate_folder
+
+    def make_stats(ctx, n):
+        if not n:
+            return None
+        if counted_in is None:
+            return ctx.calibrated(n)
+        return calibrate_folder(COUNTED[model][0](), counted_in, samples=n)[0]
+
     runs = {}
     for n in counts:
-        print(f"{model}, {n} samples" + (f", {measure[0]} >= {measure[1]}" if measure else "") + ":", flush=True)
+        print(f"{model}, {n} samples" + (f", {measure[0]} >= {measure[1]}" if measure else "")
+              + (", the tokens of every line counted" if counted_in else "") + ":", flush=True)
         r = run(model, f"calibrated, {n} samples" if n else "none", workdir, args,
-                make_stats=lambda ctx, n=n: ctx.calibrated(n) if n else None, measure=measure,
-                tolerance=args.tolerance)
+                make_stats=lambda ctx, n=n: make_stats(ctx, n), measure=measure, tolerance=args.tolerance)
         r["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         runs[str(n)] = r
         print(f"  {r['file_bytes']} bytes, {len(r['trials'])} trials, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -146,6 +174,13 @@ def main() -> None:
                 runs = _ordered({**before.get("smooth", {}).get("runs", {}),
                                  **searches(model, counts, Path(tmp), args, measure=(key, threshold))})
                 entry["smooth"] = {"measure": key, "threshold": threshold, "runs": runs, "spread": _spread(runs)}
+            if model in COUNTED and [n for n in counts if n]:
+                text = Path(tmp) / "pool.txt"
+                pool_lines = COUNTED[model][1]()
+                text.write_text("\n".join(pool_lines) + "\n", encoding="utf-8")
+                runs = _ordered({**before.get("counted", {}).get("runs", {}),
+                                 **searches(model, [n for n in counts if n], Path(tmp), args, counted_in=text)})
+                entry["counted"] = {"pool": len(pool_lines), "runs": runs, "spread": _spread(runs)}
             results["models"][model] = entry
     write_results(results, out, write_md)
 
