@@ -1,4 +1,5 @@
-"""tqcodec.model.views: a small calibration set of images is followed by its one-pixel shifts."""
+"""tqcodec.model.views: a small calibration set of images is followed by its one-pixel shifts, one of
+token sequences by sequences spliced from them (whose tokens are not counted)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from tqcodec.model.calibrate import calibrate
-from tqcodec.model.views import VIEWS_BELOW, image_items, shifted, with_views
+from tqcodec.model.views import (TEXT_ROUNDS, TEXT_VIEWS_BELOW, VIEWS_BELOW, image_items, shifted, text_rounds,
+                                 token_items, with_views)
 
 
 class SmallCNN(nn.Module):
@@ -49,7 +51,8 @@ def test_shift_moves_each_image_and_repeats_its_edge():
 def test_a_small_image_set_is_followed_by_its_eight_shifts():
     x = _images(6, 1)
     out = list(with_views([x[:4], x[4:]]))
-    assert len(out) == 2 + 8 * 2
+    assert [view for _, view in out] == [False] * 2 + [True] * 16
+    out = [b for b, _ in out]
     assert torch.equal(out[0], x[:4]) and torch.equal(out[1], x[4:])
     assert {tuple(b.shape) for b in out[2:]} == {(4, 1, 8, 8), (2, 1, 8, 8)}
     assert len({b.numpy().tobytes() for b in out}) == len(out)  # every view differs
@@ -63,6 +66,80 @@ def test_views_only_for_images_and_only_below_the_threshold():
     many = _images(VIEWS_BELOW, 2)
     assert len(list(with_views([many[:128], many[128:]]))) == 2  # enough images: none
     assert len(list(with_views([many[:4], torch.zeros(4, 64)]))) == 2  # not all images: none
+    ids = torch.ones(3, 5, dtype=torch.long)
+    assert token_items({"input_ids": ids}) == 3 and token_items({"input_ids": ids.float()}) is None
+    assert token_items({"input_ids": ids, "labels": ids}) is None  # a key a view would not know how to splice
+    assert token_items({"input_ids": ids, "use_cache": False}) == 3  # flags pass through
+    flagged = [b for b, v in with_views([{"input_ids": ids, "use_cache": False}]) if v]
+    assert flagged and all(b["use_cache"] is False and set(b) == {"input_ids", "use_cache"} for b in flagged)
+    assert len(list(with_views([{"input_ids": ids}, many[:4]]))) == 2  # tokens, then images: none
+    lots = {"input_ids": torch.ones(TEXT_VIEWS_BELOW, 5, dtype=torch.long)}
+    assert len(list(with_views([lots]))) == 1
+
+
+def _token_batches():
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for lengths in ((6, 4, 9), (7, 3)):
+        width = max(lengths)
+        ids = torch.zeros(len(lengths), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, n in enumerate(lengths):
+            ids[r, :n] = torch.cat([torch.tensor([1]), torch.randint(3, 50, (n - 2,), generator=g), torch.tensor([2])])
+            mask[r, :n] = 1
+        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})
+    return out
+
+
+def test_token_sequences_are_followed_by_spliced_ones():
+    """Each view keeps a sequence's first token and another's last (here [CLS] = 1 and [SEP] = 2),
+    uses only the sample's tokens, pads as the sample pads, is no longer than its longest
+    sequence, and the same seed gives the same views."""
+    batches = _token_batches()
+    out = list(with_views(batches, seed=3))
+    assert text_rounds(5) == TEXT_ROUNDS and text_rounds(128) == 2 and text_rounds(255) == 1
+    assert [view for _, view in out] == [False] * 2 + [True] * 2 * TEXT_ROUNDS
+    views = [b for b, v in out if v]
+    assert [len(v["input_ids"]) for v in views] == [3, 2] * TEXT_ROUNDS
+    sample = {int(t) for b in batches for t in b["input_ids"][b["attention_mask"] == 1]}
+    originals = {tuple(b["input_ids"][r][b["attention_mask"][r] == 1].tolist()) for b in batches for r in range(len(b["input_ids"]))}
+    new = 0
+    for v in views:
+        assert set(v) == {"input_ids", "attention_mask", "token_type_ids"} and v["input_ids"].shape[1] <= 9
+        for r in range(len(v["input_ids"])):
+            seq = v["input_ids"][r][v["attention_mask"][r] == 1].tolist()
+            assert seq[0] == 1 and seq[-1] == 2 and set(seq) <= sample
+            assert v["attention_mask"][r].tolist() == sorted(v["attention_mask"][r].tolist(), reverse=True)
+            assert (v["input_ids"][r][v["attention_mask"][r] == 0] == 0).all()
+            new += tuple(seq) not in originals
+    assert new > len(views)  # mostly sequences the sample does not hold
+    again = [b for b, v in with_views(batches, seed=3) if v]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(views, again))
+
+
+class TinyText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 6)
+        self.mix = nn.Linear(6, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        h = self.emb(input_ids)
+        h = h + torch.tanh(self.mix(h.cumsum(1) / torch.arange(1, h.shape[1] + 1).view(1, -1, 1)))  # context
+        return self.fc(h)
+
+
+def test_text_views_reach_the_layers_but_leave_the_token_counts_alone():
+    torch.manual_seed(0)
+    m = TinyText().eval()
+    batches = _token_batches()
+    plain = calibrate(m, batches, views=False)
+    viewed = calibrate(m, batches)
+    assert np.array_equal(viewed.get("emb.weight").counts, plain.get("emb.weight").counts)
+    assert viewed.get("emb.weight").rows == plain.get("emb.weight").rows == 29
+    assert viewed.get("fc.weight").rows > 5 * plain.get("fc.weight").rows  # the spliced contexts
+    assert not np.allclose(viewed.get("fc.weight").h, plain.get("fc.weight").h)
 
 
 def test_few_images_with_their_views_reach_the_fully_connected_layer_better():

@@ -190,6 +190,7 @@ class _Batch:
         self.mask: Optional[torch.Tensor] = None
         self.cache: dict = {}
         self.looked_up: dict[str, list[torch.Tensor]] = {}
+        self.view = False  # a view of the calibration inputs (``tqcodec.model.views``), not one of them
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -460,7 +461,8 @@ class _Collector:
         b = self.batch
 
         def hook(m, args, kwargs, out):
-            acc.add(_select(_arg(args, kwargs, 0, "input"), b.mask, 2))
+            if not b.view:  # a view's tokens are the sample's again: the counts say how often text uses each
+                acc.add(_select(_arg(args, kwargs, 0, "input"), b.mask, 2))
             if isinstance(out, torch.Tensor) and out.requires_grad:  # a probe batch: its column metric
                 b.looked_up.setdefault(wname, []).append(out)
         self._hook(mod, hook)
@@ -694,10 +696,12 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
     """Collect :class:`Stats` for ``module`` over ``batches`` (items: tensor, tuple or dict:
     ``module(x)``, ``module(*x)``, ``module(**x)``).
 
-    ``views``: a set of fewer than ``VIEWS_BELOW`` (256) images (float tensors [batch, channels,
-    height, width]) is followed by the eight one-pixel shifts of every batch, as more calibration
-    batches (``tqcodec.model.views``: the benchmark's digits CNN from 32 images gains 4-6 dB of
-    logit SQNR at the same size). Other inputs get none.
+    ``views``: a set of fewer than 256 images (float tensors [batch, channels, height, width]) is
+    followed by the eight one-pixel shifts of every batch, and a set of fewer than 256 token
+    sequences (dict batches of ``input_ids``, ``attention_mask``, ``token_type_ids``) by about 256
+    sequences spliced from them (at most 8 each), as more calibration batches whose tokens are not counted
+    (``tqcodec.model.views``: the benchmark's digits CNN from 32 images gains 4-6 dB of logit
+    SQNR at the same size). Other inputs get none.
 
     ``max_samples`` caps the samples (tokens, pixels, time steps) accumulated per layer. A dict
     batch with an ``attention_mask`` [batch, tokens] leaves padded tokens out of H and of the
@@ -754,9 +758,10 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
                       if isinstance(col.accs.get(n), _CountAcc) and p.dim() == 2}
         probe = _Probe(params, seed, embeddings) if probing else None
         try:
-            for i, x in enumerate(with_views(batches) if views else batches):
+            for i, (x, view) in enumerate(with_views(batches, seed) if views else ((x, False) for x in batches)):
                 seen += 1
                 col.batch.index, col.batch.mask, col.batch.cache, col.batch.looked_up = i, _mask_of(x), {}, {}
+                col.batch.view = view
                 measuring = sensitivity and i < sensitivity_batches
                 with torch.set_grad_enabled(measuring), (_grads(params) if measuring else contextlib.nullcontext()):
                     out = _call(module, x, i)
