@@ -29,7 +29,8 @@ the encoder reads (their meaning and file format: ``tqcodec.model.stats``):
   model passes on: a LayerNorm after it, for one, drops the row's mean).
 
 Other tensors get no statistics (the encoder decides). With ``sensitivity=True`` every float
-parameter also gets a *gain* (see :func:`calibrate`).
+parameter also gets a *gain* (see :func:`calibrate`). A small set of images or token sequences is
+followed by views of it, shifted or spliced (``tqcodec.model.views``), whose tokens are not counted.
 
 Degenerate inputs: all-zero inputs give H = 0, dead channels zero rows and columns, a single
 sample a rank-one H. NaN or Inf in a layer's input or in the module's output is refused with a
