@@ -560,6 +560,97 @@ def test_small_tensor_takes_fewer_bands_when_they_do_not_pay():
     assert data_free == 1 and 1 <= calibrated < 8
 
 
+def _dead_units_model(seed: int = 7) -> dict[str, torch.Tensor]:
+    """Trained-looking weights without statistics: a quarter of ``fc.weight``'s rows dead (all zero)
+    and the rest of unequal scale; a quarter of ``out.weight``'s columns (inputs) dead."""
+    g = torch.Generator().manual_seed(seed)
+    fc = 0.05 * torch.randn(256, 256, generator=g) * torch.rand(256, 1, generator=g).add(0.3)
+    fc[torch.randperm(256, generator=g)[:64]] = 0.0
+    out = 0.05 * torch.randn(64, 256, generator=g)
+    out[:, torch.randperm(256, generator=g)[:64]] = 0.0
+    return {"fc.weight": fc, "out.weight": out}
+
+
+def test_magnitude_class_gain_sees_dead_and_unequal_rows():
+    from tqcodec.modes.tq.encoder import MAGNITUDE_CLASS_MIN_GAIN, magnitude_class_gain, magnitude_layout
+    assert magnitude_class_gain(np.full(10, 0.3)) == pytest.approx(0.0, abs=1e-12)
+    assert magnitude_class_gain(np.zeros(10)) == 0.0
+    assert magnitude_class_gain(np.array([1.0, 4.0])) == pytest.approx(0.5 * np.log2(2.5) - 0.5, rel=1e-9)
+    g = torch.Generator().manual_seed(1)
+    alike = (0.05 * torch.randn(128, 64, generator=g)).numpy()
+    assert magnitude_class_gain(np.mean(alike ** 2, axis=1)) < MAGNITUDE_CLASS_MIN_GAIN
+    sd = _dead_units_model()
+    assert magnitude_layout(alike) == "out_in"
+    assert magnitude_layout(sd["fc.weight"].numpy()) == "out_in"   # dead rows: rows stay rows
+    assert magnitude_layout(sd["out.weight"].numpy()) == "in_out"  # dead columns: columns become rows
+
+
+def test_data_free_rows_of_like_magnitude_share_a_band(monkeypatch):
+    """Without statistics, a tensor whose rows (or columns) differ much in magnitude is coded in
+    bands of rows of like magnitude (row_band; columns as rows by the in_out layout): dead units
+    decode to exactly zero, and at the same bits/param the weight error is smaller than with one
+    band for all. Rows alike stay one band."""
+    from tqcodec.modes.tq import encoder
+    sd = _dead_units_model()
+
+    def coded() -> tuple[dict, dict, float, int]:
+        with pytest.warns(tqcodec.TqzWarning):
+            data = tqcodec.encode_bytes(sd, mode="tq", bits=2.0)
+        dec = tqcodec.load(data)
+        with tqcodec.open(data) as f:
+            params = {k: f.encoded(k).params for k in sd}
+        err = sum(float((dec[k] - v).pow(2).sum()) for k, v in sd.items())
+        return params, dec, err, len(data)
+
+    params, dec, err, size = coded()
+    assert "row_band" in params["fc.weight"] and len(params["fc.weight"]["band_rows"]) > 1
+    assert params["out.weight"].get("layout") == "in_out" and "row_band" in params["out.weight"]
+    assert bool((dec["fc.weight"][sd["fc.weight"].abs().sum(1) == 0] == 0).all())
+    assert bool((dec["out.weight"][:, sd["out.weight"].abs().sum(0) == 0] == 0).all())
+    monkeypatch.setattr(encoder, "MAGNITUDE_CLASS_MIN_GAIN", float("inf"))
+    params_one, _, err_one, size_one = coded()
+    assert "row_band" not in params_one["fc.weight"] and params_one["out.weight"].get("layout", "out_in") == "out_in"
+    assert abs(size / size_one - 1) < 0.03 and err < 0.8 * err_one
+
+    g = torch.Generator().manual_seed(2)
+    with pytest.warns(tqcodec.TqzWarning):
+        alike = tqcodec.encode_bytes({"w": 0.05 * torch.randn(256, 256, generator=g)}, mode="tq", bits=2.0)
+    with tqcodec.open(alike) as f:
+        assert "row_band" not in f.encoded("w").params
+
+
+def test_data_free_vectors_take_a_step_finer_than_the_weights(monkeypatch):
+    """Without statistics a bias or norm vector of at least DATA_FREE_VECTOR_MIN entries is coded
+    (tq) as a weight of DATA_FREE_VECTOR_GAIN times the gain: at most 1/16 of the weights' step,
+    so its error stays far below theirs, in fewer bytes than stored raw."""
+    from tqcodec.modes.tq import encoder
+    g = torch.Generator().manual_seed(8)
+    sd = {"fc.weight": 0.05 * torch.randn(128, 256, generator=g), "fc.bias": 0.1 * torch.randn(128, generator=g),
+          "norm.weight": 1 + 0.1 * torch.randn(128, generator=g), "tiny.bias": torch.randn(8, generator=g)}
+
+    def coded() -> tuple[bytes, dict]:
+        with pytest.warns(tqcodec.TqzWarning):
+            data = tqcodec.encode_bytes(sd, mode="tq", bits=2.0)
+        return data, tqcodec.load(data)
+
+    data, dec = coded()
+    with tqcodec.open(data) as f:
+        assert f.info("fc.bias").mode == "tq" and f.info("norm.weight").mode == "tq"
+        assert f.info("tiny.bias").mode == "raw"
+        weight_step = max(f.encoded("fc.weight").params["steps"])
+    for name in ("fc.bias", "norm.weight"):
+        err = (dec[name] - sd[name]).abs().max().item()
+        assert 0 < err <= 2.0 ** (weight_step / 4) / 32  # half of a step 1/16 the weights'
+    assert torch.equal(dec["tiny.bias"], sd["tiny.bias"])
+    monkeypatch.setattr(encoder, "DATA_FREE_VECTOR_GAIN", 0.0)
+    raw, dec_raw = coded()
+    with tqcodec.open(raw) as f:
+        assert f.info("fc.bias").mode == "raw"
+        raw_vectors = f.info("fc.bias").stored_bytes + f.info("norm.weight").stored_bytes
+    with tqcodec.open(data) as f:
+        assert f.info("fc.bias").stored_bytes + f.info("norm.weight").stored_bytes < raw_vectors / 2
+
+
 def _embedding_file(weight: torch.Tensor, ids: torch.Tensor) -> tuple[int, float]:
     """(file bytes, token-count-weighted squared error of the decoded rows) of an embedding coded
     at 3 bits/param with statistics counted from ``ids``."""

@@ -188,6 +188,7 @@ class Unit:
     h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
     max_code: Optional[int] = None  # coarser step codes are never chosen (BatchNorm running variances)
     slope_floor: bool = False  # never coarser than the step of equal slope on its weight MSE (see choose)
+    floor_gain: float = 1.0  # that step as for a weight of this many times the gain (a vector's finer step)
     transposed: bool = False  # ``data`` is the tensor's [n, m] view transposed (one band; tq.encoder)
     row_index: Optional[np.ndarray] = None  # the band's rows of the tensor's view when not r0.. (spec 1.4 row_band)
     curve_version: int = 0  # counts changes of ``curve`` (choose's table is rebuilt when one changes)
@@ -463,7 +464,7 @@ def equal_slope_code(u: Unit, lam: float) -> int:
     One step for every weight of equal ``g``, as NNCodec's one QP: the floor for data-free units,
     whose table and header costs would otherwise make small tensors coarser (or zero) where their
     few bits buy output accuracy the weight MSE does not see."""
-    g = u.gain * (1.0 if u.row_weights is None else float(np.mean(u.row_weights)))
+    g = u.gain * u.floor_gain * (1.0 if u.row_weights is None else float(np.mean(u.row_weights)))
     if not g > 0:
         return STEP_CODE_MAX
     return code_at_most(math.sqrt(6.0 * lam / (math.log(2.0) * g)))
