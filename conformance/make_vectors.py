@@ -1887,7 +1887,7 @@ def make_lineage_valid(out: Out):
     g = torch.Generator().manual_seed(31)
     centers = torch.tensor([-0.31, -0.12, 0.07, 0.26, 0.52])
     sd = {"clustered.weight": centers[torch.randint(0, 5, (48, 64), generator=g)]
-          + torch.randn(48, 64, generator=g) * 0.004,
+          + torch.randn(48, 64, generator=g) * 0.002,
           "gauss.weight": torch.randn(32, 64, generator=g) * 0.1, "gauss.bias": torch.randn(32, generator=g) * 0.01}
     data = encode_with_tqcodec(sd, mode="auto", bits=3.0)
     modes = {r["mode"] for r in parse_valid(data)[0]["tensors"]}
