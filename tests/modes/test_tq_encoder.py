@@ -642,6 +642,10 @@ def test_data_free_vectors_take_a_step_finer_than_the_weights(monkeypatch):
         err = (dec[name] - sd[name]).abs().max().item()
         assert 0 < err <= 2.0 ** (weight_step / 4) / 32  # half of a step 1/16 the weights'
     assert torch.equal(dec["tiny.bias"], sd["tiny.bias"])
+    alone = tqcodec.encode_bytes(sd, mode="tq", bits=2.0, tq_scope="tensor")  # a vector coded alone has no
+    # weights' step to follow
+    with tqcodec.open(alone) as f:
+        assert f.info("fc.bias").mode == "raw" and torch.equal(tqcodec.load(alone)["fc.bias"], sd["fc.bias"])
     monkeypatch.setattr(encoder, "DATA_FREE_VECTOR_GAIN", 0.0)
     raw, dec_raw = coded()
     with tqcodec.open(raw) as f:

@@ -157,6 +157,9 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
     if stats is None:
         band_size = max(band_size, DATA_FREE_MIN_BAND)
     default_gain = max(known) if known else 1.0
+    # a vector's step follows the weights' (the floor of a finer slope at their multiplier): coded
+    # alone (tq_scope "tensor") a bits target of its own would zero it, so it stays raw
+    matrices_too = any(len(it.shape) >= 2 for it in items)
     by_name = {it.name: it for it in items}
     usable: dict[tuple[int, int], Optional[np.ndarray]] = {}  # tensors reading one input share its H (Q, K, V)
     for index, it in enumerate(items):
@@ -182,7 +185,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
             layouts[it.name] = "out_in"
             continue
         if ndim < 2:
-            if st is None and ndim == 1 and DATA_FREE_VECTOR_GAIN > 0 and it.size >= DATA_FREE_VECTOR_MIN:
+            if st is None and ndim == 1 and DATA_FREE_VECTOR_GAIN > 0 and it.size >= DATA_FREE_VECTOR_MIN and matrices_too:
                 units.append(Unit(band_name(it.name, 0), np.asarray(it.values, dtype=np.float64).reshape(-1, 1), None,
                                   None, default_gain, slope_floor=True, floor_gain=DATA_FREE_VECTOR_GAIN))
                 layouts[it.name] = "out_in"
