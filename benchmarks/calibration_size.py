@@ -189,6 +189,8 @@ def main() -> None:
                 runs = _ordered({**before.get("counted", {}).get("runs", {}),
                                  **searches(model, calibrated, Path(tmp), args, counted_in=text)})
                 entry["counted"] = {"pool": len(pool_lines), "runs": runs, "spread": _spread(runs)}
+            elif "counted" in before:  # not searched this time (only 0 samples asked): kept as measured
+                entry["counted"] = before["counted"]
             results["models"][model] = entry
     write_results(results, out, write_md)
 
