@@ -296,10 +296,11 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
 
 DATA_FREE_WARN_DB = 30.0
 """Data-free tq whose predicted weight SNR is below this gets a warning: on the benchmark models the
-smallest transparent data-free files had 13.6 dB (digits, 2.0 bits/param; every file from 17.7 dB,
-2.5 bits/param) and 29.8 dB (MiniLM, 4.55 bits/param; 28.2 dB at 4.3 was not), while calibrated
-files are transparent far lower (benchmarks/results/rd.md). The SNR weighs each tensor's power and
-error by its gain (an embedding table's is 1/16 without statistics)."""
+smallest transparent data-free files had 21.2 dB (digits, 2.25 bits/param, every larger file
+transparent too) and 30.0 dB (MiniLM, 4.6 bits/param; 29.4 dB at 4.5 was not; rd.py, 2026-12-06
+09:57-10:05), while calibrated files are transparent far lower (benchmarks/results/rd.md). The SNR
+weighs each tensor's power and error by its gain (an embedding table's is 1/16 without statistics;
+bias and norm vectors are left out of the power)."""
 
 
 def _warn_if_data_free_and_coarse(opts: EncodeOptions, snr_db: Optional[float]) -> None:
