@@ -261,6 +261,26 @@ def test_tq_row_blocks_of_large_tensors(tmp_path, monkeypatch):
         assert all(torch.equal(got[k], back[k]) for k in back)
 
 
+def test_row_blocks_stay_joinable_where_rows_differ_in_magnitude(monkeypatch):
+    """A large tensor with dead rows and columns under tq_scope 'tensor': its row blocks are coded
+    without magnitude bands or the in_out layout (which a whole tensor without statistics gets), so
+    they join into one record instead of the whole tensor being coded again at once."""
+    import tqcodec.pipeline.encode
+    monkeypatch.setattr(tqcodec.pipeline.encode, "TQ_BLOCK_PARAMS", 8192)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(512, 64, generator=g) * 0.05
+    w[torch.randperm(512, generator=g)[:128]] = 0.0
+    w[:, :16] = 0.0
+    whole = api.encode_bytes({"w": w}, mode="tq", bits=3, tq_scope="model")
+    blocked = api.encode_bytes({"w": w}, mode="tq", bits=3, tq_scope="tensor")
+    with tqcodec.open(whole) as f:
+        assert "row_band" in f.encoded("w").params  # the whole tensor: rows of like magnitude banded
+    with tqcodec.open(blocked) as f:
+        params = f.encoded("w").params
+    assert set(params) == {"band_rows", "steps", "q_min", "counts"} and len(params["band_rows"]) >= 4
+    assert bool((api.load(blocked)["w"][w.abs().sum(1) == 0] == 0).all())
+
+
 def test_worker_errors_arrive_as_tqz_errors(tmp_path):
     sd = {"ok": torch.randn(40, 40), "bad": torch.randn(4, dtype=torch.complex64)}
     with pytest.raises(TqzError) as e:

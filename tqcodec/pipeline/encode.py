@@ -316,12 +316,13 @@ def tq_items(items: Sequence[tuple[str, Any]], opts: EncodeOptions) -> tuple[lis
 
 def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
               size_of: Callable[[Mapping[str, Encoded]], int], transforms: bool = True,
-              progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Encoded]:
+              progress: Optional[Callable[[str, int, int], None]] = None, block: bool = False) -> dict[str, Encoded]:
     """Mode tq (spec §7.5) with one multiplier over ``items`` for the tensors it takes (finite
     float tensors; the rest go to :func:`encode_tensor`); mode ``auto`` also weighs the classic
     modes per tensor (:mod:`tqcodec.pipeline.auto`). ``size_of(encoded)`` gives the file size for
     a candidate result (the bits target is met on the real file). ``transforms``: offer
-    transforms (off for row blocks of one tensor, which share no S). Tied tensors count once.
+    transforms (off for row blocks of one tensor, which share no S); ``block``: ``items`` is one row
+    block of a tensor (no magnitude bands: the blocks' records are joined). Tied tensors count once.
     ``progress(stage, done, total)``: the encoder's stages (curves, transforms, rate search)."""
     tq, total = tq_items(items, opts)
     if opts.mode == "auto":  # per tensor, tq or a classic mode by D + lam R
@@ -334,7 +335,7 @@ def encode_tq(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
             return enc
         # the other modes' coarser rate steps kept the file off its bits target: tq alone meets it
     return encode_model(tq, opts.stats, bits=opts.bits, quality=opts.quality, total_params=max(total, 1),
-                        size_of=size_of, transforms=transforms, progress=progress)
+                        size_of=size_of, transforms=transforms, progress=progress, block=block)
 
 
 def tq_encoder(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
@@ -346,7 +347,8 @@ def tq_encoder(items: Sequence[tuple[str, torch.Tensor]], opts: EncodeOptions,
     return ModelEncoder(tq, opts.stats, total_params=max(total, 1), size_of=size_of, progress=progress)
 
 
-def encode_tq_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, transforms: bool = True) -> Optional[Encoded]:
+def encode_tq_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, transforms: bool = True,
+                     block: bool = False) -> Optional[Encoded]:
     """Mode tq for one tensor, its bits target measured on the tensor's own bytes (chunks and
     manifest record); None if tq does not take the tensor (:func:`encode_tensor` then does)."""
 
@@ -358,7 +360,7 @@ def encode_tq_tensor(name: str, t: torch.Tensor, opts: EncodeOptions, transforms
             n += sum(CHUNK_HEADER_SIZE + len(p) for chunks in streams for _, p in chunks) + 16  # + index entry
         return n
 
-    return encode_tq([(name, t)], opts, size_of, transforms).get(name)
+    return encode_tq([(name, t)], opts, size_of, transforms, block=block).get(name)
 
 
 # --- tensors streamed one by one (tq_scope "tensor", lazy inputs, worker processes) ------------------
@@ -408,7 +410,7 @@ def encode_entry(name: str, src: Any, opts: EncodeOptions, rows: Optional[tuple[
     ``(dtype, Encoded or None)``."""
     t = loaded(name, src, rows)
     if rows is not None:
-        return name_of_torch(t.dtype), encode_tq_tensor(name, t, opts, transforms=False)
+        return name_of_torch(t.dtype), encode_tq_tensor(name, t, opts, transforms=False, block=True)
     if opts.uses_tq:  # tq_scope "tensor": this tensor on its own to the bits/quality target
         done = encode_tq_tensor(name, t, opts)
         if done is not None:
@@ -419,4 +421,4 @@ def encode_entry(name: str, src: Any, opts: EncodeOptions, rows: Optional[tuple[
 def encode_block(name: str, block: torch.Tensor, opts: EncodeOptions) -> tuple:
     """An in-memory row block already cut from its tensor: ``(dtype, Encoded or None)``."""
     check_tensor(name, block)
-    return name_of_torch(block.dtype), encode_tq_tensor(name, block, opts)
+    return name_of_torch(block.dtype), encode_tq_tensor(name, block, opts, block=True)

@@ -143,11 +143,13 @@ def view_shape(shape: Sequence[int], layout: str) -> tuple[int, int]:
     return int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
 
 
-def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) -> tuple[list[Unit], dict[str, str]]:
+def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
+               block: bool = False) -> tuple[list[Unit], dict[str, str]]:
     """Units for the tensors tq codes, and each unit's layout. Tensors left out (1-D without a
     measured gain, small tensors without statistics, running variances) go to the data-free path.
     ``matrices``: where the [n, m] matrices of large tensors are made when needed (default: a new
-    :class:`Matrices`); small tensors are held."""
+    :class:`Matrices`); small tensors are held. ``block``: the items are row blocks of one tensor,
+    whose records are joined (``out_in``, bands of consecutive rows): no magnitude bands."""
     matrices = matrices if matrices is not None else Matrices()
     units: list[Unit] = []
     layouts: dict[str, str] = {}
@@ -191,7 +193,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
                 layouts[it.name] = "out_in"
             continue
         layout = st.layout if st is not None and ndim == 2 else "out_in"
-        if st is None and ndim == 2:
+        if st is None and ndim == 2 and not block:
             layout = magnitude_layout(it.narrow_values)
         n, m = view_shape(it.shape, layout)
         if st is not None and st.kind == "rows" and layout == "out_in" and _h_fits(st.h, m, n) and st.h.shape[0] == 1:
@@ -250,7 +252,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None) ->
                 units[-1].h_mean = st.mean
             layouts[it.name] = layout
             continue
-        if h is None and rw is None and st is None:
+        if h is None and rw is None and st is None and not block:
             energy = row_energy(matrices.get(it.name) if isinstance(w2, Rows) else w2)
             classes = row_classes(energy, m, min(ROW_CLASS_MIN, max(total // 192, 1024)), DATA_FREE_ROW_CLASSES) \
                 if magnitude_class_gain(energy) >= MAGNITUDE_CLASS_MIN_GAIN else []
@@ -824,9 +826,11 @@ def choose_partitions(units: list[Unit], partitions: Mapping[str, list[list[Unit
 def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, quality: Optional[float] = None,
                  total_params: int, size_of: Callable[[dict], int], tolerance: float = 0.015,
                  progress: Optional[Callable[[str, int, int], None]] = None,
-                 alternatives: Optional[Callable] = None, transforms: bool = True) -> dict[str, Encoded]:
+                 alternatives: Optional[Callable] = None, transforms: bool = True,
+                 block: bool = False) -> dict[str, Encoded]:
     """Encode ``items``: returns ``{name: ("tq", params, streams)}`` for the tensors tq codes.
-    ``transforms``: offer each eligible tensor a transform (:func:`choose_transforms`).
+    ``transforms``: offer each eligible tensor a transform (:func:`choose_transforms`); ``block``:
+    the items are row blocks of one tensor (:func:`make_units`).
 
     ``bits``: whole-file bits per parameter (``size_of(encoded)`` gives the real file bytes for a
     candidate result; the budget is corrected by the measured overhead until the file lands within
@@ -835,7 +839,7 @@ def encode_model(items: list[Item], stats, *, bits: Optional[float] = None, qual
     ``alternatives``: see :func:`with_alternatives` (mode ``auto``: other modes per tensor).
     """
     encoder = ModelEncoder(items, stats, total_params=total_params, size_of=size_of, tolerance=tolerance,
-                           progress=progress, alternatives=alternatives, transforms=transforms)
+                           progress=progress, alternatives=alternatives, transforms=transforms, block=block)
     return encoder.encode(bits=bits, quality=quality)
 
 
@@ -853,7 +857,8 @@ class ModelEncoder:
 
     def __init__(self, items: list[Item], stats, *, total_params: int, size_of: Callable[[dict], int],
                  tolerance: float = 0.015, progress: Optional[Callable[[str, int, int], None]] = None,
-                 alternatives: Optional[Callable] = None, transforms: bool = True, threads: Optional[int] = None):
+                 alternatives: Optional[Callable] = None, transforms: bool = True, threads: Optional[int] = None,
+                 block: bool = False):
         self.stats = stats
         self.threads = current_budget() if threads is None else max(1, int(threads))
         self.total_params = total_params
@@ -864,7 +869,7 @@ class ModelEncoder:
         self.feedback = stats is not None
         self.matrices = Matrices()  # the large tensors' matrices, made when needed, two at a time
         with threadpool_limits(limits=1, user_api="blas"):
-            self.units, self.layouts = make_units(items, stats, self.matrices)
+            self.units, self.layouts = make_units(items, stats, self.matrices, block=block)
             self.options: dict[str, TransformOption] = {}
             self.partitions: dict[str, list[list[Unit]]] = {}
             if self.units:
