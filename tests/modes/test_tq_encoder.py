@@ -455,18 +455,22 @@ def test_data_free_small_tensors_never_coarser_than_one_slope():
 
 
 def test_data_free_embedding_table_takes_a_coarser_step():
-    """Without statistics an embedding table (by its module's name) weighs its weight error by
-    DATA_FREE_EMBED_GAIN: a step about 4x the projections' (8 step codes); a projection of the
-    same values is not affected."""
-    from tqcodec.modes.tq.encoder import is_embedding_name
+    """Without statistics an embedding table (by its module's name) of at least
+    DATA_FREE_EMBED_MIN_ROWS rows (a vocabulary) weighs its weight error by DATA_FREE_EMBED_GAIN: a
+    step about 4x the projections' (8 step codes); a projection of the same values is not affected,
+    nor is a smaller table (positions, token types: each row is used by many inputs)."""
+    from tqcodec.modes.tq.encoder import DATA_FREE_EMBED_MIN_ROWS, is_embedding_name
     assert is_embedding_name("model.embed_tokens.weight") and is_embedding_name("transformer.wte.weight")
     assert not is_embedding_name("embeddings.LayerNorm.weight") and not is_embedding_name("lm_head.weight")
     g = torch.Generator().manual_seed(6)
-    sd = {"tok.embed.weight": 0.05 * torch.randn(512, 64, generator=g),
-          "proj.weight": 0.05 * torch.randn(512, 64, generator=g)}
+    n = DATA_FREE_EMBED_MIN_ROWS
+    sd = {"tok.embed.weight": 0.05 * torch.randn(n, 16, generator=g),
+          "proj.weight": 0.05 * torch.randn(n, 16, generator=g),
+          "pos.embed.weight": 0.05 * torch.randn(n // 2, 16, generator=g)}
     with tqcodec.open(tqcodec.encode_bytes(sd, bits=4.0)) as f:
-        emb, proj = f.encoded("tok.embed.weight").params["steps"], f.encoded("proj.weight").params["steps"]
+        emb, proj, small = (f.encoded(k).params["steps"] for k in ("tok.embed.weight", "proj.weight", "pos.embed.weight"))
     assert min(emb) - max(proj) >= 6
+    assert max(small) <= max(proj)
 
 
 # --- issue 19: more rate never hurts; transposed convolutions; row gains; fewer bands -----------

@@ -29,6 +29,10 @@ ROW_CLASS_MIN = 1 << 13  # ... a band at least this many weights (or 1/192 of th
 DATA_FREE_EMBED_GAIN = 1 / 16  # without statistics, an embedding table's weight error counts this much
 # (a row's error reaches only the tokens that use it, a projection's error every token): 4x the
 # step of the other weights. MiniLM at 4.5 bits/param: mean cos 0.9884 with 1, 0.9955 with 1/16
+DATA_FREE_EMBED_MIN_ROWS = 4096  # ... when it has this many rows (a vocabulary): the rows of a small
+# table are each used by many inputs (BERT's 2 token types: row 0 by every token, an error there
+# moves every embedding alike). MiniLM, 4.4 bits/param: token_type_embeddings took 15.8 dB weight
+# SNR when the bits loop spent its rest elsewhere (mean cosine 0.98981), 38.9 dB when not (0.99413)
 DATA_FREE_MIN_BAND = 1 << 16  # without statistics a row band holds at least this many weights: the
 # bands of a tensor then take about one step (one slope on weight MSE), so a band buys only its own
 # table, and its chunk header, table and parameters (~100 bytes) outweighed that on small models
@@ -208,7 +212,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
         else:
             w2 = np.ascontiguousarray(matrix_view(it.values, layout))
         h = rw = None
-        gain = default_gain * (DATA_FREE_EMBED_GAIN if stats is None and is_embedding_name(it.name) and ndim == 2 else 1.0)
+        gain = default_gain * (DATA_FREE_EMBED_GAIN if stats is None and is_embedding_name(it.name) and ndim == 2
+                               and it.shape[0] >= DATA_FREE_EMBED_MIN_ROWS else 1.0)
         if st is not None:
             gain = st.gain
             if st.kind == "embedding" and st.counts is not None and len(st.counts) == n:
@@ -328,10 +333,9 @@ def row_classes(rw: np.ndarray, m: int, min_size: int, cap: int) -> list[np.ndar
 MAGNITUDE_CLASS_MIN_GAIN = 0.3  # without statistics, rows are coded in classes of like magnitude only
 # when that saves about this many bits per weight (magnitude_class_gain). Digits CNN: fc1 3.65 (a
 # quarter of its rows dead), fc2's columns 3.69; data-free logit SQNR at 1.5-2.5 bits/param 21.5 ->
-# 23.0 dB on average; the LSTM's gate rows 0.38 and 0.49. MiniLM: every tensor <= 0.23, and bands
-# there lost mean cosine at 4.4 bits/param: 0.99413 without, 0.98981 with a threshold of 0.1 (9
-# tensors banded, their bands' steps within one code of each other), 0.99364 with 0.05 (22); why
-# was not found.
+# 23.0 dB on average; the LSTM's gate rows 0.38 and 0.49. MiniLM: every tensor <= 0.23; at 4.4
+# bits/param mean cosine 0.99517 with this threshold, 0.99535 with 0.1 (9 tensors banded), 0.99513
+# with 0.05 (22).
 DATA_FREE_ROW_CLASSES = 4  # ... in at most this many bands (digits data-free, weight SNR at 1.5-2.5
 # bits/param: 18.44 / 18.61 / 18.58 / 18.54 / 18.53 dB with 3 / 4 / 6 / 8 / 16: each band's row list
 # and table cost manifest and chunk bytes)
