@@ -297,8 +297,9 @@ def save(tensors: Mapping[str, torch.Tensor], path: Union[PathLike, BinaryIO], *
 DATA_FREE_WARN_DB = 30.0
 """Data-free tq whose predicted weight SNR is below this gets a warning: on the benchmark models the
 smallest transparent data-free files had 21.2 dB (digits, 2.25 bits/param, every larger file
-transparent too) and 30.0 dB (MiniLM, 4.6 bits/param; 29.4 dB at 4.5 was not; rd.py, 2026-12-06
-09:57-10:05), while calibrated files are transparent far lower (benchmarks/results/rd.md). The SNR
+transparent too) and 28.7 dB (MiniLM, 4.4 bits/param; 27.8 dB at 4.25 was not; rd.py, 2026-12-06
+09:57-10:21): a warning just above where files start to fail, while calibrated files are
+transparent far lower (benchmarks/results/rd.md). The SNR
 weighs each tensor's power and error by its gain (an embedding table's is 1/16 without statistics;
 bias and norm vectors are left out of the power)."""
 
