@@ -17,7 +17,9 @@ counted (a tokenizer reads far more text than the model can run). Each point is 
 the same search, evaluation and threshold) stopped once the passing file is within ``--tolerance``
 (default 1%, finer than ``save``'s 3%) of the largest failing one, so the spread between sample
 counts is measured to about that. NNCodec's smallest transparent file from ``results/rd.json`` is
-beside each (its run's date given). Writes ``results/calibration_size.json`` and ``.md``.
+beside each (its run's date given). Digits is also swept over ``rd.py``'s tq grid per sample count
+(``SWEPT``), so that its smallest and stable points compare with NNCodec's of the same kind.
+Writes ``results/calibration_size.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.evaluate_search import RESULTS, rd_smallest_transparent, run, write_results  # noqa: E402
+from benchmarks.evaluate_search import RESULTS, rd_transparent, run, write_results  # noqa: E402
 from benchmarks.zoo import minilm  # noqa: E402
 
 POOL = {"minilm": len(minilm.calibration_pool())}
@@ -43,12 +45,20 @@ POOL = {"minilm": len(minilm.calibration_pool())}
 # bits/param, every larger point transparent). MiniLM's mean cosine is smooth already.
 SMOOTH = {"digits": ("logit_sqnr_db", 34.0)}
 COUNTED = {"minilm": (minilm.model_dir, minilm.calibration_pool)}  # a folder the tokenizer comes from, the text
+# Digits also swept over rd.py's tq grid, as NNCodec's point in rd.json is: a search finds where
+# the metric crosses the threshold, a sweep's smallest passing point can be one lucky image, so
+# only sweeps compare with NNCodec's smallest point, and stable points with its stable one.
+SWEPT = {"digits"}
 
 
 def nncodec_point(model: str) -> dict:
-    """NNCodec's smallest transparent point in results/rd.json, with that run's start."""
-    best, started = rd_smallest_transparent(model, "nncodec")
-    return {"bytes": best["bytes"], "bits": best["bits_per_param"], "started": started} if best else {}
+    """NNCodec's smallest transparent point in results/rd.json (and its smallest stable one's
+    bytes), with that run's start."""
+    best, stable, started = rd_transparent(model, "nncodec")
+    if not best:
+        return {}
+    return {"bytes": best["bytes"], "bits": best["bits_per_param"], "started": started,
+            "stable_bytes": stable["bytes"] if stable else None}
 
 
 def _vs(r: dict, ref: dict) -> str:
@@ -100,8 +110,30 @@ def write_md(results: dict, path: Path) -> None:
                 lines.append(f"| {model} | {n} | {c['pool']} | {r['file_bytes']:,} | "
                              f"{_bits(r):.3f} | {_vs(r, ref)} | {r['file_metric']:.4f} | "
                              f"{len(r['trials'])} | {r['statistics_s']} |")
+    swept = {model: m["swept"] for model, m in results["models"].items() if m.get("swept")}
+    if swept:
+        lines += ["", "Swept over rd.py's tq grid instead of searched (NNCodec's points are of its own sweep in "
+                  "rd.json; *stable*: the smallest point from which every larger point of the sweep is transparent):",
+                  "", "| model | samples | smallest transparent, bytes (bits/param) | vs NNCodec | stable, bytes "
+                  "(bits/param) | vs NNCodec's stable | points | load avg |", "|---|---|---|---|---|---|---|---|"]
+        for model, sw in swept.items():
+            ref = results["models"][model].get("nncodec", {})
+            for n, r in sw["runs"].items():
+                best, stable = r["smallest_transparent"], r["smallest_stable_transparent"]
+                fmt = (lambda p: f"{p['bytes']:,} ({p['bits_per_param']:.2f})" if p else "-")
+                vs = f"{best['bytes'] / ref['bytes']:.2f}x" if best and ref else "-"
+                vs_stable = (f"{stable['bytes'] / ref['stable_bytes']:.2f}x"
+                             if stable and ref.get("stable_bytes") else "-")
+                lines.append(f"| {model} | {n} | {fmt(best)} | {vs} | {fmt(stable)} | {vs_stable} | "
+                             f"{len(r['points'])} | {r['loadavg'][0]:.2f}-{r['loadavg'][1]:.2f} |")
     lines.append("")
     for model, m in results["models"].items():
+        if m.get("swept"):
+            sw = m["swept"]
+            lines.append(f"- {model}, swept: spread {sw['spread']:.1%} of the smallest points, "
+                         f"{sw['stable_spread']:.1%} of the stable ones"
+                         + (f"; NNCodec's stable point {m['nncodec']['stable_bytes']:,} B"
+                            if m.get("nncodec", {}).get("stable_bytes") else ""))
         if m.get("counted"):
             lines.append(f"- {model}, tokens counted in all {m['counted']['pool']}: spread {m['counted']['spread']:.1%}")
         if m.get("smooth"):
@@ -138,6 +170,36 @@ def searches(model: str, counts: list[int], workdir: Path, args: argparse.Namesp
         runs[str(n)] = r
         print(f"  {r['file_bytes']} bytes, {len(r['trials'])} trials, load {os.getloadavg()[0]:.1f}", flush=True)
     return runs
+
+
+def sweeps(model: str, counts: list[int], workdir: Path) -> dict:
+    """rd.py's sweep of tq over its grid for ``model``, once per sample count (statistics from
+    the first N calibration inputs), keyed by the count as a string: each with rd.py's points,
+    smallest and smallest stable transparent points."""
+    from benchmarks import rd
+
+    grid = next(c for c in rd.CODECS if c.name == "tq").sweeps[model]
+    args = argparse.Namespace(workdir=str(workdir), minilm_quick=False)
+    zoo = rd.MODELS[model]
+    reference = zoo.reference_state_dict(workdir / f"{zoo.NAME}.pt")
+    ctx = rd.Context(model, zoo, reference, workdir / f"{model}-reference.pt", workdir, args)
+    runs = {}
+    for n in counts:
+        print(f"{model}, {n} samples, swept:", flush=True)
+        stats = ctx.calibrated(n)
+        codec = rd.tqcodec_codec(f"tq-{n}", f"tq, {n} samples", "bits", {model: grid},
+                                 lambda v, stats=stats: {"bits": v, "stats": stats})
+        entry = rd.sweep_model(model, [codec], args)["codecs"][codec.name]
+        runs[str(n)] = {k: entry[k] for k in ("points", "smallest_transparent", "smallest_stable_transparent",
+                                              "loadavg", "seconds")}
+        runs[str(n)]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return runs
+
+
+def _point_spread(runs: dict, key: str) -> Optional[float]:
+    """The largest over the smallest, minus 1, of the runs' ``key`` points' bytes."""
+    sizes = [r[key]["bytes"] for r in runs.values() if r.get(key)]
+    return max(sizes) / min(sizes) - 1.0 if sizes else None
 
 
 def _ordered(runs: dict) -> dict:
@@ -191,6 +253,12 @@ def main() -> None:
                 entry["counted"] = {"pool": len(pool_lines), "runs": runs, "spread": _spread(runs)}
             elif "counted" in before:  # not searched this time (only 0 samples asked): kept as measured
                 entry["counted"] = before["counted"]
+            if model in SWEPT and calibrated:
+                runs = _ordered({**before.get("swept", {}).get("runs", {}), **sweeps(model, calibrated, Path(tmp))})
+                entry["swept"] = {"runs": runs, "spread": _point_spread(runs, "smallest_transparent"),
+                                  "stable_spread": _point_spread(runs, "smallest_stable_transparent")}
+            elif "swept" in before:
+                entry["swept"] = before["swept"]
             results["models"][model] = entry
     write_results(results, out, write_md)
 
