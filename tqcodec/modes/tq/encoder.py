@@ -339,7 +339,7 @@ MAGNITUDE_CLASS_MIN_GAIN = 0.3  # without statistics, rows are coded in classes 
 DATA_FREE_ROW_CLASSES = 4  # ... in at most this many bands (digits data-free, weight SNR at 1.5-2.5
 # bits/param: 18.44 / 18.61 / 18.58 / 18.54 / 18.53 dB with 3 / 4 / 6 / 8 / 16: each band's row list
 # and table cost manifest and chunk bytes)
-MAGNITUDE_CLASS_GAIN = 1.1  # columns become the coded rows when their magnitudes spread this much more
+MAGNITUDE_COLUMNS_OVER_ROWS = 1.1  # columns become the coded rows when their magnitudes spread this much more
 
 
 def magnitude_class_gain(energy: np.ndarray) -> float:
@@ -359,7 +359,7 @@ def magnitude_layout(values: np.ndarray) -> str:
     w = np.asarray(values)
     rows = magnitude_class_gain(row_energy(w))
     cols = magnitude_class_gain(row_energy(w.T))
-    return "in_out" if cols >= MAGNITUDE_CLASS_MIN_GAIN and cols > MAGNITUDE_CLASS_GAIN * rows else "out_in"
+    return "in_out" if cols >= MAGNITUDE_CLASS_MIN_GAIN and cols > MAGNITUDE_COLUMNS_OVER_ROWS * rows else "out_in"
 
 
 def row_energy(w2: np.ndarray) -> np.ndarray:
@@ -902,6 +902,7 @@ class ModelEncoder:
         stats = self.stats
         if stats is not None and stats.output_power > 0:
             return float(stats.output_power)
+        # without the vectors coded at a finer floor (floor_gain > 1): a norm's ones would outweigh the weights
         return sum(u.gain * float(np.sum(u.w * u.w)) for u in self.units if u.floor_gain == 1.0)
 
     def _encode(self, bits, quality):
