@@ -197,8 +197,9 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
                 layouts[it.name] = "out_in"
             continue
         layout = st.layout if st is not None and ndim == 2 else "out_in"
+        view_energy = None  # the mean square of each row of the view, when the layout was chosen by them
         if st is None and ndim == 2 and not block:
-            layout = magnitude_layout(it.narrow_values)
+            layout, view_energy = magnitude_layout(it.narrow_values)
         n, m = view_shape(it.shape, layout)
         if st is not None and st.kind == "rows" and layout == "out_in" and _h_fits(st.h, m, n) and st.h.shape[0] == 1:
             unit = transposed_unit(it, st, n, m, matrices)
@@ -258,7 +259,8 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
             layouts[it.name] = layout
             continue
         if h is None and rw is None and st is None and not block:
-            energy = row_energy(matrices.get(it.name) if isinstance(w2, Rows) else w2)
+            energy = view_energy if view_energy is not None else \
+                row_energy(matrices.get(it.name) if isinstance(w2, Rows) else w2)
             classes = row_classes(energy, m, min(ROW_CLASS_MIN, max(total // 192, 1024)), DATA_FREE_ROW_CLASSES) \
                 if magnitude_class_gain(energy) >= MAGNITUDE_CLASS_MIN_GAIN else []
             if len(classes) > 1:  # rows of like magnitude share a step and a table (row_band)
@@ -352,14 +354,17 @@ def magnitude_class_gain(energy: np.ndarray) -> float:
     return float(0.5 * np.log2(e.mean()) - 0.5 * np.mean(np.log2(e)))
 
 
-def magnitude_layout(values: np.ndarray) -> str:
-    """The layout of a 2-D weight coded without statistics: ``in_out`` (its columns become the
-    view's rows, spec §7.5) when its columns' magnitudes spread more than its rows' (inputs that
-    were dead in training leave zero columns), else ``out_in``."""
+def magnitude_layout(values: np.ndarray) -> tuple[str, np.ndarray]:
+    """The layout of a 2-D weight coded without statistics, and the mean square of each row of
+    its view in that layout: ``in_out`` (its columns become the view's rows, spec §7.5) when its
+    columns' magnitudes spread more than its rows' (inputs that were dead in training leave zero
+    columns), else ``out_in``."""
     w = np.asarray(values)
-    rows = magnitude_class_gain(row_energy(w))
-    cols = magnitude_class_gain(row_energy(w.T))
-    return "in_out" if cols >= MAGNITUDE_CLASS_MIN_GAIN and cols > MAGNITUDE_COLUMNS_OVER_ROWS * rows else "out_in"
+    rows, cols = row_energy(w), row_energy(w.T)
+    spread = magnitude_class_gain(cols)
+    if spread >= MAGNITUDE_CLASS_MIN_GAIN and spread > MAGNITUDE_COLUMNS_OVER_ROWS * magnitude_class_gain(rows):
+        return "in_out", cols
+    return "out_in", rows
 
 
 def row_energy(w2: np.ndarray) -> np.ndarray:
