@@ -201,3 +201,22 @@ def test_data_free_tq_at_a_coarse_rate_warns_and_points_to_the_remedies(tmp_path
         tqcodec.save(sd, tmp_path / "b.tqz", bits=8)  # fine rate: no warning
         stats = tqcodec.Stats.from_activations({k: torch.randn(400, 96) for k in sd if k.endswith("weight")})
         tqcodec.save(sd, tmp_path / "c.tqz", bits=1, stats=stats)  # calibrated: no warning
+
+
+def test_each_trial_is_the_file_a_fresh_encode_makes_at_its_rate(tmp_path, model_and_stats):
+    """Trials reuse the curves, but not the exact points an earlier trial's allocation computed:
+    with them the allocation favoured those codes, and a trial was worse than save(bits=...)."""
+    m, st, x = model_and_stats
+    sd = m.state_dict()
+    decoded = []
+
+    def evaluate(path: str) -> float:
+        decoded.append(tqcodec.load(path))
+        return relative_error(sd)(path)
+    tqcodec.save(sd, tmp_path / "m.tqz", stats=st, evaluate=evaluate, threshold=0.02, higher_is_better=False)
+    with tqcodec.open(tmp_path / "m.tqz") as f:
+        trials = f.metadata["tqz.search"]["trials"]
+    assert len(trials) >= 3 and len(decoded) == len(trials)
+    for t, got in zip(trials, decoded):
+        fresh = tqcodec.load(tqcodec.encode_bytes(sd, stats=st, bits=t["bits"]))
+        assert all(torch.equal(fresh[k], got[k]) for k in sd), t

@@ -193,6 +193,8 @@ class Unit:
     row_index: Optional[np.ndarray] = None  # the band's rows of the tensor's view when not r0.. (spec 1.4 row_band)
     curve_version: int = 0  # counts changes of ``curve`` (choose's table is rebuilt when one changes)
     _fed: dict = field(default_factory=dict)  # code -> levels made ahead by refine for one band of many
+    _exact_points: dict = field(default_factory=dict)  # code -> exact (D, R) once computed, kept across
+    # encodes that start again from the coarse curve (ModelEncoder: each trial of a rate search)
     serial: int = field(default_factory=lambda: next(_SERIALS), init=False)  # unique, unlike id()
 
     @property
@@ -210,6 +212,7 @@ class Unit:
     @w.setter
     def w(self, value: np.ndarray) -> None:
         self.data = value
+        self._exact_points.clear()  # they were of the old values (a corrected bias)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -372,10 +375,13 @@ class Unit:
             self.curve[code] = (d, r)
             self.curve_version += 1
             return d, r
+        if self.recall_exact(code):
+            return self.curve[code]
         lv = self.quantize(code, True)
         d = self._band_distortion(lv, step)
         r = coded_bits(lv)
         self.curve[code] = (d, r)
+        self._exact_points[code] = (d, r)
         self.curve_version += 1
         self.exact.add(code)
         if keep and self.h is not None and (self.shared is None or not self._whole_matrix_rounding()):
@@ -383,6 +389,30 @@ class Unit:
             # (plain rounding, without H, is recomputed when the tensor is written)
             self.levels[code] = narrow(lv)
         return d, r
+
+
+    def recall_exact(self, code: int) -> bool:
+        """Put the exact point at ``code`` back into the curve when an earlier encode computed it."""
+        point = self._exact_points.get(code)
+        if point is None:
+            return False
+        if code not in self.exact:
+            self.curve[code] = point
+            self.exact.add(code)
+            self.curve_version += 1
+        return True
+
+    def coarse_state(self) -> tuple[dict, frozenset]:
+        """The curve and its exact codes as they are now (:meth:`restore`)."""
+        return dict(self.curve), frozenset(self.exact)
+
+    def restore(self, state: tuple[dict, frozenset]) -> None:
+        """The curve as :meth:`coarse_state` gave it (exact points computed since stay known to
+        :meth:`recall_exact`, and come back where an allocation asks for them)."""
+        curve, exact = state
+        if self.curve != curve or self.exact != exact:
+            self.curve, self.exact = dict(curve), set(exact)
+            self.curve_version += 1
 
 
 def candidate_codes(w: np.ndarray, octaves_below: int = 10) -> list[int]:
@@ -561,7 +591,8 @@ def refine(units: list[Unit], pick: dict[str, int], window: int, threads: int = 
     (``threads``: as :func:`build_curves`)."""
 
     def exact(group: list[Unit]) -> None:
-        wanted = {u.name: [c for c in sorted(u.curve) if abs(c - pick[u.name]) <= window and c not in u.exact]
+        wanted = {u.name: [c for c in sorted(u.curve) if abs(c - pick[u.name]) <= window and c not in u.exact
+                           and not u.recall_exact(c)]
                   for u in group}
         if not any(wanted.values()):
             return

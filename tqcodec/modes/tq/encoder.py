@@ -891,6 +891,14 @@ class ModelEncoder:
                     self.options = transform_options(items, stats, self.layouts, self.matrices)
                 if stats is not None:
                     self.partitions = coarser_partitions(self.units)
+        # Each encode starts from these curves, as a fresh encoder would: an allocation over curves
+        # that still hold the exact points of an earlier target's picks favours those codes (an
+        # exact point is error-feedback rounded, a coarse one is not). MiniLM from 32 sentences at
+        # 3.044 bits/param after a search's three trials: 8,579,463 B and mean cosine 0.99497
+        # against a fresh encode's 8,666,784 B and 0.99595. Exact points once computed are kept
+        # (Unit.recall_exact), so a trial recomputes none.
+        self._coarse = [(u, u.coarse_state()) for u in self.units]
+        self._coarse += [(u, u.coarse_state()) for cuts in self.partitions.values() for cut in cuts for u in cut]
         self.bias_originals: dict[int, np.ndarray] = {}  # bias bands' values before any correction
         self.predicted_snr_db: Optional[float] = None  # of the last encode: power over estimated distortion
 
@@ -898,6 +906,12 @@ class ModelEncoder:
         """The tq tensors at whole-file ``bits`` per parameter, or at ``quality`` dB (neither: 40)."""
         if not self.units:
             return {}
+        for u, state in self._coarse:
+            u.restore(state)
+            original = self.bias_originals.get(id(u))
+            if original is not None and u.w is not original:  # the bias an earlier encode corrected
+                u.w = original
+                u.levels.clear()
         with threadpool_limits(limits=1, user_api="blas"):
             return self._encode(bits, quality)
 
