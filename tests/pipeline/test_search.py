@@ -206,7 +206,7 @@ def test_data_free_tq_at_a_coarse_rate_warns_and_points_to_the_remedies(tmp_path
 def test_each_trial_is_the_file_a_fresh_encode_makes_at_its_rate(tmp_path, model_and_stats):
     """Trials reuse the curves, but not the exact points an earlier trial's allocation computed:
     with them the allocation favoured those codes, and a trial was worse than save(bits=...)."""
-    m, st, x = model_and_stats
+    m, st, _ = model_and_stats
     sd = m.state_dict()
     decoded = []
 

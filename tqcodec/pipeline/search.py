@@ -78,9 +78,9 @@ def smallest_passing(trial: Callable[[float], tuple[T, int, float]], target: Tar
     ``trial(bits) -> (candidate, size_bytes, metric)``. The search doubles or halves from
     ``start`` until the pass/fail boundary is bracketed (or ``min_bits`` passes), then narrows
     it in log scale (interpolating the metric, or bisecting: see the module's docstring) until
-    the passing file is within ``tolerance`` of the failing one's size, the rates are (where the
-    file's size jumps: the bracket narrower than ``tolerance``, and the sizes still apart), or
-    ``max_trials`` trials are spent; it returns the smallest passing candidate seen.
+    the passing file is within ``tolerance`` of the failing one's size, or the rates are (the
+    file's size jumps inside a bracket that narrow), or ``max_trials`` trials are spent; it
+    returns the smallest passing candidate seen.
     ``progress(trial, number)`` after each trial. No rate up to ``max_bits`` passing:
     ``TqzError`` ``METRIC_NOT_MET``."""
     if not (0 < min_bits <= start <= max_bits):

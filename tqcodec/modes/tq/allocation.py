@@ -390,7 +390,6 @@ class Unit:
             self.levels[code] = narrow(lv)
         return d, r
 
-
     def recall_exact(self, code: int) -> bool:
         """Put the exact point at ``code`` back into the curve when an earlier encode computed it."""
         point = self._exact_points.get(code)
