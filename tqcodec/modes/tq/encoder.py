@@ -707,11 +707,19 @@ def coefficients(view: np.ndarray, stored: np.ndarray, metric: np.ndarray) -> np
     return out
 
 
-def kept_components(bands: list[Unit], codes: Sequence[int]) -> int:
-    """Coefficient rows kept: up to the last band with a nonzero level (at least the first band)."""
+def kept_components(bands: list[Unit], codes: Sequence[int], nonzero: Optional[dict] = None) -> int:
+    """Coefficient rows kept: up to the last band with a nonzero level (at least the first band).
+    ``nonzero``: a memo of (band name, code) -> whether its levels are nonzero, for callers that
+    ask again and again (the rate of a bisection)."""
     k = bands[0].shape[0]
     for u, c in zip(bands, codes):
-        if np.any(_levels(u, c)):
+        if nonzero is None:
+            coded = bool(np.any(_levels(u, c)))
+        else:
+            coded = nonzero.get((u.name, c))
+            if coded is None:
+                coded = nonzero[(u.name, c)] = bool(np.any(_levels(u, c)))
+        if coded:
             k = u.r0 + u.shape[0]
     return k
 
@@ -930,8 +938,22 @@ class ModelEncoder:
         threads = self.threads
         synthesis: dict[str, np.ndarray] = {}
 
+        nonzero: dict[tuple[str, int], bool] = {}
+
+        def synthesis_bits(pick: Mapping[str, int]) -> float:
+            """Bits of the chosen transforms' stored S at ``pick`` (spec §7.5.2: m x k float16).
+            Counted in the rate: an S can cost more than the budget of its tensor (m = 256, n =
+            512 at 2 bits/param: S 1.05 Mbit, the whole file 263 kbit), and a budget that left it
+            to the measured overhead swung between attempts, one of which coded every
+            coefficient as zero and was the file written."""
+            if not synthesis:
+                return 0.0
+            by_parent = by_tensor(units)
+            return float(sum(transforms.cost_bits(s.shape[0], kept_components(
+                by_parent[name], [pick[u.name] for u in by_parent[name]], nonzero)) for name, s in synthesis.items()))
+
         def rate(pick: Mapping[str, int]) -> float:
-            return totals(units, dict(pick))[1]
+            return totals(units, dict(pick))[1] + synthesis_bits(pick)
 
         def dist(pick: Mapping[str, int]) -> float:
             return totals(units, dict(pick))[0]
@@ -1010,7 +1032,7 @@ class ModelEncoder:
                 refine(units, pick, 0, threads)  # the chosen points themselves are exact
                 pick = choose(units, lam)
                 refine(units, pick, 0, threads)
-            pick = fill(units, pick, budget)
+            pick = fill(units, pick, budget - synthesis_bits(pick))
             best_enc = None  # one model's coded tensors at a time (a 600M model's: 300 MB)
             enc = with_alternatives(alternatives, lam, units, pick, result(pick))
             actual = 8.0 * self.size_of(enc)
