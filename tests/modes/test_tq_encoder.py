@@ -317,9 +317,10 @@ def test_a_transform_whose_synthesis_outweighs_the_budget_still_codes_the_weight
     with torch.no_grad():
         lin.weight.normal_(0.0, 0.05)
     g = torch.Generator().manual_seed(1)
+    latent = torch.randn(16, 256, generator=g) * 0.3
 
     def inputs(n: int) -> torch.Tensor:
-        x = torch.randn(n, 16, generator=g) @ torch.randn(16, 256, generator=g) * 0.3 + 0.3 * torch.randn(n, 256, generator=g)
+        x = torch.randn(n, 16, generator=g) @ latent + 0.3 * torch.randn(n, 256, generator=g)
         x[:, [3, 77]] *= 60.0  # two outlier channels, as in large language models
         return x
     x = inputs(4096)
