@@ -91,7 +91,7 @@ def _h_fits(h: Optional[np.ndarray], n: int, m: int) -> bool:
     return h is not None and h.ndim == 3 and h.shape[1] == h.shape[2] == m and n % h.shape[0] == 0
 
 
-UNREACHED_SHARE = 0.2  # the directions no sample reached weigh this share of the mean input energy:
+UNREACHED_SHARE = 0.2  # the directions no sample reached weigh this share of a typical input's energy:
 # real inputs hold their energy in few directions, so the unseen ones are weaker than the mean.
 # Digits CNN, fc1 (d = 512) from 32 images, calibrated tq at 1 bit/param: logit SQNR 13.5 dB with
 # a share of 1 (the data-free encoder gives 16.2 dB, 1024 images 28.7), 23.8 with 0.2, 22.3 with 0.05.
@@ -104,10 +104,15 @@ def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     """The input second moments H [groups, d, d] as the encoder weighs errors by them, from
     statistics of ``rows`` input vectors: None when they hold nothing to go by (not finite, or no
     energy in a group: an input that was always zero says nothing of other inputs, so the tensor
-    is coded as without statistics); shrunk toward ``tr(H)/d * I`` when fewer vectors than
-    dimensions were seen (H is then singular: directions no sample reached would cost nothing),
-    by ``UNREACHED_SHARE`` of the share ``1 - rows/d`` of the dimensions no sample can have
-    reached."""
+    is coded as without statistics); shrunk toward ``e * I`` when fewer vectors than dimensions
+    were seen (H is then singular: directions no sample reached would cost nothing), by
+    ``UNREACHED_SHARE`` of the share ``1 - rows/d`` of the dimensions no sample can have reached.
+    ``e`` is the median of H's diagonal (the mean where the median is 0): a few outlier input
+    channels, as large language models have, make the mean many times a typical channel's energy.
+    A 256 -> 512 linear layer whose inputs have two channels 60x the others, from 32 samples, at
+    3 bits/param: output SNR 18.5 dB toward the mean, 22.9 toward the median (data-free 15.9;
+    from 256 samples, no shrinkage, 28.9). Digits CNN from 32 images: logit SQNR 27.98 and 28.35
+    dB (0.9-1.3 bits/param, within the noise of one weight's draw)."""
     h = np.asarray(h, dtype=np.float64)
     if not np.isfinite(h).all():
         return None
@@ -120,7 +125,9 @@ def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     if alpha == 0.0:
         return h
     eye = np.eye(d)
-    return np.stack([(1.0 - alpha) * h[g] + alpha * (traces[g] / d) * eye for g in range(h.shape[0])])
+    typical = [float(np.median(np.diag(h[g]))) for g in range(h.shape[0])]
+    typical = [e if e > 0 else float(traces[g]) / d for g, e in enumerate(typical)]
+    return np.stack([(1.0 - alpha) * h[g] + alpha * typical[g] * eye for g in range(h.shape[0])])
 
 
 PSD_SLACK = 1e-9  # an H whose smallest eigenvalue is above -PSD_SLACK * mean(diag) is used as it is
@@ -1019,12 +1026,12 @@ class ModelEncoder:
         units = with_partitions(rate, target_bits, False)
         units = with_transforms(rate, target_bits, False)
         corrections, originals = corrections_of(units)
-        overhead = 0.0  # measured bits outside the units' estimates (header, manifest, other tensors)
+        budget = target_bits  # the units' bits: the target less what the file holds besides them
+        below = above = None  # the largest budget whose file came out smaller, the smallest whose came out larger
         best = None  # (relative size error, multiplier, allocation) of the attempt closest to the target
         best_enc = None  # its coded tensors while no later attempt is being coded
         for attempt in range(ATTEMPTS):
             tell(f"rate search: file size {attempt + 1} of at most {ATTEMPTS}", attempt, ATTEMPTS)
-            budget = max(target_bits - overhead, 1.0)
             lam, pick = bisect_lambda(units, rate, budget, increasing=False)
             if feedback:
                 refine(units, pick, 2, threads)
@@ -1042,7 +1049,17 @@ class ModelEncoder:
             del enc
             if abs(err) <= self.tolerance:
                 break
-            overhead = actual - rate(pick)
+            if actual > target_bits:
+                above = budget if above is None else min(above, budget)
+            else:
+                below = budget if below is None else max(below, budget)
+            # the measured overhead (header, manifest, tensors outside the units) moves with the
+            # allocation: a 14,600-parameter model's swung by 1,000 bits between two budgets,
+            # and the attempts alternated between them, 3% off. Between a budget that came out
+            # too small and one too large, the next is halfway when the overhead points outside.
+            budget = max(target_bits - (actual - rate(pick)), 1.0)
+            if below is not None and above is not None and not below < budget < above:
+                budget = 0.5 * (below + above)
         tell("rate search", ATTEMPTS, ATTEMPTS)
         if best_enc is None:  # an earlier attempt was closer: coded again (the same tensors)
             _, lam, pick = best
