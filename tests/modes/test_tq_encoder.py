@@ -307,6 +307,34 @@ def test_activation_aware_transform_with_statistics():
     assert err < 0.5 * err_ident
 
 
+def _coefficient_bands(rows: int = 4, n: int = 64, m: int = 8) -> list:
+    from tqcodec.modes.tq.allocation import Unit
+    rng = np.random.default_rng(3)
+    return [Unit(f"w#{b}", rng.normal(size=(rows, n)) * 0.01, None, None, 1.0, r0=b * rows) for b in range(m // rows)]
+
+
+def test_a_transformed_tensor_whose_coefficients_are_all_zero_stores_no_synthesis():
+    from tqcodec.modes.tq.encoder import encode_transformed
+    from tqcodec.format.steps import step_from_code
+    bands = _coefficient_bands()
+    coarse = next(c for c in range(0, 200) if step_from_code(c) > 1.0)  # every |coefficient| < step / 2
+    _, params, _ = encode_transformed(bands, [coarse, coarse], "out_in", np.eye(8))
+    assert "transform" not in params
+    fine = coarse - 60
+    _, params, _ = encode_transformed(bands, [fine, coarse], "out_in", np.eye(8))
+    assert params.get("transform") == "float16"
+
+
+def test_a_transforms_cost_counts_the_distortion_of_the_bands_it_drops():
+    from tqcodec.modes.tq.encoder import transformed_cost
+    bands = _coefficient_bands()
+    bands[0].curve = {0: (1.0, 100.0)}
+    bands[1].curve = {0: (5.0, 96.0)}
+    bands[0].levels = {0: np.ones((4, 64), dtype=np.int64)}
+    bands[1].levels = {0: np.zeros((4, 64), dtype=np.int64)}  # dropped: no bits, its D stays
+    assert transformed_cost(bands, {"w#0": 0, "w#1": 0}, 0.5, 8) == 1.0 + 5.0 + 0.5 * (100.0 + 16 * 8 * 4)
+
+
 def test_a_transform_whose_synthesis_outweighs_the_budget_still_codes_the_weight():
     """The stored S (m x k float16) is part of the rate the bits loop aims at. A 512 x 256 layer
     with low-rank inputs at 2 bits/param: a full S is 1.05 Mbit, four times the whole file. Left

@@ -545,8 +545,12 @@ def encode_tensor(bands: list[Unit], codes: list[int], layout: str) -> Encoded:
 
 def encode_transformed(bands: list[Unit], codes: list[int], layout: str, synthesis: np.ndarray) -> Encoded:
     """A tensor coded in its transform domain: trailing coefficient bands that quantize to zero
-    are left out, and so are their columns of S (k < m)."""
+    are left out, and so are their columns of S (k < m). Every band zero: the tensor is coded
+    as zeros without a transform (an S then would rebuild nothing)."""
     k = kept_components(bands, codes)
+    if k == 0:
+        zeros = np.zeros((bands[0].shape[1], synthesis.shape[0]), dtype=np.int64)  # the [n, m] view
+        return write([zeros], [codes[0]], layout=layout)
     kept = [(u, c) for u, c in zip(bands, codes) if u.r0 < k]
     return write((_levels(u, c) for u, c in kept), [c for _, c in kept], layout=layout,
                           transform=synthesis[:, :k])
@@ -715,10 +719,10 @@ def coefficients(view: np.ndarray, stored: np.ndarray, metric: np.ndarray) -> np
 
 
 def kept_components(bands: list[Unit], codes: Sequence[int], nonzero: Optional[dict] = None) -> int:
-    """Coefficient rows kept: up to the last band with a nonzero level (at least the first band).
+    """Coefficient rows kept: up to the last band with a nonzero level (0 when none has one).
     ``nonzero``: a memo of (band name, code) -> whether its levels are nonzero, for callers that
     ask again and again (the rate of a bisection)."""
-    k = bands[0].shape[0]
+    k = 0
     for u, c in zip(bands, codes):
         if nonzero is None:
             coded = bool(np.any(_levels(u, c)))
@@ -729,6 +733,16 @@ def kept_components(bands: list[Unit], codes: Sequence[int], nonzero: Optional[d
         if coded:
             k = u.r0 + u.shape[0]
     return k
+
+
+def transformed_cost(bands: Sequence[Unit], pick: Mapping[str, int], lam: float, m: int) -> float:
+    """D + lam R of a tensor coded in its transform domain at ``pick``: R of the kept bands and
+    of the stored S (m x k); D of every band, for a trailing band left out costs no bits but
+    loses its coefficients (counting only the kept bands' D made a transform that drops most of
+    its components look far better than it is)."""
+    k = kept_components(list(bands), [pick[u.name] for u in bands])
+    kept_bits = sum(u.curve[pick[u.name]][1] for u in bands if u.r0 < k)
+    return sum(u.curve[pick[u.name]][0] for u in bands) + lam * (kept_bits + transforms.cost_bits(m, k))
 
 
 def _cost(bands: Sequence[Unit], pick: Mapping[str, int], lam: float) -> float:
@@ -768,8 +782,7 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
                     for c in candidate_codes(u.w):
                         u.evaluate(c, True, keep=True)
             pick = choose(opt.bands, lam)
-            k = kept_components(opt.bands, [pick[u.name] for u in opt.bands])
-        return _cost([u for u in opt.bands if u.r0 < k], pick, lam) + lam * transforms.cost_bits(opt.stored.shape[0], k)
+            return transformed_cost(opt.bands, pick, lam, opt.stored.shape[0])
 
     offered = [name for name in options if name in by_parent]
     for name, coded in zip(offered, each(coded_cost, [options[name] for name in offered], threads)):
