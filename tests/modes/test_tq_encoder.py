@@ -307,6 +307,34 @@ def test_activation_aware_transform_with_statistics():
     assert err < 0.5 * err_ident
 
 
+def test_a_transform_is_kept_only_where_it_pays_at_the_multiplier_its_own_bytes_need(monkeypatch):
+    """At a rate target a transform's stored S takes bits from every other tensor: chosen at the
+    multiplier of the identity's allocation, a 192 x 96 layer's transform starved the layer
+    after its LayerNorm (output SNR 5.6 dB, 16.6 without transforms). The choice is made again at
+    the multiplier that meets the target with S counted."""
+    import tqcodec.modes.tq.encoder as enc
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(96, 192), nn.LayerNorm(192), nn.Linear(192, 10)).eval()
+    latent = torch.randn(8, 96, generator=torch.Generator().manual_seed(101))
+
+    def inputs(n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, 8, generator=g) @ latent + 0.1 * torch.randn(n, 96, generator=g)
+    x = inputs(512, 1)
+    st = tqcodec.calibrate(net, [x[i:i + 128] for i in range(0, 512, 128)])
+    test = inputs(1024, 2)
+    ref = net(test).detach()
+
+    def snr_db(data: bytes) -> float:
+        other = nn.Sequential(nn.Linear(96, 192), nn.LayerNorm(192), nn.Linear(192, 10)).eval()
+        other.load_state_dict(tqcodec.load(data))
+        return 10.0 * float(np.log10(float((ref ** 2).mean()) / float(((other(test).detach() - ref) ** 2).mean())))
+    offered = snr_db(tqcodec.encode_bytes(net.state_dict(), stats=st, bits=1.0))
+    monkeypatch.setattr(enc, "TRANSFORM_MIN_RATIO", 10 ** 9)  # no transform offered
+    plain = snr_db(tqcodec.encode_bytes(net.state_dict(), stats=st, bits=1.0))
+    assert offered > plain - 1.0, (offered, plain)
+
+
 def _coefficient_bands(rows: int = 4, n: int = 64, m: int = 8) -> list:
     from tqcodec.modes.tq.allocation import Unit
     rng = np.random.default_rng(3)
