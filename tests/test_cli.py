@@ -766,6 +766,21 @@ def test_evaluate_option_conflicts_are_usage_errors(model_pt, args):
     assert r.exit_code == 2 and "BAD_OPTION" in r.output and not model_pt.with_suffix(".tqz").exists()
 
 
+def test_a_bits_target_the_file_cannot_meet_is_said_in_one_line(tmp_path):
+    """A model of a few dozen parameters at --bits 1: the header, manifest and index alone are
+    more than its budget, so the file comes out far above it; said, not hidden."""
+    model = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    sd = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).state_dict()
+    torch.save(sd, model)
+    r = tqz("encode", model, "--bits", "1")
+    assert r.exit_code == 0
+    lines = [x for x in r.output.splitlines() if "could not be met" in x]
+    assert len(lines) == 1 and lines[0].startswith("tqz: warning: --bits 1 could not be met: the file is ")
+    got = 8 * model.with_suffix(".tqz").stat().st_size / param_count(sd)
+    assert f"{got:.3f} bits/param" in lines[0]
+
+
 def test_data_free_warning_is_one_line(tmp_path):
     model = tmp_path / "model.pt"
     torch.save(layered_model(n=3), model)

@@ -203,6 +203,18 @@ def test_data_free_tq_at_a_coarse_rate_warns_and_points_to_the_remedies(tmp_path
         tqcodec.save(sd, tmp_path / "c.tqz", bits=1, stats=stats)  # calibrated: no warning
 
 
+def test_only_a_bits_target_the_file_misses_is_warned_of(tmp_path, model_and_stats):
+    m, st, _ = model_and_stats
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tqcodec.TqzWarning)
+        for bits in (2.0, 4.0):  # the rate search lands within its tolerance: no warning
+            tqcodec.save(m.state_dict(), tmp_path / f"{bits}.tqz", bits=bits, stats=st)
+    tiny = {"w": torch.randn(4, 8), "b": torch.randn(4)}
+    with pytest.warns(tqcodec.TqzWarning, match=r"--bits 2 could not be met: the file is [0-9.]+ bits/param \(\d+ bytes for 36 parameters\)"):
+        tqcodec.save(tiny, tmp_path / "tiny.tqz", bits=2, stats=None)
+
+
 def test_each_trial_is_the_file_a_fresh_encode_makes_at_its_rate(tmp_path, model_and_stats):
     """Trials reuse the curves, but not the exact points an earlier trial's allocation computed:
     with them the allocation favoured those codes, and a trial was worse than save(bits=...)."""
