@@ -1,6 +1,7 @@
-"""Other models than the zoo's: small MLPs (Linear-GELU-Linear) and Linear-LayerNorm-Linear
-heads, random weights, inputs of a low-rank law (8 latent directions plus noise), optionally with
-two input channels 60x the others (the outlier channels of large language models).
+"""Other models than the zoo's: small MLPs (Linear-GELU-Linear), Linear-LayerNorm-Linear heads, an
+attention block and a Conv1d/ConvTranspose1d decoder, random weights, inputs of a low-rank law (8
+latent directions plus noise), optionally with two input channels 60x the others (the outlier
+channels of large language models).
 
 For each model, tq is encoded with ``tqcodec.encode_bytes(sd, stats=S, bits=B)`` at 1, 2, 3 and
 4 bits/param, with no statistics, with statistics of 64 inputs, and of 512 (``tqcodec.calibrate``);
@@ -40,19 +41,59 @@ SAMPLES = (0, 64, 512)
 OUTLIER_GAIN = 60.0
 
 
+class Attention(nn.Module):
+    """A projection, one multi-head self-attention with a residual and LayerNorm, a projection out."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.inp = nn.Linear(width, 4 * width)
+        self.mha = nn.MultiheadAttention(4 * width, 4, batch_first=True)
+        self.ln = nn.LayerNorm(4 * width)
+        self.out = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h)
+        return self.out(self.ln(h + a))
+
+
+class Decoder1d(nn.Module):
+    """Conv1d, ConvTranspose1d (upsampling by 2), Conv1d: a small signal decoder."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.c1 = nn.Conv1d(width, 4 * width, 5, padding=2)
+        self.up = nn.ConvTranspose1d(4 * width, 2 * width, 4, stride=2, padding=1)
+        self.c2 = nn.Conv1d(2 * width, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.up(torch.relu(self.c1(x)))))
+
+
 def build(kind: str, width: int, ratio: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(width, ratio * width), nn.GELU(), nn.Linear(ratio * width, width)).eval()
+    if kind == "attention":
+        return Attention(width).eval()
+    if kind == "decoder1d":
+        return Decoder1d(width).eval()
     return nn.Sequential(nn.Linear(width, ratio * width), nn.LayerNorm(ratio * width),
                          nn.Linear(ratio * width, 10)).eval()
 
 
-def inputs(width: int, n: int, seed: int, latent: torch.Tensor, outliers: bool) -> torch.Tensor:
+def inputs(width: int, n: int, seed: int, latent: torch.Tensor, outliers: bool, kind: str = "mlp") -> torch.Tensor:
+    """``n`` inputs: vectors of the low-rank law; for ``attention`` sequences of 12 of them, for
+    ``decoder1d`` 32 steps of them as channels."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, latent.shape[0], generator=g) @ latent + 0.1 * torch.randn(n, width, generator=g)
+    steps = {"attention": 12, "decoder1d": 32}.get(kind, 1)
+    x = torch.randn(n * steps, latent.shape[0], generator=g) @ latent + 0.1 * torch.randn(n * steps, width, generator=g)
     if outliers:
         x[:, [3, width // 2]] *= OUTLIER_GAIN
+    if kind == "attention":
+        return x.reshape(n, steps, width)
+    if kind == "decoder1d":
+        return x.reshape(n, steps, width).transpose(1, 2).contiguous()
     return x
 
 
@@ -64,8 +105,8 @@ def snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 def run_model(kind: str, width: int, ratio: int, seed: int, outliers: bool) -> dict:
     net = build(kind, width, ratio, seed)
     latent = torch.randn(8, width, generator=torch.Generator().manual_seed(100 + seed))
-    calibration = inputs(width, max(SAMPLES), 1, latent, outliers)
-    test = inputs(width, 1024, 2, latent, outliers)
+    calibration = inputs(width, max(SAMPLES), 1, latent, outliers, kind)
+    test = inputs(width, 1024, 2, latent, outliers, kind)
     ref = net(test).detach()
     sd = net.state_dict()
     params = sum(v.numel() for v in sd.values())
@@ -107,8 +148,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     started, t0, load0 = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), time.perf_counter(), os.getloadavg()[0]
     models = []
-    for (kind, width, ratio, seed), outliers in itertools.product(
-            itertools.product(("mlp", "ln"), (32, 96), (2, 4), (0,)), (False, True)):
+    shapes = [(kind, width, ratio, 0) for kind, width, ratio in itertools.product(("mlp", "ln"), (32, 96), (2, 4))]
+    shapes += [("attention", 16, 4, 0), ("decoder1d", 8, 4, 0)]
+    for (kind, width, ratio, seed), outliers in itertools.product(shapes, (False, True)):
         m = run_model(kind, width, ratio, seed, outliers)
         print(m["model"], {n: [p["snr_db"] for p in pts] for n, pts in m["runs"].items()}, flush=True)
         models.append(m)
