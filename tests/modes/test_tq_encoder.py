@@ -363,11 +363,10 @@ def test_a_transforms_cost_counts_the_distortion_of_the_bands_it_drops():
     assert transformed_cost(bands, {"w#0": 0, "w#1": 0}, 0.5, 8) == 1.0 + 5.0 + 0.5 * (100.0 + 16 * 8 * 4)
 
 
-def test_a_transform_whose_synthesis_outweighs_the_budget_still_codes_the_weight():
-    """The stored S (m x k float16) is part of the rate the bits loop aims at. A 512 x 256 layer
-    with low-rank inputs at 2 bits/param: a full S is 1.05 Mbit, four times the whole file. Left
-    to the measured overhead, the attempts swung between a file with all of S and one with every
-    coefficient zero, and the zero one, nearer the target, was written."""
+def _outlier_layer():
+    """A 256 -> 512 linear layer and ``inputs(n)``: n draws (one seeded generator, so successive
+    calls give other draws) of a 16-dimensional latent law plus noise, two of the 256 channels 60x
+    the others, as large language models' outlier channels are."""
     torch.manual_seed(0)
     lin = nn.Linear(256, 512)
     with torch.no_grad():
@@ -377,8 +376,17 @@ def test_a_transform_whose_synthesis_outweighs_the_budget_still_codes_the_weight
 
     def inputs(n: int) -> torch.Tensor:
         x = torch.randn(n, 16, generator=g) @ latent + 0.3 * torch.randn(n, 256, generator=g)
-        x[:, [3, 77]] *= 60.0  # two outlier channels, as in large language models
+        x[:, [3, 77]] *= 60.0
         return x
+    return lin, inputs
+
+
+def test_a_transform_whose_synthesis_outweighs_the_budget_still_codes_the_weight():
+    """The stored S (m x k float16) is part of the rate the bits loop aims at. A 512 x 256 layer
+    with low-rank inputs at 2 bits/param: a full S is 1.05 Mbit, four times the whole file. Left
+    to the measured overhead, the attempts swung between a file with all of S and one with every
+    coefficient zero, and the zero one, nearer the target, was written."""
+    lin, inputs = _outlier_layer()
     x = inputs(4096)
     st = tqcodec.calibrate(lin, [x[i:i + 512] for i in range(0, len(x), 512)], sensitivity=False)
     params = sum(p.numel() for p in lin.parameters())
@@ -396,17 +404,7 @@ def test_few_samples_with_outlier_channels_still_weigh_the_outliers():
     median of its diagonal), not the mean, which two channels 60x the others would make ~30x a
     typical one's, so every unreached direction looked as costly as an outlier's. 3 bits/param,
     output SNR on other inputs of the same law: 22.7 dB (toward the mean: 20.3; data-free 16.0)."""
-    torch.manual_seed(0)
-    lin = nn.Linear(256, 512)
-    with torch.no_grad():
-        lin.weight.normal_(0.0, 0.05)
-    g = torch.Generator().manual_seed(1)
-    latent = torch.randn(16, 256, generator=g) * 0.3
-
-    def inputs(n: int) -> torch.Tensor:
-        x = torch.randn(n, 16, generator=g) @ latent + 0.3 * torch.randn(n, 256, generator=g)
-        x[:, [3, 77]] *= 60.0
-        return x
+    lin, inputs = _outlier_layer()
     st = tqcodec.calibrate(lin, [inputs(32)], sensitivity=True)
     assert st.tensors["weight"].rows < 256  # the shrinkage applies
     test = inputs(2048)
