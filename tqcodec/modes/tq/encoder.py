@@ -974,8 +974,10 @@ class ModelEncoder:
             return float(sum(transforms.cost_bits(s.shape[0], kept_components(
                 by_parent[name], [pick[u.name] for u in by_parent[name]], nonzero)) for name, s in synthesis.items()))
 
-        def rate(pick: Mapping[str, int]) -> float:
-            return totals(units, dict(pick))[1] + synthesis_bits(pick)
+        def rate(pick: Mapping[str, int], among: Optional[list[Unit]] = None) -> float:
+            """Bits of ``pick``: the units' (``among``, default the encode's) and their S."""
+            among = units if among is None else among
+            return totals(among, dict(pick))[1] + synthesis_bits(pick, among)
 
         def dist(pick: Mapping[str, int]) -> float:
             return totals(units, dict(pick))[0]
@@ -1005,8 +1007,7 @@ class ModelEncoder:
             # A 192 x 96 layer before a LayerNorm, 1 bit/param: kept at the first multiplier, its
             # S starved the next layer and the output SNR was 5.6 dB (16.6 without the transform).
             for _ in range(TRANSFORM_ROUNDS if names and not increasing else 0):
-                lam, _ = bisect_lambda(chosen, lambda p: totals(chosen, dict(p))[1] + synthesis_bits(p, chosen),
-                                       target, increasing=False)
+                lam, _ = bisect_lambda(chosen, lambda p: rate(p, chosen), target, increasing=False)
                 again, again_names = choose_transforms(units, options, lam, threads)
                 if again_names == names:
                     break
