@@ -583,6 +583,37 @@ def test_data_free_embedding_table_takes_a_coarser_step():
     assert max(small) <= max(proj)
 
 
+def _table_steps(sd: dict, table: str, proj: str) -> tuple[list, list]:
+    with tqcodec.open(tqcodec.encode_bytes(sd, bits=4.0)) as f:
+        return f.encoded(table).params["steps"], f.encoded(proj).params["steps"]
+
+
+def test_a_data_free_table_that_is_also_the_output_layer_keeps_the_projections_step():
+    """A vocabulary table that is also the output layer (a tied ``lm_head``: every row's error
+    reaches every position's logits) is not given the lookup table's coarser step: tied in the
+    state dict, or a generative model's table (``wte``) whose file holds no head of its own. An
+    untied head of the table's shape, or an encoder's ``embeddings.word_embeddings``, leaves the
+    table input-only (coarser)."""
+    from tqcodec.modes.tq.encoder import DATA_FREE_EMBED_MIN_ROWS
+    g = torch.Generator().manual_seed(7)
+    n, d = DATA_FREE_EMBED_MIN_ROWS, 16
+    wte = 0.05 * torch.randn(n, d, generator=g)
+    block = {"transformer.h.0.mlp.c_fc.weight": 0.05 * torch.randn(d, 4 * n // d, generator=g)}
+    proj = "transformer.h.0.mlp.c_fc.weight"
+
+    tied_in_file = _table_steps({"transformer.wte.weight": wte, **block}, "transformer.wte.weight", proj)
+    tied_in_memory = _table_steps({"transformer.wte.weight": wte, **block, "lm_head.weight": wte},
+                                  "transformer.wte.weight", proj)
+    untied = _table_steps({"transformer.wte.weight": wte, **block, "lm_head.weight": wte.clone() + 0.01},
+                          "transformer.wte.weight", proj)
+    encoder = _table_steps({"bert.embeddings.word_embeddings.weight": wte, **block},
+                           "bert.embeddings.word_embeddings.weight", proj)
+    for emb, p in (tied_in_file, tied_in_memory):
+        assert abs(min(emb) - max(p)) <= 2, (emb, p)
+    for emb, p in (untied, encoder):
+        assert min(emb) - max(p) >= 6, (emb, p)
+
+
 # --- issue 19: more rate never hurts; transposed convolutions; row gains; fewer bands -----------
 
 def test_more_rate_never_hurts_with_few_statistics():

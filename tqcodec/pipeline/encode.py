@@ -290,17 +290,19 @@ def tq_items(items: Sequence[tuple[str, Any]], opts: EncodeOptions) -> tuple[lis
     values are made when needed, and the parameter count of all of ``items``. A lazy value
     (``tqcodec.io.hf.TensorRef``) is loaded here once to be checked and again each time the
     encoder asks for its values, so no more than a few tensors are in memory at a time."""
-    seen: set = set()
+    first: dict = {}  # tied key -> the index in out of its first name's item (None: not coded by tq)
     out = []
     total = 0
     for name, value in items:
         t = loaded(name, value) if is_lazy(value) else value  # in memory: checked by the caller
         total += t.numel()
         key = tied_key(t) if value is t else None
-        if key is not None and key in seen:
+        if key is not None and key in first:
+            if first[key] is not None:
+                out[first[key]].tied += (name,)
             continue
         if key is not None:
-            seen.add(key)
+            first[key] = None
         dtype, arr = tensor_to_storage(t)
         if dtype in FLOAT_NAMES and arr.size and codable(dtype, arr):
             stats_of(opts, name)
@@ -310,6 +312,8 @@ def tq_items(items: Sequence[tuple[str, Any]], opts: EncodeOptions) -> tuple[lis
                 if dtype in EXACT_IN_FLOAT32 else None
             out.append(Item(name, dtype, tuple(arr.shape), lambda dtype=dtype, storage=storage: storage_to_float64(
                 dtype, storage()), narrow))
+            if key is not None:
+                first[key] = len(out) - 1
         del t, arr
     return out, total
 
