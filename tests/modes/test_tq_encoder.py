@@ -614,6 +614,56 @@ def test_a_data_free_table_that_is_also_the_output_layer_keeps_the_projections_s
         assert min(emb) - max(p) >= 6, (emb, p)
 
 
+class _TinyLM(nn.Module):
+    """A token embedding, one mixing layer, and an output layer over the vocabulary, tied to the
+    embedding or not."""
+
+    def __init__(self, vocab: int = 4096, width: int = 32, tied: bool = True):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_a_tied_output_layer_weighs_every_row_of_the_embedding():
+    """An embedding that is also the output layer gets each row's measured output sensitivity
+    (``row_gain``: the rows no input used are output rows still), and the encoder mixes that into
+    the rows' token-count weights: the output's SNR at 1.5 and 2 bits/param is higher than with
+    the counts alone. An untied embedding gets no ``row_gain``."""
+    torch.manual_seed(0)
+    model = _TinyLM().eval()
+    g = torch.Generator().manual_seed(1)
+    law = 1.0 / torch.arange(1, 201).float()  # the inputs use 200 of the 4,096 tokens
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.multinomial(law / law.sum(), n * 32, replacement=True, generator=g).reshape(n, 32)
+
+    x, x_test = ids(64), ids(64)
+    stats = tqcodec.calibrate(model, [x[:32], x[32:]])
+    table = stats.tensors["emb.weight"]
+    unseen = np.asarray(table.counts) == 0
+    assert table.kind == "embedding" and table.row_gain is not None and (table.row_gain[unseen] > 0).all()
+    assert tqcodec.calibrate(_TinyLM(tied=False).eval(), [x[:32]]).tensors["emb.weight"].row_gain is None
+    counts_only = Stats(dict(stats.tensors), output_power=stats.output_power, default_gain=stats.default_gain)
+    counts_only.tensors["emb.weight"] = dataclasses.replace(table, row_gain=None)
+    with torch.no_grad():
+        ref = model(x_test)
+
+    def snr_db(st: Stats, bits: float) -> float:
+        decoded = _TinyLM().eval()
+        decoded.load_state_dict(tqcodec.load(tqcodec.encode_bytes(model.state_dict(), stats=st, bits=bits)))
+        with torch.no_grad():
+            return float(10 * torch.log10(ref.pow(2).mean() / (decoded(x_test) - ref).pow(2).mean()))
+
+    for bits in (1.5, 2.0):
+        assert snr_db(stats, bits) > snr_db(counts_only, bits) + 0.3, bits
+
+
 # --- issue 19: more rate never hurts; transposed convolutions; row gains; fewer bands -----------
 
 def test_more_rate_never_hurts_with_few_statistics():

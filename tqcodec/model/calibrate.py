@@ -784,7 +784,7 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
             stats.output_power = sum(power) / len(power)
         hooked = {n for n, s in stats.tensors.items() if s.kind in ("linear", "conv")}
         if probe is not None and probe.batches:
-            _gains_from_probes(stats, probe, hooked, progress)
+            _gains_from_probes(stats, probe, hooked, progress, _tied_tables(module))
         elif sensitivity and kept:
             _measure_gains(module, stats, kept, fn, seed, progress, hooked, params)
     return stats
@@ -930,8 +930,18 @@ def _gain(out: float, per_var: float) -> float:
     return max(out, 0.0) / per_var
 
 
+def _tied_tables(module: nn.Module) -> set[str]:
+    """Names (as ``named_parameters`` gives them) of the ``nn.Embedding`` weights that are also
+    the weight of another module: a language model's output layer tied to its token embedding."""
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    return {name_of[id(m.weight)] for m in module.modules()
+            if not isinstance(m, nn.Embedding) and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and id(m.weight) in tables and id(m.weight) in name_of}
+
+
 def _gains_from_probes(stats: Stats, probe: _Probe, hooked: set,
-                       progress: Optional[Callable[[str, int, int], None]]) -> None:
+                       progress: Optional[Callable[[str, int, int], None]], tied: set = frozenset()) -> None:
     measured = []
     for j, (wname, w) in enumerate(probe.params):
         if _owner(wname, stats, hooked):
@@ -941,6 +951,9 @@ def _gains_from_probes(stats: Stats, probe: _Probe, hooked: set,
         st = stats.tensors[wname]
         st.gain = _gain(probe.sq[j] / probe.batches, _local_per_variance(st, tuple(w.shape)))
         st.row_gain = _row_gains(st, probe.row_sq[j] / probe.batches, tuple(w.shape))
+        if st.kind == "embedding" and wname in tied:  # every row is an output row too: measured per row
+            rows = probe.row_sq[j] / probe.batches
+            st.row_gain = rows if np.isfinite(rows).all() and rows.sum() > 0 else None
         if wname in probe.outer and st.kind == "embedding":
             st.h = _column_metric(probe.outer[wname])
         measured.append(wname)

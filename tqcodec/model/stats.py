@@ -24,6 +24,9 @@ into output error, the *local distortion* (:func:`local_distortion`); the encode
 
 ``row_gain`` [n] (optional, any kind): the measured output sensitivity of each row (of each
 element of a 1-D parameter), on the scale of ``gain``; the encoder weighs rows by their shares.
+An embedding has one only when it is also another module's weight (an output layer tied to it):
+each row's squared output gradient, the rows no input used included (output rows still), from
+which the encoder takes the output layer's part of the rows' weights.
 
 ``rows`` is the number of samples (input vectors, positions, tokens) seen, per row group.
 
