@@ -553,12 +553,14 @@ def calibrate_command(
     input: Path = typer.Argument(..., metavar=INPUT, help="a Hugging Face folder with a model definition: "
                                  "config.json, safetensors weights, and a tokenizer for --text"),
     text: Optional[Path] = typer.Option(None, "--text", metavar="FILE",
-                                        help="calibration text, one sequence per line (empty lines skipped; "
-                                             "default: synthetic token sequences the codec makes)"),
+                                        help="calibration text, one sequence per line (empty lines skipped); a "
+                                             "model that generates text (GPT-2, Llama) reads it as running text, "
+                                             "in windows of its length (default: synthetic token sequences the "
+                                             "codec makes)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH",
                                           help="statistics file (default: INPUT.stats.safetensors beside INPUT)"),
-    samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help="sequences to run: the first N "
-                                          "lines of --text (the tokens of every line are counted), or N "
+    samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help="what to run: the first N "
+                                          "non-empty lines of --text (the tokens of every line are counted), or N "
                                           "synthetic ones  [default: 128 lines, 512 synthetic]", show_default=False),
     seed: int = typer.Option(0, "--seed", metavar="S", help="seed of the synthetic sequences and of the "
                              "sensitivity probes  [default: 0]", show_default=False),
@@ -589,8 +591,10 @@ def calibrate_command(
         with atomic_output(out, overwrite=force) as f:
             f.write(data)
         source = "synthetic sequences" if summary["synthetic"] else f"lines of {text}"
+        if summary.get("packed"):  # a generator reads the lines as running text, in windows of its length
+            source = f"windows of {summary['lines']} lines of {text}"
         counted = (f"; tokens counted in {summary['counted_lines']} lines ({summary['counted_tokens']} tokens)"
-                   if summary["counted_lines"] > summary["sequences"] else "")
+                   if summary["counted_lines"] > summary.get("lines", summary["sequences"]) else "")
         typer.echo(f"{out}: statistics of {summary['tensors']} of {summary['weights']} tensors from "
                    f"{summary['sequences']} {source} ({summary['tokens']} tokens){counted}, {len(data)} bytes")
 

@@ -223,3 +223,48 @@ def test_calibrate_folder_refusals(bert, tmp_path):
         with pytest.raises(TqzError, match="samples") as e:
             calibrate_folder(bert, samples=bad)
         assert e.value.code == "BAD_OPTION"
+
+
+CODE = ["def f(x):", "    if x:", "        return x + 1", "", "    return 0", "class A:", "    pass"]
+
+
+def make_gpt2(folder: Path) -> Path:
+    """A randomly initialised GPT2LMHeadModel (output layer tied to the token embedding, 16
+    positions) and a byte-level BPE tokenizer trained on ``CODE``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CODE * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                          show_progress=False,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                         model_max_length=16).save_pretrained(folder)
+    return folder
+
+
+def test_a_text_generator_is_calibrated_on_running_text(tmp_path):
+    """A model that generates text (GPT-2) reads the calibration lines as running text: joined by
+    newlines with their indentation and empty lines, cut into windows of its 16 positions. Its
+    token embedding, tied to the output layer, gets each row's output sensitivity. A BERT folder
+    keeps one sequence a line (test_calibrate_text_through_tqz)."""
+    from tqcodec.model.calibrate import calibrate_folder
+    gpt2 = make_gpt2(tmp_path / "gpt2")
+    text = tmp_path / "code.py"
+    text.write_text("\n".join(CODE) + "\n")
+    tok = transformers.AutoTokenizer.from_pretrained(str(gpt2), local_files_only=True)
+    ids = tok("\n".join(CODE), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 16  # more than one window
+    stats, summary = calibrate_folder(gpt2, text)
+    assert summary["packed"] and summary["lines"] == 6
+    assert summary["tokens"] == len(ids) and summary["sequences"] == -(-len(ids) // 16)
+    wte = stats.tensors["transformer.wte.weight"]
+    assert wte.kind == "embedding" and wte.row_gain is not None and len(wte.row_gain) == len(wte.counts)
+    assert np.asarray(wte.counts).sum() == len(ids)  # counted as run: no line's tokens twice, indentation kept
+    p = _run(tmp_path, "calibrate", gpt2, "--text", text, "-o", tmp_path / "s.safetensors")
+    assert p.returncode == 0, p.stderr
+    assert f"from {summary['sequences']} windows of 6 lines of" in p.stdout, p.stdout
