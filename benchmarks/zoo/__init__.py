@@ -7,6 +7,8 @@ more small models trained here.
 - ``seqrnn`` (seqrnn-lstm): 2-layer LSTM reading ``load_digits`` images row by row; top-1.
 - ``autoenc`` (conv-autoencoder): convolutional autoencoder with a ConvTranspose2d decoder on
   ``load_digits``; reference's reconstruction MSE over the candidate's (``mse_ratio``).
+- ``codelm`` (codelm-gpt2): a 4-layer GPT-2 with a tied 4,096-token embedding, trained on the
+  standard library's Python source; reference's perplexity over the candidate's (``ppl_ratio``).
 
 Each module exposes the same surface:
 
@@ -34,6 +36,7 @@ MODULES = {  # NAME -> module in this package
     "dwsep-cnn": "dwsep",
     "seqrnn-lstm": "seqrnn",
     "conv-autoencoder": "autoenc",
+    "codelm-gpt2": "codelm",
 }
 
 
