@@ -240,7 +240,8 @@ def make_gpt2(folder: Path) -> Path:
                                                           show_progress=False,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                          model_max_length=16).save_pretrained(folder)
@@ -268,3 +269,16 @@ def test_a_text_generator_is_calibrated_on_running_text(tmp_path):
     p = _run(tmp_path, "calibrate", gpt2, "--text", text, "-o", tmp_path / "s.safetensors")
     assert p.returncode == 0, p.stderr
     assert f"from {summary['sequences']} windows of 6 lines of" in p.stdout, p.stdout
+
+
+def test_running_text_without_a_padding_token_runs_one_window_at_a_time(tmp_path):
+    """A generator whose tokenizer has neither a padding nor an end-of-text token still reads the
+    lines as windows: one a batch, nothing to pad."""
+    from tqcodec.model.calibrate import load_folder_model, text_batches
+    model, config, tok = load_folder_model(make_gpt2(tmp_path / "gpt2"))
+    tok.pad_token = None
+    tok.eos_token = None
+    batches = text_batches(CODE, model, config, tok, batch_size=16)
+    ids = tok("\n".join(CODE), add_special_tokens=False)["input_ids"]
+    assert [len(b["input_ids"]) for b in batches] == [1] * -(-len(ids) // 16)
+    assert [t for b in batches for t in b["input_ids"][0].tolist()] == ids

@@ -1112,8 +1112,12 @@ def text_batches(lines: list[str], model: nn.Module, config: Any, tokenizer: Any
     if reads_a_stream(model, config):
         windows = packed_windows(lines, tokenizer, max_len)
         for i in range(0, len(windows), batch_size):
-            enc = tokenizer.pad({"input_ids": windows[i:i + batch_size]}, padding=True, return_tensors="pt")
-            out.append(_finish(dict(enc), accepted))
+            part = windows[i:i + batch_size]
+            if len(part) == 1:  # nothing to pad (a tokenizer without a padding token runs one at a time)
+                enc = {"input_ids": torch.tensor(part), "attention_mask": torch.ones(1, len(part[0]), dtype=torch.long)}
+            else:
+                enc = dict(tokenizer.pad({"input_ids": part}, padding=True, return_tensors="pt"))
+            out.append(_finish(enc, accepted))
         return out
     for i in range(0, len(lines), batch_size):
         enc = tokenizer(lines[i:i + batch_size], padding=batch_size > 1, truncation=True, max_length=max_len,
