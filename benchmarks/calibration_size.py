@@ -2,7 +2,7 @@
 found by ``tqcodec.save(evaluate=..., threshold=...)``, with statistics from the first 32, 128 and
 1024 calibration inputs.
 
-    .venv/bin/python benchmarks/calibration_size.py [--models digits,minilm] [--samples 0,32,128,1024]
+    .venv/bin/python benchmarks/calibration_size.py [--models digits,minilm,codelm] [--samples 0,32,128,1024]
 
 ``0`` samples: no statistics (the data-free encoder), the floor calibration must never be worse
 than; it is left out of the spread.
@@ -10,7 +10,8 @@ than; it is left out of the spread.
 Digits: the first N images of the training split (``zoo.digits.calibration_inputs``). MiniLM: the
 first N sentences of the benchmark's calibration pool (``zoo.minilm.calibration_pool``: the 128 of
 ``zoo/sentences.json`` that ``rd.py`` calibrates with, then 896 more from ``zoo/make_sentences.py``;
-sample counts asked beyond the pool are skipped and said so).
+sample counts asked beyond the pool are skipped and said so). codelm: the first N windows of 128
+tokens of its calibration files (``zoo.codelm.calibration_inputs``; 927 in all).
 Both are disjoint from the evaluation inputs. MiniLM also as ``tqz calibrate --text POOL --samples N``
 does it (``calibrate_folder``): the first N sentences run through the model, the tokens of all 1024
 counted (a tokenizer reads far more text than the model can run). Each point is one rate search (``evaluate_search.run``:
@@ -36,9 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.evaluate_search import RESULTS, rd_transparent, run, write_results  # noqa: E402
-from benchmarks.zoo import minilm  # noqa: E402
+from benchmarks.zoo import codelm, minilm  # noqa: E402
 
-POOL = {"minilm": len(minilm.calibration_pool())}
+POOL = {"minilm": lambda: len(minilm.calibration_pool()),  # how many calibration inputs there are (when asked)
+        "codelm": lambda: len(codelm.calibration_inputs(None))}
 # Digits' top-1 on 500 images passes or fails by one image, so its smallest passing file is partly
 # luck; the same searches on the logit SQNR show what the calibration set itself changes. 34 dB:
 # where rd.py's calibrated sweep (results/rd.json) became transparent for good (33.9 dB at 1.36
@@ -239,7 +241,7 @@ def main() -> None:
     asked = [int(n) for n in args.samples.split(",")]
     with tempfile.TemporaryDirectory(prefix="calibration_size_") as tmp:
         for model in args.models.split(","):
-            pool = POOL.get(model)
+            pool = POOL[model]() if model in POOL else None
             counts = [n for n in asked if pool is None or n <= pool]
             entry = {"nncodec": nncodec_point(model),
                      "skipped": (f"{[n for n in asked if n not in counts]} asked, the pool holds {pool}"

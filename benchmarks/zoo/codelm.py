@@ -164,9 +164,11 @@ def _windows(texts: list[str]) -> torch.Tensor:
     return torch.from_numpy(ids[:n * CONTEXT].reshape(n, CONTEXT))
 
 
-def calibration_inputs(n: int = 128) -> torch.Tensor:
-    """The first ``n`` non-overlapping windows of the calibration files' tokens."""
+def calibration_inputs(n: Optional[int] = 128) -> torch.Tensor:
+    """The first ``n`` non-overlapping windows of the calibration files' tokens (None: all)."""
     w = _windows(_texts(1))
+    if n is None:
+        return w
     if n > len(w):
         raise ValueError(f"the calibration text holds {len(w)} windows, not {n}")
     return w[:n]
