@@ -572,7 +572,8 @@ def calibrate_command(
                                 "process may use)  [default: 0]", show_default=False),
 ) -> None:
     """Calibration statistics (for encode --stats) of a Hugging Face folder's model, run offline on
-    lines of text or on synthetic token sequences; batches of 16, padding masked."""
+    lines of text or on synthetic token sequences; batches of 16 (fewer for a large vocabulary's
+    logits), padding masked."""
     with _errors(), thread_budget.budget(threads):
         from .model.calibrate import calibrate_folder
         from .model.stats import PRECISIONS

@@ -282,3 +282,23 @@ def test_running_text_without_a_padding_token_runs_one_window_at_a_time(tmp_path
     ids = tok("\n".join(CODE), add_special_tokens=False)["input_ids"]
     assert [len(b["input_ids"]) for b in batches] == [1] * -(-len(ids) // 16)
     assert [t for b in batches for t in b["input_ids"][0].tolist()] == ids
+
+
+def test_a_large_vocabulary_takes_fewer_sequences_a_batch(tmp_path, bert, monkeypatch):
+    """Where the output layer scores the whole vocabulary, a batch holds at most OUTPUT_ELEMENTS
+    logits for sequences of the model's length (at least one sequence); a model without such an
+    output layer (BertModel) keeps its 16."""
+    import tqcodec.model.calibrate as cal
+    gpt2 = make_gpt2(tmp_path / "gpt2")
+    model, config, tok = cal.load_folder_model(gpt2)
+    monkeypatch.setattr(cal, "OUTPUT_ELEMENTS", 2 * 16 * config.vocab_size + 1)
+    assert cal.output_batch_size(model, config, tok, 16) == 2
+    monkeypatch.setattr(cal, "OUTPUT_ELEMENTS", 1)
+    assert cal.output_batch_size(model, config, tok, 16) == 1
+    assert cal.output_batch_size(*cal.load_folder_model(bert), 16) == 16
+    text = tmp_path / "code.py"
+    text.write_text("\n".join(CODE) + "\n")
+    totals = []
+    stats, summary = cal.calibrate_folder(gpt2, text, progress=lambda what, done, total: totals.append(total)
+                                          if what == "batches" else None)
+    assert summary["sequences"] > 1 and max(totals) == summary["sequences"]  # one window a batch

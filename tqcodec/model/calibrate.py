@@ -1007,7 +1007,10 @@ def _measure_gains(module: nn.Module, stats: Stats, kept: list, fn: Callable, se
 
 # --- Hugging Face folders (tqz calibrate) ------------------------------------------------------------
 
-FOLDER_BATCH = 16          # sequences per batch
+FOLDER_BATCH = 16          # sequences per batch, at most ...
+OUTPUT_ELEMENTS = 1 << 25  # ... as many as keep a batch's logits over the vocabulary under this many values: a
+# Llama with a 128,256-token vocabulary (2 layers of width 64, tied), 3 windows of 512 tokens in one
+# batch, peaked at 9.6 GB in tqz calibrate (the logits, their probes and gradients, 788 MB a copy)
 FOLDER_SAMPLES = 128       # sequences by default: lines of text
 COUNTED_LINES = 1_000_000  # lines of the text whose tokens are counted, run through the model or not.
 # An embedding's rows are weighed by how often text uses their tokens, and few sentences miss most of
@@ -1136,6 +1139,20 @@ def _text_through(raw: str, nonempty: int) -> list[str]:
         out.append(ln.rstrip())
         seen += bool(ln.strip())
     return out
+
+
+def output_batch_size(model: nn.Module, config: Any, tokenizer: Any, batch_size: int) -> int:
+    """``batch_size``, or fewer sequences a batch where the model's output layer scores every token
+    of the vocabulary (``get_output_embeddings()``): at most ``OUTPUT_ELEMENTS`` logits for
+    sequences of the model's length, at least one sequence."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except Exception:  # a model class whose accessor needs what this one lacks
+        head = None
+    vocab = int(getattr(config, "vocab_size", 0) or 0) if head is not None else 0
+    per_sequence = _max_length(config, tokenizer) * vocab
+    return max(1, min(batch_size, OUTPUT_ELEMENTS // per_sequence)) if per_sequence > 0 else batch_size
 
 
 def reads_a_stream(model: nn.Module, config: Any) -> bool:
@@ -1288,6 +1305,7 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: Option
     model, config, tokenizer = load_folder_model(folder)
     from ..io.hf import read_folder  # the names the folder's weights carry
     weights, _ = read_folder(folder)
+    batch_size = output_batch_size(model, config, tokenizer, batch_size)
     stream = lines is not None and reads_a_stream(model, config)
     if stream:  # running text as it is (indentation, empty lines), up to the last line counted or run
         counted = _text_through(raw, len(counted))
