@@ -869,11 +869,13 @@ def _biases_take_weight_gains(stats: Stats, params: list, hooked: set) -> None:
             stats.tensors[wname] = TensorStats("plain", gain=o.gain, row_gain=o.row_gain)
 
 
-def _row_gains(st: TensorStats, row_sq: np.ndarray, shape: tuple) -> Optional[np.ndarray]:
+def _row_gains(st: TensorStats, row_sq: np.ndarray, shape: tuple, tied: bool = False) -> Optional[np.ndarray]:
     """Per output row (first axis) of a linear or conv weight stored out_in, or per element of a
     1-D plain parameter: the output error per unit of the row's local error (its share of
-    :func:`_gain`; a bias takes its weight's). None for other kinds and layouts, or when not finite."""
-    if st.kind == "plain" and len(shape) == 1:
+    :func:`_gain`; a bias takes its weight's). An embedding that is also another module's weight
+    (``tied``: an output layer) gets each row's squared output gradient: every row is an output
+    row too, the rows no input used included. None for other kinds and layouts, or when not finite."""
+    if (st.kind == "plain" and len(shape) == 1) or (st.kind == "embedding" and tied):
         per = np.ones(len(row_sq))
     elif st.kind in ("linear", "conv") and st.layout == "out_in" and st.h is not None \
             and len(row_sq) % st.h.shape[0] == 0:
@@ -950,10 +952,7 @@ def _gains_from_probes(stats: Stats, probe: _Probe, hooked: set,
             stats.tensors[wname] = TensorStats("plain")
         st = stats.tensors[wname]
         st.gain = _gain(probe.sq[j] / probe.batches, _local_per_variance(st, tuple(w.shape)))
-        st.row_gain = _row_gains(st, probe.row_sq[j] / probe.batches, tuple(w.shape))
-        if st.kind == "embedding" and wname in tied:  # every row is an output row too: measured per row
-            rows = probe.row_sq[j] / probe.batches
-            st.row_gain = rows if np.isfinite(rows).all() and rows.sum() > 0 else None
+        st.row_gain = _row_gains(st, probe.row_sq[j] / probe.batches, tuple(w.shape), wname in tied)
         if wname in probe.outer and st.kind == "embedding":
             st.h = _column_metric(probe.outer[wname])
         measured.append(wname)
