@@ -286,19 +286,45 @@ def test_running_text_without_a_padding_token_runs_one_window_at_a_time(tmp_path
 
 def test_a_large_vocabulary_takes_fewer_sequences_a_batch(tmp_path, bert, monkeypatch):
     """Where the output layer scores the whole vocabulary, a batch holds at most OUTPUT_ELEMENTS
-    logits for sequences of the model's length (at least one sequence); a model without such an
-    output layer (BertModel) keeps its 16."""
+    logits, counted at the batch's own longest sequence (at least one sequence), so short
+    sequences share a batch that long ones could not; a model without such an output layer
+    (BertModel) keeps its 16."""
     import tqcodec.model.calibrate as cal
+    monkeypatch.setattr(cal, "OUTPUT_ELEMENTS", 100)
+    assert cal.fill_batches([5, 5, 5, 20, 5, 5, 1, 1], 16, 10) == [[0, 1], [2], [3], [4, 5], [6, 7]]
+    assert cal.fill_batches([1] * 5, 2, 10) == [[0, 1], [2, 3], [4]]
+    assert cal.fill_batches([50] * 3, 16, 0) == [[0, 1, 2]]  # no output layer over a vocabulary
     gpt2 = make_gpt2(tmp_path / "gpt2")
     model, config, tok = cal.load_folder_model(gpt2)
-    monkeypatch.setattr(cal, "OUTPUT_ELEMENTS", 2 * 16 * config.vocab_size + 1)
-    assert cal.output_batch_size(model, config, tok, 16) == 2
+    assert cal.logits_per_token(model, config) == config.vocab_size
+    monkeypatch.setattr(cal, "OUTPUT_ELEMENTS", 6 * 8 * config.vocab_size)
+    batches = cal.synthetic_batches(64, model, config, tok, seed=0)
+    widths = [b["input_ids"].shape for b in batches]
+    assert all(n * w * config.vocab_size <= cal.OUTPUT_ELEMENTS or n == 1 for n, w in widths)
+    assert max(n for n, _ in widths) > 1 and sum(n for n, _ in widths) == 64
+    bmodel, bconfig, btok = cal.load_folder_model(bert)
+    assert cal.logits_per_token(bmodel, bconfig) == 0
+    assert [len(b["input_ids"]) for b in cal.text_batches(["a line of text"] * 40, bmodel, bconfig, btok)] == [16, 16, 8]
     monkeypatch.setattr(cal, "OUTPUT_ELEMENTS", 1)
-    assert cal.output_batch_size(model, config, tok, 16) == 1
-    assert cal.output_batch_size(*cal.load_folder_model(bert), 16) == 16
     text = tmp_path / "code.py"
     text.write_text("\n".join(CODE) + "\n")
     totals = []
     stats, summary = cal.calibrate_folder(gpt2, text, progress=lambda what, done, total: totals.append(total)
                                           if what == "batches" else None)
     assert summary["sequences"] > 1 and max(totals) == summary["sequences"]  # one window a batch
+
+
+def test_calibrating_a_folder_probes_within_the_budget(tmp_path, bert, monkeypatch):
+    """calibrate_folder hands calibrate the probe batches the budget allows."""
+    import tqcodec.model.calibrate as cal
+    asked = []
+    real = cal.calibrate
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("sensitivity_batches"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cal, "calibrate", recording)
+    cal.calibrate_folder(bert, samples=48)
+    monkeypatch.setattr(cal, "PROBE_WORK", 1)
+    cal.calibrate_folder(bert, samples=48)
+    assert asked == [cal.PROBE_BATCHES, 1]

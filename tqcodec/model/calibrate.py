@@ -822,6 +822,39 @@ class _Probe:
             vs.append(v * math.sqrt(c.weight / c.items))
         return vs
 
+    def _take(self, j: int, p: torch.Tensor) -> None:
+        """Parameter ``j``'s gradient, as soon as the backward pass has it: its squares summed per
+        row, then dropped (so that at most a few parameters' gradients are held at a time, not
+        the whole model's: 2.4 GB for a 604M-parameter Llama)."""
+        g2 = p.grad.detach().to(torch.float64).pow(2)
+        p.grad = None
+        rows = g2.reshape(len(self.row_sq[j]), -1).sum(dim=1).numpy()
+        self.row_sq[j] += rows
+        self.sq[j] += float(rows.sum())
+
+    def _backward(self, ys: list, vs: list, outputs: list, retain: bool) -> list:
+        """One backward pass of the probes ``vs`` through ``ys``: every parameter's gradient taken
+        by :meth:`_take`; returns the gradients of ``outputs`` (None where unused). Gradients the
+        parameters held before are put back after."""
+        held = [p.grad for _, p in self.params]
+        for _, p in self.params:
+            p.grad = None
+        got: dict[int, torch.Tensor] = {}
+        hooks = [o.register_hook(lambda g, k=k: got.__setitem__(k, g.detach())) for k, o in enumerate(outputs)]
+        hooks += [p.register_post_accumulate_grad_hook(lambda p, j=j: self._take(j, p))
+                  for j, (_, p) in enumerate(self.params)]
+        try:
+            live = [(y, v) for y, v in zip(ys, vs) if y.requires_grad]
+            if live:
+                torch.autograd.backward([y for y, _ in live], grad_tensors=[v for _, v in live],
+                                        inputs=[p for _, p in self.params], retain_graph=retain)
+        finally:
+            for h in hooks:
+                h.remove()
+            for (_, p), g in zip(self.params, held):
+                p.grad = g
+        return [got.get(k) for k in range(len(outputs))]
+
     def _add_outer(self, names: list, grads: Sequence) -> None:
         for name, g in zip(names, grads):
             if g is not None:
@@ -836,16 +869,7 @@ class _Probe:
         pairs = [(n, o) for n, outs in (looked_up or {}).items() if n in self.outer for o in outs]
         names, outputs = [n for n, _ in pairs], [o for _, o in pairs]
         more = COLUMN_PROBES - 1 if outputs else 0
-        grads = torch.autograd.grad(ys, [p for _, p in self.params] + outputs, grad_outputs=self._probes(counted),
-                                    allow_unused=True, retain_graph=more > 0)
-        for j, g in enumerate(grads[:len(self.params)]):
-            if g is not None:
-                g2 = g.detach().to(torch.float64).pow(2)
-                rows = g2.reshape(len(self.row_sq[j]), -1).sum(dim=1).numpy()
-                self.row_sq[j] += rows
-                self.sq[j] += float(rows.sum())
-        self._add_outer(names, grads[len(self.params):])
-        del grads
+        self._add_outer(names, self._backward(ys, self._probes(counted), outputs, retain=more > 0))
         # an embedding's column metric from one probe per batch is too noisy to round by (MiniLM,
         # 128 sentences, 3.0 bits/param: mean cosine 0.99379 from 1 probe, 0.99505 from 8): more
         # probes, each a backward pass to the embeddings' outputs only
@@ -1103,28 +1127,27 @@ def text_batches(lines: list[str], model: nn.Module, config: Any, tokenizer: Any
     """Tokenized batches (padded to the longest, ``attention_mask`` marking the padding, truncated
     to the model's length) of ``lines``; for a model that generates text from its own context
     (:func:`reads_a_stream`), the lines joined by newlines and cut into windows of the model's
-    length instead (:func:`packed_windows`)."""
+    length instead (:func:`packed_windows`). Batches as :func:`fill_batches` makes them."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             batch_size = 1  # nothing to pad with: one sequence per batch
         else:
             tokenizer.pad_token = tokenizer.eos_token
     accepted, max_len = _accepted(model), _max_length(config, tokenizer)
-    out = []
     if reads_a_stream(model, config):
-        windows = packed_windows(lines, tokenizer, max_len)
-        for i in range(0, len(windows), batch_size):
-            part = windows[i:i + batch_size]
-            if len(part) == 1:  # nothing to pad (a tokenizer without a padding token runs one at a time)
-                enc = {"input_ids": torch.tensor(part), "attention_mask": torch.ones(1, len(part[0]), dtype=torch.long)}
-            else:
-                enc = dict(tokenizer.pad({"input_ids": part}, padding=True, return_tensors="pt"))
-            out.append(_finish(enc, accepted))
-        return out
-    for i in range(0, len(lines), batch_size):
-        enc = tokenizer(lines[i:i + batch_size], padding=batch_size > 1, truncation=True, max_length=max_len,
-                        return_tensors="pt")
-        out.append(_finish(dict(enc), accepted))
+        encoded = {"input_ids": packed_windows(lines, tokenizer, max_len)}
+    else:
+        encoded = dict(tokenizer(list(lines), truncation=True, max_length=max_len))
+    ids = encoded["input_ids"]
+    out = []
+    for group in fill_batches([len(s) for s in ids], batch_size, logits_per_token(model, config)):
+        part = {k: [v[i] for i in group] for k, v in encoded.items()}
+        if len(group) == 1:  # nothing to pad (a tokenizer without a padding token runs one at a time)
+            enc = {k: torch.tensor(v) for k, v in part.items()}
+            enc.setdefault("attention_mask", torch.ones_like(enc["input_ids"]))
+        else:
+            enc = dict(tokenizer.pad(part, padding=True, return_tensors="pt"))
+        out.append(_finish(enc, accepted))
     return out
 
 
@@ -1140,18 +1163,59 @@ def _text_through(raw: str, nonempty: int) -> list[str]:
     return out
 
 
-def output_batch_size(model: nn.Module, config: Any, tokenizer: Any, batch_size: int) -> int:
-    """``batch_size``, or fewer sequences a batch where the model's output layer scores every token
-    of the vocabulary (``get_output_embeddings()``): at most ``OUTPUT_ELEMENTS`` logits for
-    sequences of the model's length, at least one sequence."""
+def logits_per_token(model: nn.Module, config: Any) -> int:
+    """How many values the model's output layer gives each token: the vocabulary's size where it
+    scores every token (``get_output_embeddings()`` is a head), else 0."""
     get = getattr(model, "get_output_embeddings", None)
     try:
         head = get() if callable(get) else None
     except Exception:  # a model class whose accessor needs what this one lacks
         head = None
-    vocab = int(getattr(config, "vocab_size", 0) or 0) if head is not None else 0
-    per_sequence = _max_length(config, tokenizer) * vocab
-    return max(1, min(batch_size, OUTPUT_ELEMENTS // per_sequence)) if per_sequence > 0 else batch_size
+    return int(getattr(config, "vocab_size", 0) or 0) if head is not None else 0
+
+
+def fill_batches(lengths: Sequence[int], batch_size: int, per_token: int = 0) -> list[list[int]]:
+    """The sequences of ``lengths`` (token counts) in order, grouped into batches: at most
+    ``batch_size`` sequences a batch and, with ``per_token`` output values a token (the logits over
+    a vocabulary), at most ``OUTPUT_ELEMENTS`` output values for the batch padded to its longest
+    sequence; at least one sequence each. The limit follows the batch's own length: 16 synthetic
+    sequences of about 20 tokens fit where 16 windows of 512 would not (a 604M-parameter Llama of
+    32,000 tokens took 256 batches of 2 for 512 synthetic sequences when every sequence was
+    counted at the model's length)."""
+    groups: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        wider = max(longest, int(n))
+        if groups and len(groups[-1]) < batch_size and \
+                (per_token <= 0 or wider * (len(groups[-1]) + 1) * per_token <= OUTPUT_ELEMENTS):
+            groups[-1].append(i)
+            longest = wider
+        else:
+            groups.append([i])
+            longest = int(n)
+    return groups
+
+
+PROBE_BATCHES = 8      # the sensitivity probes run on the first batches: at most this many, and ...
+PROBE_WORK = 1 << 37   # ... no more than these tokens x parameters beyond the first batch. A probe batch
+# is eight backward passes, so on large models the probes outweigh every forward pass: a 604M-parameter
+# Llama, 16 synthetic sequences a batch, took 75 s a probe batch against 3 s a batch without. MiniLM
+# (128 sentences, 22.7M parameters: 6e10) and the benchmark's GPT-2 (128 windows of 128 tokens, 1.3M)
+# keep all eight
+
+
+def probe_batches(batches: Sequence[dict], model: nn.Module) -> int:
+    """How many of the first ``batches`` the sensitivity probes run on (``calibrate``'s
+    ``sensitivity_batches``): ``PROBE_BATCHES``, or fewer where their tokens (``attention_mask``'s
+    ones, else every position) times the model's parameters pass ``PROBE_WORK``, at least one."""
+    params = sum(p.numel() for p in model.parameters())
+    work = 0
+    for n, b in enumerate(batches[:PROBE_BATCHES]):
+        tokens = int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
+        work += tokens * params
+        if n and work > PROBE_WORK:
+            return n
+    return PROBE_BATCHES  # (calibrate's views of a small set fill the batches the set lacks)
 
 
 def reads_a_stream(model: nn.Module, config: Any) -> bool:
@@ -1247,8 +1311,8 @@ def synthetic_batches(n: int, model: nn.Module, config: Any, tokenizer: Any, see
     seqs = [first + [int(t) for t in rng.choice(allowed, size=k, p=frequency)] + last for k in lengths]
     accepted = _accepted(model)
     out = []
-    for i in range(0, n, batch_size):
-        part = seqs[i:i + batch_size]
+    for group in fill_batches([len(s) for s in seqs], batch_size, logits_per_token(model, config)):
+        part = [seqs[i] for i in group]
         width = max(len(s) for s in part)
         ids = torch.full((len(part), width), pad, dtype=torch.long)
         mask = torch.zeros((len(part), width), dtype=torch.long)
@@ -1304,7 +1368,6 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: Option
     model, config, tokenizer = load_folder_model(folder)
     from ..io.hf import read_folder  # the names the folder's weights carry
     weights, _ = read_folder(folder)
-    batch_size = output_batch_size(model, config, tokenizer, batch_size)
     stream = lines is not None and reads_a_stream(model, config)
     if stream:  # running text as it is (indentation, empty lines), up to the last line counted or run
         counted = _text_through(raw, len(counted))
@@ -1323,7 +1386,8 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: Option
             tell("batches", i, len(batches))
             yield b
         tell("batches", len(batches), len(batches))
-    stats = calibrate(model, fed(), seed=seed, progress=lambda w, d, t: tell(f"sensitivity: {w}", d, t))
+    stats = calibrate(model, fed(), seed=seed, sensitivity_batches=probe_batches(batches, model),
+                      progress=lambda w, d, t: tell(f"sensitivity: {w}", d, t))
     tokens = int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in batches))
     run_lines = sum(1 for ln in lines if ln.strip()) if lines is not None else 0

@@ -1,0 +1,69 @@
+"""What calibrating a large model costs: the probes' gradients held a few at a time, not all at once."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import tqcodec.model.calibrate as cal
+
+
+def _gram(x: torch.Tensor) -> np.ndarray:
+    a = x.detach().reshape(-1, x.shape[-1]).double()
+    return (a.T @ a / len(a)).numpy()
+
+
+class _Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def test_probe_gradients_are_taken_one_parameter_at_a_time(monkeypatch):
+    """Each parameter's probe gradient is summed and dropped as soon as the backward pass has it,
+    so few are held at once (the whole model's would be a second copy of its weights); gradients
+    the parameters held before calibrating are theirs again after."""
+    torch.manual_seed(0)
+    model = _Deep()
+    params = list(model.parameters())
+    before = [torch.full_like(p, 0.5) for p in params]
+    for p, g in zip(params, before):
+        p.grad = g
+    held: list[int] = []
+    take = cal._Probe._take
+
+    def counting(self, j, p):
+        held.append(sum(q.grad is not None for q in params))
+        take(self, j, p)
+    monkeypatch.setattr(cal._Probe, "_take", counting)
+    ids = torch.randint(0, 50, (6, 7))
+    stats = cal.calibrate(model, [ids, ids.flip(0)])
+    assert len(held) == 2 * len(params)  # every parameter, every probe batch
+    assert max(held) <= 2
+    assert all(p.grad is g for p, g in zip(params, before))
+    assert all(stats.get(n).gain > 0 for n, _ in model.named_parameters())
+
+
+def test_the_probes_of_a_large_model_run_on_fewer_batches(monkeypatch):
+    """``tqz calibrate`` probes the first PROBE_BATCHES batches unless their tokens times the
+    model's parameters pass PROBE_WORK: then as many as stay within it, at least one."""
+    model = nn.Linear(10, 10)  # 110 parameters
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0  # 8 tokens a batch: 880 tokens x parameters
+    batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": mask} for _ in range(10)]
+    monkeypatch.setattr(cal, "PROBE_WORK", 100_000)
+    assert cal.probe_batches(batches, model) == cal.PROBE_BATCHES
+    assert cal.probe_batches(batches[:3], model) == cal.PROBE_BATCHES  # (calibrate's views fill the rest)
+    monkeypatch.setattr(cal, "PROBE_WORK", 3 * 880)
+    assert cal.probe_batches(batches, model) == 3
+    monkeypatch.setattr(cal, "PROBE_WORK", 10)
+    assert cal.probe_batches(batches, model) == 1
+
