@@ -1,4 +1,6 @@
-"""What calibrating a large model costs: the probes' gradients held a few at a time, not all at once."""
+"""What calibrating a large model costs: second moments of wide inputs in float32 (within its
+precision, never overflowing), the probes' gradients held a few at a time, not all at once, and
+probes on fewer batches of a large model."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +13,34 @@ import tqcodec.model.calibrate as cal
 def _gram(x: torch.Tensor) -> np.ndarray:
     a = x.detach().reshape(-1, x.shape[-1]).double()
     return (a.T @ a / len(a)).numpy()
+
+
+def test_wide_inputs_are_multiplied_in_float32_within_its_precision():
+    """A layer of d >= FLOAT32_PRODUCT_DIM inputs gets H within float32's precision of the exact
+    one (relative to the diagonal), a narrower one the exact float64 products."""
+    torch.manual_seed(0)
+    d = cal.FLOAT32_PRODUCT_DIM
+    wide, narrow = nn.Linear(d, 3), nn.Linear(d - 1, 3)
+    xw, xn = torch.randn(200, d) * 3.0 + 1.0, torch.randn(200, d - 1)
+    hw = cal.calibrate(wide, [xw], sensitivity=False).get("weight").h[0]
+    hn = cal.calibrate(narrow, [xn], sensitivity=False).get("weight").h[0]
+    exact = _gram(xw)
+    scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    off = np.abs(hw - exact) / scale
+    assert off.max() < 1e-5
+    assert off.max() > 0  # float32 products: not the float64 bits
+    np.testing.assert_allclose(hn, _gram(xn), rtol=1e-12, atol=0)
+
+
+def test_huge_wide_inputs_fall_back_to_float64_products():
+    """Inputs whose squares would overflow float32 (|x| ~ 1e19) are multiplied in float64: a
+    finite H, equal to the exact one, not an overflow refused as Inf."""
+    torch.manual_seed(0)
+    d = cal.FLOAT32_PRODUCT_DIM
+    x = torch.randn(64, d) * 1e19
+    h = cal.calibrate(nn.Linear(d, 2), [x], sensitivity=False).get("weight").h[0]
+    assert np.isfinite(h).all()
+    np.testing.assert_allclose(h, _gram(x), rtol=1e-12)
 
 
 class _Deep(nn.Module):

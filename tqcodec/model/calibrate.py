@@ -69,6 +69,23 @@ RNN_FUNCTIONS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tan
 
 # --- accumulators ---------------------------------------------------------------------------------
 
+FLOAT32_PRODUCT_DIM = 1024  # a batch's x^T x over inputs of at least this many dimensions is taken in
+FLOAT32_PRODUCT_MAX = 1e15  # float32 when every |x| is below this (squares summed over a batch stay far
+# from float32's 3.4e38), else in float64; the sums over batches are float64 either way. Its cost is
+# d^2 a token, the forward pass's d a token and weight: for wide inputs the products outweigh the
+# model. The file keeps H as float16 correlations or float16 eigenvectors: float32's 1e-7 is far
+# below that. Smaller inputs keep exact float64 products.
+
+
+def _product_dtype(rows: torch.Tensor, d: int) -> torch.dtype:
+    """float32 for a batch's second moments of ``rows`` (float32 or narrower) of inputs of ``d``
+    dimensions, d at least ``FLOAT32_PRODUCT_DIM`` and every entry below ``FLOAT32_PRODUCT_MAX`` in
+    magnitude (NaN and Inf are refused after, either way), else float64."""
+    if rows.dtype == torch.float64 or not rows.numel() or d < FLOAT32_PRODUCT_DIM:
+        return torch.float64
+    return torch.float32 if not bool(rows.abs().max() > FLOAT32_PRODUCT_MAX) else torch.float64
+
+
 class _Acc:
     """Sums of x x^T and x per row group (float64), at most ``cap`` samples per group; ``label``
     names what the samples are in an error (NaN or Inf in them)."""
@@ -97,9 +114,11 @@ class _Acc:
         hit = cache.get(key) if key is not None else None
         part = hit[1] if hit is not None and hit[0] is source else None
         if part is None:
-            r = rows[:take].detach().to(torch.float64)
+            r = rows[:take].detach()
+            r = r.to(_product_dtype(r, r.shape[-1] // parts))
             rg = r.reshape(take, parts, -1).transpose(0, 1)  # [parts, N, d]
-            part = (torch.bmm(rg.transpose(1, 2), rg).numpy(), rg.sum(dim=1).numpy())
+            part = (torch.bmm(rg.transpose(1, 2), rg).to(torch.float64).numpy(),
+                    rg.sum(dim=1, dtype=torch.float64).numpy())
             if key is not None:
                 cache[key] = (source, part)
         hh, ss = part
@@ -796,6 +815,7 @@ def _float_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if p.dtype.is_floating_point and not isinstance(p, nn.parameter.UninitializedParameter) and p.numel()]
 
 
+SQUARES_CHUNK = 1 << 22  # elements of a probe gradient squared in float64 at once (not a whole table's)
 COLUMN_PROBES = 8  # probes per sensitivity batch for an embedding's column metric (one also gives the gains)
 
 
@@ -826,9 +846,11 @@ class _Probe:
         """Parameter ``j``'s gradient, as soon as the backward pass has it: its squares summed per
         row, then dropped (so that at most a few parameters' gradients are held at a time, not
         the whole model's: 2.4 GB for a 604M-parameter Llama)."""
-        g2 = p.grad.detach().to(torch.float64).pow(2)
+        g = p.grad.detach().reshape(len(self.row_sq[j]), -1)
         p.grad = None
-        rows = g2.reshape(len(self.row_sq[j]), -1).sum(dim=1).numpy()
+        step = max(1, SQUARES_CHUNK // max(g.shape[1], 1))  # rows squared in float64 a chunk at a time
+        rows = torch.cat([g[i:i + step].to(torch.float64).pow(2).sum(dim=1)
+                          for i in range(0, len(g), step)]).numpy()
         self.row_sq[j] += rows
         self.sq[j] += float(rows.sum())
 
