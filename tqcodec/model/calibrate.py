@@ -1221,7 +1221,7 @@ def fill_batches(lengths: Sequence[int], batch_size: int, per_token: int = 0) ->
 PROBE_BATCHES = 8      # the sensitivity probes run on the first batches: at most this many, and ...
 PROBE_WORK = 1 << 37   # ... no more than these tokens x parameters beyond the first batch. A probe batch
 # is eight backward passes, so on large models the probes outweigh every forward pass: a 604M-parameter
-# Llama, 16 synthetic sequences a batch, took 75 s a probe batch against 3 s a batch without. MiniLM
+# Llama, 16 synthetic sequences a batch, took 75 s a probe batch against 12 s a batch without. MiniLM
 # (128 sentences, 22.7M parameters: 6e10) and the benchmark's GPT-2 (128 windows of 128 tokens, 1.3M)
 # keep all eight
 
