@@ -865,11 +865,8 @@ class _Probe:
         hooks = [o.register_hook(lambda g, k=k: got.__setitem__(k, g.detach())) for k, o in enumerate(outputs)]
         hooks += [p.register_post_accumulate_grad_hook(lambda p, j=j: self._take(j, p))
                   for j, (_, p) in enumerate(self.params)]
-        try:
-            live = [(y, v) for y, v in zip(ys, vs) if y.requires_grad]
-            if live:
-                torch.autograd.backward([y for y, _ in live], grad_tensors=[v for _, v in live],
-                                        inputs=[p for _, p in self.params], retain_graph=retain)
+        try:  # (every counted output depends on the parameters: _counted keeps only those)
+            torch.autograd.backward(ys, grad_tensors=vs, inputs=[p for _, p in self.params], retain_graph=retain)
         finally:
             for h in hooks:
                 h.remove()
@@ -1226,6 +1223,11 @@ PROBE_WORK = 1 << 37   # ... no more than these tokens x parameters beyond the f
 # keep all eight
 
 
+def _tokens(batch: dict) -> int:
+    """The tokens of a tokenized batch: its ``attention_mask``'s ones, else every position."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+
+
 def probe_batches(batches: Sequence[dict], model: nn.Module) -> int:
     """How many of the first ``batches`` the sensitivity probes run on (``calibrate``'s
     ``sensitivity_batches``): ``PROBE_BATCHES``, or fewer where their tokens (``attention_mask``'s
@@ -1233,8 +1235,7 @@ def probe_batches(batches: Sequence[dict], model: nn.Module) -> int:
     params = sum(p.numel() for p in model.parameters())
     work = 0
     for n, b in enumerate(batches[:PROBE_BATCHES]):
-        tokens = int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
-        work += tokens * params
+        work += _tokens(b) * params
         if n and work > PROBE_WORK:
             return n
     return PROBE_BATCHES  # (calibrate's views of a small set fill the batches the set lacks)
@@ -1410,8 +1411,7 @@ def calibrate_folder(folder: Any, text: Optional[Any] = None, *, samples: Option
         tell("batches", len(batches), len(batches))
     stats = calibrate(model, fed(), seed=seed, sensitivity_batches=probe_batches(batches, model),
                       progress=lambda w, d, t: tell(f"sensitivity: {w}", d, t))
-    tokens = int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in batches))
+    tokens = sum(_tokens(b) for b in batches)
     run_lines = sum(1 for ln in lines if ln.strip()) if lines is not None else 0
     summary = {"sequences": sum(len(b["input_ids"]) for b in batches), "tokens": tokens,
                "lines": run_lines, "packed": stream, "counted_lines": run_lines, "counted_tokens": tokens}
