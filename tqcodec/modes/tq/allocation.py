@@ -23,7 +23,7 @@ import numpy as np
 from ...format.leb128 import packed_counts_bytes
 from ...format.steps import STEP_CODE_MAX, STEP_CODE_MIN, code_at_most, step_from_code
 from .pool import each, grouped, run
-from .rounding import gptq_round, prepare, round_nearest
+from .rounding import Prepared, gptq_round, prepare, round_nearest
 
 MAX_LEVEL = 1 << 20
 WHOLE_MATRIX_ROUNDING = 1 << 17  # row_band bands of smaller weights round the whole matrix at a code
@@ -34,6 +34,10 @@ ROW_BLOCK = 1 << 20  # a unit without H is rounded and measured this many weight
 COUNT_BLOCK = 1 << 22  # levels counted at a time by coded_bits
 CHUNK_HEADER_BITS = 32 * 8
 BAND_PARAM_BITS = 8 * 8  # band_rows, step, q_min entries and the bytes header in the manifest
+KEPT_LEVELS_BYTES = 1 << 30
+"""Error-feedback levels kept for writing the file, in all (:class:`KeptLevels`). Each exact
+curve point's levels were kept before, a byte a weight for each code of the refine windows: 6.6 GB
+of a 600M-parameter Llama's calibrated encode. Levels dropped are rounded again when asked."""
 
 
 def level_type(largest: float) -> type:
@@ -144,6 +148,85 @@ def wide(a: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.float64 else a.astype(np.float64)
 
 
+class KeptLevels:
+    """Levels kept by their owners (a :class:`Unit`'s ``levels``, a :class:`SharedRounding`'s),
+    at most ``limit`` bytes in all, least recently used dropped first. An owner is held weakly:
+    nothing is kept alive for it, and an encode that ends frees its levels. Safe to use from
+    several threads (an owner's own thread reads what another's ``put`` may drop: it then
+    rounds again, the same levels)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._entries: "OrderedDict[tuple[int, int], tuple[weakref.ref, int]]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, owner: Any, code: int, levels: np.ndarray) -> np.ndarray:
+        """Keep ``levels`` as ``owner.levels[code]`` (``owner.serial`` names it); returns them."""
+        owner.levels[code] = levels
+        key = (owner.serial, code)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (weakref.ref(owner), levels.nbytes)
+            self._bytes += levels.nbytes
+            while self._bytes > self.limit and len(self._entries) > 1:
+                (_, dropped), (ref, nbytes) = self._entries.popitem(last=False)
+                self._bytes -= nbytes
+                holder = ref()
+                if holder is not None:
+                    holder.levels.pop(dropped, None)
+        return levels
+
+    def get(self, owner: Any, code: int) -> Optional[np.ndarray]:
+        """``owner.levels[code]`` (now the most recently used), or None when not kept."""
+        levels = owner.levels.get(code)
+        if levels is not None:
+            with self._lock:
+                if (owner.serial, code) in self._entries:
+                    self._entries.move_to_end((owner.serial, code))
+        return levels
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the levels counted as kept (owners freed since included, until dropped)."""
+        return self._bytes
+
+
+KEPT = KeptLevels(KEPT_LEVELS_BYTES)
+_SERIALS = itertools.count()
+
+
+class SharedRounding:
+    """What the row bands of one tensor share for error-feedback rounding (rows round
+    independently under the tensor's one H): ``w`` the whole [N, m] matrix (or :class:`Rows`
+    that make it), the prepared H once made, and the whole matrix's levels by code (kept under
+    :data:`KEPT`)."""
+
+    def __init__(self, w: Any):
+        self.w = w
+        self.prepared: Optional[Prepared] = None
+        self.levels: dict[int, np.ndarray] = {}
+        self.serial = next(_SERIALS)
+
+    def matrix(self) -> np.ndarray:
+        return self.w() if isinstance(self.w, Rows) else self.w
+
+    def prepared_for(self, h: np.ndarray) -> Prepared:
+        if self.prepared is None:
+            self.prepared = prepare(h)
+        return self.prepared
+
+    def rounded(self, code: int, h: np.ndarray) -> np.ndarray:
+        """The whole matrix's levels at ``code`` (narrowest integer type)."""
+        levels = KEPT.get(self, code)
+        if levels is None:
+            levels = KEPT.put(self, code, narrow(gptq_round(self.matrix(), h, step_from_code(code), -MAX_LEVEL,
+                                                            MAX_LEVEL, prepared=self.prepared_for(h))))
+        return levels
+
+
 @contextlib.contextmanager
 def pinned(units: Sequence["Unit"]) -> Iterator[None]:
     """Hold the lazily made matrices ``units`` read while the caller works on those units:
@@ -161,9 +244,6 @@ def pinned(units: Sequence["Unit"]) -> Iterator[None]:
         held.clear()
 
 
-_SERIALS = itertools.count()
-
-
 @dataclass
 class Unit:
     """One tensor to allocate: ``data`` its [n, m] float64 rows, or :class:`Rows` that remake them
@@ -175,15 +255,15 @@ class Unit:
     h: Optional[np.ndarray] = None
     row_weights: Optional[np.ndarray] = None
     gain: float = 1.0
-    # filled by the allocator: code -> (D, R bits); code -> levels (GPTQ, when computed)
+    # filled by the allocator: code -> (D, R bits); code -> levels (GPTQ, when computed; KEPT)
     curve: dict = field(default_factory=dict)
     levels: dict = field(default_factory=dict)
     exact: set = field(default_factory=set)  # codes whose curve point used the final rounding
     _prepared: Optional[list] = None
     _diag: Optional[np.ndarray] = None
-    # row bands of one tensor share error-feedback results (rows round independently):
-    # ``shared`` = {"w": the full [N, m] matrix (Rows), "prepared": ..., code: full levels}, rows r0:r1 of it
-    shared: Optional[dict] = None
+    # row bands of one tensor share error-feedback results (rows round independently): rows r0:r1
+    # (or row_index) of the whole matrix of ``shared``
+    shared: Optional[SharedRounding] = None
     r0: int = 0
     h_mean: Optional[np.ndarray] = None  # E[x] per group [groups, m] (bias correction), with h
     max_code: Optional[int] = None  # coarser step codes are never chosen (BatchNorm running variances)
@@ -257,7 +337,7 @@ class Unit:
         bands of small weights, and runs of rows): then that cache holds them."""
         if self.row_index is None:
             return True
-        full = self.shared["w"].shape
+        full = self.shared.w.shape
         return full[0] * full[1] <= WHOLE_MATRIX_ROUNDING
 
     def _row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -316,26 +396,14 @@ class Unit:
             return out
         if self.shared is not None and self.row_index is not None:  # rows of one band of a row_band tensor
             sh = self.shared
-            if "prepared" not in sh:
-                sh["prepared"] = [prepare(self.h[0])]
             if self._whole_matrix_rounding():  # the column loop's overhead dominates: once per code
-                if code not in sh:
-                    w = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
-                    sh[code] = narrow(gptq_round(w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0]))
-                return sh[code][self.row_index].astype(np.int64)
+                return sh.rounded(code, self.h[0])[self.row_index].astype(np.int64)
             fed = self._fed.pop(code, None)
             if fed is not None:
                 return fed
-            return gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0])
+            return gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh.prepared_for(self.h[0]))
         if self.shared is not None:
-            sh = self.shared
-            if code not in sh:
-                if "prepared" not in sh:
-                    sh["prepared"] = [prepare(self.h[0])]
-                full = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
-                sh[code] = narrow(gptq_round(full, self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
-                                             prepared=sh["prepared"][0]))
-            return sh[code][self.r0:self.r0 + self.shape[0]].astype(np.int64)
+            return self.shared.rounded(code, self.h[0])[self.r0:self.r0 + self.shape[0]].astype(np.int64)
         g, d, _ = self.h.shape
         rows = self.w.reshape(g, -1, d)
         if self._prepared is None:
@@ -385,9 +453,9 @@ class Unit:
         self.curve_version += 1
         self.exact.add(code)
         if keep and self.h is not None and (self.shared is None or not self._whole_matrix_rounding()):
-            # error-feedback levels are costly to compute again: kept, in the narrowest integer type
-            # (plain rounding, without H, is recomputed when the tensor is written)
-            self.levels[code] = narrow(lv)
+            # error-feedback levels are costly to compute again: kept (within KEPT's bytes), in the
+            # narrowest integer type (plain rounding, without H, is recomputed when the tensor is written)
+            KEPT.put(self, code, narrow(lv))
         return d, r
 
     def recall_exact(self, code: int) -> bool:
@@ -590,6 +658,10 @@ def refine(units: list[Unit], pick: dict[str, int], window: int, threads: int = 
     (``threads``: as :func:`build_curves`)."""
 
     def exact(group: list[Unit]) -> None:
+        for u in group:  # the picks' levels are the ones a file written next will read: used last
+            KEPT.get(u, pick[u.name])
+            if u.shared is not None:
+                KEPT.get(u.shared, pick[u.name])
         wanted = {u.name: [c for c in sorted(u.curve) if abs(c - pick[u.name]) <= window and c not in u.exact
                            and not u.recall_exact(c)]
                   for u in group}
@@ -618,16 +690,15 @@ def _feed_row_bands(group: list[Unit], wanted: Mapping[str, list[int]]) -> None:
     and the column loop runs once per k instead of once per band and code. Same levels as
     band by band."""
     sh = group[0].shared
-    if "prepared" not in sh:
-        sh["prepared"] = [prepare(group[0].h[0])]
-    full = sh["w"]() if isinstance(sh["w"], Rows) else sh["w"]
+    prepared = sh.prepared_for(group[0].h[0])
+    full = sh.matrix()
     for k in range(max((len(wanted[u.name]) for u in group), default=0)):
         taking = [u for u in group if len(wanted[u.name]) > k]
         if len(taking) < 2:  # one band alone: quantize rounds it as before
             continue
         rows = np.concatenate([u.row_index for u in taking])
         steps = np.concatenate([np.full(len(u.row_index), step_from_code(wanted[u.name][k])) for u in taking])
-        levels = gptq_round(full[rows], group[0].h[0], steps, -MAX_LEVEL, MAX_LEVEL, prepared=sh["prepared"][0])
+        levels = gptq_round(full[rows], group[0].h[0], steps, -MAX_LEVEL, MAX_LEVEL, prepared=prepared)
         at = 0
         for u in taking:
             u._fed[wanted[u.name][k]] = levels[at:at + len(u.row_index)]

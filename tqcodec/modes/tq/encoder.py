@@ -4,6 +4,7 @@ real container size through ``size_of`` so that a bits target holds for the whol
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -15,8 +16,8 @@ from ...processes import current_budget
 from ..base import Encoded
 from . import transforms
 from .format import write
-from .allocation import (Matrices, Rows, Unit, bisect_lambda, build_curves, candidate_codes, choose, fill, pinned, refine,
-                         totals)
+from .allocation import (KEPT, Matrices, Rows, SharedRounding, Unit, bisect_lambda, build_curves, candidate_codes,
+                         choose, fill, pinned, refine, totals)
 from .pool import each, run
 from .tokens import floored_counts
 
@@ -131,6 +132,20 @@ def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     return np.stack([(1.0 - alpha) * h[g] + alpha * typical[g] * eye for g in range(h.shape[0])])
 
 
+def usable_h_of(st, usable: dict) -> Optional[np.ndarray]:
+    """:func:`usable_h` of ``st``'s H, made once per distinct H and sample count in ``usable``:
+    tensors that read one input (query, key and value; an MLP's gate and up projections) share
+    one array, however their statistics were read (a lazily opened file reads each tensor's
+    statistics anew, and so made a copy per tensor: 1.1 GB of a 600M-parameter Llama's encode)."""
+    h = np.ascontiguousarray(st.h, dtype=np.float64)
+    digest = hashlib.blake2b(h.tobytes(), digest_size=20)
+    digest.update(repr((h.shape, int(st.rows))).encode())
+    key = digest.digest()
+    if key not in usable:
+        usable[key] = usable_h(h, st.rows)
+    return usable[key]
+
+
 PSD_SLACK = 1e-9  # an H whose smallest eigenvalue is above -PSD_SLACK * mean(diag) is used as it is
 
 
@@ -156,12 +171,13 @@ def view_shape(shape: Sequence[int], layout: str) -> tuple[int, int]:
 
 
 def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
-               block: bool = False) -> tuple[list[Unit], dict[str, str]]:
+               block: bool = False, usable: Optional[dict] = None) -> tuple[list[Unit], dict[str, str]]:
     """Units for the tensors tq codes, and each unit's layout. Tensors left out (1-D without a
     measured gain, small tensors without statistics, running variances) go to the data-free path.
     ``matrices``: where the [n, m] matrices of large tensors are made when needed (default: a new
     :class:`Matrices`); small tensors are held. ``block``: the items are row blocks of one tensor,
-    whose records are joined (``out_in``, bands of consecutive rows): no magnitude bands."""
+    whose records are joined (``out_in``, bands of consecutive rows): no magnitude bands.
+    ``usable``: where each distinct H as the units weigh by it is kept (:func:`usable_h_of`)."""
     matrices = matrices if matrices is not None else Matrices()
     units: list[Unit] = []
     layouts: dict[str, str] = {}
@@ -175,7 +191,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
     # alone (tq_scope "tensor") a bits target of its own would zero it, so it stays raw
     matrices_too = any(len(it.shape) >= 2 for it in items)
     by_name = {it.name: it for it in items}
-    usable: dict[tuple[int, int], Optional[np.ndarray]] = {}  # tensors reading one input share its H (Q, K, V)
+    usable = {} if usable is None else usable
     for index, it in enumerate(items):
         st = stats.get(it.name) if stats is not None else None
         if it.name.endswith((".running_mean", ".running_var")) or it.name in ("running_mean", "running_var"):
@@ -233,10 +249,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
                 rw = np.asarray(st.row_h, dtype=np.float64)  # inputs on the rows (transposed convolutions)
                 rw = rw if np.isfinite(rw).all() and rw.sum() > 0 else None
             elif _h_fits(st.h, n, m):
-                key = (id(st.h), int(st.rows))
-                if key not in usable:
-                    usable[key] = usable_h(st.h, st.rows)
-                h = usable[key]
+                h = usable_h_of(st, usable)
         row_banded = rw is not None
         if rw is None and layout == "out_in" and stats is not None:
             # the gain holds the mean scale, the rows keep their shares. Not without statistics: a
@@ -259,7 +272,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
         classes = row_classes(rw, m, ROW_CLASS_MIN, MAX_ROW_CLASSES) \
             if h is not None and h.shape[0] == 1 and rw is not None and not getattr(stats, "synthetic", False) else []
         if len(classes) > 1:  # rows of like output sensitivity share a step and a table (row_band)
-            shared = {"w": w2}  # the tensor's error-feedback preparation (and results), one for its classes
+            shared = SharedRounding(w2)  # the tensor's error-feedback preparation (and results), one for its classes
             for b, index in enumerate(classes):
                 units.append(Unit(band_name(it.name, b), _rows_of(w2, index, matrices, it.name), h, rw[index], gain,
                                   shared=shared, r0=int(index[0]), row_index=index))
@@ -280,7 +293,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
         cap, size = MAX_BANDS, band_size
         nb = 1 if h is not None and h.shape[0] > 1 else max(1, min(cap, n, -(-(n * m) // max(size, 1))))
         bounds = [n * i // nb for i in range(nb + 1)]
-        shared = {"w": w2} if nb > 1 and h is not None else None
+        shared = SharedRounding(w2) if nb > 1 and h is not None else None
         for b in range(nb):
             r0, r1 = bounds[b], bounds[b + 1]
             rows = matrices.rows(it.name, r0, r1, (r1 - r0, m)) if isinstance(w2, Rows) else w2[r0:r1]
@@ -569,7 +582,7 @@ def by_tensor(units: Sequence[Unit]) -> dict[str, list[Unit]]:
 
 
 def _levels(u: Unit, code: int) -> np.ndarray:
-    lv = u.levels.get(code)
+    lv = KEPT.get(u, code)
     return u.quantize(code, True) if lv is None else lv
 
 
@@ -672,12 +685,14 @@ class TransformOption:
 
 
 def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
-                      matrices: Optional[Matrices] = None) -> dict[str, TransformOption]:
+                      matrices: Optional[Matrices] = None, usable: Optional[dict] = None) -> dict[str, TransformOption]:
     """The transform each eligible tensor could use: the activation-aware transform (AAT) where
     the tensor has input statistics, the weight KLT where it has none. Eligible: coded by tq as
     one [n, m] matrix (no groups, no embedding row weights), ``n >= TRANSFORM_MIN_RATIO * m``.
-    The coefficient matrix of a large tensor is made when needed (``matrices``), not held."""
+    The coefficient matrix of a large tensor is made when needed (``matrices``), not held.
+    ``usable``: the H the units weigh by (:func:`make_units`'s), which an AAT's metric shares."""
     matrices = matrices if matrices is not None else Matrices()
+    usable = {} if usable is None else usable
     out: dict[str, TransformOption] = {}
     identity: dict[int, np.ndarray] = {}  # the KLT's error metric, one (read-only) per size for every option
     for it in items:
@@ -695,7 +710,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
             # a transform fitted to statistics of few samples fits those samples, not the layer's inputs
             if not _h_fits(st.h, n, m) or st.h.shape[0] != 1 or st.rows < TRANSFORM_MIN_SAMPLES * m:
                 continue
-            full = usable_h(st.h, st.rows)
+            full = usable_h_of(st, usable)
             if full is None:
                 continue
             h = full[0]
@@ -860,7 +875,7 @@ def coarser_partitions(units: list[Unit]) -> dict[str, list[list[Unit]]]:
         if sum(u.size for u in bands) > PARTITION_MAX_ELEMENTS or any(u.max_code is not None for u in bands):
             continue
         first = bands[0]
-        w = first.shared["w"] if first.shared is not None else np.concatenate([u.w for u in bands])
+        w = first.shared.w if first.shared is not None else np.concatenate([u.w for u in bands])
         rw = None if first.row_weights is None else np.concatenate([u.row_weights for u in bands])
         n = w.shape[0]
         alts = []
@@ -955,8 +970,9 @@ class ModelEncoder:
         self.tell = progress or (lambda what, done, total: None)
         self.feedback = stats is not None
         self.matrices = Matrices()  # the large tensors' matrices, made when needed, two at a time
+        usable: dict = {}  # each distinct H once, for the units and the transforms' metrics
         with threadpool_limits(limits=1, user_api="blas"):
-            self.units, self.layouts = make_units(items, stats, self.matrices, block=block)
+            self.units, self.layouts = make_units(items, stats, self.matrices, block=block, usable=usable)
             self.options: dict[str, TransformOption] = {}
             self.partitions: dict[str, list[list[Unit]]] = {}
             if self.units:
@@ -964,7 +980,7 @@ class ModelEncoder:
                              progress=lambda done, total: self.tell("curves", done, total))
                 self.matrices.release()
                 if transforms:
-                    self.options = transform_options(items, stats, self.layouts, self.matrices)
+                    self.options = transform_options(items, stats, self.layouts, self.matrices, usable)
                 if stats is not None:
                     self.partitions = coarser_partitions(self.units)
         # Each encode starts from these curves, as a fresh encoder would: an allocation over curves

@@ -1,0 +1,113 @@
+"""What the calibrated tq encoder holds while it works: one H per distinct input, half of each
+damped inverse's factor, and error-feedback levels within a byte budget (the same bytes either
+way). A 600M-parameter Llama's calibrated encode peaked at 18 GiB with all of them held."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import tqcodec
+from tqcodec.model.stats import Stats
+from tqcodec.modes.tq import allocation
+from tqcodec.modes.tq.encoder import Item, make_units, transform_options
+from tqcodec.modes.tq.rounding import prepare, gptq_round
+
+
+def _full_factor_rounding(w, h, step, q_min, q_max, block=32):
+    """Error-feedback rounding as it read the whole upper factor U (the loop before U was kept
+    as row blocks): the reference the row blocks must reproduce bit for bit."""
+    from tqcodec.modes.tq.rounding import _hinv_upper
+    perm = np.argsort(-np.diag(h), kind="stable")
+    u = _hinv_upper(h[np.ix_(perm, perm)], 0.01)
+    wt = np.array(np.asarray(w, dtype=np.float64).T[perm], order="C")
+    m, n = wt.shape
+    qt = np.zeros((m, n))
+    for i1 in range(0, m, block):
+        i2 = min(i1 + block, m)
+        w1, err1, u1 = wt[i1:i2], np.zeros((i2 - i1, n)), u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            qi = np.clip(np.rint(w1[i] * (1.0 / step)), q_min, q_max)
+            qt[i1 + i] = qi
+            e = (w1[i] - qi * step) / u1[i, i]
+            if i + 1 < i2 - i1:
+                w1[i + 1:] -= u1[i, i + 1:, None] * e[None, :]
+            err1[i] = e
+        if i2 < m:
+            wt[i2:] -= u[i1:i2, i2:].T @ err1
+    q = np.empty((n, m), dtype=np.int64)
+    q[:, perm] = qt.T.astype(np.int64)
+    return q
+
+
+def test_the_damped_inverse_keeps_half_its_factor_and_rounds_as_the_whole_one():
+    rng = np.random.default_rng(0)
+    d = 513
+    x = rng.standard_normal((2 * d, d)) * rng.uniform(0.1, 3.0, d)
+    h = x.T @ x / len(x)
+    prepared = prepare(h)
+    assert prepared.nbytes < 0.6 * d * d * 8  # the whole factor: d * d * 8 bytes
+    w = rng.standard_normal((40, d))
+    for step in (0.05, 0.4, rng.uniform(0.05, 0.4, 40)):
+        np.testing.assert_array_equal(gptq_round(w, h, step, -1000, 1000, prepared=prepared),
+                                      _full_factor_rounding(w, h, step, -1000, 1000))
+
+
+class _Attention(nn.Module):
+    """Three projections of one input (query, key, value) and a wide one after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(24, 48), nn.Linear(24, 48), nn.Linear(24, 48)
+        self.out = nn.Linear(48, 24)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.q(x)) * torch.sigmoid(self.k(x)) + self.v(x))
+
+
+def test_tensors_reading_one_input_share_one_h_from_a_lazily_opened_file(tmp_path):
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    stats = tqcodec.calibrate(model, [torch.randn(64, 24) for _ in range(4)])
+    stats.save(tmp_path / "stats.safetensors")
+    lazy = Stats.open(tmp_path / "stats.safetensors")
+    items = [Item.of(n, "float32", p.detach().double().numpy()) for n, p in model.named_parameters()]
+    usable: dict = {}
+    units, layouts = make_units(items, lazy, usable=usable)
+    h_of = {u.name.split("\x00")[0]: u.h for u in units if u.h is not None}
+    assert h_of["q.weight"] is h_of["k.weight"] is h_of["v.weight"]
+    assert h_of["out.weight"] is not h_of["q.weight"]
+    assert len(usable) == 2  # the projections' input and the output layer's
+    options = transform_options(items, lazy, layouts, usable=usable)
+    assert options, "48 x 24 projections are offered a transform"
+    for name, option in options.items():  # the AAT's metric is the units' H, not another copy
+        assert any(v is h_of[name] for v in usable.values())
+
+
+def test_error_feedback_levels_stay_within_their_budget_and_give_the_same_file(monkeypatch):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 10)).eval()
+    stats = tqcodec.calibrate(model, [torch.randn(64, 32) for _ in range(4)])
+    sd = model.state_dict()
+    kept = allocation.KeptLevels(allocation.KEPT_LEVELS_BYTES)
+    monkeypatch.setattr(allocation, "KEPT", kept)
+    monkeypatch.setattr("tqcodec.modes.tq.encoder.KEPT", kept)
+    roomy = tqcodec.encode_bytes(sd, stats=stats, bits=3.0)
+    assert kept.nbytes > 0
+
+    tight = allocation.KeptLevels(3000)  # a few bands' levels at a time
+    most, total, largest, put = [0], [0], [0], tight.put
+
+    def counted(owner, code, levels):
+        out = put(owner, code, levels)
+        total[0] += levels.nbytes
+        largest[0] = max(largest[0], levels.nbytes)
+        most[0] = max(most[0], tight.nbytes)
+        return out
+
+    monkeypatch.setattr(tight, "put", counted)
+    monkeypatch.setattr(allocation, "KEPT", tight)
+    monkeypatch.setattr("tqcodec.modes.tq.encoder.KEPT", tight)
+    assert tqcodec.encode_bytes(sd, stats=stats, bits=3.0) == roomy
+    assert 0 < most[0] <= max(3000, largest[0])  # the limit, or one set of levels larger than it
+    assert total[0] > 3 * 3000  # so levels were dropped (and made again where the file needed them)
