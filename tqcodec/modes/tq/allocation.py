@@ -138,8 +138,12 @@ class Rows:
     index: Optional[np.ndarray] = None
 
     def __call__(self) -> np.ndarray:
+        return wide(self.stored())
+
+    def stored(self) -> np.ndarray:
+        """The rows as the matrix keeps them (float32 where that is exact), not widened."""
         full = self.matrices.get(self.key)
-        return wide(full[self.r0:self.r1] if self.index is None else full[self.index])
+        return full[self.r0:self.r1] if self.index is None else full[self.index]
 
 
 def wide(a: np.ndarray) -> np.ndarray:
@@ -211,7 +215,8 @@ class SharedRounding:
         self.serial = next(_SERIALS)
 
     def matrix(self) -> np.ndarray:
-        return self.w() if isinstance(self.w, Rows) else self.w
+        """The whole matrix as kept (float32 where exact: error-feedback rounding widens it)."""
+        return self.w.stored() if isinstance(self.w, Rows) else self.w
 
     def prepared_for(self, h: np.ndarray) -> Prepared:
         if self.prepared is None:
@@ -280,6 +285,11 @@ class Unit:
     @property
     def w(self) -> np.ndarray:
         return self.data() if isinstance(self.data, Rows) else self.data
+
+    @property
+    def w_stored(self) -> np.ndarray:
+        """The rows as kept (float32 where exact), for work that widens them itself."""
+        return self.data.stored() if isinstance(self.data, Rows) else self.data
 
     @property
     def group(self) -> object:
@@ -397,15 +407,16 @@ class Unit:
         if self.shared is not None and self.row_index is not None:  # rows of one band of a row_band tensor
             sh = self.shared
             if self._whole_matrix_rounding():  # the column loop's overhead dominates: once per code
-                return sh.rounded(code, self.h[0])[self.row_index].astype(np.int64)
+                return sh.rounded(code, self.h[0])[self.row_index]
             fed = self._fed.pop(code, None)
             if fed is not None:
                 return fed
-            return gptq_round(self.w, self.h[0], step, -MAX_LEVEL, MAX_LEVEL, prepared=sh.prepared_for(self.h[0]))
+            return gptq_round(self.w_stored, self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
+                              prepared=sh.prepared_for(self.h[0]))
         if self.shared is not None:
-            return self.shared.rounded(code, self.h[0])[self.r0:self.r0 + self.shape[0]].astype(np.int64)
+            return self.shared.rounded(code, self.h[0])[self.r0:self.r0 + self.shape[0]]
         g, d, _ = self.h.shape
-        rows = self.w.reshape(g, -1, d)
+        rows = self.w_stored.reshape(g, -1, d)
         if self._prepared is None:
             self._prepared = [prepare(self.h[i]) for i in range(g)]
         out = [gptq_round(rows[i], self.h[i], step, -MAX_LEVEL, MAX_LEVEL, prepared=self._prepared[i])

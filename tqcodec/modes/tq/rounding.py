@@ -15,6 +15,7 @@ import numpy as np
 PREPARED_KEEP = 4  # damped inverses kept by content (tensors reading one input share one H: Q, K and V)
 PREPARED_MAX_BYTES = 32 << 20  # ... each of an H at most this big (d <= 2048)
 BLOCK = 32  # columns rounded before their errors reach the later columns in one product
+TRANSPOSE_COLUMNS = 256  # columns of w copied into the working transpose at a time
 _PREPARED: "OrderedDict[tuple, Prepared]" = OrderedDict()
 _PREPARED_LOCK = threading.Lock()
 
@@ -100,7 +101,8 @@ def prepare(h: np.ndarray, *, damp: float = 0.01, act_order: bool = True, block:
 def gptq_round(w: np.ndarray, h: np.ndarray, step: float | np.ndarray, q_min: int, q_max: int, *,
                damp: float = 0.01, block: int = BLOCK, act_order: bool = True,
                prepared: Prepared | None = None) -> np.ndarray:
-    """Levels (int64, shaped like ``w`` [out, in]) minimising ``tr(E H E^T)`` greedily.
+    """Levels (int32, shaped like ``w`` [out, in]) minimising ``tr(E H E^T)`` greedily;
+    ``q_min``, ``q_max`` within int32.
 
     Columns are quantized one at a time (largest ``diag H`` first when ``act_order``; ties by
     index); each column's rounding error is spread over the not-yet-quantized columns through
@@ -112,10 +114,14 @@ def gptq_round(w: np.ndarray, h: np.ndarray, step: float | np.ndarray, q_min: in
     if prepared is None:
         prepared = prepare(h, damp=damp, act_order=act_order, block=block)
     perm, block = prepared.perm, prepared.block
-    # work on the transpose: input column i is then a contiguous row (the loop is row-wise)
-    wt = np.array(np.asarray(w, dtype=np.float64).T[perm], dtype=np.float64, order="C")
-    m, n = wt.shape
-    qt = np.zeros((m, n), dtype=np.float64)
+    # work on the transpose: input column i is then a contiguous row (the loop is row-wise), made a
+    # few columns at a time from w as given (float32 or float64): no float64 copy of w beside it
+    w = np.asarray(w)
+    n, m = w.shape
+    wt = np.empty((m, n), dtype=np.float64)
+    for a in range(0, m, TRANSPOSE_COLUMNS):
+        wt[a:a + TRANSPOSE_COLUMNS] = w[:, perm[a:a + TRANSPOSE_COLUMNS]].T
+    qt = np.zeros((m, n), dtype=np.int32)  # levels within ±2^31 (the encoder's: ±2^20)
     inv_step = 1.0 / step
     for b, i1 in enumerate(range(0, m, block)):
         i2 = min(i1 + block, m)
@@ -134,6 +140,6 @@ def gptq_round(w: np.ndarray, h: np.ndarray, step: float | np.ndarray, q_min: in
             err1[i] = e
         if i2 < m:
             wt[i2:] -= u_rows[:, i2 - i1:].T @ err1
-    q = np.empty((n, m), dtype=np.int64)
-    q[:, perm] = qt.T.astype(np.int64)
+    q = np.empty((n, m), dtype=np.int32)
+    q[:, perm] = qt.T
     return q
