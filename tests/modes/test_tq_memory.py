@@ -111,3 +111,24 @@ def test_error_feedback_levels_stay_within_their_budget_and_give_the_same_file(m
     assert tqcodec.encode_bytes(sd, stats=stats, bits=3.0) == roomy
     assert 0 < most[0] <= max(3000, largest[0])  # the limit, or one set of levels larger than it
     assert total[0] > 3 * 3000  # so levels were dropped (and made again where the file needed them)
+
+
+def test_a_wide_h_made_again_when_read_gives_the_same_file(monkeypatch, tmp_path):
+    """Units whose H is at least LAZY_H_DIM wide hold a LazyH (made again from the statistics
+    when read, two held at a time) instead of the array: the same file, from statistics in
+    memory and from a lazily opened file."""
+    from tqcodec.modes.tq import encoder
+    torch.manual_seed(2)
+    model = _Attention().eval()
+    stats = tqcodec.calibrate(model, [torch.randn(64, 24) for _ in range(4)])
+    stats.save(tmp_path / "stats.safetensors")
+    lazy = Stats.open(tmp_path / "stats.safetensors")
+    sd = model.state_dict()
+    held = {which: tqcodec.encode_bytes(sd, stats=st, bits=3.0) for which, st in (("memory", stats), ("file", lazy))}
+    monkeypatch.setattr(encoder, "LAZY_H_DIM", 24)  # every H of this model
+    items = [Item.of(n, "float32", p.detach().double().numpy()) for n, p in model.named_parameters()]
+    units, _ = make_units(items, lazy)
+    assert all(isinstance(u.h, allocation.LazyH) for u in units if u.h is not None and u.h.shape[-1] >= 24)
+    assert any(isinstance(u.h, allocation.LazyH) for u in units)
+    for which, st in (("memory", stats), ("file", lazy)):
+        assert tqcodec.encode_bytes(sd, stats=st, bits=3.0) == held[which]

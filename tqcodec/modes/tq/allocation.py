@@ -218,18 +218,52 @@ class SharedRounding:
         """The whole matrix as kept (float32 where exact: error-feedback rounding widens it)."""
         return self.w.stored() if isinstance(self.w, Rows) else self.w
 
-    def prepared_for(self, h: np.ndarray) -> Prepared:
+    def prepared_for(self, h: Any) -> Prepared:
+        """The prepared H of the tensor's one group (``h`` [1, d, d], an array or :class:`LazyH`:
+        read only the first time)."""
         if self.prepared is None:
-            self.prepared = prepare(h)
+            self.prepared = prepare(h[0])
         return self.prepared
 
-    def rounded(self, code: int, h: np.ndarray) -> np.ndarray:
+    def rounded(self, code: int, h: Any) -> np.ndarray:
         """The whole matrix's levels at ``code`` (narrowest integer type)."""
         levels = KEPT.get(self, code)
         if levels is None:
-            levels = KEPT.put(self, code, narrow(gptq_round(self.matrix(), h, step_from_code(code), -MAX_LEVEL,
+            levels = KEPT.put(self, code, narrow(gptq_round(self.matrix(), None, step_from_code(code), -MAX_LEVEL,
                                                             MAX_LEVEL, prepared=self.prepared_for(h))))
         return levels
+
+
+LAZY_H_DIM = 2048
+"""A unit's H at least this wide is a :class:`LazyH`: made again from the statistics when read,
+a few held at a time. A 4,096-wide H is 134 MB: a 600M-parameter Llama's twenty down-projections'
+were 2.7 GB of its calibrated encode; a 1B Llama's 8,192-wide ones would be 8.6 GB."""
+
+
+class LazyH:
+    """A unit's H [groups, d, d] made when read (``make()``: the same float64 values each time)
+    and held by ``held`` (a :class:`Matrices`: a few at a time, found again while someone holds
+    one). Reads as the array does where the encoder reads H: ``shape``, ``h[i]``."""
+
+    def __init__(self, make: Callable[[], np.ndarray], shape: tuple[int, ...], held: "Matrices"):
+        self.shape = tuple(shape)
+        self._held = held
+        self._key = f"h\x00{next(_SERIALS)}"
+        held.add(self._key, make)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def array(self) -> np.ndarray:
+        return self._held.get(self._key)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.array()[index]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.array()
+        return a if dtype is None else a.astype(dtype)
 
 
 @contextlib.contextmanager
@@ -243,6 +277,8 @@ def pinned(units: Sequence["Unit"]) -> Iterator[None]:
         d = u.data
         if isinstance(d, Rows) and (id(d.matrices), d.key) not in held:
             held[(id(d.matrices), d.key)] = d.matrices.get(d.key)
+        if isinstance(u.h, LazyH) and (id(u.h), "h") not in held:
+            held[(id(u.h), "h")] = u.h.array()
     try:
         yield
     finally:
@@ -407,19 +443,18 @@ class Unit:
         if self.shared is not None and self.row_index is not None:  # rows of one band of a row_band tensor
             sh = self.shared
             if self._whole_matrix_rounding():  # the column loop's overhead dominates: once per code
-                return sh.rounded(code, self.h[0])[self.row_index]
+                return sh.rounded(code, self.h)[self.row_index]
             fed = self._fed.pop(code, None)
             if fed is not None:
                 return fed
-            return gptq_round(self.w_stored, self.h[0], step, -MAX_LEVEL, MAX_LEVEL,
-                              prepared=sh.prepared_for(self.h[0]))
+            return gptq_round(self.w_stored, None, step, -MAX_LEVEL, MAX_LEVEL, prepared=sh.prepared_for(self.h))
         if self.shared is not None:
-            return self.shared.rounded(code, self.h[0])[self.r0:self.r0 + self.shape[0]]
+            return self.shared.rounded(code, self.h)[self.r0:self.r0 + self.shape[0]]
         g, d, _ = self.h.shape
         rows = self.w_stored.reshape(g, -1, d)
         if self._prepared is None:
             self._prepared = [prepare(self.h[i]) for i in range(g)]
-        out = [gptq_round(rows[i], self.h[i], step, -MAX_LEVEL, MAX_LEVEL, prepared=self._prepared[i])
+        out = [gptq_round(rows[i], None, step, -MAX_LEVEL, MAX_LEVEL, prepared=self._prepared[i])
                for i in range(g)]
         return np.concatenate(out, axis=0).reshape(self.shape)
 
@@ -701,7 +736,7 @@ def _feed_row_bands(group: list[Unit], wanted: Mapping[str, list[int]]) -> None:
     and the column loop runs once per k instead of once per band and code. Same levels as
     band by band."""
     sh = group[0].shared
-    prepared = sh.prepared_for(group[0].h[0])
+    prepared = sh.prepared_for(group[0].h)
     full = sh.matrix()
     for k in range(max((len(wanted[u.name]) for u in group), default=0)):
         taking = [u for u in group if len(wanted[u.name]) > k]
@@ -709,7 +744,7 @@ def _feed_row_bands(group: list[Unit], wanted: Mapping[str, list[int]]) -> None:
             continue
         rows = np.concatenate([u.row_index for u in taking])
         steps = np.concatenate([np.full(len(u.row_index), step_from_code(wanted[u.name][k])) for u in taking])
-        levels = gptq_round(full[rows], group[0].h[0], steps, -MAX_LEVEL, MAX_LEVEL, prepared=prepared)
+        levels = gptq_round(full[rows], None, steps, -MAX_LEVEL, MAX_LEVEL, prepared=prepared)
         at = 0
         for u in taking:
             u._fed[wanted[u.name][k]] = levels[at:at + len(u.row_index)]

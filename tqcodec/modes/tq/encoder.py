@@ -16,7 +16,7 @@ from ...processes import current_budget
 from ..base import Encoded
 from . import transforms
 from .format import write
-from .allocation import (KEPT, Matrices, Rows, SharedRounding, Unit, bisect_lambda, build_curves, candidate_codes,
+from .allocation import (KEPT, LAZY_H_DIM, LazyH, Matrices, Rows, SharedRounding, Unit, bisect_lambda, build_curves, candidate_codes,
                          choose, fill, pinned, refine, totals)
 from .pool import each, run
 from .tokens import floored_counts
@@ -132,17 +132,23 @@ def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     return np.stack([(1.0 - alpha) * h[g] + alpha * typical[g] * eye for g in range(h.shape[0])])
 
 
-def usable_h_of(st, usable: dict) -> Optional[np.ndarray]:
+def usable_h_of(st, usable: dict, remake: Optional[Callable[[], Any]] = None,
+                held: Optional[Matrices] = None) -> Any:
     """:func:`usable_h` of ``st``'s H, made once per distinct H and sample count in ``usable``:
     tensors that read one input (query, key and value; an MLP's gate and up projections) share
     one array, however their statistics were read (a lazily opened file reads each tensor's
-    statistics anew, and so made a copy per tensor: 1.1 GB of a 600M-parameter Llama's encode)."""
+    statistics anew, and so made a copy per tensor: 1.1 GB of a 600M-parameter Llama's encode).
+    With ``remake`` (giving the tensor's statistics again) and ``held``, an H of at least
+    ``LAZY_H_DIM`` columns is a :class:`LazyH` that makes it again when read, held by ``held``."""
     h = np.ascontiguousarray(st.h, dtype=np.float64)
     digest = hashlib.blake2b(h.tobytes(), digest_size=20)
     digest.update(repr((h.shape, int(st.rows))).encode())
     key = digest.digest()
     if key not in usable:
-        usable[key] = usable_h(h, st.rows)
+        made = usable_h(h, st.rows)
+        if made is not None and remake is not None and held is not None and made.shape[-1] >= LAZY_H_DIM:
+            made = LazyH(lambda: usable_h(remake().h, st.rows), made.shape, held)
+        usable[key] = made
     return usable[key]
 
 
@@ -192,6 +198,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
     matrices_too = any(len(it.shape) >= 2 for it in items)
     by_name = {it.name: it for it in items}
     usable = {} if usable is None else usable
+    held_h = Matrices()  # the units' LazyH, made again when read (two held at a time)
     for index, it in enumerate(items):
         st = stats.get(it.name) if stats is not None else None
         if it.name.endswith((".running_mean", ".running_var")) or it.name in ("running_mean", "running_var"):
@@ -249,7 +256,7 @@ def make_units(items: list[Item], stats, matrices: Optional[Matrices] = None,
                 rw = np.asarray(st.row_h, dtype=np.float64)  # inputs on the rows (transposed convolutions)
                 rw = rw if np.isfinite(rw).all() and rw.sum() > 0 else None
             elif _h_fits(st.h, n, m):
-                h = usable_h_of(st, usable)
+                h = usable_h_of(st, usable, lambda name=it.name: stats.get(name), held_h)
         row_banded = rw is not None
         if rw is None and layout == "out_in" and stats is not None:
             # the gain holds the mean scale, the rows keep their shares. Not without statistics: a
@@ -738,8 +745,10 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
 
         if it.size > LAZY_ELEMENTS:
             key = "coefficients\x00" + it.name
-            matrices.add(key, lambda it=it, layout=layout, stored=stored, metric=metric: coefficients(
-                matrix_view(it.narrow_values, layout), stored, metric))
+            # a LazyH metric is read again when the coefficients are made, not held by the option
+            held = full if h is not None and isinstance(full, LazyH) else metric
+            matrices.add(key, lambda it=it, layout=layout, stored=stored, held=held: coefficients(
+                matrix_view(it.narrow_values, layout), stored, held[0] if isinstance(held, LazyH) else held))
             rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
         else:
             coef = coefficients(mat.T, stored, metric)

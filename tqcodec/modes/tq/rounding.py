@@ -98,7 +98,7 @@ def prepare(h: np.ndarray, *, damp: float = 0.01, act_order: bool = True, block:
     return prepared
 
 
-def gptq_round(w: np.ndarray, h: np.ndarray, step: float | np.ndarray, q_min: int, q_max: int, *,
+def gptq_round(w: np.ndarray, h: np.ndarray | None, step: float | np.ndarray, q_min: int, q_max: int, *,
                damp: float = 0.01, block: int = BLOCK, act_order: bool = True,
                prepared: Prepared | None = None) -> np.ndarray:
     """Levels (int32, shaped like ``w`` [out, in]) minimising ``tr(E H E^T)`` greedily;
@@ -109,7 +109,7 @@ def gptq_round(w: np.ndarray, h: np.ndarray, step: float | np.ndarray, q_min: in
     the inverse of the damped H, so errors along cheap input directions absorb those along
     expensive ones. Same inputs give the same levels. ``step``: one for all rows, or one per row
     [out] (rows round independently of each other). ``prepared``: :func:`prepare`'s result (its
-    ``block`` then sets the columns rounded at a time).
+    ``block`` then sets the columns rounded at a time; ``h`` is then not read and may be None).
     """
     if prepared is None:
         prepared = prepare(h, damp=damp, act_order=act_order, block=block)
