@@ -48,9 +48,12 @@ def test_the_damped_inverse_keeps_half_its_factor_and_rounds_as_the_whole_one():
     prepared = prepare(h)
     assert prepared.nbytes < 0.6 * d * d * 8  # the whole factor: d * d * 8 bytes
     w = rng.standard_normal((40, d))
+    w32 = w.astype(np.float32)  # a matrix kept as float32 is rounded without a float64 copy of it
     for step in (0.05, 0.4, rng.uniform(0.05, 0.4, 40)):
         np.testing.assert_array_equal(gptq_round(w, h, step, -1000, 1000, prepared=prepared),
                                       _full_factor_rounding(w, h, step, -1000, 1000))
+        np.testing.assert_array_equal(gptq_round(w32, None, step, -1000, 1000, prepared=prepared),
+                                      _full_factor_rounding(w32.astype(np.float64), h, step, -1000, 1000))
 
 
 class _Attention(nn.Module):
