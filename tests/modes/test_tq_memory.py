@@ -135,3 +135,31 @@ def test_a_wide_h_made_again_when_read_gives_the_same_file(monkeypatch, tmp_path
     assert any(isinstance(u.h, allocation.LazyH) for u in units)
     for which, st in (("memory", stats), ("file", lazy)):
         assert tqcodec.encode_bytes(sd, stats=st, bits=3.0) == held[which]
+
+
+def test_a_lazy_h_keeps_nothing_of_the_statistics_it_was_read_from(monkeypatch, tmp_path):
+    """A LazyH holds a way to read the statistics again, not the H read when the units were made
+    (a 600M-parameter Llama's encode held twenty 128 MiB ones that way)."""
+    import gc
+    import weakref
+    from tqcodec.model import stats as stats_module
+    from tqcodec.modes.tq import encoder
+    torch.manual_seed(3)
+    model = _Attention().eval()
+    tqcodec.calibrate(model, [torch.randn(64, 24) for _ in range(4)]).save(tmp_path / "stats.safetensors")
+    lazy = Stats.open(tmp_path / "stats.safetensors")
+    read, get = [], stats_module._StatsFile.__getitem__
+
+    def recorded(self, name):
+        st = get(self, name)
+        if st.h is not None:
+            read.append(weakref.ref(st.h))
+        return st
+
+    monkeypatch.setattr(stats_module._StatsFile, "__getitem__", recorded)
+    monkeypatch.setattr(encoder, "LAZY_H_DIM", 24)
+    items = [Item.of(n, "float32", p.detach().double().numpy()) for n, p in model.named_parameters()]
+    units, _ = make_units(items, lazy)
+    gc.collect()
+    assert read and all(r() is None for r in read)
+    assert all(u.h[0].shape == (u.h.shape[1],) * 2 for u in units if u.h is not None)  # read again

@@ -147,7 +147,8 @@ def usable_h_of(st, usable: dict, remake: Optional[Callable[[], Any]] = None,
     if key not in usable:
         made = usable_h(h, st.rows)
         if made is not None and remake is not None and held is not None and made.shape[-1] >= LAZY_H_DIM:
-            made = LazyH(lambda: usable_h(remake().h, st.rows), made.shape, held)
+            rows = int(st.rows)  # not st: it holds the H read now (a 4,096-wide one: 128 MiB a tensor)
+            made = LazyH(lambda: usable_h(remake().h, rows), made.shape, held)
         usable[key] = made
     return usable[key]
 
