@@ -288,12 +288,12 @@ def pinned(units: Sequence["Unit"]) -> Iterator[None]:
 @dataclass
 class Unit:
     """One tensor to allocate: ``data`` its [n, m] float64 rows, or :class:`Rows` that remake them
-    (read as ``w``); ``h`` [groups, d, d] (None: identity); ``row_weights`` [n] (embeddings: token
-    frequencies; None: all 1); ``gain`` output sensitivity."""
+    (read as ``w``); ``h`` [groups, d, d], an array or a :class:`LazyH` (None: identity);
+    ``row_weights`` [n] (embeddings: token frequencies; None: all 1); ``gain`` output sensitivity."""
 
     name: str
     data: Any
-    h: Optional[np.ndarray] = None
+    h: Any = None
     row_weights: Optional[np.ndarray] = None
     gain: float = 1.0
     # filled by the allocator: code -> (D, R bits); code -> levels (GPTQ, when computed; KEPT)

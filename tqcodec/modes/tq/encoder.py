@@ -16,8 +16,8 @@ from ...processes import current_budget
 from ..base import Encoded
 from . import transforms
 from .format import write
-from .allocation import (KEPT, LAZY_H_DIM, LazyH, Matrices, Rows, SharedRounding, Unit, bisect_lambda, build_curves, candidate_codes,
-                         choose, fill, pinned, refine, totals)
+from .allocation import (KEPT, LAZY_H_DIM, LazyH, Matrices, Rows, SharedRounding, Unit, bisect_lambda, build_curves,
+                         candidate_codes, choose, fill, pinned, refine, totals)
 from .pool import each, run
 from .tokens import floored_counts
 
