@@ -713,7 +713,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         n, m = view_shape(it.shape, layout)
         if m < 4 or n < TRANSFORM_MIN_RATIO * m:
             continue
-        h = None
+        h = full = None
         if st is not None:
             # a transform fitted to statistics of few samples fits those samples, not the layer's inputs
             if not _h_fits(st.h, n, m) or st.h.shape[0] != 1 or st.rows < TRANSFORM_MIN_SAMPLES * m:
@@ -747,9 +747,9 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         if it.size > LAZY_ELEMENTS:
             key = "coefficients\x00" + it.name
             # a LazyH metric is read again when the coefficients are made, not held by the option
-            held = full if h is not None and isinstance(full, LazyH) else metric
-            matrices.add(key, lambda it=it, layout=layout, stored=stored, held=held: coefficients(
-                matrix_view(it.narrow_values, layout), stored, held[0] if isinstance(held, LazyH) else held))
+            source = full if isinstance(full, LazyH) else metric
+            matrices.add(key, lambda it=it, layout=layout, stored=stored, source=source: coefficients(
+                matrix_view(it.narrow_values, layout), stored, source[0] if isinstance(source, LazyH) else source))
             rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
         else:
             coef = coefficients(mat.T, stored, metric)
