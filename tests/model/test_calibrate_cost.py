@@ -97,3 +97,79 @@ def test_the_probes_of_a_large_model_run_on_fewer_batches(monkeypatch):
     monkeypatch.setattr(cal, "PROBE_WORK", 10)
     assert cal.probe_batches(batches, model) == 1
 
+
+
+def test_symmetrize_is_the_average_with_the_transpose_in_place(monkeypatch):
+    """Block by block (blocks that do not divide d included), the same bits as (h + h.T) / 2,
+    written into h itself."""
+    monkeypatch.setattr(cal, "SYMMETRIZE_BLOCK", 8)
+    h = np.random.default_rng(0).standard_normal((37, 37))
+    expected = (h + h.T) / 2
+    before = h.__array_interface__["data"][0]
+    cal.symmetrize(h)
+    np.testing.assert_array_equal(h, expected)
+    assert h.__array_interface__["data"][0] == before
+
+
+class _SharedThenDeep(nn.Module):
+    """Query, key and value of one input, then a chain of layers of inputs of their own."""
+
+    def __init__(self, depth: int = 10):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.chain = nn.ModuleList(nn.Linear(6, 6) for _ in range(depth))
+
+    def forward(self, x):
+        y = self.q(x) + self.k(x) * self.v(x)
+        for layer in self.chain:
+            y = torch.tanh(layer(y))
+        return y
+
+
+def test_a_batch_keeps_only_the_latest_products(monkeypatch):
+    """Layers that read one input (query, key, value) still share one product, but a batch keeps
+    at most PRODUCTS_KEPT of them, not one per layer until the next batch (another copy of every
+    H); the statistics are the exact ones."""
+    sizes, products = [], []
+    add, bmm = cal._Acc.add, torch.bmm
+
+    def spy_add(self, rows, group=None, cache=None, source=None):
+        add(self, rows, group, cache, source)
+        if cache is not None:
+            sizes.append(len(cache))
+
+    def spy_bmm(a, b):
+        products.append(1)
+        return bmm(a, b)
+
+    monkeypatch.setattr(cal._Acc, "add", spy_add)
+    monkeypatch.setattr(torch, "bmm", spy_bmm)
+    torch.manual_seed(3)
+    model, x = _SharedThenDeep(), torch.randn(4, 5, 6)
+    st = cal.calibrate(model, [x, x * 0.5], sensitivity=False)
+    assert max(sizes) == cal.PRODUCTS_KEPT
+    assert len(products) == 2 * (1 + len(model.chain))  # q, k and v: one product a batch
+    xd = torch.cat([x, x * 0.5]).reshape(-1, 6).double().numpy()
+    for n in ("q.weight", "k.weight", "v.weight"):
+        np.testing.assert_allclose(st.get(n).h[0], xd.T @ xd / len(xd), rtol=1e-12)
+
+
+def test_statistics_are_made_in_the_accumulators_memory(monkeypatch):
+    """Each H is the accumulator's own array, divided and symmetrized where it is (a copy beside
+    every accumulator doubled calibration's peak memory); the accumulator is spent."""
+    pairs = []
+    result = cal._Acc.result
+
+    def spy(self):
+        sums = self.h
+        st = result(self)
+        pairs.append((st.h is sums, self.h, st.h))  # (st.h later becomes an identical H's: shared)
+        return st
+
+    monkeypatch.setattr(cal._Acc, "result", spy)
+    torch.manual_seed(4)
+    cal.calibrate(_SharedThenDeep(depth=2), [torch.randn(3, 4, 6)], sensitivity=False)
+    assert len(pairs) == 5  # q, k, v and the two of the chain
+    for same, left, h in pairs:
+        assert same and left is None
+        np.testing.assert_array_equal(h[0], h[0].T)
