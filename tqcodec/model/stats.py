@@ -41,7 +41,8 @@ groups of a self-attention ``in_proj_weight`` are one matrix), as:
 - ``float64``: the upper triangle, exact;
 - ``float32`` / ``float16``: ``diag`` (float64) and the upper triangle of the correlation matrix
   C = D^-1/2 H D^-1/2 (entries in [-1, 1], so no scale can overflow) in float32 / float16;
-- ``eig``: ``diag`` (float64), the top-r eigenpairs of C (values float64, vectors float16) and
+- ``eig``: ``diag`` (float64), the top-r eigenpairs of C (values float64, vectors float16; by
+  seeded subspace iteration for d >= 2048, :func:`top_eigenpairs`) and
   the diagonal remainder 1 - sum_k lambda_k v_k^2 implied, so that diag(H) stays exact and the
   approximation stays positive semi-definite.
 
@@ -152,6 +153,37 @@ def _correlation(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return diag, c
 
 
+SUBSPACE_MIN_DIM = 2048  # top eigenpairs of a C at least this wide by subspace iteration, not a full eigh
+SUBSPACE_OVERSAMPLE = 128  # ... in a subspace of rank + this many directions ...
+SUBSPACE_ITERATIONS = 8  # ... refined this many times (float32 products, float64 Rayleigh-Ritz). A
+# 4,096-wide C of GELU features, rank 512, one thread: full eigh 15.0 s, this 5.9 s; the stored
+# C's relative error (vectors in float16) 0.03974 against 0.03977 (4 iterations: 3.9 s, 0.04013)
+
+
+def top_eigenpairs(c: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rank`` largest eigenvalues of the symmetric ``c`` [d, d] (descending) and their
+    eigenvectors [d, rank]: a full eigendecomposition, or for d of at least ``SUBSPACE_MIN_DIM``
+    (and rank far below d) seeded subspace iteration (Halko, Martinsson and Tropp 2011), whose
+    cost grows as d^2 * rank, not d^3 (an 8,192-wide H of a 1B model's MLP took minutes each).
+    Deterministic under one BLAS thread."""
+    d = c.shape[0]
+    k = rank + SUBSPACE_OVERSAMPLE
+    if d < SUBSPACE_MIN_DIM or 2 * k > d:
+        vals, vecs = np.linalg.eigh(c)
+        order = np.argsort(-vals, kind="stable")[:rank]
+        return vals[order], vecs[:, order]
+    c32 = c.astype(np.float32)
+    basis, _ = np.linalg.qr(c32 @ np.random.default_rng(0).standard_normal((d, k)).astype(np.float32))
+    for _ in range(SUBSPACE_ITERATIONS):
+        basis, _ = np.linalg.qr(c32 @ basis)
+    del c32
+    basis = basis.astype(np.float64)
+    small = basis.T @ c @ basis
+    vals, rot = np.linalg.eigh((small + small.T) / 2)
+    order = np.argsort(-vals, kind="stable")[:rank]
+    return vals[order], basis @ rot[:, order]
+
+
 def _encode_matrix(h: np.ndarray, enc: str, rank: int) -> dict[str, np.ndarray]:
     """The arrays that store one symmetric PSD matrix ``h`` [d, d] in encoding ``enc``."""
     d = h.shape[0]
@@ -162,9 +194,8 @@ def _encode_matrix(h: np.ndarray, enc: str, rank: int) -> dict[str, np.ndarray]:
         return {"diag": diag, "corr": c[np.triu_indices(d, 1)].astype(enc)}
     # eig: top-r eigenpairs of C (deterministic: one BLAS thread, fixed sign)
     with threadpool_limits(limits=1, user_api="blas"):
-        vals, vecs = np.linalg.eigh(c)
-    order = np.argsort(-vals, kind="stable")[:rank]
-    vals, vecs = np.clip(vals[order], 0.0, None), vecs[:, order]
+        vals, vecs = top_eigenpairs(c, rank)
+    vals = np.clip(vals, 0.0, None)
     big = np.argmax(np.abs(vecs), axis=0)
     vecs = vecs * np.where(vecs[big, np.arange(vecs.shape[1])] < 0, -1.0, 1.0)[None, :]
     return {"diag": diag, "vals": vals.astype(np.float64), "vecs": vecs.astype(np.float16)}
