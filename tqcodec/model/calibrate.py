@@ -202,7 +202,8 @@ class _RowAcc:
         h = mean = None
         if self.xx is not None:
             h = self.xx / self.n
-            h = ((h + h.T) / 2)[None]  # exactly symmetric
+            symmetrize(h)
+            h = h[None]
             mean = (self.sum / self.n)[None]
         return TensorStats("rows", h=h, rows=self.n, mean=mean, row_h=self.sq / self.n)
 
