@@ -4,6 +4,7 @@ way). A 600M-parameter Llama's calibrated encode peaked at 18 GiB with all of th
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -19,7 +20,7 @@ def _full_factor_rounding(w, h, step, q_min, q_max, block=32):
     as row blocks): the reference the row blocks must reproduce bit for bit."""
     from tqcodec.modes.tq.rounding import _hinv_upper
     perm = np.argsort(-np.diag(h), kind="stable")
-    u = _hinv_upper(h[np.ix_(perm, perm)], 0.01)
+    u = _hinv_upper(h[np.ix_(perm, perm)], 0.01)[0]
     wt = np.array(np.asarray(w, dtype=np.float64).T[perm], order="C")
     m, n = wt.shape
     qt = np.zeros((m, n))
@@ -163,3 +164,80 @@ def test_a_lazy_h_keeps_nothing_of_the_statistics_it_was_read_from(monkeypatch, 
     gc.collect()
     assert read and all(r() is None for r in read)
     assert all(u.h[0].shape == (u.h.shape[1],) * 2 for u in units if u.h is not None)  # read again
+
+
+def test_the_damped_inverse_factor_is_of_the_damped_h_with_dead_columns_set_to_one():
+    """``_hinv_upper`` (one Cholesky factorisation of H reversed and a triangular inverse): U is
+    upper triangular and U^T U the inverse of H as damped, its dead columns set to 1."""
+    from tqcodec.modes.tq.rounding import _hinv_upper
+    rng = np.random.default_rng(1)
+    d = 70
+    x = rng.standard_normal((3 * d, d)) * rng.uniform(0.1, 3.0, d)
+    x[:, [3, 40]] = 0.0  # two inputs that never carried energy
+    h = x.T @ x / len(x)
+    u, shift, dead, exact = _hinv_upper(h, 0.01)
+    assert exact and np.array_equal(np.flatnonzero(dead), [3, 40])
+    damped = h.copy()
+    damped[dead, dead] = 1.0
+    damped[np.diag_indices(d)] += shift
+    assert shift == 0.01 * float(np.mean(np.diag(damped) - shift))
+    assert np.array_equal(u, np.triu(u))
+    np.testing.assert_allclose(u.T @ u @ damped, np.eye(d), atol=1e-9)
+
+
+def test_error_feedback_rounding_gives_each_rows_weighted_error_without_a_product_with_h():
+    """gptq_round's ``losses``: each row's e H e^T from the rounding's own scaled errors equals
+    the product with H (dead input columns, one step or one per row, float32 rows); the
+    degenerate fallback gives NaN, and the levels are the same with or without ``losses``."""
+    from tqcodec.modes.tq import rounding
+    rng = np.random.default_rng(2)
+    d, n = 90, 37
+    x = rng.standard_normal((2 * d, d)) * rng.uniform(0.1, 3.0, d)
+    x[:, 7] = 0.0
+    h = x.T @ x / len(x)
+    w = rng.standard_normal((n, d)).astype(np.float32)
+    prepared = prepare(h)
+    for step in (0.2, rng.uniform(0.05, 0.5, n)):
+        losses = np.empty(n)
+        q = gptq_round(w, None, step, -50, 50, prepared=prepared, losses=losses)
+        assert np.array_equal(q, gptq_round(w, None, step, -50, 50, prepared=prepared))
+        e = w - q * np.reshape(step, (-1, 1))
+        product = np.sum((e @ h) * e, axis=1)
+        np.testing.assert_allclose(losses, product, rtol=1e-9, atol=1e-12 * product.max())
+    fallback = rounding.Prepared(prepared.perm, tuple(np.eye(d)[i:i + 32, i:] for i in range(0, d, 32)), 32,
+                                 exact_loss=False)
+    losses = np.zeros(n)
+    gptq_round(w, None, 0.2, -50, 50, prepared=fallback, losses=losses)
+    assert np.isnan(losses).all()
+
+
+def test_exact_points_weigh_errors_as_the_product_with_h(monkeypatch):
+    """A unit's exact curve point takes its distortion from the rounding's losses: the same value
+    (to rounding) as ``gain * tr(E H E^T)`` with its row weights, for a unit of its own, bands of
+    a shared whole-matrix rounding, and bands refined together in one pass (_feed_row_bands)."""
+    from tqcodec.format.steps import step_from_code
+    from tqcodec.modes.tq.allocation import SharedRounding, Unit
+    rng = np.random.default_rng(3)
+    d, n = 64, 48
+    x = rng.standard_normal((3 * d, d)) * rng.uniform(0.1, 3.0, d)
+    h = (x.T @ x / len(x))[None]
+    w = rng.standard_normal((n, d))
+    rw = rng.uniform(0.5, 2.0, n)
+
+    def product(u: Unit, code: int) -> float:
+        e = (u.w - u.quantize(code, True) * step_from_code(code)) * np.sqrt(u.row_weights)[:, None]
+        return u.gain * float(np.sum((e @ h[0]) * e))
+
+    code = allocation.candidate_codes(w)[4]
+    alone = Unit("alone", w, h, rw, 1.3)
+    assert alone.evaluate(code, True)[0] == pytest.approx(product(alone, code), rel=1e-9)
+    for whole in (True, False):
+        monkeypatch.setattr(allocation, "WHOLE_MATRIX_ROUNDING", 10**9 if whole else 0)
+        shared = SharedRounding(w)
+        index = [np.arange(0, n, 2), np.arange(1, n, 2)]
+        bands = [Unit(f"b\x00{i}", w[ix], h, rw[ix], 0.7, shared=shared, row_index=ix) for i, ix in enumerate(index)]
+        if not whole:
+            allocation._feed_row_bands(bands, {u.name: [code] for u in bands})
+            assert all(code in u._fed for u in bands)
+        for u in bands:
+            assert u.evaluate(code, True)[0] == pytest.approx(product(u, code), rel=1e-9)
