@@ -131,9 +131,19 @@ def test_search_reuses_the_curves(tmp_path, monkeypatch):
     built = []
     real = encoder.build_curves
     monkeypatch.setattr(encoder, "build_curves", lambda *a, **k: built.append(1) or real(*a, **k))
+    made = []  # the curves built once the encoder was made (its units', its transform options')
+    init = encoder.ModelEncoder.__init__
+
+    def making(self, *a, **k):
+        init(self, *a, **k)
+        made.append(len(built))
+
+    monkeypatch.setattr(encoder.ModelEncoder, "__init__", making)
     sd = layered_model(n=3)
     tqcodec.save(sd, tmp_path / "m.tqz", evaluate=relative_error(sd), threshold=0.05, higher_is_better=False)
-    assert len(built) == 1
+    with tqcodec.open(tmp_path / "m.tqz") as f:
+        assert len(f.metadata["tqz.search"]["trials"]) > 1
+    assert len(made) == 1 and made[0] >= 1 and len(built) == made[0]  # no trial builds curves
 
 
 def test_search_is_deterministic(tmp_path):
@@ -226,6 +236,39 @@ def test_each_trial_is_the_file_a_fresh_encode_makes_at_its_rate(tmp_path, model
         decoded.append(tqcodec.load(path))
         return relative_error(sd)(path)
     tqcodec.save(sd, tmp_path / "m.tqz", stats=st, evaluate=evaluate, threshold=0.02, higher_is_better=False)
+    with tqcodec.open(tmp_path / "m.tqz") as f:
+        trials = f.metadata["tqz.search"]["trials"]
+    assert len(trials) >= 3 and len(decoded) == len(trials)
+    for t, got in zip(trials, decoded):
+        fresh = tqcodec.load(tqcodec.encode_bytes(sd, stats=st, bits=t["bits"]))
+        assert all(torch.equal(fresh[k], got[k]) for k in sd), t
+
+
+def test_trials_with_transform_options_are_the_files_fresh_encodes_make(tmp_path, monkeypatch):
+    """A tensor offered an activation-aware transform keeps its option's curves between trials
+    (coarse at every code, exact near the picks): each trial is still the file save(bits=...)
+    makes at that rate, whether the option is taken or not."""
+    from tqcodec.modes.tq import encoder
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8)).eval()
+    x = torch.randn(256, 16) @ torch.randn(16, 16)  # correlated inputs: the transform can pay
+    st = tqcodec.calibrate(model, [x[i:i + 64] for i in range(0, 256, 64)])
+    sd = model.state_dict()
+    offered = []
+    init = encoder.ModelEncoder.__init__
+
+    def making(self, *a, **k):
+        init(self, *a, **k)
+        offered.append(sorted(self.options))
+
+    monkeypatch.setattr(encoder.ModelEncoder, "__init__", making)
+    decoded = []
+
+    def evaluate(path: str) -> float:
+        decoded.append(tqcodec.load(path))
+        return relative_error(sd)(path)
+    tqcodec.save(sd, tmp_path / "m.tqz", stats=st, evaluate=evaluate, threshold=0.01, higher_is_better=False)
+    assert offered[0] == ["0.weight"]
     with tqcodec.open(tmp_path / "m.tqz") as f:
         trials = f.metadata["tqz.search"]["trials"]
     assert len(trials) >= 3 and len(decoded) == len(trials)

@@ -673,6 +673,7 @@ ATTEMPTS = 5  # the bits loop: the file is written at most this many times to la
 TRANSFORM_MIN_SAMPLES = 4  # an activation-aware transform needs statistics of at least 4 m input vectors
 TRANSFORM_MIN_RATIO = 2  # offered only when n >= 2m: the 16 m k bits of S need many coefficients
 TRANSFORM_BANDS = 16     # coefficient rows (components, strongest first) cut into at most 16 bands
+TRANSFORM_WINDOW = 2     # a transform's cost takes exact points within this many codes of each band's pick
 TRANSFORM_ROUNDS = 3     # at a rate target: the choice made again at most this often (see _encode)
 
 
@@ -680,12 +681,14 @@ TRANSFORM_ROUNDS = 3     # at a rate target: the choice made again at most this 
 class TransformOption:
     """A tensor coded in a transform domain: ``stored`` S [m, m] as float16 (``synthesis``: its
     values as float64), ``bands`` the coefficient row bands (Units over rows of C [m, n]),
-    ``kind`` klt or aat."""
+    ``kind`` klt or aat; ``coarse`` the bands' coarse curves once made (:meth:`Unit.coarse_state`),
+    where each encode starts from."""
 
     name: str
     kind: str
     stored: np.ndarray
     bands: list[Unit]
+    coarse: Optional[list] = None
 
     @property
     def synthesis(self) -> np.ndarray:
@@ -703,6 +706,7 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
     usable = {} if usable is None else usable
     out: dict[str, TransformOption] = {}
     identity: dict[int, np.ndarray] = {}  # the KLT's error metric, one (read-only) per size for every option
+    roots: dict[int, tuple] = {}  # the AAT's (L, L^-1) of the last H, by the id of its usable array (held)
     for it in items:
         layout = layouts.get(it.name)
         if layout is None or len(it.shape) < 2:
@@ -730,7 +734,10 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
                 identity[m].flags.writeable = False
             kind, metric = "klt", identity[m]
         else:
-            _, s, _ = transforms.aat(mat, h)
+            if id(full) not in roots:  # tensors of one input come one after another: one entry kept
+                roots.clear()
+                roots[id(full)] = transforms.activation_roots(h)
+            _, s, _ = transforms.aat(mat, None, roots=roots[id(full)])
             kind, metric = "aat", h
         stored = s.astype(np.float16)
         s16 = stored.astype(np.float64)
@@ -848,14 +855,25 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
     chosen = set()
 
     def coded_cost(opt: TransformOption) -> float:
-        """The option's curves and its D + lam R, its coefficient matrix made once for both."""
+        """The option's curves and its D + lam R, its coefficient matrix made once for both: coarse
+        points at every code, exact ones within ``TRANSFORM_WINDOW`` of each band's pick, until
+        every pick is exact (exact points at every code cost a 32,000-row head's option 50 passes
+        over its 49M coefficients)."""
         with pinned(opt.bands):
-            for u in opt.bands:
-                if not u.curve:
+            if opt.coarse is None:
+                for u in opt.bands:
                     for c in candidate_codes(u.w):
-                        u.evaluate(c, True, keep=True)
+                        u.evaluate(c, False)
+                opt.coarse = [u.coarse_state() for u in opt.bands]
             pick = choose(opt.bands, lam)
-            return transformed_cost(opt.bands, pick, lam, opt.stored.shape[0])
+            while True:
+                wanted = [(u, c) for u in opt.bands for c in sorted(u.curve)
+                          if abs(c - pick[u.name]) <= TRANSFORM_WINDOW and c not in u.exact]
+                if not wanted:
+                    return transformed_cost(opt.bands, pick, lam, opt.stored.shape[0])
+                for u, c in wanted:
+                    u.evaluate(c, True, keep=True)
+                pick = choose(opt.bands, lam)
 
     offered = [name for name in options if name in by_parent]
     for name, coded in zip(offered, each(coded_cost, [options[name] for name in offered], threads)):
@@ -1014,6 +1032,9 @@ class ModelEncoder:
             if original is not None and u.w is not original:  # the bias an earlier encode corrected
                 u.w = original
                 u.levels.clear()
+        for opt in self.options.values():  # made by the first choose_transforms that weighed the option
+            for u, state in zip(opt.bands, opt.coarse or ()):
+                u.restore(state)
         with threadpool_limits(limits=1, user_api="blas"):
             return self._encode(bits, quality)
 

@@ -43,15 +43,22 @@ def klt(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return u.T, u, w
 
 
-def aat(mat: np.ndarray, h: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Activation-aware transform: L = (H + eps*tr(H)/m*I)^(1/2); V = eigenvectors of L M M^T L;
-    A = V^T L, S = L^-1 V. Coefficient errors then cost ``||dC||^2`` of local output error."""
+def activation_roots(h: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """(L, L^-1) with L = (H + eps*tr(H)/m*I)^(1/2): what :func:`aat` needs of H, made once for
+    the tensors that read one input (an MLP's gate and up projections)."""
     m = len(h)
     hr = h + eps * (np.trace(h) / m if np.trace(h) > 0 else 1.0) * np.eye(m)
     hw, hv = _eigh_desc(hr)
     hw = np.maximum(hw, 1e-300)
-    l_half = (hv * np.sqrt(hw)) @ hv.T
-    l_inv = (hv / np.sqrt(hw)) @ hv.T
+    return (hv * np.sqrt(hw)) @ hv.T, (hv / np.sqrt(hw)) @ hv.T
+
+
+def aat(mat: np.ndarray, h: Optional[np.ndarray], eps: float = 1e-3,
+        roots: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activation-aware transform: L = (H + eps*tr(H)/m*I)^(1/2); V = eigenvectors of L M M^T L;
+    A = V^T L, S = L^-1 V. Coefficient errors then cost ``||dC||^2`` of local output error.
+    ``roots``: :func:`activation_roots` of H made before (``h`` is then not read)."""
+    l_half, l_inv = activation_roots(h, eps) if roots is None else roots
     w, v = _eigh_desc(l_half @ mat @ mat.T @ l_half)
     return v.T @ l_half, l_inv @ v, w
 
