@@ -229,14 +229,19 @@ def test_each_trial_is_the_file_a_fresh_encode_makes_at_its_rate(tmp_path, model
     """Trials reuse the curves, but not the exact points an earlier trial's allocation computed:
     with them the allocation favoured those codes, and a trial was worse than save(bits=...)."""
     m, st, _ = model_and_stats
-    sd = m.state_dict()
+    _assert_trials_are_fresh_encodes(tmp_path / "m.tqz", m.state_dict(), st, 0.02)
+
+
+def _assert_trials_are_fresh_encodes(path, sd: dict, st, threshold: float) -> None:
+    """Search ``sd`` (``stats=st``) for the smallest file of relative error at most ``threshold``
+    and check that it took at least 3 trials, each the file a fresh save(bits=...) makes."""
     decoded = []
 
-    def evaluate(path: str) -> float:
-        decoded.append(tqcodec.load(path))
-        return relative_error(sd)(path)
-    tqcodec.save(sd, tmp_path / "m.tqz", stats=st, evaluate=evaluate, threshold=0.02, higher_is_better=False)
-    with tqcodec.open(tmp_path / "m.tqz") as f:
+    def evaluate(candidate: str) -> float:
+        decoded.append(tqcodec.load(candidate))
+        return relative_error(sd)(candidate)
+    tqcodec.save(sd, path, stats=st, evaluate=evaluate, threshold=threshold, higher_is_better=False)
+    with tqcodec.open(path) as f:
         trials = f.metadata["tqz.search"]["trials"]
     assert len(trials) >= 3 and len(decoded) == len(trials)
     for t, got in zip(trials, decoded):
@@ -262,19 +267,8 @@ def test_trials_with_transform_options_are_the_files_fresh_encodes_make(tmp_path
         offered.append(sorted(self.options))
 
     monkeypatch.setattr(encoder.ModelEncoder, "__init__", making)
-    decoded = []
-
-    def evaluate(path: str) -> float:
-        decoded.append(tqcodec.load(path))
-        return relative_error(sd)(path)
-    tqcodec.save(sd, tmp_path / "m.tqz", stats=st, evaluate=evaluate, threshold=0.01, higher_is_better=False)
+    _assert_trials_are_fresh_encodes(tmp_path / "m.tqz", sd, st, 0.01)
     assert offered[0] == ["0.weight"]
-    with tqcodec.open(tmp_path / "m.tqz") as f:
-        trials = f.metadata["tqz.search"]["trials"]
-    assert len(trials) >= 3 and len(decoded) == len(trials)
-    for t, got in zip(trials, decoded):
-        fresh = tqcodec.load(tqcodec.encode_bytes(sd, stats=st, bits=t["bits"]))
-        assert all(torch.equal(fresh[k], got[k]) for k in sd), t
 
 
 def test_a_jump_in_the_file_size_ends_the_search_once_the_rates_are_close():

@@ -867,13 +867,11 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
                 opt.coarse = [u.coarse_state() for u in opt.bands]
             pick = choose(opt.bands, lam)
             while True:
-                wanted = [(u, c) for u in opt.bands for c in sorted(u.curve)
-                          if abs(c - pick[u.name]) <= TRANSFORM_WINDOW and c not in u.exact]
-                if not wanted:
+                refine(opt.bands, pick, TRANSFORM_WINDOW)
+                again = choose(opt.bands, lam)
+                if again == pick:
                     return transformed_cost(opt.bands, pick, lam, opt.stored.shape[0])
-                for u, c in wanted:
-                    u.evaluate(c, True, keep=True)
-                pick = choose(opt.bands, lam)
+                pick = again
 
     offered = [name for name in options if name in by_parent]
     for name, coded in zip(offered, each(coded_cost, [options[name] for name in offered], threads)):
