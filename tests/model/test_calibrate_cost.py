@@ -161,9 +161,9 @@ def test_statistics_are_made_in_the_accumulators_memory(monkeypatch):
     result = cal._Acc.result
 
     def spy(self):
-        sums = self.h
+        sums = self.sums.h if self.sums.made is None else self.sums.made[0]  # shared: made once
         st = result(self)
-        pairs.append((st.h is sums, self.h, st.h))  # (st.h later becomes an identical H's: shared)
+        pairs.append((st.h is sums, self.sums, st.h))
         return st
 
     monkeypatch.setattr(cal._Acc, "result", spy)
@@ -173,3 +173,79 @@ def test_statistics_are_made_in_the_accumulators_memory(monkeypatch):
     for same, left, h in pairs:
         assert same and left is None
         np.testing.assert_array_equal(h[0], h[0].T)
+
+
+class _SometimesShared(nn.Module):
+    """Gate and up read one input; ``side`` reads it too, but on odd batches a scaled copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.side = nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(6, 5)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        other = x if self.calls % 2 else x * 3.0
+        return self.gate(x) * self.up(x) + self.side(other)
+
+
+def test_layers_of_one_input_share_their_sums_until_their_inputs_differ():
+    """Layers that read one input keep one array of sums while they take the same products (one
+    copy of H, not one a layer); a layer whose input differs in a later batch gets a copy of the
+    sums so far and goes on alone. Every H is the exact one of its own inputs."""
+    torch.manual_seed(5)
+    model = _SometimesShared()
+    xs = [torch.randn(3, 4, 6) for _ in range(3)]
+    col = cal._Collector(model, 1 << 16)
+    with torch.no_grad():
+        col.batch.start(0, None, False)
+        model(xs[0])
+        col.batch.flush()
+        accs = [col.accs[f"{n}.weight"] for n in ("gate", "up", "side")]
+        assert accs[0].sums is accs[1].sums is accs[2].sums and accs[0].sums.members == 3
+        for i, x in enumerate(xs[1:], 1):
+            col.batch.start(i, None, False)
+            model(x)
+        col.batch.flush()
+    assert accs[0].sums is accs[1].sums and accs[0].sums.members == 2
+    assert accs[2].sums is not accs[0].sums and accs[2].sums.members == 1
+    st = col.stats()
+    col.remove()
+    assert st["gate.weight"].h is st["up.weight"].h
+    mine = torch.cat([x.reshape(-1, 6) for x in xs]).double().numpy()
+    side = torch.cat([x.reshape(-1, 6) * (1.0 if i % 2 == 0 else 3.0) for i, x in enumerate(xs)]).double().numpy()
+    np.testing.assert_allclose(st["gate.weight"].h[0], mine.T @ mine / len(mine), rtol=1e-12)
+    np.testing.assert_allclose(st["side.weight"].h[0], side.T @ side / len(side), rtol=1e-12)
+
+
+def _collected(model: nn.Module, xs: list) -> tuple:
+    """(the collector after ``xs``, one batch each, with every product added, and its stats)."""
+    col = cal._Collector(model, 1 << 16)
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            col.batch.start(i, None, False)
+            model(x)
+        col.batch.flush()
+    dtypes = {n: a.sums.h.dtype for n, a in col.accs.items()}
+    st = col.stats()
+    col.remove()
+    return dtypes, st
+
+
+def test_wide_inputs_are_summed_in_float32_and_made_in_float64(monkeypatch):
+    """Inputs of FLOAT32_PRODUCT_DIM or more dimensions keep float32 sums through the batches (half
+    the memory calibration holds), and their statistics are float64 within float32's rounding of
+    the exact ones; an input whose squares float32 cannot sum turns its sums float64."""
+    monkeypatch.setattr(cal, "FLOAT32_PRODUCT_DIM", 8)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 3))
+    xs = [torch.randn(5, 12) for _ in range(4)]
+    dtypes, st = _collected(model, xs)
+    assert dtypes == {"0.weight": np.float32, "2.weight": np.float64}
+    rows = torch.cat(xs).double().numpy()
+    h = st["0.weight"].h
+    assert h.dtype == np.float64
+    exact = rows.T @ rows / len(rows)
+    np.testing.assert_allclose(h[0], exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+    dtypes, st = _collected(model, xs + [torch.full((1, 12), 1e16)])
+    assert dtypes["0.weight"] == np.float64 and np.isfinite(st["0.weight"].h).all()

@@ -74,10 +74,12 @@ PRODUCTS_KEPT = 4  # a batch's products kept for layers that read the same input
 # held another copy of the statistics until the next batch: 3.8 GB of a 604M-parameter Llama's.
 FLOAT32_PRODUCT_DIM = 1024  # a batch's x^T x over inputs of at least this many dimensions is taken in
 FLOAT32_PRODUCT_MAX = 1e15  # float32 when every |x| is below this (squares summed over a batch stay far
-# from float32's 3.4e38), else in float64; the sums over batches are float64 either way. Its cost is
-# d^2 a token, the forward pass's d a token and weight: for wide inputs the products outweigh the
-# model. The file keeps H as float16 correlations or float16 eigenvectors: float32's 1e-7 is far
-# below that. Smaller inputs keep exact float64 products.
+# from float32's 3.4e38), else in float64, and summed over batches in float32 too (until a float64
+# product comes). Its cost is d^2 a token, the forward pass's d a token and weight: for wide inputs the
+# products outweigh the model, and the sums held through the batches are most of calibration's memory
+# (3.9 GB of a 604M-parameter Llama's in float64). The file keeps H as float16 correlations or float16
+# eigenvectors: float32's 1e-7 a sum is far below that. Smaller inputs keep exact float64 products and
+# sums. The statistics are made in float64 either way (``_Acc.result``).
 
 
 def _product_dtype(rows: torch.Tensor, d: int) -> torch.dtype:
@@ -103,15 +105,66 @@ def symmetrize(h: np.ndarray) -> None:
             h[j:j + step, i:i + step] = mean.T
 
 
+class _Sums:
+    """Sums of x x^T (float64; float32 for inputs of ``FLOAT32_PRODUCT_DIM`` or more dimensions) and
+    of x (float64) per row group that ``members`` accumulators hold in common:
+    layers that read one input (query, key and value; gate and up) take the same products in the
+    same order, so they keep one array, not one each (1.1 of the 5.0 GB of a 604M-parameter
+    Llama's). An accumulator that takes a product the others do not gets its own copy first."""
+
+    def __init__(self, groups: int, d: int, members: int, dtype: np.dtype):
+        self.h, self.sum = np.zeros((groups, d, d), dtype=dtype), np.zeros((groups, d))
+        self.members = members
+        self.made: Optional[tuple[np.ndarray, np.ndarray]] = None  # (H, mean), once divided
+
+    def split(self, takers: int) -> "_Sums":
+        """Sums for ``takers`` of the members that are about to take a product the rest do not:
+        these sums when all take it, else a copy for them."""
+        if takers == self.members:
+            return self
+        self.members -= takers
+        copy = _Sums.__new__(_Sums)
+        copy.h, copy.sum, copy.members, copy.made = self.h.copy(), self.sum.copy(), takers, None
+        return copy
+
+
+def _take_product(part: tuple[np.ndarray, np.ndarray], takers: list["_Acc"], group: Optional[int]) -> None:
+    """Add one product (x^T x and x summed, per group) to the sums of each of ``takers`` (each at
+    most once), once per distinct sums: accumulators whose sums are shared all take it or get
+    their own copy; those with none yet start one sums in common."""
+    hh, ss = part
+    fresh = [a for a in takers if a.sums is None]
+    if fresh:
+        start = _Sums(len(fresh[0].n), hh.shape[-1], 0, hh.dtype)
+        for a in fresh:
+            a.sums = start
+            start.members += 1
+    by_sums: dict[int, list[_Acc]] = {}
+    for a in takers:
+        by_sums.setdefault(id(a.sums), []).append(a)
+    for accs in by_sums.values():
+        sums = accs[0].sums.split(len(accs))
+        for a in accs:
+            a.sums = sums
+        if sums.h.dtype != hh.dtype and hh.dtype == np.float64:
+            sums.h = sums.h.astype(np.float64)  # an input of float32-sized squares no more
+        if group is None:
+            sums.h += hh
+            sums.sum += ss
+        else:
+            sums.h[group] += hh[0]
+            sums.sum[group] += ss[0]
+
+
 class _Acc:
-    """Sums of x x^T and x per row group (float64), at most ``cap`` samples per group; ``label``
-    names what the samples are in an error (NaN or Inf in them)."""
+    """Sums of x x^T and x per row group (:class:`_Sums`), at most ``cap`` samples per
+    group; ``label`` names what the samples are in an error (NaN or Inf in them)."""
 
     def __init__(self, kind: str, groups: int, cap: int, label: str, batch: "_Batch", layout: str = "out_in"):
         self.kind, self.groups, self.cap, self.layout = kind, groups, cap, layout
         self.label, self.batch = label, batch
-        self.h: Optional[np.ndarray] = None
-        self.sum: Optional[np.ndarray] = None
+        self.sums: Optional[_Sums] = None
+        self.pending = False  # a product taken but not yet added (``_Batch.flush``)
         self.n = [0] * groups
 
     def add(self, rows: torch.Tensor, group: Optional[int] = None, cache: Optional[dict] = None,
@@ -119,7 +172,8 @@ class _Acc:
         """Add ``rows`` [N, groups*d] to every group, or [N, d] to ``group`` only. ``cache`` (one
         per batch) shares the products between layers whose rows come from the same input tensor
         ``source`` (e.g. query, key and value); it holds ``source`` so that its memory cannot be
-        reused meanwhile."""
+        reused meanwhile. Such a product is added when it leaves the cache or the batch ends
+        (``_Batch.flush``), once for the layers that share their sums."""
         take = min(len(rows), self.cap - self.n[0 if group is None else group])
         if take <= 0:
             return
@@ -129,43 +183,50 @@ class _Acc:
             key = (source.data_ptr(), tuple(source.shape), tuple(source.stride()), source._version,
                    take, parts, rows.shape[-1])
         hit = cache.get(key) if key is not None else None
-        part = hit[1] if hit is not None and hit[0] is source else None
-        if part is None:
+        entry = hit if hit is not None and hit[0] is source else None
+        if entry is None:
             r = rows[:take].detach()
             r = r.to(_product_dtype(r, r.shape[-1] // parts))
             rg = r.reshape(take, parts, -1).transpose(0, 1)  # [parts, N, d]
-            part = (torch.bmm(rg.transpose(1, 2), rg).to(torch.float64).numpy(),
-                    rg.sum(dim=1, dtype=torch.float64).numpy())
-            if key is not None:
-                cache[key] = (source, part)
-                while len(cache) > PRODUCTS_KEPT:
-                    del cache[next(iter(cache))]  # the oldest (dicts keep insertion order)
-        hh, ss = part
+            part = (torch.bmm(rg.transpose(1, 2), rg).numpy(), rg.sum(dim=1, dtype=torch.float64).numpy())
+            entry = [source, part, []]
+        hh, ss = entry[1]
         if not (np.isfinite(ss).all() and np.isfinite(np.diagonal(hh, axis1=1, axis2=2)).all()):
             _refuse(self.batch, self.label)  # x finite <=> every x_i^2 in diag(x^T x) finite
-        if self.h is None:
-            d = hh.shape[-1]
-            self.h, self.sum = np.zeros((self.groups, d, d)), np.zeros((self.groups, d))
+        if self.pending:
+            self.batch.flush()  # this accumulator's products are added in the order it took them
         if group is None:
-            self.h += hh
-            self.sum += ss
             self.n = [c + take for c in self.n]
         else:
-            self.h[group] += hh[0]
-            self.sum[group] += ss[0]
             self.n[group] += take
+        if key is not None and entry is not hit:  # a new product, kept for the layers after
+            if hit is not None:
+                self.batch.flush_entry(hit)  # of a tensor whose memory ``source`` now holds
+            cache[key] = entry
+            while len(cache) > PRODUCTS_KEPT:
+                self.batch.flush_entry(cache.pop(next(iter(cache))))  # the oldest (dicts keep insertion order)
+        if key is None or group is not None:
+            _take_product(entry[1], [self], group)
+        else:
+            entry[2].append(self)
+            self.pending = True
 
     def result(self) -> Optional[TensorStats]:
-        """The statistics, made in the sums' own memory: the accumulator is spent (a second copy
-        of every H, 5 GB of a 604M-parameter Llama's, is what calibrating such a model peaked on)."""
-        if self.h is None or max(self.n) == 0:
+        """The statistics, made in the sums' own memory (once for accumulators that share them):
+        the accumulator is spent (a second copy of every H, 5 GB of a 604M-parameter Llama's, is
+        what calibrating such a model peaked on)."""
+        sums, self.sums = self.sums, None
+        if sums is None or max(self.n) == 0:
             return None
-        n = np.maximum(np.asarray(self.n, dtype=np.float64), 1.0)
-        h, mean = self.h, self.sum / n[:, None]
-        self.h = self.sum = None
-        h /= n[:, None, None]
-        for g in range(h.shape[0]):
-            symmetrize(h[g])
+        if sums.made is None:
+            n = np.maximum(np.asarray(self.n, dtype=np.float64), 1.0)
+            h, mean = sums.h.astype(np.float64, copy=False), sums.sum / n[:, None]
+            sums.h = sums.sum = None
+            h /= n[:, None, None]
+            for g in range(h.shape[0]):
+                symmetrize(h[g])
+            sums.made = (h, mean)
+        h, mean = sums.made
         return TensorStats(self.kind, h, None, min(self.n), self.layout, mean=mean)
 
 
@@ -236,6 +297,26 @@ class _Batch:
         self.cache: dict = {}
         self.looked_up: dict[str, list[torch.Tensor]] = {}
         self.view = False  # a view of the calibration inputs (``tqcodec.model.views``), not one of them
+
+    def flush_entry(self, entry: list) -> None:
+        """Add a cached product ``[source, part, takers]`` to the sums of the accumulators that
+        took it since it was last added."""
+        takers, entry[2] = entry[2], []
+        for acc in takers:
+            acc.pending = False
+        if takers:
+            _take_product(entry[1], takers, None)
+
+    def flush(self) -> None:
+        """Add every product taken and not yet added (each accumulator waits on at most one)."""
+        for entry in self.cache.values():
+            self.flush_entry(entry)
+
+    def start(self, index: int, mask: Optional[torch.Tensor], view: bool) -> None:
+        """The next batch: the last one's products added, its cache and lookups dropped."""
+        self.flush()
+        self.index, self.mask, self.view = index, mask, view
+        self.cache, self.looked_up = {}, {}
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -580,6 +661,7 @@ class _Collector:
         self._hook(mod, hook)
 
     def remove(self) -> None:
+        self.batch.flush()
         self.batch.cache, self.batch.looked_up = {}, {}
         for h in self.hooks:
             h.remove()
@@ -811,8 +893,7 @@ def calibrate(module: nn.Module, batches: Iterable[Any], *, max_samples: int = 6
         try:
             for i, (x, view) in enumerate(with_views(batches, seed) if views else ((x, False) for x in batches)):
                 seen += 1
-                col.batch.index, col.batch.mask, col.batch.cache, col.batch.looked_up = i, _mask_of(x), {}, {}
-                col.batch.view = view
+                col.batch.start(i, _mask_of(x), view)
                 measuring = sensitivity and i < sensitivity_batches
                 with torch.set_grad_enabled(measuring), (_grads(params) if measuring else contextlib.nullcontext()):
                     out = _call(module, x, i)
