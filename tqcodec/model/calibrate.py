@@ -79,7 +79,7 @@ FLOAT32_PRODUCT_MAX = 1e15  # float32 when every |x| is below this (squares summ
 # products outweigh the model, and the sums held through the batches are most of calibration's memory
 # (3.9 GB of a 604M-parameter Llama's in float64). The file keeps H as float16 correlations or float16
 # eigenvectors: float32's 1e-7 a sum is far below that. Smaller inputs keep exact float64 products and
-# sums. The statistics are made in float64 either way (``_Acc.result``).
+# sums. Their H stays float32 (``_Acc.result``).
 
 
 def _product_dtype(rows: torch.Tensor, d: int) -> torch.dtype:
@@ -214,17 +214,24 @@ class _Acc:
     def result(self) -> Optional[TensorStats]:
         """The statistics, made in the sums' own memory (once for accumulators that share them):
         the accumulator is spent (a second copy of every H, 5 GB of a 604M-parameter Llama's, is
-        what calibrating such a model peaked on)."""
+        what calibrating such a model peaked on). H summed in float32 stays float32: each group
+        divided and symmetrized in float64, then rounded (the statistics of a 604M-parameter
+        Llama held 3.9 GB of float64 H after its batches, the file keeps float16)."""
         sums, self.sums = self.sums, None
         if sums is None or max(self.n) == 0:
             return None
         if sums.made is None:
             n = np.maximum(np.asarray(self.n, dtype=np.float64), 1.0)
-            h, mean = sums.h.astype(np.float64, copy=False), sums.sum / n[:, None]
+            h, mean = sums.h, sums.sum / n[:, None]
             sums.h = sums.sum = None
-            h /= n[:, None, None]
             for g in range(h.shape[0]):
-                symmetrize(h[g])
+                if h.dtype == np.float64:
+                    h[g] /= n[g]
+                    symmetrize(h[g])
+                else:
+                    made = h[g] / n[g]  # float64 (n is), one group at a time
+                    symmetrize(made)
+                    h[g] = made
             sums.made = (h, mean)
         h, mean = sums.made
         return TensorStats(self.kind, h, None, min(self.n), self.layout, mean=mean)
@@ -1034,7 +1041,7 @@ def _row_gains(st: TensorStats, row_sq: np.ndarray, shape: tuple, tied: bool = F
         per = np.ones(len(row_sq))
     elif st.kind in ("linear", "conv") and st.layout == "out_in" and st.h is not None \
             and len(row_sq) % st.h.shape[0] == 0:
-        per = np.repeat(np.trace(st.h, axis1=1, axis2=2), len(row_sq) // st.h.shape[0])
+        per = np.repeat(np.trace(st.h, axis1=1, axis2=2, dtype=np.float64), len(row_sq) // st.h.shape[0])
     else:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -1054,7 +1061,7 @@ def _local_per_variance(st: TensorStats, shape: tuple) -> float:
         return float(numel // max(shape[0], 1) * np.sum(st.row_h))
     g = st.h.shape[0]
     n = shape[1] if st.layout == "in_out" and len(shape) == 2 else shape[0]
-    return float(n // g * sum(np.trace(st.h[i]) for i in range(g)))
+    return float(n // g * sum(np.trace(st.h[i], dtype=np.float64) for i in range(g)))
 
 
 def _settle_gains(stats: Stats, names: list[str]) -> None:

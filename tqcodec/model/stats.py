@@ -80,8 +80,8 @@ COMPACT_RANK_DIV = 8
 class TensorStats:
     """Statistics of one weight (see the module docstring for the meaning of each kind).
 
-    ``kind`` linear/conv/rows/embedding/plain; ``h`` [groups, d, d] float64 E[x x^T] (linear,
-    conv); ``counts`` [n] token counts (embedding); ``rows`` samples seen (per row group);
+    ``kind`` linear/conv/rows/embedding/plain; ``h`` [groups, d, d] E[x x^T] (linear, conv;
+    float64, or float32 as ``calibrate`` makes it for inputs of 1,024 or more dimensions); ``counts`` [n] token counts (embedding); ``rows`` samples seen (per row group);
     ``layout`` how the weight is stored (``out_in`` torch style, ``in_out`` e.g. ONNX MatMul,
     Hugging Face ``Conv1D``); ``gain`` the measured output sensitivity (1.0 when not measured);
     ``mean`` [groups, d] E[x] (linear, conv); ``row_h`` [n] E[x_c^2] (kind rows); ``row_gain``
