@@ -272,6 +272,31 @@ def test_transform_chosen_where_it_pays_for_its_bytes(monkeypatch):
     assert "transform" not in tqcodec.open(iid).info("w").params
 
 
+def test_a_weight_klt_is_weighed_only_where_the_gaussian_model_lets_it_pay(monkeypatch):
+    """Data-free, a KLT option is coded exactly only where the Gaussian model of both codings saves
+    at least TRANSFORM_SCREEN_SHARE of its S's bits: i.i.d. columns are not weighed (the same
+    file as weighing them, which chose the identity), correlated ones are (and chosen)."""
+    import tqcodec.modes.tq.encoder as enc
+    weighed = []
+    cost = enc.transformed_cost
+
+    def counted(bands, pick, lam, m):
+        weighed.append(bands[0].name)
+        return cost(bands, pick, lam, m)
+    monkeypatch.setattr(enc, "transformed_cost", counted)
+    iid = {"w": _tall(False)}
+    screened = tqcodec.encode_bytes(iid, mode="tq", bits=2.0)
+    assert weighed == []
+    monkeypatch.setattr(enc, "TRANSFORM_SCREEN_SHARE", -np.inf)  # every option weighed
+    everything = tqcodec.encode_bytes(iid, mode="tq", bits=2.0)
+    assert weighed and screened == everything
+    monkeypatch.undo()
+    monkeypatch.setattr(enc, "transformed_cost", counted)
+    weighed.clear()
+    data = tqcodec.encode_bytes({"w": _tall(True)}, mode="tq", bits=2.0)
+    assert weighed and tqcodec.open(data).info("w").params.get("transform") == "float16"
+
+
 def test_transform_drops_components_of_a_low_rank_matrix():
     """Rank 6 of 32: coefficient bands past the rank quantize to zero and are left out with their
     columns of S (k < m: dimensionality reduction)."""

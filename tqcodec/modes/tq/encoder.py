@@ -5,6 +5,7 @@ real container size through ``size_of`` so that a bits target holds for the whol
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -673,6 +674,10 @@ ATTEMPTS = 5  # the bits loop: the file is written at most this many times to la
 TRANSFORM_MIN_SAMPLES = 4  # an activation-aware transform needs statistics of at least 4 m input vectors
 TRANSFORM_MIN_RATIO = 2  # offered only when n >= 2m: the 16 m k bits of S need many coefficients
 TRANSFORM_BANDS = 16     # coefficient rows (components, strongest first) cut into at most 16 bands
+TRANSFORM_SCREEN_SHARE = 0.5  # a weight KLT is coded (to weigh it exactly) only when the Gaussian model
+# saves more than this share of its S's bits (:func:`worth_weighing`). The model's saving was above the
+# exact one for every option of MiniLM (4.4 and 3.0 bits/param), seqrnn-lstm (2.75, 1.5) and dwsep-cnn
+# (4.56): at most 0.87 of S's bits where the exact saving was 0.23; none of them was chosen
 TRANSFORM_WINDOW = 2     # a transform's cost takes exact points within this many codes of each band's pick
 TRANSFORM_ROUNDS = 3     # at a rate target: the choice made again at most this often (see _encode)
 
@@ -689,6 +694,7 @@ class TransformOption:
     stored: np.ndarray
     bands: list[Unit]
     coarse: Optional[list] = None
+    spectrum: Optional[tuple[np.ndarray, np.ndarray, int]] = None  # klt: (var_j, lambda_i, n), see worth_weighing
 
     @property
     def synthesis(self) -> np.ndarray:
@@ -727,12 +733,14 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
                 continue
             h = full[0]
         mat = np.ascontiguousarray(matrix_view(it.narrow_values, layout).T, dtype=np.float64)  # M [m, n]
+        spectrum = None
         if h is None:
-            _, s, _ = transforms.klt(mat)
+            _, s, eig = transforms.klt(mat)
             if m not in identity:
                 identity[m] = np.eye(m)
                 identity[m].flags.writeable = False
             kind, metric = "klt", identity[m]
+            spectrum = (np.einsum("ij,ij->i", mat, mat) / n, np.maximum(eig, 0.0) / n, n)
         else:
             if id(full) not in roots:  # tensors of one input come one after another: one entry kept
                 roots.clear()
@@ -766,8 +774,36 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         del mat
         bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b],
                       slope_floor=stats is None) for b in range(nb)]
-        out[it.name] = TransformOption(it.name, kind, stored, bands)
+        out[it.name] = TransformOption(it.name, kind, stored, bands, spectrum=spectrum)
     return out
+
+
+def worth_weighing(opt: TransformOption, identity_gain: float, lam: float) -> bool:
+    """Whether a weight KLT could pay at ``lam``, by the Gaussian model of both codings: the
+    identity codes input j's weights of variance var_j (over the n outputs), the transform its
+    components of variance lambda_i, each at its best rate for ``lam`` (reverse water-filling:
+    a variance x weighed by the gain costs t (1 + ln(x / t)) a weight above t = lam / (2 ln 2),
+    x below, where it is dropped), plus 16 m bits a kept component for S. It is weighed exactly
+    when the model's saving is above ``TRANSFORM_SCREEN_SHARE`` of those bits: for equal gains
+    the model's saving bounds the real one (the components' variances majorize the inputs'),
+    which non-Gaussian weights lower further. Options without a spectrum (activation-aware:
+    the identity's error-feedback rounding is not that model) are always weighed."""
+    if opt.spectrum is None:
+        return True
+    var, eig, n = opt.spectrum
+    t = lam / (2.0 * math.log(2.0))
+    if not t > 0:
+        return True
+
+    def cost(x: np.ndarray) -> float:
+        above = x > t
+        return float(np.sum(x[~above]) + np.sum(t * (1.0 + np.log(x[above] / t))))
+
+    option_gain = opt.bands[0].gain if opt.bands else 1.0
+    x = option_gain * eig
+    saving = n * (cost(identity_gain * var) - cost(x))
+    side = lam * transforms.cost_bits(len(var), int(np.count_nonzero(x > t)))
+    return saving > TRANSFORM_SCREEN_SHARE * side
 
 
 COEFFICIENT_COLUMNS = 2048
@@ -873,7 +909,8 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
                     return transformed_cost(opt.bands, pick, lam, opt.stored.shape[0])
                 pick = again
 
-    offered = [name for name in options if name in by_parent]
+    offered = [name for name in options if name in by_parent
+               and worth_weighing(options[name], by_parent[name][0].gain, lam)]
     for name, coded in zip(offered, each(coded_cost, [options[name] for name in offered], threads)):
         # the two alternatives' bands share names: each is chosen on its own
         identity = _cost(by_parent[name], choose(by_parent[name], lam), lam)
