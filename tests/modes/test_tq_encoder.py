@@ -297,6 +297,25 @@ def test_a_weight_klt_is_weighed_only_where_the_gaussian_model_lets_it_pay(monke
     assert weighed and tqcodec.open(data).info("w").params.get("transform") == "float16"
 
 
+def test_a_weight_klt_is_made_only_when_weighed():
+    """Data-free, an option holds only its spectrum (inputs' and components' variances) until
+    it is first weighed; made then, its S is the float16 KLT of the matrix."""
+    from tqcodec.modes.tq import transforms as T
+    from tqcodec.modes.tq.encoder import Item, make_units, transform_options
+    w = _tall(True, n=256, m=16, seed=4)
+    item = Item.of("w", "float32", w)
+    _, layouts = make_units([item], None)
+    opt = transform_options([item], None, layouts)["w"]
+    assert opt.bands is None and opt.stored is None
+    var, eig, n = opt.spectrum
+    mat = w.double().numpy().T
+    assert n == 256
+    np.testing.assert_allclose(var, (mat ** 2).mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(eig, np.linalg.eigvalsh(mat @ mat.T)[::-1] / n, rtol=1e-4, atol=1e-6 * eig[0])
+    assert opt.ready() and len(opt.bands) == 16
+    np.testing.assert_array_equal(opt.stored, T.klt(mat)[1].astype(np.float16))
+
+
 def test_transform_drops_components_of_a_low_rank_matrix():
     """Rank 6 of 32: coefficient bands past the rank quantize to zero and are left out with their
     columns of S (k < m: dimensionality reduction)."""

@@ -687,14 +687,26 @@ class TransformOption:
     """A tensor coded in a transform domain: ``stored`` S [m, m] as float16 (``synthesis``: its
     values as float64), ``bands`` the coefficient row bands (Units over rows of C [m, n]),
     ``kind`` klt or aat; ``coarse`` the bands' coarse curves once made (:meth:`Unit.coarse_state`),
-    where each encode starts from."""
+    where each encode starts from. A weight KLT has its ``spectrum`` (see :func:`worth_weighing`)
+    and ``gain`` from the start and is made (``make``: S and the bands, or None where they cannot
+    be coded) only when first weighed (:meth:`ready`): most are never weighed."""
 
     name: str
     kind: str
-    stored: np.ndarray
-    bands: list[Unit]
+    stored: Optional[np.ndarray]
+    bands: Optional[list[Unit]]
     coarse: Optional[list] = None
-    spectrum: Optional[tuple[np.ndarray, np.ndarray, int]] = None  # klt: (var_j, lambda_i, n), see worth_weighing
+    spectrum: Optional[tuple[np.ndarray, np.ndarray, int]] = None  # klt: (var_j, lambda_i, n)
+    gain: float = 1.0
+    make: Optional[Callable[[], Optional[tuple[np.ndarray, list[Unit]]]]] = None
+
+    def ready(self) -> bool:
+        """Whether the option can be coded, made now if it was not yet."""
+        if self.make is not None:
+            made, self.make = self.make(), None
+            if made is not None:
+                self.stored, self.bands = made
+        return self.bands is not None
 
     @property
     def synthesis(self) -> np.ndarray:
@@ -704,9 +716,10 @@ class TransformOption:
 def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
                       matrices: Optional[Matrices] = None, usable: Optional[dict] = None) -> dict[str, TransformOption]:
     """The transform each eligible tensor could use: the activation-aware transform (AAT) where
-    the tensor has input statistics, the weight KLT where it has none. Eligible: coded by tq as
-    one [n, m] matrix (no groups, no embedding row weights), ``n >= TRANSFORM_MIN_RATIO * m``.
-    The coefficient matrix of a large tensor is made when needed (``matrices``), not held.
+    the tensor has input statistics, the weight KLT where it has none (its spectrum now, itself
+    when first weighed: :meth:`TransformOption.ready`). Eligible: coded by tq as one [n, m]
+    matrix (no groups, no embedding row weights), ``n >= TRANSFORM_MIN_RATIO * m``. The
+    coefficient matrix of a large tensor is made when needed (``matrices``), not held.
     ``usable``: the H the units weigh by (:func:`make_units`'s), which an AAT's metric shares."""
     matrices = matrices if matrices is not None else Matrices()
     usable = {} if usable is None else usable
@@ -723,59 +736,77 @@ def transform_options(items: list[Item], stats, layouts: Mapping[str, str],
         n, m = view_shape(it.shape, layout)
         if m < 4 or n < TRANSFORM_MIN_RATIO * m:
             continue
-        h = full = None
-        if st is not None:
-            # a transform fitted to statistics of few samples fits those samples, not the layer's inputs
-            if not _h_fits(st.h, n, m) or st.h.shape[0] != 1 or st.rows < TRANSFORM_MIN_SAMPLES * m:
-                continue
-            full = usable_h_of(st, usable)
-            if full is None:
-                continue
-            h = full[0]
-        mat = np.ascontiguousarray(matrix_view(it.narrow_values, layout).T, dtype=np.float64)  # M [m, n]
-        spectrum = None
-        if h is None:
-            _, s, eig = transforms.klt(mat)
+        gain = st.gain if st is not None else 1.0
+        if st is None:
+            # in float32: the spectrum only screens (a float64 M and product took 4-layer Llama's 10 of 34 s)
+            mat = np.ascontiguousarray(matrix_view(it.narrow_values, layout).T, dtype=np.float32)  # M [m, n]
+            gram = (mat @ mat.T).astype(np.float64)
+            del mat
+            with threadpool_limits(limits=1, user_api="blas"):
+                eig = np.linalg.eigvalsh((gram + gram.T) / 2)
+            spectrum = (np.diag(gram) / n, np.maximum(eig[::-1], 0.0) / n, n)
+            del gram
             if m not in identity:
                 identity[m] = np.eye(m)
                 identity[m].flags.writeable = False
-            kind, metric = "klt", identity[m]
-            spectrum = (np.einsum("ij,ij->i", mat, mat) / n, np.maximum(eig, 0.0) / n, n)
-        else:
-            if id(full) not in roots:  # tensors of one input come one after another: one entry kept
-                roots.clear()
-                roots[id(full)] = transforms.activation_roots(h)
-            _, s, _ = transforms.aat(mat, None, roots=roots[id(full)])
-            kind, metric = "aat", h
-        stored = s.astype(np.float16)
-        s16 = stored.astype(np.float64)
-        if not np.isfinite(s16).all():
+            out[it.name] = TransformOption(it.name, "klt", None, None, spectrum=spectrum, gain=gain, make=(
+                lambda it=it, layout=layout, metric=identity[m], gain=gain: _option_of(it, layout, None, metric, gain,
+                                                                             stats, matrices, None)))
             continue
-        # coefficients that are best for the stored (float16) synthesis, in the error metric
-        g = s16.T @ metric @ s16
-        weights = np.maximum(np.diag(g), 0.0)  # distortion of coefficient row i: g_ii ||dC_i||^2
-        gain = st.gain if st is not None else 1.0
-        nb = min(TRANSFORM_BANDS, m)
-        bounds = [m * i // nb for i in range(nb + 1)]
-        del s, s16, g
-
-        if it.size > LAZY_ELEMENTS:
-            key = "coefficients\x00" + it.name
-            # a LazyH metric is read again when the coefficients are made, not held by the option
-            source = full if isinstance(full, LazyH) else metric
-            matrices.add(key, lambda it=it, layout=layout, stored=stored, source=source: coefficients(
-                matrix_view(it.narrow_values, layout), stored, source[0] if isinstance(source, LazyH) else source))
-            rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
-        else:
-            coef = coefficients(mat.T, stored, metric)
-            if not np.abs(coef).max(initial=0.0) <= MAX_CODED_MAGNITUDE:
-                continue  # coefficients no step can code (H of a wide dynamic range; NaN): no transform
-            rows = [coef[bounds[b]:bounds[b + 1]] for b in range(nb)]
-        del mat
-        bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b],
-                      slope_floor=stats is None) for b in range(nb)]
-        out[it.name] = TransformOption(it.name, kind, stored, bands, spectrum=spectrum)
+        # a transform fitted to statistics of few samples fits those samples, not the layer's inputs
+        if not _h_fits(st.h, n, m) or st.h.shape[0] != 1 or st.rows < TRANSFORM_MIN_SAMPLES * m:
+            continue
+        full = usable_h_of(st, usable)
+        if full is None:
+            continue
+        if id(full) not in roots:  # tensors of one input come one after another: one entry kept
+            roots.clear()
+            roots[id(full)] = transforms.activation_roots(full[0])
+        made = _option_of(it, layout, roots[id(full)], full[0], gain, stats, matrices, full)
+        if made is not None:
+            out[it.name] = TransformOption(it.name, "aat", made[0], made[1], gain=gain)
     return out
+
+
+def _option_of(it: Item, layout: str, roots: Optional[tuple], metric: np.ndarray, gain: float, stats,
+               matrices: Matrices, full: Any) -> Optional[tuple[np.ndarray, list[Unit]]]:
+    """(S as float16, the coefficient row bands) of ``it``'s transform: the weight KLT (``roots``
+    None; ``metric`` the identity) or the AAT of the H whose :func:`transforms.activation_roots`
+    are ``roots`` (``metric`` that H, ``full`` the units' H it is a group of); None where S or the
+    coefficients cannot be coded."""
+    n, m = view_shape(it.shape, layout)
+    mat = np.ascontiguousarray(matrix_view(it.narrow_values, layout).T, dtype=np.float64)  # M [m, n]
+    if roots is None:
+        _, s, _ = transforms.klt(mat)
+    else:
+        _, s, _ = transforms.aat(mat, None, roots=roots)
+    stored = s.astype(np.float16)
+    s16 = stored.astype(np.float64)
+    if not np.isfinite(s16).all():
+        return None
+    # coefficients that are best for the stored (float16) synthesis, in the error metric
+    g = s16.T @ metric @ s16
+    weights = np.maximum(np.diag(g), 0.0)  # distortion of coefficient row i: g_ii ||dC_i||^2
+    nb = min(TRANSFORM_BANDS, m)
+    bounds = [m * i // nb for i in range(nb + 1)]
+    del s, s16, g
+
+    if it.size > LAZY_ELEMENTS:
+        key = "coefficients\x00" + it.name
+        # a LazyH metric is read again when the coefficients are made, not held by the option
+        source = full if isinstance(full, LazyH) else metric
+        matrices.add(key, lambda it=it, layout=layout, stored=stored, source=source: coefficients(
+            matrix_view(it.narrow_values, layout), stored, source[0] if isinstance(source, LazyH) else source))
+        rows = [matrices.rows(key, bounds[b], bounds[b + 1], (bounds[b + 1] - bounds[b], n)) for b in range(nb)]
+    else:
+        coef = coefficients(mat.T, stored, metric)
+        if not np.abs(coef).max(initial=0.0) <= MAX_CODED_MAGNITUDE:
+            return None  # coefficients no step can code (H of a wide dynamic range; NaN): no transform
+        rows = [coef[bounds[b]:bounds[b + 1]] for b in range(nb)]
+    del mat
+    bands = [Unit(band_name(it.name, b), rows[b], None, weights[bounds[b]:bounds[b + 1]], gain, r0=bounds[b],
+                  slope_floor=stats is None) for b in range(nb)]
+    return stored, bands
 
 
 def worth_weighing(opt: TransformOption, identity_gain: float, lam: float) -> bool:
@@ -799,8 +830,7 @@ def worth_weighing(opt: TransformOption, identity_gain: float, lam: float) -> bo
         above = x > t
         return float(np.sum(x[~above]) + np.sum(t * (1.0 + np.log(x[above] / t))))
 
-    option_gain = opt.bands[0].gain if opt.bands else 1.0
-    x = option_gain * eig
+    x = opt.gain * eig
     saving = n * (cost(identity_gain * var) - cost(x))
     side = lam * transforms.cost_bits(len(var), int(np.count_nonzero(x > t)))
     return saving > TRANSFORM_SCREEN_SHARE * side
@@ -910,7 +940,7 @@ def choose_transforms(units: list[Unit], options: Mapping[str, TransformOption],
                 pick = again
 
     offered = [name for name in options if name in by_parent
-               and worth_weighing(options[name], by_parent[name][0].gain, lam)]
+               and worth_weighing(options[name], by_parent[name][0].gain, lam) and options[name].ready()]
     for name, coded in zip(offered, each(coded_cost, [options[name] for name in offered], threads)):
         # the two alternatives' bands share names: each is chosen on its own
         identity = _cost(by_parent[name], choose(by_parent[name], lam), lam)
@@ -1068,7 +1098,7 @@ class ModelEncoder:
                 u.w = original
                 u.levels.clear()
         for opt in self.options.values():  # made by the first choose_transforms that weighed the option
-            for u, state in zip(opt.bands, opt.coarse or ()):
+            for u, state in zip(opt.bands or (), opt.coarse or ()):
                 u.restore(state)
         with threadpool_limits(limits=1, user_api="blas"):
             return self._encode(bits, quality)
