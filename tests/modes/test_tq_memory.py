@@ -241,3 +241,30 @@ def test_exact_points_weigh_errors_as_the_product_with_h(monkeypatch):
             assert all(code in u._fed for u in bands)
         for u in bands:
             assert u.evaluate(code, True)[0] == pytest.approx(product(u, code), rel=1e-9)
+
+
+@pytest.mark.parametrize("psd", [True, False])
+def test_an_h_made_again_is_checked_again_only_if_it_failed(monkeypatch, psd):
+    """A wide H (a LazyH) made again from the same statistics gives the same array; the Cholesky
+    check it passed the first time is not made again (an H that failed it is clipped again)."""
+    from tqcodec.model.stats import TensorStats
+    from tqcodec.modes.tq import encoder as enc
+    monkeypatch.setattr(enc, "LAZY_H_DIM", 8)
+    checks = []
+    real = enc._psd_checked
+    monkeypatch.setattr(enc, "_psd_checked", lambda h, mean: checks.append(1) or real(h, mean))
+    x = np.random.default_rng(8).standard_normal((64, 12))
+    h = (x.T @ x / 64)[None]
+    if not psd:
+        h = h - (float(np.linalg.eigvalsh(h[0]).min()) + 0.1) * np.eye(12)[None]  # smallest eigenvalue -0.1
+    st = TensorStats("linear", h, None, 64)
+    held = allocation.Matrices()
+    lazy = enc.usable_h_of(st, {}, lambda: st, held)
+    assert isinstance(lazy, allocation.LazyH) and len(checks) == 1
+    first = lazy.array().copy()
+    held.release()
+    np.testing.assert_array_equal(lazy.array(), first)
+    np.testing.assert_array_equal(first, enc.usable_h(h, 64))
+    # made three times (to learn its shape, when first read, again after the release) and once by
+    # usable_h above: checked once and by usable_h, or every time
+    assert len(checks) == (2 if psd else 4)

@@ -116,21 +116,29 @@ def usable_h(h: np.ndarray, rows: int) -> Optional[np.ndarray]:
     3 bits/param: output SNR 18.5 dB toward the mean, 22.9 toward the median (data-free 15.9;
     from 256 samples, no shrinkage, 28.9). Digits CNN from 32 images: logit SQNR 27.98 and 28.35
     dB (0.9-1.3 bits/param, within the noise of one weight's draw)."""
+    return _usable_h(h, rows)[0]
+
+
+def _usable_h(h: np.ndarray, rows: int, psd: bool = False) -> tuple[Optional[np.ndarray], bool]:
+    """(:func:`usable_h`, whether every group of H was positive semi-definite as it was).
+    ``psd``: known to be (the same H made again), so not checked again."""
     h = np.asarray(h, dtype=np.float64)
     if not np.isfinite(h).all():
-        return None
+        return None, False
     d = h.shape[-1]
     traces = np.trace(h, axis1=1, axis2=2)
     if not (traces > 0).all():
-        return None
-    h = np.stack([_psd(h[g], traces[g] / d) for g in range(h.shape[0])])
+        return None, False
+    groups = [(h[g], True) if psd else _psd_checked(h[g], traces[g] / d) for g in range(h.shape[0])]
+    clean = all(ok for _, ok in groups)
+    h = np.stack([m for m, _ in groups])
     alpha = UNREACHED_SHARE * max(0.0, 1.0 - max(int(rows), 0) / d)
     if alpha == 0.0:
-        return h
+        return h, clean
     eye = np.eye(d)
     typical = [float(np.median(np.diag(h[g]))) for g in range(h.shape[0])]
     typical = [e if e > 0 else float(traces[g]) / d for g, e in enumerate(typical)]
-    return np.stack([(1.0 - alpha) * h[g] + alpha * typical[g] * eye for g in range(h.shape[0])])
+    return np.stack([(1.0 - alpha) * h[g] + alpha * typical[g] * eye for g in range(h.shape[0])]), clean
 
 
 def usable_h_of(st, usable: dict, remake: Optional[Callable[[], Any]] = None,
@@ -146,10 +154,11 @@ def usable_h_of(st, usable: dict, remake: Optional[Callable[[], Any]] = None,
     digest.update(repr((h.shape, int(st.rows))).encode())
     key = digest.digest()
     if key not in usable:
-        made = usable_h(h, st.rows)
+        made, clean = _usable_h(h, st.rows)
         if made is not None and remake is not None and held is not None and made.shape[-1] >= LAZY_H_DIM:
             rows = int(st.rows)  # not st: it holds the H read now (a 4,096-wide one: 128 MiB a tensor)
-            made = LazyH(lambda: usable_h(remake().h, rows), made.shape, held)
+            # made again from the same values: a Cholesky check it passed once is not made again
+            made = LazyH(lambda: _usable_h(remake().h, rows, psd=clean)[0], made.shape, held)
         usable[key] = made
     return usable[key]
 
@@ -161,14 +170,19 @@ def _psd(h: np.ndarray, mean_diag: float) -> np.ndarray:
     """``h`` where it is positive semi-definite up to ``PSD_SLACK`` (statistics from calibrate,
     rounding included); else its eigenvalues clipped at 0 (statistics whose rounding or making
     left directions of negative second moment: errors there would seem to lower the distortion)."""
+    return _psd_checked(h, mean_diag)[0]
+
+
+def _psd_checked(h: np.ndarray, mean_diag: float) -> tuple[np.ndarray, bool]:
+    """(:func:`_psd`, whether ``h`` passed as it was)."""
     try:
         np.linalg.cholesky(h + PSD_SLACK * mean_diag * np.eye(len(h)))
-        return h
+        return h, True
     except np.linalg.LinAlgError:
         pass
     with threadpool_limits(limits=1, user_api="blas"):
         vals, vecs = np.linalg.eigh((h + h.T) / 2)
-    return (vecs * np.clip(vals, 0.0, None)[None, :]) @ vecs.T
+    return (vecs * np.clip(vals, 0.0, None)[None, :]) @ vecs.T, False
 
 
 def view_shape(shape: Sequence[int], layout: str) -> tuple[int, int]:
