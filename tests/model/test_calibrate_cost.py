@@ -251,3 +251,13 @@ def test_wide_inputs_are_summed_and_kept_in_float32(monkeypatch):
     np.testing.assert_allclose(h[0], exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
     dtypes, st = _collected(model, xs + [torch.full((1, 12), 1e16)])
     assert dtypes["0.weight"] == np.float64 and np.isfinite(st["0.weight"].h).all()
+
+
+def test_each_batch_hands_its_freed_memory_back(monkeypatch):
+    """After each batch (views included) calibrate returns the memory the batch freed to the OS
+    (glibc's arenas kept it: 2.2 GiB through a 604M-parameter Llama's batches)."""
+    trims = []
+    monkeypatch.setattr(cal, "trim_malloc", lambda: trims.append(1) or True)
+    torch.manual_seed(7)
+    cal.calibrate(_SharedThenDeep(depth=2), [torch.randn(3, 4, 6) for _ in range(3)], sensitivity=False)
+    assert len(trims) == 3
