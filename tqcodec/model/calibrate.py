@@ -678,6 +678,7 @@ class _Collector:
     def stats(self) -> dict[str, TensorStats]:
         """Each weight's statistics; the accumulators are spent. Weights that one accumulator
         serves (an RNN layer's input weights of both directions) get their own record of its arrays."""
+        self.batch.flush()  # the last products taken, not yet added
         out: dict[str, TensorStats] = {}
         made: dict[int, Optional[TensorStats]] = {}
         for wname, acc in self.accs.items():

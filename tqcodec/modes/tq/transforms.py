@@ -6,8 +6,9 @@ eigensolves, eigenvalues descending (ties by index), each eigenvector's largest-
 component made positive.
 
 ``tqcodec.tq.encoder.choose_transforms`` decides per tensor by the exact rate-distortion cost
-at the model's Lagrange multiplier (the stored S's bits counted); :func:`transform_gain_bits` is
-the high-rate estimate of the same trade (a quick check; the encoder does not use it).
+at the model's Lagrange multiplier (the stored S's bits counted), after screening a weight KLT
+by a Gaussian model of that trade at the multiplier (``encoder.worth_weighing``);
+:func:`transform_gain_bits` is its high-rate limit (a quick check; the encoder does not use it).
 """
 from __future__ import annotations
 
